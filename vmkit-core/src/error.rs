@@ -1,0 +1,166 @@
+//! The manager's error type and the coarse kinds transports map to status codes.
+
+use crate::hypervisor::HypervisorError;
+use crate::image::ImageError;
+use crate::name::{NameError, VmName};
+use crate::network::NetworkError;
+use crate::quota::QuotaExceeded;
+use crate::spec::SpecError;
+use crate::state::VmState;
+use crate::storage::StorageError;
+use crate::store::StoreError;
+
+/// What kind of failure an error is; transports (REST, SSH, MCP) map this to their
+/// own status codes in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The request is malformed or asks for something impossible.
+    InvalidInput,
+    /// The VM (or image) does not exist.
+    NotFound,
+    /// The request conflicts with current state (name taken, wrong state).
+    Conflict,
+    /// The request would exceed a quota.
+    QuotaExceeded,
+    /// The backend cannot do this.
+    Unsupported,
+    /// A dependency failed or timed out; retrying may help.
+    Unavailable,
+    /// A bug or corrupt state.
+    Internal,
+}
+
+/// Errors of [`Manager`](crate::Manager) operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    /// The VM name is invalid.
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    /// The spec is invalid or too large for this host.
+    #[error(transparent)]
+    InvalidSpec(#[from] SpecError),
+    /// A VM with this name exists.
+    #[error("a VM named {0} already exists; choose another name")]
+    NameTaken(VmName),
+    /// The owner's quota would be exceeded.
+    #[error(transparent)]
+    QuotaExceeded(QuotaExceeded),
+    /// No VM with this name.
+    #[error("no VM named {0}; `vmkit vm ls` lists them")]
+    NotFound(VmName),
+    /// The VM's state does not allow the operation.
+    #[error("cannot {operation} VM {name}: it is {state}; {operation} needs it to be {}", allowed_list(.allowed))]
+    WrongState {
+        /// The VM.
+        name: VmName,
+        /// Its state.
+        state: VmState,
+        /// The refused operation.
+        operation: &'static str,
+        /// States in which the operation is allowed.
+        allowed: &'static [VmState],
+    },
+    /// The image cannot be used.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The guest did not come up.
+    #[error("VM {name} did not become ready: {reason}\n--- last console output ---\n{console}")]
+    BootFailed {
+        /// The VM.
+        name: VmName,
+        /// What happened.
+        reason: String,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// Talking to the guest agent failed.
+    #[error("the agent of VM {name} failed: {message}")]
+    Agent {
+        /// The VM.
+        name: VmName,
+        /// What failed.
+        message: String,
+    },
+    /// A backend cannot do what was asked.
+    #[error("{0} is not supported by this host's backends")]
+    Unsupported(&'static str),
+    /// The hypervisor backend failed.
+    #[error("hypervisor: {0}")]
+    Hypervisor(#[from] HypervisorError),
+    /// The storage backend failed.
+    #[error("storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The network backend failed.
+    #[error("network: {0}")]
+    Network(#[from] NetworkError),
+    /// The state store failed.
+    #[error("state store: {0}")]
+    Store(StoreError),
+}
+
+fn allowed_list(states: &[VmState]) -> String {
+    states
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+impl From<StoreError> for ManagerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NameTaken(n) => ManagerError::NameTaken(n),
+            StoreError::QuotaExceeded(q) => ManagerError::QuotaExceeded(q),
+            other => ManagerError::Store(other),
+        }
+    }
+}
+
+impl ManagerError {
+    /// The coarse kind of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => ErrorKind::InvalidInput,
+            ManagerError::NameTaken(_) | ManagerError::WrongState { .. } => ErrorKind::Conflict,
+            ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
+            ManagerError::NotFound(_) => ErrorKind::NotFound,
+            ManagerError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
+            ManagerError::Image(_) => ErrorKind::InvalidInput,
+            ManagerError::Unsupported(_)
+            | ManagerError::Hypervisor(HypervisorError::Unsupported { .. })
+            | ManagerError::Storage(StorageError::Unsupported(_)) => ErrorKind::Unsupported,
+            ManagerError::Store(StoreError::Corrupt(_)) => ErrorKind::Internal,
+            ManagerError::Store(StoreError::PoolExhausted(_))
+            | ManagerError::Storage(StorageError::NoSpace(_)) => ErrorKind::Unavailable,
+            ManagerError::BootFailed { .. }
+            | ManagerError::Agent { .. }
+            | ManagerError::Hypervisor(_)
+            | ManagerError::Storage(_)
+            | ManagerError::Network(_)
+            | ManagerError::Store(_) => ErrorKind::Unavailable,
+        }
+    }
+
+    /// A stable machine-readable code for APIs (`name_taken`, `quota_exceeded`, ...).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ManagerError::InvalidName(_) => "invalid_name",
+            ManagerError::InvalidSpec(_) => "invalid_spec",
+            ManagerError::NameTaken(_) => "name_taken",
+            ManagerError::QuotaExceeded(_) => "quota_exceeded",
+            ManagerError::NotFound(_) => "not_found",
+            ManagerError::WrongState { .. } => "wrong_state",
+            ManagerError::Image(ImageError::NotFound { .. }) => "image_not_found",
+            ManagerError::Image(_) => "invalid_image",
+            ManagerError::BootFailed { .. } => "boot_failed",
+            ManagerError::Agent { .. } => "agent_failed",
+            ManagerError::Unsupported(_) => "unsupported",
+            ManagerError::Hypervisor(_) => "hypervisor_failed",
+            ManagerError::Storage(_) => "storage_failed",
+            ManagerError::Network(_) => "network_failed",
+            ManagerError::Store(_) => "store_failed",
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The Hypervisor seam: one VMM process per VM.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::name::VmName;
+use crate::net::MacAddr;
+use crate::storage::DiskFormat;
+use crate::vm::VmId;
+
+/// A fully resolved machine: everything a backend needs to start a VMM, with no
+/// lookups left to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MachineConfig {
+    /// The VM's id.
+    pub vm: VmId,
+    /// The VM's name (for process titles and logs).
+    pub name: VmName,
+    /// A directory the backend owns for this VM: sockets, pid file, console log.
+    pub run_dir: PathBuf,
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line without the console, which the backend adds.
+    pub cmdline: String,
+    /// Disks in order: the first is the root disk (`/dev/vda`).
+    pub disks: Vec<DiskConfig>,
+    /// The network interface, if any.
+    pub nic: Option<NicConfig>,
+    /// vCPUs at boot.
+    pub vcpus: u32,
+    /// Most vCPUs the VM may be resized to.
+    pub max_vcpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Largest size of the console log in bytes; older output is dropped.
+    pub console_limit: u64,
+}
+
+impl MachineConfig {
+    /// A config with the given identity, run directory and kernel, one vCPU, 512 MiB,
+    /// no disks and no NIC.
+    pub fn new(vm: VmId, name: VmName, run_dir: PathBuf, kernel: PathBuf) -> Self {
+        Self {
+            vm,
+            name,
+            run_dir,
+            kernel,
+            initramfs: None,
+            cmdline: String::new(),
+            disks: Vec::new(),
+            nic: None,
+            vcpus: 1,
+            max_vcpus: 1,
+            memory_mib: 512,
+            console_limit: 1 << 20,
+        }
+    }
+}
+
+/// A disk attached to the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DiskConfig {
+    /// Path of the file or block device.
+    pub path: PathBuf,
+    /// Its format, always stated to the VMM (never probed from guest-written data).
+    pub format: DiskFormat,
+    /// Whether the guest may write it.
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// A writable disk.
+    pub fn new(path: impl Into<PathBuf>, format: DiskFormat) -> Self {
+        Self {
+            path: path.into(),
+            format,
+            read_only: false,
+        }
+    }
+}
+
+/// The VM's network interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NicConfig {
+    /// Host TAP device name.
+    pub tap: String,
+    /// Guest MAC address.
+    pub mac: MacAddr,
+}
+
+impl NicConfig {
+    /// A NIC on `tap` with `mac`.
+    pub fn new(tap: impl Into<String>, mac: MacAddr) -> Self {
+        Self {
+            tap: tap.into(),
+            mac,
+        }
+    }
+}
+
+/// How to find a VMM again, after a daemon restart too. Stored with the VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmmHandle {
+    /// Backend that started it (its [`Hypervisor::kind`]).
+    pub backend: String,
+    /// VMM process id.
+    pub pid: u32,
+    /// Start time of that process (clock ticks since boot, from `/proc/PID/stat`),
+    /// so a recycled pid is never mistaken for the VMM. 0 when unknown.
+    pub pid_start: u64,
+    /// The VM's run directory.
+    pub run_dir: PathBuf,
+    /// The VMM's control socket (QMP, or the cloud-hypervisor API).
+    pub control_socket: PathBuf,
+    /// The host end of the agent channel.
+    pub agent_socket: PathBuf,
+}
+
+/// What a VMM reports about its guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum VmmState {
+    /// The VMM runs but the guest has not been booted.
+    Created,
+    /// The guest runs.
+    Running,
+    /// The guest is paused.
+    Paused,
+    /// The guest shut down; the VMM process may still be there.
+    Shutdown,
+    /// The VMM process is gone.
+    Exited,
+}
+
+/// Information about a running VMM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmmInfo {
+    /// Guest state.
+    pub state: VmmState,
+    /// Process id.
+    pub pid: u32,
+    /// vCPUs currently online.
+    pub vcpus: u32,
+    /// Memory currently assigned, in MiB.
+    pub memory_mib: u64,
+}
+
+/// What a Hypervisor backend can do; the manager asks instead of trying.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HypervisorCapabilities {
+    /// Pause and resume.
+    pub pause: bool,
+    /// Change vCPUs of a running VM.
+    pub resize_vcpus: bool,
+    /// Change memory of a running VM.
+    pub resize_memory: bool,
+    /// Snapshot a paused VM and restore it.
+    pub snapshot: bool,
+    /// Disk formats it can be given, best first.
+    pub disk_formats: Vec<DiskFormat>,
+}
+
+/// A resize request; `None` leaves a dimension as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Resize {
+    /// New vCPU count.
+    pub vcpus: Option<u32>,
+    /// New memory size in MiB.
+    pub memory_mib: Option<u64>,
+}
+
+/// Errors from a Hypervisor backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HypervisorError {
+    /// The VMM binary could not be started.
+    #[error("cannot start {binary}; is it installed? (`vmkit doctor` checks the host)")]
+    Spawn {
+        /// The program.
+        binary: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process is not running.
+    #[error("the VMM (pid {pid}) is not running")]
+    NotRunning {
+        /// Its last known pid.
+        pid: u32,
+    },
+    /// The VMM refused a request; carries its own message.
+    #[error("the VMM refused {operation}: {message}")]
+    Refused {
+        /// The request.
+        operation: &'static str,
+        /// The VMM's message.
+        message: String,
+    },
+    /// The backend cannot do this at all (see its capabilities).
+    #[error("the {backend} backend does not support {operation}")]
+    Unsupported {
+        /// Backend kind.
+        backend: &'static str,
+        /// The operation.
+        operation: &'static str,
+    },
+    /// The VMM did not answer in time.
+    #[error("the VMM did not complete {operation} within {timeout:?}")]
+    Timeout {
+        /// The request.
+        operation: &'static str,
+        /// How long was waited.
+        timeout: Duration,
+    },
+    /// The VMM spoke in a way the backend does not understand.
+    #[error("unexpected reply from the VMM: {0}")]
+    Protocol(String),
+    /// The config cannot be run by this backend.
+    #[error("invalid machine config: {0}")]
+    InvalidConfig(String),
+    /// An I/O operation on the VMM's files or sockets failed.
+    #[error("{context}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl HypervisorError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A byte stream to a guest agent.
+pub trait AgentIo: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> AgentIo for T {}
+
+/// A boxed agent stream, as returned by [`Hypervisor::connect_agent`].
+pub type AgentStream = Box<dyn AgentIo>;
+
+/// A virtual machine monitor backend. One VMM process per VM, started so that it
+/// outlives the daemon; every method other than [`Hypervisor::start`] and
+/// [`Hypervisor::restore`] works on a [`VmmHandle`] from an earlier start, possibly
+/// made by a previous daemon.
+#[async_trait]
+pub trait Hypervisor: Send + Sync {
+    /// Short name of the backend, such as `qemu`.
+    fn kind(&self) -> &'static str;
+
+    /// What this backend can do.
+    fn capabilities(&self) -> HypervisorCapabilities;
+
+    /// Starts a VMM for `config` and boots the guest. On error nothing is left
+    /// running (the backend kills what it started).
+    async fn start(&self, config: &MachineConfig) -> Result<VmmHandle, HypervisorError>;
+
+    /// Checks that the VMM of `handle` still runs and can be driven (after a daemon
+    /// restart); returns its guest state.
+    async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError>;
+
+    /// Reports the VMM's state. A VMM whose process is gone reports
+    /// [`VmmState::Exited`] rather than an error.
+    async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError>;
+
+    /// Shuts the guest down: asks politely (ACPI), waits up to `grace`, then
+    /// stops the VMM by force. Returns once the process is gone. Idempotent.
+    async fn shutdown(&self, handle: &VmmHandle, grace: Duration) -> Result<(), HypervisorError>;
+
+    /// Kills the VMM at once. Idempotent.
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;
+
+    /// Pauses the guest's vCPUs.
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;
+
+    /// Resumes a paused guest.
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;
+
+    /// Resizes a running guest.
+    async fn resize(&self, handle: &VmmHandle, resize: Resize) -> Result<(), HypervisorError>;
+
+    /// Writes a snapshot of a paused guest into `dir`.
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<(), HypervisorError>;
+
+    /// Starts a fresh VMM for `config` from the snapshot in `dir`; the guest is paused.
+    async fn restore(
+        &self,
+        config: &MachineConfig,
+        dir: &Path,
+    ) -> Result<VmmHandle, HypervisorError>;
+
+    /// Opens a byte stream to the guest agent. Fails while the guest is booting
+    /// and its agent does not listen yet; callers retry.
+    async fn connect_agent(&self, handle: &VmmHandle) -> Result<AgentStream, HypervisorError>;
+
+    /// The last `max_bytes` of the guest's console output.
+    async fn console_tail(
+        &self,
+        handle: &VmmHandle,
+        max_bytes: usize,
+    ) -> Result<String, HypervisorError>;
+
+    /// Removes the run directory of a VMM that is gone. Idempotent.
+    async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;
+}

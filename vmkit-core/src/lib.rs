@@ -1,0 +1,88 @@
+//! vmkit-core: instant Linux VMs on hosts you own, as a library.
+//!
+//! This crate holds the domain types, the four backend seams —
+//! [`Hypervisor`], [`Storage`], [`Network`] and [`Gateway`] — the [`StateStore`]
+//! interface, and the [`Manager`] that owns every VM's lifecycle. It has no backend
+//! dependencies: the QEMU and cloud-hypervisor backends live in `vmkit-hv`, the
+//! bridge network in `vmkit-net`, and the redb store and volume backends in
+//! `vmkit-store`. Integrators pick backends at construction; nothing is chosen by
+//! `cfg`.
+//!
+//! # Lifecycle
+//!
+//! `create` = check quota → name → clone root volume + data volume → lease IP/MAC +
+//! TAP → start the VMM → wait for the agent's hello → record. Each step is written to
+//! the VM's record as soon as it exists, and a failure undoes the steps taken in
+//! reverse order. `delete` is the reverse. Operations on one VM are serialised;
+//! operations on different VMs run in parallel.
+//!
+//! # Example
+//!
+//! With the in-memory fakes of the `testing` feature:
+//!
+//! ```
+//! use vmkit_core::testing::FakeHost;
+//! use vmkit_core::{CreateRequest, DeleteOptions, UserId, VmName, VmSpec, VmState};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), vmkit_core::ManagerError> {
+//! let host = FakeHost::new().await;
+//! let name = VmName::new("web")?;
+//! let request = CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").vcpus(2)).name(name.clone());
+//! let vm = host.manager.create(request).await?;
+//! assert_eq!(vm.state, VmState::Running);
+//! host.manager.delete(&name, DeleteOptions::default()).await?;
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+mod error;
+mod event;
+mod gateway;
+mod hypervisor;
+mod image;
+mod manager;
+mod name;
+mod net;
+mod network;
+mod quota;
+mod share;
+mod spec;
+mod state;
+mod storage;
+mod store;
+mod time;
+mod user;
+mod vm;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use error::{ErrorKind, ManagerError};
+pub use event::{Event, EventKind, NewEvent};
+pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
+pub use hypervisor::{
+    AgentIo, AgentStream, DiskConfig, Hypervisor, HypervisorCapabilities, HypervisorError,
+    MachineConfig, NicConfig, Resize, VmmHandle, VmmInfo, VmmState,
+};
+pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
+pub use manager::{Backends, CreateRequest, DeleteOptions, Manager, ManagerConfig};
+pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
+pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
+pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
+pub use quota::{Quota, QuotaExceeded, QuotaResource, Usage};
+pub use share::{Access, Share, ShareTarget};
+pub use spec::{SpecError, SpecLimits, VmSpec};
+pub use state::VmState;
+pub use storage::{
+    BaseImage, CloneMethod, DiskFormat, Storage, StorageCapabilities, StorageError, Volume,
+    VolumeKind,
+};
+pub use store::{StateStore, StoreCapabilities, StoreError};
+pub use time::Timestamp;
+pub use user::{ApiKey, SshKeyError, SshPublicKey, User, UserId};
+pub use vm::{VmId, VmIdParseError, VmRecord, VmResources};
+
+/// The guest agent protocol crate, re-exported at the version vmkit-core uses.
+pub use vmkit_guest as guest;

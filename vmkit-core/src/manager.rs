@@ -1,0 +1,848 @@
+//! The VM lifecycle manager: the one owner of every VM's state machine.
+//!
+//! Every operation is a command on one VM. Commands on the same VM are serialised
+//! by a per-name lock; commands on different VMs run in parallel. Every resource a
+//! command takes is written to the VM's record as soon as it exists, so that a
+//! failure (or a crash of the process) can be undone step by step.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
+use tracing::{debug, info, warn};
+use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo};
+
+use crate::error::ManagerError;
+use crate::event::{Event, EventKind, NewEvent};
+use crate::hypervisor::{DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmHandle, VmmState};
+use crate::image::ImageCatalog;
+use crate::name::VmName;
+use crate::network::Network;
+use crate::quota::Quota;
+use crate::spec::{SpecLimits, VmSpec};
+use crate::state::VmState;
+use crate::storage::{Storage, Volume};
+use crate::store::StateStore;
+use crate::time::Timestamp;
+use crate::user::UserId;
+use crate::vm::{VmId, VmRecord};
+
+/// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ManagerConfig {
+    /// Root of vmkit's files; VM run directories live in `<data_dir>/run/<vm-id>`.
+    pub data_dir: PathBuf,
+    /// The largest VM this host accepts.
+    pub spec_limits: SpecLimits,
+    /// Quota of users who have none set.
+    pub default_quota: Quota,
+    /// How long a booting guest has to answer the agent's hello.
+    pub boot_timeout: Duration,
+    /// How long a guest has to shut down when asked before it is stopped by force.
+    pub shutdown_grace: Duration,
+    /// Timeout of a single agent call.
+    pub agent_timeout: Duration,
+    /// Largest console log kept per VM, in bytes.
+    pub console_limit: u64,
+    /// DNS servers handed to guests.
+    pub dns: Vec<Ipv4Addr>,
+}
+
+impl ManagerConfig {
+    /// Defaults sized for both real KVM and software emulation (TCG), where a
+    /// guest kernel takes several seconds to reach userspace.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            spec_limits: SpecLimits::default(),
+            default_quota: Quota::default(),
+            boot_timeout: Duration::from_secs(90),
+            shutdown_grace: Duration::from_secs(15),
+            agent_timeout: Duration::from_secs(10),
+            console_limit: 1 << 20,
+            dns: Vec::new(),
+        }
+    }
+
+    /// Sets the spec limits.
+    pub fn spec_limits(mut self, limits: SpecLimits) -> Self {
+        self.spec_limits = limits;
+        self
+    }
+
+    /// Sets the default quota.
+    pub fn default_quota(mut self, quota: Quota) -> Self {
+        self.default_quota = quota;
+        self
+    }
+
+    /// Sets the boot timeout.
+    pub fn boot_timeout(mut self, timeout: Duration) -> Self {
+        self.boot_timeout = timeout;
+        self
+    }
+
+    /// Sets the shutdown grace period.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.shutdown_grace = grace;
+        self
+    }
+
+    /// Sets the agent call timeout.
+    pub fn agent_timeout(mut self, timeout: Duration) -> Self {
+        self.agent_timeout = timeout;
+        self
+    }
+
+    /// Sets the DNS servers handed to guests.
+    pub fn dns(mut self, dns: Vec<Ipv4Addr>) -> Self {
+        self.dns = dns;
+        self
+    }
+
+    /// The run directory of `vm`.
+    pub fn run_dir(&self, vm: VmId) -> PathBuf {
+        self.data_dir.join("run").join(vm.to_string())
+    }
+}
+
+/// The backends a manager drives. The network is optional: without one, VMs get no
+/// NIC.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Backends {
+    /// Starts and drives VMMs.
+    pub hypervisor: Arc<dyn Hypervisor>,
+    /// Holds volumes.
+    pub storage: Arc<dyn Storage>,
+    /// Gives VMs a network, if present.
+    pub network: Option<Arc<dyn Network>>,
+    /// Durable state.
+    pub store: Arc<dyn StateStore>,
+    /// Finds images by name.
+    pub images: Arc<dyn ImageCatalog>,
+}
+
+impl Backends {
+    /// Backends without a network.
+    pub fn new(
+        hypervisor: Arc<dyn Hypervisor>,
+        storage: Arc<dyn Storage>,
+        store: Arc<dyn StateStore>,
+        images: Arc<dyn ImageCatalog>,
+    ) -> Self {
+        Self {
+            hypervisor,
+            storage,
+            network: None,
+            store,
+            images,
+        }
+    }
+
+    /// Adds a network backend.
+    pub fn with_network(mut self, network: Arc<dyn Network>) -> Self {
+        self.network = Some(network);
+        self
+    }
+}
+
+/// A request to create a VM.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct CreateRequest {
+    /// Name; a readable one is generated when `None`.
+    pub name: Option<VmName>,
+    /// Owner.
+    pub owner: UserId,
+    /// What to create.
+    pub spec: VmSpec,
+}
+
+impl CreateRequest {
+    /// A request for `spec` owned by `owner` with a generated name.
+    pub fn new(owner: UserId, spec: VmSpec) -> Self {
+        Self {
+            name: None,
+            owner,
+            spec,
+        }
+    }
+
+    /// Sets the name.
+    pub fn name(mut self, name: VmName) -> Self {
+        self.name = Some(name);
+        self
+    }
+}
+
+/// Options of a delete.
+#[derive(Clone, Copy, Debug, Default)]
+#[non_exhaustive]
+pub struct DeleteOptions {
+    /// Keep the data volume (its record is dropped; the file stays for the operator).
+    pub keep_data: bool,
+}
+
+/// The VM lifecycle manager. Cheap to clone; clones share state.
+#[derive(Clone)]
+pub struct Manager {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ManagerConfig,
+    backends: Backends,
+    locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
+    agents: StdMutex<HashMap<VmId, Client>>,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("hypervisor", &self.inner.backends.hypervisor.kind())
+            .field("data_dir", &self.inner.config.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Undo actions for the steps of a create, run in reverse on failure.
+enum Undo {
+    Volume(Volume),
+    Lease(VmId),
+    Tap(VmId),
+    Vmm(VmmHandle),
+}
+
+const RUNNING_OR_PAUSED: &[VmState] = &[VmState::Running, VmState::Paused];
+const STOPPED: &[VmState] = &[VmState::Stopped];
+const RUNNING: &[VmState] = &[VmState::Running];
+const RESTARTABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
+
+impl Manager {
+    /// Builds a manager and sets up host networking if there is a network backend.
+    pub async fn new(config: ManagerConfig, backends: Backends) -> Result<Self, ManagerError> {
+        if let Some(network) = &backends.network {
+            network.setup_host().await?;
+        }
+        let (events, _) = broadcast::channel(1024);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                backends,
+                locks: StdMutex::new(HashMap::new()),
+                agents: StdMutex::new(HashMap::new()),
+                events,
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.inner.config
+    }
+
+    /// The backends.
+    pub fn backends(&self) -> &Backends {
+        &self.inner.backends
+    }
+
+    /// Live events as they are stored. Missed events can be read with
+    /// [`Manager::events`].
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    /// Stored events with `seq > after`, oldest first.
+    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, ManagerError> {
+        Ok(self.inner.backends.store.events(after, limit).await?)
+    }
+
+    /// A VM by name.
+    pub async fn get(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        self.inner
+            .backends
+            .store
+            .get_vm(name)
+            .await?
+            .ok_or_else(|| ManagerError::NotFound(name.clone()))
+    }
+
+    /// VMs by name; only `owner`'s when given.
+    pub async fn list(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, ManagerError> {
+        Ok(self.inner.backends.store.list_vms(owner).await?)
+    }
+
+    /// Creates a VM and returns once its agent answered. Quotas are checked before
+    /// anything is taken; on failure every step taken is undone in reverse order and
+    /// no record remains.
+    pub async fn create(&self, request: CreateRequest) -> Result<VmRecord, ManagerError> {
+        let b = &self.inner.backends;
+        request.spec.validate(&self.inner.config.spec_limits)?;
+        let image = b.images.resolve(&request.spec.image).await?;
+        let quota = b
+            .store
+            .get_quota(request.owner)
+            .await?
+            .unwrap_or(self.inner.config.default_quota);
+        let name = match request.name {
+            Some(name) => name,
+            None => self.free_name().await?,
+        };
+        let _guard = self.lock(&name).await;
+        let mut vm = VmRecord::new(name, request.owner, request.spec);
+        b.store.create_vm(&vm, &quota).await?;
+        info!(vm = %vm.name, id = %vm.id, "creating VM");
+        self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Creating))
+            .await;
+
+        let mut undo = Vec::new();
+        let created = match self.create_steps(&mut vm, &image, &mut undo).await {
+            Ok(()) => self.set_state(&mut vm, VmState::Running).await,
+            Err(error) => Err(error),
+        };
+        match created {
+            Ok(()) => Ok(vm),
+            Err(error) => {
+                warn!(vm = %vm.name, %error, "create failed; rolling back");
+                self.rollback(&vm, undo).await;
+                if let Err(e) = b.store.delete_vm(vm.id).await {
+                    warn!(vm = %vm.name, error = %e, "cannot remove the record of a failed create");
+                }
+                self.emit(NewEvent::vm(
+                    vm.id,
+                    &vm.name,
+                    EventKind::CreateFailed {
+                        error: error.to_string(),
+                    },
+                ))
+                .await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn create_steps(
+        &self,
+        vm: &mut VmRecord,
+        image: &crate::image::Image,
+        undo: &mut Vec<Undo>,
+    ) -> Result<(), ManagerError> {
+        let b = &self.inner.backends;
+        let formats = b.hypervisor.capabilities().disk_formats;
+        let base = b.storage.import_image(image).await?;
+
+        let root = b.storage.clone_root(vm.id, &base, &formats).await?;
+        undo.push(Undo::Volume(root.clone()));
+        vm.resources.root = Some(root);
+        self.save(vm).await?;
+
+        if vm.spec.disk_gib > 0 {
+            let data = b.storage.create_data(vm.id, vm.spec.disk_gib << 30).await?;
+            undo.push(Undo::Volume(data.clone()));
+            vm.resources.data = Some(data);
+            self.save(vm).await?;
+        }
+
+        if let Some(network) = &b.network {
+            let lease = b.store.allocate_lease(vm.id, &network.pool()).await?;
+            undo.push(Undo::Lease(vm.id));
+            vm.resources.lease = Some(lease.clone());
+            self.save(vm).await?;
+            // Record the intent before the TAP exists, so a crash in between still
+            // leaves a record pointing at it.
+            undo.push(Undo::Tap(vm.id));
+            let mut attachment = network.attach(vm.id, &lease).await?;
+            if attachment.dns.is_empty() {
+                attachment.dns = self.inner.config.dns.clone();
+            }
+            vm.resources.net = Some(attachment);
+            self.save(vm).await?;
+        }
+
+        let config = self.machine_config(vm, image)?;
+        let handle = b.hypervisor.start(&config).await?;
+        undo.push(Undo::Vmm(handle.clone()));
+        vm.resources.vmm = Some(handle.clone());
+        self.save(vm).await?;
+
+        self.wait_ready(vm, &handle).await?;
+        Ok(())
+    }
+
+    async fn rollback(&self, vm: &VmRecord, undo: Vec<Undo>) {
+        let b = &self.inner.backends;
+        self.forget_agent(vm.id);
+        for step in undo.into_iter().rev() {
+            let result = match step {
+                Undo::Vmm(handle) => {
+                    let killed = b.hypervisor.kill(&handle).await;
+                    let cleaned = b.hypervisor.cleanup(&handle).await;
+                    killed.and(cleaned).map_err(ManagerError::from)
+                }
+                Undo::Tap(id) => match &b.network {
+                    Some(n) => n.detach(id).await.map_err(ManagerError::from),
+                    None => Ok(()),
+                },
+                Undo::Lease(id) => b
+                    .store
+                    .release_lease(id)
+                    .await
+                    .map(drop)
+                    .map_err(ManagerError::from),
+                Undo::Volume(v) => b.storage.delete(&v).await.map_err(ManagerError::from),
+            };
+            if let Err(error) = result {
+                warn!(vm = %vm.name, %error, "rollback step failed; reconcile will retry");
+            }
+        }
+    }
+
+    /// Deletes a VM and everything it holds. Allowed in every state; a VM left
+    /// half-deleted by an earlier failure is finished off.
+    pub async fn delete(&self, name: &VmName, options: DeleteOptions) -> Result<(), ManagerError> {
+        let _guard = self.lock(name).await;
+        let b = &self.inner.backends;
+        let mut vm = self.get(name).await?;
+        if vm.state != VmState::Deleting {
+            self.set_state(&mut vm, VmState::Deleting).await?;
+        }
+        self.forget_agent(vm.id);
+        if let Some(handle) = vm.resources.vmm.clone() {
+            if options.keep_data {
+                self.graceful_stop(&vm, &handle).await?;
+            } else {
+                b.hypervisor.kill(&handle).await?;
+            }
+            b.hypervisor.cleanup(&handle).await?;
+            vm.resources.vmm = None;
+            self.save(&mut vm).await?;
+        }
+        if let Some(net) = vm.resources.net.take() {
+            if let Some(network) = &b.network {
+                network.detach(net.vm).await?;
+            }
+            self.save(&mut vm).await?;
+        }
+        if vm.resources.lease.take().is_some() {
+            b.store.release_lease(vm.id).await?;
+            self.save(&mut vm).await?;
+        }
+        if let Some(root) = vm.resources.root.take() {
+            b.storage.delete(&root).await?;
+            self.save(&mut vm).await?;
+        }
+        if let Some(data) = vm.resources.data.take() {
+            if options.keep_data {
+                info!(vm = %vm.name, path = %data.path.display(), "keeping data volume");
+            } else {
+                b.storage.delete(&data).await?;
+            }
+            self.save(&mut vm).await?;
+        }
+        b.store.delete_vm(vm.id).await?;
+        info!(vm = %vm.name, "deleted VM");
+        self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
+            .await;
+        Ok(())
+    }
+
+    /// Starts a stopped VM and returns once its agent answered.
+    pub async fn start(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let mut vm = self.get(name).await?;
+        self.require(&vm, "start", STOPPED)?;
+        self.start_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Stops a running or paused VM: asks the guest to power off, then stops the
+    /// VMM by force after the grace period. Disks, address and TAP are kept.
+    pub async fn stop(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let mut vm = self.get(name).await?;
+        self.require(&vm, "stop", RUNNING_OR_PAUSED)?;
+        self.stop_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Stops the VM if it runs, then starts it.
+    pub async fn restart(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let mut vm = self.get(name).await?;
+        self.require(&vm, "restart", RESTARTABLE)?;
+        if vm.state != VmState::Stopped {
+            self.stop_locked(&mut vm).await?;
+        }
+        self.start_locked(&mut vm).await?;
+        Ok(vm)
+    }
+
+    /// Runs a command in a running VM; output streams as it is produced.
+    pub async fn exec(
+        &self,
+        name: &VmName,
+        request: ExecRequest,
+    ) -> Result<ExecStream, ManagerError> {
+        let vm = self.get(name).await?;
+        self.require(&vm, "exec", RUNNING)?;
+        let client = self.agent(&vm).await?;
+        client.exec(request).await.map_err(|e| ManagerError::Agent {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Checks every VM that should have a running VMM and marks those whose VMM has
+    /// gone as stopped. Returns the names of the VMs it marked.
+    pub async fn check_vmms(&self) -> Result<Vec<VmName>, ManagerError> {
+        let mut marked = Vec::new();
+        for vm in self.list(None).await? {
+            if !matches!(vm.state, VmState::Running | VmState::Paused) {
+                continue;
+            }
+            let Some(handle) = vm.resources.vmm.clone() else {
+                continue;
+            };
+            let info = self.inner.backends.hypervisor.info(&handle).await?;
+            if info.state == VmmState::Exited {
+                let _guard = self.lock(&vm.name).await;
+                // Re-read under the lock: an operation may have finished meanwhile.
+                let Some(mut current) = self.inner.backends.store.get_vm(&vm.name).await? else {
+                    continue;
+                };
+                if current.resources.vmm.as_ref() != Some(&handle) {
+                    continue;
+                }
+                warn!(vm = %current.name, "VMM exited; marking the VM stopped");
+                self.forget_agent(current.id);
+                self.inner.backends.hypervisor.cleanup(&handle).await?;
+                current.resources.vmm = None;
+                self.emit(NewEvent::vm(
+                    current.id,
+                    &current.name,
+                    EventKind::VmmExited,
+                ))
+                .await;
+                self.set_state(&mut current, VmState::Stopped).await?;
+                marked.push(current.name);
+            }
+        }
+        Ok(marked)
+    }
+
+    async fn start_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
+        let b = &self.inner.backends;
+        let image = b.images.resolve(&vm.spec.image).await?;
+        self.set_state(vm, VmState::Starting).await?;
+        let config = self.machine_config(vm, &image)?;
+        let started = async {
+            let handle = b.hypervisor.start(&config).await?;
+            vm.resources.vmm = Some(handle.clone());
+            self.save(vm).await?;
+            self.wait_ready(vm, &handle).await.map(drop)
+        }
+        .await;
+        match started {
+            Ok(()) => self.set_state(vm, VmState::Running).await,
+            Err(error) => {
+                if let Some(handle) = vm.resources.vmm.take() {
+                    let _ = b.hypervisor.kill(&handle).await;
+                    let _ = b.hypervisor.cleanup(&handle).await;
+                }
+                self.set_state(vm, VmState::Stopped).await?;
+                self.emit(NewEvent::vm(
+                    vm.id,
+                    &vm.name,
+                    EventKind::OperationFailed {
+                        operation: "start".into(),
+                        error: error.to_string(),
+                    },
+                ))
+                .await;
+                Err(error)
+            }
+        }
+    }
+
+    async fn stop_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
+        self.set_state(vm, VmState::Stopping).await?;
+        if let Some(handle) = vm.resources.vmm.clone() {
+            self.graceful_stop(vm, &handle).await?;
+            self.inner.backends.hypervisor.cleanup(&handle).await?;
+        }
+        vm.resources.vmm = None;
+        self.set_state(vm, VmState::Stopped).await
+    }
+
+    async fn graceful_stop(&self, vm: &VmRecord, handle: &VmmHandle) -> Result<(), ManagerError> {
+        // The agent powers the guest off cleanly even where ACPI is not handled
+        // (tiny images); the hypervisor's ACPI request and forced stop follow.
+        if let Some(client) = self.cached_agent(vm.id) {
+            let asked =
+                tokio::time::timeout(self.inner.config.agent_timeout, client.shutdown(false));
+            if let Err(e) = asked
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                debug!(vm = %vm.name, error = %e, "agent shutdown request failed");
+            }
+        }
+        self.forget_agent(vm.id);
+        self.inner
+            .backends
+            .hypervisor
+            .shutdown(handle, self.inner.config.shutdown_grace)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits until the guest agent answers hello, the VMM dies, or the boot timeout
+    /// passes. On failure the error carries the tail of the guest console.
+    async fn wait_ready(
+        &self,
+        vm: &VmRecord,
+        handle: &VmmHandle,
+    ) -> Result<HelloInfo, ManagerError> {
+        let hv = &self.inner.backends.hypervisor;
+        let deadline = Instant::now() + self.inner.config.boot_timeout;
+        let failure = |reason: String| async move {
+            let console = hv.console_tail(handle, 4096).await.unwrap_or_default();
+            ManagerError::BootFailed {
+                name: vm.name.clone(),
+                reason,
+                console,
+            }
+        };
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(failure(format!(
+                    "the agent did not answer within {:?}",
+                    self.inner.config.boot_timeout
+                ))
+                .await);
+            }
+            if hv.info(handle).await?.state == VmmState::Exited {
+                return Err(failure("the VMM exited during boot".to_owned()).await);
+            }
+            let stream = match hv.connect_agent(handle).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(vm = %vm.name, error = %e, "agent not reachable yet");
+                    tokio::time::sleep(Duration::from_millis(100).min(remaining)).await;
+                    continue;
+                }
+            };
+            // One hello per connection, bounded by the time left: the request waits
+            // in the channel until the agent opens it, so it is never sent twice.
+            let client = Client::new(stream, self.agent_client_config());
+            let waiter = client.clone();
+            let hello = waiter.hello_within(remaining);
+            tokio::pin!(hello);
+            let outcome = loop {
+                tokio::select! {
+                    r = &mut hello => break Some(r),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                        if hv.info(handle).await?.state == VmmState::Exited {
+                            break None;
+                        }
+                    }
+                }
+            };
+            match outcome {
+                None => return Err(failure("the VMM exited during boot".to_owned()).await),
+                Some(Ok(hello)) => {
+                    info!(vm = %vm.name, agent = %hello.agent_version, kernel = %hello.kernel, "agent ready");
+                    self.remember_agent(vm.id, client);
+                    return Ok(hello);
+                }
+                Some(Err(e)) => {
+                    debug!(vm = %vm.name, error = %e, "agent hello failed; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn agent_client_config(&self) -> ClientConfig {
+        ClientConfig::default().with_call_timeout(self.inner.config.agent_timeout)
+    }
+
+    /// The agent client of a running VM, connecting if needed.
+    async fn agent(&self, vm: &VmRecord) -> Result<Client, ManagerError> {
+        if let Some(client) = self.cached_agent(vm.id) {
+            return Ok(client);
+        }
+        let handle = vm
+            .resources
+            .vmm
+            .as_ref()
+            .ok_or_else(|| ManagerError::Agent {
+                name: vm.name.clone(),
+                message: "the VM has no VMM".into(),
+            })?;
+        let stream = self.inner.backends.hypervisor.connect_agent(handle).await?;
+        let client = Client::new(stream, self.agent_client_config());
+        client.hello().await.map_err(|e| ManagerError::Agent {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        })?;
+        self.remember_agent(vm.id, client.clone());
+        Ok(client)
+    }
+
+    fn cached_agent(&self, vm: VmId) -> Option<Client> {
+        let agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.get(&vm).filter(|c| !c.is_closed()).cloned()
+    }
+
+    fn remember_agent(&self, vm: VmId, client: Client) {
+        let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.insert(vm, client);
+    }
+
+    fn forget_agent(&self, vm: VmId) {
+        let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
+        agents.remove(&vm);
+    }
+
+    fn machine_config(
+        &self,
+        vm: &VmRecord,
+        image: &crate::image::Image,
+    ) -> Result<MachineConfig, ManagerError> {
+        let root = vm.resources.root.as_ref().ok_or_else(|| {
+            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+                "VM {} has no root volume",
+                vm.name
+            )))
+        })?;
+        let mut config = MachineConfig::new(
+            vm.id,
+            vm.name.clone(),
+            self.inner.config.run_dir(vm.id),
+            image.kernel.clone(),
+        );
+        config.initramfs = image.initramfs.clone();
+        config.cmdline = format!("{} vmkit.name={}", image.cmdline, vm.name);
+        config.disks.push(DiskConfig::new(&root.path, root.format));
+        if let Some(data) = &vm.resources.data {
+            config.disks.push(DiskConfig::new(&data.path, data.format));
+        }
+        config.nic = vm
+            .resources
+            .net
+            .as_ref()
+            .map(|n| NicConfig::new(n.tap.clone(), n.mac));
+        config.vcpus = vm.spec.vcpus;
+        config.max_vcpus = vm.spec.vcpus.max(
+            self.inner
+                .config
+                .spec_limits
+                .max_vcpus
+                .min(vm.spec.vcpus * 2),
+        );
+        config.memory_mib = vm.spec.memory_mib;
+        config.console_limit = self.inner.config.console_limit;
+        Ok(config)
+    }
+
+    fn require(
+        &self,
+        vm: &VmRecord,
+        operation: &'static str,
+        allowed: &'static [VmState],
+    ) -> Result<(), ManagerError> {
+        if allowed.contains(&vm.state) {
+            Ok(())
+        } else {
+            Err(ManagerError::WrongState {
+                name: vm.name.clone(),
+                state: vm.state,
+                operation,
+                allowed,
+            })
+        }
+    }
+
+    async fn set_state(&self, vm: &mut VmRecord, to: VmState) -> Result<(), ManagerError> {
+        let from = vm.state;
+        debug_assert!(from.can_transition_to(to), "{from} -> {to}");
+        vm.state = to;
+        self.save(vm).await?;
+        self.emit(NewEvent::vm(
+            vm.id,
+            &vm.name,
+            EventKind::StateChanged { from, to },
+        ))
+        .await;
+        Ok(())
+    }
+
+    async fn save(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
+        vm.updated_at = Timestamp::now();
+        Ok(self.inner.backends.store.update_vm(vm).await?)
+    }
+
+    async fn emit(&self, event: NewEvent) {
+        match self.inner.backends.store.append_event(event).await {
+            Ok(stored) => {
+                // No subscriber is not an error.
+                let _ = self.inner.events.send(stored);
+            }
+            Err(error) => warn!(%error, "cannot store event"),
+        }
+    }
+
+    async fn free_name(&self) -> Result<VmName, ManagerError> {
+        for _ in 0..16 {
+            let name = VmName::generate();
+            if self.inner.backends.store.get_vm(&name).await?.is_none() {
+                return Ok(name);
+            }
+        }
+        // 34 * 34 * 9000 names: sixteen collisions in a row means the store is lying.
+        Err(ManagerError::Store(crate::store::StoreError::Corrupt(
+            "no free generated name after 16 tries".into(),
+        )))
+    }
+
+    async fn lock(&self, name: &VmName) -> VmGuard {
+        let lock = {
+            let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+            locks.entry(name.clone()).or_default().clone()
+        };
+        VmGuard {
+            guard: Some(lock.lock_owned().await),
+            name: name.clone(),
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Holds a VM's operation lock; drops the map entry when no one else waits.
+struct VmGuard {
+    guard: Option<OwnedMutexGuard<()>>,
+    name: VmName,
+    inner: Arc<Inner>,
+}
+
+impl Drop for VmGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lock) = locks.get(&self.name) {
+            // Only the map holds it: nobody waits.
+            if Arc::strong_count(lock) == 1 {
+                locks.remove(&self.name);
+            }
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Shares: who else may reach a VM, and how.
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::Timestamp;
+use crate::user::UserId;
+use crate::vm::VmId;
+
+/// Whom a VM is shared with.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+#[non_exhaustive]
+pub enum ShareTarget {
+    /// A known user.
+    User(UserId),
+    /// Anyone holding a link with this token.
+    Link(String),
+    /// Everyone (public).
+    Public,
+}
+
+/// What a share grants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Access {
+    /// The VM's web ports over HTTPS.
+    Http,
+    /// SSH into the VM.
+    Ssh,
+    /// Lifecycle operations (start, stop, delete).
+    Manage,
+}
+
+/// One share of one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Share {
+    /// The shared VM.
+    pub vm: VmId,
+    /// With whom.
+    pub target: ShareTarget,
+    /// What is granted.
+    pub access: Access,
+    /// When it was granted.
+    pub created_at: Timestamp,
+}
+
+impl Share {
+    /// A share created now.
+    pub fn new(vm: VmId, target: ShareTarget, access: Access) -> Self {
+        Self {
+            vm,
+            target,
+            access,
+            created_at: Timestamp::now(),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! What a VM is asked to be: image, vCPUs, memory and data disk.
+
+use serde::{Deserialize, Serialize};
+
+/// The resources and image a VM is created with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmSpec {
+    /// Name of the image to boot (a directory under the images directory).
+    pub image: String,
+    /// Number of virtual CPUs.
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Size of the persistent data disk in GiB; 0 means no data disk.
+    pub disk_gib: u64,
+}
+
+impl VmSpec {
+    /// A spec for `image` with the default resources (1 vCPU, 512 MiB, no data disk).
+    pub fn new(image: impl Into<String>) -> Self {
+        Self {
+            image: image.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self
+    }
+
+    /// Sets the memory size in MiB.
+    pub fn memory_mib(mut self, memory_mib: u64) -> Self {
+        self.memory_mib = memory_mib;
+        self
+    }
+
+    /// Sets the data disk size in GiB.
+    pub fn disk_gib(mut self, disk_gib: u64) -> Self {
+        self.disk_gib = disk_gib;
+        self
+    }
+
+    /// Checks the spec against the host's limits.
+    pub fn validate(&self, limits: &SpecLimits) -> Result<(), SpecError> {
+        if self.image.is_empty()
+            || self.image.len() > 64
+            || !self
+                .image
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || self.image.starts_with('.')
+        {
+            return Err(SpecError::InvalidImage(self.image.clone()));
+        }
+        check(
+            "vcpus",
+            u64::from(self.vcpus),
+            1,
+            u64::from(limits.max_vcpus),
+        )?;
+        check(
+            "memory_mib",
+            self.memory_mib,
+            limits.min_memory_mib,
+            limits.max_memory_mib,
+        )?;
+        check("disk_gib", self.disk_gib, 0, limits.max_disk_gib)?;
+        Ok(())
+    }
+}
+
+fn check(field: &'static str, value: u64, min: u64, max: u64) -> Result<(), SpecError> {
+    if value < min || value > max {
+        return Err(SpecError::OutOfRange {
+            field,
+            value,
+            min,
+            max,
+        });
+    }
+    Ok(())
+}
+
+impl Default for VmSpec {
+    fn default() -> Self {
+        Self {
+            image: "tiny".to_owned(),
+            vcpus: 1,
+            memory_mib: 512,
+            disk_gib: 0,
+        }
+    }
+}
+
+/// The largest (and smallest) VM a host accepts, whatever the user's quota.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SpecLimits {
+    /// Most vCPUs one VM may have.
+    pub max_vcpus: u32,
+    /// Least memory one VM may have, in MiB.
+    pub min_memory_mib: u64,
+    /// Most memory one VM may have, in MiB.
+    pub max_memory_mib: u64,
+    /// Largest data disk, in GiB.
+    pub max_disk_gib: u64,
+}
+
+impl Default for SpecLimits {
+    fn default() -> Self {
+        Self {
+            max_vcpus: 32,
+            min_memory_mib: 128,
+            max_memory_mib: 256 * 1024,
+            max_disk_gib: 2048,
+        }
+    }
+}
+
+/// Why a [`VmSpec`] is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SpecError {
+    /// A numeric field lies outside what the host allows.
+    #[error("{field} = {value} is out of range; this host allows {min} to {max}")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The requested value.
+        value: u64,
+        /// Smallest allowed.
+        min: u64,
+        /// Largest allowed.
+        max: u64,
+    },
+    /// The image name is not a plain name.
+    #[error(
+        "image name {0:?} is invalid; use letters, digits, '-', '_' or '.', as listed by `vmkit image ls`"
+    )]
+    InvalidImage(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_spec_is_valid() {
+        assert_eq!(VmSpec::default().validate(&SpecLimits::default()), Ok(()));
+    }
+
+    #[test]
+    fn oversize_spec_names_the_field_and_the_limit() {
+        let err = VmSpec::new("tiny")
+            .vcpus(64)
+            .validate(&SpecLimits::default())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SpecError::OutOfRange {
+                field: "vcpus",
+                value: 64,
+                min: 1,
+                max: 32
+            }
+        );
+        let err = VmSpec::new("tiny")
+            .memory_mib(64)
+            .validate(&SpecLimits::default())
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            SpecError::OutOfRange {
+                field: "memory_mib",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn image_names_cannot_escape_the_images_directory() {
+        for bad in ["../etc", "a/b", "", ".hidden"] {
+            assert!(matches!(
+                VmSpec::new(bad).validate(&SpecLimits::default()),
+                Err(SpecError::InvalidImage(_))
+            ));
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The state-store seam: users, keys, VMs, quotas, shares, leases, API keys, events.
+
+use async_trait::async_trait;
+
+use crate::event::{Event, NewEvent};
+use crate::name::VmName;
+use crate::net::{IpLease, IpPool};
+use crate::quota::{Quota, QuotaExceeded};
+use crate::share::Share;
+use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::vm::{VmId, VmRecord};
+
+/// What a store guarantees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreCapabilities {
+    /// Committed writes survive a crash of the process (and of the host).
+    pub durable: bool,
+}
+
+/// Errors from a state store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A VM of that name exists.
+    #[error("a VM named {0} already exists; choose another name")]
+    NameTaken(VmName),
+    /// The VM would take its owner past their quota.
+    #[error(transparent)]
+    QuotaExceeded(#[from] QuotaExceeded),
+    /// The record does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The SSH key belongs to another user.
+    #[error("SSH key {0} is registered to another user")]
+    KeyTaken(String),
+    /// Every address of the pool is leased.
+    #[error("no free address in {0}; delete VMs or widen the subnet")]
+    PoolExhausted(String),
+    /// Another process holds the state file.
+    #[error("state file {path} is in use by another process; is a vmkit-gateway already running?")]
+    Locked {
+        /// The file.
+        path: String,
+    },
+    /// The file was written by a newer vmkit.
+    #[error(
+        "state file schema version {found} is newer than this vmkit supports ({supported}); upgrade vmkit"
+    )]
+    SchemaTooNew {
+        /// Version in the file.
+        found: u64,
+        /// Newest version this build reads.
+        supported: u64,
+    },
+    /// The stored data does not decode.
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The backing database failed.
+    #[error("state store failure: {message}")]
+    Backend {
+        /// What failed.
+        message: String,
+        /// Cause.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
+}
+
+impl StoreError {
+    /// A backend failure with its cause.
+    pub fn backend(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self::Backend {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
+
+/// Durable state. Every method is one atomic transaction; a method that returns
+/// `Ok` has committed.
+#[async_trait]
+pub trait StateStore: Send + Sync {
+    /// What this store guarantees.
+    fn capabilities(&self) -> StoreCapabilities;
+
+    // ---- users and keys ----
+
+    /// Inserts or replaces a user.
+    async fn put_user(&self, user: &User) -> Result<(), StoreError>;
+    /// A user by id.
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    /// All users, by id.
+    async fn list_users(&self) -> Result<Vec<User>, StoreError>;
+    /// Registers `key` for `user`; [`StoreError::KeyTaken`] if another user has it.
+    /// Registering the same key twice for the same user is not an error.
+    async fn add_ssh_key(&self, user: UserId, key: &SshPublicKey) -> Result<(), StoreError>;
+    /// Removes a key by fingerprint; whether it existed.
+    async fn remove_ssh_key(&self, fingerprint: &str) -> Result<bool, StoreError>;
+    /// The user owning the key with this fingerprint.
+    async fn user_by_key(&self, fingerprint: &str) -> Result<Option<UserId>, StoreError>;
+    /// A user's keys.
+    async fn ssh_keys(&self, user: UserId) -> Result<Vec<SshPublicKey>, StoreError>;
+
+    // ---- quotas ----
+
+    /// Sets a user's quota.
+    async fn set_quota(&self, user: UserId, quota: &Quota) -> Result<(), StoreError>;
+    /// A user's quota, if one was set.
+    async fn get_quota(&self, user: UserId) -> Result<Option<Quota>, StoreError>;
+
+    // ---- VMs ----
+
+    /// Inserts a new VM if its name is free and its owner's VMs plus this one stay
+    /// within `quota`, checked in the same transaction.
+    async fn create_vm(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError>;
+    /// Replaces an existing VM record (matched by id); [`StoreError::NotFound`] if absent.
+    async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// A VM by name.
+    async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError>;
+    /// A VM by id.
+    async fn get_vm_by_id(&self, id: VmId) -> Result<Option<VmRecord>, StoreError>;
+    /// VMs, by name; only `owner`'s when given.
+    async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError>;
+    /// Deletes a VM record with its shares; whether it existed.
+    async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError>;
+
+    // ---- shares ----
+
+    /// Adds a share (replacing an equal one).
+    async fn put_share(&self, share: &Share) -> Result<(), StoreError>;
+    /// Removes a share; whether it existed.
+    async fn remove_share(&self, share: &Share) -> Result<bool, StoreError>;
+    /// Shares of a VM.
+    async fn shares(&self, vm: VmId) -> Result<Vec<Share>, StoreError>;
+
+    // ---- IP leases ----
+
+    /// Leases the lowest free address of `pool` to `vm`, or returns the lease `vm`
+    /// already holds. Never hands out an address twice.
+    async fn allocate_lease(&self, vm: VmId, pool: &IpPool) -> Result<IpLease, StoreError>;
+    /// Releases `vm`'s lease; whether it had one.
+    async fn release_lease(&self, vm: VmId) -> Result<bool, StoreError>;
+    /// Every lease.
+    async fn list_leases(&self) -> Result<Vec<IpLease>, StoreError>;
+
+    // ---- API keys ----
+
+    /// Stores an API key record.
+    async fn put_api_key(&self, key: &ApiKey) -> Result<(), StoreError>;
+    /// An API key record by id.
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
+    /// Deletes an API key; whether it existed.
+    async fn delete_api_key(&self, id: &str) -> Result<bool, StoreError>;
+
+    // ---- events ----
+
+    /// Appends an event, numbering it one past the last.
+    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError>;
+    /// Up to `limit` events with `seq > after`, oldest first.
+    async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
+}

@@ -1,0 +1,75 @@
+//! Failure injection shared by the fakes: "fail at step N".
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A counter of fallible fake calls that fails exactly one chosen call.
+///
+/// Share one `Faults` between all fakes of a test: every fallible call (state
+/// store writes included) counts as one step, in the order the manager makes them.
+/// [`Faults::fail_at`]`(n)` makes the n-th call from then on fail; calls after it
+/// succeed again, so undo steps run normally.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    calls: AtomicU64,
+    fail_at: AtomicU64,
+    log: Mutex<Vec<&'static str>>,
+}
+
+/// The error a fake returns at an injected failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("injected failure at step {step} ({operation})")]
+pub struct InjectedFault {
+    /// The step number (1-based).
+    pub step: u64,
+    /// The fake operation that failed.
+    pub operation: &'static str,
+}
+
+impl Faults {
+    /// A counter that fails nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Resets the count and fails the `n`-th call from now (1-based). 0 disarms.
+    pub fn fail_at(&self, n: u64) {
+        self.inner.calls.store(0, Ordering::SeqCst);
+        self.inner.fail_at.store(n, Ordering::SeqCst);
+        self.lock_log().clear();
+    }
+
+    /// Resets the count and fails nothing.
+    pub fn reset(&self) {
+        self.fail_at(0);
+    }
+
+    /// Calls counted since the last reset.
+    pub fn calls(&self) -> u64 {
+        self.inner.calls.load(Ordering::SeqCst)
+    }
+
+    /// The operations counted since the last reset, in order.
+    pub fn log(&self) -> Vec<&'static str> {
+        self.lock_log().clone()
+    }
+
+    /// Counts one call of `operation`; fails it if it is the chosen one.
+    pub fn check(&self, operation: &'static str) -> Result<(), InjectedFault> {
+        let step = self.inner.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.lock_log().push(operation);
+        if step == self.inner.fail_at.load(Ordering::SeqCst) {
+            return Err(InjectedFault { step, operation });
+        }
+        Ok(())
+    }
+
+    fn lock_log(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {
+        self.inner.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}

@@ -1,0 +1,440 @@
+//! An in-memory hypervisor whose guests run a fake agent.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use vmkit_guest::{ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink, ServerConfig};
+
+use super::faults::Faults;
+use crate::hypervisor::{
+    AgentStream, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig, Resize,
+    VmmHandle, VmmInfo, VmmState,
+};
+use crate::storage::DiskFormat;
+
+/// How the fake guest's agent behaves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AgentBehavior {
+    /// Answers every request.
+    #[default]
+    Healthy,
+    /// Accepts connections but never answers (a guest that hangs in boot).
+    Silent,
+    /// Refuses connections (no agent in the image).
+    Absent,
+}
+
+#[derive(Debug, Clone)]
+struct FakeVmm {
+    config: MachineConfig,
+    state: VmmState,
+    vcpus: u32,
+    memory_mib: u64,
+    console: String,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    vmms: BTreeMap<u32, FakeVmm>,
+    snapshots: BTreeMap<PathBuf, FakeVmm>,
+}
+
+/// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
+/// state rules (pause only when running, snapshot only when paused, restore into a
+/// fresh VMM), and each guest runs a fake agent speaking the real protocol over an
+/// in-memory stream. Its exec understands `echo`, `cat`, `true`, `false`,
+/// `exit N`, `sleep SECS`, `hostname` and `uname`; anything else exits 127.
+#[derive(Debug, Clone, Default)]
+pub struct FakeHypervisor {
+    shared: Arc<Mutex<Shared>>,
+    next_pid: Arc<AtomicU32>,
+    faults: Faults,
+    behavior: Arc<Mutex<AgentBehavior>>,
+}
+
+impl FakeHypervisor {
+    /// A fake that fails nothing.
+    pub fn new() -> Self {
+        Self::with_faults(Faults::new())
+    }
+
+    /// A fake whose calls count towards `faults`.
+    pub fn with_faults(faults: Faults) -> Self {
+        Self {
+            shared: Arc::default(),
+            next_pid: Arc::new(AtomicU32::new(1000)),
+            faults,
+            behavior: Arc::default(),
+        }
+    }
+
+    /// Sets how guests' agents behave from now on.
+    pub fn set_agent_behavior(&self, behavior: AgentBehavior) {
+        *self.behavior.lock().unwrap_or_else(|p| p.into_inner()) = behavior;
+    }
+
+    /// Makes the VMM of `handle` exit as if it crashed.
+    pub fn crash(&self, handle: &VmmHandle) {
+        self.lock().vmms.remove(&handle.pid);
+    }
+
+    /// Pids of the VMMs that run.
+    pub fn running(&self) -> Vec<u32> {
+        self.lock().vmms.keys().copied().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self, op: &'static str) -> Result<(), HypervisorError> {
+        self.faults.check(op).map_err(|f| HypervisorError::Refused {
+            operation: op,
+            message: f.to_string(),
+        })
+    }
+
+    fn with_vmm<T>(
+        &self,
+        handle: &VmmHandle,
+        f: impl FnOnce(&mut FakeVmm) -> Result<T, HypervisorError>,
+    ) -> Result<T, HypervisorError> {
+        let mut shared = self.lock();
+        let vmm = shared
+            .vmms
+            .get_mut(&handle.pid)
+            .ok_or(HypervisorError::NotRunning { pid: handle.pid })?;
+        f(vmm)
+    }
+
+    fn spawn(&self, config: &MachineConfig, vmm: FakeVmm) -> VmmHandle {
+        let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
+        self.lock().vmms.insert(pid, vmm);
+        VmmHandle {
+            backend: "fake".to_owned(),
+            pid,
+            pid_start: u64::from(pid),
+            run_dir: config.run_dir.clone(),
+            control_socket: config.run_dir.join("fake.sock"),
+            agent_socket: config.run_dir.join("agent.sock"),
+        }
+    }
+}
+
+fn validate(config: &MachineConfig) -> Result<(), HypervisorError> {
+    if config.disks.is_empty() {
+        return Err(HypervisorError::InvalidConfig("no root disk".into()));
+    }
+    if config.vcpus == 0 || config.vcpus > config.max_vcpus.max(config.vcpus) {
+        return Err(HypervisorError::InvalidConfig(
+            "vcpus must be at least 1".into(),
+        ));
+    }
+    if config.memory_mib < 64 {
+        return Err(HypervisorError::InvalidConfig("memory below 64 MiB".into()));
+    }
+    Ok(())
+}
+
+fn refused(operation: &'static str, state: VmmState) -> HypervisorError {
+    HypervisorError::Refused {
+        operation,
+        message: format!("the VM is {state:?}"),
+    }
+}
+
+#[async_trait]
+impl Hypervisor for FakeHypervisor {
+    fn kind(&self) -> &'static str {
+        "fake"
+    }
+
+    fn capabilities(&self) -> HypervisorCapabilities {
+        HypervisorCapabilities {
+            pause: true,
+            resize_vcpus: true,
+            resize_memory: true,
+            snapshot: true,
+            disk_formats: vec![DiskFormat::Raw, DiskFormat::Qcow2],
+        }
+    }
+
+    async fn start(&self, config: &MachineConfig) -> Result<VmmHandle, HypervisorError> {
+        self.check("hypervisor.start")?;
+        validate(config)?;
+        Ok(self.spawn(
+            config,
+            FakeVmm {
+                config: config.clone(),
+                state: VmmState::Running,
+                vcpus: config.vcpus,
+                memory_mib: config.memory_mib,
+                console: format!("fake boot of {}\n", config.name),
+            },
+        ))
+    }
+
+    async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
+        self.with_vmm(handle, |v| Ok(v.state))
+    }
+
+    async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
+        let shared = self.lock();
+        Ok(match shared.vmms.get(&handle.pid) {
+            Some(v) => VmmInfo {
+                state: v.state,
+                pid: handle.pid,
+                vcpus: v.vcpus,
+                memory_mib: v.memory_mib,
+            },
+            None => VmmInfo {
+                state: VmmState::Exited,
+                pid: handle.pid,
+                vcpus: 0,
+                memory_mib: 0,
+            },
+        })
+    }
+
+    async fn shutdown(&self, handle: &VmmHandle, _grace: Duration) -> Result<(), HypervisorError> {
+        self.check("hypervisor.shutdown")?;
+        self.lock().vmms.remove(&handle.pid);
+        Ok(())
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.check("hypervisor.kill")?;
+        self.lock().vmms.remove(&handle.pid);
+        Ok(())
+    }
+
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.with_vmm(handle, |v| match v.state {
+            VmmState::Running => {
+                v.state = VmmState::Paused;
+                Ok(())
+            }
+            s => Err(refused("pause", s)),
+        })
+    }
+
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.with_vmm(handle, |v| match v.state {
+            VmmState::Paused => {
+                v.state = VmmState::Running;
+                Ok(())
+            }
+            s => Err(refused("resume", s)),
+        })
+    }
+
+    async fn resize(&self, handle: &VmmHandle, resize: Resize) -> Result<(), HypervisorError> {
+        self.with_vmm(handle, |v| {
+            if let Some(vcpus) = resize.vcpus {
+                if vcpus == 0 || vcpus > v.config.max_vcpus {
+                    return Err(HypervisorError::Refused {
+                        operation: "resize",
+                        message: format!("vcpus must be 1..={}", v.config.max_vcpus),
+                    });
+                }
+                v.vcpus = vcpus;
+            }
+            if let Some(mem) = resize.memory_mib {
+                v.memory_mib = mem;
+            }
+            Ok(())
+        })
+    }
+
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<(), HypervisorError> {
+        let vmm = self.with_vmm(handle, |v| match v.state {
+            VmmState::Paused => Ok(v.clone()),
+            s => Err(refused("snapshot", s)),
+        })?;
+        self.lock().snapshots.insert(dir.to_owned(), vmm);
+        Ok(())
+    }
+
+    async fn restore(
+        &self,
+        config: &MachineConfig,
+        dir: &Path,
+    ) -> Result<VmmHandle, HypervisorError> {
+        let snapshot =
+            self.lock()
+                .snapshots
+                .get(dir)
+                .cloned()
+                .ok_or_else(|| HypervisorError::Refused {
+                    operation: "restore",
+                    message: format!("no snapshot in {}", dir.display()),
+                })?;
+        Ok(self.spawn(
+            config,
+            FakeVmm {
+                config: config.clone(),
+                state: VmmState::Paused,
+                ..snapshot
+            },
+        ))
+    }
+
+    async fn connect_agent(&self, handle: &VmmHandle) -> Result<AgentStream, HypervisorError> {
+        let state = self.with_vmm(handle, |v| Ok(v.state))?;
+        if state != VmmState::Running {
+            return Err(refused("connect_agent", state));
+        }
+        let behavior = *self.behavior.lock().unwrap_or_else(|p| p.into_inner());
+        let (host, guest) = tokio::io::duplex(64 * 1024);
+        match behavior {
+            AgentBehavior::Absent => {
+                return Err(HypervisorError::io(
+                    "connecting to the agent",
+                    std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+                ));
+            }
+            AgentBehavior::Silent => {
+                // Hold the guest end open and never read it.
+                tokio::spawn(async move {
+                    let _guest = guest;
+                    std::future::pending::<()>().await;
+                });
+            }
+            AgentBehavior::Healthy => {
+                let agent = Arc::new(FakeAgent {
+                    hostname: handle_name(self, handle),
+                    hypervisor: self.clone(),
+                    pid: handle.pid,
+                });
+                tokio::spawn(async move {
+                    let _ = vmkit_guest::serve(guest, agent, ServerConfig::default()).await;
+                });
+            }
+        }
+        Ok(Box::new(host))
+    }
+
+    async fn console_tail(
+        &self,
+        handle: &VmmHandle,
+        max_bytes: usize,
+    ) -> Result<String, HypervisorError> {
+        let console = self
+            .lock()
+            .vmms
+            .get(&handle.pid)
+            .map(|v| v.console.clone())
+            .unwrap_or_default();
+        let start = console.len().saturating_sub(max_bytes);
+        Ok(console.get(start..).map(str::to_owned).unwrap_or(console))
+    }
+
+    async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.check("hypervisor.cleanup")?;
+        if self.lock().vmms.contains_key(&handle.pid) {
+            return Err(HypervisorError::Refused {
+                operation: "cleanup",
+                message: "the VMM still runs".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn handle_name(hv: &FakeHypervisor, handle: &VmmHandle) -> String {
+    hv.lock()
+        .vmms
+        .get(&handle.pid)
+        .map(|v| v.config.name.to_string())
+        .unwrap_or_default()
+}
+
+/// The fake guest's agent.
+struct FakeAgent {
+    hostname: String,
+    hypervisor: FakeHypervisor,
+    pid: u32,
+}
+
+#[async_trait]
+impl Handler for FakeAgent {
+    async fn hello(&self) -> HelloInfo {
+        HelloInfo::new(
+            "fake",
+            format!("fake-boot-{}", self.pid),
+            "fake",
+            std::env::consts::ARCH,
+        )
+    }
+
+    async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
+        let exit = |code: i32| ExitStatus {
+            code: Some(code),
+            signal: None,
+            timed_out: false,
+        };
+        let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
+        match args.as_slice() {
+            [] => Err("empty argv".to_owned()),
+            ["echo", rest @ ..] => {
+                out.stdout(format!("{}\n", rest.join(" ")).as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exit(0))
+            }
+            ["cat"] => {
+                out.stdout(&req.stdin).await.map_err(|e| e.to_string())?;
+                Ok(exit(0))
+            }
+            ["hostname"] => {
+                out.stdout(format!("{}\n", self.hostname).as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exit(0))
+            }
+            ["uname", ..] => {
+                out.stdout(b"Linux fake\n")
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exit(0))
+            }
+            ["true"] => Ok(exit(0)),
+            ["false"] => Ok(exit(1)),
+            ["exit", code] => Ok(exit(code.parse().unwrap_or(2))),
+            ["sleep", secs] => {
+                let secs: f64 = secs.parse().map_err(|_| "sleep: bad number".to_owned())?;
+                let wanted = Duration::from_secs_f64(secs.max(0.0));
+                match req.timeout_ms.map(Duration::from_millis) {
+                    Some(limit) if limit < wanted => {
+                        tokio::time::sleep(limit).await;
+                        Ok(ExitStatus {
+                            code: None,
+                            signal: Some(9),
+                            timed_out: true,
+                        })
+                    }
+                    _ => {
+                        tokio::time::sleep(wanted).await;
+                        Ok(exit(0))
+                    }
+                }
+            }
+            [cmd, ..] => {
+                out.stderr(format!("{cmd}: command not found\n").as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(exit(127))
+            }
+        }
+    }
+
+    async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
+        self.hypervisor.lock().vmms.remove(&self.pid);
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! An in-memory state store.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::faults::{Faults, InjectedFault};
+use crate::event::{Event, NewEvent};
+use crate::name::VmName;
+use crate::net::{IpLease, IpPool};
+use crate::quota::{Quota, Usage};
+use crate::share::Share;
+use crate::store::{StateStore, StoreCapabilities, StoreError};
+use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::vm::{VmId, VmRecord};
+
+/// A complete state store in memory. Not durable; every write can be made to fail
+/// through [`Faults`].
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+    faults: Faults,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    users: BTreeMap<UserId, User>,
+    keys: BTreeMap<String, (UserId, SshPublicKey)>,
+    quotas: BTreeMap<UserId, Quota>,
+    vms: BTreeMap<VmId, VmRecord>,
+    shares: Vec<Share>,
+    leases: BTreeMap<std::net::Ipv4Addr, IpLease>,
+    api_keys: BTreeMap<String, ApiKey>,
+    events: Vec<Event>,
+}
+
+fn injected(f: InjectedFault) -> StoreError {
+    StoreError::backend("injected failure", f)
+}
+
+impl MemoryStore {
+    /// An empty store that fails nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty store whose writes count towards `faults`.
+    pub fn with_faults(faults: Faults) -> Self {
+        Self {
+            state: Mutex::default(),
+            faults,
+        }
+    }
+
+    fn write(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, State>, StoreError> {
+        self.faults.check(op).map_err(injected)?;
+        Ok(self.read())
+    }
+
+    fn read(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl StateStore for MemoryStore {
+    fn capabilities(&self) -> StoreCapabilities {
+        StoreCapabilities { durable: false }
+    }
+
+    async fn put_user(&self, user: &User) -> Result<(), StoreError> {
+        self.write("store.put_user")?
+            .users
+            .insert(user.id, user.clone());
+        Ok(())
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        Ok(self.read().users.get(&id).cloned())
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        Ok(self.read().users.values().cloned().collect())
+    }
+
+    async fn add_ssh_key(&self, user: UserId, key: &SshPublicKey) -> Result<(), StoreError> {
+        let mut s = self.write("store.add_ssh_key")?;
+        let fp = key.fingerprint();
+        match s.keys.get(&fp) {
+            Some((owner, _)) if *owner != user => Err(StoreError::KeyTaken(fp)),
+            _ => {
+                s.keys.insert(fp, (user, key.clone()));
+                Ok(())
+            }
+        }
+    }
+
+    async fn remove_ssh_key(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .write("store.remove_ssh_key")?
+            .keys
+            .remove(fingerprint)
+            .is_some())
+    }
+
+    async fn user_by_key(&self, fingerprint: &str) -> Result<Option<UserId>, StoreError> {
+        Ok(self.read().keys.get(fingerprint).map(|(u, _)| *u))
+    }
+
+    async fn ssh_keys(&self, user: UserId) -> Result<Vec<SshPublicKey>, StoreError> {
+        Ok(self
+            .read()
+            .keys
+            .values()
+            .filter(|(u, _)| *u == user)
+            .map(|(_, k)| k.clone())
+            .collect())
+    }
+
+    async fn set_quota(&self, user: UserId, quota: &Quota) -> Result<(), StoreError> {
+        self.write("store.set_quota")?.quotas.insert(user, *quota);
+        Ok(())
+    }
+
+    async fn get_quota(&self, user: UserId) -> Result<Option<Quota>, StoreError> {
+        Ok(self.read().quotas.get(&user).copied())
+    }
+
+    async fn create_vm(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError> {
+        let mut s = self.write("store.create_vm")?;
+        if s.vms.values().any(|v| v.name == vm.name) {
+            return Err(StoreError::NameTaken(vm.name.clone()));
+        }
+        if s.vms.contains_key(&vm.id) {
+            return Err(StoreError::Corrupt(format!("duplicate VM id {}", vm.id)));
+        }
+        let usage = Usage::of(
+            s.vms
+                .values()
+                .filter(|v| v.owner == vm.owner)
+                .map(|v| &v.spec),
+        );
+        quota.check(&usage, &vm.spec)?;
+        s.vms.insert(vm.id, vm.clone());
+        Ok(())
+    }
+
+    async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let mut s = self.write("store.update_vm")?;
+        match s.vms.get_mut(&vm.id) {
+            Some(existing) => {
+                *existing = vm.clone();
+                Ok(())
+            }
+            None => Err(StoreError::NotFound(format!("VM {}", vm.name))),
+        }
+    }
+
+    async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError> {
+        Ok(self.read().vms.values().find(|v| v.name == *name).cloned())
+    }
+
+    async fn get_vm_by_id(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        Ok(self.read().vms.get(&id).cloned())
+    }
+
+    async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError> {
+        let mut vms: Vec<_> = self
+            .read()
+            .vms
+            .values()
+            .filter(|v| owner.is_none_or(|o| v.owner == o))
+            .cloned()
+            .collect();
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+
+    async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError> {
+        let mut s = self.write("store.delete_vm")?;
+        s.shares.retain(|sh| sh.vm != id);
+        Ok(s.vms.remove(&id).is_some())
+    }
+
+    async fn put_share(&self, share: &Share) -> Result<(), StoreError> {
+        let mut s = self.write("store.put_share")?;
+        s.shares.retain(|x| {
+            !(x.vm == share.vm && x.target == share.target && x.access == share.access)
+        });
+        s.shares.push(share.clone());
+        Ok(())
+    }
+
+    async fn remove_share(&self, share: &Share) -> Result<bool, StoreError> {
+        let mut s = self.write("store.remove_share")?;
+        let before = s.shares.len();
+        s.shares.retain(|x| {
+            !(x.vm == share.vm && x.target == share.target && x.access == share.access)
+        });
+        Ok(s.shares.len() != before)
+    }
+
+    async fn shares(&self, vm: VmId) -> Result<Vec<Share>, StoreError> {
+        Ok(self
+            .read()
+            .shares
+            .iter()
+            .filter(|s| s.vm == vm)
+            .cloned()
+            .collect())
+    }
+
+    async fn allocate_lease(&self, vm: VmId, pool: &IpPool) -> Result<IpLease, StoreError> {
+        let mut s = self.write("store.allocate_lease")?;
+        if let Some(existing) = s.leases.values().find(|l| l.vm == vm) {
+            return Ok(existing.clone());
+        }
+        let ip = pool
+            .guest_addresses()
+            .find(|ip| !s.leases.contains_key(ip))
+            .ok_or_else(|| StoreError::PoolExhausted(pool.subnet.to_string()))?;
+        let lease = IpLease::new(vm, ip, pool);
+        s.leases.insert(ip, lease.clone());
+        Ok(lease)
+    }
+
+    async fn release_lease(&self, vm: VmId) -> Result<bool, StoreError> {
+        let mut s = self.write("store.release_lease")?;
+        let before = s.leases.len();
+        s.leases.retain(|_, l| l.vm != vm);
+        Ok(s.leases.len() != before)
+    }
+
+    async fn list_leases(&self) -> Result<Vec<IpLease>, StoreError> {
+        Ok(self.read().leases.values().cloned().collect())
+    }
+
+    async fn put_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        self.write("store.put_api_key")?
+            .api_keys
+            .insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        Ok(self.read().api_keys.get(id).cloned())
+    }
+
+    async fn delete_api_key(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .write("store.delete_api_key")?
+            .api_keys
+            .remove(id)
+            .is_some())
+    }
+
+    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {
+        // Events are a log, not a step of any operation: they do not count as steps.
+        let mut s = self.read();
+        let seq = s.events.last().map_or(1, |e| e.seq + 1);
+        let stored = Event::from_new(seq, event);
+        s.events.push(stored.clone());
+        Ok(stored)
+    }
+
+    async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        Ok(self
+            .read()
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+}

@@ -1,0 +1,547 @@
+//! Generic test suites, one per trait. Every backend, fake or real, must pass its
+//! trait's suite; each check panics with a message that names the broken rule.
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use vmkit_guest::{Client, ClientConfig, ExecRequest};
+
+use crate::event::{EventKind, NewEvent};
+use crate::gateway::{Gateway, Principal};
+use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, VmmHandle, VmmState};
+use crate::image::Image;
+use crate::name::VmName;
+use crate::net::{IpLease, IpPool};
+use crate::network::{Network, NetworkError};
+use crate::quota::Quota;
+use crate::share::{Access, Share, ShareTarget};
+use crate::spec::VmSpec;
+use crate::storage::{DiskFormat, Storage, StorageError, VolumeKind};
+use crate::store::{StateStore, StoreError};
+use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::vm::{VmId, VmRecord};
+
+// ---------------------------------------------------------------- hypervisor
+
+/// What the hypervisor suite needs from a backend's test setup.
+pub trait HypervisorFixture: Send + Sync {
+    /// A bootable machine config (real kernel, image and fresh root disk for real
+    /// backends) for a VM called `name`, in a fresh run directory.
+    fn machine(&self, name: &str) -> MachineConfig;
+    /// How long a boot may take on this host.
+    fn boot_timeout(&self) -> Duration {
+        Duration::from_secs(120)
+    }
+}
+
+/// Connects to the agent of `handle` and waits for its hello.
+pub async fn wait_for_agent(hv: &dyn Hypervisor, handle: &VmmHandle, timeout: Duration) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !remaining.is_zero(),
+            "agent did not answer within {timeout:?}"
+        );
+        let info = hv.info(handle).await.expect("info");
+        assert_ne!(info.state, VmmState::Exited, "VMM exited while booting");
+        match hv.connect_agent(handle).await {
+            Ok(stream) => {
+                let client = Client::new(stream, ClientConfig::default());
+                if client.hello_within(remaining).await.is_ok() {
+                    return client;
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Boot, agent, exec, pause/resume per capabilities, attach, console, graceful
+/// shutdown and idempotent teardown, on one VM.
+pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let config = fx.machine("suite-life");
+    let handle = hv.start(&config).await.expect("start");
+    assert_eq!(handle.backend, hv.kind(), "handle names its backend");
+    assert_eq!(
+        hv.info(&handle).await.expect("info").state,
+        VmmState::Running,
+        "a started VM runs"
+    );
+
+    let client = wait_for_agent(hv, &handle, fx.boot_timeout()).await;
+    let out = client
+        .exec_collect(ExecRequest::new(["echo", "suite"]), 1 << 16)
+        .await
+        .expect("exec echo");
+    assert_eq!(out.stdout, b"suite\n", "exec output reaches the host");
+    assert_eq!(out.status.code, Some(0));
+
+    if hv.capabilities().pause {
+        hv.pause(&handle).await.expect("pause");
+        assert_eq!(
+            hv.info(&handle).await.expect("info").state,
+            VmmState::Paused
+        );
+        assert!(
+            hv.pause(&handle).await.is_err(),
+            "pausing a paused VM is refused"
+        );
+        hv.resume(&handle).await.expect("resume");
+        assert_eq!(
+            hv.info(&handle).await.expect("info").state,
+            VmmState::Running
+        );
+        client.ping().await.expect("agent answers after resume");
+    } else {
+        assert!(matches!(
+            hv.pause(&handle).await,
+            Err(HypervisorError::Unsupported { .. })
+        ));
+    }
+
+    assert_eq!(
+        hv.attach(&handle).await.expect("attach to a running VMM"),
+        VmmState::Running
+    );
+    hv.console_tail(&handle, 4096).await.expect("console tail");
+
+    hv.shutdown(&handle, Duration::from_secs(30))
+        .await
+        .expect("shutdown");
+    assert_eq!(
+        hv.info(&handle).await.expect("info after shutdown").state,
+        VmmState::Exited,
+        "shutdown returns once the VMM is gone"
+    );
+    assert!(
+        hv.attach(&handle).await.is_err(),
+        "attach to a dead VMM fails"
+    );
+    hv.shutdown(&handle, Duration::from_secs(1))
+        .await
+        .expect("shutdown is idempotent");
+    hv.kill(&handle).await.expect("kill is idempotent");
+    hv.cleanup(&handle).await.expect("cleanup");
+    hv.cleanup(&handle).await.expect("cleanup is idempotent");
+}
+
+/// A forced stop ends the VMM at once, without waiting for the guest.
+pub async fn hypervisor_kill(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let handle = hv.start(&fx.machine("suite-kill")).await.expect("start");
+    hv.kill(&handle).await.expect("kill");
+    assert_eq!(
+        hv.info(&handle).await.expect("info").state,
+        VmmState::Exited,
+        "kill returns once the VMM is gone"
+    );
+    assert!(
+        hv.connect_agent(&handle).await.is_err(),
+        "no agent on a dead VM"
+    );
+    hv.cleanup(&handle).await.expect("cleanup");
+}
+
+/// A config the backend cannot run is refused and leaves nothing running.
+pub async fn hypervisor_invalid_config(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let mut config = fx.machine("suite-bad");
+    config.disks.clear();
+    assert!(
+        hv.start(&config).await.is_err(),
+        "a VM without disks is refused"
+    );
+}
+
+/// Every hypervisor check.
+pub async fn hypervisor_suite(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    hypervisor_invalid_config(hv, fx).await;
+    hypervisor_kill(hv, fx).await;
+    hypervisor_lifecycle(hv, fx).await;
+}
+
+// ---------------------------------------------------------------- storage
+
+/// What the storage suite needs.
+pub trait StorageFixture: Send + Sync {
+    /// An image whose root filesystem exists (synthetic for fakes).
+    fn image(&self) -> Image;
+    /// The formats to ask for, best first.
+    fn formats(&self) -> Vec<DiskFormat> {
+        vec![DiskFormat::Raw]
+    }
+}
+
+/// Import is idempotent; each VM gets its own root; a second root is refused.
+pub async fn storage_roots(storage: &dyn Storage, fx: &dyn StorageFixture) {
+    let image = fx.image();
+    let base = storage.import_image(&image).await.expect("import");
+    let again = storage.import_image(&image).await.expect("re-import");
+    assert_eq!(base, again, "import is idempotent");
+
+    let (a, b) = (VmId::generate(), VmId::generate());
+    let ra = storage
+        .clone_root(a, &base, &fx.formats())
+        .await
+        .expect("clone a");
+    let rb = storage
+        .clone_root(b, &base, &fx.formats())
+        .await
+        .expect("clone b");
+    assert_ne!(ra.path, rb.path, "each VM has its own root");
+    assert_eq!(ra.kind, VolumeKind::Root);
+    assert!(
+        fx.formats().contains(&ra.format),
+        "root is in an accepted format"
+    );
+    assert!(
+        matches!(
+            storage.clone_root(a, &base, &fx.formats()).await,
+            Err(StorageError::Exists(_))
+        ),
+        "a second root for one VM is refused"
+    );
+    assert!(
+        matches!(
+            storage.clone_root(VmId::generate(), &base, &[]).await,
+            Err(StorageError::NoFormat(_))
+        ),
+        "no acceptable format is an error"
+    );
+    let listed = storage.list().await.expect("list");
+    assert!(
+        listed.contains(&ra) && listed.contains(&rb),
+        "list shows roots"
+    );
+    storage.delete(&ra).await.expect("delete a");
+    storage.delete(&rb).await.expect("delete b");
+}
+
+/// Data volumes are sized as asked, grow, never shrink, and go away on delete.
+pub async fn storage_data_volumes(storage: &dyn Storage, _fx: &dyn StorageFixture) {
+    let vm = VmId::generate();
+    let size = 64 << 20;
+    let data = storage.create_data(vm, size).await.expect("create data");
+    assert_eq!(data.kind, VolumeKind::Data);
+    assert_eq!(data.size_bytes, size);
+    let grown = storage.resize(&data, 2 * size).await.expect("grow");
+    assert_eq!(grown.size_bytes, 2 * size);
+    assert!(
+        matches!(
+            storage.resize(&grown, size).await,
+            Err(StorageError::Shrink { .. })
+        ),
+        "shrinking is refused"
+    );
+    storage.delete(&grown).await.expect("delete");
+    storage.delete(&grown).await.expect("delete is idempotent");
+    assert!(
+        !storage
+            .list()
+            .await
+            .expect("list")
+            .iter()
+            .any(|v| v.id == grown.id),
+        "a deleted volume is not listed"
+    );
+}
+
+/// Every storage check.
+pub async fn storage_suite(storage: &dyn Storage, fx: &dyn StorageFixture) {
+    storage_roots(storage, fx).await;
+    storage_data_volumes(storage, fx).await;
+}
+
+// ---------------------------------------------------------------- network
+
+/// Setup is idempotent; attach creates a listed TAP with the lease's addresses;
+/// detach removes it and is idempotent; a lease from elsewhere is refused.
+pub async fn network_suite(network: &dyn Network) {
+    network.setup_host().await.expect("setup");
+    network.setup_host().await.expect("setup is idempotent");
+    let pool = network.pool();
+    let vm = VmId::generate();
+    let ip = pool.guest_addresses().next().expect("pool has an address");
+    let lease = IpLease::new(vm, ip, &pool);
+    let att = network.attach(vm, &lease).await.expect("attach");
+    assert_eq!((att.ip, att.mac, att.vm), (lease.ip, lease.mac, vm));
+    assert_eq!(att.gateway, pool.gateway());
+    assert!(att.tap.len() <= 15, "TAP names fit IFNAMSIZ");
+    let again = network
+        .attach(vm, &lease)
+        .await
+        .expect("attach is idempotent");
+    assert_eq!(again.tap, att.tap);
+    assert!(network.list().await.expect("list").contains(&vm));
+
+    network.detach(vm).await.expect("detach");
+    network.detach(vm).await.expect("detach is idempotent");
+    assert!(!network.list().await.expect("list").contains(&vm));
+
+    let foreign = IpLease::new(
+        VmId::generate(),
+        Ipv4Addr::new(203, 0, 113, 7),
+        &IpPool::new("203.0.113.0/24".parse().expect("cidr")).expect("pool"),
+    );
+    assert!(matches!(
+        network.attach(foreign.vm, &foreign).await,
+        Err(NetworkError::ForeignLease(_))
+    ));
+}
+
+// ---------------------------------------------------------------- state store
+
+fn key(n: u8) -> SshPublicKey {
+    use base64::Engine as _;
+    let mut blob = b"\0\0\0\x0bssh-ed25519\0\0\0\x20".to_vec();
+    blob.extend([n; 32]);
+    let line = format!(
+        "ssh-ed25519 {} k{n}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    );
+    SshPublicKey::parse(&line).expect("valid key")
+}
+
+fn record(name: &str, owner: UserId, spec: VmSpec) -> VmRecord {
+    VmRecord::new(VmName::new(name).expect("name"), owner, spec)
+}
+
+/// Users, keys and quotas.
+pub async fn store_users(store: &dyn StateStore) {
+    let alice = User::new(UserId(1), "alice");
+    store.put_user(&alice).await.expect("put user");
+    assert_eq!(store.get_user(UserId(1)).await.expect("get"), Some(alice));
+    store
+        .add_ssh_key(UserId(1), &key(1))
+        .await
+        .expect("add key");
+    store
+        .add_ssh_key(UserId(1), &key(1))
+        .await
+        .expect("same key twice for the same user");
+    assert!(matches!(
+        store.add_ssh_key(UserId(2), &key(1)).await,
+        Err(StoreError::KeyTaken(_))
+    ));
+    assert_eq!(
+        store
+            .user_by_key(&key(1).fingerprint())
+            .await
+            .expect("lookup"),
+        Some(UserId(1))
+    );
+    assert_eq!(store.ssh_keys(UserId(1)).await.expect("keys"), vec![key(1)]);
+    assert!(
+        store
+            .remove_ssh_key(&key(1).fingerprint())
+            .await
+            .expect("rm")
+    );
+    assert_eq!(
+        store
+            .user_by_key(&key(1).fingerprint())
+            .await
+            .expect("lookup"),
+        None
+    );
+
+    assert_eq!(store.get_quota(UserId(1)).await.expect("quota"), None);
+    let q = Quota::new(1, 2, 1024, 5);
+    store.set_quota(UserId(1), &q).await.expect("set quota");
+    assert_eq!(store.get_quota(UserId(1)).await.expect("quota"), Some(q));
+}
+
+/// VM records: unique names, quota checked at insert, update, list, delete.
+pub async fn store_vms(store: &dyn StateStore) {
+    let owner = UserId(5);
+    let quota = Quota::new(2, 4, 4096, 10);
+    let mut a = record("alpha", owner, VmSpec::new("tiny"));
+    store.create_vm(&a, &quota).await.expect("create a");
+    assert!(matches!(
+        store
+            .create_vm(&record("alpha", owner, VmSpec::new("tiny")), &quota)
+            .await,
+        Err(StoreError::NameTaken(_))
+    ));
+    let b = record("beta", owner, VmSpec::new("tiny"));
+    store.create_vm(&b, &quota).await.expect("create b");
+    assert!(
+        matches!(
+            store
+                .create_vm(&record("gamma", owner, VmSpec::new("tiny")), &quota)
+                .await,
+            Err(StoreError::QuotaExceeded(_))
+        ),
+        "the third VM exceeds a quota of two"
+    );
+    store
+        .create_vm(&record("delta", UserId(6), VmSpec::new("tiny")), &quota)
+        .await
+        .expect("quotas are per user");
+
+    a.state = crate::state::VmState::Running;
+    store.update_vm(&a).await.expect("update");
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), Some(a.clone()));
+    assert_eq!(
+        store.get_vm_by_id(a.id).await.expect("get"),
+        Some(a.clone())
+    );
+    let names: Vec<_> = store
+        .list_vms(Some(owner))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|v| v.name.to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "beta"]);
+    assert_eq!(store.list_vms(None).await.expect("list").len(), 3);
+
+    assert!(store.delete_vm(a.id).await.expect("delete"));
+    assert!(!store.delete_vm(a.id).await.expect("delete twice"));
+    assert!(matches!(
+        store.update_vm(&a).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), None);
+}
+
+/// Leases: lowest free first, stable per VM, never twice, released and reused.
+pub async fn store_leases(store: &dyn StateStore) {
+    let pool = IpPool::new("10.99.0.0/29".parse().expect("cidr")).expect("pool");
+    let vms: Vec<VmId> = (0..5).map(|_| VmId::generate()).collect();
+    let mut ips = Vec::new();
+    for vm in &vms {
+        ips.push(store.allocate_lease(*vm, &pool).await.expect("lease").ip);
+    }
+    let mut unique = ips.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), 5, "no address is handed out twice");
+    assert_eq!(ips[0], Ipv4Addr::new(10, 99, 0, 2), "lowest free first");
+    assert_eq!(
+        store.allocate_lease(vms[0], &pool).await.expect("again").ip,
+        ips[0],
+        "a VM keeps its lease"
+    );
+    assert!(matches!(
+        store.allocate_lease(VmId::generate(), &pool).await,
+        Err(StoreError::PoolExhausted(_))
+    ));
+    assert!(store.release_lease(vms[2]).await.expect("release"));
+    assert!(!store.release_lease(vms[2]).await.expect("release twice"));
+    let reused = store
+        .allocate_lease(VmId::generate(), &pool)
+        .await
+        .expect("reuse");
+    assert_eq!(reused.ip, ips[2], "a released address is reused");
+    assert_eq!(store.list_leases().await.expect("list").len(), 5);
+}
+
+/// Shares, API keys and the event log.
+pub async fn store_shares_keys_events(store: &dyn StateStore) {
+    let vm = record("shared", UserId(1), VmSpec::new("tiny"));
+    store
+        .create_vm(&vm, &Quota::unlimited())
+        .await
+        .expect("create");
+    let share = Share::new(vm.id, ShareTarget::User(UserId(2)), Access::Http);
+    store.put_share(&share).await.expect("share");
+    store.put_share(&share).await.expect("share twice");
+    assert_eq!(store.shares(vm.id).await.expect("shares").len(), 1);
+    assert!(store.remove_share(&share).await.expect("unshare"));
+    store.put_share(&share).await.expect("share");
+    store.delete_vm(vm.id).await.expect("delete");
+    assert!(
+        store.shares(vm.id).await.expect("shares").is_empty(),
+        "deleting a VM drops its shares"
+    );
+
+    let k = ApiKey::new("key1", UserId(1), "vmk_s3cret");
+    store.put_api_key(&k).await.expect("put key");
+    assert_eq!(store.get_api_key("key1").await.expect("get"), Some(k));
+    assert!(store.delete_api_key("key1").await.expect("delete"));
+    assert_eq!(store.get_api_key("key1").await.expect("get"), None);
+
+    let first = store
+        .append_event(NewEvent::host(EventKind::Reconciled { action: "a".into() }))
+        .await
+        .expect("event");
+    let second = store
+        .append_event(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
+        .await
+        .expect("event");
+    assert_eq!(second.seq, first.seq + 1, "events are numbered in order");
+    let after = store.events(first.seq, 10).await.expect("events");
+    assert_eq!(after, vec![second]);
+}
+
+/// Every state store check, each on a fresh store from `make`.
+pub async fn store_suite<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn StateStore>>,
+{
+    store_users(&*make().await).await;
+    store_vms(&*make().await).await;
+    store_leases(&*make().await).await;
+    store_shares_keys_events(&*make().await).await;
+}
+
+// ---------------------------------------------------------------- gateway
+
+/// What the gateway suite needs: a way to make a VM known to the gateway.
+#[async_trait]
+pub trait GatewayFixture: Send + Sync {
+    /// Makes `vm` routable and returns the host name that routes to it.
+    async fn add_vm(&self, vm: &VmRecord) -> String;
+    /// Grants `principal` `access` to `vm`.
+    async fn share(&self, vm: &VmRecord, principal: Principal, access: Access);
+}
+
+/// Routing by host name and access decisions.
+pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
+    let vm = record("web", UserId(1), VmSpec::new("tiny"));
+    let host = fx.add_vm(&vm).await;
+    let route = gateway
+        .route(&host)
+        .await
+        .expect("route")
+        .expect("the VM's host routes");
+    assert_eq!((route.vm, &route.name), (vm.id, &vm.name));
+
+    let owner = Principal::User(UserId(1));
+    let stranger = Principal::User(UserId(2));
+    assert!(
+        gateway
+            .authorize(&owner, &vm, Access::Ssh)
+            .await
+            .expect("authz")
+    );
+    assert!(
+        !gateway
+            .authorize(&stranger, &vm, Access::Http)
+            .await
+            .expect("authz")
+    );
+    assert!(
+        !gateway
+            .authorize(&Principal::Anonymous, &vm, Access::Http)
+            .await
+            .expect("authz")
+    );
+    fx.share(&vm, stranger.clone(), Access::Http).await;
+    assert!(
+        gateway
+            .authorize(&stranger, &vm, Access::Http)
+            .await
+            .expect("authz")
+    );
+    assert!(
+        !gateway
+            .authorize(&stranger, &vm, Access::Ssh)
+            .await
+            .expect("authz"),
+        "a share grants only what it names"
+    );
+}

@@ -1,0 +1,154 @@
+//! VM records: identity, spec, state and the resources a VM holds.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::hypervisor::VmmHandle;
+use crate::name::VmName;
+use crate::net::IpLease;
+use crate::network::NetAttachment;
+use crate::spec::VmSpec;
+use crate::state::VmState;
+use crate::storage::Volume;
+use crate::time::Timestamp;
+use crate::user::UserId;
+
+/// A VM's stable identity: random, never reused, independent of its name.
+///
+/// Host resources (volumes, TAPs, run directories) are named after the id, so a
+/// name freed by a delete can be taken again at once without meeting leftovers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct VmId(u64);
+
+impl VmId {
+    /// A fresh random id.
+    pub fn generate() -> Self {
+        Self(rand::rng().random::<u64>() | 1 << 63)
+    }
+
+    /// The id as a number.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// An id from its numeric value.
+    pub fn from_u64(v: u64) -> Self {
+        Self(v)
+    }
+}
+
+impl fmt::Display for VmId {
+    /// Sixteen lowercase hex digits.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A string that is not a [`VmId`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a VM id; expected 16 hex digits")]
+pub struct VmIdParseError(String);
+
+impl FromStr for VmId {
+    type Err = VmIdParseError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() != 16 {
+            return Err(VmIdParseError(s.to_owned()));
+        }
+        u64::from_str_radix(s, 16)
+            .map(Self)
+            .map_err(|_| VmIdParseError(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for VmId {
+    type Error = VmIdParseError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<VmId> for String {
+    fn from(id: VmId) -> String {
+        id.to_string()
+    }
+}
+
+/// Host resources a VM holds. Every field is recorded as soon as the resource
+/// exists, so that an interrupted create or delete can be finished or undone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmResources {
+    /// The copy-on-write root volume.
+    pub root: Option<Volume>,
+    /// The persistent data volume.
+    pub data: Option<Volume>,
+    /// The leased address.
+    pub lease: Option<IpLease>,
+    /// The TAP and guest network settings.
+    pub net: Option<NetAttachment>,
+    /// The running VMM.
+    pub vmm: Option<VmmHandle>,
+}
+
+/// Everything vmkit knows about one VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmRecord {
+    /// Stable identity.
+    pub id: VmId,
+    /// Unique name.
+    pub name: VmName,
+    /// Owner.
+    pub owner: UserId,
+    /// What was asked for.
+    pub spec: VmSpec,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// Resources held.
+    pub resources: VmResources,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// Last change.
+    pub updated_at: Timestamp,
+}
+
+impl VmRecord {
+    /// A new record in state [`VmState::Creating`] that holds nothing yet.
+    pub fn new(name: VmName, owner: UserId, spec: VmSpec) -> Self {
+        let now = Timestamp::now();
+        Self {
+            id: VmId::generate(),
+            name,
+            owner,
+            spec,
+            state: VmState::Creating,
+            resources: VmResources::default(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// The guest's address, when it has one.
+    pub fn ip(&self) -> Option<std::net::Ipv4Addr> {
+        self.resources.lease.as_ref().map(|l| l.ip)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vm_id_round_trips_as_sixteen_hex_digits() {
+        let id = VmId::generate();
+        let s = id.to_string();
+        assert_eq!(s.len(), 16);
+        assert_eq!(s.parse::<VmId>().unwrap(), id);
+        assert!("xyz".parse::<VmId>().is_err());
+    }
+}

@@ -1,0 +1,115 @@
+#![allow(clippy::unwrap_used)]
+//! The generic trait suites on the in-memory fakes.
+
+use std::sync::Arc;
+
+use vmkit_core::testing::suites::{self, GatewayFixture, HypervisorFixture, StorageFixture};
+use vmkit_core::testing::{FakeGateway, FakeHypervisor, FakeNetwork, FakeStorage, MemoryStore};
+use vmkit_core::{
+    Access, DiskConfig, DiskFormat, Image, IpPool, MachineConfig, Principal, Quota, Route, Share,
+    ShareTarget, StateStore, StoreGateway, VmId, VmName, VmRecord,
+};
+
+struct Fixture;
+
+impl HypervisorFixture for Fixture {
+    fn machine(&self, name: &str) -> MachineConfig {
+        let mut config = MachineConfig::new(
+            VmId::generate(),
+            VmName::new(name).unwrap(),
+            "/nonexistent/run".into(),
+            "/nonexistent/vmlinuz".into(),
+        );
+        config
+            .disks
+            .push(DiskConfig::new("/nonexistent/root", DiskFormat::Raw));
+        config
+    }
+}
+
+impl StorageFixture for Fixture {
+    fn image(&self) -> Image {
+        Image::synthetic("tiny")
+    }
+}
+
+#[tokio::test]
+async fn fake_hypervisor_passes_the_hypervisor_suite() {
+    suites::hypervisor_suite(&FakeHypervisor::new(), &Fixture).await;
+}
+
+#[tokio::test]
+async fn fake_storage_passes_the_storage_suite() {
+    suites::storage_suite(&FakeStorage::new(), &Fixture).await;
+}
+
+#[tokio::test]
+async fn fake_network_passes_the_network_suite() {
+    let pool = IpPool::new("10.88.0.0/16".parse().unwrap()).unwrap();
+    suites::network_suite(&FakeNetwork::new(pool)).await;
+}
+
+#[tokio::test]
+async fn memory_store_passes_the_store_suite() {
+    suites::store_suite(|| async { Arc::new(MemoryStore::new()) as Arc<dyn StateStore> }).await;
+}
+
+struct FakeGatewayFixture<'a>(&'a FakeGateway);
+
+#[async_trait::async_trait]
+impl GatewayFixture for FakeGatewayFixture<'_> {
+    async fn add_vm(&self, vm: &VmRecord) -> String {
+        let host = format!("{}.example.test", vm.name);
+        self.0.add_route(&host, Route::to(vm));
+        host
+    }
+    async fn share(&self, vm: &VmRecord, principal: Principal, access: Access) {
+        self.0.grant(principal, vm.id, access);
+    }
+}
+
+#[tokio::test]
+async fn fake_gateway_passes_the_gateway_suite() {
+    let gw = FakeGateway::new();
+    suites::gateway_suite(&gw, &FakeGatewayFixture(&gw)).await;
+}
+
+struct StoreGatewayFixture(Arc<MemoryStore>);
+
+#[async_trait::async_trait]
+impl GatewayFixture for StoreGatewayFixture {
+    async fn add_vm(&self, vm: &VmRecord) -> String {
+        self.0.create_vm(vm, &Quota::unlimited()).await.unwrap();
+        format!("{}.Example.Test.", vm.name)
+    }
+    async fn share(&self, vm: &VmRecord, principal: Principal, access: Access) {
+        let target = match principal {
+            Principal::User(u) => ShareTarget::User(u),
+            Principal::Link(t) => ShareTarget::Link(t),
+            _ => ShareTarget::Public,
+        };
+        self.0
+            .put_share(&Share::new(vm.id, target, access))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn store_gateway_passes_the_gateway_suite() {
+    let store = Arc::new(MemoryStore::new());
+    let gw = StoreGateway::new(store.clone(), "example.test");
+    suites::gateway_suite(&gw, &StoreGatewayFixture(store)).await;
+}
+
+#[tokio::test]
+async fn store_gateway_refuses_hosts_outside_its_domain() {
+    let gw = StoreGateway::new(Arc::new(MemoryStore::new()), "example.test");
+    assert!(gw_route_err(&gw, "web.other.test").await);
+    assert!(gw_route_err(&gw, "a.b.example.test").await);
+}
+
+async fn gw_route_err(gw: &StoreGateway, host: &str) -> bool {
+    use vmkit_core::Gateway;
+    gw.route(host).await.is_err()
+}
