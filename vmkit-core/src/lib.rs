@@ -37,6 +37,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod api;
 mod error;
 mod event;
 mod gateway;

@@ -1,0 +1,46 @@
+//! vmkit-agent: the vmkit guest agent.
+//!
+//! Runs inside every guest and answers the host over the agent protocol of `vmkit-guest`,
+//! on a QEMU virtio-serial port or on AF_VSOCK. Started by systemd, or by the init of tiny
+//! images; it logs to stderr, which the init sends to the console.
+//!
+//! ```text
+//! vmkit-agent [--transport auto|virtio-serial[:NAME|:PATH]|vsock[:PORT]]
+//! ```
+
+mod port;
+mod transport;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::transport::Transport;
+
+/// The vmkit guest agent: answers the host over virtio-serial or vsock.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// How to reach the host: `auto` (the virtio-serial port if it exists, else vsock),
+    /// `virtio-serial[:NAME]` (a port name, or a device path starting with `/`), or
+    /// `vsock[:PORT]`.
+    #[arg(long, default_value = "auto", env = "VMKIT_AGENT_TRANSPORT")]
+    transport: Transport,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            EnvFilter::try_from_env("VMKIT_AGENT_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), transport = %args.transport, "vmkit-agent starting");
+    runtime.block_on(transport::run(args.transport))
+}

@@ -1,0 +1,202 @@
+//! Wire types of the vmkit REST API, shared by the daemon and its clients.
+//!
+//! The API is served by `vmkit-gateway` on a Unix socket (`<data_dir>/vmkit.sock`,
+//! mode 0600). Every error is a JSON [`ErrorBody`] with an HTTP status derived from
+//! [`ErrorKind`](crate::ErrorKind) by [`status_for`].
+//!
+//! | method | path | body | answer |
+//! |---|---|---|---|
+//! | GET | `/livez` | | `ok` |
+//! | GET | `/readyz` | | `ok`, or 503 |
+//! | GET | `/v1/vms` | | `[VmRecord]` |
+//! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
+//! | GET | `/v1/vms/{name}` | | `VmRecord` |
+//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204 |
+//! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart` | | `VmRecord` |
+//! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
+//! | GET | `/v1/events?after=N&limit=N&follow=bool` | | NDJSON stream of `Event` |
+//! | GET | `/v1/images` | | `[String]` |
+
+use std::path::PathBuf;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ErrorKind;
+use crate::spec::VmSpec;
+use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
+
+/// Body of `POST /v1/vms`. Missing fields take the defaults of [`VmSpec`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CreateVm {
+    /// Name; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Image name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// vCPUs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Memory in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Data disk in GiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+}
+
+impl CreateVm {
+    /// The spec this body asks for.
+    pub fn spec(&self) -> VmSpec {
+        let d = VmSpec::default();
+        VmSpec {
+            image: self.image.clone().unwrap_or(d.image),
+            vcpus: self.vcpus.unwrap_or(d.vcpus),
+            memory_mib: self.memory_mib.unwrap_or(d.memory_mib),
+            disk_gib: self.disk_gib.unwrap_or(d.disk_gib),
+        }
+    }
+}
+
+/// Body of `POST /v1/vms/{name}/exec`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ExecBody {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// Working directory.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Standard input, base64.
+    #[serde(default)]
+    pub stdin: String,
+    /// Timeout in milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl ExecBody {
+    /// A body running `argv`.
+    pub fn new(argv: Vec<String>) -> Self {
+        Self {
+            argv,
+            ..Self::default()
+        }
+    }
+
+    /// The agent request this body asks for.
+    pub fn to_request(&self) -> Result<ExecRequest, base64::DecodeError> {
+        let mut req = ExecRequest::new(self.argv.iter().cloned());
+        for (k, v) in &self.env {
+            req = req.env(k.clone(), v.clone());
+        }
+        if let Some(cwd) = &self.cwd {
+            req = req.cwd(cwd.clone());
+        }
+        if !self.stdin.is_empty() {
+            req = req.stdin(STANDARD.decode(&self.stdin)?);
+        }
+        if let Some(ms) = self.timeout_ms {
+            req = req.timeout(std::time::Duration::from_millis(ms));
+        }
+        Ok(req)
+    }
+}
+
+/// One line of an exec stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ExecLine {
+    /// Standard output bytes, base64.
+    Stdout(String),
+    /// Standard error bytes, base64.
+    Stderr(String),
+    /// The command ended.
+    Exit(ExitStatus),
+    /// The stream failed; no exit status follows.
+    Error(ErrorBody),
+}
+
+impl ExecLine {
+    /// The line for an agent event.
+    pub fn from_event(event: &ExecEvent) -> Option<Self> {
+        match event {
+            ExecEvent::Stdout(b) => Some(ExecLine::Stdout(STANDARD.encode(b))),
+            ExecEvent::Stderr(b) => Some(ExecLine::Stderr(STANDARD.encode(b))),
+            ExecEvent::Exit(s) => Some(ExecLine::Exit(s.clone())),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes the base64 payload of an exec line.
+pub fn decode_bytes(b64: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    STANDARD.decode(b64)
+}
+
+/// Encodes bytes for an [`ExecBody::stdin`].
+pub fn encode_bytes(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+/// An error as the API returns it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ErrorBody {
+    /// Stable machine-readable code (`name_taken`, `quota_exceeded`, ...).
+    pub code: String,
+    /// A sentence for people, saying what to do.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error body.
+    pub fn new(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The HTTP status for an error kind: the one mapping every transport uses.
+pub fn status_for(kind: ErrorKind) -> u16 {
+    match kind {
+        ErrorKind::InvalidInput => 400,
+        ErrorKind::NotFound => 404,
+        ErrorKind::Conflict => 409,
+        ErrorKind::QuotaExceeded => 403,
+        ErrorKind::Unsupported => 501,
+        ErrorKind::Unavailable => 503,
+        ErrorKind::Internal => 500,
+    }
+}
+
+/// The default data directory: `/var/lib/vmkit` for root, else
+/// `$XDG_DATA_HOME/vmkit` or `~/.local/share/vmkit`.
+pub fn default_data_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return PathBuf::from("/var/lib/vmkit");
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME") {
+        return PathBuf::from(xdg).join("vmkit");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/share/vmkit"),
+        None => PathBuf::from("/var/lib/vmkit"),
+    }
+}
+
+/// The API socket inside a data directory.
+pub fn socket_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("vmkit.sock")
+}

@@ -1,0 +1,81 @@
+//! The vmkit guest agent protocol: frames, messages, the host-side [`Client`] and the
+//! agent-side [`serve`] loop.
+//!
+//! The host talks to the agent in each guest over one byte stream: hybrid vsock
+//! (cloud-hypervisor), a virtio-serial port (QEMU), or anything else that is
+//! [`AsyncRead`](tokio::io::AsyncRead) + [`AsyncWrite`](tokio::io::AsyncWrite). Every frame
+//! is a big-endian `u32` length and that many bytes of JSON; the length is checked against a
+//! cap ([`DEFAULT_MAX_FRAME`]) before anything is allocated. Requests carry an id chosen by
+//! the host and every reply names the id it answers, so calls run concurrently and an exec
+//! streams its output as many replies. `DESIGN.md` beside this crate's manifest describes
+//! the wire format.
+//!
+//! The guest is untrusted: the [`Client`] accepts no reply for an id it did not send, no
+//! frame over its cap, and nothing malformed; any of those closes it with an error instead
+//! of a panic.
+//!
+//! The `agent` feature adds `SystemHandler`, the handler that runs inside real guests.
+//!
+//! # Example
+//!
+//! A toy agent served over an in-memory pipe, and a client calling it:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmkit_guest::{
+//!     Client, ClientConfig, ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink,
+//!     ServerConfig, serve,
+//! };
+//!
+//! struct Echo;
+//!
+//! #[async_trait::async_trait]
+//! impl Handler for Echo {
+//!     async fn hello(&self) -> HelloInfo {
+//!         HelloInfo::new("0.0.0", "boot-id", "6.1.0", "x86_64")
+//!     }
+//!     async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
+//!         out.stdout(req.argv.join(" ").as_bytes()).await.map_err(|e| e.to_string())?;
+//!         Ok(ExitStatus { code: Some(0), ..ExitStatus::default() })
+//!     }
+//!     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
+//!         Err("not in a doc test".to_owned())
+//!     }
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (host_side, guest_side) = tokio::io::duplex(64 * 1024);
+//! tokio::spawn(serve(guest_side, Arc::new(Echo), ServerConfig::default()));
+//!
+//! let client = Client::new(host_side, ClientConfig::default());
+//! assert_eq!(client.hello().await?.kernel, "6.1.0");
+//! let output = client.exec_collect(ExecRequest::new(["echo", "hi"]), 1024).await?;
+//! assert_eq!(output.stdout, b"echo hi");
+//! assert!(output.status.success());
+//! # Ok(())
+//! # }
+//! ```
+#![deny(missing_docs)]
+
+#[cfg(feature = "agent")]
+mod agent;
+mod client;
+mod frame;
+mod message;
+mod server;
+
+#[cfg(feature = "agent")]
+pub use agent::SystemHandler;
+/// The attribute for implementing [`Handler`], re-exported so that implementors use the
+/// same version.
+pub use async_trait::async_trait;
+/// The byte buffer in [`ExecEvent`], re-exported so that callers use the same version.
+pub use bytes::Bytes;
+pub use client::{Client, ClientConfig, ClientError, ExecStream};
+pub use frame::{DEFAULT_MAX_FRAME, FrameError};
+pub use message::{
+    ExecEvent, ExecOutput, ExecRequest, ExitStatus, HelloInfo, PROTOCOL_VERSION, Request,
+    VIRTIO_PORT_NAME, VSOCK_PORT,
+};
+pub use server::{Handler, OutputClosed, OutputSink, ServeError, ServerConfig, serve};

@@ -1,0 +1,352 @@
+//! The messages and the envelopes they travel in.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this crate speaks, reported in [`HelloInfo::protocol`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The name of the QEMU virtio-serial port the agent serves
+/// (`/dev/virtio-ports/org.vmkit.agent.0` in the guest).
+pub const VIRTIO_PORT_NAME: &str = "org.vmkit.agent.0";
+
+/// The AF_VSOCK port the agent listens on.
+pub const VSOCK_PORT: u32 = 1024;
+
+/// A request from the host to the agent.
+///
+/// On the wire it is a JSON object whose `type` field names the variant in snake case
+/// (`"hello"`, `"ping"`, `"exec"`, `"shutdown"`); the variant's fields sit beside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Request {
+    /// Ask the agent who it is; answered with [`HelloInfo`].
+    Hello,
+    /// Liveness probe; answered with an empty `pong`.
+    Ping,
+    /// Run a command; answered with a stream of output chunks and one exit status.
+    Exec(ExecRequest),
+    /// Power the guest off (or reboot it); answered with `ok` once accepted.
+    Shutdown {
+        /// Reboot instead of powering off.
+        reboot: bool,
+    },
+}
+
+/// What the agent says about itself in answer to [`Request::Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloInfo {
+    /// The protocol version the agent speaks ([`PROTOCOL_VERSION`] for this crate).
+    pub protocol: u32,
+    /// The agent's own version.
+    pub agent_version: String,
+    /// The guest kernel's boot id; it changes on every boot.
+    pub boot_id: String,
+    /// The guest kernel's release (`uname -r`).
+    pub kernel: String,
+    /// The guest's CPU architecture (`x86_64`, `aarch64`, ...).
+    pub arch: String,
+}
+
+impl HelloInfo {
+    /// A hello for the current [`PROTOCOL_VERSION`].
+    pub fn new(
+        agent_version: impl Into<String>,
+        boot_id: impl Into<String>,
+        kernel: impl Into<String>,
+        arch: impl Into<String>,
+    ) -> Self {
+        HelloInfo {
+            protocol: PROTOCOL_VERSION,
+            agent_version: agent_version.into(),
+            boot_id: boot_id.into(),
+            kernel: kernel.into(),
+            arch: arch.into(),
+        }
+    }
+}
+
+/// A command for the agent to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// The program and its arguments; `argv[0]` is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing those of) the agent's environment.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// The working directory; the agent's own when `None`.
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Bytes written to the command's standard input, which is then closed.
+    /// Base64 on the wire; it must fit in one frame together with the rest of the request.
+    #[serde(default, with = "base64_bytes")]
+    pub stdin: Vec<u8>,
+    /// Kill the command's process group after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+impl ExecRequest {
+    /// A request to run `argv` with nothing else set.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..ExecRequest::default()
+        }
+    }
+
+    /// Adds one environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Sets the working directory.
+    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
+        self.cwd = Some(cwd.into());
+        self
+    }
+
+    /// Sets the bytes fed to standard input.
+    pub fn stdin(mut self, stdin: impl Into<Vec<u8>>) -> Self {
+        self.stdin = stdin.into();
+        self
+    }
+
+    /// Sets the timeout after which the agent kills the command.
+    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        self
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// The exit code, when the command exited by itself.
+    #[serde(default)]
+    pub code: Option<i32>,
+    /// The signal that killed the command, when one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+    /// The agent killed the command because its timeout passed.
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+impl ExitStatus {
+    /// The command exited with code 0 before its timeout.
+    pub fn success(&self) -> bool {
+        self.code == Some(0) && !self.timed_out
+    }
+}
+
+/// One event of a running command, as yielded by [`ExecStream`](crate::ExecStream).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ExecEvent {
+    /// A chunk of standard output.
+    Stdout(Bytes),
+    /// A chunk of standard error.
+    Stderr(Bytes),
+    /// The command ended; this is the last event.
+    Exit(ExitStatus),
+}
+
+/// The collected result of [`Client::exec_collect`](crate::Client::exec_collect).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOutput {
+    /// Standard output, up to the collection limit.
+    pub stdout: Vec<u8>,
+    /// Standard error, up to the collection limit.
+    pub stderr: Vec<u8>,
+    /// How the command ended.
+    pub status: ExitStatus,
+    /// Some output was dropped because a stream passed the collection limit.
+    pub truncated: bool,
+}
+
+/// A reply from the agent to the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub(crate) enum Reply {
+    /// Answer to `hello`.
+    Hello(HelloInfo),
+    /// Answer to `ping`.
+    Pong,
+    /// A chunk of an exec's standard output.
+    Stdout {
+        #[serde(with = "base64_bytes")]
+        data: Bytes,
+    },
+    /// A chunk of an exec's standard error.
+    Stderr {
+        #[serde(with = "base64_bytes")]
+        data: Bytes,
+    },
+    /// The last reply of an exec.
+    Exit(ExitStatus),
+    /// A request was carried out (shutdown).
+    Ok,
+    /// A request failed in the agent; the last reply for its id.
+    Error { message: String },
+}
+
+impl Reply {
+    /// The `type` tag, for error messages.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Reply::Hello(_) => "hello",
+            Reply::Pong => "pong",
+            Reply::Stdout { .. } => "stdout",
+            Reply::Stderr { .. } => "stderr",
+            Reply::Exit(_) => "exit",
+            Reply::Ok => "ok",
+            Reply::Error { .. } => "error",
+        }
+    }
+
+    /// Whether this reply is the last one for its request id.
+    pub(crate) fn is_final(&self) -> bool {
+        !matches!(self, Reply::Stdout { .. } | Reply::Stderr { .. })
+    }
+}
+
+/// A request in its envelope: `{"id": 7, "request": {"type": "ping"}}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct RequestFrame<R> {
+    pub(crate) id: u64,
+    pub(crate) request: R,
+}
+
+/// A reply in its envelope: `{"id": 7, "reply": {"type": "pong"}}`.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct ReplyFrame<R> {
+    pub(crate) id: u64,
+    pub(crate) reply: R,
+}
+
+/// Just the id of a request envelope, to answer requests this version does not know.
+#[derive(Debug, Deserialize)]
+pub(crate) struct IdOnly {
+    pub(crate) id: u64,
+}
+
+/// Serde for byte payloads as standard, padded base64 strings.
+pub(crate) mod base64_bytes {
+    use std::fmt;
+
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::{Deserializer, Serializer, de};
+
+    pub(crate) fn serialize<T, S>(bytes: &T, serializer: S) -> Result<S::Ok, S::Error>
+    where
+        T: AsRef<[u8]>,
+        S: Serializer,
+    {
+        serializer.serialize_str(&STANDARD.encode(bytes.as_ref()))
+    }
+
+    pub(crate) fn deserialize<'de, T, D>(deserializer: D) -> Result<T, D::Error>
+    where
+        T: From<Vec<u8>>,
+        D: Deserializer<'de>,
+    {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Vec<u8>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a base64 string")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+                STANDARD.decode(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(Visitor).map(T::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_use_a_snake_case_type_tag() {
+        let json = serde_json::to_value(RequestFrame {
+            id: 3,
+            request: Request::Shutdown { reboot: true },
+        })
+        .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"id": 3, "request": {"type": "shutdown", "reboot": true}})
+        );
+    }
+
+    #[test]
+    fn exec_payloads_are_base64() {
+        let json =
+            serde_json::to_value(Request::Exec(ExecRequest::new(["cat"]).stdin(*b"hi"))).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "type": "exec", "argv": ["cat"], "env": [], "cwd": null,
+                "stdin": "aGk=", "timeout_ms": null
+            })
+        );
+    }
+
+    #[test]
+    fn exec_request_needs_only_argv() {
+        let req: Request = serde_json::from_str(r#"{"type":"exec","argv":["true"]}"#).unwrap();
+        assert_eq!(req, Request::Exec(ExecRequest::new(["true"])));
+    }
+
+    #[test]
+    fn output_chunks_decode_from_base64() {
+        let reply: ReplyFrame<Reply> =
+            serde_json::from_str(r#"{"id":9,"reply":{"type":"stdout","data":"aGk="}}"#).unwrap();
+        assert_eq!(
+            reply.reply,
+            Reply::Stdout {
+                data: Bytes::from_static(b"hi")
+            }
+        );
+    }
+
+    #[test]
+    fn invalid_base64_is_rejected() {
+        let reply = serde_json::from_str::<Reply>(r#"{"type":"stderr","data":"not base64!"}"#);
+        assert!(reply.is_err());
+    }
+
+    #[test]
+    fn exit_status_success_needs_code_zero_and_no_timeout() {
+        let ok = ExitStatus {
+            code: Some(0),
+            ..ExitStatus::default()
+        };
+        let timed_out = ExitStatus {
+            code: Some(0),
+            signal: None,
+            timed_out: true,
+        };
+        assert!(ok.success());
+        assert!(!timed_out.success());
+        assert!(
+            !ExitStatus {
+                code: Some(1),
+                ..ExitStatus::default()
+            }
+            .success()
+        );
+    }
+}
