@@ -130,7 +130,7 @@ impl ExecLine {
         match event {
             ExecEvent::Stdout(b) => Some(ExecLine::Stdout(STANDARD.encode(b))),
             ExecEvent::Stderr(b) => Some(ExecLine::Stderr(STANDARD.encode(b))),
-            ExecEvent::Exit(s) => Some(ExecLine::Exit(s.clone())),
+            ExecEvent::Exit(s) => Some(ExecLine::Exit(*s)),
             _ => None,
         }
     }

@@ -18,6 +18,13 @@ pub struct StoreCapabilities {
     pub durable: bool,
 }
 
+impl StoreCapabilities {
+    /// Capabilities of a store; `durable` when committed writes survive a crash.
+    pub fn new(durable: bool) -> Self {
+        Self { durable }
+    }
+}
+
 /// Errors from a state store.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -117,7 +124,8 @@ pub trait StateStore: Send + Sync {
     /// Inserts a new VM if its name is free and its owner's VMs plus this one stay
     /// within `quota`, checked in the same transaction.
     async fn create_vm(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError>;
-    /// Replaces an existing VM record (matched by id); [`StoreError::NotFound`] if absent.
+    /// Replaces an existing VM record (matched by id); [`StoreError::NotFound`] if absent,
+    /// [`StoreError::NameTaken`] if it was renamed to another VM's name.
     async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
     /// A VM by name.
     async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError>;

@@ -66,7 +66,7 @@ impl MemoryStore {
 #[async_trait]
 impl StateStore for MemoryStore {
     fn capabilities(&self) -> StoreCapabilities {
-        StoreCapabilities { durable: false }
+        StoreCapabilities::new(false)
     }
 
     async fn put_user(&self, user: &User) -> Result<(), StoreError> {
@@ -148,6 +148,9 @@ impl StateStore for MemoryStore {
 
     async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let mut s = self.write("store.update_vm")?;
+        if s.vms.values().any(|v| v.name == vm.name && v.id != vm.id) {
+            return Err(StoreError::NameTaken(vm.name.clone()));
+        }
         match s.vms.get_mut(&vm.id) {
             Some(existing) => {
                 *existing = vm.clone();

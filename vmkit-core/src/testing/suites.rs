@@ -415,8 +415,7 @@ pub async fn store_leases(store: &dyn StateStore) {
     for vm in &vms {
         ips.push(store.allocate_lease(*vm, &pool).await.expect("lease").ip);
     }
-    let mut unique = ips.clone();
-    unique.dedup();
+    let unique: std::collections::HashSet<_> = ips.iter().collect();
     assert_eq!(unique.len(), 5, "no address is handed out twice");
     assert_eq!(ips[0], Ipv4Addr::new(10, 99, 0, 2), "lowest free first");
     assert_eq!(

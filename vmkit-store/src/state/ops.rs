@@ -1,0 +1,609 @@
+//! [`StateStore`] on redb: one transaction per method.
+
+use std::net::Ipv4Addr;
+use std::ops::Bound;
+
+use async_trait::async_trait;
+use redb::{ReadableTable, WriteTransaction};
+use vmkit_core::{
+    ApiKey, Event, IpLease, IpPool, NewEvent, Quota, Share, SshPublicKey, StateStore,
+    StoreCapabilities, StoreError, Usage, User, UserId, VmId, VmName, VmRecord, VmSpec,
+};
+
+use super::RedbStore;
+use super::tables::{
+    API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, QUOTAS, SHARES, SSH_KEYS, StoredKey, USERS,
+    VM_NAMES, VMS, decode, encode, share_key,
+};
+
+/// The record of VM `id`, read through any table handle of [`VMS`].
+fn vm_at(
+    vms: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<VmRecord>, StoreError> {
+    let Some(bytes) = vms.get(id).context("cannot read table vms")? else {
+        return Ok(None);
+    };
+    decode(bytes.value(), format_args!("VM {id:016x}")).map(Some)
+}
+
+/// The VM named `name`, through the name index.
+fn vm_named(
+    names: &impl ReadableTable<&'static str, u64>,
+    vms: &impl ReadableTable<u64, &'static [u8]>,
+    name: &str,
+) -> Result<Option<VmRecord>, StoreError> {
+    let Some(id) = names.get(name).context("cannot read table vm_names")? else {
+        return Ok(None);
+    };
+    let id = id.value();
+    vm_at(vms, id)?.map(Some).ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "the name {name} points to VM {id:016x}, which does not exist"
+        ))
+    })
+}
+
+/// The shares of VM `vm` with their keys, in key order.
+fn shares_of(
+    shares: &impl ReadableTable<(u64, &'static str), &'static [u8]>,
+    vm: u64,
+) -> Result<Vec<(String, Share)>, StoreError> {
+    let mut out = Vec::new();
+    for entry in shares
+        .range((vm, "")..)
+        .context("cannot read table shares")?
+    {
+        let (key, bytes) = entry.context("cannot read table shares")?;
+        let (owner, target) = key.value();
+        if owner != vm {
+            break;
+        }
+        let share = decode(
+            bytes.value(),
+            format_args!("the share {target} of VM {vm:016x}"),
+        )?;
+        out.push((target.to_owned(), share));
+    }
+    Ok(out)
+}
+
+/// Leases the lowest free address of `pool` to `vm` in `txn`, or returns the lease
+/// `vm` holds.
+fn allocate(txn: &WriteTransaction, vm: VmId, pool: &IpPool) -> Result<IpLease, StoreError> {
+    let mut leases = txn.open_table(LEASES).context("cannot open table leases")?;
+    let mut by_vm = txn
+        .open_table(LEASE_BY_VM)
+        .context("cannot open table lease_by_vm")?;
+    if let Some(ip) = by_vm
+        .get(vm.as_u64())
+        .context("cannot read table lease_by_vm")?
+    {
+        let ip = Ipv4Addr::from(ip.value());
+        let bytes = leases
+            .get(u32::from(ip))
+            .context("cannot read table leases")?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "VM {vm} is indexed as holding {ip}, which has no lease"
+                ))
+            })?;
+        return decode(bytes.value(), format_args!("the lease of {ip}"));
+    }
+
+    let exhausted = || StoreError::PoolExhausted(pool.subnet.to_string());
+    // The guest range of `IpPool::guest_addresses`: network + 2 ..= broadcast - 1.
+    let first = u32::from(pool.subnet.network())
+        .checked_add(2)
+        .ok_or_else(exhausted)?;
+    let last = u32::from(pool.subnet.broadcast())
+        .checked_sub(1)
+        .ok_or_else(exhausted)?;
+    // Walk the leases of the range in address order; the first gap is the lowest free
+    // address. Costs one step per lease, not per address of the pool.
+    let mut candidate = first;
+    for entry in leases
+        .range(first..=last)
+        .context("cannot read table leases")?
+    {
+        let (taken, _) = entry.context("cannot read table leases")?;
+        if taken.value() != candidate {
+            break;
+        }
+        candidate = candidate.checked_add(1).ok_or_else(exhausted)?;
+    }
+    if candidate > last {
+        return Err(exhausted());
+    }
+
+    let lease = IpLease::new(vm, Ipv4Addr::from(candidate), pool);
+    leases
+        .insert(candidate, encode(&lease, "a lease")?.as_slice())
+        .context("cannot write table leases")?;
+    by_vm
+        .insert(vm.as_u64(), candidate)
+        .context("cannot write table lease_by_vm")?;
+    Ok(lease)
+}
+
+#[async_trait]
+impl StateStore for RedbStore {
+    fn capabilities(&self) -> StoreCapabilities {
+        StoreCapabilities::new(true)
+    }
+
+    // ---- users and keys ----
+
+    async fn put_user(&self, user: &User) -> Result<(), StoreError> {
+        let id = user.id.0;
+        let bytes = encode(user, "a user")?;
+        self.write("put_user", move |txn| {
+            let mut users = txn.open_table(USERS).context("cannot open table users")?;
+            users
+                .insert(id, bytes.as_slice())
+                .context("cannot write table users")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
+        self.read("get_user", move |txn| {
+            let users = txn.open_table(USERS).context("cannot open table users")?;
+            let Some(bytes) = users.get(id.0).context("cannot read table users")? else {
+                return Ok(None);
+            };
+            decode(bytes.value(), format_args!("user {id}")).map(Some)
+        })
+        .await
+    }
+
+    async fn list_users(&self) -> Result<Vec<User>, StoreError> {
+        self.read("list_users", |txn| {
+            let users = txn.open_table(USERS).context("cannot open table users")?;
+            let mut out = Vec::new();
+            for entry in users.iter().context("cannot read table users")? {
+                let (id, bytes) = entry.context("cannot read table users")?;
+                out.push(decode(
+                    bytes.value(),
+                    format_args!("user {}", UserId(id.value())),
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn add_ssh_key(&self, user: UserId, key: &SshPublicKey) -> Result<(), StoreError> {
+        let fingerprint = key.fingerprint();
+        let bytes = encode(
+            &StoredKey {
+                user,
+                key: key.clone(),
+            },
+            "an SSH key",
+        )?;
+        self.write("add_ssh_key", move |txn| {
+            let mut keys = txn
+                .open_table(SSH_KEYS)
+                .context("cannot open table ssh_keys")?;
+            let owner = match keys
+                .get(fingerprint.as_str())
+                .context("cannot read table ssh_keys")?
+            {
+                Some(existing) => Some(
+                    decode::<StoredKey>(existing.value(), format_args!("SSH key {fingerprint}"))?
+                        .user,
+                ),
+                None => None,
+            };
+            if owner.is_some_and(|owner| owner != user) {
+                return Err(StoreError::KeyTaken(fingerprint));
+            }
+            keys.insert(fingerprint.as_str(), bytes.as_slice())
+                .context("cannot write table ssh_keys")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_ssh_key(&self, fingerprint: &str) -> Result<bool, StoreError> {
+        let fingerprint = fingerprint.to_owned();
+        self.write("remove_ssh_key", move |txn| {
+            let mut keys = txn
+                .open_table(SSH_KEYS)
+                .context("cannot open table ssh_keys")?;
+            let removed = keys
+                .remove(fingerprint.as_str())
+                .context("cannot write table ssh_keys")?;
+            Ok(removed.is_some())
+        })
+        .await
+    }
+
+    async fn user_by_key(&self, fingerprint: &str) -> Result<Option<UserId>, StoreError> {
+        let fingerprint = fingerprint.to_owned();
+        self.read("user_by_key", move |txn| {
+            let keys = txn
+                .open_table(SSH_KEYS)
+                .context("cannot open table ssh_keys")?;
+            let Some(bytes) = keys
+                .get(fingerprint.as_str())
+                .context("cannot read table ssh_keys")?
+            else {
+                return Ok(None);
+            };
+            let stored: StoredKey = decode(bytes.value(), format_args!("SSH key {fingerprint}"))?;
+            Ok(Some(stored.user))
+        })
+        .await
+    }
+
+    async fn ssh_keys(&self, user: UserId) -> Result<Vec<SshPublicKey>, StoreError> {
+        self.read("ssh_keys", move |txn| {
+            let keys = txn
+                .open_table(SSH_KEYS)
+                .context("cannot open table ssh_keys")?;
+            let mut out = Vec::new();
+            // A scan: a user has few keys and a host few users; an index would cost
+            // a second table on every write for no measurable gain.
+            for entry in keys.iter().context("cannot read table ssh_keys")? {
+                let (fingerprint, bytes) = entry.context("cannot read table ssh_keys")?;
+                let stored: StoredKey = decode(
+                    bytes.value(),
+                    format_args!("SSH key {}", fingerprint.value()),
+                )?;
+                if stored.user == user {
+                    out.push(stored.key);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- quotas ----
+
+    async fn set_quota(&self, user: UserId, quota: &Quota) -> Result<(), StoreError> {
+        let bytes = encode(quota, "a quota")?;
+        self.write("set_quota", move |txn| {
+            let mut quotas = txn.open_table(QUOTAS).context("cannot open table quotas")?;
+            quotas
+                .insert(user.0, bytes.as_slice())
+                .context("cannot write table quotas")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_quota(&self, user: UserId) -> Result<Option<Quota>, StoreError> {
+        self.read("get_quota", move |txn| {
+            let quotas = txn.open_table(QUOTAS).context("cannot open table quotas")?;
+            let Some(bytes) = quotas.get(user.0).context("cannot read table quotas")? else {
+                return Ok(None);
+            };
+            decode(bytes.value(), format_args!("the quota of {user}")).map(Some)
+        })
+        .await
+    }
+
+    // ---- VMs ----
+
+    async fn create_vm(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError> {
+        let vm = vm.clone();
+        let quota = *quota;
+        let bytes = encode(&vm, "a VM record")?;
+        self.write("create_vm", move |txn| {
+            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let mut names = txn
+                .open_table(VM_NAMES)
+                .context("cannot open table vm_names")?;
+            if names
+                .get(vm.name.as_str())
+                .context("cannot read table vm_names")?
+                .is_some()
+            {
+                return Err(StoreError::NameTaken(vm.name));
+            }
+            if vms
+                .get(vm.id.as_u64())
+                .context("cannot read table vms")?
+                .is_some()
+            {
+                // As in the in-memory store: ids are random and never reused.
+                return Err(StoreError::Corrupt(format!("duplicate VM id {}", vm.id)));
+            }
+            let mut owned: Vec<VmSpec> = Vec::new();
+            for entry in vms.iter().context("cannot read table vms")? {
+                let (id, bytes) = entry.context("cannot read table vms")?;
+                let other: VmRecord =
+                    decode(bytes.value(), format_args!("VM {:016x}", id.value()))?;
+                if other.owner == vm.owner {
+                    owned.push(other.spec);
+                }
+            }
+            quota.check(&Usage::of(&owned), &vm.spec)?;
+            vms.insert(vm.id.as_u64(), bytes.as_slice())
+                .context("cannot write table vms")?;
+            names
+                .insert(vm.name.as_str(), vm.id.as_u64())
+                .context("cannot write table vm_names")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        let vm = vm.clone();
+        let bytes = encode(&vm, "a VM record")?;
+        self.write("update_vm", move |txn| {
+            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let Some(old) = vm_at(&vms, vm.id.as_u64())? else {
+                return Err(StoreError::NotFound(format!("VM {}", vm.name)));
+            };
+            if old.name != vm.name {
+                // A rename: move the name index entry, keeping names unique.
+                let mut names = txn
+                    .open_table(VM_NAMES)
+                    .context("cannot open table vm_names")?;
+                if names
+                    .get(vm.name.as_str())
+                    .context("cannot read table vm_names")?
+                    .is_some()
+                {
+                    return Err(StoreError::NameTaken(vm.name));
+                }
+                names
+                    .remove(old.name.as_str())
+                    .context("cannot write table vm_names")?;
+                names
+                    .insert(vm.name.as_str(), vm.id.as_u64())
+                    .context("cannot write table vm_names")?;
+            }
+            vms.insert(vm.id.as_u64(), bytes.as_slice())
+                .context("cannot write table vms")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError> {
+        let name = name.clone();
+        self.read("get_vm", move |txn| {
+            let names = txn
+                .open_table(VM_NAMES)
+                .context("cannot open table vm_names")?;
+            let vms = txn.open_table(VMS).context("cannot open table vms")?;
+            vm_named(&names, &vms, name.as_str())
+        })
+        .await
+    }
+
+    async fn get_vm_by_id(&self, id: VmId) -> Result<Option<VmRecord>, StoreError> {
+        self.read("get_vm_by_id", move |txn| {
+            let vms = txn.open_table(VMS).context("cannot open table vms")?;
+            vm_at(&vms, id.as_u64())
+        })
+        .await
+    }
+
+    async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError> {
+        self.read("list_vms", move |txn| {
+            let names = txn
+                .open_table(VM_NAMES)
+                .context("cannot open table vm_names")?;
+            let vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let mut out = Vec::new();
+            // The name index is in name order, which is the order promised.
+            for entry in names.iter().context("cannot read table vm_names")? {
+                let (name, id) = entry.context("cannot read table vm_names")?;
+                let vm = vm_at(&vms, id.value())?.ok_or_else(|| {
+                    StoreError::Corrupt(format!(
+                        "the name {} points to VM {:016x}, which does not exist",
+                        name.value(),
+                        id.value()
+                    ))
+                })?;
+                if owner.is_none_or(|o| vm.owner == o) {
+                    out.push(vm);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError> {
+        self.write("delete_vm", move |txn| {
+            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let Some(old) = vm_at(&vms, id.as_u64())? else {
+                return Ok(false);
+            };
+            vms.remove(id.as_u64()).context("cannot write table vms")?;
+            let mut names = txn
+                .open_table(VM_NAMES)
+                .context("cannot open table vm_names")?;
+            names
+                .remove(old.name.as_str())
+                .context("cannot write table vm_names")?;
+            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+            for (target, _) in shares_of(&shares, id.as_u64())? {
+                shares
+                    .remove((id.as_u64(), target.as_str()))
+                    .context("cannot write table shares")?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    // ---- shares ----
+
+    async fn put_share(&self, share: &Share) -> Result<(), StoreError> {
+        let vm = share.vm.as_u64();
+        let key = share_key(share)?;
+        let bytes = encode(share, "a share")?;
+        self.write("put_share", move |txn| {
+            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+            shares
+                .insert((vm, key.as_str()), bytes.as_slice())
+                .context("cannot write table shares")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_share(&self, share: &Share) -> Result<bool, StoreError> {
+        let vm = share.vm.as_u64();
+        let key = share_key(share)?;
+        self.write("remove_share", move |txn| {
+            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+            let removed = shares
+                .remove((vm, key.as_str()))
+                .context("cannot write table shares")?;
+            Ok(removed.is_some())
+        })
+        .await
+    }
+
+    async fn shares(&self, vm: VmId) -> Result<Vec<Share>, StoreError> {
+        self.read("shares", move |txn| {
+            let shares = txn.open_table(SHARES).context("cannot open table shares")?;
+            Ok(shares_of(&shares, vm.as_u64())?
+                .into_iter()
+                .map(|(_, share)| share)
+                .collect())
+        })
+        .await
+    }
+
+    // ---- IP leases ----
+
+    async fn allocate_lease(&self, vm: VmId, pool: &IpPool) -> Result<IpLease, StoreError> {
+        let pool = *pool;
+        self.write("allocate_lease", move |txn| allocate(txn, vm, &pool))
+            .await
+    }
+
+    async fn release_lease(&self, vm: VmId) -> Result<bool, StoreError> {
+        self.write("release_lease", move |txn| {
+            let mut by_vm = txn
+                .open_table(LEASE_BY_VM)
+                .context("cannot open table lease_by_vm")?;
+            let Some(ip) = by_vm
+                .remove(vm.as_u64())
+                .context("cannot write table lease_by_vm")?
+                .map(|ip| ip.value())
+            else {
+                return Ok(false);
+            };
+            let mut leases = txn.open_table(LEASES).context("cannot open table leases")?;
+            leases.remove(ip).context("cannot write table leases")?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list_leases(&self) -> Result<Vec<IpLease>, StoreError> {
+        self.read("list_leases", |txn| {
+            let leases = txn.open_table(LEASES).context("cannot open table leases")?;
+            let mut out = Vec::new();
+            for entry in leases.iter().context("cannot read table leases")? {
+                let (ip, bytes) = entry.context("cannot read table leases")?;
+                out.push(decode(
+                    bytes.value(),
+                    format_args!("the lease of {}", Ipv4Addr::from(ip.value())),
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- API keys ----
+
+    async fn put_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {
+        let id = key.id.clone();
+        let bytes = encode(key, "an API key")?;
+        self.write("put_api_key", move |txn| {
+            let mut keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            keys.insert(id.as_str(), bytes.as_slice())
+                .context("cannot write table api_keys")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError> {
+        let id = id.to_owned();
+        self.read("get_api_key", move |txn| {
+            let keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            let Some(bytes) = keys
+                .get(id.as_str())
+                .context("cannot read table api_keys")?
+            else {
+                return Ok(None);
+            };
+            decode(bytes.value(), format_args!("API key {id}")).map(Some)
+        })
+        .await
+    }
+
+    async fn delete_api_key(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write("delete_api_key", move |txn| {
+            let mut keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            let removed = keys
+                .remove(id.as_str())
+                .context("cannot write table api_keys")?;
+            Ok(removed.is_some())
+        })
+        .await
+    }
+
+    // ---- events ----
+
+    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {
+        self.write("append_event", move |txn| {
+            let mut events = txn.open_table(EVENTS).context("cannot open table events")?;
+            let last = events
+                .last()
+                .context("cannot read table events")?
+                .map_or(0, |(seq, _)| seq.value());
+            let seq = last
+                .checked_add(1)
+                .ok_or_else(|| StoreError::Corrupt(format!("the last event is numbered {last}")))?;
+            let stored = Event::from_new(seq, event);
+            events
+                .insert(seq, encode(&stored, "an event")?.as_slice())
+                .context("cannot write table events")?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
+        self.read("events", move |txn| {
+            let events = txn.open_table(EVENTS).context("cannot open table events")?;
+            let mut out = Vec::new();
+            let range = events
+                .range::<u64>((Bound::Excluded(after), Bound::Unbounded))
+                .context("cannot read table events")?;
+            for entry in range.take(limit) {
+                let (seq, bytes) = entry.context("cannot read table events")?;
+                out.push(decode(
+                    bytes.value(),
+                    format_args!("event {}", seq.value()),
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,201 @@
+//! The state file's schema version: stamping, migration, refusal; corrupt records.
+#![allow(clippy::unwrap_used)]
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, TableDefinition};
+use vmkit_core::{
+    IpLease, IpPool, Quota, StateStore, StoreError, User, UserId, VmId, VmName, VmRecord, VmSpec,
+};
+use vmkit_store::RedbStore;
+
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+const VMS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("vms");
+const LEASES: TableDefinition<'static, u32, &[u8]> = TableDefinition::new("leases");
+const USERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("users");
+
+fn stored_version(path: &Path) -> Option<u64> {
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).ok()?;
+    meta.get("schema_version").unwrap().map(|v| v.value())
+}
+
+fn vm(name: &str) -> VmRecord {
+    VmRecord::new(VmName::new(name).unwrap(), UserId(1), VmSpec::new("tiny"))
+}
+
+#[test]
+fn current_schema_version_is_one() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 1);
+}
+
+#[test]
+fn a_new_file_is_stamped_with_the_current_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
+    drop(store);
+
+    assert_eq!(stored_version(&path), Some(RedbStore::SCHEMA_VERSION));
+}
+
+#[tokio::test]
+async fn a_version_0_file_is_migrated_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v0.redb");
+    let pool = IpPool::new("10.44.0.0/24".parse().unwrap()).unwrap();
+    let old = vm("old-timer");
+    let other = vm("other");
+    let lease = IpLease::new(old.id, Ipv4Addr::new(10, 44, 0, 2), &pool);
+    let user = User::new(UserId(1), "ann");
+    {
+        // Version 0 by hand: primary tables only, no indexes, no meta table.
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut vms = txn.open_table(VMS).unwrap();
+            for v in [&old, &other] {
+                vms.insert(v.id.as_u64(), serde_json::to_vec(v).unwrap().as_slice())
+                    .unwrap();
+            }
+            let mut leases = txn.open_table(LEASES).unwrap();
+            leases
+                .insert(
+                    u32::from(lease.ip),
+                    serde_json::to_vec(&lease).unwrap().as_slice(),
+                )
+                .unwrap();
+            let mut users = txn.open_table(USERS).unwrap();
+            users
+                .insert(1, serde_json::to_vec(&user).unwrap().as_slice())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    assert_eq!(stored_version(&path), None);
+
+    let store = RedbStore::open(&path).unwrap();
+
+    assert_eq!(store.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
+    assert_eq!(
+        store.get_vm(&old.name).await.unwrap(),
+        Some(old.clone()),
+        "the name index was built"
+    );
+    let names: Vec<_> = store
+        .list_vms(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.name.to_string())
+        .collect();
+    assert_eq!(names, ["old-timer", "other"]);
+    assert!(matches!(
+        store.create_vm(&vm("other"), &Quota::unlimited()).await,
+        Err(StoreError::NameTaken(_))
+    ));
+    assert_eq!(
+        store.allocate_lease(old.id, &pool).await.unwrap(),
+        lease,
+        "the lease index was built"
+    );
+    assert_eq!(
+        store
+            .allocate_lease(VmId::generate(), &pool)
+            .await
+            .unwrap()
+            .ip,
+        Ipv4Addr::new(10, 44, 0, 3),
+        "the migrated lease stays taken"
+    );
+    assert_eq!(store.get_user(UserId(1)).await.unwrap(), Some(user));
+    drop(store);
+    assert_eq!(stored_version(&path), Some(RedbStore::SCHEMA_VERSION));
+}
+
+#[test]
+fn a_file_from_a_newer_vmkit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(RedbStore::open(&path).unwrap());
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", RedbStore::SCHEMA_VERSION + 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    let err = RedbStore::open(&path).unwrap_err();
+
+    assert!(
+        matches!(
+            err,
+            StoreError::SchemaTooNew { found, supported }
+                if found == RedbStore::SCHEMA_VERSION + 1 && supported == RedbStore::SCHEMA_VERSION
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("upgrade vmkit"), "{err}");
+    assert_eq!(
+        stored_version(&path),
+        Some(RedbStore::SCHEMA_VERSION + 1),
+        "the refused file is left as it was"
+    );
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_decode_is_reported_corrupt_with_what_was_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(RedbStore::open(&path).unwrap());
+    let id = VmId::generate();
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(VMS)
+            .unwrap()
+            .insert(id.as_u64(), b"{not json".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+
+    let err = store.get_vm_by_id(id).await.unwrap_err();
+
+    let StoreError::Corrupt(what) = &err else {
+        panic!("expected Corrupt, got {err:?}");
+    };
+    assert!(what.contains(&id.to_string()), "{what}");
+    assert!(what.contains("get_vm_by_id"), "{what}");
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("junk.redb");
+    std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+
+    let err = RedbStore::open(&path).unwrap_err();
+
+    assert!(
+        matches!(err, StoreError::Corrupt(_) | StoreError::Backend { .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_file_in_a_missing_directory_names_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nope").join("s.redb");
+
+    let err = RedbStore::open(&path).unwrap_err();
+
+    assert!(err.to_string().contains("nope"), "{err}");
+}
