@@ -55,8 +55,8 @@ impl Route {
     }
 }
 
-/// What a gateway serves.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a gateway serves. Start from `default()` (nothing) and set fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct GatewayCapabilities {
     /// Routes by host name (`name.domain`).

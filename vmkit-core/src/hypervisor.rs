@@ -158,6 +158,8 @@ pub struct VmmInfo {
 }
 
 /// What a Hypervisor backend can do; the manager asks instead of trying.
+///
+/// Start from [`HypervisorCapabilities::default`] (nothing, raw disks) and set fields.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct HypervisorCapabilities {
@@ -171,6 +173,58 @@ pub struct HypervisorCapabilities {
     pub snapshot: bool,
     /// Disk formats it can be given, best first.
     pub disk_formats: Vec<DiskFormat>,
+}
+
+impl Default for HypervisorCapabilities {
+    fn default() -> Self {
+        Self {
+            pause: false,
+            resize_vcpus: false,
+            resize_memory: false,
+            snapshot: false,
+            disk_formats: vec![DiskFormat::Raw],
+        }
+    }
+}
+
+impl VmmHandle {
+    /// A handle to the VMM `pid` (started at `pid_start`) of backend `backend`.
+    pub fn new(
+        backend: impl Into<String>,
+        pid: u32,
+        pid_start: u64,
+        run_dir: PathBuf,
+        control_socket: PathBuf,
+        agent_socket: PathBuf,
+    ) -> Self {
+        Self {
+            backend: backend.into(),
+            pid,
+            pid_start,
+            run_dir,
+            control_socket,
+            agent_socket,
+        }
+    }
+}
+
+impl VmmInfo {
+    /// Information about a VMM.
+    pub fn new(state: VmmState, pid: u32, vcpus: u32, memory_mib: u64) -> Self {
+        Self {
+            state,
+            pid,
+            vcpus,
+            memory_mib,
+        }
+    }
+}
+
+impl Resize {
+    /// A resize of the given dimensions.
+    pub fn new(vcpus: Option<u32>, memory_mib: Option<u64>) -> Self {
+        Self { vcpus, memory_mib }
+    }
 }
 
 /// A resize request; `None` leaves a dimension as it is.

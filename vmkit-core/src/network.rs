@@ -28,8 +28,23 @@ pub struct NetAttachment {
     pub dns: Vec<Ipv4Addr>,
 }
 
-/// What a Network backend provides.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+impl NetAttachment {
+    /// The attachment of `lease` on `tap`, with `dns` servers for the guest.
+    pub fn new(lease: &IpLease, tap: impl Into<String>, dns: Vec<Ipv4Addr>) -> Self {
+        Self {
+            vm: lease.vm,
+            tap: tap.into(),
+            mac: lease.mac,
+            ip: lease.ip,
+            prefix: lease.prefix,
+            gateway: lease.gateway,
+            dns,
+        }
+    }
+}
+
+/// What a Network backend provides. Start from `default()` (nothing) and set fields.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct NetworkCapabilities {
     /// Guests cannot reach the host, each other or metadata addresses.

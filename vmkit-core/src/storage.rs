@@ -59,6 +59,24 @@ pub struct Volume {
 }
 
 impl Volume {
+    /// A volume of `vm` with the conventional id for `kind`.
+    pub fn new(
+        vm: VmId,
+        kind: VolumeKind,
+        path: PathBuf,
+        format: DiskFormat,
+        size_bytes: u64,
+    ) -> Self {
+        Self {
+            id: Self::id_for(vm, kind),
+            vm,
+            kind,
+            path,
+            format,
+            size_bytes,
+        }
+    }
+
     /// The conventional id of `vm`'s volume of `kind`: `root-<id>` or `data-<id>`.
     pub fn id_for(vm: VmId, kind: VolumeKind) -> String {
         match kind {
@@ -80,6 +98,23 @@ pub struct BaseImage {
     pub path: PathBuf,
     /// Size in bytes.
     pub size_bytes: u64,
+}
+
+impl BaseImage {
+    /// A base image record.
+    pub fn new(
+        name: impl Into<String>,
+        digest: impl Into<String>,
+        path: PathBuf,
+        size_bytes: u64,
+    ) -> Self {
+        Self {
+            name: name.into(),
+            digest: digest.into(),
+            path,
+            size_bytes,
+        }
+    }
 }
 
 /// How a backend clones root volumes.
@@ -109,6 +144,17 @@ pub struct StorageCapabilities {
     pub data_volumes: bool,
     /// Whether volumes can be grown.
     pub resize: bool,
+}
+
+impl StorageCapabilities {
+    /// Capabilities of a storage backend.
+    pub fn new(clone_method: CloneMethod, data_volumes: bool, resize: bool) -> Self {
+        Self {
+            clone_method,
+            data_volumes,
+            resize,
+        }
+    }
 }
 
 /// Errors from a Storage backend.
