@@ -1,0 +1,378 @@
+//! The REST API: a thin adapter from HTTP to [`Manager`] commands. Routes and wire
+//! types are documented in `vmkit_core::api`.
+
+use std::convert::Infallible;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::stream::{self, Stream, StreamExt};
+use serde::Deserialize;
+use tokio::sync::broadcast::error::RecvError;
+use tracing::error;
+use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, status_for};
+use vmkit_core::{
+    CreateRequest, DeleteOptions, ErrorKind, Event, Manager, ManagerError, UserId, VmName,
+};
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// The manager every request goes to.
+    pub manager: Manager,
+}
+
+/// The API router.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/{name}", get(get_vm).delete(delete_vm))
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/restart", post(restart_vm))
+        .route("/v1/vms/{name}/exec", post(exec_vm))
+        .route("/v1/events", get(events))
+        .route("/v1/images", get(images))
+        .with_state(state)
+}
+
+/// An API error: a status and a JSON body. Internal detail is logged, not sent.
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(code, message),
+        }
+    }
+}
+
+impl From<ManagerError> for ApiError {
+    fn from(e: ManagerError) -> Self {
+        let kind = e.kind();
+        let status =
+            StatusCode::from_u16(status_for(kind)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if kind == ErrorKind::Internal {
+            error!(error = ?e, "internal error");
+            return Self::new(
+                status,
+                e.code(),
+                "internal error; the daemon's log has the details",
+            );
+        }
+        Self::new(status, e.code(), e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn vm_name(raw: &str) -> ApiResult<VmName> {
+    VmName::new(raw).map_err(|e| ManagerError::from(e).into())
+}
+
+async fn readyz(State(s): State<AppState>) -> Response {
+    match s.manager.list(Some(UserId::LOCAL)).await {
+        Ok(_) => "ok".into_response(),
+        Err(e) => {
+            error!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "state store unavailable").into_response()
+        }
+    }
+}
+
+async fn list_vms(State(s): State<AppState>) -> ApiResult<Response> {
+    Ok(Json(s.manager.list(None).await?).into_response())
+}
+
+async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(s.manager.get(&vm_name(&name)?).await?).into_response())
+}
+
+async fn create_vm(
+    State(s): State<AppState>,
+    body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))?;
+    let mut request = CreateRequest::new(UserId::LOCAL, body.spec());
+    if let Some(name) = &body.name {
+        request = request.name(vm_name(name)?);
+    }
+    // The create runs to completion even if the client goes away, so that a
+    // dropped connection never leaves a half-created VM.
+    let manager = s.manager.clone();
+    let vm = tokio::spawn(async move { manager.create(request).await })
+        .await
+        .map_err(|e| {
+            error!(error = %e, "create task failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "create task failed",
+            )
+        })??;
+    Ok((StatusCode::CREATED, Json(vm)).into_response())
+}
+
+#[derive(Deserialize)]
+struct DeleteQuery {
+    #[serde(default)]
+    keep_data: bool,
+}
+
+async fn delete_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<DeleteQuery>,
+) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let mut options = DeleteOptions::default();
+    options.keep_data = q.keep_data;
+    let manager = s.manager.clone();
+    detached(async move { manager.delete(&name, options).await }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn start_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.start(&name).await }).await?).into_response())
+}
+
+async fn stop_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.stop(&name).await }).await?).into_response())
+}
+
+async fn restart_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.restart(&name).await }).await?).into_response())
+}
+
+/// Runs a lifecycle command in its own task so a client hanging up mid-way does not
+/// cancel it halfway through.
+async fn detached<T: Send + 'static>(
+    fut: impl std::future::Future<Output = Result<T, ManagerError>> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::spawn(fut)
+        .await
+        .map_err(|e| {
+            error!(error = %e, "operation task failed");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "operation task failed",
+            )
+        })?
+        .map_err(ApiError::from)
+}
+
+async fn exec_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<ExecBody>, axum::extract::rejection::JsonRejection>,
+) -> ApiResult<Response> {
+    let Json(body) =
+        body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))?;
+    if body.argv.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "argv is empty; give the command to run",
+        ));
+    }
+    let request = body.to_request().map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("stdin is not valid base64: {e}"),
+        )
+    })?;
+    let exec = s.manager.exec(&vm_name(&name)?, request).await?;
+    let lines = stream::unfold(Some(exec), |state| async move {
+        let mut exec = state?;
+        match exec.next().await {
+            None => None,
+            Some(Ok(event)) => {
+                let line = ExecLine::from_event(&event)?;
+                Some((line, Some(exec)))
+            }
+            Some(Err(e)) => Some((
+                ExecLine::Error(ErrorBody::new("agent_failed", e.to_string())),
+                None,
+            )),
+        }
+    });
+    Ok(ndjson(lines))
+}
+
+fn ndjson<T: serde::Serialize + Send + 'static>(
+    items: impl Stream<Item = T> + Send + 'static,
+) -> Response {
+    let body = items.map(|item| {
+        let mut line = serde_json::to_vec(&item).unwrap_or_else(|_| b"{}".to_vec());
+        line.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(line))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    #[serde(default)]
+    after: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+    #[serde(default)]
+    follow: bool,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiResult<Response> {
+    // Subscribe before reading the backlog so nothing falls between the two.
+    let live = s.manager.subscribe();
+    let backlog = s.manager.events(q.after, q.limit.min(10_000)).await?;
+    let last = backlog.last().map_or(q.after, |e| e.seq);
+    let backlog = stream::iter(backlog);
+    if !q.follow {
+        return Ok(ndjson(backlog));
+    }
+    let manager = s.manager.clone();
+    let follow = stream::unfold(
+        (live, last, manager),
+        |(mut live, last, manager)| async move {
+            loop {
+                match live.recv().await {
+                    Ok(e) if e.seq > last => {
+                        let seq = e.seq;
+                        return Some((vec![e], (live, seq, manager)));
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(_)) => {
+                        // Fell behind the live feed: catch up from the store.
+                        let missed: Vec<Event> = manager.events(last, 10_000).await.ok()?;
+                        let seq = missed.last().map_or(last, |e| e.seq);
+                        return Some((missed, (live, seq, manager)));
+                    }
+                    Err(RecvError::Closed) => return None,
+                }
+            }
+        },
+    )
+    .flat_map(stream::iter);
+    Ok(ndjson(backlog.chain(follow)))
+}
+
+async fn images(State(s): State<AppState>) -> ApiResult<Response> {
+    let names = s
+        .manager
+        .backends()
+        .images
+        .list()
+        .await
+        .map_err(ManagerError::from)?;
+    Ok(Json(names).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    use vmkit_core::testing::FakeHost;
+
+    use super::*;
+
+    async fn app() -> Router {
+        router(AppState {
+            manager: FakeHost::new().await.manager,
+        })
+    }
+
+    async fn call(app: Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
+        let response = app
+            .oneshot(
+                Request::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("content-type", "application/json")
+                    .body(Body::from(body.to_owned()))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let status = response.status();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn livez_and_readyz_answer_ok() {
+        assert_eq!(
+            call(app().await, "GET", "/livez", "").await.0,
+            StatusCode::OK
+        );
+        assert_eq!(
+            call(app().await, "GET", "/readyz", "").await.0,
+            StatusCode::OK
+        );
+    }
+
+    #[tokio::test]
+    async fn create_returns_201_and_the_record() {
+        let (status, body) = call(app().await, "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let vm: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(vm["state"], "running");
+    }
+
+    #[tokio::test]
+    async fn malformed_body_is_a_400_with_a_code() {
+        let (status, body) = call(app().await, "POST", "/v1/vms", r#"{"vcpus":"many"}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("invalid_body"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn unknown_vm_is_a_404_and_invalid_name_a_400() {
+        let (status, body) = call(app().await, "GET", "/v1/vms/ghost", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("not_found"), "{body}");
+        let (status, body) = call(app().await, "GET", "/v1/vms/Bad_Name", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("invalid_name"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn exec_with_empty_argv_is_refused() {
+        let app = app().await;
+        let (status, _) = call(app.clone(), "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let (status, body) = call(app, "POST", "/v1/vms/web/exec", r#"{"argv":[]}"#).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("argv is empty"), "{body}");
+    }
+}

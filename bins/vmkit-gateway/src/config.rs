@@ -1,0 +1,317 @@
+//! Daemon configuration: defaults that need no file, a TOML file, then `VMKIT_*`
+//! environment variables, in that order of precedence (last wins).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+/// Which hypervisor backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorChoice {
+    /// cloud-hypervisor where it can run, else QEMU.
+    Auto,
+    /// QEMU.
+    Qemu,
+    /// cloud-hypervisor.
+    CloudHypervisor,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Root of all state: `state.redb`, images, volumes, run directories, the socket.
+    pub data_dir: PathBuf,
+    /// API socket; empty means `<data_dir>/vmkit.sock`.
+    pub socket: PathBuf,
+    /// Hypervisor backend.
+    pub hypervisor: HypervisorChoice,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter (tracing-subscriber `EnvFilter` syntax).
+    pub log_level: String,
+    /// Boot and shutdown timing.
+    pub timeouts: Timeouts,
+    /// Largest VM this host accepts.
+    pub limits: Limits,
+    /// Quota of users who have none set.
+    pub quota: QuotaConfig,
+    /// QEMU backend settings.
+    pub qemu: QemuSection,
+}
+
+/// Timeouts, in seconds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time a guest has to answer the agent's hello after boot.
+    pub boot_secs: u64,
+    /// Time a guest has to power off before it is stopped by force.
+    pub shutdown_grace_secs: u64,
+    /// Timeout of one agent call.
+    pub agent_secs: u64,
+    /// How often VMMs are checked for having died.
+    pub vmm_check_secs: u64,
+}
+
+/// Per-VM limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Most vCPUs of one VM.
+    pub max_vcpus: u32,
+    /// Least memory of one VM, MiB.
+    pub min_memory_mib: u64,
+    /// Most memory of one VM, MiB.
+    pub max_memory_mib: u64,
+    /// Largest data disk, GiB.
+    pub max_disk_gib: u64,
+}
+
+/// Default per-user quota.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QuotaConfig {
+    /// VMs.
+    pub max_vms: u32,
+    /// vCPUs summed.
+    pub max_vcpus: u32,
+    /// Memory summed, MiB.
+    pub max_memory_mib: u64,
+    /// Data disk summed, GiB.
+    pub max_disk_gib: u64,
+}
+
+/// QEMU settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuSection {
+    /// The QEMU program.
+    pub binary: PathBuf,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: vmkit_core::api::default_data_dir(),
+            socket: PathBuf::new(),
+            hypervisor: HypervisorChoice::Auto,
+            log_format: LogFormat::Human,
+            log_level: "info".to_owned(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            quota: QuotaConfig::default(),
+            qemu: QemuSection::default(),
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            boot_secs: 120,
+            shutdown_grace_secs: 15,
+            agent_secs: 10,
+            vmm_check_secs: 2,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let d = vmkit_core::SpecLimits::default();
+        Self {
+            max_vcpus: d.max_vcpus,
+            min_memory_mib: d.min_memory_mib,
+            max_memory_mib: d.max_memory_mib,
+            max_disk_gib: d.max_disk_gib,
+        }
+    }
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        let d = vmkit_core::Quota::default();
+        Self {
+            max_vms: d.max_vms,
+            max_vcpus: d.max_vcpus,
+            max_memory_mib: d.max_memory_mib,
+            max_disk_gib: d.max_disk_gib,
+        }
+    }
+}
+
+impl Default for QemuSection {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: "auto".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration: defaults, then `file` if given (or
+    /// `/etc/vmkit/gateway.toml` if it exists), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let default_file = Path::new("/etc/vmkit/gateway.toml");
+        let file = file.or_else(|| default_file.exists().then_some(default_file));
+        let mut value = toml::Value::try_from(Config::default())
+            .context("serializing the default configuration")?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config file {}", path.display()))?;
+            let from_file: toml::Value = text
+                .parse::<toml::Table>()
+                .map(toml::Value::Table)
+                .with_context(|| format!("parsing config file {}", path.display()))?;
+            merge(&mut value, from_file);
+        }
+        apply_env(&mut value, "VMKIT", &mut std::env::vars())?;
+        let mut config: Config = value
+            .try_into()
+            .context("invalid configuration (file or VMKIT_* variables)")?;
+        if config.socket.as_os_str().is_empty() {
+            config.socket = vmkit_core::api::socket_path(&config.data_dir);
+        }
+        Ok(config)
+    }
+}
+
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => merge(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+/// Overrides every leaf of `value` named by an environment variable
+/// `PREFIX_SECTION_KEY` (upper case), parsing it as the leaf's type.
+fn apply_env(
+    value: &mut toml::Value,
+    prefix: &str,
+    vars: &mut dyn Iterator<Item = (String, String)>,
+) -> anyhow::Result<()> {
+    let vars: std::collections::HashMap<String, String> = vars.collect();
+    let mut known = Vec::new();
+    walk(value, prefix, &vars, &mut known)?;
+    for name in vars.keys() {
+        let unrelated = ["VMKIT_SOCKET_PATH", "VMKIT_TEST_DATA", "VMKIT_LOG"];
+        if name.starts_with("VMKIT_")
+            && !known.contains(name)
+            && !unrelated.contains(&name.as_str())
+        {
+            tracing::warn!(variable = %name, "unknown VMKIT_ variable ignored");
+        }
+    }
+    Ok(())
+}
+
+fn walk(
+    value: &mut toml::Value,
+    name: &str,
+    vars: &std::collections::HashMap<String, String>,
+    known: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    match value {
+        toml::Value::Table(table) => {
+            for (k, v) in table.iter_mut() {
+                walk(
+                    v,
+                    &format!("{name}_{}", k.to_ascii_uppercase()),
+                    vars,
+                    known,
+                )?;
+            }
+        }
+        leaf => {
+            known.push(name.to_owned());
+            if let Some(raw) = vars.get(name) {
+                *leaf = match leaf {
+                    toml::Value::String(_) => toml::Value::String(raw.clone()),
+                    toml::Value::Integer(_) => toml::Value::Integer(
+                        raw.parse()
+                            .with_context(|| format!("{name}={raw:?} is not an integer"))?,
+                    ),
+                    toml::Value::Boolean(_) => toml::Value::Boolean(
+                        raw.parse()
+                            .with_context(|| format!("{name}={raw:?} is not true or false"))?,
+                    ),
+                    other => bail!("{name} cannot be set from the environment ({other:?})"),
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(file: Option<&str>, env: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let mut value = toml::Value::try_from(Config::default())?;
+        if let Some(text) = file {
+            merge(&mut value, toml::Value::Table(text.parse::<toml::Table>()?));
+        }
+        let mut vars = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        apply_env(&mut value, "VMKIT", &mut vars)?;
+        Ok(value.try_into()?)
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = load_with(None, &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.hypervisor, HypervisorChoice::Auto);
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let c = load_with(
+            Some("data_dir = \"/srv/vmkit\"\n[timeouts]\nboot_secs = 30\n"),
+            &[
+                ("VMKIT_TIMEOUTS_BOOT_SECS", "45"),
+                ("VMKIT_HYPERVISOR", "qemu"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/srv/vmkit"));
+        assert_eq!(c.timeouts.boot_secs, 45);
+        assert_eq!(c.hypervisor, HypervisorChoice::Qemu);
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_variable() {
+        let err = load_with(None, &[("VMKIT_LIMITS_MAX_VCPUS", "lots")]).unwrap_err();
+        assert!(err.to_string().contains("VMKIT_LIMITS_MAX_VCPUS"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        assert!(load_with(Some("dat_dir = \"/x\""), &[]).is_err());
+    }
+}

@@ -1,0 +1,221 @@
+//! vmkit-gateway: the vmkit daemon. It owns the state file and the VMM processes
+//! and serves the REST API on a Unix socket in its data directory.
+//!
+//! Run with: `vmkit-gateway` (as root; state under /var/lib/vmkit), or
+//! `vmkit-gateway --fake-backends` to try the API with simulated VMs.
+
+mod api;
+mod backends;
+mod config;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::net::UnixListener;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use vmkit_core::{Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId};
+
+use crate::config::{Config, LogFormat};
+
+/// The vmkit daemon.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (default: /etc/vmkit/gateway.toml if it exists). Every key
+    /// can also be set with a VMKIT_* variable, e.g. VMKIT_DATA_DIR or
+    /// VMKIT_TIMEOUTS_BOOT_SECS.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides the file and VMKIT_DATA_DIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run on in-memory fake backends: simulated VMs, nothing persisted. For trying
+    /// the API on a machine that cannot run VMs. Never the default.
+    #[arg(long)]
+    fake_backends: bool,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let mut config = match Config::load(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vmkit-gateway: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = args.data_dir.clone() {
+        config.socket = vmkit_core::api::socket_path(&dir);
+        config.data_dir = dir;
+    }
+    if args.print_config {
+        match toml::to_string_pretty(&config) {
+            Ok(text) => {
+                print!("{text}");
+                return std::process::ExitCode::SUCCESS;
+            }
+            Err(e) => {
+                eprintln!("vmkit-gateway: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmkit-gateway: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config, args.fake_backends)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("vmkit-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_from_env("VMKIT_LOG")
+        .or_else(|_| EnvFilter::try_new(&config.log_level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("securing data directory {}", config.data_dir.display()))?;
+
+    // The state store's lock is taken first: a second daemon stops here with a
+    // clear message, before it touches the socket.
+    let backends = if fake {
+        backends::fake(&config.data_dir)
+    } else {
+        backends::real(&config)?
+    };
+    ensure_local_user(&*backends.store).await?;
+
+    let t = &config.timeouts;
+    let mut limits = SpecLimits::default();
+    limits.max_vcpus = config.limits.max_vcpus;
+    limits.min_memory_mib = config.limits.min_memory_mib;
+    limits.max_memory_mib = config.limits.max_memory_mib;
+    limits.max_disk_gib = config.limits.max_disk_gib;
+    let q = &config.quota;
+    let manager_config = ManagerConfig::new(&config.data_dir)
+        .spec_limits(limits)
+        .default_quota(Quota::new(
+            q.max_vms,
+            q.max_vcpus,
+            q.max_memory_mib,
+            q.max_disk_gib,
+        ))
+        .boot_timeout(Duration::from_secs(t.boot_secs))
+        .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
+        .agent_timeout(Duration::from_secs(t.agent_secs));
+    let manager = Manager::new(manager_config, backends)
+        .await
+        .context("starting the VM manager")?;
+
+    // VMs whose VMM died while the daemon was down are marked stopped.
+    match manager.check_vmms().await {
+        Ok(marked) if !marked.is_empty() => {
+            warn!(vms = ?marked, "VMMs exited while the daemon was down")
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "cannot check VMMs at start"),
+    }
+    let monitor = tokio::spawn(monitor(
+        manager.clone(),
+        Duration::from_secs(t.vmm_check_secs.max(1)),
+    ));
+
+    let listener = bind(&config.socket).await?;
+    info!(socket = %config.socket.display(), "serving the API");
+    let app = api::router(api::AppState { manager });
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    monitor.abort();
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        warn!(error = %e, "cannot remove the API socket");
+    }
+    served.context("serving the API")?;
+    info!("stopped; VMs keep running and are re-attached at the next start");
+    Ok(())
+}
+
+async fn ensure_local_user(store: &dyn StateStore) -> anyhow::Result<()> {
+    if store.get_user(UserId::LOCAL).await?.is_none() {
+        store.put_user(&User::new(UserId::LOCAL, "local")).await?;
+    }
+    Ok(())
+}
+
+/// Binds the API socket with mode 0600, replacing a stale socket file but never a
+/// live daemon's.
+async fn bind(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!(
+                "another vmkit-gateway is serving {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating socket directory {}", dir.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("securing {}", path.display()))?;
+    Ok(listener)
+}
+
+async fn monitor(manager: Manager, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = manager.check_vmms().await {
+            warn!(error = %e, "VMM check failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
+    }
+}

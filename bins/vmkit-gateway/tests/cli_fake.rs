@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used)]
+//! Daemon and CLI end to end over the Unix socket, on the fake backends.
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+
+use support::{Daemon, json, stderr, stdout};
+
+fn fake_daemon() -> Daemon {
+    Daemon::start(&["--fake-backends"], &[])
+}
+
+#[test]
+fn api_socket_is_private_to_its_owner() {
+    let d = fake_daemon();
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn vm_lifecycle_through_the_cli() {
+    let d = fake_daemon();
+    let out = d.cli(&[
+        "--json", "vm", "create", "web", "--cpus", "2", "--disk", "1",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let vm = json(&out);
+    assert_eq!(vm["name"], "web");
+    assert_eq!(vm["state"], "running");
+    assert_eq!(vm["spec"]["vcpus"], 2);
+
+    let out = d.cli(&["--json", "vm", "ls"]);
+    assert!(out.status.success());
+    assert_eq!(json(&out).as_array().unwrap().len(), 1);
+
+    let out = d.cli(&["vm", "ls"]);
+    assert!(stdout(&out).contains("web") && stdout(&out).contains("running"));
+
+    let out = d.cli(&["--json", "vm", "stop", "web"]);
+    assert_eq!(json(&out)["state"], "stopped");
+    let out = d.cli(&["--json", "vm", "start", "web"]);
+    assert_eq!(json(&out)["state"], "running");
+    let out = d.cli(&["--json", "vm", "restart", "web"]);
+    assert_eq!(json(&out)["state"], "running");
+    let out = d.cli(&["--json", "vm", "show", "web"]);
+    assert_eq!(json(&out)["name"], "web");
+
+    let out = d.cli(&["vm", "exec", "web", "--", "echo", "hello", "world"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello world\n");
+
+    let out = d.cli(&["vm", "rm", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["--json", "vm", "ls"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 0);
+}
+
+#[test]
+fn exec_exits_with_the_commands_status_and_passes_stdin() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "box"]).status.success());
+    let out = d.cli(&["vm", "exec", "box", "--", "exit", "7"]);
+    assert_eq!(out.status.code(), Some(7));
+    let out = d.cli(&["vm", "exec", "box", "--", "nosuchcmd"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(stderr(&out).contains("command not found"));
+    let out = d.cli_with_stdin(&["vm", "exec", "-i", "box", "--", "cat"], b"piped data");
+    assert_eq!(stdout(&out), "piped data");
+    let out = d.cli(&["vm", "exec", "box", "--timeout", "0.2", "--", "sleep", "5"]);
+    assert_eq!(
+        out.status.code(),
+        Some(124),
+        "a timed-out command exits 124"
+    );
+}
+
+#[test]
+fn duplicate_name_gets_a_specific_error() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let out = d.cli(&["vm", "create", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("already exists"), "{}", stderr(&out));
+    let out = d.cli(&["--json", "vm", "create", "web"]);
+    assert_eq!(json(&out)["error"]["code"], "name_taken");
+}
+
+#[test]
+fn invalid_name_and_oversize_spec_are_refused_with_the_reason() {
+    let d = fake_daemon();
+    let out = d.cli(&["--json", "vm", "create", "Bad_Name"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_name");
+    let out = d.cli(&["vm", "create", "big", "--cpus", "500"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("vcpus"), "{}", stderr(&out));
+    let out = d.cli(&["--json", "vm", "ls"]);
+    assert_eq!(
+        json(&out).as_array().unwrap().len(),
+        0,
+        "nothing was created"
+    );
+}
+
+#[test]
+fn quota_exceeded_is_reported() {
+    let d = Daemon::start(&["--fake-backends"], &[("VMKIT_QUOTA_MAX_VMS", "1")]);
+    assert!(d.cli(&["vm", "create", "one"]).status.success());
+    let out = d.cli(&["--json", "vm", "create", "two"]);
+    assert_eq!(json(&out)["error"]["code"], "quota_exceeded");
+    let out = d.cli(&["vm", "create", "two"]);
+    assert!(stderr(&out).contains("quota exceeded"), "{}", stderr(&out));
+}
+
+#[test]
+fn unknown_vm_and_wrong_state_are_reported() {
+    let d = fake_daemon();
+    let out = d.cli(&["--json", "vm", "stop", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "not_found");
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let out = d.cli(&["vm", "start", "web"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot start VM web: it is running"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn cli_says_when_the_daemon_is_not_running() {
+    let d = fake_daemon();
+    let socket = d.socket.clone();
+    assert!(d.terminate().success(), "SIGTERM shuts down cleanly");
+    assert!(!socket.exists(), "the socket is removed on shutdown");
+    let out = std::process::Command::new(support::cli_bin())
+        .args(["--socket", socket.to_str().unwrap(), "vm", "ls"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is vmkit-gateway running?"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let d = fake_daemon();
+    assert_eq!(d.cli(&["vm", "frobnicate"]).status.code(), Some(2));
+    assert_eq!(d.cli(&["vm", "exec", "web"]).status.code(), Some(2));
+}
+
+#[test]
+fn events_record_every_state_change() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    assert!(d.cli(&["vm", "stop", "web"]).status.success());
+    let out = d.cli(&["--json", "events"]);
+    let kinds: Vec<String> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| e["kind"]["type"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "creating",
+            "state_changed",
+            "state_changed",
+            "state_changed"
+        ]
+    );
+}
+
+#[test]
+fn second_daemon_on_the_same_socket_is_refused() {
+    let d = fake_daemon();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"))
+        .args(["--fake-backends", "--data-dir"])
+        .arg(&d.data_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("another vmkit-gateway"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,0 +1,256 @@
+#![allow(clippy::unwrap_used)]
+//! Real VMs end to end: the daemon on the QEMU backend with the tiny image, driven
+//! by the CLI over the Unix socket. Needs the test assets (`scripts/test-assets.sh`).
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use support::{Daemon, json, stderr, stdout};
+
+/// A data directory whose `images/` holds the test images: `tiny`, and `broken` —
+/// the same files with a command line whose init does not exist, so the guest
+/// panics before any agent runs.
+fn data_dir() -> tempfile::TempDir {
+    let tmp = tempfile::Builder::new()
+        .prefix("vmk")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let images = tmp.path().join("images");
+    std::fs::create_dir_all(images.join("broken")).unwrap();
+    let tiny_dir = vmkit_core_test_images().join("tiny");
+    std::os::unix::fs::symlink(&tiny_dir, images.join("tiny")).unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tiny_dir.join("manifest.json")).unwrap()).unwrap();
+    for key in ["kernel", "initramfs", "rootfs"] {
+        let file = manifest[key].as_str().unwrap();
+        std::os::unix::fs::symlink(tiny_dir.join(file), images.join("broken").join(file)).unwrap();
+    }
+    let mut broken = manifest.clone();
+    broken["name"] = "broken".into();
+    broken["digest"] = format!("{}-broken", manifest["digest"].as_str().unwrap()).into();
+    broken["cmdline"] = format!(
+        "{} init=/nonexistent",
+        manifest["cmdline"].as_str().unwrap()
+    )
+    .into();
+    std::fs::write(
+        images.join("broken/manifest.json"),
+        serde_json::to_vec(&broken).unwrap(),
+    )
+    .unwrap();
+    tmp
+}
+
+fn vmkit_core_test_images() -> std::path::PathBuf {
+    let dir = match std::env::var_os("VMKIT_TEST_DATA") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vmkit-test"),
+    }
+    .join("images");
+    assert!(
+        dir.join("tiny/manifest.json").exists(),
+        "the tiny test image is missing in {}; run `scripts/test-assets.sh` (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+fn real_daemon(dir: &Path) -> Daemon {
+    Daemon::start_in(
+        dir,
+        &[],
+        &[
+            ("VMKIT_HYPERVISOR", "qemu"),
+            ("VMKIT_TIMEOUTS_BOOT_SECS", "120"),
+            ("VMKIT_TIMEOUTS_SHUTDOWN_GRACE_SECS", "20"),
+        ],
+    )
+}
+
+fn pid_alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z "))
+            .unwrap_or(true)
+}
+
+fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p));
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn real_vm_boots_runs_commands_survives_a_daemon_restart_and_is_removed() {
+    let tmp = data_dir();
+    let d = real_daemon(tmp.path());
+
+    let out = d.cli(&["--json", "vm", "create", "e2e", "--memory", "256"]);
+    assert!(
+        out.status.success(),
+        "create failed: {}\n{}",
+        stderr(&out),
+        d.log()
+    );
+    let vm = json(&out);
+    assert_eq!(vm["state"], "running");
+    let pid = vm["resources"]["vmm"]["pid"].as_u64().unwrap();
+    assert!(pid_alive(pid));
+
+    // uname runs in the guest: the guest kernel, not the host's.
+    let out = d.cli(&["vm", "exec", "e2e", "--", "uname", "-r"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("cloud-amd64"), "{}", stdout(&out));
+
+    // Exit codes, stderr, stdin.
+    let out = d.cli(&[
+        "vm",
+        "exec",
+        "e2e",
+        "--",
+        "sh",
+        "-c",
+        "echo oops >&2; exit 3",
+    ]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(stderr(&out), "oops\n");
+    let out = d.cli_with_stdin(
+        &["vm", "exec", "-i", "e2e", "--", "wc", "-c"],
+        &[b'x'; 100_000],
+    );
+    assert_eq!(stdout(&out).trim(), "100000");
+
+    // Large output streams through intact.
+    let out = d.cli(&[
+        "vm",
+        "exec",
+        "e2e",
+        "--",
+        "sh",
+        "-c",
+        "yes 0123456789abcdef | head -c 4000000",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(out.stdout.len(), 4_000_000);
+    assert!(out.stdout.starts_with(b"0123456789abcdef\n0123"));
+
+    // A command over its timeout is killed and reported.
+    let started = Instant::now();
+    let out = d.cli(&["vm", "exec", "e2e", "--timeout", "1", "--", "sleep", "60"]);
+    assert_eq!(out.status.code(), Some(124));
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // The VM outlives the daemon and is re-attached by the next one.
+    assert!(d.terminate().success());
+    assert!(pid_alive(pid), "QEMU survives a daemon shutdown");
+    let d = real_daemon(tmp.path());
+    let out = d.cli(&["--json", "vm", "show", "e2e"]);
+    assert_eq!(json(&out)["state"], "running");
+    let out = d.cli(&[
+        "vm",
+        "exec",
+        "e2e",
+        "--",
+        "cat",
+        "/proc/sys/kernel/hostname",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "exec after restart: {}",
+        stderr(&out)
+    );
+
+    // Removal leaves nothing behind.
+    let out = d.cli(&["vm", "rm", "e2e"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!pid_alive(pid), "QEMU is gone after rm");
+    assert_eq!(files_under(&tmp.path().join("run")), Vec::<String>::new());
+    assert_eq!(
+        files_under(&tmp.path().join("volumes/vm")),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "ls"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+}
+
+#[test]
+fn a_qemu_that_dies_marks_the_vm_stopped_and_it_starts_again() {
+    let tmp = data_dir();
+    let d = real_daemon(tmp.path());
+    let out = d.cli(&["--json", "vm", "create", "crashy", "--memory", "256"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let pid = json(&out)["resources"]["vmm"]["pid"].as_u64().unwrap();
+
+    // SAFETY: signalling the QEMU process this test created.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let state = json(&d.cli(&["--json", "vm", "show", "crashy"]))["state"].clone();
+        if state == "stopped" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM still {state} after its QEMU died"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = d.cli(&["--json", "vm", "start", "crashy"]);
+    assert_eq!(json(&out)["state"], "running", "{}", stderr(&out));
+    let out = d.cli(&["vm", "exec", "crashy", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(d.cli(&["vm", "rm", "crashy"]).status.success());
+}
+
+#[test]
+fn a_guest_that_never_says_hello_fails_create_with_its_console_and_is_cleaned_up() {
+    let tmp = data_dir();
+    let d = Daemon::start_in(
+        tmp.path(),
+        &[],
+        &[
+            ("VMKIT_HYPERVISOR", "qemu"),
+            ("VMKIT_TIMEOUTS_BOOT_SECS", "60"),
+        ],
+    );
+    let out = d.cli(&[
+        "--json", "vm", "create", "bad", "--image", "broken", "--memory", "256",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = json(&out);
+    assert_eq!(err["error"]["code"], "boot_failed", "{err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("last console output") && message.contains("nonexistent"),
+        "the error carries the console tail: {message}"
+    );
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "ls"]))
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+    assert_eq!(files_under(&tmp.path().join("run")), Vec::<String>::new());
+    assert_eq!(
+        files_under(&tmp.path().join("volumes/vm")),
+        Vec::<String>::new()
+    );
+}

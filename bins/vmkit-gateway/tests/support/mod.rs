@@ -1,0 +1,157 @@
+//! Runs the real daemon and CLI binaries for end-to-end tests.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `vmkit` CLI binary, built beside the daemon by `cargo build --workspace`.
+pub fn cli_bin() -> PathBuf {
+    let gateway = PathBuf::from(env!("CARGO_BIN_EXE_vmkit-gateway"));
+    let cli = gateway.with_file_name("vmkit");
+    assert!(
+        cli.exists(),
+        "{} is missing: build the workspace binaries first (`cargo build --workspace`; \
+         the README's test command does)",
+        cli.display()
+    );
+    cli
+}
+
+/// A daemon running in its own data directory; killed and reaped on drop.
+pub struct Daemon {
+    pub child: Child,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl Daemon {
+    /// Starts `vmkit-gateway` with `args` on a fresh data directory and waits until
+    /// its API answers.
+    pub fn start(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("vmk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut d = Self::start_in(tmp.path(), args, env);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    /// Starts `vmkit-gateway` on `data_dir`.
+    pub fn start_in(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        let log = std::fs::File::create(data_dir.join("daemon.log")).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"));
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .args(args)
+            .env_remove("VMKIT_DATA_DIR")
+            .env_remove("VMKIT_SOCKET")
+            .env("VMKIT_LOG", "info,vmkit_core=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let socket = data_dir.join("vmkit.sock");
+        let mut daemon = Daemon {
+            child,
+            data_dir: data_dir.to_owned(),
+            socket,
+            _tmp: None,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("daemon exited early with {status}:\n{}", self.log());
+            }
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Runs the CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.cli_with_stdin(args, b"")
+    }
+
+    /// Runs the CLI with `stdin` as its standard input.
+    pub fn cli_with_stdin(&self, args: &[&str], stdin: &[u8]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new(cli_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(stdin).unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: kill with a pid we spawned and have not reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "daemon ignored SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// stdout as a string.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// stderr as a string.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Parses stdout as JSON.
+pub fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            stdout(o),
+            stderr(o)
+        )
+    })
+}

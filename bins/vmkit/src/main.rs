@@ -1,0 +1,478 @@
+//! vmkit: the operator CLI, a thin client of the vmkit-gateway API.
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage. `vmkit vm exec` exits with the
+//! command's own status (128 + signal when killed, 124 on timeout).
+
+mod client;
+mod image;
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use hyper::Method;
+use serde::Serialize;
+use vmkit_core::api::{CreateVm, ExecBody, ExecLine, decode_bytes, encode_bytes};
+use vmkit_core::{Event, EventKind, VmRecord};
+
+use crate::client::{Api, CallError};
+
+/// Instant Linux VMs on hosts you own.
+#[derive(Parser, Debug)]
+#[command(version, about, propagate_version = true)]
+struct Cli {
+    /// The daemon's data directory [env: VMKIT_DATA_DIR; default /var/lib/vmkit as root].
+    #[arg(long, global = true, env = "VMKIT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The daemon's API socket [default: <data-dir>/vmkit.sock].
+    #[arg(long, global = true, env = "VMKIT_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create, list and drive VMs.
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Build and list images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Show the event log.
+    Events {
+        /// Keep printing events as they happen.
+        #[arg(long, short)]
+        follow: bool,
+        /// Only events after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCommand {
+    /// Create a VM and wait until it is ready.
+    Create(CreateArgs),
+    /// List VMs.
+    Ls,
+    /// Show one VM.
+    Show {
+        /// VM name.
+        name: String,
+    },
+    /// Delete a VM and everything it holds.
+    Rm {
+        /// VM name.
+        name: String,
+        /// Keep the data volume's file.
+        #[arg(long)]
+        keep_data: bool,
+    },
+    /// Start a stopped VM.
+    Start {
+        /// VM name.
+        name: String,
+    },
+    /// Stop a running VM (graceful, then forced).
+    Stop {
+        /// VM name.
+        name: String,
+    },
+    /// Restart a VM.
+    Restart {
+        /// VM name.
+        name: String,
+    },
+    /// Run a command in a VM; its output streams and its exit status is returned.
+    Exec(ExecArgs),
+}
+
+#[derive(Args, Debug)]
+struct CreateArgs {
+    /// Name (DNS label); a readable one is generated when omitted.
+    name: Option<String>,
+    /// Image to boot.
+    #[arg(long)]
+    image: Option<String>,
+    /// vCPUs.
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Memory in MiB.
+    #[arg(long)]
+    memory: Option<u64>,
+    /// Data disk in GiB.
+    #[arg(long)]
+    disk: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+struct ExecArgs {
+    /// VM name.
+    name: String,
+    /// Pass this process's standard input to the command.
+    #[arg(long, short)]
+    interactive: bool,
+    /// Kill the command after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Extra environment, KEY=VALUE (repeatable).
+    #[arg(long, short, value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Working directory.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCommand {
+    /// Build an image from its recipe (rebuilt only when the recipe changes).
+    Build {
+        /// Image name (`tiny`).
+        name: String,
+        /// The static vmkit-agent binary to put in the image.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Rebuild even if the recipe did not change.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List built images.
+    Ls,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmkit: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let json = cli.json;
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            report(&e, json);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(e: &anyhow::Error, json: bool) {
+    if json {
+        let (code, message) = match e.downcast_ref::<CallError>() {
+            Some(CallError::Api { body, .. }) => (body.code.clone(), body.message.clone()),
+            Some(CallError::Unreachable { .. }) => ("unreachable".to_owned(), e.to_string()),
+            _ => ("error".to_owned(), format!("{e:#}")),
+        };
+        println!(
+            "{}",
+            serde_json::json!({ "error": { "code": code, "message": message } })
+        );
+    } else {
+        eprintln!("vmkit: {e:#}");
+    }
+}
+
+fn data_dir(cli: &Cli) -> PathBuf {
+    cli.data_dir
+        .clone()
+        .unwrap_or_else(vmkit_core::api::default_data_dir)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let dir = data_dir(&cli);
+    let socket = cli
+        .socket
+        .clone()
+        .unwrap_or_else(|| vmkit_core::api::socket_path(&dir));
+    let api = Api::new(&socket);
+    let json = cli.json;
+    match cli.command {
+        Command::Vm(cmd) => vm(&api, cmd, json).await,
+        Command::Image(ImageCommand::Build { name, agent, force }) => {
+            if !image::recipes().any(|r| r == name) {
+                anyhow::bail!(
+                    "no recipe for image {name:?}; known images: {}",
+                    image::recipes().collect::<Vec<_>>().join(", ")
+                );
+            }
+            let agent = image::find_agent(agent.as_deref())?;
+            let outcome = image::build(&image::BuildOptions {
+                name: name.clone(),
+                images_dir: dir.join("images"),
+                cache_dir: dir.join("cache"),
+                agent,
+                force,
+            })?;
+            if json {
+                print_json(&serde_json::json!({
+                    "name": name,
+                    "manifest": outcome.manifest_path,
+                    "rebuilt": outcome.rebuilt,
+                }))?;
+            } else if outcome.rebuilt {
+                println!("built image {name}: {}", outcome.manifest_path.display());
+            } else {
+                println!(
+                    "image {name} is up to date: {}",
+                    outcome.manifest_path.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Image(ImageCommand::Ls) => {
+            let names: Vec<String> = api.json(Method::GET, "/v1/images", None::<&()>).await?;
+            if json {
+                print_json(&names)?;
+            } else {
+                for n in names {
+                    println!("{n}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Events { follow, after } => {
+            let path = format!("/v1/events?after={after}&follow={follow}");
+            api.lines(Method::GET, &path, None::<&()>, |e: Event| {
+                if json {
+                    print_json(&e)
+                } else {
+                    println!("{}", event_line(&e));
+                    Ok(std::io::stdout().flush()?)
+                }
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let show = |vm: &VmRecord| -> anyhow::Result<()> {
+        if json {
+            print_json(vm)
+        } else {
+            print_vm(vm);
+            Ok(())
+        }
+    };
+    match cmd {
+        VmCommand::Create(args) => {
+            let mut body = CreateVm::default();
+            body.name = args.name;
+            body.image = args.image;
+            body.vcpus = args.cpus;
+            body.memory_mib = args.memory;
+            body.disk_gib = args.disk;
+            if !json {
+                eprintln!("creating VM (this waits until it has booted)...");
+            }
+            let vm: VmRecord = api.json(Method::POST, "/v1/vms", Some(&body)).await?;
+            show(&vm)?;
+            if !json {
+                println!("\nnext: vmkit vm exec {} -- uname -a", vm.name);
+            }
+        }
+        VmCommand::Ls => {
+            let vms: Vec<VmRecord> = api.json(Method::GET, "/v1/vms", None::<&()>).await?;
+            if json {
+                print_json(&vms)?;
+            } else {
+                print_table(&vms);
+            }
+        }
+        VmCommand::Show { name } => {
+            let vm: VmRecord = api
+                .json(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Rm { name, keep_data } => {
+            api.send(
+                Method::DELETE,
+                &format!("/v1/vms/{name}?keep_data={keep_data}"),
+                None::<&()>,
+            )
+            .await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted {name}");
+            }
+        }
+        VmCommand::Start { name } => {
+            let vm: VmRecord = api
+                .json(Method::POST, &format!("/v1/vms/{name}/start"), None::<&()>)
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Stop { name } => {
+            let vm: VmRecord = api
+                .json(Method::POST, &format!("/v1/vms/{name}/stop"), None::<&()>)
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Restart { name } => {
+            let vm: VmRecord = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/restart"),
+                    None::<&()>,
+                )
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Exec(args) => return exec(api, args, json).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn exec(api: &Api, args: ExecArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let mut body = ExecBody::new(args.command);
+    body.env = args.env;
+    body.cwd = args.cwd;
+    body.timeout_ms = args.timeout.map(|s| (s * 1000.0) as u64);
+    if args.interactive {
+        let mut input = Vec::new();
+        if std::io::stdin().is_terminal() {
+            eprintln!("vmkit: reading standard input until end of file (Ctrl-D)");
+        }
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("reading standard input")?;
+        body.stdin = encode_bytes(&input);
+    }
+    let mut code = None;
+    let mut failure = None;
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr().lock();
+    api.lines(
+        Method::POST,
+        &format!("/v1/vms/{}/exec", args.name),
+        Some(&body),
+        |line: ExecLine| {
+            if json {
+                return print_json(&line);
+            }
+            match line {
+                ExecLine::Stdout(b) => {
+                    stdout.write_all(&decode_bytes(&b)?)?;
+                    stdout.flush()?;
+                }
+                ExecLine::Stderr(b) => {
+                    stderr.write_all(&decode_bytes(&b)?)?;
+                    stderr.flush()?;
+                }
+                ExecLine::Exit(status) => {
+                    code = Some(if status.timed_out {
+                        124
+                    } else if let Some(sig) = status.signal {
+                        128 + sig
+                    } else {
+                        status.code.unwrap_or(1)
+                    });
+                }
+                ExecLine::Error(e) => failure = Some(e.message),
+                _ => {}
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    if let Some(message) = failure {
+        anyhow::bail!("exec failed: {message}");
+    }
+    match code {
+        Some(c) => Ok(ExitCode::from(c.clamp(0, 255) as u8)),
+        None if json => Ok(ExitCode::SUCCESS),
+        None => anyhow::bail!("the command's exit status never arrived (agent disconnected?)"),
+    }
+}
+
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_vm(vm: &VmRecord) {
+    println!("name:    {}", vm.name);
+    println!("id:      {}", vm.id);
+    println!("state:   {}", vm.state);
+    println!("image:   {}", vm.spec.image);
+    println!("vcpus:   {}", vm.spec.vcpus);
+    println!("memory:  {} MiB", vm.spec.memory_mib);
+    println!("disk:    {} GiB", vm.spec.disk_gib);
+    if let Some(ip) = vm.ip() {
+        println!("ip:      {ip}");
+    }
+    if let Some(vmm) = &vm.resources.vmm {
+        println!("vmm:     {} pid {}", vmm.backend, vmm.pid);
+    }
+}
+
+fn print_table(vms: &[VmRecord]) {
+    if vms.is_empty() {
+        println!("no VMs; create one with `vmkit vm create`");
+        return;
+    }
+    let width = vms
+        .iter()
+        .map(|v| v.name.as_str().len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:<9} {:<8} {:>5} {:>8} {:>6}  IP",
+        "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "DISK"
+    );
+    for vm in vms {
+        println!(
+            "{:<width$}  {:<9} {:<8} {:>5} {:>5}MiB {:>3}GiB  {}",
+            vm.name.as_str(),
+            vm.state.as_str(),
+            vm.spec.image,
+            vm.spec.vcpus,
+            vm.spec.memory_mib,
+            vm.spec.disk_gib,
+            vm.ip().map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+}
+
+fn event_line(e: &Event) -> String {
+    let what = match &e.kind {
+        EventKind::StateChanged { from, to } => format!("{from} -> {to}"),
+        EventKind::CreateFailed { error } => format!("create failed: {error}"),
+        EventKind::OperationFailed { operation, error } => format!("{operation} failed: {error}"),
+        EventKind::Reconciled { action } => format!("reconciled: {action}"),
+        other => format!("{other:?}").to_lowercase(),
+    };
+    let vm = e
+        .vm_name
+        .as_ref()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|| "-".into());
+    format!("{:>6}  {}  {:<20} {}", e.seq, e.at, vm, what)
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The main job on a fresh machine: installs what vmkit needs, builds the guest agent
+# and the tiny image, starts the daemon (if it is not running), creates a VM, runs
+# `uname -a` in it, and says what to try next.
+#
+# Run with: sudo scripts/demo.sh
+# State goes to $VMKIT_DATA_DIR (default /var/lib/vmkit).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "demo.sh: run as root: the daemon creates VMs, disks and (later) bridges" >&2
+    exit 2
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+export VMKIT_DATA_DIR="${VMKIT_DATA_DIR:-/var/lib/vmkit}"
+say() { echo "==> $*"; }
+
+say "installing Debian packages (qemu, busybox, e2fsprogs, ...)"
+scripts/install-deps.sh
+say "building the static guest agent"
+agent=$(scripts/build-agent.sh)
+say "building vmkit and vmkit-gateway"
+cargo build -q -p vmkit -p vmkit-gateway
+bin="$(cd "${CARGO_TARGET_DIR:-target}/debug" && pwd)"
+vmkit="$bin/vmkit"
+
+say "building the tiny image (cached; rebuilt only when its recipe changes)"
+"$vmkit" image build tiny --agent "$agent"
+
+socket="$VMKIT_DATA_DIR/vmkit.sock"
+if "$vmkit" vm ls >/dev/null 2>&1; then
+    say "vmkit-gateway is already running on $socket"
+else
+    say "starting vmkit-gateway (log: $VMKIT_DATA_DIR/gateway.log)"
+    mkdir -p "$VMKIT_DATA_DIR"
+    nohup "$bin/vmkit-gateway" >>"$VMKIT_DATA_DIR/gateway.log" 2>&1 &
+    echo $! >"$VMKIT_DATA_DIR/gateway.pid"
+    for _ in $(seq 100); do
+        "$vmkit" vm ls >/dev/null 2>&1 && break
+        sleep 0.2
+    done
+fi
+
+name="demo-$(date +%s)"
+say "creating VM $name (boots a real kernel; under software emulation this takes a few seconds)"
+time "$vmkit" vm create "$name" --image tiny
+say "running uname -a inside $name"
+"$vmkit" vm exec "$name" -- uname -a
+
+cat <<MSG
+
+It works. Try next:
+  $vmkit vm ls                              list VMs
+  $vmkit vm exec $name -- cat /proc/cpuinfo   run anything in the VM
+  echo hi | $vmkit vm exec -i $name -- cat    stdin is passed with -i
+  $vmkit vm stop $name; $vmkit vm start $name
+  $vmkit events                             what happened, in order
+  $vmkit vm rm $name                        remove it and everything it held
+The daemon keeps running (pid $(cat "$VMKIT_DATA_DIR/gateway.pid" 2>/dev/null || echo '?')); stop it with
+  kill \$(cat $VMKIT_DATA_DIR/gateway.pid)    VMs keep running and are re-attached at its next start
+MSG

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every check and test of the project on a fresh machine: installs the Debian
+# packages it needs, builds the test assets (static agent, tiny image), then fmt,
+# clippy and the whole test suite, including the tests that boot real VMs.
+#
+# Run with: sudo scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "test.sh: run as root (VM, network namespace and loop-mount tests need it)" >&2
+    exit 2
+fi
+export PATH="$HOME/.cargo/bin:$PATH"
+start=$(date +%s)
+step() { echo "==> [$(( $(date +%s) - start ))s] $*"; }
+
+step "installing Debian packages"
+scripts/install-deps.sh
+step "building test assets (static agent, tiny image)"
+scripts/test-assets.sh
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+step "building binaries"
+cargo build --workspace --bins
+step "cargo test"
+cargo test --workspace
+step "done"

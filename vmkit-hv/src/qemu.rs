@@ -1,0 +1,1277 @@
+//! The QEMU backend: one `qemu-system-x86_64` process per VM, driven over QMP.
+//!
+//! # Processes
+//!
+//! QEMU starts with `-daemonize -pidfile`: the process we spawn forks the VMM, waits
+//! until it has initialised (devices opened, sockets listening) and exits with its
+//! status, so the VMM is never our child, leaves no zombie in the daemon and outlives
+//! it. Startup errors land in `qemu.log` in the run directory and come back in the
+//! error; later QEMU messages go to the same file (`-D`). The guest is created paused
+//! (`-S`) and resumed once QEMU has accepted the console pump's connection, so no
+//! boot output is lost.
+//! A [`VmmHandle`] records the pid and its start time from `/proc/<pid>/stat`; every
+//! check and signal compares them, so a recycled pid is never taken for the VMM.
+//!
+//! # Run directory
+//!
+//! `qmp.sock` (QMP), `agent.sock` (the agent's virtio-serial port), `console.sock`
+//! (the serial port), `console.log` (its capped log, see below), `qemu.pid`,
+//! `qemu.log` and `vmkit-qemu.json` (settings that `attach` needs, such as the console
+//! cap). Unix socket paths must fit in 107 bytes, which limits the run directory's
+//! length.
+//!
+//! # Console
+//!
+//! The serial port is a server socket that a pump task in this process reads into
+//! `console.log`. The log never exceeds `MachineConfig::console_limit`: when a write
+//! would pass the cap, the newest half is rewritten into a new file that is renamed
+//! over the old one (each byte is rewritten O(1) times on average; readers never see
+//! a partial file). While the daemon is down nobody reads the socket and QEMU drops
+//! the output rather than stall the guest; [`Hypervisor::attach`] reconnects the pump.
+//! The alternative, a `file,append=on` chardev trimmed from outside, can only be
+//! trimmed while the daemon runs and races with QEMU's appends, so its cap would be
+//! neither exact nor enforced when it matters.
+//!
+//! # Guest reboot and panics
+//!
+//! QEMU runs with `-no-reboot`: a guest reboot, a triple fault and a kernel panic
+//! (with `panic=-1`, added to the command line unless it sets `panic=`) all end the
+//! VMM, which reports [`VmmState::Exited`]; the manager starts it again if it wants.
+//! Keeping reboots inside QEMU would need every guest to load a pvpanic driver (the
+//! Debian cloud kernel builds it as a module the tiny image does not load); without
+//! it a panicking guest would reboot forever instead of stopping.
+
+mod console;
+mod probe;
+mod process;
+mod qmp;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::net::UnixStream;
+use tokio::sync::{Mutex, OnceCell, watch};
+use vmkit_core::{
+    AgentStream, DiskFormat, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig,
+    Resize, VmmHandle, VmmInfo, VmmState,
+};
+
+pub use probe::{Accel, AccelChoice};
+
+use console::ConsoleLog;
+use process::VmmProcess;
+use qmp::{Qmp, QmpError};
+
+/// The backend's name in handles.
+const KIND: &str = "qemu";
+/// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// How long `shutdown` waits for QEMU to exit after `quit`.
+const QUIT_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for the kernel to remove a SIGKILLed process.
+const KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long to wait for the console pump to write the last output of a gone VMM.
+const PUMP_SETTLE: Duration = Duration::from_secs(2);
+
+const QMP_SOCKET: &str = "qmp.sock";
+const AGENT_SOCKET: &str = "agent.sock";
+const CONSOLE_SOCKET: &str = "console.sock";
+const CONSOLE_LOG: &str = "console.log";
+const PID_FILE: &str = "qemu.pid";
+const QEMU_LOG: &str = "qemu.log";
+const STATE_FILE: &str = "vmkit-qemu.json";
+/// Every file the backend creates in a run directory.
+const RUN_FILES: [&str; 7] = [
+    QMP_SOCKET,
+    AGENT_SOCKET,
+    CONSOLE_SOCKET,
+    CONSOLE_LOG,
+    PID_FILE,
+    QEMU_LOG,
+    STATE_FILE,
+];
+
+/// Settings of the QEMU backend. Build with [`QemuConfig::new`] and the `with_`
+/// setters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QemuConfig {
+    /// The QEMU program (default `qemu-system-x86_64`, looked up in `PATH`).
+    pub binary: PathBuf,
+    /// The accelerator (default [`Accel::Auto`]).
+    pub accel: Accel,
+    /// Timeout of every QMP call, the connection included (default 10 s).
+    pub qmp_timeout: Duration,
+    /// How long QEMU may take to initialise at start (default 30 s).
+    pub start_timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+            qmp_timeout: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl QemuConfig {
+    /// The defaults: `qemu-system-x86_64` from `PATH`, automatic accelerator.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Uses `binary` as the QEMU program.
+    pub fn with_binary(mut self, binary: impl Into<PathBuf>) -> Self {
+        self.binary = binary.into();
+        self
+    }
+
+    /// Uses `accel` ([`Accel::Auto`] probes the host once).
+    pub fn with_accel(mut self, accel: Accel) -> Self {
+        self.accel = accel;
+        self
+    }
+
+    /// Sets the timeout of every QMP call.
+    pub fn with_qmp_timeout(mut self, timeout: Duration) -> Self {
+        self.qmp_timeout = timeout;
+        self
+    }
+
+    /// Sets how long QEMU may take to initialise at start.
+    pub fn with_start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+}
+
+/// The QEMU [`Hypervisor`] backend (`q35` machine, virtio devices, QMP control).
+///
+/// ```no_run
+/// use vmkit_hv::{Qemu, QemuConfig};
+///
+/// # async fn demo() {
+/// let qemu = Qemu::new(QemuConfig::new());
+/// println!("QEMU will use {}", qemu.accel_choice().await);
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Qemu {
+    config: QemuConfig,
+    accel: OnceCell<AccelChoice>,
+    /// Console pumps of the VMs this instance started or attached to, by run dir.
+    pumps: Mutex<HashMap<PathBuf, Pump>>,
+}
+
+/// A running console pump.
+#[derive(Debug)]
+struct Pump {
+    task: tokio::task::AbortHandle,
+    /// Closed when the task ends.
+    done: watch::Receiver<()>,
+}
+
+impl Pump {
+    fn is_finished(&self) -> bool {
+        self.done.has_changed().is_err()
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        // Like a daemon going away: the VMMs keep running, their consoles unread.
+        for pump in self.pumps.get_mut().values() {
+            pump.task.abort();
+        }
+    }
+}
+
+/// What `attach` needs that the handle does not carry.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunState {
+    console_limit: u64,
+}
+
+/// The files of one run directory.
+#[derive(Clone, Debug)]
+struct RunPaths {
+    dir: PathBuf,
+}
+
+impl RunPaths {
+    /// Paths under `dir` (made absolute: QEMU changes directory to `/`), checked to fit
+    /// Unix socket addresses.
+    fn new(dir: &Path) -> Result<Self, HypervisorError> {
+        let dir = std::path::absolute(dir).map_err(|e| {
+            HypervisorError::io(format!("cannot resolve run dir {}", dir.display()), e)
+        })?;
+        let paths = Self { dir };
+        let longest = [QMP_SOCKET, AGENT_SOCKET, CONSOLE_SOCKET]
+            .into_iter()
+            .map(|name| paths.file(name))
+            .max_by_key(|p| p.as_os_str().len())
+            .unwrap_or_default();
+        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "run dir {} is too long: its socket {} is {} bytes and Unix sockets allow \
+                 {MAX_SOCKET_PATH}; use a run dir of at most {} bytes",
+                paths.dir.display(),
+                longest.display(),
+                longest.as_os_str().len(),
+                MAX_SOCKET_PATH - 1 - CONSOLE_SOCKET.len(),
+            )));
+        }
+        Ok(paths)
+    }
+
+    fn from_handle(handle: &VmmHandle) -> Self {
+        Self {
+            dir: handle.run_dir.clone(),
+        }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Qemu {
+    /// A backend with `config`. Nothing runs until the first VM starts (which probes
+    /// the accelerator if it is [`Accel::Auto`]).
+    pub fn new(config: QemuConfig) -> Self {
+        Self {
+            config,
+            accel: OnceCell::new(),
+            pumps: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The backend's settings.
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// The accelerator VMs run with: [`Accel::Kvm`] or [`Accel::Tcg`]. The first call
+    /// probes the host when the config says [`Accel::Auto`]; later calls reuse it.
+    pub async fn accel(&self) -> Accel {
+        self.accel_choice().await.accel
+    }
+
+    /// The accelerator and the reason for it (for `vmkit doctor`). Probed once.
+    pub async fn accel_choice(&self) -> &AccelChoice {
+        self.accel
+            .get_or_init(|| async {
+                match self.config.accel {
+                    Accel::Auto => probe::probe(&self.config.binary).await,
+                    other => AccelChoice {
+                        accel: other,
+                        reason: "set in the configuration".to_owned(),
+                    },
+                }
+            })
+            .await
+    }
+
+    /// The QEMU arguments for `config` under `accel` (after `-daemonize`), with the run
+    /// files under `paths`.
+    fn command_line(config: &MachineConfig, accel: Accel, paths: &RunPaths) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
+        push(&[
+            "-pidfile".as_ref(),
+            paths.file(PID_FILE).as_os_str(),
+            "-D".as_ref(),
+            paths.file(QEMU_LOG).as_os_str(),
+            "-msg".as_ref(),
+            "timestamp=on".as_ref(),
+        ]);
+        let name = config.name.as_str();
+        let process_name = format!("guest={name},process=vmkit-{name}");
+        push(&["-name".as_ref(), process_name.as_ref()]);
+        push(&[
+            "-nodefaults".as_ref(),
+            "-no-user-config".as_ref(),
+            "-display".as_ref(),
+            "none".as_ref(),
+            "-S".as_ref(),
+            "-no-reboot".as_ref(),
+            "-M".as_ref(),
+            "q35".as_ref(),
+        ]);
+        let (accel, cpu) = match accel {
+            Accel::Kvm => ("kvm", "host"),
+            Accel::Tcg | Accel::Auto => ("tcg", "max"),
+        };
+        push(&[
+            "-accel".as_ref(),
+            accel.as_ref(),
+            "-cpu".as_ref(),
+            cpu.as_ref(),
+        ]);
+        let smp = format!("{},maxcpus={}", config.vcpus, config.max_vcpus);
+        let memory = format!("{}M", config.memory_mib);
+        push(&[
+            "-smp".as_ref(),
+            smp.as_ref(),
+            "-m".as_ref(),
+            memory.as_ref(),
+        ]);
+
+        push(&["-kernel".as_ref(), absolute(&config.kernel).as_os_str()]);
+        if let Some(initramfs) = &config.initramfs {
+            push(&["-initrd".as_ref(), absolute(initramfs).as_os_str()]);
+        }
+        push(&["-append".as_ref(), kernel_cmdline(&config.cmdline).as_ref()]);
+
+        for disk in &config.disks {
+            let mut drive = OsString::from("file=");
+            drive.push(escape_commas(absolute(&disk.path).as_os_str()));
+            drive.push(format!(
+                ",format={},if=virtio,cache=writeback,discard=unmap",
+                disk.format
+            ));
+            if disk.read_only {
+                drive.push(",readonly=on");
+            }
+            push(&["-drive".as_ref(), &drive]);
+        }
+        if let Some(nic) = &config.nic {
+            let netdev = format!("tap,id=n0,ifname={},script=no,downscript=no", nic.tap);
+            let device = format!("virtio-net-pci,netdev=n0,mac={}", nic.mac);
+            push(&[
+                "-netdev".as_ref(),
+                netdev.as_ref(),
+                "-device".as_ref(),
+                device.as_ref(),
+            ]);
+        }
+        push(&["-device".as_ref(), "virtio-rng-pci".as_ref()]);
+
+        let socket = |id: &str, name: &str| {
+            let mut s = OsString::from(format!("socket,id={id},path="));
+            s.push(escape_commas(paths.file(name).as_os_str()));
+            s.push(",server=on,wait=off");
+            s
+        };
+        let port = format!(
+            "virtserialport,chardev=agent,name={}",
+            vmkit_core::guest::VIRTIO_PORT_NAME
+        );
+        push(&[
+            "-device".as_ref(),
+            "virtio-serial-pci".as_ref(),
+            "-chardev".as_ref(),
+            &socket("agent", AGENT_SOCKET),
+            "-device".as_ref(),
+            port.as_ref(),
+            "-chardev".as_ref(),
+            &socket("console", CONSOLE_SOCKET),
+            "-serial".as_ref(),
+            "chardev:console".as_ref(),
+            "-chardev".as_ref(),
+            &socket("qmp", QMP_SOCKET),
+            "-mon".as_ref(),
+            "chardev=qmp,mode=control".as_ref(),
+        ]);
+        args
+    }
+
+    /// Starts QEMU for `config`. Records the VMM it started in `started` as soon as it
+    /// is known, so that on error the caller can stop it and clean up.
+    async fn launch(
+        &self,
+        config: &MachineConfig,
+        paths: &RunPaths,
+        started: &mut Option<VmmProcess>,
+    ) -> Result<VmmHandle, HypervisorError> {
+        let accel = self.accel().await;
+        let state = serde_json::to_vec(&RunState {
+            console_limit: config.console_limit,
+        })
+        .map_err(|e| HypervisorError::Protocol(format!("cannot encode the run state: {e}")))?;
+        tokio::fs::write(paths.file(STATE_FILE), state)
+            .await
+            .map_err(|e| HypervisorError::io("cannot write the run state", e))?;
+
+        let log = std::fs::File::create(paths.file(QEMU_LOG))
+            .map_err(|e| HypervisorError::io("cannot create qemu.log", e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| HypervisorError::io("cannot duplicate qemu.log", e))?;
+        let mut command = tokio::process::Command::new(&self.config.binary);
+        command
+            .arg("-daemonize")
+            .args(Self::command_line(config, accel, paths))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .kill_on_drop(true);
+        tracing::debug!(?command, "starting QEMU");
+        let mut launcher = command.spawn().map_err(|source| self.spawn_error(source))?;
+        let status = match tokio::time::timeout(self.config.start_timeout, launcher.wait()).await {
+            Ok(Ok(status)) => status,
+            Ok(Err(e)) => return Err(HypervisorError::io("cannot wait for QEMU to start", e)),
+            Err(_) => {
+                let _ = launcher.kill().await;
+                // The VMM may have forked and written its pid before hanging.
+                if let Ok(Some(pid)) = process::read_pidfile(&paths.file(PID_FILE)) {
+                    *started = Some(VmmProcess {
+                        pid,
+                        start_time: 0,
+                        marker: paths.file(QMP_SOCKET),
+                    });
+                }
+                return Err(HypervisorError::Timeout {
+                    operation: "start",
+                    timeout: self.config.start_timeout,
+                });
+            }
+        };
+        if !status.success() {
+            let log = tokio::fs::read(paths.file(QEMU_LOG))
+                .await
+                .unwrap_or_default();
+            let message = String::from_utf8_lossy(&log).trim().to_owned();
+            return Err(HypervisorError::Refused {
+                operation: "start",
+                message: if message.is_empty() {
+                    format!("QEMU exited with {status} and no message")
+                } else {
+                    message
+                },
+            });
+        }
+
+        let pid = process::read_pidfile(&paths.file(PID_FILE))
+            .map_err(|e| HypervisorError::io("cannot read QEMU's pid file", e))?
+            .ok_or_else(|| {
+                HypervisorError::Protocol("QEMU started but wrote no pid file".to_owned())
+            })?;
+        let stat = process::read_stat(pid)
+            .map_err(|e| HypervisorError::io(format!("cannot read /proc/{pid}/stat"), e))?
+            .ok_or(HypervisorError::NotRunning { pid })?;
+        let handle = make_handle(pid, stat.start_time, paths);
+        *started = Some(vmm_process(&handle));
+
+        self.ensure_pump(&handle, config.console_limit).await?;
+        let mut qmp = self.qmp(&handle, "start").await?;
+        self.wait_console_accepted(&handle, &mut qmp).await?;
+        qmp.execute("cont", None)
+            .await
+            .map_err(|e| self.qmp_error(&handle, "start", e))?;
+        Ok(handle)
+    }
+
+    /// Waits until QEMU has accepted the console pump's connection (its main loop does
+    /// that asynchronously), so that the guest's first byte reaches the log.
+    async fn wait_console_accepted(
+        &self,
+        handle: &VmmHandle,
+        qmp: &mut Qmp<UnixStream>,
+    ) -> Result<(), HypervisorError> {
+        let deadline = tokio::time::Instant::now() + self.config.qmp_timeout;
+        loop {
+            let chardevs = qmp
+                .execute("query-chardev", None)
+                .await
+                .map_err(|e| self.qmp_error(handle, "start", e))?;
+            let connected = chardevs.as_array().is_some_and(|all| {
+                all.iter().any(|c| {
+                    c["label"] == "console"
+                        && c["filename"]
+                            .as_str()
+                            .is_some_and(|f| !f.starts_with("disconnected:"))
+                })
+            });
+            if connected {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(HypervisorError::Timeout {
+                    operation: "connect the console",
+                    timeout: self.config.qmp_timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> HypervisorError {
+        let source = if source.kind() == std::io::ErrorKind::NotFound {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "{} not found; install QEMU (Debian/Ubuntu: apt install qemu-system-x86) \
+                     or set QemuConfig::with_binary",
+                    self.config.binary.display()
+                ),
+            )
+        } else {
+            source
+        };
+        HypervisorError::Spawn {
+            binary: self.config.binary.clone(),
+            source,
+        }
+    }
+
+    /// Undoes a failed start: kills the VMM it started, if any, and removes the files.
+    /// (When QEMU fails during its own start it exits by itself; the pid file may then
+    /// name another QEMU that holds its lock, which must not be touched.)
+    async fn abort_start(&self, paths: &RunPaths, started: Option<VmmProcess>, created_dir: bool) {
+        if let Some(vmm) = started {
+            if let Err(e) = vmm.kill() {
+                tracing::warn!(pid = vmm.pid, error = %e, "cannot kill QEMU after a failed start");
+            }
+            vmm.wait_gone(KILL_WAIT).await;
+        }
+        self.stop_pump(&paths.dir).await;
+        remove_run_files(paths, created_dir);
+    }
+
+    /// A QMP session with the VMM of `handle`, for `operation`.
+    async fn qmp(
+        &self,
+        handle: &VmmHandle,
+        operation: &'static str,
+    ) -> Result<Qmp<UnixStream>, HypervisorError> {
+        Qmp::connect(&handle.control_socket, self.config.qmp_timeout)
+            .await
+            .map_err(|e| self.qmp_error(handle, operation, e))
+    }
+
+    fn qmp_error(
+        &self,
+        handle: &VmmHandle,
+        operation: &'static str,
+        e: QmpError,
+    ) -> HypervisorError {
+        if !vmm_process(handle).is_alive() {
+            return HypervisorError::NotRunning { pid: handle.pid };
+        }
+        match e {
+            QmpError::Timeout(timeout) => HypervisorError::Timeout { operation, timeout },
+            QmpError::Command { desc, .. } => HypervisorError::Refused {
+                operation,
+                message: desc,
+            },
+            QmpError::Connect(source) => HypervisorError::io(
+                format!(
+                    "cannot connect to QMP at {} for {operation}",
+                    handle.control_socket.display()
+                ),
+                source,
+            ),
+            QmpError::Io(source) => {
+                HypervisorError::io(format!("QMP connection failed during {operation}"), source)
+            }
+            QmpError::Closed => HypervisorError::Protocol(format!(
+                "QEMU closed the QMP connection during {operation}"
+            )),
+            QmpError::Protocol(message) => HypervisorError::Protocol(message),
+        }
+    }
+
+    /// The guest's run state as QMP reports it (`running`, `paused`, ...).
+    async fn run_status(
+        &self,
+        handle: &VmmHandle,
+        qmp: &mut Qmp<UnixStream>,
+        operation: &'static str,
+    ) -> Result<String, HypervisorError> {
+        let status = qmp
+            .execute("query-status", None)
+            .await
+            .map_err(|e| self.qmp_error(handle, operation, e))?;
+        status
+            .get("status")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| HypervisorError::Protocol(format!("query-status returned {status}")))
+    }
+
+    /// Connects a console pump for `handle` unless one is running already.
+    async fn ensure_pump(&self, handle: &VmmHandle, cap: u64) -> Result<(), HypervisorError> {
+        let mut pumps = self.pumps.lock().await;
+        if pumps.get(&handle.run_dir).is_some_and(|p| !p.is_finished()) {
+            return Ok(());
+        }
+        let paths = RunPaths::from_handle(handle);
+        let socket = paths.file(CONSOLE_SOCKET);
+        let stream = tokio::time::timeout(self.config.qmp_timeout, UnixStream::connect(&socket))
+            .await
+            .map_err(|_| HypervisorError::Timeout {
+                operation: "connect the console",
+                timeout: self.config.qmp_timeout,
+            })?
+            .map_err(|e| {
+                HypervisorError::io(
+                    format!("cannot connect the console at {}", socket.display()),
+                    e,
+                )
+            })?;
+        let log = ConsoleLog::open(&paths.file(CONSOLE_LOG), cap)
+            .await
+            .map_err(|e| HypervisorError::io("cannot open the console log", e))?;
+        let (tx, rx) = watch::channel(());
+        let task = tokio::spawn(async move {
+            console::pump(stream, log).await;
+            drop(tx);
+        });
+        pumps.insert(
+            handle.run_dir.clone(),
+            Pump {
+                task: task.abort_handle(),
+                done: rx,
+            },
+        );
+        Ok(())
+    }
+
+    /// Waits (briefly) for the pump of a gone VMM to write its last output.
+    async fn settle_pump(&self, run_dir: &Path) {
+        let done = self.pumps.lock().await.get(run_dir).map(|p| p.done.clone());
+        if let Some(mut done) = done {
+            let _ =
+                tokio::time::timeout(PUMP_SETTLE, async { while done.changed().await.is_ok() {} })
+                    .await;
+        }
+    }
+
+    async fn stop_pump(&self, run_dir: &Path) {
+        if let Some(pump) = self.pumps.lock().await.remove(run_dir) {
+            pump.task.abort();
+        }
+    }
+
+    /// Kills the VMM of `handle` and waits until it is gone.
+    async fn force_stop(
+        &self,
+        handle: &VmmHandle,
+        operation: &'static str,
+    ) -> Result<(), HypervisorError> {
+        let vmm = vmm_process(handle);
+        vmm.kill().map_err(|e| {
+            HypervisorError::io(format!("cannot kill QEMU (pid {})", handle.pid), e)
+        })?;
+        if !vmm.wait_gone(KILL_WAIT).await {
+            return Err(HypervisorError::Timeout {
+                operation,
+                timeout: KILL_WAIT,
+            });
+        }
+        self.settle_pump(&handle.run_dir).await;
+        Ok(())
+    }
+
+    fn require_running(handle: &VmmHandle) -> Result<(), HypervisorError> {
+        if vmm_process(handle).is_alive() {
+            Ok(())
+        } else {
+            Err(HypervisorError::NotRunning { pid: handle.pid })
+        }
+    }
+}
+
+#[async_trait]
+impl Hypervisor for Qemu {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn capabilities(&self) -> HypervisorCapabilities {
+        let mut caps = HypervisorCapabilities::default();
+        caps.pause = true;
+        caps.disk_formats = vec![DiskFormat::Qcow2, DiskFormat::Raw];
+        caps
+    }
+
+    async fn start(&self, config: &MachineConfig) -> Result<VmmHandle, HypervisorError> {
+        validate(config)?;
+        let paths = RunPaths::new(&config.run_dir)?;
+        let created_dir = prepare_run_dir(&paths)?;
+        // Cleans up if this future is dropped half-way; errors clean up below.
+        let mut guard = StartGuard {
+            paths: &paths,
+            started: None,
+            created_dir,
+            armed: true,
+        };
+        let result = self.launch(config, &paths, &mut guard.started).await;
+        guard.armed = false;
+        match result {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                self.abort_start(&paths, guard.started.take(), created_dir)
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
+        if handle.backend != KIND {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "the handle belongs to the {} backend, not {KIND}",
+                handle.backend
+            )));
+        }
+        Self::require_running(handle)?;
+        let mut qmp = self.qmp(handle, "attach").await?;
+        let status = self.run_status(handle, &mut qmp, "attach").await?;
+        drop(qmp);
+        let state = read_run_state(&RunPaths::from_handle(handle)).await;
+        self.ensure_pump(handle, state.console_limit).await?;
+        Ok(map_status(&status))
+    }
+
+    async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
+        let exited = || vmm_info(VmmState::Exited, handle.pid, 0, 0);
+        if !vmm_process(handle).is_alive() {
+            return Ok(exited());
+        }
+        let result = async {
+            let mut qmp = self.qmp(handle, "info").await?;
+            let status = self.run_status(handle, &mut qmp, "info").await?;
+            let cpus = qmp
+                .execute("query-cpus-fast", None)
+                .await
+                .map_err(|e| self.qmp_error(handle, "info", e))?;
+            let memory = qmp
+                .execute("query-memory-size-summary", None)
+                .await
+                .map_err(|e| self.qmp_error(handle, "info", e))?;
+            let vcpus = cpus.as_array().map_or(0, Vec::len) as u32;
+            let bytes = memory["base-memory"].as_u64().unwrap_or(0)
+                + memory["plugged-memory"].as_u64().unwrap_or(0);
+            Ok(vmm_info(
+                map_status(&status),
+                handle.pid,
+                vcpus,
+                bytes >> 20,
+            ))
+        }
+        .await;
+        match result {
+            // It exited while we asked.
+            Err(HypervisorError::NotRunning { .. }) => Ok(exited()),
+            other => other,
+        }
+    }
+
+    async fn shutdown(&self, handle: &VmmHandle, grace: Duration) -> Result<(), HypervisorError> {
+        let vmm = vmm_process(handle);
+        if !vmm.is_alive() {
+            self.settle_pump(&handle.run_dir).await;
+            return Ok(());
+        }
+        // Ask politely; a guest that cannot hear (paused, not yet booted) is resumed or
+        // skipped. Failures here only mean going on to the next step sooner.
+        match self.qmp(handle, "shutdown").await {
+            Ok(mut qmp) => {
+                let status = self.run_status(handle, &mut qmp, "shutdown").await;
+                let ask = match status.as_deref() {
+                    Ok("paused") => qmp.execute("cont", None).await.is_ok(),
+                    Ok("running") => true,
+                    _ => false,
+                };
+                if ask && let Err(e) = qmp.execute("system_powerdown", None).await {
+                    tracing::debug!(pid = handle.pid, error = %e, "system_powerdown failed");
+                }
+                drop(qmp);
+                if ask && vmm.wait_gone(grace).await {
+                    self.settle_pump(&handle.run_dir).await;
+                    return Ok(());
+                }
+            }
+            Err(e) => {
+                tracing::debug!(pid = handle.pid, error = %e, "no QMP for a graceful shutdown")
+            }
+        }
+        // Then `quit`, which flushes the disks, then SIGKILL.
+        if let Ok(mut qmp) = self.qmp(handle, "shutdown").await {
+            match qmp.execute("quit", None).await {
+                Ok(_) | Err(QmpError::Closed) => {}
+                Err(e) => tracing::debug!(pid = handle.pid, error = %e, "quit failed"),
+            }
+            drop(qmp);
+            if vmm.wait_gone(QUIT_WAIT).await {
+                self.settle_pump(&handle.run_dir).await;
+                return Ok(());
+            }
+        }
+        tracing::warn!(
+            pid = handle.pid,
+            "QEMU ignored shutdown and quit; killing it"
+        );
+        self.force_stop(handle, "shutdown").await
+    }
+
+    async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.force_stop(handle, "kill").await
+    }
+
+    async fn pause(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        Self::require_running(handle)?;
+        let mut qmp = self.qmp(handle, "pause").await?;
+        let status = self.run_status(handle, &mut qmp, "pause").await?;
+        if status != "running" {
+            return Err(HypervisorError::Refused {
+                operation: "pause",
+                message: format!("the guest is {status}, not running"),
+            });
+        }
+        qmp.execute("stop", None)
+            .await
+            .map_err(|e| self.qmp_error(handle, "pause", e))?;
+        Ok(())
+    }
+
+    async fn resume(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        Self::require_running(handle)?;
+        let mut qmp = self.qmp(handle, "resume").await?;
+        let status = self.run_status(handle, &mut qmp, "resume").await?;
+        if status != "paused" {
+            return Err(HypervisorError::Refused {
+                operation: "resume",
+                message: format!("the guest is {status}, not paused"),
+            });
+        }
+        qmp.execute("cont", None)
+            .await
+            .map_err(|e| self.qmp_error(handle, "resume", e))?;
+        Ok(())
+    }
+
+    async fn resize(&self, _handle: &VmmHandle, _resize: Resize) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            backend: KIND,
+            operation: "resize",
+        })
+    }
+
+    async fn snapshot(&self, _handle: &VmmHandle, _dir: &Path) -> Result<(), HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            backend: KIND,
+            operation: "snapshot",
+        })
+    }
+
+    async fn restore(
+        &self,
+        _config: &MachineConfig,
+        _dir: &Path,
+    ) -> Result<VmmHandle, HypervisorError> {
+        Err(HypervisorError::Unsupported {
+            backend: KIND,
+            operation: "restore",
+        })
+    }
+
+    async fn connect_agent(&self, handle: &VmmHandle) -> Result<AgentStream, HypervisorError> {
+        Self::require_running(handle)?;
+        let stream = UnixStream::connect(&handle.agent_socket)
+            .await
+            .map_err(|e| {
+                HypervisorError::io(
+                    format!(
+                        "cannot connect to the agent socket {}",
+                        handle.agent_socket.display()
+                    ),
+                    e,
+                )
+            })?;
+        Ok(Box::new(stream))
+    }
+
+    async fn console_tail(
+        &self,
+        handle: &VmmHandle,
+        max_bytes: usize,
+    ) -> Result<String, HypervisorError> {
+        if !vmm_process(handle).is_alive() {
+            self.settle_pump(&handle.run_dir).await;
+        }
+        let path = RunPaths::from_handle(handle).file(CONSOLE_LOG);
+        let bytes = console::read_tail(&path, max_bytes as u64)
+            .await
+            .map_err(|e| HypervisorError::io(format!("cannot read {}", path.display()), e))?;
+        Ok(console::tail_text(&bytes))
+    }
+
+    async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        if vmm_process(handle).is_alive() {
+            return Err(HypervisorError::Refused {
+                operation: "cleanup",
+                message: format!(
+                    "QEMU (pid {}) still runs; shut it down or kill it first",
+                    handle.pid
+                ),
+            });
+        }
+        self.stop_pump(&handle.run_dir).await;
+        match tokio::fs::remove_dir_all(&handle.run_dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(HypervisorError::io(
+                format!("cannot remove run dir {}", handle.run_dir.display()),
+                e,
+            )),
+        }
+    }
+}
+
+/// Undoes a start whose future was dropped before it finished: SIGKILL to the VMM (no
+/// waiting, in a destructor) and removal of the files.
+struct StartGuard<'a> {
+    paths: &'a RunPaths,
+    started: Option<VmmProcess>,
+    created_dir: bool,
+    armed: bool,
+}
+
+impl Drop for StartGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let started = self.started.take().or_else(|| {
+            let pid = process::read_pidfile(&self.paths.file(PID_FILE)).ok()??;
+            Some(VmmProcess {
+                pid,
+                start_time: 0,
+                marker: self.paths.file(QMP_SOCKET),
+            })
+        });
+        if let Some(vmm) = started
+            && let Err(e) = vmm.kill()
+        {
+            tracing::warn!(pid = vmm.pid, error = %e, "cannot kill QEMU of a cancelled start");
+        }
+        remove_run_files(self.paths, self.created_dir);
+    }
+}
+
+/// The kernel command line: the config's, `panic=-1` unless it chooses, and the
+/// serial console.
+fn kernel_cmdline(cmdline: &str) -> String {
+    let mut line = cmdline.trim().to_owned();
+    if !line
+        .split_ascii_whitespace()
+        .any(|w| w.starts_with("panic="))
+    {
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str("panic=-1");
+    }
+    line.push_str(" console=ttyS0");
+    line
+}
+
+/// `path` made absolute, as a daemonized QEMU works in `/`.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
+}
+
+/// A value for a QEMU option list: commas are doubled.
+fn escape_commas(value: &OsStr) -> OsString {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        out.push(b);
+        if b == b',' {
+            out.push(b',');
+        }
+    }
+    OsString::from(<OsStr as OsStrExt>::from_bytes(&out))
+}
+
+/// Checks what QEMU would otherwise reject late or obscurely.
+fn validate(config: &MachineConfig) -> Result<(), HypervisorError> {
+    let invalid = |msg: String| Err(HypervisorError::InvalidConfig(msg));
+    if config.disks.is_empty() {
+        return invalid("a QEMU machine needs at least its root disk".to_owned());
+    }
+    if config.vcpus == 0 || config.max_vcpus < config.vcpus {
+        return invalid(format!(
+            "vcpus must be at least 1 and at most max_vcpus (got {} and {})",
+            config.vcpus, config.max_vcpus
+        ));
+    }
+    if config.memory_mib == 0 {
+        return invalid("memory_mib must be more than 0".to_owned());
+    }
+    let files = std::iter::once(("kernel", &config.kernel))
+        .chain(config.initramfs.iter().map(|p| ("initramfs", p)))
+        .chain(config.disks.iter().map(|d| ("disk", &d.path)));
+    for (what, path) in files {
+        if !path.exists() {
+            return invalid(format!("the {what} {} does not exist", path.display()));
+        }
+    }
+    if let Some(nic) = &config.nic {
+        let valid = !nic.tap.is_empty()
+            && nic.tap.len() <= 15
+            && nic
+                .tap
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            return invalid(format!(
+                "TAP name {:?} is not 1 to 15 letters, digits, '-', '_' or '.'",
+                nic.tap
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the run dir (returning whether it did), refusing one a live QEMU uses.
+fn prepare_run_dir(paths: &RunPaths) -> Result<bool, HypervisorError> {
+    if let Ok(Some(pid)) = process::read_pidfile(&paths.file(PID_FILE)) {
+        let previous = VmmProcess {
+            pid,
+            start_time: 0,
+            marker: paths.file(QMP_SOCKET),
+        };
+        if previous.is_alive() {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "run dir {} is in use by QEMU pid {pid}",
+                paths.dir.display()
+            )));
+        }
+    }
+    let existed = paths.dir.is_dir();
+    std::fs::create_dir_all(&paths.dir).map_err(|e| {
+        HypervisorError::io(format!("cannot create run dir {}", paths.dir.display()), e)
+    })?;
+    Ok(!existed)
+}
+
+/// Removes the backend's files from a run dir, and the dir if it is then empty (or
+/// the backend created it).
+fn remove_run_files(paths: &RunPaths, created_dir: bool) {
+    for name in RUN_FILES {
+        let _ = std::fs::remove_file(paths.file(name));
+    }
+    let _ = std::fs::remove_file(paths.file(CONSOLE_LOG).with_extension("log.tmp"));
+    if created_dir {
+        let _ = std::fs::remove_dir_all(&paths.dir);
+    } else {
+        let _ = std::fs::remove_dir(&paths.dir);
+    }
+}
+
+async fn read_run_state(paths: &RunPaths) -> RunState {
+    let default = RunState {
+        console_limit: 1 << 20,
+    };
+    match tokio::fs::read(paths.file(STATE_FILE)).await {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or(default),
+        Err(_) => default,
+    }
+}
+
+fn vmm_process(handle: &VmmHandle) -> VmmProcess {
+    VmmProcess {
+        pid: handle.pid,
+        start_time: handle.pid_start,
+        marker: handle.control_socket.clone(),
+    }
+}
+
+/// Maps QEMU's `RunState` to the trait's states.
+fn map_status(status: &str) -> VmmState {
+    match status {
+        "running" => VmmState::Running,
+        "prelaunch" | "inmigrate" => VmmState::Created,
+        "shutdown" | "guest-panicked" | "internal-error" => VmmState::Shutdown,
+        _ => VmmState::Paused,
+    }
+}
+
+fn make_handle(pid: u32, pid_start: u64, paths: &RunPaths) -> VmmHandle {
+    VmmHandle::new(
+        KIND,
+        pid,
+        pid_start,
+        paths.dir.clone(),
+        paths.file(QMP_SOCKET),
+        paths.file(AGENT_SOCKET),
+    )
+}
+
+fn vmm_info(state: VmmState, pid: u32, vcpus: u32, memory_mib: u64) -> VmmInfo {
+    VmmInfo::new(state, pid, vcpus, memory_mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmkit_core::{DiskConfig, MacAddr, NicConfig, VmId, VmName};
+
+    fn machine(dir: &Path) -> MachineConfig {
+        let mut config = MachineConfig::new(
+            VmId::generate(),
+            VmName::new("alpha").unwrap(),
+            dir.join("run"),
+            dir.join("vmlinuz"),
+        );
+        config.initramfs = Some(dir.join("initrd.img"));
+        config.cmdline = "root=/dev/vda rw".to_owned();
+        config.disks = vec![DiskConfig::new(dir.join("a,b.qcow2"), DiskFormat::Qcow2)];
+        config.nic = Some(NicConfig::new("vmk0", MacAddr([0x52, 0x54, 0, 1, 2, 3])));
+        config.vcpus = 2;
+        config.max_vcpus = 4;
+        config.memory_mib = 256;
+        config
+    }
+
+    fn args_of(config: &MachineConfig, accel: Accel) -> Vec<String> {
+        let paths = RunPaths::new(&config.run_dir).unwrap();
+        Qemu::command_line(config, accel, &paths)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn value_after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn command_line_has_every_device_with_explicit_formats() {
+        let dir = Path::new("/srv/vm");
+        let args = args_of(&machine(dir), Accel::Tcg);
+        assert_eq!(value_after(&args, "-accel"), ["tcg"]);
+        assert_eq!(value_after(&args, "-cpu"), ["max"]);
+        assert_eq!(value_after(&args, "-smp"), ["2,maxcpus=4"]);
+        assert_eq!(value_after(&args, "-m"), ["256M"]);
+        assert_eq!(value_after(&args, "-M"), ["q35"]);
+        assert_eq!(
+            value_after(&args, "-append"),
+            ["root=/dev/vda rw panic=-1 console=ttyS0"]
+        );
+        assert_eq!(
+            value_after(&args, "-drive"),
+            ["file=/srv/vm/a,,b.qcow2,format=qcow2,if=virtio,cache=writeback,discard=unmap"]
+        );
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["tap,id=n0,ifname=vmk0,script=no,downscript=no"]
+        );
+        assert!(
+            value_after(&args, "-device")
+                .contains(&"virtio-net-pci,netdev=n0,mac=52:54:00:01:02:03")
+        );
+        assert!(
+            value_after(&args, "-device")
+                .contains(&"virtserialport,chardev=agent,name=org.vmkit.agent.0")
+        );
+        assert!(
+            value_after(&args, "-chardev")
+                .contains(&"socket,id=qmp,path=/srv/vm/run/qmp.sock,server=on,wait=off")
+        );
+        for flag in ["-nodefaults", "-no-user-config", "-S", "-no-reboot"] {
+            assert!(args.iter().any(|a| a == flag), "{flag} is missing");
+        }
+    }
+
+    #[test]
+    fn kvm_uses_the_host_cpu() {
+        let args = args_of(&machine(Path::new("/srv/vm")), Accel::Kvm);
+        assert_eq!(value_after(&args, "-accel"), ["kvm"]);
+        assert_eq!(value_after(&args, "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn read_only_disks_are_opened_read_only() {
+        let mut config = machine(Path::new("/srv/vm"));
+        config.disks[0].read_only = true;
+        config.disks[0].format = DiskFormat::Raw;
+        let args = args_of(&config, Accel::Tcg);
+        assert!(
+            value_after(&args, "-drive")[0]
+                .ends_with(",format=raw,if=virtio,cache=writeback,discard=unmap,readonly=on")
+        );
+    }
+
+    #[test]
+    fn a_cmdline_that_sets_panic_keeps_it() {
+        assert_eq!(
+            kernel_cmdline("panic=10 quiet"),
+            "panic=10 quiet console=ttyS0"
+        );
+        assert_eq!(kernel_cmdline(""), "panic=-1 console=ttyS0");
+    }
+
+    #[test]
+    fn a_run_dir_too_long_for_unix_sockets_is_invalid_config() {
+        let long = PathBuf::from("/").join("d".repeat(100));
+        let err = RunPaths::new(&long).unwrap_err();
+        assert!(
+            matches!(&err, HypervisorError::InvalidConfig(m) if m.contains("too long")),
+            "{err}"
+        );
+        let fits = PathBuf::from("/").join("d".repeat(MAX_SOCKET_PATH - 2 - CONSOLE_SOCKET.len()));
+        RunPaths::new(&fits).unwrap();
+    }
+
+    #[test]
+    fn a_bad_tap_name_is_invalid_config() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["vmlinuz", "initrd.img", "a,b.qcow2"] {
+            std::fs::write(dir.path().join(f), b"").unwrap();
+        }
+        let mut config = machine(dir.path());
+        validate(&config).unwrap();
+        config.nic = Some(NicConfig::new(
+            "tap,script=/evil",
+            MacAddr([0x52, 0x54, 0, 0, 0, 1]),
+        ));
+        assert!(matches!(
+            validate(&config),
+            Err(HypervisorError::InvalidConfig(_))
+        ));
+    }
+
+    #[test]
+    fn handle_info_and_capabilities_describe_the_qemu_vmm() {
+        let paths = RunPaths::new(Path::new("/run/vm")).unwrap();
+        let handle = make_handle(7, 99, &paths);
+        assert_eq!((handle.pid, handle.pid_start), (7, 99));
+        assert_eq!(handle.control_socket, Path::new("/run/vm/qmp.sock"));
+        assert_eq!(handle.agent_socket, Path::new("/run/vm/agent.sock"));
+        let info = vmm_info(VmmState::Paused, 7, 2, 512);
+        assert_eq!(
+            (info.state, info.vcpus, info.memory_mib),
+            (VmmState::Paused, 2, 512)
+        );
+        let caps = Qemu::new(QemuConfig::new()).capabilities();
+        assert!(caps.pause && !caps.snapshot && !caps.resize_vcpus && !caps.resize_memory);
+        assert_eq!(caps.disk_formats, [DiskFormat::Qcow2, DiskFormat::Raw]);
+    }
+
+    #[test]
+    fn qemu_run_states_map_to_vmm_states() {
+        assert_eq!(map_status("running"), VmmState::Running);
+        assert_eq!(map_status("paused"), VmmState::Paused);
+        assert_eq!(map_status("prelaunch"), VmmState::Created);
+        assert_eq!(map_status("shutdown"), VmmState::Shutdown);
+        assert_eq!(map_status("internal-error"), VmmState::Shutdown);
+    }
+}

@@ -1,0 +1,487 @@
+//! The QEMU backend against real QEMU (TCG on hosts without a usable KVM), booting the
+//! tiny test image: the generic hypervisor suite, then what is specific to QEMU.
+//!
+//! Needs the image from `scripts/test-assets.sh` (see `vmkit_core::testing::test_image`).
+//! Every VM gets a fresh run dir and a qcow2 overlay of the image's rootfs in a
+//! temporary directory; the fixture kills any QEMU it started when it is dropped, so a
+//! failing test leaves no process or directory behind.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use vmkit_core::guest::ExecRequest;
+use vmkit_core::testing::suites::{HypervisorFixture, hypervisor_suite, wait_for_agent};
+use vmkit_core::testing::test_image;
+use vmkit_core::{
+    DiskConfig, DiskFormat, Hypervisor, HypervisorError, Image, MachineConfig, VmId, VmName,
+    VmmState,
+};
+use vmkit_hv::{Qemu, QemuConfig};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Run dirs and root overlays in a short temporary directory (socket paths must stay
+/// under 108 bytes).
+struct Fixture {
+    dir: tempfile::TempDir,
+    image: Image,
+    issued: Mutex<Vec<PathBuf>>,
+    counter: AtomicU32,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("vmkq")
+            .tempdir_in("/tmp")
+            .unwrap();
+        Self {
+            dir,
+            image: test_image("tiny"),
+            issued: Mutex::new(Vec::new()),
+            counter: AtomicU32::new(0),
+        }
+    }
+
+    /// A fresh qcow2 overlay over the image's rootfs, which stays pristine.
+    fn overlay(&self, name: &str) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir.path().join(format!("{name}-{n}.qcow2"));
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&self.image.rootfs)
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "qemu-img create failed");
+        path
+    }
+
+    fn run_dir(&self, name: &str) -> PathBuf {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let dir = self.dir.path().join(format!("{name}-{n}"));
+        self.issued.lock().unwrap().push(dir.clone());
+        dir
+    }
+}
+
+impl HypervisorFixture for Fixture {
+    fn machine(&self, name: &str) -> MachineConfig {
+        let mut config = MachineConfig::new(
+            VmId::generate(),
+            VmName::new(name).unwrap(),
+            self.run_dir(name),
+            self.image.kernel.clone(),
+        );
+        config.initramfs = self.image.initramfs.clone();
+        config.cmdline = self.image.cmdline.clone();
+        config.disks = vec![DiskConfig::new(self.overlay(name), DiskFormat::Qcow2)];
+        config.memory_mib = 256;
+        config
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        BOOT_TIMEOUT
+    }
+}
+
+impl Drop for Fixture {
+    /// Kills every QEMU still running from a run dir this fixture handed out.
+    fn drop(&mut self) {
+        for dir in self.issued.lock().unwrap().iter() {
+            let Ok(text) = std::fs::read_to_string(dir.join("qemu.pid")) else {
+                continue;
+            };
+            let Ok(pid) = text.trim().parse::<i32>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let marker = dir.join("qmp.sock");
+            let marker = marker.as_os_str().as_encoded_bytes();
+            if cmdline.windows(marker.len()).any(|w| w == marker) {
+                eprintln!(
+                    "fixture: killing leftover QEMU pid {pid} of {}",
+                    dir.display()
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Polls `info` until the VMM reports `Exited`.
+async fn wait_exited(qemu: &Qemu, handle: &vmkit_core::VmmHandle, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while qemu.info(handle).await.unwrap().state != VmmState::Exited {
+        assert!(
+            Instant::now() < deadline,
+            "the VMM did not exit within {timeout:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn assert_gone(dir: &Path) {
+    assert!(!dir.exists(), "{} is left behind", dir.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_passes_the_generic_hypervisor_suite() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let started = Instant::now();
+    hypervisor_suite(&qemu, &fx).await;
+    eprintln!(
+        "suite took {:?} with {}",
+        started.elapsed(),
+        qemu.accel_choice().await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_killed_from_outside_is_reported_exited() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let handle = qemu.start(&fx.machine("doomed")).await.unwrap();
+    assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Running);
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(handle.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+
+    wait_exited(&qemu, &handle, Duration::from_secs(10)).await;
+    assert!(matches!(
+        qemu.attach(&handle).await,
+        Err(HypervisorError::NotRunning { .. })
+    ));
+    assert!(qemu.connect_agent(&handle).await.is_err());
+    qemu.shutdown(&handle, Duration::from_secs(1))
+        .await
+        .unwrap();
+    qemu.cleanup(&handle).await.unwrap();
+    assert_gone(&handle.run_dir);
+}
+
+/// Set by `a_vm_outlives_the_process_that_started_it_and_is_reattached` for the helper.
+const HELPER_ENV: &str = "VMKIT_QEMU_TEST_HELPER_CONFIG";
+
+/// Not a test: the "daemon" that starts a VM and exits, run by the test below in a
+/// process of its own. Does nothing unless that test set its environment variable.
+#[tokio::test]
+#[ignore = "helper process of a_vm_outlives_the_process_that_started_it_and_is_reattached"]
+async fn helper_start_a_vm_and_exit() {
+    let Ok(json) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let config: MachineConfig = serde_json::from_str(&json).unwrap();
+    let handle = Qemu::new(QemuConfig::new()).start(&config).await.unwrap();
+    println!("HANDLE={}", serde_json::to_string(&handle).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_outlives_the_process_that_started_it_and_is_reattached() {
+    let fx = Fixture::new();
+    let config = fx.machine("survivor");
+    // The first daemon: a process that starts the VM and exits. Its stdout reaches end
+    // of file only if QEMU kept no copy of it.
+    let helper = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_start_a_vm_and_exit",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(HELPER_ENV, serde_json::to_string(&config).unwrap())
+        .stdin(std::process::Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), helper)
+        .await
+        .expect("the helper and its stdout end although the VM keeps running")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "helper failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let handle: vmkit_core::VmmHandle = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("HANDLE="))
+        .map(|json| serde_json::from_str(json).unwrap())
+        .expect("the helper printed the handle");
+
+    // The second daemon.
+    let qemu = Qemu::new(QemuConfig::new());
+    assert_eq!(qemu.attach(&handle).await.unwrap(), VmmState::Running);
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)).unwrap();
+    let ppid: u32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_ne!(
+        ppid,
+        std::process::id(),
+        "QEMU is not a child of the daemon"
+    );
+    let client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+    qemu.pause(&handle).await.unwrap();
+    assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Paused);
+    qemu.resume(&handle).await.unwrap();
+    let info = qemu.info(&handle).await.unwrap();
+    assert_eq!(
+        (info.state, info.vcpus, info.memory_mib),
+        (VmmState::Running, 1, 256)
+    );
+    let out = client
+        .exec_collect(
+            ExecRequest::new(["sh", "-c", "echo console-after-reattach > /dev/console"]),
+            1 << 16,
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.status.code, Some(0), "the agent answers after resume");
+    drop(client);
+
+    qemu.shutdown(&handle, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Exited);
+    let tail = qemu.console_tail(&handle, 64 * 1024).await.unwrap();
+    assert!(
+        tail.contains("console-after-reattach"),
+        "the re-attached console pump records new output; tail:\n{tail}"
+    );
+    qemu.cleanup(&handle).await.unwrap();
+    assert_gone(&handle.run_dir);
+}
+
+/// Within one process too: a dropped `Qemu` (its pumps stop) and a new one, whose
+/// shutdown falls back to `quit` when the booting guest does not act on ACPI in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_in_the_same_process_attaches_and_shuts_down() {
+    let fx = Fixture::new();
+    let first = Qemu::new(QemuConfig::new());
+    let handle = first.start(&fx.machine("twice")).await.unwrap();
+    drop(first);
+
+    let second = Qemu::new(QemuConfig::new());
+    assert_eq!(second.attach(&handle).await.unwrap(), VmmState::Running);
+    second
+        .shutdown(&handle, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(second.info(&handle).await.unwrap().state, VmmState::Exited);
+    second.cleanup(&handle).await.unwrap();
+    assert_gone(&handle.run_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_without_init_exits_and_its_console_tail_says_why() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let mut config = fx.machine("no-init");
+    config.cmdline.push_str(" init=/nonexistent");
+    let handle = qemu.start(&config).await.unwrap();
+
+    wait_exited(&qemu, &handle, BOOT_TIMEOUT).await;
+    let tail = qemu.console_tail(&handle, 4096).await.unwrap();
+    assert!(
+        tail.contains("no /nonexistent on /dev/vda"),
+        "the console shows the initramfs' reason; tail:\n{tail}"
+    );
+    assert!(
+        tail.contains("Kernel panic"),
+        "the console shows the panic; tail:\n{tail}"
+    );
+    qemu.cleanup(&handle).await.unwrap();
+    assert_gone(&handle.run_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_log_never_exceeds_its_cap() {
+    const CAP: u64 = 4096;
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let mut config = fx.machine("chatty");
+    config.console_limit = CAP;
+    let log = config.run_dir.join("console.log");
+    let handle = qemu.start(&config).await.unwrap();
+
+    // Sample the log's size all through the boot (the kernel alone prints ~20 KiB).
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let (log, stop) = (log.clone(), stop.clone());
+        async move {
+            let mut largest = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(m) = std::fs::metadata(&log) {
+                    largest = largest.max(m.len());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            largest
+        }
+    });
+    let client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+    let out = client
+        .exec_collect(ExecRequest::new(["dmesg"]), 1 << 20)
+        .await
+        .unwrap();
+    assert!(
+        out.stdout.len() as u64 > 2 * CAP,
+        "the guest printed more than the cap"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let largest = sampler.await.unwrap();
+    assert!(
+        largest <= CAP,
+        "console.log reached {largest} bytes during boot, over {CAP}"
+    );
+    drop(client);
+    qemu.kill(&handle).await.unwrap();
+
+    let size = std::fs::metadata(&log).unwrap().len();
+    assert!(
+        size <= CAP,
+        "console.log is {size} bytes, over its cap of {CAP}"
+    );
+    assert!(
+        size >= CAP / 2,
+        "the newest half of the cap is kept (got {size} bytes)"
+    );
+    let tail = qemu.console_tail(&handle, 1 << 20).await.unwrap();
+    assert!(tail.len() as u64 <= CAP);
+    assert!(
+        tail.contains("vmkit-agent") || tail.contains("vmkit_agent"),
+        "the kept part is the newest output (the agent's start); tail:\n{tail}"
+    );
+    qemu.cleanup(&handle).await.unwrap();
+    assert_gone(&handle.run_dir);
+}
+
+/// Live processes (not zombies) whose command line mentions `needle`.
+fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.as_os_str().as_encoded_bytes();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let zombie = stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'));
+            !zombie && cmdline.windows(needle.len()).any(|w| w == needle)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_cancelled_half_way_leaves_nothing_running() {
+    let fx = Fixture::new();
+    // A launcher that daemonizes QEMU, then lingers: the start is dropped while the VMM
+    // runs and the launcher has not reported yet.
+    let launcher = fx.dir.path().join("slow-qemu");
+    std::fs::write(
+        &launcher,
+        "#!/bin/sh\nqemu-system-x86_64 \"$@\" || exit $?\nexec sleep 60\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &launcher,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let qemu = Qemu::new(
+        QemuConfig::new()
+            .with_binary(&launcher)
+            .with_accel(vmkit_hv::Accel::Tcg),
+    );
+    let config = fx.machine("cancelled");
+    let pidfile = config.run_dir.join("qemu.pid");
+    let mut start = Box::pin(qemu.start(&config));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pidfile.exists() {
+        assert!(Instant::now() < deadline, "QEMU never wrote its pid file");
+        tokio::select! {
+            result = &mut start => panic!("the start finished early: {result:?}"),
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
+    }
+    let vmm: u32 = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    drop(start);
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !processes_mentioning(&config.run_dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU {vmm} of the cancelled start still runs"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_gone(&config.run_dir);
+}
+
+#[tokio::test]
+async fn a_missing_binary_is_a_spawn_error_and_leaves_no_run_dir() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(
+        QemuConfig::new()
+            .with_binary("/nonexistent/qemu-system-x86_64")
+            .with_accel(vmkit_hv::Accel::Tcg),
+    );
+    let config = fx.machine("nobin");
+    let err = qemu.start(&config).await.unwrap_err();
+    assert!(matches!(err, HypervisorError::Spawn { .. }), "{err:?}");
+    let source = std::error::Error::source(&err).unwrap().to_string();
+    assert!(
+        source.contains("qemu-system-x86"),
+        "the error says what to install: {source}"
+    );
+    assert_gone(&config.run_dir);
+}
+
+#[tokio::test]
+async fn qemu_failing_at_startup_reports_its_stderr_and_leaves_nothing_behind() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new().with_accel(vmkit_hv::Accel::Tcg));
+    let mut config = fx.machine("badisk");
+    // A raw file declared as qcow2: QEMU refuses to open it.
+    config.disks = vec![DiskConfig::new(fx.image.rootfs.clone(), DiskFormat::Qcow2)];
+    config.disks[0].read_only = true;
+    let err = qemu.start(&config).await.unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::Refused { operation: "start", message } if message.contains("qcow2")),
+        "QEMU's own message comes back: {err:?}"
+    );
+    assert_gone(&config.run_dir);
+}
+
+#[tokio::test]
+async fn the_accelerator_is_probed_once_and_explained() {
+    let qemu = Qemu::new(QemuConfig::new());
+    let first = qemu.accel_choice().await.clone();
+    let again = qemu.accel_choice().await.clone();
+    eprintln!("accelerator on this host: {first}");
+    assert_eq!(first, again, "the probe result is cached");
+    assert_ne!(first.accel, vmkit_hv::Accel::Auto, "the choice is resolved");
+    assert!(!first.reason.is_empty(), "the choice says why");
+}
