@@ -288,6 +288,27 @@ pub fn probe_host(options: &ProbeOptions) -> HostReport {
     }
 }
 
+/// Looks at the host as [`probe_host`] does, then — when KVM and QEMU are there —
+/// boots the QEMU backend's KVM probe guest to learn whether KVM runs a standard
+/// guest, and records it in [`HostReport::kvm_guest_boot`]. This is what `auto`
+/// needs: a KVM device that opens is not proof that a stock kernel runs under it.
+pub async fn probe_host_with_boot(options: &ProbeOptions) -> HostReport {
+    let blocking = options.clone();
+    let mut report = match tokio::task::spawn_blocking(move || probe_host(&blocking)).await {
+        Ok(report) => report,
+        Err(_) => probe_host(options),
+    };
+    if report.kvm.usable() && report.qemu.found() {
+        let qemu = crate::Qemu::new(crate::QemuConfig::new().with_binary(options.qemu.clone()));
+        let choice = qemu.accel_choice().await;
+        report.kvm_guest_boot = Some(GuestBootCheck::new(
+            choice.accel == crate::Accel::Kvm,
+            choice.reason.clone(),
+        ));
+    }
+    report
+}
+
 /// Picks the backend for `preference`. `auto` picks cloud-hypervisor when its
 /// program is there, the KVM device works and KVM has booted a standard guest
 /// ([`HostReport::kvm_guest_boot`] is `Some` and ok); otherwise QEMU, which also

@@ -7,10 +7,12 @@ use anyhow::{Context, bail};
 use tracing::{info, warn};
 use vmkit_core::{Backends, DirImageCatalog, Hypervisor, StateStore};
 
-use crate::config::{Config, HypervisorChoice};
+use vmkit_hv::probe::{self, Backend, Preference, ProbeOptions};
+
+use crate::config::Config;
 
 /// The real backends: the redb store, file volumes and the chosen hypervisor.
-pub fn real(config: &Config) -> anyhow::Result<Backends> {
+pub async fn real(config: &Config) -> anyhow::Result<Backends> {
     let store: Arc<dyn StateStore> = Arc::new(
         vmkit_store::RedbStore::open(config.data_dir.join("state.redb"))
             .context("opening the state store")?,
@@ -18,7 +20,7 @@ pub fn real(config: &Config) -> anyhow::Result<Backends> {
     let storage = vmkit_store::FileStorage::new(config.data_dir.join("volumes"))
         .context("preparing the volume directory")?;
     let images = DirImageCatalog::new(config.data_dir.join("images"));
-    let hypervisor = hypervisor(config)?;
+    let hypervisor = hypervisor(config).await?;
     info!(
         hypervisor = hypervisor.kind(),
         data_dir = %config.data_dir.display(),
@@ -32,30 +34,41 @@ pub fn real(config: &Config) -> anyhow::Result<Backends> {
     ))
 }
 
-fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
-    let qemu = || -> anyhow::Result<Arc<dyn Hypervisor>> {
-        let accel = match config.qemu.accel.as_str() {
-            "auto" => vmkit_hv::Accel::Auto,
-            "kvm" => vmkit_hv::Accel::Kvm,
-            "tcg" => vmkit_hv::Accel::Tcg,
-            other => bail!("qemu.accel = {other:?}; use auto, kvm or tcg"),
-        };
-        let qemu_config = vmkit_hv::QemuConfig::new()
-            .with_binary(config.qemu.binary.clone())
-            .with_accel(accel);
-        Ok(Arc::new(vmkit_hv::Qemu::new(qemu_config)))
+/// Picks the hypervisor: the configured one, or for `auto` cloud-hypervisor when
+/// its program is installed and KVM boots a standard guest, else QEMU.
+async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+    let accel = match config.qemu.accel.as_str() {
+        "auto" => vmkit_hv::Accel::Auto,
+        "kvm" => vmkit_hv::Accel::Kvm,
+        "tcg" => vmkit_hv::Accel::Tcg,
+        other => bail!("qemu.accel = {other:?}; use auto, kvm or tcg"),
     };
-    match config.hypervisor {
-        HypervisorChoice::Qemu => qemu(),
-        HypervisorChoice::Auto => {
-            // cloud-hypervisor is picked by auto once its backend lands; until then
-            // auto means QEMU.
-            qemu()
+    let backend = match config.hypervisor {
+        Preference::Qemu => Backend::Qemu,
+        Preference::CloudHypervisor => Backend::CloudHypervisor,
+        _ => {
+            let options = ProbeOptions::new(&config.data_dir)
+                .cloud_hypervisor(config.cloud_hypervisor.binary.clone())
+                .qemu(config.qemu.binary.clone());
+            let report = probe::probe_host_with_boot(&options).await;
+            let choice = probe::choose_backend(Preference::Auto, &report);
+            info!(backend = ?choice.backend, reason = %choice.reason, "hypervisor = auto");
+            for problem in &choice.problems {
+                warn!(%problem, "host problem");
+            }
+            choice.backend
         }
-        HypervisorChoice::CloudHypervisor => bail!(
-            "hypervisor = \"cloud-hypervisor\" is not available in this build yet; use \"qemu\" or \"auto\""
-        ),
-    }
+    };
+    Ok(match backend {
+        Backend::CloudHypervisor => Arc::new(vmkit_hv::CloudHypervisor::new(
+            vmkit_hv::ChConfig::new().binary(config.cloud_hypervisor.binary.clone()),
+        )),
+        _ => Arc::new(vmkit_hv::Qemu::new(
+            vmkit_hv::QemuConfig::new()
+                .with_binary(config.qemu.binary.clone())
+                .with_accel(accel),
+        )),
+    })
 }
 
 /// In-memory fakes of every backend, for trying the API without a KVM host. Nothing

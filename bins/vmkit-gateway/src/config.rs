@@ -6,17 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
-/// Which hypervisor backend to use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum HypervisorChoice {
-    /// cloud-hypervisor where it can run, else QEMU.
-    Auto,
-    /// QEMU.
-    Qemu,
-    /// cloud-hypervisor.
-    CloudHypervisor,
-}
+pub use vmkit_hv::probe::Preference as HypervisorChoice;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +40,8 @@ pub struct Config {
     pub quota: QuotaConfig,
     /// QEMU backend settings.
     pub qemu: QemuSection,
+    /// cloud-hypervisor backend settings.
+    pub cloud_hypervisor: ChSection,
 }
 
 /// Timeouts, in seconds.
@@ -104,6 +96,22 @@ pub struct QemuSection {
     pub accel: String,
 }
 
+/// cloud-hypervisor settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChSection {
+    /// The cloud-hypervisor program.
+    pub binary: PathBuf,
+}
+
+impl Default for ChSection {
+    fn default() -> Self {
+        Self {
+            binary: PathBuf::from("cloud-hypervisor"),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -116,6 +124,7 @@ impl Default for Config {
             limits: Limits::default(),
             quota: QuotaConfig::default(),
             qemu: QemuSection::default(),
+            cloud_hypervisor: ChSection::default(),
         }
     }
 }

@@ -109,7 +109,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     let backends = if fake {
         backends::fake(&config.data_dir)
     } else {
-        backends::real(&config)?
+        backends::real(&config).await?
     };
     ensure_local_user(&*backends.store).await?;
 

@@ -254,3 +254,36 @@ fn a_guest_that_never_says_hello_fails_create_with_its_console_and_is_cleaned_up
         Vec::<String>::new()
     );
 }
+
+#[test]
+fn data_disk_keeps_its_data_across_a_restart_and_rm_keep_data_keeps_only_it() {
+    let tmp = data_dir();
+    let d = real_daemon(tmp.path());
+    let out = d.cli(&[
+        "--json", "vm", "create", "store", "--memory", "256", "--disk", "1",
+    ]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let vm = json(&out);
+    let data_path = vm["resources"]["data"]["path"].as_str().unwrap().to_owned();
+    assert_eq!(vm["resources"]["data"]["size_bytes"], 1u64 << 30);
+
+    let write = "mkdir -p /mnt/data && mount -t ext4 /dev/vdb /mnt/data \
+                 && echo persisted-42 > /mnt/data/proof && sync && umount /mnt/data";
+    let out = d.cli(&["vm", "exec", "store", "--", "sh", "-c", write]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let out = d.cli(&["--json", "vm", "restart", "store"]);
+    assert_eq!(json(&out)["state"], "running", "{}", stderr(&out));
+    let read = "mkdir -p /mnt/data && mount -t ext4 /dev/vdb /mnt/data && cat /mnt/data/proof";
+    let out = d.cli(&["vm", "exec", "store", "--", "sh", "-c", read]);
+    assert_eq!(stdout(&out), "persisted-42\n", "{}", stderr(&out));
+
+    let out = d.cli(&["vm", "rm", "--keep-data", "store"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        files_under(&tmp.path().join("volumes/vm")),
+        vec![data_path.clone()],
+        "only the data volume is kept"
+    );
+    assert_eq!(files_under(&tmp.path().join("run")), Vec::<String>::new());
+}

@@ -44,6 +44,16 @@ enum Command {
     /// Build and list images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
+    /// which hypervisor `auto` picks.
+    Doctor {
+        /// The cloud-hypervisor program to look for.
+        #[arg(long, default_value = "cloud-hypervisor")]
+        cloud_hypervisor: PathBuf,
+        /// The QEMU program to look for.
+        #[arg(long, default_value = "qemu-system-x86_64")]
+        qemu: PathBuf,
+    },
     /// Show the event log.
     Events {
         /// Keep printing events as they happen.
@@ -251,6 +261,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Doctor {
+            cloud_hypervisor,
+            qemu,
+        } => doctor(&dir, cloud_hypervisor, qemu, json).await,
         Command::Events { follow, after } => {
             let path = format!("/v1/events?after={after}&follow={follow}");
             api.lines(Method::GET, &path, None::<&()>, |e: Event| {
@@ -407,6 +421,80 @@ async fn exec(api: &Api, args: ExecArgs, json: bool) -> anyhow::Result<ExitCode>
         None if json => Ok(ExitCode::SUCCESS),
         None => anyhow::bail!("the command's exit status never arrived (agent disconnected?)"),
     }
+}
+
+async fn doctor(
+    data_dir: &std::path::Path,
+    cloud_hypervisor: PathBuf,
+    qemu: PathBuf,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    use vmkit_hv::probe::{self, Backend, BinaryReport, Preference, ProbeOptions};
+    let options = ProbeOptions::new(data_dir)
+        .cloud_hypervisor(cloud_hypervisor)
+        .qemu(qemu);
+    let report = probe::probe_host_with_boot(&options).await;
+    let choice = probe::choose_backend(Preference::Auto, &report);
+    let picked = match choice.backend {
+        Backend::CloudHypervisor => "cloud-hypervisor",
+        _ => "qemu",
+    };
+    if json {
+        print_json(&serde_json::json!({
+            "report": report,
+            "auto": { "backend": picked, "reason": choice.reason, "problems": choice.problems },
+        }))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let kvm = match (&report.kvm.api_version, &report.kvm.problem) {
+        (Some(v), _) => format!("{} opens (API {v})", report.kvm.device.display()),
+        (None, Some(p)) => format!("unusable: {p}"),
+        (None, None) => "unusable".to_owned(),
+    };
+    println!("KVM device:        {kvm}");
+    match &report.kvm_guest_boot {
+        Some(check) => println!("KVM standard guest: {} ({})", yes(check.ok), check.detail),
+        None => println!("KVM standard guest: not tried (no usable KVM device or no QEMU)"),
+    }
+    let binary = |b: &BinaryReport| match (&b.path, &b.problem) {
+        (Some(path), _) => format!(
+            "{} ({})",
+            path.display(),
+            b.version.as_deref().unwrap_or("version unknown")
+        ),
+        (None, Some(problem)) => format!("not usable: {problem}"),
+        (None, None) => format!("{} not found", b.requested.display()),
+    };
+    println!("cloud-hypervisor:  {}", binary(&report.cloud_hypervisor));
+    println!("QEMU:              {}", binary(&report.qemu));
+    println!(
+        "network:           root {}, CAP_NET_ADMIN {} -> {}",
+        yes(report.network.root),
+        yes(report.network.cap_net_admin),
+        if report.network.may_configure() {
+            "may create bridges, TAPs and nftables rules"
+        } else {
+            "cannot create bridges or nftables rules: run the daemon as root"
+        }
+    );
+    match (report.disk.free_bytes, &report.disk.problem) {
+        (Some(free), _) => println!(
+            "disk:              {:.1} GiB free for {}",
+            free as f64 / f64::from(1u32 << 30),
+            report.disk.data_dir.display()
+        ),
+        (None, problem) => println!(
+            "disk:              unknown for {} ({})",
+            report.disk.data_dir.display(),
+            problem.as_deref().unwrap_or("no detail")
+        ),
+    }
+    println!("auto picks:        {picked} ({})", choice.reason);
+    for problem in &choice.problems {
+        println!("problem:           {problem}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
