@@ -122,7 +122,7 @@ async fn phases(s: &Setup, n: usize) -> [Duration; 3] {
 }
 
 /// The same image booted by a bare QEMU command line, to the agent's first byte.
-async fn plain_qemu_boot(dir: &Path, n: usize) -> Duration {
+async fn plain_qemu_boot(dir: &Path, accel: vmkit_hv::Accel, n: usize) -> Duration {
     let image = test_image("tiny");
     let run = dir.join(format!("plain-{n}"));
     std::fs::create_dir_all(&run).expect("run dir");
@@ -135,11 +135,15 @@ async fn plain_qemu_boot(dir: &Path, n: usize) -> Duration {
         .expect("qemu-img");
     assert!(status.success(), "qemu-img failed");
     let sock = run.join("agent.sock");
-    let accel = "tcg"; // as the QEMU backend resolves it on hosts where KVM cannot run the guest
+    // The accelerator the backend resolved, so both sides run alike.
+    let (accel, cpu) = match accel {
+        vmkit_hv::Accel::Kvm => ("kvm", "host"),
+        _ => ("tcg", "max"),
+    };
     let start = Instant::now();
     let mut qemu = Command::new("qemu-system-x86_64")
         .args([
-            "-M", "q35", "-accel", accel, "-cpu", "max", "-m", "256", "-smp", "1",
+            "-M", "q35", "-accel", accel, "-cpu", cpu, "-m", "256", "-smp", "1",
         ])
         .args([
             "-nodefaults",
@@ -156,6 +160,9 @@ async fn plain_qemu_boot(dir: &Path, n: usize) -> Duration {
         .arg(format!("{} console=ttyS0", image.cmdline))
         .arg("-drive")
         .arg(format!("file={},format=qcow2,if=virtio", overlay.display()))
+        // The same devices the backend gives every guest: entropy (the guest's
+        // crng is seeded from it early in boot) and the agent's port.
+        .args(["-device", "virtio-rng-pci"])
         .args(["-device", "virtio-serial-pci", "-chardev"])
         .arg(format!(
             "socket,id=agent,path={},server=on,wait=off",
@@ -218,13 +225,15 @@ fn boot(c: &mut Criterion) {
             total
         })
     });
+    let accel = rt.block_on(s.hv.accel());
+    println!("accelerator: {}", rt.block_on(s.hv.accel_choice()));
     let mut plain_runs = Vec::new();
     group.bench_function("plain_qemu_to_first_byte", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
                 n += 1;
-                let t = rt.block_on(plain_qemu_boot(&s.dir, n));
+                let t = rt.block_on(plain_qemu_boot(&s.dir, accel, n));
                 plain_runs.push(t);
                 total += t;
             }
