@@ -26,12 +26,39 @@ pub async fn real(config: &Config) -> anyhow::Result<Backends> {
         data_dir = %config.data_dir.display(),
         "backends ready"
     );
-    Ok(Backends::new(
-        hypervisor,
-        Arc::new(storage),
-        store,
-        Arc::new(images),
-    ))
+    let backends = Backends::new(hypervisor, Arc::new(storage), store, Arc::new(images));
+    Ok(match network(config)? {
+        Some(network) => backends.with_network(network),
+        None => backends,
+    })
+}
+
+/// The bridge network, when enabled.
+fn network(config: &Config) -> anyhow::Result<Option<Arc<dyn vmkit_core::Network>>> {
+    let n = &config.network;
+    if !n.enabled {
+        info!("guest networking is off (network.enabled = false): VMs get no NIC");
+        return Ok(None);
+    }
+    let subnet: vmkit_core::Ipv4Net = n
+        .subnet
+        .parse()
+        .with_context(|| format!("network.subnet = {:?}", n.subnet))?;
+    let dns = match n.dns.as_str() {
+        "auto" => vmkit_net::DnsForwarding::Auto,
+        "local" => vmkit_net::DnsForwarding::Local,
+        ip => vmkit_net::DnsForwarding::To(ip.parse().with_context(|| {
+            format!("network.dns = {ip:?}; use auto, local or an IPv4 address")
+        })?),
+    };
+    let bridge = vmkit_net::BridgeNetwork::new(
+        vmkit_net::BridgeConfig::new()
+            .bridge(n.bridge.clone())
+            .subnet(subnet)
+            .dns(dns),
+    )
+    .context("configuring the bridge network")?;
+    Ok(Some(Arc::new(bridge)))
 }
 
 /// Picks the hypervisor: the configured one, or for `auto` cloud-hypervisor when

@@ -42,6 +42,8 @@ pub struct Config {
     pub qemu: QemuSection,
     /// cloud-hypervisor backend settings.
     pub cloud_hypervisor: ChSection,
+    /// Guest networking.
+    pub network: NetworkSection,
 }
 
 /// Timeouts, in seconds.
@@ -96,6 +98,33 @@ pub struct QemuSection {
     pub accel: String,
 }
 
+/// Guest networking: a bridge with NAT and per-VM isolation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkSection {
+    /// Give VMs a network (bridge, TAP, NAT, isolation). Needs root.
+    pub enabled: bool,
+    /// The bridge.
+    pub bridge: String,
+    /// The guests' subnet; the bridge takes its first address.
+    pub subnet: String,
+    /// Where guests' DNS queries to their gateway go: `auto` (the host's resolver
+    /// from /etc/resolv.conf), `local` (a resolver the operator runs on the gateway
+    /// address), or an IPv4 address.
+    pub dns: String,
+}
+
+impl Default for NetworkSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            bridge: "br-vmkit".to_owned(),
+            subnet: "10.88.0.0/16".to_owned(),
+            dns: "auto".to_owned(),
+        }
+    }
+}
+
 /// cloud-hypervisor settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -125,6 +154,7 @@ impl Default for Config {
             quota: QuotaConfig::default(),
             qemu: QemuSection::default(),
             cloud_hypervisor: ChSection::default(),
+            network: NetworkSection::default(),
         }
     }
 }
