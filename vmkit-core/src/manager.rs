@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 use tracing::{debug, info, warn};
-use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo};
+use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
 use crate::error::ManagerError;
 use crate::event::{Event, EventKind, NewEvent};
@@ -372,6 +372,7 @@ impl Manager {
         self.save(vm).await?;
 
         self.wait_ready(vm, &handle).await?;
+        self.configure_guest(vm).await?;
         Ok(())
     }
 
@@ -545,7 +546,8 @@ impl Manager {
             let handle = b.hypervisor.start(&config).await?;
             vm.resources.vmm = Some(handle.clone());
             self.save(vm).await?;
-            self.wait_ready(vm, &handle).await.map(drop)
+            self.wait_ready(vm, &handle).await?;
+            self.configure_guest(vm).await
         }
         .await;
         match started {
@@ -669,6 +671,37 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Tells a freshly booted guest who it is: its address (when it has a NIC), its
+    /// host name (the VM's name) and its owner's SSH keys. Every call is idempotent,
+    /// so it runs again on every start.
+    async fn configure_guest(&self, vm: &VmRecord) -> Result<(), ManagerError> {
+        let client = self.agent(vm).await?;
+        let agent_error = |e: vmkit_guest::ClientError| ManagerError::Agent {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        };
+        if let Some(net) = &vm.resources.net {
+            let config = NetworkConfig::new(net.mac.to_string(), net.ip, net.prefix, net.gateway)
+                .with_dns(net.dns.iter().copied());
+            client
+                .configure_network(&config)
+                .await
+                .map_err(agent_error)?;
+        }
+        client
+            .set_hostname(vm.name.as_str())
+            .await
+            .map_err(agent_error)?;
+        let keys = self.inner.backends.store.ssh_keys(vm.owner).await?;
+        if !keys.is_empty() {
+            client
+                .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
+                .await
+                .map_err(agent_error)?;
+        }
+        Ok(())
     }
 
     fn agent_client_config(&self) -> ClientConfig {

@@ -490,3 +490,35 @@ async fn futures_join<T: Send + 'static>(
     }
     out
 }
+
+#[tokio::test]
+async fn a_new_guest_is_told_its_address_hostname_and_owners_keys() {
+    let host = FakeHost::new().await;
+    let key = vmkit_core::SshPublicKey::parse(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILCkWGIcqzUfwK2Ls1cyvWoL0Yu96sujsXIbpy6qXyQg alice@example",
+    )
+    .unwrap();
+    host.store.add_ssh_key(UserId::LOCAL, &key).await.unwrap();
+    let vm = host.manager.create(request("web")).await.unwrap();
+    let guest = host
+        .hypervisor
+        .guest(vm.resources.vmm.as_ref().unwrap().pid)
+        .unwrap();
+    assert_eq!(guest.hostname.as_deref(), Some("web"));
+    let net = guest.network.unwrap();
+    let lease = vm.resources.lease.unwrap();
+    assert_eq!(
+        (net.address, net.gateway, net.prefix),
+        (lease.ip, lease.gateway, lease.prefix)
+    );
+    assert_eq!(net.mac, lease.mac.to_string());
+    assert_eq!(guest.ssh_keys, vec![key.to_openssh()]);
+
+    // A restart configures the new guest again.
+    let vm = host.manager.restart(&name("web")).await.unwrap();
+    let guest = host
+        .hypervisor
+        .guest(vm.resources.vmm.as_ref().unwrap().pid)
+        .unwrap();
+    assert_eq!(guest.hostname.as_deref(), Some("web"));
+}

@@ -1,7 +1,17 @@
 //! The real in-guest handler, used by the `vmkit-agent` binary.
 
+mod files;
+mod http;
+mod logs;
+mod metrics;
+mod network;
+mod system;
+mod upgrade;
+
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
@@ -11,7 +21,11 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 use crate::message::{ExecRequest, ExitStatus, HelloInfo};
-use crate::server::{Handler, OutputSink};
+use crate::ops::{
+    HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
+    UpgradeRequest, WriteFileRequest,
+};
+use crate::server::{Handler, InputStream, OutputSink};
 
 /// `PATH` given to commands when neither the agent nor the request has one.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -23,8 +37,9 @@ const DRAIN_GRACE: Duration = Duration::from_millis(250);
 /// Delay between answering a shutdown request and going down, so the answer gets out.
 const SHUTDOWN_DELAY: Duration = Duration::from_millis(250);
 
-/// The in-guest [`Handler`]: runs commands with the agent's privileges and powers the
-/// guest off with `reboot(2)`.
+/// The in-guest [`Handler`]: runs commands with the agent's privileges, manages the
+/// guest's network, host name, SSH keys, files and users, reports its load and logs,
+/// replaces the agent binary, and powers the guest off.
 ///
 /// - `hello` reports this crate's version, the kernel's boot id and release, and the CPU
 ///   architecture.
@@ -32,18 +47,95 @@ const SHUTDOWN_DELAY: Duration = Duration::from_millis(250);
 ///   the agent's, pipes `stdin` in, streams stdout and stderr in chunks as they come, and
 ///   kills the whole group with `SIGKILL` when the timeout passes (reported as
 ///   `timed_out`) or when the request is cancelled because the host went away.
-/// - `shutdown` syncs the filesystems, answers, and shortly after calls `reboot(2)`.
+/// - `shutdown` syncs the filesystems, answers, and shortly after asks systemd to power
+///   off or reboot (`systemctl`) when systemd is PID 1, else calls `reboot(2)`.
+/// - `configure_network` talks netlink: finds the interface by MAC, sets its MTU, brings
+///   it up, replaces its IPv4 addresses with the one given, replaces the default route
+///   and writes `/etc/resolv.conf` atomically.
+/// - `set_hostname` calls `sethostname(2)` and rewrites `/etc/hostname` and the
+///   `127.0.1.1` line of `/etc/hosts`.
+/// - `install_ssh_keys` rewrites the block vmkit manages in the user's
+///   `~/.ssh/authorized_keys` (mode 0600, `~/.ssh` 0700, both owned by the user). The
+///   default user is the one named in `/etc/vmkit/default-user`, else `root`.
+/// - `read_file` and `write_file` stream files; writes are atomic (temporary file in the
+///   same directory, fsync, rename, fsync of the directory).
+/// - `metrics` samples `/proc` and `statvfs(3)`, and asks Docker when it is installed.
+/// - `logs` runs `journalctl` for a unit, or reads the end of a file; both can follow.
+/// - `harden` creates the deploy user with `useradd` (sudo without a password, the SSH
+///   keys of the default user), writes `/etc/ssh/sshd_config.d/50-vmkit.conf` and reloads
+///   sshd.
+/// - `upgrade` takes the new binary from the channel or an `http://` URL, checks its
+///   SHA-256 and that it runs (`--version`), renames it over the running binary, and exits
+///   shortly after answering so that systemd (`Restart=always`) or init (`respawn`)
+///   starts the new one.
 ///
 /// It assumes the agent is not PID 1 (an init reaps orphans and owns the shutdown path).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct SystemHandler {}
+pub struct SystemHandler {
+    root: PathBuf,
+    agent_path: Option<PathBuf>,
+    restart_after_upgrade: bool,
+    /// Serialises the edits of configuration files (authorized_keys, hosts, ...).
+    edits: Arc<tokio::sync::Mutex<()>>,
+    /// Held while an upgrade runs.
+    upgrading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Default for SystemHandler {
+    fn default() -> Self {
+        SystemHandler {
+            root: PathBuf::from("/"),
+            agent_path: None,
+            restart_after_upgrade: true,
+            edits: Arc::default(),
+            upgrading: Arc::default(),
+        }
+    }
+}
 
 impl SystemHandler {
     /// A handler for the system the agent runs on.
     pub fn new() -> Self {
-        SystemHandler {}
+        Self::default()
     }
+
+    /// Reads and writes the system's configuration (`etc/...`, home directories) under
+    /// `root` instead of `/`, and leaves services alone (no sshd reload): for tests.
+    /// Paths the host names (files, logs) are used as they are.
+    pub fn with_root(mut self, root: impl Into<PathBuf>) -> Self {
+        self.root = root.into();
+        self
+    }
+
+    /// Installs upgrades at `path` instead of over the running executable.
+    pub fn with_agent_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.agent_path = Some(path.into());
+        self
+    }
+
+    /// Whether to exit after an upgrade so that the supervisor starts the new binary
+    /// (default true; tests turn it off).
+    pub fn with_restart_after_upgrade(mut self, restart: bool) -> Self {
+        self.restart_after_upgrade = restart;
+        self
+    }
+
+    /// `path` (absolute, as in the guest) under the configured root.
+    fn path(&self, path: &str) -> PathBuf {
+        self.root.join(path.trim_start_matches('/'))
+    }
+
+    /// Whether this handler manages the live system (root `/`), so that it may touch
+    /// services.
+    fn is_live(&self) -> bool {
+        self.root == Path::new("/")
+    }
+}
+
+/// Whether systemd is the init of this system.
+fn systemd_is_init() -> bool {
+    std::fs::read_to_string("/proc/1/comm").is_ok_and(|comm| comm.trim() == "systemd")
 }
 
 #[async_trait::async_trait]
@@ -74,6 +166,15 @@ impl Handler for SystemHandler {
             .map_err(|err| format!("sync failed: {err}"))?;
         tokio::spawn(async move {
             tokio::time::sleep(SHUTDOWN_DELAY).await;
+            if systemd_is_init() {
+                let verb = if reboot { "reboot" } else { "poweroff" };
+                match run_tool("systemctl", &["--no-block", verb], TOOL_TIMEOUT).await {
+                    Ok(_) => return,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "systemctl {verb} failed; calling reboot(2)")
+                    }
+                }
+            }
             let mode = if reboot {
                 nix::sys::reboot::RebootMode::RB_AUTOBOOT
             } else {
@@ -87,6 +188,102 @@ impl Handler for SystemHandler {
             tracing::error!(?result, reboot, "reboot(2) returned");
         });
         Ok(())
+    }
+
+    async fn configure_network(&self, config: NetworkConfig) -> Result<(), String> {
+        let _edit = self.edits.lock().await;
+        network::configure(self, &config).await
+    }
+
+    async fn set_hostname(&self, hostname: String) -> Result<(), String> {
+        let _edit = self.edits.lock().await;
+        system::set_hostname(self, &hostname).await
+    }
+
+    async fn install_ssh_keys(
+        &self,
+        user: Option<String>,
+        keys: Vec<String>,
+    ) -> Result<(), String> {
+        let _edit = self.edits.lock().await;
+        system::install_ssh_keys(self, user, keys).await
+    }
+
+    async fn read_file(&self, path: String, limit: u64, out: OutputSink) -> Result<u64, String> {
+        files::read(&path, limit, &out).await
+    }
+
+    async fn write_file(&self, req: WriteFileRequest, input: InputStream) -> Result<u64, String> {
+        files::write(self, req, input).await
+    }
+
+    async fn metrics(&self, interval: Duration) -> Result<Metrics, String> {
+        metrics::collect(interval).await
+    }
+
+    async fn logs(&self, req: LogsRequest, out: OutputSink) -> Result<(), String> {
+        logs::send(req, &out).await
+    }
+
+    async fn harden(&self, req: HardenRequest) -> Result<HardenReport, String> {
+        let _edit = self.edits.lock().await;
+        system::harden(self, req).await
+    }
+
+    async fn upgrade(
+        &self,
+        req: UpgradeRequest,
+        input: InputStream,
+    ) -> Result<UpgradeReport, String> {
+        upgrade::upgrade(self, req, input).await
+    }
+}
+
+/// How long a system tool (`useradd`, `systemctl`, `docker`, ...) may run.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most output of a system tool that is kept.
+const TOOL_OUTPUT: usize = 1 << 20;
+
+/// A command for a system tool: `PATH` set when the agent has none, stdin closed, killed
+/// when dropped.
+fn tool(program: &str) -> Command {
+    let mut command = Command::new(program);
+    if std::env::var_os("PATH").is_none() {
+        command.env("PATH", DEFAULT_PATH);
+    }
+    command.stdin(Stdio::null()).kill_on_drop(true);
+    command
+}
+
+/// Runs a system tool to its end and returns its standard output; a failure (it cannot
+/// start, exits non-zero or takes longer than `limit`) is a sentence with its stderr.
+async fn run_tool(program: &str, args: &[&str], limit: Duration) -> Result<String, String> {
+    let mut command = tool(program);
+    command
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let shown = std::iter::once(program)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let child = command
+        .spawn()
+        .map_err(|err| format!("cannot run `{shown}`: {err}"))?;
+    let output = tokio::time::timeout(limit, child.wait_with_output())
+        .await
+        .map_err(|_| format!("`{shown}` did not finish within {}s", limit.as_secs()))?
+        .map_err(|err| format!("waiting for `{shown}` failed: {err}"))?;
+    let text =
+        |bytes: &[u8]| String::from_utf8_lossy(&bytes[..bytes.len().min(TOOL_OUTPUT)]).into_owned();
+    if output.status.success() {
+        Ok(text(&output.stdout))
+    } else {
+        Err(format!(
+            "`{shown}` failed ({}): {}",
+            output.status,
+            text(&output.stderr).trim()
+        ))
     }
 }
 

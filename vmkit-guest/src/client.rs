@@ -15,6 +15,10 @@ use crate::message::{
     ExecEvent, ExecOutput, ExecRequest, HelloInfo, Reply, ReplyFrame, Request, RequestFrame,
 };
 
+mod ops;
+
+pub use ops::LogStream;
+
 /// Frames waiting for the writer task.
 const WRITE_QUEUE: usize = 64;
 /// Events buffered per exec stream before the reader waits for its consumer.
@@ -84,10 +88,15 @@ pub enum ClientError {
     /// failed, or a request was too large to send.
     #[error("bad frame on the agent channel")]
     Frame(#[from] FrameError),
-    /// An [`ExecStream`] was not read for longer than [`ClientConfig::call_timeout`] while
-    /// output waited for it, so it was dropped to let other calls proceed.
-    #[error("the exec stream was not read in time and was dropped")]
+    /// An [`ExecStream`] (or [`LogStream`]) was not read for longer than
+    /// [`ClientConfig::call_timeout`] while output waited for it, so it was dropped to let
+    /// other calls proceed.
+    #[error("the stream was not read in time and was dropped")]
     Lagged,
+    /// Local I/O around a call failed: reading the data to send to the agent (a file's
+    /// contents), or writing what it sent to where the caller asked.
+    #[error("local I/O for a call to the agent failed")]
+    Source(#[source] Arc<std::io::Error>),
 }
 
 /// Where the reader delivers the replies for one request id.
@@ -317,28 +326,14 @@ impl Client {
     /// [`ClientConfig::call_timeout`]; without `timeout_ms` it has none and ends only when
     /// the command exits or the connection closes. `req.stdin` must fit in one frame.
     pub async fn exec(&self, req: ExecRequest) -> Result<ExecStream, ClientError> {
-        let now = Instant::now();
         let deadline = req.timeout_ms.and_then(|ms| {
-            now.checked_add(Duration::from_millis(ms))?
+            Instant::now()
+                .checked_add(Duration::from_millis(ms))?
                 .checked_add(self.inner.config.call_timeout)
         });
-        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let id = self.inner.shared.register(Route::Stream(tx))?;
-        // From here on the stream's drop removes the route.
-        let stream = ExecStream {
-            client: self.clone(),
-            id,
-            rx,
-            deadline,
-            done: false,
-        };
-        self.send(
-            id,
-            &Request::Exec(req),
-            now + self.inner.config.call_timeout,
-        )
-        .await?;
-        Ok(stream)
+        let deadline = deadline.map_or(Deadline::Never, Deadline::At);
+        let inner = self.open_stream(&Request::Exec(req), deadline).await?;
+        Ok(ExecStream { inner })
     }
 
     /// Runs a command to its end and collects up to `limit` bytes of each output stream;
@@ -408,11 +403,50 @@ impl Client {
 
     async fn send(&self, id: u64, request: &Request, deadline: Instant) -> Result<(), ClientError> {
         let frame = encode_frame(&RequestFrame { id, request }, self.inner.config.max_frame)?;
+        self.send_frame(frame, deadline).await
+    }
+
+    async fn send_frame(&self, frame: Vec<u8>, deadline: Instant) -> Result<(), ClientError> {
         match timeout_at(deadline, self.inner.frames.send(frame)).await {
             Err(_) => Err(ClientError::Timeout),
             Ok(Err(_)) => Err(ClientError::Closed),
             Ok(Ok(())) => Ok(()),
         }
+    }
+
+    /// Tells the agent to stop the request `id`, if the write queue has room; best effort.
+    fn cancel(&self, id: u64) {
+        if let Ok(frame) = encode_frame(
+            &RequestFrame {
+                id,
+                request: &Request::Cancel,
+            },
+            self.inner.config.max_frame,
+        ) {
+            let _ = self.inner.frames.try_send(frame);
+        }
+    }
+
+    /// Sends a request whose replies come as a stream. Returns once the request is queued
+    /// for sending (within the call timeout).
+    async fn open_stream(
+        &self,
+        request: &Request,
+        deadline: Deadline,
+    ) -> Result<ReplyStream, ClientError> {
+        let (tx, rx) = mpsc::channel(STREAM_QUEUE);
+        let id = self.inner.shared.register(Route::Stream(tx))?;
+        // From here on the stream's drop removes the route.
+        let stream = ReplyStream {
+            client: self.clone(),
+            id,
+            rx,
+            deadline,
+            done: false,
+        };
+        self.send(id, request, Instant::now() + self.inner.config.call_timeout)
+            .await?;
+        Ok(stream)
     }
 }
 
@@ -428,23 +462,29 @@ impl Drop for RouteGuard<'_> {
     }
 }
 
-/// The output and exit status of a command started with [`Client::exec`].
-///
-/// Read it promptly: while its buffer is full, replies to other calls wait behind it, and
-/// after [`ClientConfig::call_timeout`] of that it is dropped with [`ClientError::Lagged`].
-/// Dropping it early is fine: later output for it is discarded (the command keeps running in
-/// the guest until it exits or its own timeout kills it).
-pub struct ExecStream {
+/// How long a [`ReplyStream`] waits for its replies.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    /// As long as it takes.
+    Never,
+    /// Until this instant, for all of them.
+    At(Instant),
+    /// This long for each.
+    Idle(Duration),
+}
+
+/// The replies to one request that are streamed (exec, read_file, logs).
+struct ReplyStream {
     client: Client,
     id: u64,
     rx: mpsc::Receiver<Result<Reply, ClientError>>,
-    deadline: Option<Instant>,
+    deadline: Deadline,
     done: bool,
 }
 
-impl fmt::Debug for ExecStream {
+impl fmt::Debug for ReplyStream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ExecStream")
+        f.debug_struct("ReplyStream")
             .field("id", &self.id)
             .field("deadline", &self.deadline)
             .field("done", &self.done)
@@ -452,38 +492,43 @@ impl fmt::Debug for ExecStream {
     }
 }
 
-impl ExecStream {
-    /// The next chunk of output or the exit status.
-    ///
-    /// Ends (`None`) after [`ExecEvent::Exit`] or after the first error. Cancel safe.
-    pub async fn next(&mut self) -> Option<Result<ExecEvent, ClientError>> {
+impl ReplyStream {
+    /// The next reply. Ends (`None`) after a final reply or after the first error; an
+    /// `error` reply comes back as [`ClientError::Remote`]. Cancel safe.
+    async fn next(&mut self) -> Option<Result<Reply, ClientError>> {
         if self.done {
             return None;
         }
-        let item = match self.deadline {
-            Some(deadline) => match timeout_at(deadline, self.rx.recv()).await {
-                Ok(item) => item,
-                Err(_) => return Some(Err(self.finish_with(ClientError::Timeout))),
-            },
-            None => self.rx.recv().await,
+        let received = match self.deadline {
+            Deadline::Never => Ok(self.rx.recv().await),
+            Deadline::At(deadline) => timeout_at(deadline, self.rx.recv()).await,
+            Deadline::Idle(idle) => timeout(idle, self.rx.recv()).await,
         };
-        let reply = match item {
-            Some(Ok(reply)) => reply,
-            Some(Err(err)) => return Some(Err(self.finish_with(err))),
+        let item = match received {
+            Ok(item) => item,
+            Err(_) => return Some(Err(self.finish_with(ClientError::Timeout))),
+        };
+        Some(match item {
+            Some(Ok(Reply::Error { message })) => {
+                Err(self.finish_with(ClientError::Remote(message)))
+            }
+            Some(Ok(reply)) => {
+                if reply.is_final() {
+                    self.finish();
+                }
+                Ok(reply)
+            }
+            Some(Err(err)) => Err(self.finish_with(err)),
             None => {
                 let reason = self.client.inner.shared.end_reason();
-                return Some(Err(self.finish_with(reason)));
+                Err(self.finish_with(reason))
             }
-        };
-        Some(match reply {
-            Reply::Stdout { data } => Ok(ExecEvent::Stdout(data)),
-            Reply::Stderr { data } => Ok(ExecEvent::Stderr(data)),
-            Reply::Exit(status) => {
-                self.finish();
-                Ok(ExecEvent::Exit(status))
-            }
-            other => Err(self.finish_with(unexpected("exec", other))),
         })
+    }
+
+    /// Ends the stream with `err` (returned for convenience).
+    fn fail(&mut self, err: ClientError) -> ClientError {
+        self.finish_with(err)
     }
 
     fn finish(&mut self) {
@@ -498,9 +543,44 @@ impl ExecStream {
     }
 }
 
-impl Drop for ExecStream {
+impl Drop for ReplyStream {
     fn drop(&mut self) {
         self.client.inner.shared.unregister(self.id);
+    }
+}
+
+/// The output and exit status of a command started with [`Client::exec`].
+///
+/// Read it promptly: while its buffer is full, replies to other calls wait behind it, and
+/// after [`ClientConfig::call_timeout`] of that it is dropped with [`ClientError::Lagged`].
+/// Dropping it early is fine: later output for it is discarded (the command keeps running in
+/// the guest until it exits or its own timeout kills it).
+pub struct ExecStream {
+    inner: ReplyStream,
+}
+
+impl fmt::Debug for ExecStream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecStream")
+            .field("id", &self.inner.id)
+            .field("deadline", &self.inner.deadline)
+            .field("done", &self.inner.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ExecStream {
+    /// The next chunk of output or the exit status.
+    ///
+    /// Ends (`None`) after [`ExecEvent::Exit`] or after the first error. Cancel safe.
+    pub async fn next(&mut self) -> Option<Result<ExecEvent, ClientError>> {
+        Some(match self.inner.next().await? {
+            Ok(Reply::Stdout { data }) => Ok(ExecEvent::Stdout(data)),
+            Ok(Reply::Stderr { data }) => Ok(ExecEvent::Stderr(data)),
+            Ok(Reply::Exit(status)) => Ok(ExecEvent::Exit(status)),
+            Ok(other) => Err(self.inner.fail(unexpected("exec", other))),
+            Err(err) => Err(err),
+        })
     }
 }
 

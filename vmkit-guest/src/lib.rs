@@ -14,6 +14,14 @@
 //! frame over its cap, and nothing malformed; any of those closes it with an error instead
 //! of a panic.
 //!
+//! Beyond `hello`, `ping`, `exec` and `shutdown`, the client manages the guest:
+//! [`Client::configure_network`], [`Client::set_hostname`], [`Client::install_ssh_keys`],
+//! [`Client::read_file`] and [`Client::write_file`] (streamed in chunks, size-capped),
+//! [`Client::metrics`], [`Client::logs`] and [`Client::follow_logs`], [`Client::reboot`],
+//! [`Client::harden`] and [`Client::upgrade`]. Each [`Handler`] method behind them has a
+//! default that answers "unsupported by this agent", so handlers written against an older
+//! version keep compiling.
+//!
 //! The `agent` feature adds `SystemHandler`, the handler that runs inside real guests.
 //!
 //! # Example
@@ -62,7 +70,11 @@
 mod agent;
 mod client;
 mod frame;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod message;
+mod ops;
 mod server;
 
 #[cfg(feature = "agent")]
@@ -72,10 +84,18 @@ pub use agent::SystemHandler;
 pub use async_trait::async_trait;
 /// The byte buffer in [`ExecEvent`], re-exported so that callers use the same version.
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, ClientError, ExecStream};
+pub use client::{Client, ClientConfig, ClientError, ExecStream, LogStream};
 pub use frame::{DEFAULT_MAX_FRAME, FrameError};
 pub use message::{
     ExecEvent, ExecOutput, ExecRequest, ExitStatus, HelloInfo, PROTOCOL_VERSION, Request,
     VIRTIO_PORT_NAME, VSOCK_PORT,
 };
-pub use server::{Handler, OutputClosed, OutputSink, ServeError, ServerConfig, serve};
+pub use ops::{
+    ContainerHealth, DEFAULT_DEPLOY_USER, DEFAULT_LOG_LINES, DEFAULT_METRICS_INTERVAL_MS,
+    HardenReport, HardenRequest, LogSource, LogsRequest, MAX_LOG_LINE, MAX_LOG_LINES,
+    MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest, UpgradeSource,
+    WriteFileRequest,
+};
+pub use server::{
+    Handler, InputError, InputStream, OutputClosed, OutputSink, ServeError, ServerConfig, serve,
+};

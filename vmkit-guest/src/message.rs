@@ -3,6 +3,11 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::ops::{
+    HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
+    UpgradeRequest, WriteFileRequest,
+};
+
 /// The protocol version this crate speaks, reported in [`HelloInfo::protocol`].
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -16,7 +21,12 @@ pub const VSOCK_PORT: u32 = 1024;
 /// A request from the host to the agent.
 ///
 /// On the wire it is a JSON object whose `type` field names the variant in snake case
-/// (`"hello"`, `"ping"`, `"exec"`, `"shutdown"`); the variant's fields sit beside it.
+/// (`"hello"`, `"ping"`, `"exec"`, `"shutdown"`, `"read_file"`, ...); the variant's fields
+/// sit beside it.
+///
+/// Two kinds are not requests of their own but refer to the request whose id their
+/// envelope carries: [`Request::Chunk`] (the next piece of its body) and
+/// [`Request::Cancel`]. Neither is answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -32,6 +42,58 @@ pub enum Request {
         /// Reboot instead of powering off.
         reboot: bool,
     },
+    /// Address the interface with a given MAC, route through the gateway and set the name
+    /// servers; answered with `ok`.
+    ConfigureNetwork(NetworkConfig),
+    /// Set the host name (kernel, `/etc/hostname`, the `127.0.1.1` line of `/etc/hosts`);
+    /// answered with `ok`.
+    SetHostname {
+        /// The new host name.
+        hostname: String,
+    },
+    /// Replace the keys vmkit manages in a user's `~/.ssh/authorized_keys`, keeping
+    /// every other line; answered with `ok`.
+    InstallSshKeys {
+        /// The user; the image's default user when `None`.
+        #[serde(default)]
+        user: Option<String>,
+        /// OpenSSH public keys, one per entry. None removes vmkit's keys.
+        keys: Vec<String>,
+    },
+    /// Read a file; answered with `data` chunks and then `eof`, or an error when the file
+    /// is larger than `limit`.
+    ReadFile {
+        /// The file's absolute path.
+        path: String,
+        /// The most bytes the host accepts.
+        limit: u64,
+    },
+    /// Write a file atomically from the `size` bytes of `chunk` requests that follow;
+    /// answered with `written`.
+    WriteFile(WriteFileRequest),
+    /// Sample the guest's load; answered with `metrics`.
+    Metrics {
+        /// The CPU sampling interval (default 1 s, at most 10 s).
+        #[serde(default)]
+        interval_ms: Option<u64>,
+    },
+    /// Read the last lines of a unit's journal or a file, and follow it if asked;
+    /// answered with `lines` batches and then `ok` (never, when following).
+    Logs(LogsRequest),
+    /// Create the deploy user and tighten sshd; answered with `hardened`.
+    Harden(HardenRequest),
+    /// Replace the agent binary and restart; answered with `upgraded`.
+    Upgrade(UpgradeRequest),
+    /// The next piece of the body of the request with this envelope's id (`write_file`,
+    /// `upgrade`). Not answered.
+    Chunk {
+        /// The bytes, base64 on the wire.
+        #[serde(with = "base64_bytes")]
+        data: Bytes,
+    },
+    /// Stop the request with this envelope's id (a followed log). Not answered; the
+    /// cancelled request gets no further reply.
+    Cancel,
 }
 
 /// What the agent says about itself in answer to [`Request::Hello`].
@@ -172,7 +234,7 @@ pub struct ExecOutput {
 }
 
 /// A reply from the agent to the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub(crate) enum Reply {
     /// Answer to `hello`.
@@ -191,7 +253,24 @@ pub(crate) enum Reply {
     },
     /// The last reply of an exec.
     Exit(ExitStatus),
-    /// A request was carried out (shutdown).
+    /// A chunk of a file being read.
+    Data {
+        #[serde(with = "base64_bytes")]
+        data: Bytes,
+    },
+    /// A batch of log lines.
+    Lines { lines: Vec<String> },
+    /// The last reply of `read_file`: how many bytes were sent.
+    Eof { size: u64 },
+    /// Answer to `write_file`: how many bytes were written.
+    Written { size: u64 },
+    /// Answer to `metrics`.
+    Metrics(Metrics),
+    /// Answer to `harden`.
+    Hardened(HardenReport),
+    /// Answer to `upgrade`.
+    Upgraded(UpgradeReport),
+    /// A request was carried out (shutdown, network, hostname, keys, logs).
     Ok,
     /// A request failed in the agent; the last reply for its id.
     Error { message: String },
@@ -206,6 +285,13 @@ impl Reply {
             Reply::Stdout { .. } => "stdout",
             Reply::Stderr { .. } => "stderr",
             Reply::Exit(_) => "exit",
+            Reply::Data { .. } => "data",
+            Reply::Lines { .. } => "lines",
+            Reply::Eof { .. } => "eof",
+            Reply::Written { .. } => "written",
+            Reply::Metrics(_) => "metrics",
+            Reply::Hardened(_) => "hardened",
+            Reply::Upgraded(_) => "upgraded",
             Reply::Ok => "ok",
             Reply::Error { .. } => "error",
         }
@@ -213,7 +299,10 @@ impl Reply {
 
     /// Whether this reply is the last one for its request id.
     pub(crate) fn is_final(&self) -> bool {
-        !matches!(self, Reply::Stdout { .. } | Reply::Stderr { .. })
+        !matches!(
+            self,
+            Reply::Stdout { .. } | Reply::Stderr { .. } | Reply::Data { .. } | Reply::Lines { .. }
+        )
     }
 }
 

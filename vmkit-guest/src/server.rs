@@ -1,17 +1,25 @@
 //! The agent side: [`serve`] reads requests and answers them with a [`Handler`].
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
+use std::time::Duration;
 
+use bytes::Bytes;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc};
-use tokio::task::{JoinError, JoinSet};
+use tokio::task::{AbortHandle, JoinError, JoinSet};
 
 use crate::frame::{DEFAULT_MAX_FRAME, FrameError, decode, encode_frame, read_frame};
 use crate::message::{
     ExecRequest, ExitStatus, HelloInfo, IdOnly, Reply, ReplyFrame, Request, RequestFrame,
     base64_bytes,
+};
+use crate::ops::{
+    DEFAULT_METRICS_INTERVAL_MS, HardenReport, HardenRequest, LogsRequest, MAX_LOG_LINE,
+    MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest, UpgradeSource,
+    WriteFileRequest,
 };
 
 /// Frames waiting for the writer task.
@@ -20,6 +28,10 @@ const WRITE_QUEUE: usize = 64;
 const ENVELOPE_ROOM: usize = 256;
 /// Longest error message sent to the host, in bytes.
 const MAX_ERROR_MESSAGE: usize = 16 << 10;
+/// Body chunks buffered per upload before the reader waits for the handler.
+const INPUT_QUEUE: usize = 8;
+/// Once this many requests are tracked for cancellation, finished ones are forgotten.
+const PRUNE_RUNNING: usize = 256;
 
 /// Settings of [`serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +45,12 @@ pub struct ServerConfig {
     /// The largest output chunk put in one frame, in bytes before base64 (default 64 KiB;
     /// lowered as needed to fit [`ServerConfig::max_frame`]).
     pub chunk_size: usize,
+    /// How many requests with a body (`write_file`, `upgrade`) may receive it at once
+    /// (default 4); more are refused with an error.
+    pub max_uploads: usize,
+    /// How long a handler waits for the next chunk of a body, and the reader for a handler
+    /// to take one, before the upload is abandoned (default 30 s).
+    pub input_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -41,6 +59,8 @@ impl Default for ServerConfig {
             max_frame: DEFAULT_MAX_FRAME,
             max_in_flight: 64,
             chunk_size: 64 << 10,
+            max_uploads: 4,
+            input_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -69,6 +89,18 @@ impl ServerConfig {
         self
     }
 
+    /// Sets [`ServerConfig::max_uploads`].
+    pub fn with_max_uploads(mut self, max_uploads: usize) -> Self {
+        self.max_uploads = max_uploads;
+        self
+    }
+
+    /// Sets [`ServerConfig::input_timeout`].
+    pub fn with_input_timeout(mut self, input_timeout: Duration) -> Self {
+        self.input_timeout = input_timeout;
+        self
+    }
+
     /// The chunk size actually used: base64 and the envelope must fit in `max_frame`.
     fn effective_chunk(&self) -> usize {
         let fits = self.max_frame.saturating_sub(ENVELOPE_ROOM) / 4 * 3;
@@ -88,7 +120,19 @@ pub enum ServeError {
     Write(#[source] FrameError),
 }
 
+/// The error of a [`Handler`] method that this handler does not implement.
+fn unsupported(what: &str) -> String {
+    format!("`{what}` is unsupported by this agent")
+}
+
 /// What the agent does for each request. [`serve`] calls it from concurrent tasks.
+///
+/// Only `hello`, `exec` and `shutdown` must be implemented; every other method answers
+/// "unsupported by this agent" unless overridden, so that a handler written for an older
+/// version of this crate keeps compiling and the host learns what it lacks.
+///
+/// An `Err` from any method reaches the host as
+/// [`ClientError::Remote`](crate::ClientError::Remote) with the message as it is.
 #[async_trait::async_trait]
 pub trait Handler: Send + Sync + 'static {
     /// Says who the agent is.
@@ -102,6 +146,73 @@ pub trait Handler: Send + Sync + 'static {
     /// Powers the guest off or reboots it. Return before going down, so that the reply can
     /// reach the host.
     async fn shutdown(&self, reboot: bool) -> Result<(), String>;
+
+    /// Addresses the interface whose MAC is `config.mac`, brings it up, routes through
+    /// the gateway and writes the name servers. Idempotent.
+    async fn configure_network(&self, config: NetworkConfig) -> Result<(), String> {
+        let _ = config;
+        Err(unsupported("configure_network"))
+    }
+
+    /// Sets the host name.
+    async fn set_hostname(&self, hostname: String) -> Result<(), String> {
+        let _ = hostname;
+        Err(unsupported("set_hostname"))
+    }
+
+    /// Replaces the keys vmkit manages for `user` (the image's default user when `None`).
+    async fn install_ssh_keys(
+        &self,
+        user: Option<String>,
+        keys: Vec<String>,
+    ) -> Result<(), String> {
+        let _ = (user, keys);
+        Err(unsupported("install_ssh_keys"))
+    }
+
+    /// Sends the file at `path` through [`OutputSink::data`] and returns its size; refuses
+    /// a file of more than `limit` bytes.
+    async fn read_file(&self, path: String, limit: u64, out: OutputSink) -> Result<u64, String> {
+        let _ = (path, limit, out);
+        Err(unsupported("read_file"))
+    }
+
+    /// Writes the `req.size` bytes of `input` to `req.path` atomically and returns how many
+    /// were written.
+    async fn write_file(&self, req: WriteFileRequest, input: InputStream) -> Result<u64, String> {
+        let _ = (req, input);
+        Err(unsupported("write_file"))
+    }
+
+    /// Samples the guest's load, measuring the CPU over `interval`.
+    async fn metrics(&self, interval: Duration) -> Result<Metrics, String> {
+        let _ = interval;
+        Err(unsupported("metrics"))
+    }
+
+    /// Sends the last lines of a journal or file through [`OutputSink::lines`], then, when
+    /// following, new lines until the future is dropped (the host cancelled or left).
+    async fn logs(&self, req: LogsRequest, out: OutputSink) -> Result<(), String> {
+        let _ = (req, out);
+        Err(unsupported("logs"))
+    }
+
+    /// Creates the deploy user and tightens sshd; reports what changed.
+    async fn harden(&self, req: HardenRequest) -> Result<HardenReport, String> {
+        let _ = req;
+        Err(unsupported("harden"))
+    }
+
+    /// Installs a new agent binary, from `input` (an upload) or from `req.source`'s URL,
+    /// after checking its SHA-256, and arranges a restart shortly after returning.
+    async fn upgrade(
+        &self,
+        req: UpgradeRequest,
+        input: InputStream,
+    ) -> Result<UpgradeReport, String> {
+        let _ = (req, input);
+        Err(unsupported("upgrade"))
+    }
 }
 
 /// The host is gone: output can no longer be delivered.
@@ -110,10 +221,11 @@ pub trait Handler: Send + Sync + 'static {
 #[non_exhaustive]
 pub struct OutputClosed;
 
-/// Sends one exec's output to the host, in chunks that fit a frame.
+/// Sends one request's streamed output to the host (an exec's stdout and stderr, a file's
+/// data, log lines), in chunks that fit a frame.
 ///
 /// Sending waits while the connection's write queue is full, so a slow host slows the
-/// command down instead of growing memory.
+/// producer down instead of growing memory.
 #[derive(Debug, Clone)]
 pub struct OutputSink {
     id: u64,
@@ -122,7 +234,7 @@ pub struct OutputSink {
     chunk: usize,
 }
 
-/// The serialize-only form of an output reply, borrowing its bytes.
+/// The serialize-only form of a streamed reply, borrowing its contents.
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Chunk<'a> {
@@ -133,6 +245,13 @@ enum Chunk<'a> {
     Stderr {
         #[serde(serialize_with = "base64_bytes::serialize")]
         data: &'a [u8],
+    },
+    Data {
+        #[serde(serialize_with = "base64_bytes::serialize")]
+        data: &'a [u8],
+    },
+    Lines {
+        lines: &'a [&'a str],
     },
 }
 
@@ -153,6 +272,37 @@ impl OutputSink {
         Ok(())
     }
 
+    /// Sends a piece of a file.
+    pub async fn data(&self, data: &[u8]) -> Result<(), OutputClosed> {
+        for data in data.chunks(self.chunk) {
+            self.send(&Chunk::Data { data }).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends log lines (without their line ends), in batches that fit a frame. A line
+    /// longer than [`MAX_LOG_LINE`] bytes is cut to that length.
+    pub async fn lines<S: AsRef<str>>(&self, lines: &[S]) -> Result<(), OutputClosed> {
+        // JSON escapes at most six bytes per input byte (`\u001f`).
+        let budget = (self.max_frame.saturating_sub(ENVELOPE_ROOM) / 6).max(1);
+        let mut batch: Vec<&str> = Vec::new();
+        let mut size = 0;
+        for line in lines {
+            let line = cut(line.as_ref(), MAX_LOG_LINE.min(budget));
+            if !batch.is_empty() && size + line.len() + 3 > budget {
+                self.send(&Chunk::Lines { lines: &batch }).await?;
+                batch.clear();
+                size = 0;
+            }
+            size += line.len() + 3;
+            batch.push(line);
+        }
+        if !batch.is_empty() {
+            self.send(&Chunk::Lines { lines: &batch }).await?;
+        }
+        Ok(())
+    }
+
     async fn send(&self, chunk: &Chunk<'_>) -> Result<(), OutputClosed> {
         let frame = ReplyFrame {
             id: self.id,
@@ -169,6 +319,79 @@ impl OutputSink {
     }
 }
 
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A request's body stopped arriving before it was complete.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum InputError {
+    /// No chunk came within [`ServerConfig::input_timeout`].
+    #[error("the host stopped sending the request's body")]
+    Stalled,
+    /// The upload was abandoned: the host sent more than it announced, cancelled, or the
+    /// handler was too slow to take a chunk.
+    #[error("the request's body was abandoned before it was complete")]
+    Abandoned,
+}
+
+/// The body of a request (`write_file`, an uploaded `upgrade`): the bytes of the `chunk`
+/// requests the host sends after it, exactly as many as the request announced.
+#[derive(Debug)]
+pub struct InputStream {
+    rx: Option<mpsc::Receiver<Bytes>>,
+    remaining: u64,
+    idle: Duration,
+}
+
+impl InputStream {
+    /// A body of no bytes.
+    pub fn empty() -> Self {
+        InputStream {
+            rx: None,
+            remaining: 0,
+            idle: Duration::ZERO,
+        }
+    }
+
+    /// Bytes still to come.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// The next chunk, or `None` once all announced bytes have come.
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, InputError> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let rx = self.rx.as_mut().ok_or(InputError::Abandoned)?;
+        match tokio::time::timeout(self.idle, rx.recv()).await {
+            Err(_) => Err(InputError::Stalled),
+            Ok(None) => Err(InputError::Abandoned),
+            Ok(Some(chunk)) => {
+                // The reader never routes more than was announced.
+                self.remaining = self.remaining.saturating_sub(chunk.len() as u64);
+                Ok(Some(chunk))
+            }
+        }
+    }
+}
+
+/// An upload the reader is routing `chunk` requests to.
+struct Upload {
+    tx: mpsc::Sender<Bytes>,
+    remaining: u64,
+}
+
 /// Everything a request task needs.
 #[derive(Clone)]
 struct Context {
@@ -179,26 +402,60 @@ struct Context {
 }
 
 impl Context {
-    async fn handle(self, id: u64, request: Request) {
+    fn sink(&self, id: u64) -> OutputSink {
+        OutputSink {
+            id,
+            frames: self.frames.clone(),
+            max_frame: self.max_frame,
+            chunk: self.chunk,
+        }
+    }
+
+    async fn handle(self, id: u64, request: Request, input: InputStream) {
+        let handler = &self.handler;
         let reply = match request {
-            Request::Hello => Reply::Hello(self.handler.hello().await),
+            Request::Hello => Reply::Hello(handler.hello().await),
             Request::Ping => Reply::Pong,
-            Request::Exec(req) => {
-                let out = OutputSink {
-                    id,
-                    frames: self.frames.clone(),
-                    max_frame: self.max_frame,
-                    chunk: self.chunk,
-                };
-                match self.handler.exec(req, out).await {
-                    Ok(status) => Reply::Exit(status),
+            Request::Exec(req) => match handler.exec(req, self.sink(id)).await {
+                Ok(status) => Reply::Exit(status),
+                Err(message) => error_reply(message),
+            },
+            Request::Shutdown { reboot } => ok_reply(handler.shutdown(reboot).await),
+            Request::ConfigureNetwork(config) => ok_reply(handler.configure_network(config).await),
+            Request::SetHostname { hostname } => ok_reply(handler.set_hostname(hostname).await),
+            Request::InstallSshKeys { user, keys } => {
+                ok_reply(handler.install_ssh_keys(user, keys).await)
+            }
+            Request::ReadFile { path, limit } => {
+                match handler.read_file(path, limit, self.sink(id)).await {
+                    Ok(size) => Reply::Eof { size },
                     Err(message) => error_reply(message),
                 }
             }
-            Request::Shutdown { reboot } => match self.handler.shutdown(reboot).await {
-                Ok(()) => Reply::Ok,
+            Request::WriteFile(req) => match handler.write_file(req, input).await {
+                Ok(size) => Reply::Written { size },
                 Err(message) => error_reply(message),
             },
+            Request::Metrics { interval_ms } => {
+                let ms = interval_ms
+                    .unwrap_or(DEFAULT_METRICS_INTERVAL_MS)
+                    .min(MAX_METRICS_INTERVAL_MS);
+                match handler.metrics(Duration::from_millis(ms)).await {
+                    Ok(metrics) => Reply::Metrics(metrics),
+                    Err(message) => error_reply(message),
+                }
+            }
+            Request::Logs(req) => ok_reply(handler.logs(req, self.sink(id)).await),
+            Request::Harden(req) => match handler.harden(req).await {
+                Ok(report) => Reply::Hardened(report),
+                Err(message) => error_reply(message),
+            },
+            Request::Upgrade(req) => match handler.upgrade(req, input).await {
+                Ok(report) => Reply::Upgraded(report),
+                Err(message) => error_reply(message),
+            },
+            // Handled by the reader; never spawned.
+            Request::Chunk { .. } | Request::Cancel => return,
         };
         self.reply(id, &reply).await;
     }
@@ -226,6 +483,13 @@ impl Context {
     }
 }
 
+fn ok_reply(result: Result<(), String>) -> Reply {
+    match result {
+        Ok(()) => Reply::Ok,
+        Err(message) => error_reply(message),
+    }
+}
+
 fn error_reply(mut message: String) -> Reply {
     if message.len() > MAX_ERROR_MESSAGE {
         let mut end = MAX_ERROR_MESSAGE;
@@ -237,6 +501,52 @@ fn error_reply(mut message: String) -> Reply {
     Reply::Error { message }
 }
 
+/// How many body bytes follow `request` in `chunk` requests.
+fn body_size(request: &Request) -> u64 {
+    match request {
+        Request::WriteFile(req) => req.size,
+        Request::Upgrade(UpgradeRequest {
+            source: UpgradeSource::Upload { size },
+            ..
+        }) => *size,
+        _ => 0,
+    }
+}
+
+/// Routes one `chunk` request to its upload. Chunks of uploads that are finished,
+/// abandoned or unknown are dropped: their request has had (or will have) its answer.
+async fn route_chunk(uploads: &mut HashMap<u64, Upload>, id: u64, data: Bytes, wait: Duration) {
+    let Some(upload) = uploads.get_mut(&id) else {
+        tracing::debug!(id, "chunk for no upload in progress; dropped");
+        return;
+    };
+    if data.is_empty() {
+        return;
+    }
+    let len = data.len() as u64;
+    if len > upload.remaining {
+        tracing::warn!(
+            id,
+            "the host sent more than the body it announced; upload abandoned"
+        );
+        uploads.remove(&id);
+        return;
+    }
+    upload.remaining -= len;
+    let complete = upload.remaining == 0;
+    match tokio::time::timeout(wait, upload.tx.send(data)).await {
+        Ok(Ok(())) if !complete => {}
+        // All of it is queued: the handler reads the rest from its queue.
+        Ok(Ok(())) => {
+            uploads.remove(&id);
+        }
+        Ok(Err(_)) | Err(_) => {
+            tracing::debug!(id, "the handler does not take the body; upload abandoned");
+            uploads.remove(&id);
+        }
+    }
+}
+
 /// Serves one host connection with `handler` until the host closes it.
 ///
 /// Requests are handled concurrently, each in its own task (up to
@@ -245,6 +555,11 @@ fn error_reply(mut message: String) -> Reply {
 /// `Ok(())` when the host closes the stream; a bad frame or a failed write ends serving with
 /// an error. Either way, requests still running are cancelled (an exec's processes are
 /// killed by the [`Handler`] when its future is dropped).
+///
+/// The body of a request (`chunk` requests after a `write_file` or an uploaded `upgrade`)
+/// is routed to its handler through a small queue; while that queue is full the reader
+/// waits, which slows the host down. A `cancel` request drops the running request with its
+/// id.
 pub async fn serve<S>(
     stream: S,
     handler: Arc<dyn Handler>,
@@ -264,41 +579,90 @@ where
     };
     let permits = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
     let mut tasks = JoinSet::new();
+    let mut uploads: HashMap<u64, Upload> = HashMap::new();
+    let mut running: HashMap<u64, AbortHandle> = HashMap::new();
 
     let result = loop {
         while tasks.try_join_next().is_some() {}
-        let next = async {
-            let permit = Arc::clone(&permits).acquire_owned().await;
-            (permit, read_frame(&mut reader, config.max_frame).await)
-        };
-        let (permit, frame) = tokio::select! {
-            next = next => next,
+        let frame = tokio::select! {
+            frame = read_frame(&mut reader, config.max_frame) => frame,
             written = &mut writer => break writer_outcome(written),
         };
-        // The semaphore is never closed.
-        let Ok(permit) = permit else { break Ok(()) };
         let body = match frame {
             Ok(Some(body)) => body,
             Ok(None) => break Ok(()),
             Err(err) => break Err(ServeError::Read(err)),
         };
-        match decode::<RequestFrame<Request>>(&body) {
-            Ok(RequestFrame { id, request }) => {
-                let context = context.clone();
-                tasks.spawn(async move {
-                    context.handle(id, request).await;
-                    drop(permit);
-                });
-            }
+        let (id, request) = match decode::<RequestFrame<Request>>(&body) {
+            Ok(RequestFrame { id, request }) => (id, request),
             Err(err) => match decode::<IdOnly>(&body) {
                 Ok(IdOnly { id }) => {
                     tracing::debug!(id, error = %err, "unsupported request");
                     let reply = error_reply(format!("unsupported request: {err}"));
                     context.reply(id, &reply).await;
+                    continue;
                 }
                 Err(_) => break Err(ServeError::Read(err)),
             },
+        };
+        drop(body);
+        let request = match request {
+            Request::Chunk { data } => {
+                route_chunk(&mut uploads, id, data, config.input_timeout).await;
+                continue;
+            }
+            Request::Cancel => {
+                uploads.remove(&id);
+                if let Some(task) = running.remove(&id) {
+                    tracing::debug!(id, "request cancelled by the host");
+                    task.abort();
+                }
+                continue;
+            }
+            request => request,
+        };
+
+        let size = body_size(&request);
+        let input = if size == 0 {
+            InputStream::empty()
+        } else if uploads.len() >= config.max_uploads.max(1) {
+            let reply = error_reply(format!(
+                "too many uploads in progress (at most {})",
+                config.max_uploads.max(1)
+            ));
+            context.reply(id, &reply).await;
+            continue;
+        } else {
+            let (tx, rx) = mpsc::channel(INPUT_QUEUE);
+            uploads.insert(
+                id,
+                Upload {
+                    tx,
+                    remaining: size,
+                },
+            );
+            InputStream {
+                rx: Some(rx),
+                remaining: size,
+                idle: config.input_timeout,
+            }
+        };
+
+        let permit = tokio::select! {
+            permit = Arc::clone(&permits).acquire_owned() => permit,
+            written = &mut writer => break writer_outcome(written),
+        };
+        // The semaphore is never closed.
+        let Ok(permit) = permit else { break Ok(()) };
+        if running.len() >= PRUNE_RUNNING {
+            running.retain(|_, task| !task.is_finished());
         }
+        let context = context.clone();
+        let task = tasks.spawn(async move {
+            context.handle(id, request, input).await;
+            drop(permit);
+        });
+        running.insert(id, task);
     };
 
     tasks.shutdown().await;
@@ -350,5 +714,12 @@ mod tests {
             panic!("not an error reply");
         };
         assert!(message.len() <= MAX_ERROR_MESSAGE);
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
     }
 }

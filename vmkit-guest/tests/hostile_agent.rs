@@ -347,3 +347,310 @@ async fn hello_within_times_out_at_its_own_deadline() {
     assert!(matches!(result, Err(ClientError::Timeout)));
     assert!(start.elapsed() >= Duration::from_secs(5));
 }
+
+// --- The management calls against a hostile agent -----------------------------------
+
+use vmkit_guest::{LogsRequest, WriteFileRequest};
+
+/// Starts `read_file(path, limit)` and returns it with the id the peer saw.
+async fn pending_read(
+    client: &Client,
+    peer: &mut RawPeer,
+    limit: u64,
+) -> (tokio::task::JoinHandle<Result<Vec<u8>, ClientError>>, u64) {
+    let reader = client.clone();
+    let read = tokio::spawn(async move { reader.read_file("/etc/passwd", limit).await });
+    let (id, request) = peer.read_request().await;
+    assert_eq!(request["type"], "read_file");
+    assert_eq!(request["limit"], limit);
+    (read, id)
+}
+
+#[tokio::test]
+async fn a_file_sent_past_the_limit_fails_the_read_and_the_client_goes_on() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let (read, id) = pending_read(&client, &mut peer, 4).await;
+
+    // "hello" is 5 bytes, one more than asked for; then a flood the client must drop.
+    peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))
+        .await;
+    for _ in 0..1_000 {
+        peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))
+            .await;
+    }
+    peer.reply(id, json!({"type": "eof", "size": 5005})).await;
+    let err = read.await.unwrap().unwrap_err();
+    let (ping, id) = pending_ping(&client, &mut peer).await;
+    peer.reply(id, json!({"type": "pong"})).await;
+
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("more")),
+        "{err:?}"
+    );
+    assert!(ping.await.unwrap().is_ok());
+    assert!(!client.is_closed());
+}
+
+#[tokio::test]
+async fn a_file_whose_end_disagrees_with_its_data_is_refused() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let (read, id) = pending_read(&client, &mut peer, 100).await;
+
+    peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))
+        .await;
+    peer.reply(id, json!({"type": "eof", "size": 50})).await;
+
+    assert!(matches!(read.await.unwrap(), Err(ClientError::Protocol(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_file_that_stops_arriving_times_out() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let (read, id) = pending_read(&client, &mut peer, 100).await;
+
+    peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))
+        .await;
+
+    assert!(matches!(read.await.unwrap(), Err(ClientError::Timeout)));
+    assert!(!client.is_closed());
+}
+
+#[tokio::test]
+async fn an_oversize_frame_in_the_middle_of_a_file_closes_the_client() {
+    let (client, mut peer) = client_with_raw_peer(quick().with_max_frame(1024));
+    let (read, id) = pending_read(&client, &mut peer, 1 << 20).await;
+
+    peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))
+        .await;
+    peer.write_raw(&(1u32 << 30).to_be_bytes()).await;
+
+    assert!(matches!(
+        read.await.unwrap(),
+        Err(ClientError::Frame(FrameError::TooLarge { .. }))
+    ));
+    assert!(client.is_closed());
+}
+
+#[tokio::test]
+async fn more_log_lines_than_asked_for_are_refused() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let reader = client.clone();
+    let logs = tokio::spawn(async move { reader.logs(LogsRequest::unit("ssh").lines(2)).await });
+    let (id, request) = peer.read_request().await;
+
+    peer.reply(id, json!({"type": "lines", "lines": ["a", "b", "c"]}))
+        .await;
+
+    assert_eq!(request["lines"], 2);
+    assert!(matches!(logs.await.unwrap(), Err(ClientError::Protocol(_))));
+}
+
+#[tokio::test]
+async fn an_overlong_log_line_is_refused() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let reader = client.clone();
+    let logs = tokio::spawn(async move { reader.logs(LogsRequest::unit("ssh")).await });
+    let (id, _) = peer.read_request().await;
+
+    peer.reply(id, json!({"type": "lines", "lines": ["x".repeat(1 << 20)]}))
+        .await;
+
+    assert!(matches!(logs.await.unwrap(), Err(ClientError::Protocol(m)) if m.contains("log line")));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unread_followed_log_flooded_by_the_agent_is_dropped_as_lagged() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let mut stream = client.follow_logs(LogsRequest::unit("ssh")).await.unwrap();
+    let (id, request) = peer.read_request().await;
+
+    for _ in 0..1_000 {
+        peer.reply(id, json!({"type": "lines", "lines": ["spam"]}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (ping, ping_id) = pending_ping(&client, &mut peer).await;
+    peer.reply(ping_id, json!({"type": "pong"})).await;
+    let mut lines = 0;
+    let end = loop {
+        match stream.next().await.unwrap() {
+            Ok(_) => lines += 1,
+            Err(err) => break err,
+        }
+    };
+
+    assert_eq!(request["follow"], true);
+    assert!(ping.await.unwrap().is_ok());
+    assert!(lines < 1_000);
+    assert!(matches!(end, ClientError::Lagged));
+}
+
+#[tokio::test]
+async fn dropping_a_followed_log_tells_the_agent_to_cancel_it() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let stream = client.follow_logs(LogsRequest::unit("ssh")).await.unwrap();
+    let (id, _) = peer.read_request().await;
+
+    drop(stream);
+    let (cancel_id, cancel) = peer.read_request().await;
+
+    assert_eq!(cancel_id, id);
+    assert_eq!(cancel["type"], "cancel");
+}
+
+/// Answers the next request, a metrics one, with `metrics` merged over sane values.
+async fn metrics_reply(overrides: serde_json::Value) -> Result<vmkit_guest::Metrics, ClientError> {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let caller = client.clone();
+    let call = tokio::spawn(async move { caller.metrics(Duration::ZERO).await });
+    let (id, _) = peer.read_request().await;
+    let mut reply = json!({
+        "type": "metrics", "cpu_pct": 1.0, "mem_pct": 2.0, "mem_total_bytes": 100,
+        "mem_available_bytes": 50, "disk_pct": 3.0, "load": [0.0, 0.0, 0.0],
+        "uptime_secs": 1
+    });
+    for (key, value) in overrides.as_object().unwrap() {
+        reply[key] = value.clone();
+    }
+    peer.reply(id, reply).await;
+    call.await.unwrap()
+}
+
+#[tokio::test]
+async fn sane_metrics_are_accepted() {
+    assert!(metrics_reply(json!({})).await.is_ok());
+}
+
+#[tokio::test]
+async fn metrics_out_of_range_are_refused() {
+    for bad in [
+        json!({"cpu_pct": 250.0}),
+        json!({"mem_pct": -1.0}),
+        json!({"data_disk_pct": 101.0}),
+        json!({"load": [1.0, -2.0, 0.0]}),
+        json!({"mem_available_bytes": 101}),
+    ] {
+        let result = metrics_reply(bad.clone()).await;
+        assert!(
+            matches!(result, Err(ClientError::Protocol(_))),
+            "{bad} accepted"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_huge_container_map_is_refused() {
+    let health: serde_json::Map<String, serde_json::Value> = (0..5_000)
+        .map(|i| (format!("c{i}"), json!("healthy")))
+        .collect();
+
+    let result = metrics_reply(json!({"container_count": 5000, "container_health": health})).await;
+
+    assert!(matches!(result, Err(ClientError::Protocol(_))));
+}
+
+#[tokio::test]
+async fn an_unknown_container_health_is_kept_as_unknown() {
+    let result = metrics_reply(json!({"container_count": 1, "container_health": {"web": "sick"}}))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        result.container_health.unwrap()["web"],
+        vmkit_guest::ContainerHealth::Unknown
+    );
+}
+
+#[tokio::test]
+async fn a_data_reply_to_a_metrics_call_fails_that_call_only() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let caller = client.clone();
+    let call = tokio::spawn(async move { caller.metrics(Duration::ZERO).await });
+    let (id, _) = peer.read_request().await;
+
+    peer.reply(id, json!({"type": "data", "data": "aGk="}))
+        .await;
+
+    assert!(matches!(call.await.unwrap(), Err(ClientError::Protocol(_))));
+    assert!(!client.is_closed());
+}
+
+#[tokio::test]
+async fn an_upgrade_report_naming_another_binary_is_refused() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let caller = client.clone();
+    let sha = "ab".repeat(32);
+    let expected = sha.clone();
+    let call = tokio::spawn(async move { caller.upgrade(b"new agent", &expected).await });
+    let (id, request) = peer.read_request().await;
+    let (chunk_id, chunk) = peer.read_request().await;
+
+    peer.reply(
+        id,
+        json!({"type": "upgraded", "path": "/etc/shadow", "previous_sha256": "",
+               "sha256": "cd".repeat(32), "size": 9, "restarting": true}),
+    )
+    .await;
+
+    assert_eq!(request["sha256"], sha);
+    assert_eq!(request["source"]["upload"]["size"], 9);
+    assert_eq!((chunk_id, chunk["type"].as_str()), (id, Some("chunk")));
+    assert!(matches!(call.await.unwrap(), Err(ClientError::Protocol(_))));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_takes_a_file_and_never_answers_times_the_write_out() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let caller = client.clone();
+    let call = tokio::spawn(async move {
+        caller
+            .write_file(WriteFileRequest::new("/tmp/x"), &[7u8; 100_000])
+            .await
+    });
+    let (_, request) = peer.read_request().await;
+    let (_, chunk) = peer.read_request().await;
+
+    assert_eq!(request["type"], "write_file");
+    assert_eq!(request["size"], 100_000);
+    assert_eq!(chunk["type"], "chunk");
+    assert!(matches!(call.await.unwrap(), Err(ClientError::Timeout)));
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_that_stops_reading_a_large_write_times_it_out_and_cancels_it() {
+    // A small pipe the agent never drains: the body cannot all be sent.
+    let (host, _guest) = tokio::io::duplex(1024);
+    let client = Client::new(host, quick());
+
+    let err = client
+        .write_file(WriteFileRequest::new("/tmp/x"), &vec![0u8; 8 << 20])
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, ClientError::Timeout));
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_followed_log_dropped_as_lagged_is_cancelled_in_the_agent() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let mut stream = client.follow_logs(LogsRequest::unit("ssh")).await.unwrap();
+    let (id, _) = peer.read_request().await;
+    for _ in 0..100 {
+        peer.reply(id, json!({"type": "lines", "lines": ["spam"]}))
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let end = loop {
+        if let Err(err) = stream.next().await.unwrap() {
+            break err;
+        }
+    };
+
+    drop(stream);
+    let (cancel_id, cancel) = peer.read_request().await;
+
+    assert!(matches!(end, ClientError::Lagged));
+    assert_eq!((cancel_id, cancel["type"].as_str()), (id, Some("cancel")));
+}

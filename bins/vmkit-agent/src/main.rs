@@ -1,8 +1,11 @@
 //! vmkit-agent: the vmkit guest agent.
 //!
 //! Runs inside every guest and answers the host over the agent protocol of `vmkit-guest`,
-//! on a QEMU virtio-serial port or on AF_VSOCK. Started by systemd, or by the init of tiny
-//! images; it logs to stderr, which the init sends to the console.
+//! on a QEMU virtio-serial port or on AF_VSOCK. Started by systemd (`vmkit-agent.service`
+//! in the base image, `Restart=always`), or by the init of tiny images (`respawn`); it logs
+//! to stderr, which the init sends to the journal or the console. After installing an
+//! upgrade it exits with status 75 so that its supervisor starts the new binary;
+//! `--version` must work, since an upgrade runs the new binary with it before installing.
 //!
 //! ```text
 //! vmkit-agent [--transport auto|virtio-serial[:NAME|:PATH]|vsock[:PORT]]

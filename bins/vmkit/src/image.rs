@@ -23,8 +23,24 @@ use anyhow::{Context, Result, bail, ensure};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-/// The recipes compiled into this binary: image name and build script.
-const RECIPES: &[(&str, &str)] = &[("tiny", include_str!("../../../images/tiny/build.sh"))];
+/// The recipes compiled into this binary: image name and build script, each run as
+/// `images/lib.sh` (shared functions) followed by the recipe's `build.sh`.
+const RECIPES: &[(&str, &str)] = &[
+    (
+        "tiny",
+        concat!(
+            include_str!("../../../images/lib.sh"),
+            include_str!("../../../images/tiny/build.sh")
+        ),
+    ),
+    (
+        "base",
+        concat!(
+            include_str!("../../../images/lib.sh"),
+            include_str!("../../../images/base/build.sh")
+        ),
+    ),
+];
 
 /// The manifest's file name inside an image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -659,7 +675,7 @@ mod tests {
     #[test]
     fn unknown_image_error_lists_the_known_ones() {
         let err = recipe("huge").unwrap_err().to_string();
-        assert_eq!(err, "unknown image `huge`; known images: tiny");
+        assert_eq!(err, "unknown image `huge`; known images: tiny, base");
     }
 
     #[test]

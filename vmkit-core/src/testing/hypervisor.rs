@@ -36,6 +36,19 @@ struct FakeVmm {
     vcpus: u32,
     memory_mib: u64,
     console: String,
+    guest: GuestState,
+}
+
+/// What a fake guest's agent was told to configure.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GuestState {
+    /// The host name it was given.
+    pub hostname: Option<String>,
+    /// The address it was given.
+    pub network: Option<vmkit_guest::NetworkConfig>,
+    /// The SSH keys installed for its default user.
+    pub ssh_keys: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -81,6 +94,11 @@ impl FakeHypervisor {
     /// Makes the VMM of `handle` exit as if it crashed.
     pub fn crash(&self, handle: &VmmHandle) {
         self.lock().vmms.remove(&handle.pid);
+    }
+
+    /// What the guest of the VMM `pid` was told to configure, if it runs.
+    pub fn guest(&self, pid: u32) -> Option<GuestState> {
+        self.lock().vmms.get(&pid).map(|v| v.guest.clone())
     }
 
     /// Pids of the VMMs that run.
@@ -175,6 +193,7 @@ impl Hypervisor for FakeHypervisor {
                 vcpus: config.vcpus,
                 memory_mib: config.memory_mib,
                 console: format!("fake boot of {}\n", config.name),
+                guest: GuestState::default(),
             },
         ))
     }
@@ -435,6 +454,41 @@ impl Handler for FakeAgent {
 
     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
         self.hypervisor.lock().vmms.remove(&self.pid);
+        Ok(())
+    }
+
+    async fn configure_network(&self, config: vmkit_guest::NetworkConfig) -> Result<(), String> {
+        self.configure("agent.configure_network", |g| g.network = Some(config))
+    }
+
+    async fn set_hostname(&self, hostname: String) -> Result<(), String> {
+        self.configure("agent.set_hostname", |g| g.hostname = Some(hostname))
+    }
+
+    async fn install_ssh_keys(
+        &self,
+        user: Option<String>,
+        keys: Vec<String>,
+    ) -> Result<(), String> {
+        if user.is_some() {
+            return Err("the fake guest has only its default user".to_owned());
+        }
+        self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
+    }
+}
+
+impl FakeAgent {
+    fn configure(&self, op: &'static str, f: impl FnOnce(&mut GuestState)) -> Result<(), String> {
+        self.hypervisor
+            .faults
+            .check(op)
+            .map_err(|e| e.to_string())?;
+        let mut shared = self.hypervisor.lock();
+        let vmm = shared
+            .vmms
+            .get_mut(&self.pid)
+            .ok_or_else(|| "the VM is gone".to_owned())?;
+        f(&mut vmm.guest);
         Ok(())
     }
 }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 pub use assets::{test_data_dir, test_image, test_images_dir};
 pub use faults::{Faults, InjectedFault};
 pub use gateway::FakeGateway;
-pub use hypervisor::{AgentBehavior, FakeHypervisor};
+pub use hypervisor::{AgentBehavior, FakeHypervisor, GuestState};
 pub use images::FakeImages;
 pub use network::FakeNetwork;
 pub use storage::FakeStorage;

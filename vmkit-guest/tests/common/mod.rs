@@ -2,15 +2,18 @@
 //! and an in-memory handler for `serve`.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use vmkit_guest::{
-    Client, ClientConfig, ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink, ServerConfig,
-    serve,
+    Client, ClientConfig, ExecRequest, ExitStatus, Handler, HardenReport, HardenRequest, HelloInfo,
+    InputStream, LogSource, LogsRequest, Metrics, NetworkConfig, OutputSink, ServerConfig,
+    UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest, serve,
 };
 
 /// Room in each direction of the in-memory pipe.
@@ -80,9 +83,38 @@ pub fn client_with_raw_peer(config: ClientConfig) -> (Client, RawPeer) {
 /// - `spam N SIZE` writes N chunks of SIZE bytes to stdout and N to stderr;
 /// - `hang` never ends and sets `dropped` when its future is dropped;
 /// - `exit N` exits with code N.
+///
+/// The management calls work on memory: `files` (read and written), `calls` (a line per
+/// call), logs of unit `U` are the lines `U 1`, `U 2`, ... (a followed log then waits
+/// forever and sets `dropped` when dropped), and an upgrade checks the SHA-256 of what it
+/// received.
 #[derive(Default)]
 pub struct FakeHandler {
     pub dropped: Arc<AtomicBool>,
+    pub files: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    pub calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeHandler {
+    fn record(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+/// Reads a whole body.
+pub async fn drain(input: &mut InputStream) -> Result<Vec<u8>, String> {
+    let mut data = Vec::new();
+    while let Some(chunk) = input.next_chunk().await.map_err(|e| e.to_string())? {
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
+}
+
+pub fn hex_sha256(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 struct SetOnDrop(Arc<AtomicBool>);
@@ -145,6 +177,137 @@ impl Handler for FakeHandler {
         } else {
             Ok(())
         }
+    }
+
+    async fn configure_network(&self, config: NetworkConfig) -> Result<(), String> {
+        self.record(format!(
+            "network {} {}/{}",
+            config.mac, config.address, config.prefix
+        ));
+        Ok(())
+    }
+
+    async fn set_hostname(&self, hostname: String) -> Result<(), String> {
+        self.record(format!("hostname {hostname}"));
+        Ok(())
+    }
+
+    async fn install_ssh_keys(
+        &self,
+        user: Option<String>,
+        keys: Vec<String>,
+    ) -> Result<(), String> {
+        self.record(format!("keys {user:?} {}", keys.len()));
+        Ok(())
+    }
+
+    async fn read_file(&self, path: String, limit: u64, out: OutputSink) -> Result<u64, String> {
+        let data = self
+            .files
+            .lock()
+            .unwrap()
+            .get(&path)
+            .cloned()
+            .ok_or_else(|| format!("no file {path}"))?;
+        if data.len() as u64 > limit {
+            return Err(format!("{path} is over the limit"));
+        }
+        out.data(&data).await.map_err(|e| e.to_string())?;
+        Ok(data.len() as u64)
+    }
+
+    async fn write_file(
+        &self,
+        req: WriteFileRequest,
+        mut input: InputStream,
+    ) -> Result<u64, String> {
+        if req.path.starts_with("/refuse") {
+            return Err(format!("{} is refused", req.path));
+        }
+        let data = drain(&mut input).await?;
+        let size = data.len() as u64;
+        self.files.lock().unwrap().insert(req.path, data);
+        Ok(size)
+    }
+
+    async fn metrics(&self, interval: Duration) -> Result<Metrics, String> {
+        let mut metrics = Metrics::default();
+        metrics.cpu_pct = 12.5;
+        metrics.mem_pct = 50.0;
+        metrics.mem_total_bytes = 1 << 30;
+        metrics.mem_available_bytes = 1 << 29;
+        metrics.disk_pct = 10.0;
+        metrics.load = [0.5, 0.25, 0.125];
+        metrics.uptime_secs = interval.as_millis() as u64;
+        Ok(metrics)
+    }
+
+    async fn logs(&self, req: LogsRequest, out: OutputSink) -> Result<(), String> {
+        let LogSource::Unit(unit) = &req.source else {
+            return Err("files are not faked".to_owned());
+        };
+        let lines: Vec<String> = (1..=req.effective_lines())
+            .map(|i| format!("{unit} {i}"))
+            .collect();
+        out.lines(&lines).await.map_err(|e| e.to_string())?;
+        if req.follow {
+            let _flag = SetOnDrop(Arc::clone(&self.dropped));
+            for i in 1.. {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                out.lines(&[format!("{unit} new {i}")])
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn harden(&self, req: HardenRequest) -> Result<HardenReport, String> {
+        let mut report = HardenReport::default();
+        report.user = req.user.unwrap_or_else(|| "deploy".to_owned());
+        report.changes = vec![format!("created user {}", report.user)];
+        Ok(report)
+    }
+
+    async fn upgrade(
+        &self,
+        req: UpgradeRequest,
+        mut input: InputStream,
+    ) -> Result<UpgradeReport, String> {
+        let UpgradeSource::Upload { .. } = req.source else {
+            return Err("only uploads are faked".to_owned());
+        };
+        let data = drain(&mut input).await?;
+        let sha256 = hex_sha256(&data);
+        if sha256 != req.sha256 {
+            return Err(format!(
+                "SHA-256 mismatch: got {sha256}; the installed agent is unchanged"
+            ));
+        }
+        let mut report = UpgradeReport::default();
+        report.path = "/usr/local/bin/vmkit-agent".to_owned();
+        report.sha256 = sha256;
+        report.size = data.len() as u64;
+        report.restarting = true;
+        Ok(report)
+    }
+}
+
+/// A handler with only the required methods, like one written for an older version.
+pub struct MinimalHandler;
+
+#[async_trait::async_trait]
+impl Handler for MinimalHandler {
+    async fn hello(&self) -> HelloInfo {
+        HelloInfo::new("0.0.1", "boot", "6.1.0", "x86_64")
+    }
+
+    async fn exec(&self, _req: ExecRequest, _out: OutputSink) -> Result<ExitStatus, String> {
+        Ok(exited(0))
+    }
+
+    async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
+        Ok(())
     }
 }
 

@@ -41,8 +41,30 @@ impl Daemon {
 
     /// Starts `vmkit-gateway` on `data_dir`.
     pub fn start_in(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let log = std::fs::File::create(data_dir.join("daemon.log")).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"));
+        Self::start_in_netns(None, data_dir, args, env)
+    }
+
+    /// Starts `vmkit-gateway` on `data_dir`, inside the network namespace `netns`
+    /// when given (its VMMs, TAPs and rules then live there too).
+    pub fn start_in_netns(
+        netns: Option<&str>,
+        data_dir: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("daemon.log"))
+            .unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmkit-gateway")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vmkit-gateway")),
+        };
         cmd.arg("--data-dir")
             .arg(data_dir)
             .args(args)

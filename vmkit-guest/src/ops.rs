@@ -1,0 +1,323 @@
+//! The payloads of the management requests: network, files, metrics, logs, harden and
+//! upgrade. Plain std and serde types, so that neither side needs anything but this crate.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+/// The default number of log lines [`LogsRequest`] asks for.
+pub const DEFAULT_LOG_LINES: u32 = 100;
+/// The most log lines one [`LogsRequest`] may ask for; more is clamped to this.
+pub const MAX_LOG_LINES: u32 = 5000;
+/// The longest log line, in bytes; the agent cuts longer lines and the client refuses them.
+pub const MAX_LOG_LINE: usize = 16 << 10;
+/// The default sampling interval of [`Client::metrics`](crate::Client::metrics).
+pub const DEFAULT_METRICS_INTERVAL_MS: u64 = 1000;
+/// The longest sampling interval of a metrics request; longer ones are clamped to this.
+pub const MAX_METRICS_INTERVAL_MS: u64 = 10_000;
+/// The user [`HardenRequest`] creates when it names none.
+pub const DEFAULT_DEPLOY_USER: &str = "deploy";
+
+/// The address the guest's interface gets, found by its MAC address.
+///
+/// Applying it is idempotent, and a different address replaces the one the interface had
+/// (a clone keeps its source's address until it is told its own).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NetworkConfig {
+    /// The interface's MAC address, `52:54:00:12:34:56` (any case).
+    pub mac: String,
+    /// The interface's IPv4 address.
+    pub address: Ipv4Addr,
+    /// The prefix length of the interface's subnet (0–32).
+    pub prefix: u8,
+    /// The default gateway; it must be inside the interface's subnet.
+    pub gateway: Ipv4Addr,
+    /// Name servers written to `/etc/resolv.conf`, in order; left alone when empty.
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// The interface's MTU; left alone when `None`.
+    #[serde(default)]
+    pub mtu: Option<u32>,
+}
+
+impl NetworkConfig {
+    /// A config with no name servers and the interface's MTU left alone.
+    pub fn new(mac: impl Into<String>, address: Ipv4Addr, prefix: u8, gateway: Ipv4Addr) -> Self {
+        NetworkConfig {
+            mac: mac.into(),
+            address,
+            prefix,
+            gateway,
+            dns: Vec::new(),
+            mtu: None,
+        }
+    }
+
+    /// Sets the name servers.
+    pub fn with_dns(mut self, dns: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        self.dns = dns.into_iter().collect();
+        self
+    }
+
+    /// Sets the MTU.
+    pub fn with_mtu(mut self, mtu: u32) -> Self {
+        self.mtu = Some(mtu);
+        self
+    }
+}
+
+/// A file to write atomically: the agent writes a temporary file in the same directory,
+/// flushes it, renames it over `path` and flushes the directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WriteFileRequest {
+    /// The absolute path of the file; its directory must exist.
+    pub path: String,
+    /// How many bytes follow in `chunk` requests. The client sets it from the data it
+    /// sends.
+    #[serde(default)]
+    pub size: u64,
+    /// The permission bits; `None` keeps those of the file being replaced, or 0644.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// The owner, `user` or `user:group` (names or numbers); `None` keeps the owner of the
+    /// file being replaced, or the agent's user.
+    #[serde(default)]
+    pub owner: Option<String>,
+}
+
+impl WriteFileRequest {
+    /// A request to write `path` with the default mode and owner.
+    pub fn new(path: impl Into<String>) -> Self {
+        WriteFileRequest {
+            path: path.into(),
+            size: 0,
+            mode: None,
+            owner: None,
+        }
+    }
+
+    /// Sets the permission bits.
+    pub fn mode(mut self, mode: u32) -> Self {
+        self.mode = Some(mode);
+        self
+    }
+
+    /// Sets the owner, `user` or `user:group`.
+    pub fn owner(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
+        self
+    }
+}
+
+/// A snapshot of the guest's load, as in the seeds' health table.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// CPU busy time over the sampling interval, 0–100, all CPUs together.
+    pub cpu_pct: f64,
+    /// Memory in use, `(MemTotal − MemAvailable) / MemTotal`, 0–100.
+    pub mem_pct: f64,
+    /// `MemTotal`, in bytes.
+    pub mem_total_bytes: u64,
+    /// `MemAvailable`, in bytes.
+    pub mem_available_bytes: u64,
+    /// The root filesystem's use, as `df` computes it, 0–100.
+    pub disk_pct: f64,
+    /// The data disk's use (mounted at `/data`), when one is mounted.
+    #[serde(default)]
+    pub data_disk_pct: Option<f64>,
+    /// Load averages over 1, 5 and 15 minutes.
+    pub load: [f64; 3],
+    /// Seconds since the guest booted.
+    pub uptime_secs: u64,
+    /// Running containers, when Docker is installed and answers.
+    #[serde(default)]
+    pub container_count: Option<u32>,
+    /// Each running container's health check status, by container name, when Docker is
+    /// installed and answers.
+    #[serde(default)]
+    pub container_health: Option<BTreeMap<String, ContainerHealth>>,
+}
+
+/// A container's health check status (`docker inspect`'s `.State.Health.Status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ContainerHealth {
+    /// The health check passes.
+    Healthy,
+    /// The health check fails.
+    Unhealthy,
+    /// The health check has not passed yet.
+    Starting,
+    /// The container has no health check.
+    None,
+    /// A status this version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// Where [`LogsRequest`] reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LogSource {
+    /// The systemd journal of a unit (`journalctl -u UNIT`).
+    Unit(String),
+    /// A text file, by absolute path.
+    File(String),
+}
+
+/// The last lines of a unit's journal or of a file, and optionally what follows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct LogsRequest {
+    /// What to read.
+    pub source: LogSource,
+    /// How many of the last lines (default [`DEFAULT_LOG_LINES`], at most
+    /// [`MAX_LOG_LINES`]).
+    #[serde(default = "default_log_lines")]
+    pub lines: u32,
+    /// Keep sending new lines as they are written, until the host cancels.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+fn default_log_lines() -> u32 {
+    DEFAULT_LOG_LINES
+}
+
+impl LogsRequest {
+    /// The last [`DEFAULT_LOG_LINES`] lines of a unit's journal.
+    pub fn unit(unit: impl Into<String>) -> Self {
+        Self::of(LogSource::Unit(unit.into()))
+    }
+
+    /// The last [`DEFAULT_LOG_LINES`] lines of a file.
+    pub fn file(path: impl Into<String>) -> Self {
+        Self::of(LogSource::File(path.into()))
+    }
+
+    fn of(source: LogSource) -> Self {
+        LogsRequest {
+            source,
+            lines: DEFAULT_LOG_LINES,
+            follow: false,
+        }
+    }
+
+    /// Sets how many of the last lines to read (clamped to [`MAX_LOG_LINES`]).
+    pub fn lines(mut self, lines: u32) -> Self {
+        self.lines = lines.min(MAX_LOG_LINES);
+        self
+    }
+
+    /// Asks for new lines as they come (see [`Client::follow_logs`](crate::Client::follow_logs),
+    /// which sets it).
+    pub fn follow(mut self) -> Self {
+        self.follow = true;
+        self
+    }
+
+    /// The line count actually used: at most [`MAX_LOG_LINES`].
+    pub fn effective_lines(&self) -> u32 {
+        self.lines.min(MAX_LOG_LINES)
+    }
+}
+
+/// Create the deploy user and tighten sshd, as the seeds' `harden` does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HardenRequest {
+    /// The deploy user to create (default [`DEFAULT_DEPLOY_USER`]).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// SSH public keys for the deploy user, besides the keys vmkit installed for the
+    /// image's default user (which it always gets).
+    #[serde(default)]
+    pub keys: Vec<String>,
+}
+
+impl HardenRequest {
+    /// Hardening with the default deploy user.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Names the deploy user.
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Adds SSH public keys for the deploy user.
+    pub fn keys<I, S>(mut self, keys: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.keys.extend(keys.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// What [`HardenRequest`] changed. Hardening twice changes nothing the second time.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct HardenReport {
+    /// The deploy user.
+    pub user: String,
+    /// One sentence per change made; empty when everything was already in place.
+    #[serde(default)]
+    pub changes: Vec<String>,
+    /// sshd was told to reload its configuration.
+    #[serde(default)]
+    pub sshd_reloaded: bool,
+}
+
+/// Replace the agent binary and restart it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UpgradeRequest {
+    /// The new binary's SHA-256, 64 hex digits. A binary with another hash is refused and
+    /// the installed one kept.
+    pub sha256: String,
+    /// Where the new binary comes from.
+    pub source: UpgradeSource,
+}
+
+/// Where an upgrade's binary comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UpgradeSource {
+    /// `size` bytes sent in `chunk` requests after the upgrade request.
+    Upload {
+        /// The binary's size in bytes.
+        size: u64,
+    },
+    /// A plain `http://` URL the host serves (no TLS), fetched by the agent.
+    Url {
+        /// The URL.
+        url: String,
+    },
+}
+
+/// What an upgrade did. The agent restarts shortly after sending it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UpgradeReport {
+    /// Where the new binary was installed.
+    pub path: String,
+    /// The SHA-256 of the binary it replaced.
+    pub previous_sha256: String,
+    /// The new binary's SHA-256.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The agent exits to be restarted by its supervisor (systemd or init).
+    pub restarting: bool,
+}
