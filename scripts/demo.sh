@@ -3,7 +3,7 @@
 # and the tiny image, starts the daemon (if it is not running), creates a VM, runs
 # `uname -a` in it, and says what to try next.
 #
-# Run with: sudo scripts/demo.sh
+# Run with: scripts/demo.sh (as root)
 # State goes to $VMKIT_DATA_DIR (default /var/lib/vmkit).
 set -euo pipefail
 cd "$(dirname "$0")/.."

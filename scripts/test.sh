@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every check and test of the project on a fresh machine: installs the Debian
 # packages it needs, builds the test assets (static agent, tiny image), then fmt,
-# clippy and the whole test suite, including the tests that boot real VMs.
+# clippy, the whole test suite (including the tests that boot real VMs) and a bounded
+# fuzzing run of the agent protocol's decoders.
 #
-# Run with: sudo scripts/test.sh
+# Run with: scripts/test.sh (as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,4 +28,6 @@ step "building binaries"
 cargo build --workspace --bins
 step "cargo test"
 cargo test --workspace
+step "fuzzing the agent protocol (bounded: 15 s per target)"
+scripts/fuzz.sh 15
 step "done"

@@ -37,7 +37,7 @@ pub async fn real(config: &Config) -> anyhow::Result<Backends> {
 fn network(config: &Config) -> anyhow::Result<Option<Arc<dyn vmkit_core::Network>>> {
     let n = &config.network;
     if !n.enabled {
-        info!("guest networking is off (network.enabled = false): VMs get no NIC");
+        warn!("guest networking is off (network.enabled = false): VMs get no NIC");
         return Ok(None);
     }
     let subnet: vmkit_core::Ipv4Net = n

@@ -117,7 +117,7 @@ pub struct NetworkSection {
 impl Default for NetworkSection {
     fn default() -> Self {
         Self {
-            enabled: false,
+            enabled: true,
             bridge: "br-vmkit".to_owned(),
             subnet: "10.88.0.0/16".to_owned(),
             dns: "auto".to_owned(),

@@ -71,6 +71,9 @@ impl Daemon {
             .env_remove("VMKIT_DATA_DIR")
             .env_remove("VMKIT_SOCKET")
             .env("VMKIT_LOG", "info,vmkit_core=debug")
+            // Tests that want a network run the daemon in a namespace of their own and
+            // switch it on; no test touches the host's bridges or rules.
+            .env("VMKIT_NETWORK_ENABLED", "false")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
