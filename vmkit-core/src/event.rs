@@ -37,6 +37,11 @@ pub enum EventKind {
     Deleted,
     /// The VMM exited without being asked to.
     VmmExited,
+    /// A running VM's agent became healthy or unhealthy.
+    HealthChanged {
+        /// The new health.
+        health: crate::vm::Health,
+    },
     /// Reconcile acted on a VM or an orphaned resource.
     Reconciled {
         /// What was done.

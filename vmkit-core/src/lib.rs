@@ -83,7 +83,7 @@ pub use storage::{
 pub use store::{StateStore, StoreCapabilities, StoreError};
 pub use time::Timestamp;
 pub use user::{ApiKey, SshKeyError, SshPublicKey, User, UserId};
-pub use vm::{VmId, VmIdParseError, VmRecord, VmResources};
+pub use vm::{Health, VmId, VmIdParseError, VmRecord, VmResources};
 
 /// The guest agent protocol crate, re-exported at the version vmkit-core uses.
 pub use vmkit_guest as guest;

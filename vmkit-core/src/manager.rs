@@ -28,7 +28,7 @@ use crate::storage::{Storage, Volume};
 use crate::store::StateStore;
 use crate::time::Timestamp;
 use crate::user::UserId;
-use crate::vm::{VmId, VmRecord};
+use crate::vm::{Health, VmId, VmRecord};
 
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
 #[derive(Clone, Debug)]
@@ -199,6 +199,10 @@ struct Inner {
     backends: Backends,
     locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
     agents: StdMutex<HashMap<VmId, Client>>,
+    /// One connection attempt per VM at a time: a VMM's agent channel may serve a
+    /// single client (QEMU's virtio-serial socket does), so a second concurrent
+    /// connect would wait behind the first and time out.
+    connecting: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
     events: broadcast::Sender<Event>,
 }
 
@@ -237,6 +241,7 @@ impl Manager {
                 backends,
                 locks: StdMutex::new(HashMap::new()),
                 agents: StdMutex::new(HashMap::new()),
+                connecting: StdMutex::new(HashMap::new()),
                 events,
             }),
         })
@@ -303,7 +308,10 @@ impl Manager {
 
         let mut undo = Vec::new();
         let created = match self.create_steps(&mut vm, &image, &mut undo).await {
-            Ok(()) => self.set_state(&mut vm, VmState::Running).await,
+            Ok(()) => {
+                vm.health = Health::Healthy;
+                self.set_state(&mut vm, VmState::Running).await
+            }
             Err(error) => Err(error),
         };
         match created {
@@ -378,7 +386,7 @@ impl Manager {
 
     async fn rollback(&self, vm: &VmRecord, undo: Vec<Undo>) {
         let b = &self.inner.backends;
-        self.forget_agent(vm.id);
+        self.forget_vm(vm.id);
         for step in undo.into_iter().rev() {
             let result = match step {
                 Undo::Vmm(handle) => {
@@ -413,7 +421,7 @@ impl Manager {
         if vm.state != VmState::Deleting {
             self.set_state(&mut vm, VmState::Deleting).await?;
         }
-        self.forget_agent(vm.id);
+        self.forget_vm(vm.id);
         if let Some(handle) = vm.resources.vmm.clone() {
             if options.keep_data {
                 self.graceful_stop(&vm, &handle).await?;
@@ -524,6 +532,7 @@ impl Manager {
                 self.forget_agent(current.id);
                 self.inner.backends.hypervisor.cleanup(&handle).await?;
                 current.resources.vmm = None;
+                current.health = Health::Unknown;
                 self.emit(NewEvent::vm(
                     current.id,
                     &current.name,
@@ -535,6 +544,79 @@ impl Manager {
             }
         }
         Ok(marked)
+    }
+
+    /// Pings the agent of every running VM (all at once, each bounded by `timeout`)
+    /// and records a change of health as an event. A guest that stalls or breaks the
+    /// protocol is marked unhealthy; nothing else is affected. Returns the VMs whose
+    /// health changed.
+    pub async fn check_agents(
+        &self,
+        timeout: Duration,
+    ) -> Result<Vec<(VmName, Health)>, ManagerError> {
+        let mut pings = tokio::task::JoinSet::new();
+        for vm in self.list(None).await? {
+            if vm.state != VmState::Running || vm.resources.vmm.is_none() {
+                continue;
+            }
+            let manager = self.clone();
+            pings.spawn(async move {
+                let outcome = tokio::time::timeout(timeout, async {
+                    let client = manager.agent(&vm).await?;
+                    client.ping().await.map_err(|e| ManagerError::Agent {
+                        name: vm.name.clone(),
+                        message: e.to_string(),
+                    })
+                })
+                .await;
+                let health = match outcome {
+                    Ok(Ok(_)) => Health::Healthy,
+                    Ok(Err(e)) => {
+                        manager.forget_agent(vm.id);
+                        Health::Unhealthy {
+                            reason: e.to_string(),
+                        }
+                    }
+                    Err(_) => Health::Unhealthy {
+                        reason: format!("the agent did not answer a ping within {timeout:?}"),
+                    },
+                };
+                (vm, health)
+            });
+        }
+        let mut changed = Vec::new();
+        while let Some(joined) = pings.join_next().await {
+            let Ok((vm, health)) = joined else { continue };
+            if vm.health == health {
+                continue;
+            }
+            let _guard = self.lock(&vm.name).await;
+            let Some(mut current) = self.inner.backends.store.get_vm(&vm.name).await? else {
+                continue;
+            };
+            // Only the VMM that was checked, still running, gets the verdict.
+            if current.state != VmState::Running || current.resources.vmm != vm.resources.vmm {
+                continue;
+            }
+            match &health {
+                Health::Unhealthy { reason } => {
+                    warn!(vm = %current.name, %reason, "agent unhealthy")
+                }
+                _ => info!(vm = %current.name, "agent healthy"),
+            }
+            current.health = health.clone();
+            self.save(&mut current).await?;
+            self.emit(NewEvent::vm(
+                current.id,
+                &current.name,
+                EventKind::HealthChanged {
+                    health: health.clone(),
+                },
+            ))
+            .await;
+            changed.push((current.name, health));
+        }
+        Ok(changed)
     }
 
     async fn start_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
@@ -551,7 +633,10 @@ impl Manager {
         }
         .await;
         match started {
-            Ok(()) => self.set_state(vm, VmState::Running).await,
+            Ok(()) => {
+                vm.health = Health::Healthy;
+                self.set_state(vm, VmState::Running).await
+            }
             Err(error) => {
                 if let Some(handle) = vm.resources.vmm.take() {
                     let _ = b.hypervisor.kill(&handle).await;
@@ -579,6 +664,7 @@ impl Manager {
             self.inner.backends.hypervisor.cleanup(&handle).await?;
         }
         vm.resources.vmm = None;
+        vm.health = Health::Unknown;
         self.set_state(vm, VmState::Stopped).await
     }
 
@@ -713,6 +799,18 @@ impl Manager {
         if let Some(client) = self.cached_agent(vm.id) {
             return Ok(client);
         }
+        let gate = {
+            let mut connecting = self
+                .inner
+                .connecting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            connecting.entry(vm.id).or_default().clone()
+        };
+        let _connecting = gate.lock().await;
+        if let Some(client) = self.cached_agent(vm.id) {
+            return Ok(client);
+        }
         let handle = vm
             .resources
             .vmm
@@ -744,6 +842,17 @@ impl Manager {
     fn forget_agent(&self, vm: VmId) {
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.remove(&vm);
+    }
+
+    /// Drops every per-VM table entry of a VM that is gone.
+    fn forget_vm(&self, vm: VmId) {
+        self.forget_agent(vm);
+        let mut connecting = self
+            .inner
+            .connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        connecting.remove(&vm);
     }
 
     fn machine_config(

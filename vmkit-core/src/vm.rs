@@ -95,6 +95,23 @@ pub struct VmResources {
     pub vmm: Option<VmmHandle>,
 }
 
+/// Whether a running VM's agent answers as it should.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+#[non_exhaustive]
+pub enum Health {
+    /// Not known: the VM is not running, or has not been checked yet.
+    #[default]
+    Unknown,
+    /// The agent answered its last check.
+    Healthy,
+    /// The agent did not answer, or broke the protocol.
+    Unhealthy {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
 /// Everything vmkit knows about one VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -111,6 +128,9 @@ pub struct VmRecord {
     pub state: VmState,
     /// Resources held.
     pub resources: VmResources,
+    /// Whether its agent answers (running VMs only).
+    #[serde(default)]
+    pub health: Health,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -128,6 +148,7 @@ impl VmRecord {
             spec,
             state: VmState::Creating,
             resources: VmResources::default(),
+            health: Health::Unknown,
             created_at: now,
             updated_at: now,
         }

@@ -522,3 +522,61 @@ async fn a_new_guest_is_told_its_address_hostname_and_owners_keys() {
         .unwrap();
     assert_eq!(guest.hostname.as_deref(), Some("web"));
 }
+
+#[tokio::test]
+async fn a_hostile_agent_marks_only_its_vm_unhealthy_and_the_manager_keeps_working() {
+    let host = FakeHost::new().await;
+    let bad = host.manager.create(request("bad")).await.unwrap();
+    host.manager.create(request("good")).await.unwrap();
+    assert_eq!(bad.health, vmkit_core::Health::Healthy);
+
+    // Both answer a heartbeat: nothing changes.
+    assert!(
+        host.manager
+            .check_agents(Duration::from_secs(2))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    host.hypervisor
+        .make_agent_hostile(bad.resources.vmm.as_ref().unwrap());
+    let changed = host
+        .manager
+        .check_agents(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].0, name("bad"));
+    let vm = host.manager.get(&name("bad")).await.unwrap();
+    match &vm.health {
+        vmkit_core::Health::Unhealthy { reason } => {
+            assert!(
+                reason.contains("frame") || reason.contains("large"),
+                "{reason}"
+            )
+        }
+        other => panic!("expected unhealthy, got {other:?}"),
+    }
+    let events = host.manager.events(0, 100).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e.kind, EventKind::HealthChanged { .. }))
+    );
+
+    // The other VM and the manager are unaffected.
+    assert_eq!(
+        exec_stdout(&host, "good", &["echo", "fine"]).await,
+        (b"fine\n".to_vec(), Some(0))
+    );
+    assert_eq!(
+        host.manager.get(&name("good")).await.unwrap().health,
+        vmkit_core::Health::Healthy
+    );
+    // The unhealthy VM can still be stopped and removed.
+    host.manager
+        .delete(&name("bad"), DeleteOptions::default())
+        .await
+        .unwrap();
+}

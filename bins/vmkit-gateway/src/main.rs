@@ -146,6 +146,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     let monitor = tokio::spawn(monitor(
         manager.clone(),
         Duration::from_secs(t.vmm_check_secs.max(1)),
+        Duration::from_secs(t.agent_secs.max(1)),
     ));
 
     let listener = bind(&config.socket).await?;
@@ -194,13 +195,18 @@ async fn bind(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-async fn monitor(manager: Manager, every: Duration) {
+/// Notices VMMs that died (the VM is marked stopped) and agents that stopped
+/// answering or broke the protocol (the VM is marked unhealthy).
+async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         if let Err(e) = manager.check_vmms().await {
             warn!(error = %e, "VMM check failed");
+        }
+        if let Err(e) = manager.check_agents(agent_timeout).await {
+            warn!(error = %e, "agent check failed");
         }
     }
 }

@@ -518,6 +518,11 @@ fn print_vm(vm: &VmRecord) {
     if let Some(vmm) = &vm.resources.vmm {
         println!("vmm:     {} pid {}", vmm.backend, vmm.pid);
     }
+    match &vm.health {
+        vmkit_core::Health::Healthy => println!("health:  agent answers"),
+        vmkit_core::Health::Unhealthy { reason } => println!("health:  UNHEALTHY: {reason}"),
+        _ => {}
+    }
 }
 
 fn print_table(vms: &[VmRecord]) {
@@ -555,6 +560,7 @@ fn event_line(e: &Event) -> String {
         EventKind::CreateFailed { error } => format!("create failed: {error}"),
         EventKind::OperationFailed { operation, error } => format!("{operation} failed: {error}"),
         EventKind::Reconciled { action } => format!("reconciled: {action}"),
+        EventKind::HealthChanged { health } => format!("health: {health:?}").to_lowercase(),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e

@@ -68,6 +68,7 @@ pub struct FakeHypervisor {
     next_pid: Arc<AtomicU32>,
     faults: Faults,
     behavior: Arc<Mutex<AgentBehavior>>,
+    hostile: Arc<Mutex<std::collections::HashSet<u32>>>,
 }
 
 impl FakeHypervisor {
@@ -83,12 +84,30 @@ impl FakeHypervisor {
             next_pid: Arc::new(AtomicU32::new(1000)),
             faults,
             behavior: Arc::default(),
+            hostile: Arc::default(),
         }
     }
 
     /// Sets how guests' agents behave from now on.
     pub fn set_agent_behavior(&self, behavior: AgentBehavior) {
         *self.behavior.lock().unwrap_or_else(|p| p.into_inner()) = behavior;
+    }
+
+    /// Makes the agent of `handle`'s guest hostile from now on: instead of its next
+    /// reply it sends a frame header announcing 4 GiB, on connections open now and
+    /// later.
+    pub fn make_agent_hostile(&self, handle: &VmmHandle) {
+        self.hostile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(handle.pid);
+    }
+
+    fn is_hostile(&self, pid: u32) -> bool {
+        self.hostile
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&pid)
     }
 
     /// Makes the VMM of `handle` exit as if it crashed.
@@ -330,9 +349,11 @@ impl Hypervisor for FakeHypervisor {
                     hypervisor: self.clone(),
                     pid: handle.pid,
                 });
+                let (inner, agent_end) = tokio::io::duplex(64 * 1024);
                 tokio::spawn(async move {
-                    let _ = vmkit_guest::serve(guest, agent, ServerConfig::default()).await;
+                    let _ = vmkit_guest::serve(agent_end, agent, ServerConfig::default()).await;
                 });
+                tokio::spawn(relay(guest, inner, self.clone(), handle.pid));
             }
         }
         Ok(Box::new(host))
@@ -363,6 +384,40 @@ impl Hypervisor for FakeHypervisor {
         }
         Ok(())
     }
+}
+
+/// Carries bytes between the host's end and the fake agent, unless the guest turned
+/// hostile: then the agent's next reply is replaced by an absurd frame header.
+async fn relay(
+    host: tokio::io::DuplexStream,
+    agent: tokio::io::DuplexStream,
+    hv: FakeHypervisor,
+    pid: u32,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut host_rx, mut host_tx) = tokio::io::split(host);
+    let (mut agent_rx, mut agent_tx) = tokio::io::split(agent);
+    let to_agent = async move {
+        let _ = tokio::io::copy(&mut host_rx, &mut agent_tx).await;
+    };
+    let to_host = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match agent_rx.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk: &[u8] = if hv.is_hostile(pid) {
+                &[0xff, 0xff, 0xff, 0xff, b'{']
+            } else {
+                &buf[..n]
+            };
+            if host_tx.write_all(chunk).await.is_err() || hv.is_hostile(pid) {
+                return;
+            }
+        }
+    };
+    tokio::join!(to_agent, to_host);
 }
 
 fn handle_name(hv: &FakeHypervisor, handle: &VmmHandle) -> String {
