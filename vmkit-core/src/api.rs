@@ -12,7 +12,7 @@
 //! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
 //! | GET | `/v1/vms/{name}` | | `VmRecord` |
 //! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204 |
-//! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart` | | `VmRecord` |
+//! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmRecord` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
 //! | GET | `/v1/events?after=N&limit=N&follow=bool` | | NDJSON stream of `Event` |
 //! | GET | `/v1/images` | | `[String]` |

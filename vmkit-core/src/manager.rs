@@ -225,6 +225,7 @@ enum Undo {
 
 const RUNNING_OR_PAUSED: &[VmState] = &[VmState::Running, VmState::Paused];
 const STOPPED: &[VmState] = &[VmState::Stopped];
+const PAUSED: &[VmState] = &[VmState::Paused];
 const RUNNING: &[VmState] = &[VmState::Running];
 const RESTARTABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
 
@@ -490,6 +491,41 @@ impl Manager {
         }
         self.start_locked(&mut vm).await?;
         Ok(vm)
+    }
+
+    /// Pauses a running VM's vCPUs (running → paused). Memory, disks and network stay.
+    pub async fn pause(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let mut vm = self.get(name).await?;
+        self.require(&vm, "pause", RUNNING)?;
+        let hv = &self.inner.backends.hypervisor;
+        if !hv.capabilities().pause {
+            return Err(ManagerError::Unsupported("pause"));
+        }
+        let handle = self.vmm_of(&vm)?;
+        hv.pause(&handle).await?;
+        self.set_state(&mut vm, VmState::Paused).await?;
+        Ok(vm)
+    }
+
+    /// Resumes a paused VM (paused → running).
+    pub async fn resume(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let mut vm = self.get(name).await?;
+        self.require(&vm, "resume", PAUSED)?;
+        let handle = self.vmm_of(&vm)?;
+        self.inner.backends.hypervisor.resume(&handle).await?;
+        self.set_state(&mut vm, VmState::Running).await?;
+        Ok(vm)
+    }
+
+    fn vmm_of(&self, vm: &VmRecord) -> Result<VmmHandle, ManagerError> {
+        vm.resources.vmm.clone().ok_or_else(|| {
+            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+                "VM {} is {} but has no VMM",
+                vm.name, vm.state
+            )))
+        })
     }
 
     /// Runs a command in a running VM; output streams as it is produced.

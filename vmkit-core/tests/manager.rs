@@ -580,3 +580,54 @@ async fn a_hostile_agent_marks_only_its_vm_unhealthy_and_the_manager_keeps_worki
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn pause_and_resume_follow_the_state_machine() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    let vm = host.manager.pause(&name("web")).await.unwrap();
+    assert_eq!(vm.state, VmState::Paused);
+    let err = host.manager.pause(&name("web")).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ManagerError::WrongState {
+                operation: "pause",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = host
+        .manager
+        .exec(&name("web"), ExecRequest::new(["true"]))
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ManagerError::WrongState {
+            operation: "exec",
+            ..
+        }
+    ));
+    let vm = host.manager.resume(&name("web")).await.unwrap();
+    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(
+        exec_stdout(&host, "web", &["echo", "back"]).await.1,
+        Some(0)
+    );
+    let err = host.manager.resume(&name("web")).await.unwrap_err();
+    assert!(matches!(
+        err,
+        ManagerError::WrongState {
+            operation: "resume",
+            ..
+        }
+    ));
+    // A paused VM can be stopped.
+    host.manager.pause(&name("web")).await.unwrap();
+    assert_eq!(
+        host.manager.stop(&name("web")).await.unwrap().state,
+        VmState::Stopped
+    );
+}

@@ -84,7 +84,10 @@ impl Guest {
     async fn try_sh(&self, script: &str) -> (Option<i32>, String) {
         let out = self
             .client
-            .exec_collect(ExecRequest::new(["sh", "-c", script]), 1 << 20)
+            .exec_collect(
+                ExecRequest::new(["sh", "-c", script]).timeout(Duration::from_secs(120)),
+                1 << 20,
+            )
             .await
             .unwrap();
         (out.status.code, String::from_utf8(out.stdout).unwrap())

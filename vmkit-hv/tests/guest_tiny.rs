@@ -68,7 +68,10 @@ impl Guest {
     async fn sh(&self, script: &str) -> String {
         let out = self
             .client
-            .exec_collect(ExecRequest::new(["sh", "-c", script]), 1 << 20)
+            .exec_collect(
+                ExecRequest::new(["sh", "-c", script]).timeout(Duration::from_secs(120)),
+                1 << 20,
+            )
             .await
             .unwrap();
         assert!(
@@ -237,7 +240,10 @@ async fn a_tiny_guest_refuses_a_bad_upgrade_and_restarts_into_a_good_one() {
             continue;
         }
         let Ok(out) = client
-            .exec_collect(ExecRequest::new(["sh", "-c", "echo $PPID"]), 1024)
+            .exec_collect(
+                ExecRequest::new(["sh", "-c", "echo $PPID"]).timeout(Duration::from_secs(60)),
+                1024,
+            )
             .await
         else {
             continue;

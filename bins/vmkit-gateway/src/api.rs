@@ -35,6 +35,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
         .route("/v1/vms/{name}/restart", post(restart_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/exec", post(exec_vm))
         .route("/v1/events", get(events))
         .route("/v1/images", get(images))
@@ -164,6 +166,18 @@ async fn restart_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiR
     let name = vm_name(&name)?;
     let manager = s.manager.clone();
     Ok(Json(detached(async move { manager.restart(&name).await }).await?).into_response())
+}
+
+async fn pause_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.pause(&name).await }).await?).into_response())
+}
+
+async fn resume_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.resume(&name).await }).await?).into_response())
 }
 
 /// Runs a lifecycle command in its own task so a client hanging up mid-way does not

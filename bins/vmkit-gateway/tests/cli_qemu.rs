@@ -151,6 +151,22 @@ fn real_vm_boots_runs_commands_survives_a_daemon_restart_and_is_removed() {
     assert_eq!(out.status.code(), Some(124));
     assert!(started.elapsed() < Duration::from_secs(30));
 
+    // Pause and resume: a paused guest refuses exec, a resumed one answers.
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "pause", "e2e"]))["state"],
+        "paused"
+    );
+    let out = d.cli(&["vm", "exec", "e2e", "--", "true"]);
+    assert!(stderr(&out).contains("it is paused"), "{}", stderr(&out));
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "resume", "e2e"]))["state"],
+        "running"
+    );
+    assert_eq!(
+        d.cli(&["vm", "exec", "e2e", "--", "true"]).status.code(),
+        Some(0)
+    );
+
     // The VM outlives the daemon and is re-attached by the next one.
     assert!(d.terminate().success());
     assert!(pid_alive(pid), "QEMU survives a daemon shutdown");

@@ -99,6 +99,16 @@ enum VmCommand {
         /// VM name.
         name: String,
     },
+    /// Pause a running VM's vCPUs.
+    Pause {
+        /// VM name.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// VM name.
+        name: String,
+    },
     /// Run a command in a VM; its output streams and its exit status is returned.
     Exec(ExecArgs),
 }
@@ -353,6 +363,18 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
                     &format!("/v1/vms/{name}/restart"),
                     None::<&()>,
                 )
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Pause { name } => {
+            let vm: VmRecord = api
+                .json(Method::POST, &format!("/v1/vms/{name}/pause"), None::<&()>)
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Resume { name } => {
+            let vm: VmRecord = api
+                .json(Method::POST, &format!("/v1/vms/{name}/resume"), None::<&()>)
                 .await?;
             show(&vm)?;
         }

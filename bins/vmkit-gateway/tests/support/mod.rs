@@ -21,6 +21,9 @@ pub fn cli_bin() -> PathBuf {
 /// A daemon running in its own data directory; killed and reaped on drop.
 pub struct Daemon {
     pub child: Child,
+    /// Kill the VMMs of this data dir on drop (a test that failed half-way); off
+    /// after a deliberate [`Daemon::terminate`], whose VMs must outlive it.
+    reap_vmms: bool,
     pub data_dir: PathBuf,
     pub socket: PathBuf,
     _tmp: Option<tempfile::TempDir>,
@@ -84,6 +87,7 @@ impl Daemon {
         let socket = data_dir.join("vmkit.sock");
         let mut daemon = Daemon {
             child,
+            reap_vmms: true,
             data_dir: data_dir.to_owned(),
             socket,
             _tmp: None,
@@ -140,6 +144,7 @@ impl Daemon {
 
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
+        self.reap_vmms = false;
         // SAFETY: kill with a pid we spawned and have not reaped.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -157,6 +162,32 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // VMs outlive their daemon by design; a test that failed half-way must not
+        // leave its QEMUs behind. Kill every VMM whose pid file is in this data dir.
+        if self.reap_vmms {
+            kill_vmms_under(&self.data_dir.join("run"));
+        }
+    }
+}
+
+/// Kills the QEMU processes whose pid files lie under `run_dir`.
+pub fn kill_vmms_under(run_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
+            continue;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            continue;
+        };
+        // Only a process whose command line names this run directory.
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&*entry.path().to_string_lossy()) {
+            // SAFETY: kill(2) on a QEMU this test's daemon started, checked above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
     }
 }
 
