@@ -8,6 +8,7 @@
 
 mod ch;
 pub mod probe;
+mod process;
 mod qemu;
 
 pub use ch::*;

@@ -65,8 +65,8 @@ use vmkit_core::{
 
 pub use probe::{Accel, AccelChoice};
 
+use crate::process::{VmmProcess, read_stat};
 use console::ConsoleLog;
-use process::VmmProcess;
 use qmp::{Qmp, QmpError};
 
 /// The backend's name in handles.
@@ -457,11 +457,11 @@ impl Qemu {
             .ok_or_else(|| {
                 HypervisorError::Protocol("QEMU started but wrote no pid file".to_owned())
             })?;
-        let stat = process::read_stat(pid)
+        let stat = read_stat(pid)
             .map_err(|e| HypervisorError::io(format!("cannot read /proc/{pid}/stat"), e))?
             .ok_or(HypervisorError::NotRunning { pid })?;
         let handle = make_handle(pid, stat.start_time, paths);
-        *started = Some(vmm_process(&handle));
+        *started = Some(VmmProcess::from_handle(&handle));
 
         self.ensure_pump(&handle, config.console_limit).await?;
         let mut qmp = self.qmp(&handle, "start").await?;
@@ -556,7 +556,7 @@ impl Qemu {
         operation: &'static str,
         e: QmpError,
     ) -> HypervisorError {
-        if !vmm_process(handle).is_alive() {
+        if !VmmProcess::from_handle(handle).is_alive() {
             return HypervisorError::NotRunning { pid: handle.pid };
         }
         match e {
@@ -660,7 +660,7 @@ impl Qemu {
         handle: &VmmHandle,
         operation: &'static str,
     ) -> Result<(), HypervisorError> {
-        let vmm = vmm_process(handle);
+        let vmm = VmmProcess::from_handle(handle);
         vmm.kill().map_err(|e| {
             HypervisorError::io(format!("cannot kill QEMU (pid {})", handle.pid), e)
         })?;
@@ -675,7 +675,7 @@ impl Qemu {
     }
 
     fn require_running(handle: &VmmHandle) -> Result<(), HypervisorError> {
-        if vmm_process(handle).is_alive() {
+        if VmmProcess::from_handle(handle).is_alive() {
             Ok(())
         } else {
             Err(HypervisorError::NotRunning { pid: handle.pid })
@@ -737,7 +737,7 @@ impl Hypervisor for Qemu {
 
     async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
         let exited = || vmm_info(VmmState::Exited, handle.pid, 0, 0);
-        if !vmm_process(handle).is_alive() {
+        if !VmmProcess::from_handle(handle).is_alive() {
             return Ok(exited());
         }
         let result = async {
@@ -770,7 +770,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn shutdown(&self, handle: &VmmHandle, grace: Duration) -> Result<(), HypervisorError> {
-        let vmm = vmm_process(handle);
+        let vmm = VmmProcess::from_handle(handle);
         if !vmm.is_alive() {
             self.settle_pump(&handle.run_dir).await;
             return Ok(());
@@ -899,7 +899,7 @@ impl Hypervisor for Qemu {
         handle: &VmmHandle,
         max_bytes: usize,
     ) -> Result<String, HypervisorError> {
-        if !vmm_process(handle).is_alive() {
+        if !VmmProcess::from_handle(handle).is_alive() {
             self.settle_pump(&handle.run_dir).await;
         }
         let path = RunPaths::from_handle(handle).file(CONSOLE_LOG);
@@ -910,7 +910,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
-        if vmm_process(handle).is_alive() {
+        if VmmProcess::from_handle(handle).is_alive() {
             return Err(HypervisorError::Refused {
                 operation: "cleanup",
                 message: format!(
@@ -1080,14 +1080,6 @@ async fn read_run_state(paths: &RunPaths) -> RunState {
     match tokio::fs::read(paths.file(STATE_FILE)).await {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or(default),
         Err(_) => default,
-    }
-}
-
-fn vmm_process(handle: &VmmHandle) -> VmmProcess {
-    VmmProcess {
-        pid: handle.pid,
-        start_time: handle.pid_start,
-        marker: handle.control_socket.clone(),
     }
 }
 

@@ -28,7 +28,8 @@ pub use config::ChConfig;
 
 use api::{Api, ApiFailure};
 use body::RunPaths;
-use process::Identity;
+
+use crate::process::VmmProcess;
 
 /// How long `kill` waits for the killed process to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(5);
@@ -210,7 +211,7 @@ impl CloudHypervisor {
         &self,
         operation: &'static str,
         failure: ApiFailure,
-        id: &Identity,
+        id: &VmmProcess,
         timeout: Duration,
     ) -> HypervisorError {
         match failure {
@@ -218,13 +219,13 @@ impl CloudHypervisor {
             ApiFailure::Protocol(message) => {
                 HypervisorError::Protocol(format!("{operation}: {message}"))
             }
-            ApiFailure::Unreachable(_) | ApiFailure::Timeout if !id.is_running() => {
+            ApiFailure::Unreachable(_) | ApiFailure::Timeout if !id.is_alive() => {
                 HypervisorError::NotRunning { pid: id.pid }
             }
             ApiFailure::Unreachable(source) => HypervisorError::Io {
                 context: format!(
                     "calling {operation} on the cloud-hypervisor API at {}",
-                    id.socket.display()
+                    id.marker.display()
                 ),
                 source,
             },
@@ -233,9 +234,9 @@ impl CloudHypervisor {
     }
 
     /// The identity of a running VMM, or `NotRunning`.
-    fn running(&self, handle: &VmmHandle) -> Result<Identity, HypervisorError> {
-        let id = identity(handle);
-        if id.is_running() {
+    fn running(&self, handle: &VmmHandle) -> Result<VmmProcess, HypervisorError> {
+        let id = VmmProcess::from_handle(handle);
+        if id.is_alive() {
             Ok(id)
         } else {
             Err(HypervisorError::NotRunning { pid: handle.pid })
@@ -243,7 +244,10 @@ impl CloudHypervisor {
     }
 
     /// Spawns a VMM in `paths` and waits until its API answers.
-    async fn spawn_vmm(&self, paths: &RunPaths) -> Result<(VmmHandle, Identity), HypervisorError> {
+    async fn spawn_vmm(
+        &self,
+        paths: &RunPaths,
+    ) -> Result<(VmmHandle, VmmProcess), HypervisorError> {
         let binary = self.inner.config.binary.clone();
         let mut socket_arg = OsString::from("path=");
         socket_arg.push(&paths.api);
@@ -254,13 +258,13 @@ impl CloudHypervisor {
         })
         .await
         .map_err(|e| HypervisorError::io("spawning the VMM", io::Error::other(e)))??;
-        let Some(start) = spawned.start else {
+        let Some(start_time) = spawned.start else {
             return Err(exited_during_start(paths));
         };
-        let id = Identity {
+        let id = VmmProcess {
             pid: spawned.pid,
-            start,
-            socket: paths.api.clone(),
+            start_time,
+            marker: paths.api.clone(),
         };
         if let Err(err) = self.wait_for_api(&id, paths).await {
             force_kill(&id).await;
@@ -269,12 +273,12 @@ impl CloudHypervisor {
         Ok((make_handle(paths, &id), id))
     }
 
-    async fn wait_for_api(&self, id: &Identity, paths: &RunPaths) -> Result<(), HypervisorError> {
+    async fn wait_for_api(&self, id: &VmmProcess, paths: &RunPaths) -> Result<(), HypervisorError> {
         let timeout = self.inner.config.start_timeout;
         let deadline = Instant::now() + timeout;
         let api = Api::new(&paths.api);
         loop {
-            if !id.is_running() {
+            if !id.is_alive() {
                 return Err(exited_during_start(paths));
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -298,7 +302,7 @@ impl CloudHypervisor {
             return;
         }
         let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        let id = identity(handle);
+        let id = VmmProcess::from_handle(handle);
         let path = RunPaths::new(&handle.run_dir).console;
         let interval = self.inner.config.console_check_interval;
         tokio::spawn(async move {
@@ -306,7 +310,7 @@ impl CloudHypervisor {
             loop {
                 tokio::time::sleep(interval).await;
                 let Some(inner) = weak.upgrade() else { return };
-                if !id.is_running() {
+                if !id.is_alive() {
                     lock(&inner.watched).remove(&key);
                     return;
                 }
@@ -325,9 +329,9 @@ impl CloudHypervisor {
         });
     }
 
-    async fn vm_info(&self, id: &Identity) -> Result<Option<models::VmInfo>, HypervisorError> {
+    async fn vm_info(&self, id: &VmmProcess) -> Result<Option<models::VmInfo>, HypervisorError> {
         let t = self.inner.config.api_timeout;
-        match Api::new(&id.socket).info(t).await {
+        match Api::new(&id.marker).info(t).await {
             Ok(info) => Ok(Some(info)),
             // 404: the VMM runs but no VM was created (or restored) in it.
             Err(ApiFailure::Refused { status: 404, .. }) => Ok(None),
@@ -338,14 +342,6 @@ impl CloudHypervisor {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn identity(handle: &VmmHandle) -> Identity {
-    Identity {
-        pid: handle.pid,
-        start: handle.pid_start,
-        socket: handle.control_socket.clone(),
-    }
 }
 
 fn exited_during_start(paths: &RunPaths) -> HypervisorError {
@@ -360,7 +356,7 @@ fn exited_during_start(paths: &RunPaths) -> HypervisorError {
 
 fn check_ping_pid(
     ping: &models::VmmPingResponse,
-    id: &Identity,
+    id: &VmmProcess,
     api: &Api,
 ) -> Result<(), HypervisorError> {
     match ping.pid {
@@ -374,18 +370,18 @@ fn check_ping_pid(
 }
 
 /// SIGKILL and a short wait, for clean-up paths that report another error.
-async fn force_kill(id: &Identity) {
-    if let Err(err) = id.signal(libc::SIGKILL) {
+async fn force_kill(id: &VmmProcess) {
+    if let Err(err) = id.kill() {
         tracing::warn!(pid = id.pid, error = %err, "cannot kill the VMM");
     }
     id.wait_gone(KILL_WAIT).await;
 }
 
-fn make_handle(paths: &RunPaths, id: &Identity) -> VmmHandle {
+fn make_handle(paths: &RunPaths, id: &VmmProcess) -> VmmHandle {
     VmmHandle::new(
         CloudHypervisor::KIND,
         id.pid,
-        id.start,
+        id.start_time,
         paths.dir.clone(),
         paths.api.clone(),
         paths.vsock.clone(),
@@ -540,8 +536,8 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
-        let id = identity(handle);
-        if !id.is_running() {
+        let id = VmmProcess::from_handle(handle);
+        if !id.is_alive() {
             return Ok(VmmInfo::new(VmmState::Exited, handle.pid, 0, 0));
         }
         match self.vm_info(&id).await {
@@ -556,8 +552,8 @@ impl Hypervisor for CloudHypervisor {
 
     /// Power button and `grace`; then `vm.shutdown`, `vmm.shutdown`; then SIGKILL.
     async fn shutdown(&self, handle: &VmmHandle, grace: Duration) -> Result<(), HypervisorError> {
-        let id = identity(handle);
-        if !id.is_running() {
+        let id = VmmProcess::from_handle(handle);
+        if !id.is_alive() {
             return Ok(());
         }
         let api = Api::new(&handle.control_socket);
@@ -584,8 +580,8 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
-        let id = identity(handle);
-        id.signal(libc::SIGKILL).map_err(|e| {
+        let id = VmmProcess::from_handle(handle);
+        id.kill().map_err(|e| {
             HypervisorError::io(format!("sending SIGKILL to the VMM (pid {})", id.pid), e)
         })?;
         if id.wait_gone(KILL_WAIT).await {
@@ -601,7 +597,7 @@ impl Hypervisor for CloudHypervisor {
     async fn pause(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         let id = self.running(handle)?;
         let t = self.inner.config.api_timeout;
-        Api::new(&id.socket)
+        Api::new(&id.marker)
             .pause(t)
             .await
             .map_err(|f| self.api_error("vm.pause", f, &id, t))
@@ -610,7 +606,7 @@ impl Hypervisor for CloudHypervisor {
     async fn resume(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         let id = self.running(handle)?;
         let t = self.inner.config.api_timeout;
-        Api::new(&id.socket)
+        Api::new(&id.marker)
             .resume(t)
             .await
             .map_err(|f| self.api_error("vm.resume", f, &id, t))
@@ -654,7 +650,7 @@ impl Hypervisor for CloudHypervisor {
             })
             .transpose()?;
         let t = self.inner.config.api_timeout;
-        Api::new(&id.socket)
+        Api::new(&id.marker)
             .resize(t, vcpus, ram)
             .await
             .map_err(|f| self.api_error("vm.resize", f, &id, t))
@@ -666,7 +662,7 @@ impl Hypervisor for CloudHypervisor {
         std::fs::create_dir_all(&dir)
             .map_err(|e| HypervisorError::io(format!("creating {}", dir.display()), e))?;
         let t = self.inner.config.snapshot_timeout;
-        Api::new(&id.socket)
+        Api::new(&id.marker)
             .snapshot(t, url)
             .await
             .map_err(|f| self.api_error("vm.snapshot", f, &id, t))
@@ -751,7 +747,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
-        if identity(handle).is_running() {
+        if VmmProcess::from_handle(handle).is_alive() {
             return Err(HypervisorError::Refused {
                 operation: "cleanup",
                 message: "the VMM still runs".into(),
@@ -775,10 +771,10 @@ mod tests {
     #[test]
     fn handles_name_the_run_dir_sockets_and_capabilities_follow_the_config() {
         let paths = RunPaths::new(Path::new("/run/vmkit/x"));
-        let id = Identity {
+        let id = VmmProcess {
             pid: 42,
-            start: 7,
-            socket: paths.api.clone(),
+            start_time: 7,
+            marker: paths.api.clone(),
         };
         let handle = make_handle(&paths, &id);
         assert_eq!(handle.backend, "cloud-hypervisor");

@@ -1,0 +1,339 @@
+//! The VMM process, as both backends see it: its identity (pid and start time),
+//! signals that cannot reach a recycled pid, and waiting for it to be gone.
+//!
+//! Neither backend's VMM is our child (QEMU daemonizes, cloud-hypervisor is spawned
+//! detached), so we cannot `wait` for it and its pid may be recycled once it is gone.
+//! A process counts as the VMM only while `/proc/<pid>/stat` shows the start time
+//! recorded at launch (or, when that is unknown, while its command line names the
+//! VMM's control socket). Signals go through a pidfd opened *before* that check, so
+//! the check and the signal refer to the same process even if the pid is recycled in
+//! between.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use vmkit_core::VmmHandle;
+
+/// How often a waiter without a pidfd looks whether the process is gone.
+const POLL: Duration = Duration::from_millis(20);
+
+/// The fields of `/proc/<pid>/stat` that identify a process and tell whether it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ProcStat {
+    /// State letter (`R`, `S`, `Z`, ...).
+    pub(crate) state: char,
+    /// Start time in clock ticks since boot.
+    pub(crate) start_time: u64,
+}
+
+impl ProcStat {
+    /// A zombie (or dead) process is gone for our purposes: only its parent's `wait`
+    /// is left, and that parent is not us.
+    pub(crate) fn is_gone(&self) -> bool {
+        matches!(self.state, 'Z' | 'X' | 'x')
+    }
+}
+
+/// Parses the text of `/proc/<pid>/stat`. The command name (field 2) may hold spaces
+/// and parentheses, so fields are counted from its last `)`.
+pub(crate) fn parse_stat(text: &str) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    // Field 3 is the state, field 22 the start time.
+    let state = fields.next()?.chars().next()?;
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { state, start_time })
+}
+
+/// Reads `/proc/<pid>/stat`; `None` when there is no such process (pid 0 included).
+pub(crate) fn read_stat(pid: u32) -> io::Result<Option<ProcStat>> {
+    if pid == 0 {
+        return Ok(None);
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(text) => parse_stat(&text).map(Some).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/proc/{pid}/stat does not parse"),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Who the VMM process is: its pid, its start time and, for handles that lack the
+/// start time, a path its command line must contain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct VmmProcess {
+    /// Process id.
+    pub(crate) pid: u32,
+    /// Start time from `/proc/<pid>/stat`; 0 when unknown.
+    pub(crate) start_time: u64,
+    /// A path that appears in the VMM's command line (its control socket).
+    pub(crate) marker: PathBuf,
+}
+
+impl VmmProcess {
+    /// The VMM a handle names; its control socket is the marker.
+    pub(crate) fn from_handle(handle: &VmmHandle) -> Self {
+        Self {
+            pid: handle.pid,
+            start_time: handle.pid_start,
+            marker: handle.control_socket.clone(),
+        }
+    }
+
+    /// Whether the process runs and is the VMM (not a zombie, not a recycled pid).
+    pub(crate) fn is_alive(&self) -> bool {
+        match read_stat(self.pid) {
+            Ok(Some(stat)) if !stat.is_gone() => self.matches(&stat),
+            _ => false,
+        }
+    }
+
+    /// Whether `pid` is still the VMM, in whatever state (a dying process included).
+    fn is_same_process(&self) -> bool {
+        match read_stat(self.pid) {
+            Ok(Some(stat)) => self.matches(&stat),
+            _ => false,
+        }
+    }
+
+    /// Whether `stat` (read for `self.pid`) is this VMM's: same start time or, when
+    /// that is unknown, a command line naming the marker.
+    fn matches(&self, stat: &ProcStat) -> bool {
+        if self.start_time != 0 {
+            return stat.start_time == self.start_time;
+        }
+        cmdline_contains(self.pid, &self.marker)
+    }
+
+    /// Sends SIGKILL if the process is still the VMM; a gone process is not an error.
+    pub(crate) fn kill(&self) -> io::Result<()> {
+        self.signal(libc::SIGKILL).map(drop)
+    }
+
+    /// Sends `signal` if the process is still the VMM. Returns whether it was sent.
+    ///
+    /// A pidfd pins the process between the identity check and the signal, so a pid
+    /// recycled in between is never hit. On kernels without pidfds (before 5.3) the
+    /// check and `kill` leave a window of a few instructions.
+    pub(crate) fn signal(&self, signal: libc::c_int) -> io::Result<bool> {
+        match pidfd_open(self.pid) {
+            Ok(None) => Ok(false),
+            Ok(Some(pidfd)) => {
+                if !self.is_alive() {
+                    return Ok(false);
+                }
+                pidfd_send_signal(&pidfd, signal)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                if !self.is_alive() {
+                    return Ok(false);
+                }
+                kill_pid(self.pid, signal)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits up to `timeout` for the process to be gone; returns whether it is.
+    ///
+    /// "Gone" means every thread has exited, so its descriptors (the control socket's
+    /// listener among them) are closed: a thread-group leader can show as a zombie
+    /// while its other threads are still being torn down. The pidfd becomes readable
+    /// exactly then; without pidfds `/proc` is polled.
+    pub(crate) async fn wait_gone(&self, timeout: Duration) -> bool {
+        let pidfd = match pidfd_open(self.pid) {
+            Ok(None) => return true,
+            Ok(Some(fd)) => fd,
+            Err(_) => return self.poll_gone(timeout).await,
+        };
+        if !self.is_same_process() {
+            return true;
+        }
+        // SAFETY: the AsyncFd owns the OwnedFd, which stays open (and is not
+        // replaced) until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+        };
+        match registered {
+            Ok(fd) => matches!(
+                tokio::time::timeout(timeout, fd.readable()).await,
+                Ok(Ok(_))
+            ),
+            Err(_) => self.poll_gone(timeout).await,
+        }
+    }
+
+    async fn poll_gone(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if !self.is_alive() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// Whether the NUL-separated command line of `pid` contains `needle` as an argument
+/// or inside one.
+fn cmdline_contains(pid: u32, needle: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let needle = needle.as_os_str().as_encoded_bytes();
+    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Opens a pidfd: `Ok(None)` when no such process exists, `Err` when the kernel has
+/// no pidfds (before 5.3) or refuses one.
+fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return Ok(None);
+    };
+    if pid == 0 {
+        return Ok(None);
+    }
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        let err = io::Error::last_os_error();
+        return match err.raw_os_error() {
+            Some(libc::ESRCH) => Ok(None),
+            _ => Err(err),
+        };
+    }
+    let fd = RawFd::try_from(fd).map_err(|_| io::Error::other("pidfd out of range"))?;
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Signals through a pidfd; `Ok(false)` when the process exited in the meantime.
+fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<bool> {
+    // SAFETY: the descriptor is open for the duration of the call (we borrow it); the
+    // siginfo pointer is null and the flags 0, which the call defines as "like kill(2)".
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc >= 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::ESRCH) {
+        return Ok(false);
+    }
+    Err(err)
+}
+
+/// Signals by pid, for kernels without pidfds; `Ok(false)` when there is no such
+/// process.
+fn kill_pid(pid: u32, signal: libc::c_int) -> io::Result<bool> {
+    use nix::sys::signal::Signal;
+    let pid = i32::try_from(pid)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "pid out of range"))?;
+    let signal = match signal {
+        0 => None,
+        n => Some(Signal::try_from(n).map_err(io::Error::from)?),
+    };
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parsing_survives_parentheses_and_spaces_in_the_command_name() {
+        let text = "4242 (qemu (x) y) S 1 4242 4242 0 -1 4194560 1 0 0 0 3 4 0 0 20 0 4 0 \
+                    987654 1000 100 18446744073709551615";
+        assert_eq!(
+            parse_stat(text),
+            Some(ProcStat {
+                state: 'S',
+                start_time: 987654
+            })
+        );
+    }
+
+    #[test]
+    fn our_own_process_is_alive_and_a_wrong_start_time_is_not() {
+        let pid = std::process::id();
+        let stat = read_stat(pid).unwrap().unwrap();
+        let me = VmmProcess {
+            pid,
+            start_time: stat.start_time,
+            marker: PathBuf::new(),
+        };
+        assert!(me.is_alive());
+        let recycled = VmmProcess {
+            start_time: stat.start_time + 1,
+            ..me
+        };
+        assert!(
+            !recycled.is_alive(),
+            "a pid with another start time is not ours"
+        );
+    }
+
+    #[test]
+    fn no_signal_reaches_a_process_with_another_start_time() {
+        let pid = std::process::id();
+        let stat = read_stat(pid).unwrap().unwrap();
+        let recycled = VmmProcess {
+            pid,
+            start_time: stat.start_time + 1,
+            marker: PathBuf::new(),
+        };
+        assert!(!recycled.signal(0).expect("signal"));
+    }
+
+    #[test]
+    fn killing_a_recycled_pid_sends_nothing() {
+        let pid = std::process::id();
+        let stat = read_stat(pid).unwrap().unwrap();
+        let impostor = VmmProcess {
+            pid,
+            start_time: stat.start_time + 1,
+            marker: PathBuf::new(),
+        };
+        impostor.kill().unwrap();
+        // Still here: the signal was not sent to this test process.
+        assert!(read_stat(pid).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_missing_process_has_no_stat() {
+        assert_eq!(read_stat(u32::MAX / 2).unwrap(), None);
+    }
+
+    #[test]
+    fn pid_zero_is_never_alive() {
+        let vmm = VmmProcess {
+            pid: 0,
+            start_time: 0,
+            marker: PathBuf::new(),
+        };
+        assert!(!vmm.is_alive());
+        assert!(!vmm.signal(libc::SIGKILL).expect("signal"));
+    }
+}
