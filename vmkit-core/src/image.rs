@@ -91,6 +91,7 @@ impl Image {
     }
 
     /// A stand-in image whose files need not exist, for fakes and tests.
+    #[cfg(feature = "testing")]
     pub fn synthetic(name: &str) -> Self {
         Self {
             name: name.to_owned(),
