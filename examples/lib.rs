@@ -1,1 +1,2 @@
-//! Shared helpers for the vmkit examples.
+//! Runnable templates for vmkit integrators will live beside this file; none exist
+//! yet. This library target is empty.

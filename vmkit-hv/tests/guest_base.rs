@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use vmkit_core::guest::{
-    Client, ClientError, ExecRequest, HardenRequest, LogsRequest, WriteFileRequest,
+    Client, ClientConfig, ClientError, ExecRequest, HardenRequest, LogsRequest, WriteFileRequest,
 };
 use vmkit_core::testing::suites::wait_for_agent;
 use vmkit_core::testing::test_image;
@@ -162,7 +162,7 @@ fn sha256(data: &[u8]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
     let started = Instant::now();
-    let guest = Guest::boot("gb-base").await;
+    let mut guest = Guest::boot("gb-base").await;
     let client = &guest.client;
 
     // systemd is PID 1 and settles; sshd runs with host keys made at this boot.
@@ -319,10 +319,19 @@ async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
     );
     let report = client.upgrade(&upgraded, &upgraded_sha).await.unwrap();
     assert_eq!(report.path, "/usr/local/bin/vmkit-agent");
+    // As the manager does, reconnect after the agent restarted: one virtio-serial
+    // connection spans guest process restarts, and a request the old agent half read
+    // would leave it out of step. The channel takes one client at a time.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         assert!(Instant::now() < deadline, "no new agent answered");
         tokio::time::sleep(Duration::from_millis(500)).await;
+        guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
+        guest.client = match guest.qemu.connect_agent(&guest.handle).await {
+            Ok(stream) => Client::new(stream, ClientConfig::default()),
+            Err(_) => continue,
+        };
+        let client = &guest.client;
         if client.hello_within(Duration::from_secs(5)).await.is_err() {
             continue;
         }

@@ -10,7 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use vmkit_core::guest::{Client, ClientError, ExecRequest, LogsRequest, WriteFileRequest};
+use vmkit_core::guest::{
+    Client, ClientConfig, ClientError, ExecRequest, LogsRequest, WriteFileRequest,
+};
 use vmkit_core::testing::suites::wait_for_agent;
 use vmkit_core::testing::test_image;
 use vmkit_core::{DiskConfig, DiskFormat, Hypervisor, MachineConfig, VmId, VmName, VmmHandle};
@@ -27,6 +29,15 @@ struct Guest {
 }
 
 impl Guest {
+    /// A fresh connection to the agent channel; a client whose stream is already
+    /// closed (it fails every call) when the channel cannot be opened right now.
+    async fn reconnect(&self) -> Client {
+        match self.qemu.connect_agent(&self.handle).await {
+            Ok(stream) => Client::new(stream, ClientConfig::default()),
+            Err(_) => Client::new(tokio::io::duplex(1).0, ClientConfig::default()),
+        }
+    }
+
     async fn boot(name: &str) -> Guest {
         let image = test_image("tiny");
         let dir = tempfile::Builder::new()
@@ -198,7 +209,7 @@ async fn a_tiny_guest_round_trips_files_and_reports_metrics_hostname_and_logs() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tiny_guest_refuses_a_bad_upgrade_and_restarts_into_a_good_one() {
-    let guest = Guest::boot("gt-upgrade").await;
+    let mut guest = Guest::boot("gt-upgrade").await;
     let client = &guest.client;
     let installed = client
         .read_file("/usr/bin/vmkit-agent", 64 << 20)
@@ -231,15 +242,27 @@ async fn a_tiny_guest_refuses_a_bad_upgrade_and_restarts_into_a_good_one() {
     assert_eq!(report.sha256, upgraded_sha);
     assert_eq!(report.previous_sha256, installed_sha);
     assert!(report.restarting);
-    // The old process exits; init starts the new binary, which answers on the same port.
+    // The old process exits and init starts the new binary. Like the manager, the host
+    // then reconnects: over virtio-serial one host connection spans guest process
+    // restarts, so a request the dying agent had half read would leave the old stream
+    // out of step. QEMU's agent socket serves one client, so ours is closed first.
     let deadline = Instant::now() + Duration::from_secs(60);
     let new_pid = loop {
         assert!(Instant::now() < deadline, "no new agent answered");
         tokio::time::sleep(Duration::from_millis(500)).await;
-        if client.hello_within(Duration::from_secs(5)).await.is_err() {
+        // Closing our end first: the channel takes one client at a time.
+        guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
+        guest.client = guest.reconnect().await;
+        if guest
+            .client
+            .hello_within(Duration::from_secs(5))
+            .await
+            .is_err()
+        {
             continue;
         }
-        let Ok(out) = client
+        let Ok(out) = guest
+            .client
             .exec_collect(
                 ExecRequest::new(["sh", "-c", "echo $PPID"]).timeout(Duration::from_secs(60)),
                 1024,
