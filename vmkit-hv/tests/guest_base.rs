@@ -319,20 +319,24 @@ async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
     );
     let report = client.upgrade(&upgraded, &upgraded_sha).await.unwrap();
     assert_eq!(report.path, "/usr/local/bin/vmkit-agent");
-    // As the manager does, reconnect after the agent restarted: one virtio-serial
-    // connection spans guest process restarts, and a request the old agent half read
-    // would leave it out of step. The channel takes one client at a time.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // systemd restarts the agent after the old one exits. As the manager does at boot,
+    // send one long hello on the same connection (it waits in the channel until the new
+    // agent opens the port) and reconnect only when the client closed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         assert!(Instant::now() < deadline, "no new agent answered");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
-        guest.client = match guest.qemu.connect_agent(&guest.handle).await {
-            Ok(stream) => Client::new(stream, ClientConfig::default()),
-            Err(_) => continue,
-        };
+        if guest.client.is_closed() {
+            // Closing our end first: the channel takes one client at a time.
+            guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
+            guest.client = match guest.qemu.connect_agent(&guest.handle).await {
+                Ok(stream) => Client::new(stream, ClientConfig::default()),
+                Err(_) => continue,
+            };
+        }
         let client = &guest.client;
-        if client.hello_within(Duration::from_secs(5)).await.is_err() {
+        if client.hello_within(Duration::from_secs(30)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         let Ok(out) = client

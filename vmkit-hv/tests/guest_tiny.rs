@@ -242,23 +242,26 @@ async fn a_tiny_guest_refuses_a_bad_upgrade_and_restarts_into_a_good_one() {
     assert_eq!(report.sha256, upgraded_sha);
     assert_eq!(report.previous_sha256, installed_sha);
     assert!(report.restarting);
-    // The old process exits and init starts the new binary. Like the manager, the host
-    // then reconnects: over virtio-serial one host connection spans guest process
-    // restarts, so a request the dying agent had half read would leave the old stream
-    // out of step. QEMU's agent socket serves one client, so ours is closed first.
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // The old process exits half a second after its reply and init starts the new
+    // binary. As the manager does at boot, wait for that, then send one long hello: it
+    // waits in the channel until the new agent opens the port. Reconnect only when the
+    // client closed (a frame the dying agent half read can break the stream).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
     let new_pid = loop {
         assert!(Instant::now() < deadline, "no new agent answered");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        // Closing our end first: the channel takes one client at a time.
-        guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
-        guest.client = guest.reconnect().await;
+        if guest.client.is_closed() {
+            // Closing our end first: the channel takes one client at a time.
+            guest.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
+            guest.client = guest.reconnect().await;
+        }
         if guest
             .client
-            .hello_within(Duration::from_secs(5))
+            .hello_within(Duration::from_secs(30))
             .await
             .is_err()
         {
+            tokio::time::sleep(Duration::from_millis(500)).await;
             continue;
         }
         let Ok(out) = guest
