@@ -79,6 +79,8 @@ const QUIT_WAIT: Duration = Duration::from_secs(5);
 const KILL_WAIT: Duration = Duration::from_secs(10);
 /// How long to wait for the console pump to write the last output of a gone VMM.
 const PUMP_SETTLE: Duration = Duration::from_secs(2);
+/// How long a broken QMP connection waits for the VMM to finish exiting.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 
 const QMP_SOCKET: &str = "qmp.sock";
 const AGENT_SOCKET: &str = "agent.sock";
@@ -466,9 +468,7 @@ impl Qemu {
         self.ensure_pump(&handle, config.console_limit).await?;
         let mut qmp = self.qmp(&handle, "start").await?;
         self.wait_console_accepted(&handle, &mut qmp).await?;
-        qmp.execute("cont", None)
-            .await
-            .map_err(|e| self.qmp_error(&handle, "start", e))?;
+        self.exec(&handle, &mut qmp, "start", "cont", None).await?;
         Ok(handle)
     }
 
@@ -481,10 +481,9 @@ impl Qemu {
     ) -> Result<(), HypervisorError> {
         let deadline = tokio::time::Instant::now() + self.config.qmp_timeout;
         loop {
-            let chardevs = qmp
-                .execute("query-chardev", None)
-                .await
-                .map_err(|e| self.qmp_error(handle, "start", e))?;
+            let chardevs = self
+                .exec(handle, qmp, "start", "query-chardev", None)
+                .await?;
             let connected = chardevs.as_array().is_some_and(|all| {
                 all.iter().any(|c| {
                     c["label"] == "console"
@@ -545,19 +544,48 @@ impl Qemu {
         handle: &VmmHandle,
         operation: &'static str,
     ) -> Result<Qmp<UnixStream>, HypervisorError> {
-        Qmp::connect(&handle.control_socket, self.config.qmp_timeout)
-            .await
-            .map_err(|e| self.qmp_error(handle, operation, e))
+        match Qmp::connect(&handle.control_socket, self.config.qmp_timeout).await {
+            Ok(qmp) => Ok(qmp),
+            Err(e) => Err(self.qmp_error(handle, operation, e).await),
+        }
     }
 
-    fn qmp_error(
+    /// Runs one QMP command, mapping its failure like [`Self::qmp_error`].
+    async fn exec(
+        &self,
+        handle: &VmmHandle,
+        qmp: &mut Qmp<UnixStream>,
+        operation: &'static str,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, HypervisorError> {
+        match qmp.execute(command, arguments).await {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.qmp_error(handle, operation, e).await),
+        }
+    }
+
+    /// Maps a QMP failure. A connection that breaks is what a VMM that is exiting
+    /// does: QEMU closes its sockets a moment before the process ends, so such a
+    /// failure waits briefly for the exit and reports `NotRunning` when it comes.
+    async fn qmp_error(
         &self,
         handle: &VmmHandle,
         operation: &'static str,
         e: QmpError,
     ) -> HypervisorError {
-        if !VmmProcess::from_handle(handle).is_alive() {
-            return HypervisorError::NotRunning { pid: handle.pid };
+        let vmm = VmmProcess::from_handle(handle);
+        let broken = matches!(e, QmpError::Connect(_) | QmpError::Io(_) | QmpError::Closed);
+        let grace = if broken { EXIT_GRACE } else { Duration::ZERO };
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            if !vmm.is_alive() {
+                return HypervisorError::NotRunning { pid: handle.pid };
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         match e {
             QmpError::Timeout(timeout) => HypervisorError::Timeout { operation, timeout },
@@ -589,10 +617,9 @@ impl Qemu {
         qmp: &mut Qmp<UnixStream>,
         operation: &'static str,
     ) -> Result<String, HypervisorError> {
-        let status = qmp
-            .execute("query-status", None)
-            .await
-            .map_err(|e| self.qmp_error(handle, operation, e))?;
+        let status = self
+            .exec(handle, qmp, operation, "query-status", None)
+            .await?;
         status
             .get("status")
             .and_then(Value::as_str)
@@ -743,14 +770,12 @@ impl Hypervisor for Qemu {
         let result = async {
             let mut qmp = self.qmp(handle, "info").await?;
             let status = self.run_status(handle, &mut qmp, "info").await?;
-            let cpus = qmp
-                .execute("query-cpus-fast", None)
-                .await
-                .map_err(|e| self.qmp_error(handle, "info", e))?;
-            let memory = qmp
-                .execute("query-memory-size-summary", None)
-                .await
-                .map_err(|e| self.qmp_error(handle, "info", e))?;
+            let cpus = self
+                .exec(handle, &mut qmp, "info", "query-cpus-fast", None)
+                .await?;
+            let memory = self
+                .exec(handle, &mut qmp, "info", "query-memory-size-summary", None)
+                .await?;
             let vcpus = cpus.as_array().map_or(0, Vec::len) as u32;
             let bytes = memory["base-memory"].as_u64().unwrap_or(0)
                 + memory["plugged-memory"].as_u64().unwrap_or(0);
@@ -831,9 +856,7 @@ impl Hypervisor for Qemu {
                 message: format!("the guest is {status}, not running"),
             });
         }
-        qmp.execute("stop", None)
-            .await
-            .map_err(|e| self.qmp_error(handle, "pause", e))?;
+        self.exec(handle, &mut qmp, "pause", "stop", None).await?;
         Ok(())
     }
 
@@ -847,9 +870,7 @@ impl Hypervisor for Qemu {
                 message: format!("the guest is {status}, not paused"),
             });
         }
-        qmp.execute("cont", None)
-            .await
-            .map_err(|e| self.qmp_error(handle, "resume", e))?;
+        self.exec(handle, &mut qmp, "resume", "cont", None).await?;
         Ok(())
     }
 

@@ -415,18 +415,20 @@ async fn a_start_cancelled_half_way_leaves_nothing_running() {
     let pidfile = config.run_dir.join("qemu.pid");
     let mut start = Box::pin(qemu.start(&config));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !pidfile.exists() {
+    // QEMU creates the pid file before it writes the pid: wait for a whole number.
+    let vmm: u32 = loop {
+        if let Some(pid) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break pid;
+        }
         assert!(Instant::now() < deadline, "QEMU never wrote its pid file");
         tokio::select! {
             result = &mut start => panic!("the start finished early: {result:?}"),
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-    }
-    let vmm: u32 = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    };
     drop(start);
 
     let deadline = Instant::now() + Duration::from_secs(5);
