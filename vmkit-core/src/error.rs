@@ -98,6 +98,15 @@ pub enum ManagerError {
     /// The state store failed.
     #[error("state store: {0}")]
     Store(StoreError),
+    /// A file operation of the manager itself failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn allowed_list(states: &[VmState]) -> String {
@@ -139,7 +148,8 @@ impl ManagerError {
             | ManagerError::Hypervisor(_)
             | ManagerError::Storage(_)
             | ManagerError::Network(_)
-            | ManagerError::Store(_) => ErrorKind::Unavailable,
+            | ManagerError::Store(_)
+            | ManagerError::Io { .. } => ErrorKind::Unavailable,
         }
     }
 
@@ -161,6 +171,7 @@ impl ManagerError {
             ManagerError::Storage(_) => "storage_failed",
             ManagerError::Network(_) => "network_failed",
             ManagerError::Store(_) => "store_failed",
+            ManagerError::Io { .. } => "io_failed",
         }
     }
 }

@@ -42,6 +42,11 @@ pub enum EventKind {
         /// The new health.
         health: crate::vm::Health,
     },
+    /// The VM's resources changed.
+    Resized {
+        /// The spec it has now.
+        spec: crate::spec::VmSpec,
+    },
     /// Reconcile acted on a VM or an orphaned resource.
     Reconciled {
         /// What was done.

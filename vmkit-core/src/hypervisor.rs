@@ -377,4 +377,10 @@ pub trait Hypervisor: Send + Sync {
 
     /// Removes the run directory of a VMM that is gone. Idempotent.
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;
+
+    /// Stops every VMM this backend started in `run_dir` and removes the directory.
+    /// For run directories that no record refers to, which a crash can leave behind
+    /// (a VMM started just before the daemon died, a cleanup cut short); the VMMs are
+    /// found without a handle. Idempotent; a missing directory is not an error.
+    async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError>;
 }

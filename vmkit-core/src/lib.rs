@@ -68,7 +68,10 @@ pub use hypervisor::{
     MachineConfig, NicConfig, Resize, VmmHandle, VmmInfo, VmmState,
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
-pub use manager::{Backends, CreateRequest, DeleteOptions, Manager, ManagerConfig};
+pub use manager::{
+    Backends, CreateRequest, DeleteOptions, ExitPolicy, Manager, ManagerConfig, ReconcileReport,
+    ResizeRequest, VmMetrics,
+};
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};

@@ -30,6 +30,12 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
+mod ops;
+mod reconcile;
+
+pub use ops::{ResizeRequest, VmMetrics};
+pub use reconcile::{ExitPolicy, ReconcileReport};
+
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -50,6 +56,9 @@ pub struct ManagerConfig {
     pub console_limit: u64,
     /// DNS servers handed to guests.
     pub dns: Vec<Ipv4Addr>,
+    /// What [`Manager::reconcile`] does with a VM whose VMM died while no daemon
+    /// watched it.
+    pub on_vmm_exit: ExitPolicy,
 }
 
 impl ManagerConfig {
@@ -65,6 +74,7 @@ impl ManagerConfig {
             agent_timeout: Duration::from_secs(10),
             console_limit: 1 << 20,
             dns: Vec::new(),
+            on_vmm_exit: ExitPolicy::default(),
         }
     }
 
@@ -104,9 +114,20 @@ impl ManagerConfig {
         self
     }
 
+    /// Sets what reconcile does with VMs whose VMM died.
+    pub fn on_vmm_exit(mut self, policy: ExitPolicy) -> Self {
+        self.on_vmm_exit = policy;
+        self
+    }
+
+    /// The directory holding every VM's run directory.
+    pub fn run_root(&self) -> PathBuf {
+        self.data_dir.join("run")
+    }
+
     /// The run directory of `vm`.
     pub fn run_dir(&self, vm: VmId) -> PathBuf {
-        self.data_dir.join("run").join(vm.to_string())
+        self.run_root().join(vm.to_string())
     }
 }
 
@@ -420,8 +441,16 @@ impl Manager {
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
         if vm.state != VmState::Deleting {
+            vm.keep_data = options.keep_data;
             self.set_state(&mut vm, VmState::Deleting).await?;
+        } else if options.keep_data && !vm.keep_data {
+            // Finishing an interrupted delete: asking to keep the data still counts.
+            vm.keep_data = true;
+            self.save(&mut vm).await?;
         }
+        let options = DeleteOptions {
+            keep_data: vm.keep_data,
+        };
         self.forget_vm(vm.id);
         if let Some(handle) = vm.resources.vmm.clone() {
             if options.keep_data {

@@ -141,6 +141,14 @@ pub enum SpecError {
         "image name {0:?} is invalid; use letters, digits, '-', '_' or '.', as listed by `vmkit image ls`"
     )]
     InvalidImage(String),
+    /// A data disk cannot shrink.
+    #[error("the data disk is {from} GiB and cannot shrink to {to} GiB; disks only grow")]
+    DiskShrink {
+        /// Its size now.
+        from: u64,
+        /// The size asked for.
+        to: u64,
+    },
 }
 
 #[cfg(test)]

@@ -131,6 +131,10 @@ pub struct VmRecord {
     /// Whether its agent answers (running VMs only).
     #[serde(default)]
     pub health: Health,
+    /// Set when a delete that keeps the data volume began, so that a delete
+    /// interrupted by a crash is finished the same way.
+    #[serde(default)]
+    pub keep_data: bool,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -149,6 +153,7 @@ impl VmRecord {
             state: VmState::Creating,
             resources: VmResources::default(),
             health: Health::Unknown,
+            keep_data: false,
             created_at: now,
             updated_at: now,
         }

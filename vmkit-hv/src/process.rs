@@ -195,6 +195,101 @@ fn cmdline_contains(pid: u32, needle: &Path) -> bool {
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The live processes whose command line names a path inside `dir`: the VMMs a
+/// backend started there (their sockets live in the run directory).
+pub(crate) fn processes_in(dir: &Path) -> io::Result<Vec<VmmProcess>> {
+    let mut marker = dir.as_os_str().to_owned();
+    marker.push("/");
+    let marker = PathBuf::from(marker);
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || !cmdline_contains(pid, &marker) {
+            continue;
+        }
+        if let Ok(Some(stat)) = read_stat(pid)
+            && !stat.is_gone()
+        {
+            found.push(VmmProcess {
+                pid,
+                start_time: stat.start_time,
+                marker: marker.clone(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// The file in a run directory naming the VMM started there (`<pid> <start time>`),
+/// for backends whose VMM command line may not name the directory.
+const IDENTITY_FILE: &str = "vmkit-vmm.id";
+
+/// Records `vmm` as the VMM of `run_dir`, for [`discard_run_dir`].
+pub(crate) fn write_identity(run_dir: &Path, vmm: &VmmProcess) -> io::Result<()> {
+    std::fs::write(
+        run_dir.join(IDENTITY_FILE),
+        format!("{} {}\n", vmm.pid, vmm.start_time),
+    )
+}
+
+/// The VMM recorded in `run_dir` by [`write_identity`], if it still runs.
+fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
+    let text = std::fs::read_to_string(run_dir.join(IDENTITY_FILE)).ok()?;
+    let mut fields = text.split_whitespace().map(str::parse::<u64>);
+    let pid = u32::try_from(fields.next()?.ok()?).ok()?;
+    let start_time = fields.next()?.ok()?;
+    let vmm = VmmProcess {
+        pid,
+        start_time,
+        marker: run_dir.to_owned(),
+    };
+    (start_time != 0 && vmm.is_alive()).then_some(vmm)
+}
+
+/// Kills every VMM started in `run_dir` (found by command line, or recorded with
+/// [`write_identity`]), waits for them to be gone, and removes the directory (see
+/// [`vmkit_core::Hypervisor::discard`]).
+pub(crate) async fn discard_run_dir(
+    run_dir: &Path,
+    wait: Duration,
+) -> Result<(), vmkit_core::HypervisorError> {
+    use vmkit_core::HypervisorError;
+    let mut vmms = processes_in(run_dir)
+        .map_err(|e| HypervisorError::io("cannot list processes in /proc", e))?;
+    if let Some(recorded) = recorded_identity(run_dir)
+        && !vmms.iter().any(|v| v.pid == recorded.pid)
+    {
+        vmms.push(recorded);
+    }
+    for vmm in &vmms {
+        tracing::warn!(pid = vmm.pid, run_dir = %run_dir.display(), "killing a VMM no record refers to");
+        vmm.kill()
+            .map_err(|e| HypervisorError::io(format!("cannot kill pid {}", vmm.pid), e))?;
+    }
+    for vmm in &vmms {
+        if !vmm.wait_gone(wait).await {
+            return Err(HypervisorError::Timeout {
+                operation: "discard",
+                timeout: wait,
+            });
+        }
+    }
+    match tokio::fs::remove_dir_all(run_dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(HypervisorError::io(
+            format!("cannot remove run dir {}", run_dir.display()),
+            e,
+        )),
+    }
+}
+
 /// Opens a pidfd: `Ok(None)` when no such process exists, `Err` when the kernel has
 /// no pidfds (before 5.3) or refuses one.
 fn pidfd_open(pid: u32) -> io::Result<Option<OwnedFd>> {

@@ -950,6 +950,12 @@ impl Hypervisor for Qemu {
             )),
         }
     }
+
+    async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
+        crate::process::discard_run_dir(run_dir, KILL_WAIT).await?;
+        self.stop_pump(run_dir).await;
+        Ok(())
+    }
 }
 
 /// Undoes a start whose future was dropped before it finished: SIGKILL to the VMM (no

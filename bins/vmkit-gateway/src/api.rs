@@ -389,4 +389,115 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body.contains("argv is empty"), "{body}");
     }
+
+    /// One HTTP/1.1 request on a fresh connection to the Unix socket `path`;
+    /// returns the status code and the body.
+    async fn over_socket(
+        path: &std::path::Path,
+        method: &str,
+        uri: &str,
+        body: &str,
+    ) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::UnixStream::connect(path).await.unwrap();
+        let request = format!(
+            "{method} {uri} HTTP/1.1\r\nhost: vmkit\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+        let body = response
+            .split_once("\r\n\r\n")
+            .map_or("", |(_, b)| b)
+            .to_owned();
+        (status, body)
+    }
+
+    /// Sends `count` requests at once; request `i` must answer the status it names.
+    async fn all_at_once(
+        socket: &std::path::Path,
+        count: usize,
+        request: impl Fn(usize) -> ((&'static str, String, String), u16),
+    ) {
+        let mut calls = tokio::task::JoinSet::new();
+        for i in 0..count {
+            let ((method, uri, body), expect) = request(i);
+            let socket = socket.to_owned();
+            calls.spawn(async move {
+                let (status, body) = over_socket(&socket, method, &uri, &body).await;
+                (i, method, uri, status, expect, body)
+            });
+        }
+        while let Some(done) = calls.join_next().await {
+            let (i, method, uri, status, expect, body) = done.unwrap();
+            assert_eq!(status, expect, "request {i} ({method} {uri}): {body}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn two_hundred_concurrent_creates_and_deletes_through_the_socket_leave_nothing() {
+        use vmkit_core::testing::Holdings;
+        let host = FakeHost::with_config(
+            vmkit_core::ManagerConfig::new("/nonexistent/vmkit")
+                .default_quota(vmkit_core::Quota::unlimited()),
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("vmkit.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let app = router(AppState {
+            manager: host.manager.clone(),
+        });
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let create = |i: usize| {
+            (
+                "POST",
+                "/v1/vms".to_owned(),
+                format!(r#"{{"name":"c{i}"}}"#),
+            )
+        };
+        let delete = |i: usize| ("DELETE", format!("/v1/vms/c{i}"), String::new());
+        all_at_once(&socket, 200, |i| (create(i), 201)).await;
+        assert_eq!(
+            host.holdings().await,
+            Holdings {
+                vms: 200,
+                volumes: 200,
+                taps: 200,
+                leases: 200,
+                vmms: 200
+            }
+        );
+        let ips: std::collections::BTreeSet<_> = host
+            .manager
+            .list(None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|vm| vm.ip().unwrap())
+            .collect();
+        assert_eq!(ips.len(), 200, "every VM has its own address");
+
+        // Creates of new VMs and deletes of the first ones, interleaved.
+        all_at_once(&socket, 200, |i| {
+            if i % 2 == 0 {
+                (create(200 + i / 2), 201)
+            } else {
+                (delete(i / 2), 204)
+            }
+        })
+        .await;
+        assert_eq!(host.holdings().await.vms, 200);
+        all_at_once(&socket, 200, |i| (delete(100 + i), 204)).await;
+        assert_eq!(host.holdings().await, Holdings::default(), "nothing leaks");
+        server.abort();
+    }
 }

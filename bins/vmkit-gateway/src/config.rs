@@ -44,6 +44,9 @@ pub struct Config {
     pub cloud_hypervisor: ChSection,
     /// Guest networking.
     pub network: NetworkSection,
+    /// What happens at daemon start to a VM whose VMM died while no daemon ran
+    /// (a host reboot, a crash): `stop` marks it stopped, `restart` boots it again.
+    pub on_vmm_exit: vmkit_core::ExitPolicy,
 }
 
 /// Timeouts, in seconds.
@@ -155,6 +158,7 @@ impl Default for Config {
             qemu: QemuSection::default(),
             cloud_hypervisor: ChSection::default(),
             network: NetworkSection::default(),
+            on_vmm_exit: vmkit_core::ExitPolicy::Stop,
         }
     }
 }

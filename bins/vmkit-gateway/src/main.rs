@@ -89,8 +89,10 @@ fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_env("VMKIT_LOG")
         .or_else(|_| EnvFilter::try_new(&config.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match config.log_format {
         LogFormat::Json => builder.json().init(),
@@ -130,30 +132,50 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         ))
         .boot_timeout(Duration::from_secs(t.boot_secs))
         .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
-        .agent_timeout(Duration::from_secs(t.agent_secs));
+        .agent_timeout(Duration::from_secs(t.agent_secs))
+        .on_vmm_exit(config.on_vmm_exit);
     let manager = Manager::new(manager_config, backends)
         .await
         .context("starting the VM manager")?;
 
-    // VMs whose VMM died while the daemon was down are marked stopped.
-    match manager.check_vmms().await {
-        Ok(marked) if !marked.is_empty() => {
-            warn!(vms = ?marked, "VMMs exited while the daemon was down")
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "cannot check VMMs at start"),
-    }
+    // Store and host are made to agree before the first request: interrupted
+    // operations finished or rolled back, VMMs re-attached, orphans removed.
+    let report = manager
+        .reconcile()
+        .await
+        .context("reconciling the state file with the host")?;
+    info!(
+        reattached = report.reattached.len(),
+        stopped = report.stopped.len(),
+        rolled_back = report.rolled_back.len(),
+        deleted = report.deleted.len(),
+        orphans = report.orphans.len(),
+        "reconciled"
+    );
     let monitor = tokio::spawn(monitor(
         manager.clone(),
         Duration::from_secs(t.vmm_check_secs.max(1)),
         Duration::from_secs(t.agent_secs.max(1)),
     ));
+    // VMs the exit policy wants back boot while the API serves.
+    for name in report.to_restart {
+        let manager = manager.clone();
+        tokio::spawn(async move {
+            match manager.start(&name).await {
+                Ok(_) => info!(vm = %name, "restarted after its VMM died"),
+                Err(e) => warn!(vm = %name, error = %e, "cannot restart"),
+            }
+        });
+    }
 
+    // Signals are caught from before the socket exists: a client that sees the
+    // socket may stop the daemon at once, and that must be a clean shutdown.
+    let shutdown = shutdown_signal()?;
     let listener = bind(&config.socket).await?;
     info!(socket = %config.socket.display(), "serving the API");
     let app = api::router(api::AppState { manager });
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(shutdown)
         .await;
     monitor.abort();
     if let Err(e) = std::fs::remove_file(&config.socket) {
@@ -211,17 +233,15 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves at the first SIGTERM or SIGINT; the handlers are installed at once.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
-    }
+    })
 }

@@ -19,7 +19,7 @@ fn data_dir() -> tempfile::TempDir {
         .unwrap();
     let images = tmp.path().join("images");
     std::fs::create_dir_all(images.join("broken")).unwrap();
-    let tiny_dir = vmkit_core_test_images().join("tiny");
+    let tiny_dir = support::test_images().join("tiny");
     std::os::unix::fs::symlink(&tiny_dir, images.join("tiny")).unwrap();
     let manifest: serde_json::Value =
         serde_json::from_slice(&std::fs::read(tiny_dir.join("manifest.json")).unwrap()).unwrap();
@@ -41,20 +41,6 @@ fn data_dir() -> tempfile::TempDir {
     )
     .unwrap();
     tmp
-}
-
-fn vmkit_core_test_images() -> std::path::PathBuf {
-    let dir = match std::env::var_os("VMKIT_TEST_DATA") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vmkit-test"),
-    }
-    .join("images");
-    assert!(
-        dir.join("tiny/manifest.json").exists(),
-        "the tiny test image is missing in {}; run `scripts/test-assets.sh` (the README's test command does)",
-        dir.display()
-    );
-    dir
 }
 
 fn real_daemon(dir: &Path) -> Daemon {

@@ -7,111 +7,15 @@
 mod support;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
+use support::netns::Netns;
 use support::{Daemon, json, stderr, stdout};
 
 const SUBNET: &str = "10.77.0.0/24";
 const GATEWAY: &str = "10.77.0.1";
 
-/// A network namespace removed on drop, with the listeners started in it.
-struct Netns {
-    name: String,
-    listeners: Vec<Child>,
-}
-
-impl Netns {
-    fn new() -> Netns {
-        let name = format!("vmkt{}", std::process::id());
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .unwrap();
-        assert!(ok.success(), "ip netns add {name} (run the tests as root)");
-        let ns = Netns {
-            name,
-            listeners: Vec::new(),
-        };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn ip(&self, args: &[&str]) -> String {
-        let out = Command::new("ip")
-            .arg("-n")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
-        stdout(&out)
-    }
-
-    /// A TCP listener on `port` that accepts every connection.
-    fn listen(&mut self, port: u16) {
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name, "busybox", "nc", "-ll", "-p"])
-            .arg(port.to_string())
-            .args(["-e", "/bin/true"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.listeners.push(child);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for l in &mut self.listeners {
-            let _ = l.kill();
-            let _ = l.wait();
-        }
-        // Whatever still runs in the namespace (QEMUs of a failed test) goes with it.
-        if let Ok(out) = Command::new("ip")
-            .args(["netns", "pids", &self.name])
-            .output()
-        {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                if let Ok(pid) = pid.parse::<i32>() {
-                    // SAFETY: kill(2) on a pid listed in our own namespace.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-            }
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 fn start(ns: &Netns, dir: &Path) -> Daemon {
-    Daemon::start_in_netns(
-        Some(&ns.name),
-        dir,
-        &[],
-        &[
-            ("VMKIT_HYPERVISOR", "qemu"),
-            ("VMKIT_NETWORK_ENABLED", "true"),
-            ("VMKIT_NETWORK_SUBNET", SUBNET),
-            ("VMKIT_NETWORK_DNS", "local"),
-        ],
-    )
-}
-
-fn images(dir: &Path) {
-    let tiny = match std::env::var_os("VMKIT_TEST_DATA") {
-        Some(d) => std::path::PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vmkit-test"),
-    }
-    .join("images/tiny");
-    assert!(
-        tiny.join("manifest.json").exists(),
-        "the tiny test image is missing; run `scripts/test-assets.sh`"
-    );
-    std::fs::create_dir_all(dir.join("images")).unwrap();
-    std::os::unix::fs::symlink(tiny, dir.join("images/tiny")).unwrap();
+    support::netns::qemu_daemon(ns, dir, SUBNET, &[])
 }
 
 /// Runs `sh -c script` in `vm` and returns its exit code.
@@ -136,7 +40,7 @@ fn guests_reach_their_gateway_but_not_each_other_nor_host_ports_and_leases_survi
         .prefix("vmk")
         .tempdir_in("/tmp")
         .unwrap();
-    images(tmp.path());
+    support::link_tiny_image(tmp.path());
     let mut ns = Netns::new();
     // DNS on the gateway is allowed (the control); any other host port is not.
     ns.listen(53);

@@ -18,6 +18,7 @@ pub struct Faults {
 struct Inner {
     calls: AtomicU64,
     fail_at: AtomicU64,
+    crash_at: AtomicU64,
     log: Mutex<Vec<&'static str>>,
 }
 
@@ -40,8 +41,18 @@ impl Faults {
     /// Resets the count and fails the `n`-th call from now (1-based). 0 disarms.
     pub fn fail_at(&self, n: u64) {
         self.inner.calls.store(0, Ordering::SeqCst);
+        self.inner.crash_at.store(0, Ordering::SeqCst);
         self.inner.fail_at.store(n, Ordering::SeqCst);
         self.lock_log().clear();
+    }
+
+    /// Resets the count and fails the `n`-th call from now *and every call after
+    /// it* (1-based), as if the process died there: undo steps fail too, so what
+    /// exists afterwards is what a crash at that step leaves. [`Faults::reset`]
+    /// "restarts the process".
+    pub fn crash_at(&self, n: u64) {
+        self.fail_at(0);
+        self.inner.crash_at.store(n, Ordering::SeqCst);
     }
 
     /// Resets the count and fails nothing.
@@ -63,7 +74,8 @@ impl Faults {
     pub fn check(&self, operation: &'static str) -> Result<(), InjectedFault> {
         let step = self.inner.calls.fetch_add(1, Ordering::SeqCst) + 1;
         self.lock_log().push(operation);
-        if step == self.inner.fail_at.load(Ordering::SeqCst) {
+        let crash = self.inner.crash_at.load(Ordering::SeqCst);
+        if step == self.inner.fail_at.load(Ordering::SeqCst) || (crash != 0 && step >= crash) {
             return Err(InjectedFault { step, operation });
         }
         Ok(())

@@ -145,6 +145,27 @@ pub async fn hypervisor_kill(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     hv.cleanup(&handle).await.expect("cleanup");
 }
 
+/// Discarding a run directory stops the VMM started there without its handle (as
+/// after a crash lost the handle) and removes the directory; it is idempotent.
+pub async fn hypervisor_discard(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let config = fx.machine("suite-discard");
+    let handle = hv.start(&config).await.expect("start");
+    hv.discard(&config.run_dir).await.expect("discard");
+    assert_eq!(
+        hv.info(&handle).await.expect("info").state,
+        VmmState::Exited,
+        "discard stops the VMM started in the run directory"
+    );
+    assert!(
+        !config.run_dir.exists(),
+        "discard removes the run directory {}",
+        config.run_dir.display()
+    );
+    hv.discard(&config.run_dir)
+        .await
+        .expect("discard is idempotent");
+}
+
 /// A config the backend cannot run is refused and leaves nothing running.
 pub async fn hypervisor_invalid_config(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     let mut config = fx.machine("suite-bad");
@@ -159,6 +180,7 @@ pub async fn hypervisor_invalid_config(hv: &dyn Hypervisor, fx: &dyn HypervisorF
 pub async fn hypervisor_suite(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     hypervisor_invalid_config(hv, fx).await;
     hypervisor_kill(hv, fx).await;
+    hypervisor_discard(hv, fx).await;
     hypervisor_lifecycle(hv, fx).await;
 }
 

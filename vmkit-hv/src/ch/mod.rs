@@ -266,6 +266,10 @@ impl CloudHypervisor {
             start_time,
             marker: paths.api.clone(),
         };
+        if let Err(e) = crate::process::write_identity(&paths.dir, &id) {
+            force_kill(&id).await;
+            return Err(HypervisorError::io("cannot record the VMM's identity", e));
+        }
         if let Err(err) = self.wait_for_api(&id, paths).await {
             force_kill(&id).await;
             return Err(err);
@@ -761,6 +765,10 @@ impl Hypervisor for CloudHypervisor {
                 e,
             )),
         }
+    }
+
+    async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
+        crate::process::discard_run_dir(run_dir, KILL_WAIT).await
     }
 }
 

@@ -1,6 +1,9 @@
 //! Runs the real daemon and CLI binaries for end-to-end tests.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod host;
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -142,6 +145,28 @@ impl Daemon {
         child.wait_with_output().unwrap()
     }
 
+    /// Starts the CLI against this daemon without waiting for it.
+    pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        Command::new(cli_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    /// SIGKILLs the daemon, as a crash would, leaving its VMs as they are.
+    pub fn crash(mut self) {
+        self.reap_vmms = false;
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     /// Sends SIGTERM and waits for a clean exit.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         self.reap_vmms = false;
@@ -189,6 +214,54 @@ pub fn kill_vmms_under(run_dir: &Path) {
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
+}
+
+/// The directory of the test images (`$VMKIT_TEST_DATA/images`, by default
+/// `target/vmkit-test/images`); fails with what to run when the tiny image is missing.
+pub fn test_images() -> PathBuf {
+    let dir = match std::env::var_os("VMKIT_TEST_DATA") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/vmkit-test"),
+    }
+    .join("images");
+    assert!(
+        dir.join("tiny/manifest.json").exists(),
+        "the tiny test image is missing in {}; run `scripts/test-assets.sh` (the README's test command does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Links the tiny test image into `data_dir/images`.
+pub fn link_tiny_image(data_dir: &Path) {
+    std::fs::create_dir_all(data_dir.join("images")).unwrap();
+    std::os::unix::fs::symlink(test_images().join("tiny"), data_dir.join("images/tiny")).unwrap();
+}
+
+/// One HTTP/1.1 request on a fresh connection to the daemon's socket, blocking;
+/// returns the status code and the body.
+pub fn http(socket: &Path, method: &str, uri: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    write!(
+        stream,
+        "{method} {uri} HTTP/1.1\r\nhost: vmkit\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    (status, body)
 }
 
 /// stdout as a string.

@@ -1,0 +1,206 @@
+//! Operations on an existing VM beyond its lifecycle: resize, console logs and
+//! metrics.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::{Manager, RUNNING, RUNNING_OR_PAUSED};
+use crate::error::ManagerError;
+use crate::event::{EventKind, NewEvent};
+use crate::hypervisor::{Resize, VmmInfo};
+use crate::name::VmName;
+use crate::quota::Usage;
+use crate::state::VmState;
+use crate::vm::VmRecord;
+
+/// A resize request; `None` leaves a dimension as it is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ResizeRequest {
+    /// New vCPU count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// New memory size, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// New data disk size, GiB; disks only grow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+}
+
+impl ResizeRequest {
+    /// A request that changes nothing; set the fields to change.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = Some(vcpus);
+        self
+    }
+
+    /// Sets the memory size.
+    pub fn memory_mib(mut self, memory_mib: u64) -> Self {
+        self.memory_mib = Some(memory_mib);
+        self
+    }
+
+    /// Sets the data disk size.
+    pub fn disk_gib(mut self, disk_gib: u64) -> Self {
+        self.disk_gib = Some(disk_gib);
+        self
+    }
+}
+
+/// What a VM uses, from its VMM and, when it runs, its agent.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmMetrics {
+    /// The VM.
+    pub name: VmName,
+    /// Its state.
+    pub state: VmState,
+    /// What its VMM reports (vCPUs online, memory assigned).
+    pub vmm: VmmInfo,
+    /// The guest's own view (CPU, memory and disk use, load, uptime); `None` when
+    /// the VM is paused or its agent did not answer.
+    pub guest: Option<vmkit_guest::Metrics>,
+}
+
+/// How long the guest samples CPU use for a metrics call.
+const CPU_SAMPLE: Duration = Duration::from_millis(500);
+
+impl Manager {
+    /// Changes a VM's vCPUs, memory and data disk size. A stopped VM takes any
+    /// change at its next start; a running one only what the hypervisor can change
+    /// live ([`crate::HypervisorCapabilities`]). Disks only grow, and only while the
+    /// VM is stopped. Limits and the owner's quota apply as at create.
+    pub async fn resize(
+        &self,
+        name: &VmName,
+        request: ResizeRequest,
+    ) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(name).await;
+        let b = &self.inner.backends;
+        let mut vm = self.get(name).await?;
+        const RESIZABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
+        self.require(&vm, "resize", RESIZABLE)?;
+
+        let mut spec = vm.spec.clone();
+        spec.vcpus = request.vcpus.unwrap_or(spec.vcpus);
+        spec.memory_mib = request.memory_mib.unwrap_or(spec.memory_mib);
+        spec.disk_gib = request.disk_gib.unwrap_or(spec.disk_gib);
+        if spec == vm.spec {
+            return Ok(vm);
+        }
+        spec.validate(&self.inner.config.spec_limits)?;
+        if spec.disk_gib < vm.spec.disk_gib {
+            return Err(ManagerError::InvalidSpec(
+                crate::spec::SpecError::DiskShrink {
+                    from: vm.spec.disk_gib,
+                    to: spec.disk_gib,
+                },
+            ));
+        }
+        let quota = b
+            .store
+            .get_quota(vm.owner)
+            .await?
+            .unwrap_or(self.inner.config.default_quota);
+        let others = self.list(Some(vm.owner)).await?;
+        let usage = Usage::of(others.iter().filter(|o| o.id != vm.id).map(|o| &o.spec));
+        quota
+            .check(&usage, &spec)
+            .map_err(ManagerError::QuotaExceeded)?;
+
+        let disk_changes = spec.disk_gib != vm.spec.disk_gib;
+        if disk_changes && vm.state != VmState::Stopped {
+            return Err(ManagerError::WrongState {
+                name: vm.name.clone(),
+                state: vm.state,
+                operation: "grow the data disk of",
+                allowed: super::STOPPED,
+            });
+        }
+        if vm.state != VmState::Stopped {
+            let caps = b.hypervisor.capabilities();
+            let vcpus = (spec.vcpus != vm.spec.vcpus).then_some(spec.vcpus);
+            let memory = (spec.memory_mib != vm.spec.memory_mib).then_some(spec.memory_mib);
+            if (vcpus.is_some() && !caps.resize_vcpus) || (memory.is_some() && !caps.resize_memory)
+            {
+                return Err(ManagerError::Unsupported(
+                    "resizing a running VM on this hypervisor (stop it, resize, start it)",
+                ));
+            }
+            let handle = self.vmm_of(&vm)?;
+            b.hypervisor
+                .resize(&handle, Resize::new(vcpus, memory))
+                .await?;
+        }
+        if disk_changes {
+            let bytes = spec.disk_gib << 30;
+            let data = match vm.resources.data.clone() {
+                Some(volume) => b.storage.resize(&volume, bytes).await?,
+                None => b.storage.create_data(vm.id, bytes).await?,
+            };
+            vm.resources.data = Some(data);
+        }
+        let from = vm.spec.clone();
+        vm.spec = spec;
+        self.save(&mut vm).await?;
+        info!(vm = %vm.name, ?from, to = ?vm.spec, "resized");
+        self.emit(NewEvent::vm(
+            vm.id,
+            &vm.name,
+            EventKind::Resized {
+                spec: vm.spec.clone(),
+            },
+        ))
+        .await;
+        Ok(vm)
+    }
+
+    /// The last `max_bytes` of a running or paused VM's console output.
+    pub async fn logs(&self, name: &VmName, max_bytes: usize) -> Result<String, ManagerError> {
+        let vm = self.get(name).await?;
+        self.require(&vm, "read the console of", RUNNING_OR_PAUSED)?;
+        let handle = self.vmm_of(&vm)?;
+        Ok(self
+            .inner
+            .backends
+            .hypervisor
+            .console_tail(&handle, max_bytes)
+            .await?)
+    }
+
+    /// What a running or paused VM uses.
+    pub async fn metrics(&self, name: &VmName) -> Result<VmMetrics, ManagerError> {
+        let vm = self.get(name).await?;
+        self.require(&vm, "read the metrics of", RUNNING_OR_PAUSED)?;
+        let handle = self.vmm_of(&vm)?;
+        let vmm = self.inner.backends.hypervisor.info(&handle).await?;
+        let guest = if RUNNING.contains(&vm.state) {
+            let client = self.agent(&vm).await?;
+            Some(
+                client
+                    .metrics(CPU_SAMPLE)
+                    .await
+                    .map_err(|e| ManagerError::Agent {
+                        name: vm.name.clone(),
+                        message: e.to_string(),
+                    })?,
+            )
+        } else {
+            None
+        };
+        Ok(VmMetrics {
+            name: vm.name,
+            state: vm.state,
+            vmm,
+            guest,
+        })
+    }
+}
