@@ -155,11 +155,87 @@ pub async fn hypervisor_invalid_config(hv: &dyn Hypervisor, fx: &dyn HypervisorF
     );
 }
 
+/// Snapshot and restore, where the backend can: a running guest is refused; a paused
+/// one is saved and stays paused; a fresh VMM restored from the snapshot (same machine
+/// and disks, another run dir) comes back paused, resumes, and its agent answers.
+/// Restoring from a directory without a snapshot fails and leaves no run dir. A
+/// backend without the capability says `Unsupported`.
+pub async fn hypervisor_snapshot(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let config = fx.machine("suite-snap");
+    let snapshot_dir = config.run_dir.with_file_name("suite-snap-snapshot");
+    if !hv.capabilities().snapshot {
+        assert!(
+            matches!(
+                hv.restore(&config, &snapshot_dir).await,
+                Err(HypervisorError::Unsupported { .. })
+            ),
+            "restore without the snapshot capability is Unsupported"
+        );
+        return;
+    }
+    let handle = hv.start(&config).await.expect("start");
+    let client = wait_for_agent(hv, &handle, fx.boot_timeout()).await;
+    drop(client);
+    assert!(
+        hv.snapshot(&handle, &snapshot_dir).await.is_err(),
+        "a snapshot of a running guest is refused"
+    );
+    hv.pause(&handle).await.expect("pause");
+    hv.snapshot(&handle, &snapshot_dir)
+        .await
+        .expect("snapshot of a paused guest");
+    assert_eq!(
+        hv.info(&handle).await.expect("info").state,
+        VmmState::Paused,
+        "the guest stays paused after a snapshot"
+    );
+    hv.kill(&handle).await.expect("kill");
+    hv.cleanup(&handle).await.expect("cleanup");
+
+    let mut target = config.clone();
+    target.run_dir = fx.machine("suite-restored").run_dir;
+    let restored = hv.restore(&target, &snapshot_dir).await.expect("restore");
+    assert_eq!(
+        restored.run_dir, target.run_dir,
+        "restored in the new run dir"
+    );
+    assert_eq!(
+        hv.info(&restored).await.expect("info").state,
+        VmmState::Paused,
+        "a restored guest is paused"
+    );
+    hv.resume(&restored).await.expect("resume a restored guest");
+    let client = wait_for_agent(hv, &restored, fx.boot_timeout()).await;
+    let out = client
+        .exec_collect(ExecRequest::new(["echo", "restored"]), 1 << 16)
+        .await
+        .expect("exec after restore");
+    assert_eq!(
+        out.stdout, b"restored\n",
+        "the restored agent runs commands"
+    );
+    drop(client);
+    hv.kill(&restored).await.expect("kill the restored VMM");
+    hv.cleanup(&restored).await.expect("cleanup");
+
+    let nowhere = fx.machine("suite-nosnap");
+    let empty = nowhere.run_dir.with_file_name("suite-no-snapshot-here");
+    assert!(
+        hv.restore(&nowhere, &empty).await.is_err(),
+        "restore from a directory without a snapshot fails"
+    );
+    assert!(
+        !nowhere.run_dir.exists(),
+        "a failed restore leaves no run dir"
+    );
+}
+
 /// Every hypervisor check.
 pub async fn hypervisor_suite(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     hypervisor_invalid_config(hv, fx).await;
     hypervisor_kill(hv, fx).await;
     hypervisor_lifecycle(hv, fx).await;
+    hypervisor_snapshot(hv, fx).await;
 }
 
 // ---------------------------------------------------------------- storage
