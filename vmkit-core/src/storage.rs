@@ -253,4 +253,24 @@ pub trait Storage: Send + Sync {
 
     /// Every VM volume the backend holds (not base images), for reconcile.
     async fn list(&self) -> Result<Vec<Volume>, StorageError>;
+
+    /// Makes an independent copy of `source` as `vm`'s volume of the same kind
+    /// (id [`Volume::id_for`]`(vm, source.kind)`), in the same format and of the
+    /// same size. Independent: writes to either volume afterwards never show in the
+    /// other. Used to clone a VM and to keep a snapshot's disks (a snapshot holds
+    /// them as ordinary volumes under an id of its own from the [`VmId`] space).
+    ///
+    /// The source should not be written while it is copied (pause the VM, or take
+    /// the copy right after a hypervisor snapshot). A crash during the copy never
+    /// leaves a partial volume under the new id. Fails with
+    /// [`StorageError::Exists`] if `vm` already has a volume of that kind, and
+    /// [`StorageError::NotFound`] if `source` does not exist.
+    async fn copy_volume(&self, source: &Volume, vm: VmId) -> Result<Volume, StorageError>;
+
+    /// Hands `volume` over to the operator: afterwards it is no longer in
+    /// [`Storage::list`] and vmkit never deletes it (so a reconcile cannot either).
+    /// Returns where it now lives (a file or a device node), under a name that a
+    /// later release of the same id does not reuse. Fails with
+    /// [`StorageError::NotFound`] if the volume does not exist.
+    async fn release(&self, volume: &Volume) -> Result<PathBuf, StorageError>;
 }

@@ -7,7 +7,7 @@ use vmkit_core::testing::suites::{self, GatewayFixture, HypervisorFixture, Stora
 use vmkit_core::testing::{FakeGateway, FakeHypervisor, FakeNetwork, FakeStorage, MemoryStore};
 use vmkit_core::{
     Access, DiskConfig, DiskFormat, Image, IpPool, MachineConfig, Principal, Quota, Route, Share,
-    ShareTarget, StateStore, StoreGateway, VmId, VmName, VmRecord,
+    ShareTarget, StateStore, StoreGateway, VmId, VmName, VmRecord, Volume,
 };
 
 struct Fixture;
@@ -27,9 +27,19 @@ impl HypervisorFixture for Fixture {
     }
 }
 
-impl StorageFixture for Fixture {
+/// Reads and writes volumes through the fake's own contents.
+struct FakeStorageFixture(FakeStorage);
+
+#[async_trait::async_trait]
+impl StorageFixture for FakeStorageFixture {
     fn image(&self) -> Image {
         Image::synthetic("tiny")
+    }
+    async fn write(&self, volume: &Volume, offset: u64, data: &[u8]) {
+        self.0.write(&volume.path, offset, data).unwrap();
+    }
+    async fn read(&self, volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+        self.0.read(&volume.path, offset, len).unwrap()
     }
 }
 
@@ -40,7 +50,8 @@ async fn fake_hypervisor_passes_the_hypervisor_suite() {
 
 #[tokio::test]
 async fn fake_storage_passes_the_storage_suite() {
-    suites::storage_suite(&FakeStorage::new(), &Fixture).await;
+    let storage = FakeStorage::new();
+    suites::storage_suite(&storage, &FakeStorageFixture(storage.clone())).await;
 }
 
 #[tokio::test]

@@ -45,6 +45,7 @@ mod console;
 mod probe;
 mod process;
 mod qmp;
+mod snapshot;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -113,6 +114,9 @@ pub struct QemuConfig {
     pub qmp_timeout: Duration,
     /// How long QEMU may take to initialise at start (default 30 s).
     pub start_timeout: Duration,
+    /// How long saving or loading a snapshot may take (default 120 s, which fits a
+    /// 1 GiB guest under TCG with room to spare).
+    pub snapshot_timeout: Duration,
 }
 
 impl Default for QemuConfig {
@@ -122,6 +126,7 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             qmp_timeout: Duration::from_secs(10),
             start_timeout: Duration::from_secs(30),
+            snapshot_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -155,9 +160,41 @@ impl QemuConfig {
         self.start_timeout = timeout;
         self
     }
+
+    /// Sets how long saving or loading a snapshot may take.
+    pub fn with_snapshot_timeout(mut self, timeout: Duration) -> Self {
+        self.snapshot_timeout = timeout;
+        self
+    }
 }
 
 /// The QEMU [`Hypervisor`] backend (`q35` machine, virtio devices, QMP control).
+///
+/// # Snapshots
+///
+/// [`snapshot`](Hypervisor::snapshot) needs a paused guest. It saves the devices and
+/// the memory with QMP `migrate` into `<dir>/memory`, a file vmkit opens and passes to
+/// QEMU (`getfd`, `fd:` URI: no shell, no helper process), waits until QEMU reports
+/// the migration complete ([`QemuConfig::snapshot_timeout`]), syncs it, and writes
+/// `<dir>/vmkit-qemu-snapshot.json` last: the resolved machine type (`pc-q35-7.2`),
+/// the accelerator, vCPUs, memory, number of disks and MAC, read from QEMU. The disks
+/// are not in the snapshot; the caller copies them. Afterwards QEMU's run state is
+/// `postmigrate`: the guest stays paused ([`VmmState::Paused`]) and QEMU has flushed
+/// the disks and released them, so this is when to copy them;
+/// [`resume`](Hypervisor::resume) runs the guest on (and takes the disks back). QEMU
+/// saves a guest only once until it runs again, so a second snapshot before a resume
+/// is refused.
+///
+/// [`restore`](Hypervisor::restore) checks the description against its config (a
+/// different vCPU count, memory size, number of disks, MAC or accelerator is refused
+/// with a message that says so, before QEMU starts), starts QEMU as
+/// [`start`](Hypervisor::start) does but on the saved machine type and with
+/// `-incoming defer`, passes it the memory file (`migrate-incoming`) and returns once
+/// the guest is paused with the loaded state. A stream QEMU cannot load makes it exit;
+/// restore then fails with QEMU's own message. On any failure nothing is left running
+/// and the run directory is removed, as with `start`. The guest keeps everything it
+/// had, including the MAC of its NIC and its agent (which sees the host reconnect on
+/// the new VMM's agent socket).
 ///
 /// ```no_run
 /// use vmkit_hv::{Qemu, QemuConfig};
@@ -194,6 +231,31 @@ impl Drop for Qemu {
         // Like a daemon going away: the VMMs keep running, their consoles unread.
         for pump in self.pumps.get_mut().values() {
             pump.task.abort();
+        }
+    }
+}
+
+/// How a VMM's guest comes to life.
+enum Boot<'a> {
+    /// The kernel boots (`start`).
+    Fresh,
+    /// The state of a snapshot is loaded (`restore`).
+    Restore {
+        /// The machine type it was saved on.
+        machine: &'a str,
+        /// Its migration stream.
+        memory: &'a std::fs::File,
+        /// Its directory, for messages.
+        dir: &'a Path,
+    },
+}
+
+impl Boot<'_> {
+    /// The operation, for errors.
+    fn operation(&self) -> &'static str {
+        match self {
+            Boot::Fresh => "start",
+            Boot::Restore { .. } => "restore",
         }
     }
 }
@@ -285,8 +347,15 @@ impl Qemu {
     }
 
     /// The QEMU arguments for `config` under `accel` (after `-daemonize`), with the run
-    /// files under `paths`.
-    fn command_line(config: &MachineConfig, accel: Accel, paths: &RunPaths) -> Vec<OsString> {
+    /// files under `paths`, on `machine` (`q35`, or the exact type a snapshot was saved
+    /// on), and waiting for a snapshot's state when `incoming`.
+    fn command_line(
+        config: &MachineConfig,
+        accel: Accel,
+        paths: &RunPaths,
+        machine: &str,
+        incoming: bool,
+    ) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
         push(&[
@@ -308,8 +377,11 @@ impl Qemu {
             "-S".as_ref(),
             "-no-reboot".as_ref(),
             "-M".as_ref(),
-            "q35".as_ref(),
+            machine.as_ref(),
         ]);
+        if incoming {
+            push(&["-incoming".as_ref(), "defer".as_ref()]);
+        }
         let (accel, cpu) = match accel {
             Accel::Kvm => ("kvm", "host"),
             Accel::Tcg | Accel::Auto => ("tcg", "max"),
@@ -388,14 +460,17 @@ impl Qemu {
         args
     }
 
-    /// Starts QEMU for `config`. Records the VMM it started in `started` as soon as it
-    /// is known, so that on error the caller can stop it and clean up.
+    /// Starts QEMU for `config` and brings its guest to life as `boot` says. Records
+    /// the VMM it started in `started` as soon as it is known, so that on error the
+    /// caller can stop it and clean up.
     async fn launch(
         &self,
         config: &MachineConfig,
         paths: &RunPaths,
+        boot: &Boot<'_>,
         started: &mut Option<VmmProcess>,
     ) -> Result<VmmHandle, HypervisorError> {
+        let operation = boot.operation();
         let accel = self.accel().await;
         let state = serde_json::to_vec(&RunState {
             console_limit: config.console_limit,
@@ -413,7 +488,12 @@ impl Qemu {
         let mut command = tokio::process::Command::new(&self.config.binary);
         command
             .arg("-daemonize")
-            .args(Self::command_line(config, accel, paths))
+            .args(match boot {
+                Boot::Fresh => Self::command_line(config, accel, paths, "q35", false),
+                Boot::Restore { machine, .. } => {
+                    Self::command_line(config, accel, paths, machine, true)
+                }
+            })
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -434,18 +514,15 @@ impl Qemu {
                     });
                 }
                 return Err(HypervisorError::Timeout {
-                    operation: "start",
+                    operation,
                     timeout: self.config.start_timeout,
                 });
             }
         };
         if !status.success() {
-            let log = tokio::fs::read(paths.file(QEMU_LOG))
-                .await
-                .unwrap_or_default();
-            let message = String::from_utf8_lossy(&log).trim().to_owned();
+            let message = read_qemu_log(paths).await;
             return Err(HypervisorError::Refused {
-                operation: "start",
+                operation,
                 message: if message.is_empty() {
                     format!("QEMU exited with {status} and no message")
                 } else {
@@ -466,10 +543,61 @@ impl Qemu {
         *started = Some(VmmProcess::from_handle(&handle));
 
         self.ensure_pump(&handle, config.console_limit).await?;
-        let mut qmp = self.qmp(&handle, "start").await?;
+        let mut qmp = self.qmp(&handle, operation).await?;
         self.wait_console_accepted(&handle, &mut qmp).await?;
-        self.exec(&handle, &mut qmp, "start", "cont", None).await?;
+        match boot {
+            Boot::Fresh => {
+                self.exec(&handle, &mut qmp, operation, "cont", None)
+                    .await?;
+            }
+            Boot::Restore { memory, dir, .. } => {
+                match self.load_snapshot(&handle, &mut qmp, memory).await {
+                    Ok(()) => {}
+                    // QEMU exits when it cannot load a stream; its log says why.
+                    Err(HypervisorError::NotRunning { .. }) => {
+                        return Err(HypervisorError::Refused {
+                            operation,
+                            message: format!(
+                                "QEMU could not load the snapshot in {} and exited: {}",
+                                dir.display(),
+                                read_qemu_log(paths).await
+                            ),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
         Ok(handle)
+    }
+
+    /// Starts a VMM for `config` as `boot` says; on any error, and when the future is
+    /// dropped half-way, nothing is left running and the run files are removed.
+    async fn boot(
+        &self,
+        config: &MachineConfig,
+        boot: Boot<'_>,
+    ) -> Result<VmmHandle, HypervisorError> {
+        validate(config)?;
+        let paths = RunPaths::new(&config.run_dir)?;
+        let created_dir = prepare_run_dir(&paths)?;
+        // Cleans up if this future is dropped half-way; errors clean up below.
+        let mut guard = StartGuard {
+            paths: &paths,
+            started: None,
+            created_dir,
+            armed: true,
+        };
+        let result = self.launch(config, &paths, &boot, &mut guard.started).await;
+        guard.armed = false;
+        match result {
+            Ok(handle) => Ok(handle),
+            Err(e) => {
+                self.abort_start(&paths, guard.started.take(), created_dir)
+                    .await;
+                Err(e)
+            }
+        }
     }
 
     /// Waits until QEMU has accepted the console pump's connection (its main loop does
@@ -719,31 +847,13 @@ impl Hypervisor for Qemu {
     fn capabilities(&self) -> HypervisorCapabilities {
         let mut caps = HypervisorCapabilities::default();
         caps.pause = true;
+        caps.snapshot = true;
         caps.disk_formats = vec![DiskFormat::Qcow2, DiskFormat::Raw];
         caps
     }
 
     async fn start(&self, config: &MachineConfig) -> Result<VmmHandle, HypervisorError> {
-        validate(config)?;
-        let paths = RunPaths::new(&config.run_dir)?;
-        let created_dir = prepare_run_dir(&paths)?;
-        // Cleans up if this future is dropped half-way; errors clean up below.
-        let mut guard = StartGuard {
-            paths: &paths,
-            started: None,
-            created_dir,
-            armed: true,
-        };
-        let result = self.launch(config, &paths, &mut guard.started).await;
-        guard.armed = false;
-        match result {
-            Ok(handle) => Ok(handle),
-            Err(e) => {
-                self.abort_start(&paths, guard.started.take(), created_dir)
-                    .await;
-                Err(e)
-            }
-        }
+        self.boot(config, Boot::Fresh).await
     }
 
     async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
@@ -806,7 +916,7 @@ impl Hypervisor for Qemu {
             Ok(mut qmp) => {
                 let status = self.run_status(handle, &mut qmp, "shutdown").await;
                 let ask = match status.as_deref() {
-                    Ok("paused") => qmp.execute("cont", None).await.is_ok(),
+                    Ok("paused" | "postmigrate") => qmp.execute("cont", None).await.is_ok(),
                     Ok("running") => true,
                     _ => false,
                 };
@@ -864,7 +974,8 @@ impl Hypervisor for Qemu {
         Self::require_running(handle)?;
         let mut qmp = self.qmp(handle, "resume").await?;
         let status = self.run_status(handle, &mut qmp, "resume").await?;
-        if status != "paused" {
+        // `postmigrate`: paused after a snapshot; `cont` takes the disks back too.
+        if status != "paused" && status != "postmigrate" {
             return Err(HypervisorError::Refused {
                 operation: "resume",
                 message: format!("the guest is {status}, not paused"),
@@ -881,22 +992,34 @@ impl Hypervisor for Qemu {
         })
     }
 
-    async fn snapshot(&self, _handle: &VmmHandle, _dir: &Path) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Unsupported {
-            backend: KIND,
-            operation: "snapshot",
-        })
+    /// Saves the paused guest's devices and memory into `dir` (created if needed;
+    /// refused if it holds a snapshot already). The guest stays paused; see "Snapshots"
+    /// above.
+    async fn snapshot(&self, handle: &VmmHandle, dir: &Path) -> Result<(), HypervisorError> {
+        self.save_snapshot(handle, dir).await
     }
 
+    /// Starts a VMM for `config` as `start` does, but loads the snapshot in `dir`
+    /// instead of booting; the guest is paused. `config` must describe the machine
+    /// the snapshot was taken of (vCPUs, memory, number of disks, MAC), with the
+    /// snapshot's disk copies; anything else is refused before QEMU starts.
     async fn restore(
         &self,
-        _config: &MachineConfig,
-        _dir: &Path,
+        config: &MachineConfig,
+        dir: &Path,
     ) -> Result<VmmHandle, HypervisorError> {
-        Err(HypervisorError::Unsupported {
-            backend: KIND,
-            operation: "restore",
-        })
+        validate(config)?;
+        let (meta, memory) = snapshot::open(dir)?;
+        meta.check(config, self.accel().await, dir)?;
+        self.boot(
+            config,
+            Boot::Restore {
+                machine: &meta.machine,
+                memory: &memory,
+                dir,
+            },
+        )
+        .await
     }
 
     async fn connect_agent(&self, handle: &VmmHandle) -> Result<AgentStream, HypervisorError> {
@@ -1116,8 +1239,18 @@ fn map_status(status: &str) -> VmmState {
         "running" => VmmState::Running,
         "prelaunch" | "inmigrate" => VmmState::Created,
         "shutdown" | "guest-panicked" | "internal-error" => VmmState::Shutdown,
+        // `postmigrate`: paused after a snapshot. The rest (`paused`, `finish-migrate`,
+        // `save-vm`, `restore-vm`, ...) are pauses too.
         _ => VmmState::Paused,
     }
+}
+
+/// What QEMU wrote to its log (startup errors, and a failed snapshot load).
+async fn read_qemu_log(paths: &RunPaths) -> String {
+    let log = tokio::fs::read(paths.file(QEMU_LOG))
+        .await
+        .unwrap_or_default();
+    String::from_utf8_lossy(&log).trim().to_owned()
 }
 
 fn make_handle(pid: u32, pid_start: u64, paths: &RunPaths) -> VmmHandle {
@@ -1158,8 +1291,12 @@ mod tests {
     }
 
     fn args_of(config: &MachineConfig, accel: Accel) -> Vec<String> {
+        args_on(config, accel, "q35", false)
+    }
+
+    fn args_on(config: &MachineConfig, accel: Accel, machine: &str, incoming: bool) -> Vec<String> {
         let paths = RunPaths::new(&config.run_dir).unwrap();
-        Qemu::command_line(config, accel, &paths)
+        Qemu::command_line(config, accel, &paths, machine, incoming)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect()
@@ -1208,6 +1345,24 @@ mod tests {
         for flag in ["-nodefaults", "-no-user-config", "-S", "-no-reboot"] {
             assert!(args.iter().any(|a| a == flag), "{flag} is missing");
         }
+    }
+
+    #[test]
+    fn a_restoring_vmm_waits_for_the_state_on_the_saved_machine_type() {
+        let args = args_on(
+            &machine(Path::new("/srv/vm")),
+            Accel::Tcg,
+            "pc-q35-7.2",
+            true,
+        );
+        assert_eq!(value_after(&args, "-M"), ["pc-q35-7.2"]);
+        assert_eq!(value_after(&args, "-incoming"), ["defer"]);
+        assert!(args.iter().any(|a| a == "-S"), "the guest stays paused");
+        assert_eq!(
+            value_after(&args, "-kernel"),
+            ["/srv/vm/vmlinuz"],
+            "the devices are those of a start, the kernel included"
+        );
     }
 
     #[test]
@@ -1281,7 +1436,7 @@ mod tests {
             (VmmState::Paused, 2, 512)
         );
         let caps = Qemu::new(QemuConfig::new()).capabilities();
-        assert!(caps.pause && !caps.snapshot && !caps.resize_vcpus && !caps.resize_memory);
+        assert!(caps.pause && caps.snapshot && !caps.resize_vcpus && !caps.resize_memory);
         assert_eq!(caps.disk_formats, [DiskFormat::Qcow2, DiskFormat::Raw]);
     }
 
@@ -1290,6 +1445,7 @@ mod tests {
         assert_eq!(map_status("running"), VmmState::Running);
         assert_eq!(map_status("paused"), VmmState::Paused);
         assert_eq!(map_status("prelaunch"), VmmState::Created);
+        assert_eq!(map_status("postmigrate"), VmmState::Paused);
         assert_eq!(map_status("shutdown"), VmmState::Shutdown);
         assert_eq!(map_status("internal-error"), VmmState::Shutdown);
     }

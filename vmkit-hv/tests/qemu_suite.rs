@@ -487,3 +487,195 @@ async fn the_accelerator_is_probed_once_and_explained() {
     assert_ne!(first.accel, vmkit_hv::Accel::Auto, "the choice is resolved");
     assert!(!first.reason.is_empty(), "the choice says why");
 }
+
+// ------------------------------------------------------------------ snapshots
+
+/// Runs `command` in the guest and returns its standard output.
+async fn guest_output(client: &vmkit_core::guest::Client, command: &str) -> String {
+    let out = client
+        .exec_collect(ExecRequest::new(["sh", "-c", command]), 1 << 16)
+        .await
+        .unwrap();
+    assert_eq!(out.status.code, Some(0), "{command} failed: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether `qemu-img info` can open `disk`, which it cannot while a QEMU holds it.
+fn disk_is_free(disk: &Path) -> bool {
+    std::process::Command::new("qemu-img")
+        .arg("info")
+        .arg(disk)
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_guest_keeps_its_memory_and_answers_its_agent() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let config = fx.machine("keeper");
+    let handle = qemu.start(&config).await.unwrap();
+    let client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+    let token = format!("token-{}", VmId::generate());
+    guest_output(&client, &format!("echo {token} > /tmp/kept")).await;
+    let boot_id = client.hello().await.unwrap().boot_id;
+    drop(client);
+
+    qemu.pause(&handle).await.unwrap();
+    let snapshot = fx.dir.path().join("keeper-snapshot");
+    let saving = Instant::now();
+    qemu.snapshot(&handle, &snapshot).await.unwrap();
+    let saved_in = saving.elapsed();
+    qemu.kill(&handle).await.unwrap();
+    qemu.cleanup(&handle).await.unwrap();
+
+    let mut target = config.clone();
+    target.run_dir = fx.run_dir("keeper-restored");
+    let loading = Instant::now();
+    let restored = qemu.restore(&target, &snapshot).await.unwrap();
+    let loaded_in = loading.elapsed();
+    assert_eq!(qemu.info(&restored).await.unwrap().state, VmmState::Paused);
+    qemu.resume(&restored).await.unwrap();
+    let client = wait_for_agent(&qemu, &restored, BOOT_TIMEOUT).await;
+
+    assert_eq!(
+        client.hello().await.unwrap().boot_id,
+        boot_id,
+        "the guest did not boot again"
+    );
+    assert_eq!(
+        guest_output(&client, "cat /tmp/kept").await,
+        format!("{token}\n"),
+        "the guest's tmpfs survives the snapshot"
+    );
+    let size = std::fs::metadata(snapshot.join("memory")).unwrap().len();
+    eprintln!(
+        "snapshot of a {} MiB guest: saved in {saved_in:?} ({} MiB of state), restored in {loaded_in:?}, with {}",
+        config.memory_mib,
+        size >> 20,
+        qemu.accel_choice().await
+    );
+    drop(client);
+    qemu.kill(&restored).await.unwrap();
+    qemu.cleanup(&restored).await.unwrap();
+    assert_gone(&restored.run_dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshotted_vmm_releases_its_disks_until_it_resumes_and_runs_on() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let config = fx.machine("runs-on");
+    let disk = config.disks[0].path.clone();
+    let handle = qemu.start(&config).await.unwrap();
+    let client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+
+    let err = qemu
+        .snapshot(&handle, &fx.dir.path().join("running-snapshot"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::Refused { operation: "snapshot", message } if message.contains("pause it first")),
+        "{err:?}"
+    );
+    qemu.pause(&handle).await.unwrap();
+    assert!(!disk_is_free(&disk), "a paused QEMU holds its disk");
+    qemu.snapshot(&handle, &fx.dir.path().join("first"))
+        .await
+        .unwrap();
+    assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Paused);
+    assert!(
+        disk_is_free(&disk),
+        "after a snapshot QEMU lets go of the disk, to be copied"
+    );
+    let again = qemu
+        .snapshot(&handle, &fx.dir.path().join("second"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&again, HypervisorError::Refused { message, .. } if message.contains("resume it")),
+        "{again:?}"
+    );
+
+    qemu.resume(&handle).await.unwrap();
+    assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Running);
+    assert!(!disk_is_free(&disk), "a resumed QEMU holds its disk again");
+    assert_eq!(
+        guest_output(&client, "echo still here").await,
+        "still here\n",
+        "the agent's connection survives the snapshot"
+    );
+    qemu.pause(&handle).await.unwrap();
+    qemu.snapshot(&handle, &fx.dir.path().join("second"))
+        .await
+        .unwrap();
+    drop(client);
+    qemu.shutdown(&handle, Duration::from_secs(30))
+        .await
+        .unwrap();
+    qemu.cleanup(&handle).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_be_loaded_fails_clearly_and_leaves_nothing_running() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let config = fx.machine("broken");
+    let handle = qemu.start(&config).await.unwrap();
+    qemu.pause(&handle).await.unwrap();
+    let snapshot = fx.dir.path().join("broken-snapshot");
+    qemu.snapshot(&handle, &snapshot).await.unwrap();
+    qemu.kill(&handle).await.unwrap();
+    qemu.cleanup(&handle).await.unwrap();
+
+    let mut bigger = config.clone();
+    bigger.run_dir = fx.run_dir("bigger");
+    bigger.memory_mib = 512;
+    let err = qemu.restore(&bigger, &snapshot).await.unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::InvalidConfig(m) if m.contains("256 MiB, the config 1 vCPUs (at most 1) and 512 MiB")),
+        "a restore into another machine is refused before QEMU starts: {err:?}"
+    );
+    assert_gone(&bigger.run_dir);
+
+    let memory = snapshot.join("memory");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&memory)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let mut target = config.clone();
+    target.run_dir = fx.run_dir("truncated");
+    let err = qemu.restore(&target, &snapshot).await.unwrap_err();
+    assert!(
+        matches!(&err, HypervisorError::Refused { operation: "restore", message } if message.contains("could not load the snapshot")),
+        "{err:?}"
+    );
+    assert!(
+        processes_mentioning(&target.run_dir).is_empty(),
+        "no QEMU of the failed restore runs"
+    );
+    assert_gone(&target.run_dir);
+}
+
+#[tokio::test]
+async fn restore_from_an_empty_directory_fails_clearly_and_leaves_nothing_running() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new().with_accel(vmkit_hv::Accel::Tcg));
+    let config = fx.machine("nosnap");
+    let empty = fx.dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+
+    let err = qemu.restore(&config, &empty).await.unwrap_err();
+
+    assert!(
+        matches!(&err, HypervisorError::Refused { operation: "restore", message } if message.contains("no QEMU snapshot")),
+        "{err:?}"
+    );
+    assert!(processes_mentioning(&config.run_dir).is_empty());
+    assert_gone(&config.run_dir);
+}

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::fs;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -141,6 +141,7 @@ struct Fixture {
     formats: Vec<DiskFormat>,
 }
 
+#[async_trait::async_trait]
 impl StorageFixture for Fixture {
     fn image(&self) -> Image {
         self.image.clone()
@@ -148,6 +149,70 @@ impl StorageFixture for Fixture {
     fn formats(&self) -> Vec<DiskFormat> {
         self.formats.clone()
     }
+    async fn write(&self, volume: &Volume, offset: u64, data: &[u8]) {
+        write_guest(volume, offset, data);
+    }
+    async fn read(&self, volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+        read_guest(volume, offset, len)
+    }
+}
+
+/// Writes `data` at `offset` of `volume` as its guest sees it: into the file of a
+/// raw volume, through `qemu-io` into a qcow2 one.
+fn write_guest(volume: &Volume, offset: u64, data: &[u8]) {
+    match volume.format {
+        DiskFormat::Qcow2 => {
+            let pattern = tempfile::NamedTempFile::new().unwrap();
+            fs::write(pattern.path(), data).unwrap();
+            let command = format!(
+                "write -q -s {} {offset} {}",
+                pattern.path().display(),
+                data.len()
+            );
+            sh(
+                "qemu-io",
+                &["-f", "qcow2", "-c", &command, volume.path.to_str().unwrap()],
+            );
+        }
+        _ => fs::OpenOptions::new()
+            .write(true)
+            .open(&volume.path)
+            .unwrap()
+            .write_all_at(data, offset)
+            .unwrap(),
+    }
+}
+
+/// Reads `len` bytes at `offset` of `volume` as its guest sees them (a qcow2
+/// volume through a raw conversion).
+fn read_guest(volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0; len];
+    match volume.format {
+        DiskFormat::Qcow2 => {
+            let raw = tempfile::NamedTempFile::new().unwrap();
+            sh(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-f",
+                    "qcow2",
+                    "-O",
+                    "raw",
+                    volume.path.to_str().unwrap(),
+                    raw.path().to_str().unwrap(),
+                ],
+            );
+            fs::File::open(raw.path())
+                .unwrap()
+                .read_exact_at(&mut buf, offset)
+                .unwrap();
+        }
+        _ => fs::File::open(&volume.path)
+            .unwrap()
+            .read_exact_at(&mut buf, offset)
+            .unwrap(),
+    }
+    buf
 }
 
 /// Storage under `<dir>/volumes` and an image under `<dir>/images`.
@@ -387,6 +452,132 @@ async fn qcow2_overlay_backing_file_is_exactly_the_base_path_in_raw_format() {
         fs::metadata(&base.path).unwrap().permissions().mode() & 0o777,
         0o444
     );
+}
+
+#[tokio::test]
+async fn copy_of_a_qcow2_root_is_an_overlay_on_the_same_base() {
+    let fs = Ext4::new();
+    let (storage, image) = storage_in(fs.path(), Some(CloneMethod::Qcow2Overlay));
+    let base = storage.import_image(&image).await.unwrap();
+    let root = storage
+        .clone_root(VmId::generate(), &base, QCOW2_THEN_RAW)
+        .await
+        .unwrap();
+
+    let copy = storage.copy_volume(&root, VmId::generate()).await.unwrap();
+
+    assert_eq!(
+        copy.path,
+        vm_dir(&storage).join(format!("{}.qcow2", copy.id))
+    );
+    let info: serde_json::Value = serde_json::from_str(&sh(
+        "qemu-img",
+        &["info", "--output=json", copy.path.to_str().unwrap()],
+    ))
+    .unwrap();
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["full-backing-filename"], base.path.to_str().unwrap());
+    assert_eq!(info["virtual-size"], base.size_bytes);
+}
+
+#[tokio::test]
+async fn copy_on_xfs_shares_the_source_extents() {
+    let fs = LoopMount::xfs_reflink();
+    let (storage, _image) = storage_in(&fs.mnt, None);
+    let data = storage
+        .create_data(VmId::generate(), 64 << 20)
+        .await
+        .unwrap();
+
+    let copy = storage.copy_volume(&data, VmId::generate()).await.unwrap();
+
+    let frag = sh("filefrag", &["-v", copy.path.to_str().unwrap()]);
+    assert!(
+        frag.contains("shared"),
+        "extents of a reflink copy are shared:\n{frag}"
+    );
+    assert_eq!(fs::read(&copy.path).unwrap(), fs::read(&data.path).unwrap());
+}
+
+#[tokio::test]
+async fn copy_on_ext4_is_sparse() {
+    let fs = Ext4::new();
+    let (storage, _image) = storage_in(fs.path(), None);
+    let data = storage
+        .create_data(VmId::generate(), 256 << 20)
+        .await
+        .unwrap();
+
+    let copy = storage.copy_volume(&data, VmId::generate()).await.unwrap();
+
+    let meta = fs::metadata(&copy.path).unwrap();
+    assert_eq!(meta.len(), 256 << 20);
+    assert!(
+        meta.blocks() * 512 < meta.len() / 4,
+        "a sparse copy keeps holes ({} blocks)",
+        meta.blocks()
+    );
+    assert_eq!(fs::read(&copy.path).unwrap(), fs::read(&data.path).unwrap());
+    let mut expected = vec![format!("{}.raw", copy.id), format!("{}.raw", data.id)];
+    expected.sort();
+    assert_eq!(
+        entries(&vm_dir(&storage)),
+        expected,
+        "no temporary file is left"
+    );
+}
+
+#[tokio::test]
+async fn release_moves_the_file_into_a_private_kept_directory() {
+    let fs = Ext4::new();
+    let (storage, _image) = storage_in(fs.path(), None);
+    let data = storage
+        .create_data(VmId::generate(), 64 << 20)
+        .await
+        .unwrap();
+    let inode = fs::metadata(&data.path).unwrap().ino();
+
+    let kept = storage.release(&data).await.unwrap();
+
+    let kept_dir = storage.root().join("kept");
+    assert_eq!(kept.parent(), Some(kept_dir.as_path()));
+    let name = kept.file_name().unwrap().to_str().unwrap();
+    let secs = name
+        .strip_prefix(&format!("{}-", data.id))
+        .and_then(|rest| rest.strip_suffix(".raw"))
+        .unwrap_or_else(|| panic!("{name} is not <id>-<secs>.raw"));
+    assert!(
+        secs.parse::<u64>().is_ok(),
+        "{name} names the time in seconds"
+    );
+    assert_eq!(
+        fs::metadata(&kept).unwrap().ino(),
+        inode,
+        "the same file, moved"
+    );
+    assert_eq!(
+        fs::metadata(&kept_dir).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    assert_eq!(entries(&vm_dir(&storage)), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn release_through_a_symlinked_kept_directory_is_refused() {
+    let fs = Ext4::new();
+    let (storage, _image) = storage_in(fs.path(), None);
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), storage.root().join("kept")).unwrap();
+    let data = storage
+        .create_data(VmId::generate(), 64 << 20)
+        .await
+        .unwrap();
+
+    let err = storage.release(&data).await.unwrap_err();
+
+    assert!(matches!(err, StorageError::Refused(_)), "{err}");
+    assert!(data.path.exists(), "the volume stays where it was");
+    assert_eq!(entries(elsewhere.path()), Vec::<String>::new());
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -36,6 +36,8 @@ struct Lv {
     writable: bool,
     active: bool,
     skip: bool,
+    /// Bytes written to the volume's device, by offset; the rest reads as zero.
+    data: BTreeMap<u64, u8>,
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +98,7 @@ impl FakeLvm {
                     writable: true,
                     active: true,
                     skip: false,
+                    data: BTreeMap::new(),
                 },
             );
         }
@@ -130,12 +133,49 @@ impl FakeLvm {
                 writable,
                 active: true,
                 skip: false,
+                data: BTreeMap::new(),
             },
         );
     }
 
     fn remove_pool(&self) {
         self.lock().lvs.remove("pool0");
+    }
+
+    /// The active volume whose device node is `dev`, as a guest writing it needs.
+    fn device<'a>(s: &'a mut Sim, dev: &Path) -> &'a mut Lv {
+        let dev = dev.to_str().unwrap();
+        let name = s
+            .dev_lv(dev)
+            .unwrap_or_else(|| panic!("{dev} is not in /dev/vg0"))
+            .to_owned();
+        let lv = s
+            .lvs
+            .get_mut(&name)
+            .unwrap_or_else(|| panic!("{dev}: no such volume"));
+        assert!(lv.active, "{dev} is not active");
+        lv
+    }
+
+    /// Writes `bytes` at `offset` of the device `dev`.
+    fn write(&self, dev: &Path, offset: u64, bytes: &[u8]) {
+        let mut s = self.lock();
+        let lv = Self::device(&mut s, dev);
+        assert!(lv.writable, "{} is read-only", dev.display());
+        assert!(offset + bytes.len() as u64 <= lv.size, "write past the end");
+        for (i, b) in bytes.iter().enumerate() {
+            lv.data.insert(offset + i as u64, *b);
+        }
+    }
+
+    /// Reads `len` bytes at `offset` of the device `dev`.
+    fn read(&self, dev: &Path, offset: u64, len: usize) -> Vec<u8> {
+        let mut s = self.lock();
+        let lv = Self::device(&mut s, dev);
+        assert!(offset + len as u64 <= lv.size, "read past the end");
+        (offset..offset + len as u64)
+            .map(|o| lv.data.get(&o).copied().unwrap_or(0))
+            .collect()
     }
 }
 
@@ -243,6 +283,7 @@ impl Sim {
                         writable: true,
                         active: true,
                         skip: false,
+                        data: BTreeMap::new(),
                     },
                 );
                 ok()
@@ -319,6 +360,30 @@ impl Sim {
                     ));
                 }
                 lv.size = new;
+                ok()
+            }
+            ["lvrename", lv_ref, new_name] => {
+                let Some(old) = self.lv_name(lv_ref).map(str::to_owned) else {
+                    return lvm_err(format!("Volume group for \"{lv_ref}\" not found"));
+                };
+                if self.lvs.contains_key(*new_name) {
+                    return lvm_err(format!(
+                        "Logical Volume \"{new_name}\" already exists in volume group \"{}\"",
+                        self.vg
+                    ));
+                }
+                let Some(lv) = self.lvs.remove(&old) else {
+                    return lvm_err(format!(
+                        "Existing logical volume \"{old}\" not found in volume group \"{}\"",
+                        self.vg
+                    ));
+                };
+                self.lvs.insert((*new_name).to_owned(), lv);
+                for other in self.lvs.values_mut() {
+                    if other.origin == old {
+                        (*new_name).clone_into(&mut other.origin);
+                    }
+                }
                 ok()
             }
             ["lvremove", "-y", lv_ref] => {
@@ -448,9 +513,22 @@ impl Fixture {
     }
 }
 
-impl StorageFixture for Fixture {
+/// The suite's fixture: the image, and the simulated devices to write and read.
+struct SuiteFixture {
+    fx: Fixture,
+    lvm: FakeLvm,
+}
+
+#[async_trait]
+impl StorageFixture for SuiteFixture {
     fn image(&self) -> Image {
-        self.image.clone()
+        self.fx.image.clone()
+    }
+    async fn write(&self, volume: &Volume, offset: u64, data: &[u8]) {
+        self.lvm.write(&volume.path, offset, data);
+    }
+    async fn read(&self, volume: &Volume, offset: u64, len: usize) -> Vec<u8> {
+        self.lvm.read(&volume.path, offset, len)
     }
 }
 
@@ -478,15 +556,24 @@ fn vm(hex: &str) -> VmId {
 async fn suite_passes_on_simulated_lvm2() {
     let fake = FakeLvm::new();
     let storage = storage(Arc::new(fake.clone()));
-    let fx = Fixture::new();
+    let fx = SuiteFixture {
+        fx: Fixture::new(),
+        lvm: fake.clone(),
+    };
 
     storage_suite(&storage, &fx).await;
 
-    let left: Vec<String> = fake.lock().lvs.keys().cloned().collect();
+    let left: Vec<String> = fake
+        .lock()
+        .lvs
+        .keys()
+        .filter(|name| !name.starts_with("kept-"))
+        .cloned()
+        .collect();
     assert_eq!(
         left,
         vec!["base-4f9c2e71a0b3".to_owned(), "pool0".to_owned()],
-        "only the base and the pool remain"
+        "only the base, the pool and the released volumes remain"
     );
 }
 
@@ -756,6 +843,95 @@ async fn delete_removes_with_lvremove_and_a_missing_volume_is_success() {
             LVS.to_owned(),
         ]
     );
+}
+
+#[tokio::test]
+async fn copy_is_an_active_thin_snapshot_of_the_source() {
+    let (storage, fake, _fx, _base) = imported().await;
+    let data = storage
+        .create_data(vm("8a3f5e2d1c0b9a87"), 64 << 20)
+        .await
+        .unwrap();
+    fake.take_log();
+
+    let copy = storage
+        .copy_volume(&data, vm("0123456789abcdef"))
+        .await
+        .unwrap();
+
+    assert_eq!(
+        fake.take_log(),
+        vec![
+            LVS.to_owned(),
+            "lvcreate -s -kn -ay -prw -n data-0123456789abcdef vg0/data-8a3f5e2d1c0b9a87"
+                .to_owned(),
+            LVS.to_owned(),
+        ]
+    );
+    assert_eq!(copy.path, PathBuf::from("/dev/vg0/data-0123456789abcdef"));
+    assert_eq!(
+        (copy.kind, copy.format, copy.size_bytes),
+        (VolumeKind::Data, DiskFormat::Raw, data.size_bytes)
+    );
+    let lv = fake.lv("data-0123456789abcdef").unwrap();
+    assert!(lv.active && lv.writable && !lv.skip);
+}
+
+#[tokio::test]
+async fn copy_onto_an_existing_volume_runs_no_lvcreate() {
+    let (storage, fake, _fx, base) = imported().await;
+    let a = storage
+        .clone_root(vm("8a3f5e2d1c0b9a87"), &base, &[DiskFormat::Raw])
+        .await
+        .unwrap();
+    storage
+        .clone_root(vm("0123456789abcdef"), &base, &[DiskFormat::Raw])
+        .await
+        .unwrap();
+    fake.take_log();
+
+    let err = storage
+        .copy_volume(&a, vm("0123456789abcdef"))
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(err, StorageError::Exists(ref id) if id == "root-0123456789abcdef"),
+        "{err}"
+    );
+    assert_eq!(fake.take_log(), vec![LVS.to_owned()]);
+}
+
+#[tokio::test]
+async fn release_renames_the_volume_out_of_the_listed_names() {
+    let (storage, fake, _fx, _base) = imported().await;
+    let data = storage
+        .create_data(vm("8a3f5e2d1c0b9a87"), 64 << 20)
+        .await
+        .unwrap();
+    fake.take_log();
+
+    let kept = storage.release(&data).await.unwrap();
+
+    let log = fake.take_log();
+    assert_eq!(log.len(), 2, "{log:?}");
+    assert_eq!(log[0], LVS);
+    let new_name = kept
+        .to_str()
+        .unwrap()
+        .strip_prefix("/dev/vg0/")
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        log[1],
+        format!("lvrename vg0/data-8a3f5e2d1c0b9a87 {new_name}")
+    );
+    let secs = new_name
+        .strip_prefix("kept-data-8a3f5e2d1c0b9a87-")
+        .unwrap_or_else(|| panic!("{new_name} is not kept-<id>-<secs>"));
+    assert!(secs.parse::<u64>().is_ok(), "{new_name}");
+    assert!(fake.lv(&new_name).is_some(), "the volume lives on");
+    assert_eq!(storage.list().await.unwrap(), Vec::<Volume>::new());
 }
 
 #[tokio::test]

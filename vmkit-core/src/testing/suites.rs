@@ -19,7 +19,7 @@ use crate::network::{Network, NetworkError};
 use crate::quota::Quota;
 use crate::share::{Access, Share, ShareTarget};
 use crate::spec::VmSpec;
-use crate::storage::{DiskFormat, Storage, StorageError, VolumeKind};
+use crate::storage::{DiskFormat, Storage, StorageError, Volume, VolumeKind};
 use crate::store::{StateStore, StoreError};
 use crate::user::{ApiKey, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
@@ -176,17 +176,94 @@ pub async fn hypervisor_invalid_config(hv: &dyn Hypervisor, fx: &dyn HypervisorF
     );
 }
 
+/// Snapshot and restore, where the backend can: a running guest is refused; a paused
+/// one is saved and stays paused; a fresh VMM restored from the snapshot (same machine
+/// and disks, another run dir) comes back paused, resumes, and its agent answers.
+/// Restoring from a directory without a snapshot fails and leaves no run dir. A
+/// backend without the capability says `Unsupported`.
+pub async fn hypervisor_snapshot(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
+    let config = fx.machine("suite-snap");
+    let snapshot_dir = config.run_dir.with_file_name("suite-snap-snapshot");
+    if !hv.capabilities().snapshot {
+        assert!(
+            matches!(
+                hv.restore(&config, &snapshot_dir).await,
+                Err(HypervisorError::Unsupported { .. })
+            ),
+            "restore without the snapshot capability is Unsupported"
+        );
+        return;
+    }
+    let handle = hv.start(&config).await.expect("start");
+    let client = wait_for_agent(hv, &handle, fx.boot_timeout()).await;
+    drop(client);
+    assert!(
+        hv.snapshot(&handle, &snapshot_dir).await.is_err(),
+        "a snapshot of a running guest is refused"
+    );
+    hv.pause(&handle).await.expect("pause");
+    hv.snapshot(&handle, &snapshot_dir)
+        .await
+        .expect("snapshot of a paused guest");
+    assert_eq!(
+        hv.info(&handle).await.expect("info").state,
+        VmmState::Paused,
+        "the guest stays paused after a snapshot"
+    );
+    hv.kill(&handle).await.expect("kill");
+    hv.cleanup(&handle).await.expect("cleanup");
+
+    let mut target = config.clone();
+    target.run_dir = fx.machine("suite-restored").run_dir;
+    let restored = hv.restore(&target, &snapshot_dir).await.expect("restore");
+    assert_eq!(
+        restored.run_dir, target.run_dir,
+        "restored in the new run dir"
+    );
+    assert_eq!(
+        hv.info(&restored).await.expect("info").state,
+        VmmState::Paused,
+        "a restored guest is paused"
+    );
+    hv.resume(&restored).await.expect("resume a restored guest");
+    let client = wait_for_agent(hv, &restored, fx.boot_timeout()).await;
+    let out = client
+        .exec_collect(ExecRequest::new(["echo", "restored"]), 1 << 16)
+        .await
+        .expect("exec after restore");
+    assert_eq!(
+        out.stdout, b"restored\n",
+        "the restored agent runs commands"
+    );
+    drop(client);
+    hv.kill(&restored).await.expect("kill the restored VMM");
+    hv.cleanup(&restored).await.expect("cleanup");
+
+    let nowhere = fx.machine("suite-nosnap");
+    let empty = nowhere.run_dir.with_file_name("suite-no-snapshot-here");
+    assert!(
+        hv.restore(&nowhere, &empty).await.is_err(),
+        "restore from a directory without a snapshot fails"
+    );
+    assert!(
+        !nowhere.run_dir.exists(),
+        "a failed restore leaves no run dir"
+    );
+}
+
 /// Every hypervisor check.
 pub async fn hypervisor_suite(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     hypervisor_invalid_config(hv, fx).await;
     hypervisor_kill(hv, fx).await;
     hypervisor_discard(hv, fx).await;
     hypervisor_lifecycle(hv, fx).await;
+    hypervisor_snapshot(hv, fx).await;
 }
 
 // ---------------------------------------------------------------- storage
 
 /// What the storage suite needs.
+#[async_trait]
 pub trait StorageFixture: Send + Sync {
     /// An image whose root filesystem exists (synthetic for fakes).
     fn image(&self) -> Image;
@@ -194,7 +271,19 @@ pub trait StorageFixture: Send + Sync {
     fn formats(&self) -> Vec<DiskFormat> {
         vec![DiskFormat::Raw]
     }
+    /// Writes `data` at `offset` of the disk at `volume.path` as a guest would see
+    /// it (through `volume.format`). Panics if it cannot.
+    async fn write(&self, volume: &Volume, offset: u64, data: &[u8]);
+    /// Reads `len` bytes at `offset` of the disk at `volume.path` as a guest would
+    /// see them. Panics if it cannot.
+    async fn read(&self, volume: &Volume, offset: u64, len: usize) -> Vec<u8>;
 }
+
+/// Where the storage checks write into volumes: past the first MiB, inside every
+/// volume the suite makes (the smallest is a root of the fixture's image).
+const AT: u64 = 1 << 20;
+/// A second place, for writes made after a copy.
+const LATER_AT: u64 = (1 << 20) + (64 << 10);
 
 /// Import is idempotent; each VM gets its own root; a second root is refused.
 pub async fn storage_roots(storage: &dyn Storage, fx: &dyn StorageFixture) {
@@ -260,13 +349,170 @@ pub async fn storage_data_volumes(storage: &dyn Storage, _fx: &dyn StorageFixtur
     storage.delete(&grown).await.expect("delete");
     storage.delete(&grown).await.expect("delete is idempotent");
     assert!(
-        !storage
-            .list()
-            .await
-            .expect("list")
-            .iter()
-            .any(|v| v.id == grown.id),
+        !is_listed(storage, &grown.id).await,
         "a deleted volume is not listed"
+    );
+}
+
+/// Whether `list` shows a volume with this id.
+async fn is_listed(storage: &dyn Storage, id: &str) -> bool {
+    storage
+        .list()
+        .await
+        .expect("list")
+        .iter()
+        .any(|v| v.id == id)
+}
+
+/// A new VM with a root volume of the fixture's image and a 64 MiB data volume.
+async fn root_and_data(storage: &dyn Storage, fx: &dyn StorageFixture) -> (VmId, Volume, Volume) {
+    let base = storage.import_image(&fx.image()).await.expect("import");
+    let vm = VmId::generate();
+    let root = storage
+        .clone_root(vm, &base, &fx.formats())
+        .await
+        .expect("clone root");
+    let data = storage
+        .create_data(vm, 64 << 20)
+        .await
+        .expect("create data");
+    (vm, root, data)
+}
+
+/// A copy of a root or data volume is a volume of its own: same kind, format and
+/// size, the source's contents, and no write to either shows in the other; a copy
+/// onto an existing volume is refused and leaves that volume alone; a copy of a
+/// missing volume is `NotFound`.
+pub async fn storage_copies(storage: &dyn Storage, fx: &dyn StorageFixture) {
+    let (_, root, data) = root_and_data(storage, fx).await;
+    for source in [&root, &data] {
+        let what = format!("{:?} volume", source.kind);
+        fx.write(source, AT, b"source, before the copy").await;
+        let target = VmId::generate();
+        let copy = storage
+            .copy_volume(source, target)
+            .await
+            .unwrap_or_else(|e| panic!("copy of a {what}: {e}"));
+        assert_eq!(
+            (&copy.id, copy.vm, copy.kind, copy.format, copy.size_bytes),
+            (
+                &Volume::id_for(target, source.kind),
+                target,
+                source.kind,
+                source.format,
+                source.size_bytes
+            ),
+            "a copy of a {what} has the target's id and the source's kind, format and size"
+        );
+        assert_ne!(copy.path, source.path, "a copy has a disk of its own");
+        assert_eq!(
+            fx.read(&copy, AT, 23).await,
+            b"source, before the copy",
+            "a copy of a {what} starts with the source's contents"
+        );
+        let untouched = fx.read(&copy, LATER_AT, 22).await;
+        fx.write(&copy, AT, b"the copy, written later").await;
+        fx.write(source, LATER_AT, b"source, after the copy").await;
+        assert_eq!(
+            fx.read(source, AT, 23).await,
+            b"source, before the copy",
+            "a write to the copy of a {what} does not show in the source"
+        );
+        assert_eq!(
+            fx.read(&copy, LATER_AT, 22).await,
+            untouched,
+            "a write to a {what} after the copy does not show in the copy"
+        );
+        assert!(
+            matches!(
+                storage.copy_volume(source, target).await,
+                Err(StorageError::Exists(_))
+            ),
+            "a copy onto an existing {what} is refused"
+        );
+        assert_eq!(
+            fx.read(&copy, AT, 23).await,
+            b"the copy, written later",
+            "a refused copy leaves the existing volume alone"
+        );
+        assert!(
+            storage.list().await.expect("list").contains(&copy),
+            "a copy is listed"
+        );
+        storage.delete(&copy).await.expect("delete the copy");
+    }
+    storage.delete(&data).await.expect("delete data");
+    assert!(
+        matches!(
+            storage.copy_volume(&data, VmId::generate()).await,
+            Err(StorageError::NotFound(_))
+        ),
+        "a copy of a missing volume is NotFound"
+    );
+    storage.delete(&root).await.expect("delete root");
+}
+
+/// A released volume leaves the list but keeps its contents where `release` says;
+/// the id can be used again and a second release of it goes elsewhere; releasing
+/// a missing volume is `NotFound`.
+pub async fn storage_release(storage: &dyn Storage, fx: &dyn StorageFixture) {
+    let (vm, root, data) = root_and_data(storage, fx).await;
+    let mut kept_paths = Vec::new();
+    for volume in [&root, &data] {
+        let what = format!("{:?} volume", volume.kind);
+        fx.write(volume, AT, b"kept for the operator").await;
+        let kept = storage
+            .release(volume)
+            .await
+            .unwrap_or_else(|e| panic!("release of a {what}: {e}"));
+        assert!(
+            !is_listed(storage, &volume.id).await,
+            "a released {what} is no longer listed"
+        );
+        let at_kept = Volume {
+            path: kept.clone(),
+            ..volume.clone()
+        };
+        assert_eq!(
+            fx.read(&at_kept, AT, 21).await,
+            b"kept for the operator",
+            "a released {what} keeps its contents at {}",
+            kept.display()
+        );
+        storage
+            .delete(volume)
+            .await
+            .expect("delete of a released volume is a no-op");
+        assert_eq!(
+            fx.read(&at_kept, AT, 21).await,
+            b"kept for the operator",
+            "deleting the released id leaves the kept {what} alone"
+        );
+        kept_paths.push((kept, at_kept));
+    }
+
+    let again = storage
+        .create_data(vm, 64 << 20)
+        .await
+        .expect("the id of a released volume is free again");
+    fx.write(&again, AT, b"released second time").await;
+    let kept_again = storage.release(&again).await.expect("release again");
+    let (first_kept, first_at_kept) = &kept_paths[1];
+    assert_ne!(
+        &kept_again, first_kept,
+        "a second release of one id does not take the first one's place"
+    );
+    assert_eq!(
+        fx.read(first_at_kept, AT, 21).await,
+        b"kept for the operator",
+        "the first release is untouched by the second"
+    );
+    assert!(
+        matches!(
+            storage.release(&again).await,
+            Err(StorageError::NotFound(_))
+        ),
+        "releasing a missing volume is NotFound"
     );
 }
 
@@ -274,6 +520,8 @@ pub async fn storage_data_volumes(storage: &dyn Storage, _fx: &dyn StorageFixtur
 pub async fn storage_suite(storage: &dyn Storage, fx: &dyn StorageFixture) {
     storage_roots(storage, fx).await;
     storage_data_volumes(storage, fx).await;
+    storage_copies(storage, fx).await;
+    storage_release(storage, fx).await;
 }
 
 // ---------------------------------------------------------------- network

@@ -5,11 +5,16 @@
 //! QEMU's monitor serves one client at a time, so callers open a connection per
 //! operation and drop it when done.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::Duration;
 
+use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 use serde_json::{Map, Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, Interest,
+};
 use tokio::net::UnixStream;
 
 /// Longest QMP message accepted; replies to the commands used here are far smaller.
@@ -46,8 +51,8 @@ pub(crate) enum QmpError {
 /// A QMP session in command mode.
 #[derive(Debug)]
 pub(crate) struct Qmp<S> {
-    reader: BufReader<tokio::io::ReadHalf<S>>,
-    writer: tokio::io::WriteHalf<S>,
+    /// The connection; reads are buffered, writes go straight to the stream.
+    stream: BufReader<S>,
     next_id: u64,
     timeout: Duration,
 }
@@ -62,15 +67,67 @@ impl Qmp<UnixStream> {
             .map_err(QmpError::Connect)?;
         Self::handshake(stream, timeout).await
     }
+
+    /// Runs `command` with `arguments`, passing `fd` along with it (`SCM_RIGHTS`),
+    /// as `getfd` needs. QEMU keeps its own copy of the descriptor.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, QmpError> {
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, async {
+            let (id, line) = self.request(command, arguments);
+            send_with_fd(self.stream.get_ref(), &line, fd)
+                .await
+                .map_err(write_error)?;
+            self.reply(id).await
+        })
+        .await
+        .map_err(|_| QmpError::Timeout(timeout))?
+    }
 }
 
-impl<S: AsyncRead + AsyncWrite> Qmp<S> {
+/// Writes all of `bytes` to `stream`, the first part with `fd` attached.
+async fn send_with_fd(
+    stream: &UnixStream,
+    bytes: &[u8],
+    fd: BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    let rights = [fd.as_raw_fd()];
+    let mut sent = 0;
+    while sent < bytes.len() {
+        stream.writable().await?;
+        let attached: &[ControlMessage<'_>] = if sent == 0 {
+            &[ControlMessage::ScmRights(&rights)]
+        } else {
+            &[]
+        };
+        let result = stream.try_io(Interest::WRITABLE, || {
+            sendmsg::<UnixAddr>(
+                stream.as_raw_fd(),
+                &[IoSlice::new(&bytes[sent..])],
+                attached,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match result {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     /// Reads the greeting from `stream` and enters command mode.
     pub async fn handshake(stream: S, timeout: Duration) -> Result<Self, QmpError> {
-        let (reader, writer) = tokio::io::split(stream);
         let mut qmp = Self {
-            reader: BufReader::new(reader),
-            writer,
+            stream: BufReader::new(stream),
             next_id: 1,
             timeout,
         };
@@ -104,6 +161,15 @@ impl<S: AsyncRead + AsyncWrite> Qmp<S> {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, QmpError> {
+        let (id, line) = self.request(command, arguments);
+        let stream = self.stream.get_mut();
+        stream.write_all(&line).await.map_err(write_error)?;
+        stream.flush().await.map_err(write_error)?;
+        self.reply(id).await
+    }
+
+    /// The next request id and the line that sends `command`.
+    fn request(&mut self, command: &str, arguments: Option<Value>) -> (u64, Vec<u8>) {
         let id = self.next_id;
         self.next_id += 1;
         let mut request = json!({ "execute": command, "id": id });
@@ -112,8 +178,11 @@ impl<S: AsyncRead + AsyncWrite> Qmp<S> {
         }
         let mut line = request.to_string().into_bytes();
         line.push(b'\n');
-        self.writer.write_all(&line).await.map_err(write_error)?;
-        self.writer.flush().await.map_err(write_error)?;
+        (id, line)
+    }
+
+    /// Reads messages up to the reply to request `id`, skipping events.
+    async fn reply(&mut self, id: u64) -> Result<Value, QmpError> {
         loop {
             let mut message = self.read_message().await?;
             if message.contains_key("event") {
@@ -151,7 +220,7 @@ impl<S: AsyncRead + AsyncWrite> Qmp<S> {
     /// Reads one JSON object (QMP sends one per line).
     async fn read_message(&mut self) -> Result<Map<String, Value>, QmpError> {
         let mut line = Vec::new();
-        let n = (&mut self.reader)
+        let n = (&mut self.stream)
             .take(MAX_LINE)
             .read_until(b'\n', &mut line)
             .await
@@ -292,6 +361,78 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, QmpError::Protocol(_)), "{err:?}");
+    }
+
+    /// A QEMU that answers `qmp_capabilities`, then receives one command with a
+    /// descriptor attached, writes `through` into that descriptor and answers.
+    fn fd_taking_qemu(stream: std::os::unix::net::UnixStream, through: &'static [u8]) -> Value {
+        use nix::sys::socket::{ControlMessageOwned, recvmsg};
+        use std::io::{BufRead, IoSliceMut, Write};
+        let mut writer = stream.try_clone().unwrap();
+        writer
+            .write_all(format!("{GREETING}\r\n").as_bytes())
+            .unwrap();
+        let mut capabilities = String::new();
+        std::io::BufReader::new(stream.try_clone().unwrap())
+            .read_line(&mut capabilities)
+            .unwrap();
+        writer
+            .write_all(b"{\"return\": {}, \"id\": 1}\r\n")
+            .unwrap();
+        let mut line = vec![0u8; 4096];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [IoSliceMut::new(&mut line)];
+        let msg = recvmsg::<()>(
+            stream.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::empty(),
+        )
+        .unwrap();
+        let n = msg.bytes;
+        let fds: Vec<std::os::fd::RawFd> = msg
+            .cmsgs()
+            .unwrap()
+            .flat_map(|c| match c {
+                ControlMessageOwned::ScmRights(fds) => fds,
+                _ => Vec::new(),
+            })
+            .collect();
+        assert_eq!(fds.len(), 1, "one descriptor comes with the command");
+        // SAFETY: the descriptor was just received with SCM_RIGHTS and nothing else owns it.
+        let mut passed = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fds[0]) };
+        passed.write_all(through).unwrap();
+        let request: Value = serde_json::from_slice(&line[..n]).unwrap();
+        writer
+            .write_all(format!("{{\"return\": {{}}, \"id\": {}}}\r\n", request["id"]).as_bytes())
+            .unwrap();
+        request
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_passed_with_a_command_reaches_the_peer() {
+        let (host, qemu) = std::os::unix::net::UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || fd_taking_qemu(qemu, b"via the passed fd"));
+        host.set_nonblocking(true).unwrap();
+        let host = UnixStream::from_std(host).unwrap();
+        let mut qmp = Qmp::handshake(host, Duration::from_secs(5)).await.unwrap();
+        let (read_end, write_end) = nix::unistd::pipe().unwrap();
+
+        qmp.execute_with_fd(
+            "getfd",
+            Some(json!({ "fdname": "snap" })),
+            std::os::fd::AsFd::as_fd(&write_end),
+        )
+        .await
+        .unwrap();
+
+        drop(write_end);
+        let request = server.join().unwrap();
+        assert_eq!(request["execute"], "getfd");
+        assert_eq!(request["arguments"]["fdname"], "snap");
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut std::fs::File::from(read_end), &mut got).unwrap();
+        assert_eq!(got, b"via the passed fd");
     }
 
     #[tokio::test]

@@ -124,6 +124,13 @@ impl Dir {
             .map_err(io::Error::from)
     }
 
+    /// Moves `from` to `to` in directory `dest` (on the same filesystem) unless `to`
+    /// exists there (`EEXIST` then).
+    pub(super) fn move_noreplace(&self, from: &str, dest: &Dir, to: &str) -> io::Result<()> {
+        renameat2(&self.fd, from, &dest.fd, to, RenameFlags::RENAME_NOREPLACE)
+            .map_err(io::Error::from)
+    }
+
     /// Flushes the directory itself, so that renames and removals are durable.
     pub(super) fn sync(&self) -> io::Result<()> {
         fsync(&self.fd).map_err(io::Error::from)

@@ -82,12 +82,26 @@ impl FileStorageConfig {
 ///   vm/root-<vm-id>.raw        a VM's root volume (reflink or sparse copy), or
 ///   vm/root-<vm-id>.qcow2      a qcow2 overlay whose backing file is the base
 ///   vm/data-<vm-id>.raw        a VM's data volume (ext4, label `vmkit-data`)
+///   kept/<id>-<secs>.<ext>     volumes handed to the operator by `release`
 /// ```
 ///
 /// Files are written under a `.tmp-` name and renamed into place (without
 /// replacing anything) when complete, so a crash leaves either nothing or a whole
 /// file; leftover temporary files are removed when a [`FileStorage`] is opened.
 /// Keep one `FileStorage` per root.
+///
+/// # Copies and released volumes
+///
+/// [`Storage::copy_volume`] copies a volume's file (root or data, raw or qcow2)
+/// into a temporary file that is renamed into place: a reflink where the
+/// filesystem supports it, else a sparse copy. A qcow2 overlay is copied as it
+/// is, so the copy has the same backing file, the read-only base.
+///
+/// [`Storage::release`] moves a volume's file into `kept/` (created on first use,
+/// mode 0700), named after its id and the Unix time in seconds (with `-<n>` added
+/// when that name is taken), and syncs both directories. vmkit neither lists nor
+/// deletes anything in `kept/`. A kept qcow2 overlay still reads its base from
+/// `base/`; `qemu-img convert -O raw` makes it standalone.
 ///
 /// # How a root volume is cloned
 ///
@@ -207,17 +221,8 @@ impl FileStorage {
                 e,
             )
         })?;
-        let open = |name: &str| {
-            Dir::open_child(&root, name).map_err(|e| match e.raw_os_error() {
-                Some(libc::ELOOP | libc::ENOTDIR) => StorageError::Refused(format!(
-                    "{} is not a directory (a symbolic link?); remove it and let vmkit recreate it",
-                    root.join(name).display()
-                )),
-                _ => io_error(format!("cannot open {}", root.join(name).display()), e),
-            })
-        };
-        let base = open("base")?;
-        let vm = open("vm")?;
+        let base = open_dir(&root, "base")?;
+        let vm = open_dir(&root, "vm")?;
         for dir in [&base, &vm] {
             dir.remove_stale_temps().map_err(|e| {
                 io_error(
@@ -563,15 +568,17 @@ impl Inner {
         Ok(self.volume(id, vm, VolumeKind::Data, DiskFormat::Raw, size))
     }
 
-    /// Opens `volume`'s file for writing and returns it with its current size.
+    /// Opens `volume`'s file with `flags` and returns it with its current size (the
+    /// size the guest sees).
     fn open_volume(
         &self,
         volume: &Volume,
         name: &str,
+        flags: OFlag,
     ) -> Result<(std::fs::File, u64), StorageError> {
         let file = self
             .vm
-            .open(name, OFlag::O_RDWR)
+            .open(name, flags)
             .map_err(|e| match e.raw_os_error() {
                 Some(libc::ENOENT) => StorageError::NotFound(volume.id.clone()),
                 Some(libc::ELOOP) => self.refused_entry(name),
@@ -593,7 +600,7 @@ impl Inner {
 
     async fn resize(&self, volume: &Volume, size: u64) -> Result<Volume, StorageError> {
         let name = self.volume_name(volume)?;
-        let (file, current) = self.open_volume(volume, &name)?;
+        let (file, current) = self.open_volume(volume, &name, OFlag::O_RDWR)?;
         if size < current {
             return Err(StorageError::Shrink {
                 id: volume.id.clone(),
@@ -621,6 +628,100 @@ impl Inner {
         let mut grown = volume.clone();
         grown.size_bytes = size;
         Ok(grown)
+    }
+
+    /// An independent copy of `source` as `vm`'s volume of its kind: a reflink
+    /// where the filesystem supports it, else a sparse copy; a qcow2 overlay is
+    /// copied as a file and keeps its backing file, the immutable base.
+    fn copy_blocking(&self, source: &Volume, vm: VmId) -> Result<Volume, StorageError> {
+        let name = self.volume_name(source)?;
+        let (src, size) = self.open_volume(source, &name, OFlag::O_RDONLY)?;
+        let id = Volume::id_for(vm, source.kind);
+        self.check_absent(&id)?;
+        let ext = extension(source.format);
+        let target = format!("{id}.{ext}");
+        let tmp = self
+            .vm
+            .create_temp(&id, &format!(".{ext}"))
+            .map_err(|e| self.vm_io("cannot create a temporary file for", &target, e))?;
+        let err = |e| {
+            io_error(
+                format!(
+                    "cannot copy {} to {}",
+                    self.vm.path_of(&name).display(),
+                    tmp.path().display()
+                ),
+                e,
+            )
+        };
+        let reflinked = self.reflink
+            && match copy::reflink(&src, tmp.file()) {
+                Ok(()) => true,
+                Err(e) if copy::reflink_unsupported(&e) => false,
+                Err(e) => return Err(err(e)),
+            };
+        if !reflinked {
+            copy::sparse_copy(&src, tmp.file()).map_err(err)?;
+        }
+        self.persist(tmp, &id, &target)?;
+        tracing::debug!(source = %source.id, copy = %id, reflinked, "volume copied");
+        Ok(self.volume(id, vm, source.kind, source.format, size))
+    }
+
+    /// Moves `volume`'s file to `kept/<id>-<unix seconds>[-<n>].<ext>`.
+    fn release_blocking(&self, volume: &Volume) -> Result<PathBuf, StorageError> {
+        let name = self.volume_name(volume)?;
+        match self
+            .vm
+            .entry(&name)
+            .map_err(|e| self.vm_io("cannot look up", &name, e))?
+        {
+            Some(EntryKind::File(_)) => {}
+            None => return Err(StorageError::NotFound(volume.id.clone())),
+            Some(_) => return Err(self.refused_entry(&name)),
+        }
+        let kept = open_dir(&self.root, KEPT_DIR)?;
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let ext = extension(volume.format);
+        for n in 0..MAX_KEPT_TRIES {
+            let kept_name = match n {
+                0 => format!("{}-{secs}.{ext}", volume.id),
+                n => format!("{}-{secs}-{n}.{ext}", volume.id),
+            };
+            match self.vm.move_noreplace(&name, &kept, &kept_name) {
+                Ok(()) => {
+                    let path = kept.path_of(&kept_name);
+                    for dir in [&kept, &self.vm] {
+                        dir.sync().map_err(|e| {
+                            io_error(format!("cannot sync {}", dir.path().display()), e)
+                        })?;
+                    }
+                    tracing::info!(volume = %volume.id, path = %path.display(), "volume handed over to the operator");
+                    return Ok(path);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(StorageError::NotFound(volume.id.clone()));
+                }
+                Err(e) => {
+                    return Err(io_error(
+                        format!(
+                            "cannot move {} to {}",
+                            self.vm.path_of(&name).display(),
+                            kept.path_of(&kept_name).display()
+                        ),
+                        e,
+                    ));
+                }
+            }
+        }
+        Err(StorageError::Refused(format!(
+            "{MAX_KEPT_TRIES} kept copies of {} from this second already exist in {}; remove some",
+            volume.id,
+            kept.path().display()
+        )))
     }
 
     fn delete_blocking(&self, volume: &Volume) -> Result<(), StorageError> {
@@ -769,7 +870,24 @@ impl Storage for FileStorage {
         let inner = self.inner.clone();
         blocking(move || inner.list_blocking()).await
     }
+
+    async fn copy_volume(&self, source: &Volume, vm: VmId) -> Result<Volume, StorageError> {
+        let inner = self.inner.clone();
+        let source = source.clone();
+        blocking(move || inner.copy_blocking(&source, vm)).await
+    }
+
+    async fn release(&self, volume: &Volume) -> Result<PathBuf, StorageError> {
+        let inner = self.inner.clone();
+        let volume = volume.clone();
+        blocking(move || inner.release_blocking(&volume)).await
+    }
 }
+
+/// The directory of released volumes, beside `base/` and `vm/`.
+const KEPT_DIR: &str = "kept";
+/// How many names a release tries for one id within one second.
+const MAX_KEPT_TRIES: u32 = 1000;
 
 const QEMU_IMG_HINT: &str =
     "install qemu-img (Debian/Ubuntu: `apt-get install qemu-utils`), or use a raw clone method";
@@ -808,6 +926,17 @@ async fn run(program: &Path, args: &[&OsStr], hint: &str) -> Result<(), StorageE
             ),
         })
     }
+}
+
+/// Opens (creating it if needed) the directory `name` of the storage root.
+fn open_dir(root: &Path, name: &str) -> Result<Dir, StorageError> {
+    Dir::open_child(root, name).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) => StorageError::Refused(format!(
+            "{} is not a directory (a symbolic link?); remove it and let vmkit recreate it",
+            root.join(name).display()
+        )),
+        _ => io_error(format!("cannot open {}", root.join(name).display()), e),
+    })
 }
 
 /// Runs blocking file work off the async runtime.

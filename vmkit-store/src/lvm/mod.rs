@@ -78,6 +78,14 @@ impl LvmConfig {
 /// | [`resize`](Storage::resize) | `lvextend -L <bytes>b <vg>/<id>` |
 /// | [`delete`](Storage::delete) | `lvremove -y <vg>/<id>` (a missing volume is success) |
 /// | [`list`](Storage::list) | the `lvs` report, keeping `root-`/`data-` volumes of `<pool>` |
+/// | [`copy_volume`](Storage::copy_volume) | `lvcreate -s -kn -ay -prw -n <new id> <vg>/<id>` |
+/// | [`release`](Storage::release) | `lvrename <vg>/<id> kept-<id>-<unix seconds>` |
+///
+/// A copy is a thin snapshot of the source: O(1), and independent of it (a thin
+/// snapshot does not need its origin, which can be written or removed). A
+/// released volume is renamed out of the names vmkit lists (`kept-…`, with `-<n>`
+/// added if that name is taken) and stays in the pool, active, at
+/// `/dev/<vg>/kept-<id>-<secs>`; vmkit never removes it.
 ///
 /// A base image is complete once it is read-only: an import that finds a writable
 /// `base-*` volume (a crash between `lvcreate` and `lvchange -pr`) removes it and
@@ -108,7 +116,8 @@ impl LvmConfig {
 /// `lvremove -y` for a missing volume; and lvm2 accepted the `lvextend -L` and
 /// `lvchange -pr -ky` command lines above in `--test` mode. The `lvcreate` lines
 /// could not be checked that way (lvm2 stops at the missing thin target), nor
-/// could `lvchange -an`, `dd`, `mkfs.ext4` or `lvremove` on a real thin volume.
+/// could `lvchange -an`, `dd`, `mkfs.ext4`, `lvrename` or `lvremove` on a real
+/// thin volume.
 /// Run the generic storage suite on a host with a thin pool before relying on
 /// this backend.
 #[derive(Clone, Debug)]
@@ -226,6 +235,28 @@ impl LvmStorage {
             command: format!("lvs {}", self.lv_ref(name)),
             stderr: format!("{} was created but lvs does not show it", self.lv_ref(name)),
         })
+    }
+
+    /// The vmkit volume `id`, which a command just made in the thin pool.
+    async fn made_volume(&self, id: &str) -> Result<Volume, StorageError> {
+        let lv = self.made(id).await?;
+        self.volume_of(&lv).ok_or_else(|| StorageError::Command {
+            command: format!("lvs {}", self.lv_ref(id)),
+            stderr: format!(
+                "{} is not in thin pool {}",
+                self.lv_ref(id),
+                self.config.thin_pool
+            ),
+        })
+    }
+
+    /// Makes volume `id` a thin snapshot of `origin`, active now and after a reboot
+    /// (`-kn -ay`) and writable.
+    async fn snapshot(&self, origin: &str, id: &str) -> Result<Volume, StorageError> {
+        let origin = self.lv_ref(origin);
+        self.run_ok(&["lvcreate", "-s", "-kn", "-ay", "-prw", "-n", id, &origin])
+            .await?;
+        self.made_volume(id).await
     }
 
     /// Fails unless the thin pool is in `lvs`.
@@ -435,18 +466,7 @@ impl Storage for LvmStorage {
         if mine(&id).is_some() {
             return Err(StorageError::Exists(id));
         }
-        let origin = self.lv_ref(&base_name);
-        self.run_ok(&["lvcreate", "-s", "-kn", "-ay", "-prw", "-n", &id, &origin])
-            .await?;
-        let lv = self.made(&id).await?;
-        self.volume_of(&lv).ok_or_else(|| StorageError::Command {
-            command: format!("lvs {}", self.lv_ref(&id)),
-            stderr: format!(
-                "{} is not in thin pool {}",
-                self.lv_ref(&id),
-                self.config.thin_pool
-            ),
-        })
+        self.snapshot(&base_name, &id).await
     }
 
     async fn create_data(&self, vm: VmId, size_bytes: u64) -> Result<Volume, StorageError> {
@@ -467,15 +487,7 @@ impl Storage for LvmStorage {
             }
             return Err(e);
         }
-        let lv = self.made(&id).await?;
-        self.volume_of(&lv).ok_or_else(|| StorageError::Command {
-            command: format!("lvs {}", self.lv_ref(&id)),
-            stderr: format!(
-                "{} is not in thin pool {}",
-                self.lv_ref(&id),
-                self.config.thin_pool
-            ),
-        })
+        self.made_volume(&id).await
     }
 
     async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StorageError> {
@@ -524,5 +536,40 @@ impl Storage for LvmStorage {
             .collect();
         volumes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(volumes)
+    }
+
+    async fn copy_volume(&self, source: &Volume, vm: VmId) -> Result<Volume, StorageError> {
+        let name = self.volume_lv(source)?;
+        let id = Volume::id_for(vm, source.kind);
+        let lvs = self.report().await?;
+        let mine = |name: &str| lvs.iter().any(|lv| lv.vg == self.vg() && lv.name == name);
+        if !mine(&name) {
+            return Err(StorageError::NotFound(source.id.clone()));
+        }
+        if mine(&id) {
+            return Err(StorageError::Exists(id));
+        }
+        self.snapshot(&name, &id).await
+    }
+
+    async fn release(&self, volume: &Volume) -> Result<PathBuf, StorageError> {
+        let name = self.volume_lv(volume)?;
+        let lvs = self.report().await?;
+        let taken = |name: &str| lvs.iter().any(|lv| lv.vg == self.vg() && lv.name == name);
+        if !taken(&name) {
+            return Err(StorageError::NotFound(volume.id.clone()));
+        }
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let stem = format!("kept-{name}-{secs}");
+        let kept = std::iter::once(stem.clone())
+            .chain((1..).map(|n| format!("{stem}-{n}")))
+            .find(|candidate| !taken(candidate))
+            .expect("an unbounded sequence of names has one that no volume holds");
+        let lv = self.lv_ref(&name);
+        self.run_ok(&["lvrename", &lv, &kept]).await?;
+        tracing::info!(volume = %volume.id, lv = %self.lv_ref(&kept), "volume handed over to the operator");
+        Ok(self.dev(&kept))
     }
 }

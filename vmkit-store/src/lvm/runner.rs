@@ -40,7 +40,7 @@ impl CommandOutput {
 }
 
 /// Runs the commands of the LVM backend: the lvm2 tools (`lvs`, `lvcreate`,
-/// `lvchange`, `lvextend`, `lvremove`) and the helpers `dd` and `mkfs.ext4`.
+/// `lvchange`, `lvextend`, `lvrename`, `lvremove`) and the helpers `dd` and `mkfs.ext4`.
 ///
 /// `argv[0]` is the program. An `Err` means the program could not be run at all;
 /// a run that fails is an `Ok` whose [`CommandOutput::success`] is false.
