@@ -14,6 +14,15 @@
 //! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204 |
 //! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmRecord` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
+//! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmRecord` |
+//! | GET | `/v1/vms/{name}/logs?bytes=N` | | console tail, `text/plain` |
+//! | GET | `/v1/vms/{name}/metrics` | | [`VmMetrics`](crate::VmMetrics) |
+//! | POST | `/v1/vms/{name}/snapshots` | [`NameBody`] | 201 `Snapshot` |
+//! | POST | `/v1/vms/{name}/restore` | [`NameBody`] (the snapshot) | `VmRecord` |
+//! | POST | `/v1/vms/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
+//! | GET | `/v1/snapshots` | | `[Snapshot]` |
+//! | DELETE | `/v1/snapshots/{name}` | | 204 |
+//! | POST | `/v1/snapshots/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
 //! | GET | `/v1/events?after=N&limit=N&follow=bool` | | NDJSON stream of `Event` |
 //! | GET | `/v1/images` | | `[String]` |
 
@@ -26,6 +35,22 @@ use serde::{Deserialize, Serialize};
 use crate::error::ErrorKind;
 use crate::spec::VmSpec;
 use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
+
+/// A body naming one thing: the snapshot to take or restore, or a clone's name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NameBody {
+    /// The name; optional only for clones (generated when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl NameBody {
+    /// A body with `name`.
+    pub fn new(name: Option<String>) -> Self {
+        Self { name }
+    }
+}
 
 /// Body of `POST /v1/vms`. Missing fields take the defaults of [`VmSpec`].
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -47,6 +47,12 @@ pub enum ManagerError {
     /// The owner's quota would be exceeded.
     #[error(transparent)]
     QuotaExceeded(QuotaExceeded),
+    /// A snapshot with this name exists.
+    #[error("a snapshot named {0} already exists; choose another name or delete it")]
+    SnapshotTaken(VmName),
+    /// No snapshot with this name.
+    #[error("no snapshot named {0}; `vmkit snapshot ls` lists them")]
+    SnapshotNotFound(VmName),
     /// No VM with this name.
     #[error("no VM named {0}; `vmkit vm ls` lists them")]
     NotFound(VmName),
@@ -121,6 +127,7 @@ impl From<StoreError> for ManagerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::NameTaken(n) => ManagerError::NameTaken(n),
+            StoreError::SnapshotTaken(n) => ManagerError::SnapshotTaken(n),
             StoreError::QuotaExceeded(q) => ManagerError::QuotaExceeded(q),
             other => ManagerError::Store(other),
         }
@@ -132,9 +139,11 @@ impl ManagerError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => ErrorKind::InvalidInput,
-            ManagerError::NameTaken(_) | ManagerError::WrongState { .. } => ErrorKind::Conflict,
+            ManagerError::NameTaken(_)
+            | ManagerError::SnapshotTaken(_)
+            | ManagerError::WrongState { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
-            ManagerError::NotFound(_) => ErrorKind::NotFound,
+            ManagerError::NotFound(_) | ManagerError::SnapshotNotFound(_) => ErrorKind::NotFound,
             ManagerError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
             ManagerError::Image(_) => ErrorKind::InvalidInput,
             ManagerError::Unsupported(_)
@@ -161,6 +170,8 @@ impl ManagerError {
             ManagerError::NameTaken(_) => "name_taken",
             ManagerError::QuotaExceeded(_) => "quota_exceeded",
             ManagerError::NotFound(_) => "not_found",
+            ManagerError::SnapshotTaken(_) => "snapshot_taken",
+            ManagerError::SnapshotNotFound(_) => "snapshot_not_found",
             ManagerError::WrongState { .. } => "wrong_state",
             ManagerError::Image(ImageError::NotFound { .. }) => "image_not_found",
             ManagerError::Image(_) => "invalid_image",

@@ -47,6 +47,21 @@ pub enum EventKind {
         /// The spec it has now.
         spec: crate::spec::VmSpec,
     },
+    /// A snapshot of the VM was taken.
+    SnapshotTaken {
+        /// Its name.
+        snapshot: VmName,
+    },
+    /// A snapshot was deleted.
+    SnapshotDeleted {
+        /// Its name.
+        snapshot: VmName,
+    },
+    /// The VM was restored to a snapshot.
+    Restored {
+        /// The snapshot.
+        snapshot: VmName,
+    },
     /// Reconcile acted on a VM or an orphaned resource.
     Reconciled {
         /// What was done.

@@ -49,6 +49,7 @@ mod net;
 mod network;
 mod quota;
 mod share;
+mod snapshot;
 mod spec;
 mod state;
 mod storage;
@@ -69,14 +70,15 @@ pub use hypervisor::{
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use manager::{
-    Backends, CreateRequest, DeleteOptions, ExitPolicy, Manager, ManagerConfig, ReconcileReport,
-    ResizeRequest, VmMetrics,
+    Backends, CloneSource, CreateRequest, DeleteOptions, ExitPolicy, Manager, ManagerConfig,
+    ReconcileReport, ResizeRequest, VmMetrics,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
 pub use quota::{Quota, QuotaExceeded, QuotaResource, Usage};
 pub use share::{Access, Share, ShareTarget};
+pub use snapshot::Snapshot;
 pub use spec::{SpecError, SpecLimits, VmSpec};
 pub use state::VmState;
 pub use storage::{

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
@@ -32,6 +33,7 @@ use crate::vm::{Health, VmId, VmRecord};
 
 mod ops;
 mod reconcile;
+mod snapshots;
 
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileReport};
@@ -182,6 +184,19 @@ pub struct CreateRequest {
     pub owner: UserId,
     /// What to create.
     pub spec: VmSpec,
+    /// Disks to start from instead of the image's: a clone.
+    pub from: Option<CloneSource>,
+}
+
+/// Where a clone's disks come from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum CloneSource {
+    /// An existing VM's disks (a running VM is paused while they are copied).
+    Vm(VmName),
+    /// A snapshot's disks.
+    Snapshot(VmName),
 }
 
 impl CreateRequest {
@@ -191,6 +206,7 @@ impl CreateRequest {
             name: None,
             owner,
             spec,
+            from: None,
         }
     }
 
@@ -329,7 +345,10 @@ impl Manager {
             .await;
 
         let mut undo = Vec::new();
-        let created = match self.create_steps(&mut vm, &image, &mut undo).await {
+        let created = match self
+            .create_steps(&mut vm, &image, request.from.as_ref(), &mut undo)
+            .await
+        {
             Ok(()) => {
                 vm.health = Health::Healthy;
                 self.set_state(&mut vm, VmState::Running).await
@@ -361,22 +380,26 @@ impl Manager {
         &self,
         vm: &mut VmRecord,
         image: &crate::image::Image,
+        from: Option<&CloneSource>,
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
-        let formats = b.hypervisor.capabilities().disk_formats;
-        let base = b.storage.import_image(image).await?;
-
-        let root = b.storage.clone_root(vm.id, &base, &formats).await?;
-        undo.push(Undo::Volume(root.clone()));
-        vm.resources.root = Some(root);
-        self.save(vm).await?;
-
-        if vm.spec.disk_gib > 0 {
-            let data = b.storage.create_data(vm.id, vm.spec.disk_gib << 30).await?;
-            undo.push(Undo::Volume(data.clone()));
-            vm.resources.data = Some(data);
-            self.save(vm).await?;
+        match from {
+            None => {
+                let formats = b.hypervisor.capabilities().disk_formats;
+                let base = b.storage.import_image(image).await?;
+                let root = b.storage.clone_root(vm.id, &base, &formats).await?;
+                undo.push(Undo::Volume(root.clone()));
+                vm.resources.root = Some(root);
+                self.save(vm).await?;
+                if vm.spec.disk_gib > 0 {
+                    let data = b.storage.create_data(vm.id, vm.spec.disk_gib << 30).await?;
+                    undo.push(Undo::Volume(data.clone()));
+                    vm.resources.data = Some(data);
+                    self.save(vm).await?;
+                }
+            }
+            Some(source) => self.copy_disks_from(vm, source, undo).await?,
         }
 
         if let Some(network) = &b.network {
@@ -478,7 +501,8 @@ impl Manager {
         }
         if let Some(data) = vm.resources.data.take() {
             if options.keep_data {
-                info!(vm = %vm.name, path = %data.path.display(), "keeping data volume");
+                let kept = b.storage.release(&data).await?;
+                info!(vm = %vm.name, path = %kept.display(), "kept the data volume");
             } else {
                 b.storage.delete(&data).await?;
             }
@@ -697,6 +721,17 @@ impl Manager {
             self.configure_guest(vm).await
         }
         .await;
+        self.finish_start(vm, started).await
+    }
+
+    /// Records the outcome of a start: running, or stopped with nothing left
+    /// running and the failure as an event.
+    async fn finish_start(
+        &self,
+        vm: &mut VmRecord,
+        started: Result<(), ManagerError>,
+    ) -> Result<(), ManagerError> {
+        let b = &self.inner.backends;
         match started {
             Ok(()) => {
                 vm.health = Health::Healthy;

@@ -7,6 +7,7 @@ use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, QuotaExceeded};
 use crate::share::Share;
+use crate::snapshot::Snapshot;
 use crate::user::{ApiKey, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
 
@@ -32,6 +33,9 @@ pub enum StoreError {
     /// A VM of that name exists.
     #[error("a VM named {0} already exists; choose another name")]
     NameTaken(VmName),
+    /// A snapshot of that name exists.
+    #[error("a snapshot named {0} already exists; choose another name or delete it")]
+    SnapshotTaken(VmName),
     /// The VM would take its owner past their quota.
     #[error(transparent)]
     QuotaExceeded(#[from] QuotaExceeded),
@@ -163,6 +167,17 @@ pub trait StateStore: Send + Sync {
     async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
     /// Deletes an API key; whether it existed.
     async fn delete_api_key(&self, id: &str) -> Result<bool, StoreError>;
+
+    // ---- snapshots ----
+
+    /// Inserts a snapshot; [`StoreError::SnapshotTaken`] if its name is in use.
+    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+    /// A snapshot by name.
+    async fn get_snapshot(&self, name: &VmName) -> Result<Option<Snapshot>, StoreError>;
+    /// Snapshots, by name; only `owner`'s when given.
+    async fn list_snapshots(&self, owner: Option<UserId>) -> Result<Vec<Snapshot>, StoreError>;
+    /// Deletes a snapshot record; whether it existed.
+    async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError>;
 
     // ---- events ----
 

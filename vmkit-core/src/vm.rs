@@ -135,6 +135,10 @@ pub struct VmRecord {
     /// interrupted by a crash is finished the same way.
     #[serde(default)]
     pub keep_data: bool,
+    /// Set while the VM's disks are being replaced by a snapshot's, so that a
+    /// restore interrupted by a crash is finished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restoring: Option<VmName>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -154,6 +158,7 @@ impl VmRecord {
             resources: VmResources::default(),
             health: Health::Unknown,
             keep_data: false,
+            restoring: None,
             created_at: now,
             updated_at: now,
         }

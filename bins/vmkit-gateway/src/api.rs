@@ -13,9 +13,10 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 use tracing::error;
-use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, status_for};
+use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
 use vmkit_core::{
-    CreateRequest, DeleteOptions, ErrorKind, Event, Manager, ManagerError, UserId, VmName,
+    CloneSource, CreateRequest, DeleteOptions, ErrorKind, Event, Manager, ManagerError,
+    ResizeRequest, UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -38,6 +39,18 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/vms/{name}/pause", post(pause_vm))
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/exec", post(exec_vm))
+        .route("/v1/vms/{name}/resize", post(resize_vm))
+        .route("/v1/vms/{name}/logs", get(logs_vm))
+        .route("/v1/vms/{name}/metrics", get(metrics_vm))
+        .route("/v1/vms/{name}/snapshots", post(snapshot_vm))
+        .route("/v1/vms/{name}/restore", post(restore_vm))
+        .route("/v1/vms/{name}/clone", post(clone_vm))
+        .route("/v1/snapshots", get(list_snapshots))
+        .route(
+            "/v1/snapshots/{name}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/snapshots/{name}/clone", post(clone_snapshot))
         .route("/v1/events", get(events))
         .route("/v1/images", get(images))
         .with_state(state)
@@ -178,6 +191,130 @@ async fn resume_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiRe
     let name = vm_name(&name)?;
     let manager = s.manager.clone();
     Ok(Json(detached(async move { manager.resume(&name).await }).await?).into_response())
+}
+
+type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
+
+fn body<T>(body: JsonBody<T>) -> ApiResult<T> {
+    body.map(|Json(b)| b)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))
+}
+
+fn required_name(body: NameBody, what: &str) -> ApiResult<VmName> {
+    let name = body.name.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            format!("name is missing; give the {what}"),
+        )
+    })?;
+    vm_name(&name)
+}
+
+async fn resize_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    request: JsonBody<ResizeRequest>,
+) -> ApiResult<Response> {
+    let (name, request) = (vm_name(&name)?, body(request)?);
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.resize(&name, request).await }).await?).into_response())
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default = "default_log_bytes")]
+    bytes: usize,
+}
+
+fn default_log_bytes() -> usize {
+    64 << 10
+}
+
+async fn logs_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Response> {
+    let text = s
+        .manager
+        .logs(&vm_name(&name)?, q.bytes.min(16 << 20))
+        .await?;
+    Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response())
+}
+
+async fn metrics_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(s.manager.metrics(&vm_name(&name)?).await?).into_response())
+}
+
+async fn snapshot_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let (vm, snapshot) = (
+        vm_name(&name)?,
+        required_name(body(request)?, "snapshot's name")?,
+    );
+    let manager = s.manager.clone();
+    let taken = detached(async move { manager.snapshot(&vm, snapshot).await }).await?;
+    Ok((StatusCode::CREATED, Json(taken)).into_response())
+}
+
+async fn restore_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let (vm, snapshot) = (
+        vm_name(&name)?,
+        required_name(body(request)?, "snapshot to restore")?,
+    );
+    let manager = s.manager.clone();
+    Ok(Json(detached(async move { manager.restore(&vm, &snapshot).await }).await?).into_response())
+}
+
+async fn clone_from(
+    s: AppState,
+    source: CloneSource,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let name = body(request)?.name.map(|n| vm_name(&n)).transpose()?;
+    let manager = s.manager.clone();
+    let vm = detached(async move { manager.clone_vm(source, name, UserId::LOCAL).await }).await?;
+    Ok((StatusCode::CREATED, Json(vm)).into_response())
+}
+
+async fn clone_vm(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let source = CloneSource::Vm(vm_name(&name)?);
+    clone_from(s, source, request).await
+}
+
+async fn clone_snapshot(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let source = CloneSource::Snapshot(vm_name(&name)?);
+    clone_from(s, source, request).await
+}
+
+async fn list_snapshots(State(s): State<AppState>) -> ApiResult<Response> {
+    Ok(Json(s.manager.list_snapshots(None).await?).into_response())
+}
+
+async fn delete_snapshot(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let name = vm_name(&name)?;
+    let manager = s.manager.clone();
+    detached(async move { manager.delete_snapshot(&name).await }).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Runs a lifecycle command in its own task so a client hanging up mid-way does not

@@ -98,6 +98,18 @@ impl Api {
         Err(CallError::Api { status, body })
     }
 
+    /// Sends a request and returns its answer as text.
+    pub async fn text(&self, method: Method, path: &str) -> Result<String, CallError> {
+        let response = self.send(method, path, None::<&()>).await?;
+        let raw = response
+            .into_body()
+            .collect()
+            .await
+            .context("reading the answer")?
+            .to_bytes();
+        Ok(String::from_utf8_lossy(&raw).into_owned())
+    }
+
     /// Sends a request and decodes a JSON answer.
     pub async fn json<T: DeserializeOwned>(
         &self,

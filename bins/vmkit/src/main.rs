@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
-use vmkit_core::api::{CreateVm, ExecBody, ExecLine, decode_bytes, encode_bytes};
+use vmkit_core::api::{CreateVm, ExecBody, ExecLine, NameBody, decode_bytes, encode_bytes};
 use vmkit_core::{Event, EventKind, VmRecord};
 
 use crate::client::{Api, CallError};
@@ -44,6 +44,9 @@ enum Command {
     /// Build and list images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// List and delete snapshots (take them with `vmkit vm snapshot`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
     /// which hypervisor `auto` picks.
     Doctor {
@@ -111,6 +114,71 @@ enum VmCommand {
     },
     /// Run a command in a VM; its output streams and its exit status is returned.
     Exec(ExecArgs),
+    /// Change a VM's vCPUs, memory or data disk (a running VM only what its
+    /// hypervisor can change live; disks grow while the VM is stopped).
+    Resize {
+        /// VM name.
+        name: String,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory in MiB.
+        #[arg(long)]
+        memory: Option<u64>,
+        /// Data disk in GiB (grow only).
+        #[arg(long)]
+        disk: Option<u64>,
+    },
+    /// Print the tail of a VM's console.
+    Logs {
+        /// VM name.
+        name: String,
+        /// How much of the end of the console, in bytes.
+        #[arg(long, default_value_t = 64 << 10)]
+        bytes: usize,
+    },
+    /// Show what a VM uses: vCPUs and memory from its VMM, CPU, memory, disk, load
+    /// and uptime from its agent.
+    Metrics {
+        /// VM name.
+        name: String,
+    },
+    /// Take a named snapshot of a VM (a running VM is paused for it).
+    Snapshot {
+        /// VM name.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Restore a VM to one of its snapshots; it keeps its name, address and MAC.
+    Restore {
+        /// VM name.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Copy a VM (or a snapshot, with --from-snapshot) into a new VM with its own
+    /// name, address, MAC and host name.
+    Cp {
+        /// The VM (or snapshot) to copy.
+        source: String,
+        /// The new VM's name; generated when omitted.
+        name: Option<String>,
+        /// SOURCE names a snapshot.
+        #[arg(long)]
+        from_snapshot: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotCommand {
+    /// List snapshots.
+    Ls,
+    /// Delete a snapshot.
+    Rm {
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -229,6 +297,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let json = cli.json;
     match cli.command {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
+        Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
             if !image::recipes().any(|r| r == name) {
                 anyhow::bail!(
@@ -379,8 +448,157 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             show(&vm)?;
         }
         VmCommand::Exec(args) => return exec(api, args, json).await,
+        VmCommand::Resize {
+            name,
+            cpus,
+            memory,
+            disk,
+        } => {
+            let mut body = vmkit_core::ResizeRequest::new();
+            body.vcpus = cpus;
+            body.memory_mib = memory;
+            body.disk_gib = disk;
+            let vm: VmRecord = api
+                .json(Method::POST, &format!("/v1/vms/{name}/resize"), Some(&body))
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Logs { name, bytes } => {
+            let text = api
+                .text(Method::GET, &format!("/v1/vms/{name}/logs?bytes={bytes}"))
+                .await?;
+            if json {
+                print_json(&serde_json::json!({ "console": text }))?;
+            } else {
+                print!("{text}");
+            }
+        }
+        VmCommand::Metrics { name } => {
+            let m: vmkit_core::VmMetrics = api
+                .json(Method::GET, &format!("/v1/vms/{name}/metrics"), None::<&()>)
+                .await?;
+            if json {
+                print_json(&m)?;
+            } else {
+                print_metrics(&m);
+            }
+        }
+        VmCommand::Snapshot { name, snapshot } => {
+            let body = NameBody::new(Some(snapshot));
+            let taken: vmkit_core::Snapshot = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/snapshots"),
+                    Some(&body),
+                )
+                .await?;
+            if json {
+                print_json(&taken)?;
+            } else {
+                let kind = if taken.has_memory() {
+                    "disks and memory"
+                } else {
+                    "disks"
+                };
+                println!(
+                    "snapshot {} of {} taken ({kind})",
+                    taken.name, taken.vm_name
+                );
+            }
+        }
+        VmCommand::Restore { name, snapshot } => {
+            let body = NameBody::new(Some(snapshot));
+            let vm: VmRecord = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/restore"),
+                    Some(&body),
+                )
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Cp {
+            source,
+            name,
+            from_snapshot,
+        } => {
+            let path = if from_snapshot {
+                format!("/v1/snapshots/{source}/clone")
+            } else {
+                format!("/v1/vms/{source}/clone")
+            };
+            if !json {
+                eprintln!("copying {source} (this waits until the copy has booted)...");
+            }
+            let vm: VmRecord = api
+                .json(Method::POST, &path, Some(&NameBody::new(name)))
+                .await?;
+            show(&vm)?;
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn snapshots(api: &Api, cmd: SnapshotCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        SnapshotCommand::Ls => {
+            let all: Vec<vmkit_core::Snapshot> =
+                api.json(Method::GET, "/v1/snapshots", None::<&()>).await?;
+            if json {
+                print_json(&all)?;
+            } else {
+                println!("{:<24} {:<24} {:<8} CREATED", "NAME", "VM", "MEMORY");
+                for s in all {
+                    println!(
+                        "{:<24} {:<24} {:<8} {}",
+                        s.name,
+                        s.vm_name,
+                        if s.has_memory() { "yes" } else { "no" },
+                        s.created_at
+                    );
+                }
+            }
+        }
+        SnapshotCommand::Rm { name } => {
+            api.send(
+                Method::DELETE,
+                &format!("/v1/snapshots/{name}"),
+                None::<&()>,
+            )
+            .await?;
+            if json {
+                print_json(&serde_json::json!({ "deleted": name }))?;
+            } else {
+                println!("deleted snapshot {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_metrics(m: &vmkit_core::VmMetrics) {
+    println!("{}: {}", m.name, m.state);
+    println!("  vmm:   {} vCPUs, {} MiB", m.vmm.vcpus, m.vmm.memory_mib);
+    match &m.guest {
+        Some(g) => {
+            println!("  cpu:   {:.1}%", g.cpu_pct);
+            println!(
+                "  mem:   {:.1}% of {} MiB",
+                g.mem_pct,
+                g.mem_total_bytes >> 20
+            );
+            println!("  disk:  {:.1}%", g.disk_pct);
+            if let Some(d) = g.data_disk_pct {
+                println!("  data:  {d:.1}%");
+            }
+            println!(
+                "  load:  {:.2} {:.2} {:.2}",
+                g.load[0], g.load[1], g.load[2]
+            );
+            println!("  up:    {} s", g.uptime_secs);
+        }
+        None => println!("  guest: no answer (paused)"),
+    }
 }
 
 async fn exec(api: &Api, args: ExecArgs, json: bool) -> anyhow::Result<ExitCode> {
@@ -583,6 +801,13 @@ fn event_line(e: &Event) -> String {
         EventKind::OperationFailed { operation, error } => format!("{operation} failed: {error}"),
         EventKind::Reconciled { action } => format!("reconciled: {action}"),
         EventKind::HealthChanged { health } => format!("health: {health:?}").to_lowercase(),
+        EventKind::Resized { spec } => format!(
+            "resized: {} vCPUs, {} MiB, {} GiB disk",
+            spec.vcpus, spec.memory_mib, spec.disk_gib
+        ),
+        EventKind::SnapshotTaken { snapshot } => format!("snapshot {snapshot} taken"),
+        EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
+        EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e

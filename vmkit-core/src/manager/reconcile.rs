@@ -26,6 +26,7 @@ use crate::error::ManagerError;
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::VmmState;
 use crate::name::VmName;
+use crate::snapshot::Snapshot;
 use crate::state::VmState;
 use crate::storage::{Volume, VolumeKind};
 use crate::vm::{Health, VmId, VmRecord};
@@ -112,6 +113,27 @@ impl Manager {
         volumes: &[Volume],
         report: &mut ReconcileReport,
     ) -> Result<(), ManagerError> {
+        if let Some(name) = vm.restoring.clone()
+            && !matches!(vm.state, VmState::Creating | VmState::Deleting)
+        {
+            self.settle_stopped(&mut vm, "a restore was cut short; finishing it")
+                .await?;
+            match self.inner.backends.store.get_snapshot(&name).await? {
+                Some(snapshot) => {
+                    self.replace_disks(&mut vm, &snapshot).await?;
+                    self.reconciled(&vm, &format!("restored the disks of snapshot {name}"))
+                        .await;
+                }
+                None => {
+                    vm.restoring = None;
+                    self.save(&mut vm).await?;
+                    self.reconciled(&vm, &format!("snapshot {name} of an interrupted restore is gone; the VM keeps its disks"))
+                        .await;
+                }
+            }
+            report.stopped.push(vm.name);
+            return Ok(());
+        }
         match vm.state {
             VmState::Creating => {
                 self.purge(&vm, volumes, false).await?;
@@ -229,7 +251,14 @@ impl Manager {
         }
         for volume in all {
             if keep_data && volume.kind == VolumeKind::Data {
-                info!(vm = %vm.name, path = %volume.path.display(), "keeping data volume");
+                match b.storage.release(volume).await {
+                    Ok(kept) => {
+                        info!(vm = %vm.name, path = %kept.display(), "kept the data volume")
+                    }
+                    // Released before the crash.
+                    Err(crate::storage::StorageError::NotFound(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 continue;
             }
             match b.storage.delete(volume).await {
@@ -292,6 +321,13 @@ impl Manager {
             .into_iter()
             .map(|vm| (vm.id, vm))
             .collect();
+        let snapshots: HashMap<VmId, Snapshot> = b
+            .store
+            .list_snapshots(None)
+            .await?
+            .into_iter()
+            .map(|s| (s.id, s))
+            .collect();
         // Whether the record of `id` (if any) is settled and `holds` the resource.
         let owned = |id: VmId, holds: &dyn Fn(&VmRecord) -> bool| {
             records
@@ -306,7 +342,13 @@ impl Manager {
                     .flatten()
                     .any(|v| v.id == volume.id)
             };
-            if !owned(volume.vm, &holds) {
+            let in_snapshot = snapshots.get(&volume.vm).is_some_and(|s| {
+                [Some(&s.root), s.data.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .any(|v| v.id == volume.id)
+            });
+            if !in_snapshot && !owned(volume.vm, &holds) {
                 b.storage.delete(&volume).await?;
                 self.orphan(
                     report,
@@ -332,6 +374,26 @@ impl Manager {
                     report,
                     lease.vm,
                     format!("released orphaned lease {} of VM {}", lease.ip, lease.vm),
+                )
+                .await;
+            }
+        }
+        let snapshot_root = self.inner.config.data_dir.join("snapshots");
+        for (id, dir) in run_dirs(&snapshot_root)? {
+            let held = snapshots
+                .get(&id)
+                .is_some_and(|s| s.memory.as_ref() == Some(&dir));
+            if !held {
+                tokio::fs::remove_dir_all(&dir)
+                    .await
+                    .map_err(|e| ManagerError::Io {
+                        context: format!("cannot remove {}", dir.display()),
+                        source: e,
+                    })?;
+                self.orphan(
+                    report,
+                    id,
+                    format!("removed orphaned snapshot state {}", dir.display()),
                 )
                 .await;
             }
@@ -374,8 +436,8 @@ impl Manager {
     }
 }
 
-/// The run directories under `root` named after a VM id; anything else there is
-/// not vmkit's and left alone.
+/// The directories under `root` named after a VM (or snapshot) id; anything else
+/// there is not vmkit's and left alone.
 fn run_dirs(root: &Path) -> Result<Vec<(VmId, PathBuf)>, ManagerError> {
     let entries = match std::fs::read_dir(root) {
         Ok(entries) => entries,

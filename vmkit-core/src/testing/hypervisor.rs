@@ -545,6 +545,23 @@ impl Handler for FakeAgent {
         }
         self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
     }
+
+    /// An idle guest: no CPU use, half its memory in use, a tenth of its disk.
+    async fn metrics(&self, _interval: Duration) -> Result<vmkit_guest::Metrics, String> {
+        let memory_mib = self
+            .hypervisor
+            .lock()
+            .vmms
+            .get(&self.pid)
+            .map(|v| v.memory_mib)
+            .ok_or_else(|| "the VM is gone".to_owned())?;
+        let mut metrics = vmkit_guest::Metrics::default();
+        metrics.mem_total_bytes = memory_mib << 20;
+        metrics.mem_available_bytes = memory_mib << 19;
+        metrics.mem_pct = 50.0;
+        metrics.disk_pct = 10.0;
+        Ok(metrics)
+    }
 }
 
 impl FakeAgent {

@@ -11,6 +11,7 @@ use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, Usage};
 use crate::share::Share;
+use crate::snapshot::Snapshot;
 use crate::store::{StateStore, StoreCapabilities, StoreError};
 use crate::user::{ApiKey, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
@@ -32,6 +33,7 @@ struct State {
     shares: Vec<Share>,
     leases: BTreeMap<std::net::Ipv4Addr, IpLease>,
     api_keys: BTreeMap<String, ApiKey>,
+    snapshots: BTreeMap<VmName, Snapshot>,
     events: Vec<Event>,
 }
 
@@ -256,6 +258,34 @@ impl StateStore for MemoryStore {
             .api_keys
             .remove(id)
             .is_some())
+    }
+
+    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut s = self.write("store.put_snapshot")?;
+        if s.snapshots.contains_key(&snapshot.name) {
+            return Err(StoreError::SnapshotTaken(snapshot.name.clone()));
+        }
+        s.snapshots.insert(snapshot.name.clone(), snapshot.clone());
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, name: &VmName) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.read().snapshots.get(name).cloned())
+    }
+
+    async fn list_snapshots(&self, owner: Option<UserId>) -> Result<Vec<Snapshot>, StoreError> {
+        Ok(self
+            .read()
+            .snapshots
+            .values()
+            .filter(|s| owner.is_none_or(|o| s.owner == o))
+            .cloned()
+            .collect())
+    }
+
+    async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError> {
+        let mut s = self.write("store.delete_snapshot")?;
+        Ok(s.snapshots.remove(name).is_some())
     }
 
     async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {

@@ -6,14 +6,14 @@ use std::ops::Bound;
 use async_trait::async_trait;
 use redb::{ReadableTable, WriteTransaction};
 use vmkit_core::{
-    ApiKey, Event, IpLease, IpPool, NewEvent, Quota, Share, SshPublicKey, StateStore,
+    ApiKey, Event, IpLease, IpPool, NewEvent, Quota, Share, Snapshot, SshPublicKey, StateStore,
     StoreCapabilities, StoreError, Usage, User, UserId, VmId, VmName, VmRecord, VmSpec,
 };
 
 use super::RedbStore;
 use super::tables::{
-    API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, QUOTAS, SHARES, SSH_KEYS, StoredKey, USERS,
-    VM_NAMES, VMS, decode, encode, share_key,
+    API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, QUOTAS, SHARES, SNAPSHOTS, SSH_KEYS, StoredKey,
+    USERS, VM_NAMES, VMS, decode, encode, share_key,
 };
 
 /// The record of VM `id`, read through any table handle of [`VMS`].
@@ -562,6 +562,80 @@ impl StateStore for RedbStore {
             let removed = keys
                 .remove(id.as_str())
                 .context("cannot write table api_keys")?;
+            Ok(removed.is_some())
+        })
+        .await
+    }
+
+    // ---- snapshots ----
+
+    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let name = snapshot.name.clone();
+        let bytes = encode(snapshot, "a snapshot")?;
+        self.write("put_snapshot", move |txn| {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .context("cannot open table snapshots")?;
+            if table
+                .get(name.as_str())
+                .context("cannot read table snapshots")?
+                .is_some()
+            {
+                return Err(StoreError::SnapshotTaken(name));
+            }
+            table
+                .insert(name.as_str(), bytes.as_slice())
+                .context("cannot write table snapshots")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_snapshot(&self, name: &VmName) -> Result<Option<Snapshot>, StoreError> {
+        let name = name.clone();
+        self.read("get_snapshot", move |txn| {
+            let table = txn
+                .open_table(SNAPSHOTS)
+                .context("cannot open table snapshots")?;
+            let Some(bytes) = table
+                .get(name.as_str())
+                .context("cannot read table snapshots")?
+            else {
+                return Ok(None);
+            };
+            decode(bytes.value(), format_args!("snapshot {name}")).map(Some)
+        })
+        .await
+    }
+
+    async fn list_snapshots(&self, owner: Option<UserId>) -> Result<Vec<Snapshot>, StoreError> {
+        self.read("list_snapshots", move |txn| {
+            let table = txn
+                .open_table(SNAPSHOTS)
+                .context("cannot open table snapshots")?;
+            let mut out = Vec::new();
+            for entry in table.iter().context("cannot read table snapshots")? {
+                let (name, bytes) = entry.context("cannot read table snapshots")?;
+                let snapshot: Snapshot =
+                    decode(bytes.value(), format_args!("snapshot {}", name.value()))?;
+                if owner.is_none_or(|o| snapshot.owner == o) {
+                    out.push(snapshot);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError> {
+        let name = name.clone();
+        self.write("delete_snapshot", move |txn| {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .context("cannot open table snapshots")?;
+            let removed = table
+                .remove(name.as_str())
+                .context("cannot write table snapshots")?;
             Ok(removed.is_some())
         })
         .await

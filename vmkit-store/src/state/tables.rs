@@ -40,6 +40,9 @@ pub(super) const LEASE_BY_VM: TableDefinition<'static, u64, u32> =
     TableDefinition::new("lease_by_vm");
 /// API key id → `ApiKey`.
 pub(super) const API_KEYS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("api_keys");
+/// Snapshot name → `Snapshot` (schema version 2).
+pub(super) const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> =
+    TableDefinition::new("snapshots");
 /// Sequence number → `Event`.
 pub(super) const EVENTS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("events");
 

@@ -1,0 +1,296 @@
+#![allow(clippy::unwrap_used)]
+//! Resize, logs, metrics, snapshots, restore and clones on the in-memory fakes,
+//! including a crash at every step of each, then reconcile.
+
+use vmkit_core::testing::{FakeHost, Holdings};
+use vmkit_core::{
+    CloneSource, CreateRequest, EventKind, Manager, ManagerConfig, ManagerError, ResizeRequest,
+    SpecError, StateStore, Storage, UserId, VmName, VmSpec, VmState,
+};
+
+fn name(s: &str) -> VmName {
+    VmName::new(s).unwrap()
+}
+
+fn request(n: &str) -> CreateRequest {
+    CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").disk_gib(1)).name(name(n))
+}
+
+#[tokio::test]
+async fn resize_changes_a_stopped_vm_at_next_start_and_a_running_one_live() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    let vm = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().vcpus(2).memory_mib(1024))
+        .await
+        .unwrap();
+    assert_eq!((vm.spec.vcpus, vm.spec.memory_mib), (2, 1024));
+    let metrics = host.manager.metrics(&name("web")).await.unwrap();
+    assert_eq!(
+        (metrics.vmm.vcpus, metrics.vmm.memory_mib),
+        (2, 1024),
+        "the running VMM was resized"
+    );
+
+    let err = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(4))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ManagerError::WrongState { .. }), "{err}");
+    host.manager.stop(&name("web")).await.unwrap();
+    let vm = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(4))
+        .await
+        .unwrap();
+    assert_eq!(vm.resources.data.as_ref().unwrap().size_bytes, 4 << 30);
+    let err = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::InvalidSpec(SpecError::DiskShrink { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("only grow"), "{err}");
+    let vm = host.manager.start(&name("web")).await.unwrap();
+    assert_eq!(vm.spec.disk_gib, 4);
+    let events = host.manager.events(0, 1000).await.unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::Resized { .. }))
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn logs_and_metrics_come_from_the_vmm_and_the_agent() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    let logs = host.manager.logs(&name("web"), 4096).await.unwrap();
+    assert!(!logs.is_empty(), "the console has the boot");
+    let metrics = host.manager.metrics(&name("web")).await.unwrap();
+    assert_eq!(metrics.state, VmState::Running);
+    assert!(metrics.guest.is_some(), "the agent answered");
+    host.manager.pause(&name("web")).await.unwrap();
+    let metrics = host.manager.metrics(&name("web")).await.unwrap();
+    assert!(metrics.guest.is_none(), "a paused guest is not asked");
+    host.manager.resume(&name("web")).await.unwrap();
+    host.manager.stop(&name("web")).await.unwrap();
+    assert!(matches!(
+        host.manager.logs(&name("web"), 10).await,
+        Err(ManagerError::WrongState { .. })
+    ));
+}
+
+#[tokio::test]
+async fn snapshot_restore_keeps_identity_and_clones_get_their_own() {
+    let host = FakeHost::new().await;
+    let web = host.manager.create(request("web")).await.unwrap();
+    let snap = host
+        .manager
+        .snapshot(&name("web"), name("before"))
+        .await
+        .unwrap();
+    assert!(snap.has_memory(), "the fake hypervisor saves memory");
+    assert_eq!(snap.vm, web.id);
+    assert_eq!(
+        host.manager.get(&name("web")).await.unwrap().state,
+        VmState::Running,
+        "a running VM runs on after its snapshot"
+    );
+    assert!(matches!(
+        host.manager.snapshot(&name("web"), name("before")).await,
+        Err(ManagerError::SnapshotTaken(_))
+    ));
+
+    let restored = host
+        .manager
+        .restore(&name("web"), &name("before"))
+        .await
+        .unwrap();
+    assert_eq!(restored.state, VmState::Running);
+    assert_eq!(restored.id, web.id);
+    assert_eq!(restored.ip(), web.ip(), "a restored VM keeps its address");
+    assert_eq!(
+        restored.resources.net.as_ref().unwrap().mac,
+        web.resources.net.as_ref().unwrap().mac
+    );
+    assert_ne!(
+        restored.resources.vmm.as_ref().unwrap().pid,
+        web.resources.vmm.as_ref().unwrap().pid,
+        "it runs in a new VMM"
+    );
+
+    for (source, copy) in [
+        (CloneSource::Vm(name("web")), "copy"),
+        (CloneSource::Snapshot(name("before")), "from-snap"),
+    ] {
+        let vm = host
+            .manager
+            .clone_vm(source, Some(name(copy)), UserId::LOCAL)
+            .await
+            .unwrap();
+        assert_eq!(vm.state, VmState::Running);
+        assert_ne!(vm.id, web.id);
+        assert_ne!(vm.ip(), web.ip(), "a clone gets its own address");
+        let guest = host
+            .hypervisor
+            .guest(vm.resources.vmm.as_ref().unwrap().pid)
+            .unwrap();
+        assert_eq!(guest.hostname.as_deref(), Some(copy), "its own host name");
+        let net = guest.network.unwrap();
+        assert_eq!(
+            net.address,
+            vm.ip().unwrap(),
+            "the agent re-addressed the guest"
+        );
+        assert_eq!(vm.spec, web.spec);
+    }
+    // Two VMs' volumes plus the snapshot's, and the two clones'.
+    assert_eq!(host.holdings().await.volumes, 8);
+
+    // Only a snapshot of the VM itself restores into it.
+    assert!(matches!(
+        host.manager.restore(&name("copy"), &name("before")).await,
+        Err(ManagerError::WrongState { .. })
+    ));
+    host.manager.delete_snapshot(&name("before")).await.unwrap();
+    assert_eq!(host.holdings().await.volumes, 6);
+    assert!(host.manager.list_snapshots(None).await.unwrap().is_empty());
+}
+
+/// A crash (every backend call failing from `step` on) during `op`, then a fresh
+/// manager's reconcile: what is left is consistent, and a second reconcile is clean.
+async fn crash_then_reconcile(
+    op: &str,
+    prepare: impl AsyncFn(&FakeHost),
+    run: impl AsyncFn(&Manager) -> Result<(), ManagerError>,
+) {
+    let probe = FakeHost::new().await;
+    prepare(&probe).await;
+    probe.faults.reset();
+    run(&probe.manager).await.unwrap();
+    let steps = probe.faults.calls();
+    for step in 1..=steps {
+        let host = FakeHost::new().await;
+        prepare(&host).await;
+        host.faults.crash_at(step);
+        let _ = run(&host.manager).await;
+        host.faults.reset();
+        let manager = Manager::new(
+            ManagerConfig::new("/nonexistent/vmkit"),
+            host.manager.backends().clone(),
+        )
+        .await
+        .unwrap();
+        manager.reconcile().await.unwrap();
+        let context = format!("crash at {op} step {step}");
+        let vms = host.store.list_vms(None).await.unwrap();
+        let snapshots = host.store.list_snapshots(None).await.unwrap();
+        let mut held: Vec<String> = vms
+            .iter()
+            .flat_map(|vm| [&vm.resources.root, &vm.resources.data])
+            .flatten()
+            .chain(
+                snapshots
+                    .iter()
+                    .flat_map(|s| [Some(&s.root), s.data.as_ref()])
+                    .flatten(),
+            )
+            .map(|v| v.id.clone())
+            .collect();
+        held.sort();
+        let mut volumes: Vec<String> = host
+            .storage
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        volumes.sort();
+        assert_eq!(volumes, held, "{context}: volumes and records disagree");
+        for vm in &vms {
+            assert!(
+                !vm.state.is_transient(),
+                "{context}: {} is {}",
+                vm.name,
+                vm.state
+            );
+            assert!(vm.restoring.is_none(), "{context}: restore left unfinished");
+            assert!(
+                vm.resources.root.is_some(),
+                "{context}: {} has no root",
+                vm.name
+            );
+        }
+        let again = manager.reconcile().await.unwrap();
+        assert!(again.is_clean(), "{context}: second reconcile {again:?}");
+        // The host still works.
+        manager.create(request("after")).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_crash_at_any_step_of_snapshot_restore_or_clone_is_reconciled() {
+    let with_vm = async |h: &FakeHost| {
+        h.manager.create(request("web")).await.unwrap();
+    };
+    let with_snapshot = async |h: &FakeHost| {
+        h.manager.create(request("web")).await.unwrap();
+        h.manager
+            .snapshot(&name("web"), name("snap"))
+            .await
+            .unwrap();
+    };
+    crash_then_reconcile("snapshot", with_vm, async |m: &Manager| {
+        m.snapshot(&name("web"), name("snap")).await.map(drop)
+    })
+    .await;
+    crash_then_reconcile("restore", with_snapshot, async |m: &Manager| {
+        m.restore(&name("web"), &name("snap")).await.map(drop)
+    })
+    .await;
+    crash_then_reconcile("clone", with_snapshot, async |m: &Manager| {
+        m.clone_vm(
+            CloneSource::Vm(name("web")),
+            Some(name("copy")),
+            UserId::LOCAL,
+        )
+        .await
+        .map(drop)
+    })
+    .await;
+    crash_then_reconcile(
+        "clone from a snapshot",
+        with_snapshot,
+        async |m: &Manager| {
+            m.clone_vm(
+                CloneSource::Snapshot(name("snap")),
+                Some(name("copy")),
+                UserId::LOCAL,
+            )
+            .await
+            .map(drop)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn rm_keep_data_hands_the_data_volume_over_and_reconcile_leaves_it() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    let mut options = vmkit_core::DeleteOptions::default();
+    options.keep_data = true;
+    host.manager.delete(&name("web"), options).await.unwrap();
+    assert_eq!(host.holdings().await, Holdings::default());
+    let report = host.manager.reconcile().await.unwrap();
+    assert!(report.orphans.is_empty(), "{report:?}");
+}
