@@ -27,8 +27,37 @@ fn vm(name: &str) -> VmRecord {
 }
 
 #[test]
-fn current_schema_version_is_one() {
-    assert_eq!(RedbStore::SCHEMA_VERSION, 1);
+fn current_schema_version_is_two() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 2);
+}
+
+#[tokio::test]
+async fn a_version_one_file_gains_the_snapshots_table_and_keeps_its_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store
+            .create_vm(&vm("web"), &Quota::unlimited())
+            .await
+            .unwrap();
+    }
+    // Make it a version-1 file: no snapshots table, stamped 1.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("snapshots");
+        assert!(txn.delete_table(SNAPSHOTS).unwrap());
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    assert!(store.list_snapshots(None).await.unwrap().is_empty());
+    assert_eq!(store.list_vms(None).await.unwrap().len(), 1);
 }
 
 #[test]

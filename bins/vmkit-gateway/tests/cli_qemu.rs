@@ -284,8 +284,178 @@ fn data_disk_keeps_its_data_across_a_restart_and_rm_keep_data_keeps_only_it() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(
         files_under(&tmp.path().join("volumes/vm")),
-        vec![data_path.clone()],
-        "only the data volume is kept"
+        Vec::<String>::new(),
+        "the VM's volumes are gone from vmkit's set"
+    );
+    let kept = files_under(&tmp.path().join("volumes/kept"));
+    assert_eq!(kept.len(), 1, "only the data volume is kept: {kept:?}");
+    assert!(
+        kept[0].contains(&*Path::new(&data_path).file_stem().unwrap().to_string_lossy()),
+        "{kept:?} is the data volume {data_path}"
     );
     assert_eq!(files_under(&tmp.path().join("run")), Vec::<String>::new());
+}
+
+/// Runs `sh -c script` in `vm` and returns its stdout, asserting success.
+fn sh(d: &Daemon, vm: &str, script: &str) -> String {
+    let out = d.cli(&["vm", "exec", vm, "--", "sh", "-c", script]);
+    assert_eq!(out.status.code(), Some(0), "{script}: {}", stderr(&out));
+    stdout(&out)
+}
+
+const MOUNT: &str = "mkdir -p /mnt/data && mount -t ext4 /dev/vdb /mnt/data";
+
+#[test]
+fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
+    let tmp = data_dir();
+    let d = real_daemon(tmp.path());
+    let out = d.cli(&[
+        "--json", "vm", "create", "ops", "--memory", "256", "--disk", "1",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        stderr(&out),
+        d.log()
+    );
+    sh(
+        &d,
+        "ops",
+        &format!(
+            "{MOUNT} && echo one > /mnt/data/f && sync && umount /mnt/data && echo mem-token > /tmp/m"
+        ),
+    );
+
+    let out = d.cli(&["vm", "logs", "ops"]);
+    assert!(
+        stdout(&out).contains("Linux version"),
+        "the console has the boot: {}",
+        stdout(&out)
+    );
+    let out = d.cli(&["--json", "vm", "metrics", "ops"]);
+    let m = json(&out);
+    assert_eq!(m["vmm"]["vcpus"], 1, "{m}");
+    assert!(
+        m["guest"]["mem_total_bytes"].as_u64().unwrap() > 100 << 20,
+        "{m}"
+    );
+
+    let out = d.cli(&["--json", "vm", "snapshot", "ops", "s1"]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        stderr(&out),
+        d.log()
+    );
+    assert!(
+        json(&out)["memory"].is_string(),
+        "QEMU saves memory: {}",
+        stdout(&out)
+    );
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "show", "ops"]))["state"],
+        "running"
+    );
+    sh(
+        &d,
+        "ops",
+        &format!("{MOUNT} && echo two > /mnt/data/f && sync && umount /mnt/data && rm /tmp/m"),
+    );
+
+    let out = d.cli(&["--json", "vm", "restore", "ops", "s1"]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        stderr(&out),
+        d.log()
+    );
+    assert_eq!(json(&out)["state"], "running");
+    assert_eq!(
+        sh(&d, "ops", "cat /tmp/m"),
+        "mem-token\n",
+        "memory is restored"
+    );
+    assert_eq!(
+        sh(
+            &d,
+            "ops",
+            &format!("{MOUNT} && cat /mnt/data/f && umount /mnt/data")
+        ),
+        "one\n",
+        "disks are restored"
+    );
+
+    for (args, copy) in [
+        (vec!["ops", "copy"], "copy"),
+        (vec!["--from-snapshot", "s1", "fromsnap"], "fromsnap"),
+    ] {
+        let mut cmd = vec!["--json", "vm", "cp"];
+        cmd.extend(args);
+        let out = d.cli(&cmd);
+        assert!(
+            out.status.success(),
+            "{}
+{}",
+            stderr(&out),
+            d.log()
+        );
+        assert_eq!(
+            sh(&d, copy, "hostname"),
+            format!("{copy}\n"),
+            "a copy has its own host name"
+        );
+        assert_eq!(
+            sh(
+                &d,
+                copy,
+                &format!("{MOUNT} && cat /mnt/data/f && umount /mnt/data")
+            ),
+            "one\n"
+        );
+        assert_ne!(
+            sh(&d, copy, "cat /tmp/m 2>/dev/null; true"),
+            "mem-token\n",
+            "a copy boots fresh"
+        );
+    }
+
+    let out = d.cli(&["vm", "stop", "ops"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&[
+        "--json", "vm", "resize", "ops", "--cpus", "2", "--memory", "384", "--disk", "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["resources"]["data"]["size_bytes"], 2u64 << 30);
+    let out = d.cli(&["vm", "start", "ops"]);
+    assert!(
+        out.status.success(),
+        "{}
+{}",
+        stderr(&out),
+        d.log()
+    );
+    assert_eq!(sh(&d, "ops", "nproc"), "2\n");
+    let out = d.cli(&["vm", "resize", "ops", "--disk", "1"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("only grow"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = d.cli(&["--json", "snapshot", "ls"]);
+    assert_eq!(json(&out).as_array().unwrap().len(), 1);
+    assert!(d.cli(&["snapshot", "rm", "s1"]).status.success());
+    for vm in ["ops", "copy", "fromsnap"] {
+        assert!(d.cli(&["vm", "rm", vm]).status.success());
+    }
+    for dir in ["volumes/vm", "run", "snapshots"] {
+        assert_eq!(
+            files_under(&tmp.path().join(dir)),
+            Vec::<String>::new(),
+            "{dir} is empty"
+        );
+    }
 }

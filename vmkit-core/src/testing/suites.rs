@@ -755,6 +755,60 @@ where
     store_vms(&*make().await).await;
     store_leases(&*make().await).await;
     store_shares_keys_events(&*make().await).await;
+    store_snapshots(&*make().await).await;
+}
+
+/// Snapshot records: unique names, lookup, listing by owner, delete.
+pub async fn store_snapshots(store: &dyn StateStore) {
+    use crate::snapshot::Snapshot;
+    use crate::storage::Volume;
+    let snapshot = |name: &str, owner: UserId| {
+        let id = VmId::generate();
+        Snapshot {
+            name: VmName::new(name).expect("valid name"),
+            id,
+            vm: VmId::generate(),
+            vm_name: VmName::new("web").expect("valid name"),
+            owner,
+            spec: VmSpec::new("tiny"),
+            root: Volume::new(
+                id,
+                VolumeKind::Root,
+                format!("/v/root-{id}.raw").into(),
+                DiskFormat::Raw,
+                1 << 30,
+            ),
+            data: None,
+            memory: Some(format!("/s/{id}").into()),
+            mac: None,
+            created_at: crate::time::Timestamp::now(),
+        }
+    };
+    let a = snapshot("a", UserId(1));
+    store.put_snapshot(&a).await.expect("put");
+    assert!(
+        matches!(
+            store.put_snapshot(&snapshot("a", UserId(2))).await,
+            Err(StoreError::SnapshotTaken(_))
+        ),
+        "snapshot names are unique"
+    );
+    store
+        .put_snapshot(&snapshot("b", UserId(2)))
+        .await
+        .expect("put");
+    assert_eq!(
+        store.get_snapshot(&a.name).await.expect("get"),
+        Some(a.clone())
+    );
+    assert_eq!(store.list_snapshots(None).await.expect("list").len(), 2);
+    assert_eq!(
+        store.list_snapshots(Some(UserId(1))).await.expect("list"),
+        vec![a.clone()]
+    );
+    assert!(store.delete_snapshot(&a.name).await.expect("delete"));
+    assert!(!store.delete_snapshot(&a.name).await.expect("delete"));
+    assert_eq!(store.get_snapshot(&a.name).await.expect("get"), None);
 }
 
 // ---------------------------------------------------------------- gateway
