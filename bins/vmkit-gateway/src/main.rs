@@ -7,6 +7,7 @@
 mod api;
 mod backends;
 mod config;
+mod notify;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -151,9 +152,16 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
 
     let listener = bind(&config.socket).await?;
     info!(socket = %config.socket.display(), "serving the API");
+    let shutdown = shutdown_signal();
+    // The store was opened with the backends above, the socket is bound and SIGTERM
+    // is handled.
+    notify::ready();
     let app = api::router(api::AppState { manager });
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async {
+            shutdown.await;
+            notify::stopping();
+        })
         .await;
     monitor.abort();
     if let Err(e) = std::fs::remove_file(&config.socket) {
@@ -211,17 +219,26 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     }
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, not
+/// when the future is first polled: a stop that comes right after the readiness
+/// notification must still shut down gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            error!(error = %e, "cannot listen for SIGTERM");
-            return std::future::pending().await;
+    let handlers = signal(SignalKind::terminate()).and_then(|term| {
+        let int = signal(SignalKind::interrupt())?;
+        Ok((term, int))
+    });
+    async move {
+        let (mut term, mut int) = match handlers {
+            Ok(handlers) => handlers,
+            Err(e) => {
+                error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+                return std::future::pending().await;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: shutting down"),
     }
 }
