@@ -26,8 +26,8 @@ fuzz_target!(|data: &[u8]| {
         let (host, agent) = tokio::io::duplex(1 << 16);
         let (mut requests, mut replies) = tokio::io::split(agent);
         let config = ClientConfig::default()
-            .with_max_frame(4096)
-            .with_call_timeout(Duration::from_secs(1));
+            .max_frame(4096)
+            .call_timeout(Duration::from_secs(1));
         let client = Client::new(host, config);
         // Ids 1.. in this order, so that the fuzzer can answer each by its id.
         let calls = vec![

@@ -70,8 +70,8 @@ fuzz_target!(|data: &[u8]| {
         let (host, agent) = tokio::io::duplex(1 << 16);
         let (mut replies, mut requests) = tokio::io::split(host);
         let config = ServerConfig::default()
-            .with_max_frame(4096)
-            .with_input_timeout(Duration::from_secs(1));
+            .max_frame(4096)
+            .input_timeout(Duration::from_secs(1));
         let server = tokio::spawn(serve(agent, Arc::new(Echo), config));
         // Replies are drained while the requests go in, so neither side waits on a full
         // pipe.

@@ -2,7 +2,7 @@
 //!
 //! The API is served by `vmkit-gateway` on a Unix socket (`<data_dir>/vmkit.sock`,
 //! mode 0600). Every error is a JSON [`ErrorBody`] with an HTTP status derived from
-//! [`ErrorKind`](crate::ErrorKind) by [`status_for`].
+//! [`ErrorKind`] by [`status_for`].
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|

@@ -62,6 +62,55 @@ impl MachineConfig {
             console_limit: 1 << 20,
         }
     }
+
+    /// Sets the initramfs.
+    pub fn initramfs(mut self, initramfs: impl Into<PathBuf>) -> Self {
+        self.initramfs = Some(initramfs.into());
+        self
+    }
+
+    /// Sets the kernel command line (without the console).
+    pub fn cmdline(mut self, cmdline: impl Into<String>) -> Self {
+        self.cmdline = cmdline.into();
+        self
+    }
+
+    /// Appends a disk; the first one added is the root disk.
+    pub fn disk(mut self, disk: DiskConfig) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Sets the network interface.
+    pub fn nic(mut self, nic: NicConfig) -> Self {
+        self.nic = Some(nic);
+        self
+    }
+
+    /// Sets the vCPUs at boot, and raises the most vCPUs to match when it is lower.
+    pub fn vcpus(mut self, vcpus: u32) -> Self {
+        self.vcpus = vcpus;
+        self.max_vcpus = self.max_vcpus.max(vcpus);
+        self
+    }
+
+    /// Sets the most vCPUs the VM may be resized to (never below the boot vCPUs).
+    pub fn max_vcpus(mut self, max_vcpus: u32) -> Self {
+        self.max_vcpus = max_vcpus.max(self.vcpus);
+        self
+    }
+
+    /// Sets the memory in MiB.
+    pub fn memory_mib(mut self, memory_mib: u64) -> Self {
+        self.memory_mib = memory_mib;
+        self
+    }
+
+    /// Sets the largest size of the console log in bytes.
+    pub fn console_limit(mut self, bytes: u64) -> Self {
+        self.console_limit = bytes;
+        self
+    }
 }
 
 /// A disk attached to the VM.
@@ -84,6 +133,12 @@ impl DiskConfig {
             format,
             read_only: false,
         }
+    }
+
+    /// Makes the disk read-only to the guest (or writable again).
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
     }
 }
 

@@ -90,5 +90,8 @@ pub use time::Timestamp;
 pub use user::{ApiKey, SshKeyError, SshPublicKey, User, UserId};
 pub use vm::{Health, VmId, VmIdParseError, VmRecord, VmResources};
 
+/// The attribute the backend traits are declared with, re-exported so that a backend
+/// implements them with the same version.
+pub use async_trait::async_trait;
 /// The guest agent protocol crate, re-exported at the version vmkit-core uses.
 pub use vmkit_guest as guest;

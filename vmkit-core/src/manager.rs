@@ -225,6 +225,14 @@ pub struct DeleteOptions {
     pub keep_data: bool,
 }
 
+impl DeleteOptions {
+    /// Keeps the data volume (or not): `DeleteOptions::default().keep_data(true)`.
+    pub fn keep_data(mut self, keep: bool) -> Self {
+        self.keep_data = keep;
+        self
+    }
+}
+
 /// The VM lifecycle manager. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Manager {
@@ -870,7 +878,7 @@ impl Manager {
         };
         if let Some(net) = &vm.resources.net {
             let config = NetworkConfig::new(net.mac.to_string(), net.ip, net.prefix, net.gateway)
-                .with_dns(net.dns.iter().copied());
+                .dns(net.dns.iter().copied());
             client
                 .configure_network(&config)
                 .await
@@ -891,7 +899,7 @@ impl Manager {
     }
 
     fn agent_client_config(&self) -> ClientConfig {
-        ClientConfig::default().with_call_timeout(self.inner.config.agent_timeout)
+        ClientConfig::default().call_timeout(self.inner.config.agent_timeout)
     }
 
     /// The agent client of a running VM, connecting if needed.

@@ -37,6 +37,7 @@ impl fmt::Display for MacAddr {
 /// A string that is not a MAC address.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a MAC address; expected six hex pairs such as 52:54:00:0a:00:02")]
+#[non_exhaustive]
 pub struct MacParseError(String);
 
 impl FromStr for MacAddr {
@@ -83,6 +84,7 @@ pub struct Ipv4Net {
 /// A string that is not an IPv4 network.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not an IPv4 network; expected CIDR notation such as 10.88.0.0/16")]
+#[non_exhaustive]
 pub struct NetParseError(String);
 
 impl Ipv4Net {

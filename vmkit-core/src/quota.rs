@@ -34,6 +34,30 @@ impl Quota {
         Self::new(u32::MAX, u32::MAX, u64::MAX, u64::MAX)
     }
 
+    /// Sets the most VMs.
+    pub fn max_vms(mut self, max_vms: u32) -> Self {
+        self.max_vms = max_vms;
+        self
+    }
+
+    /// Sets the most vCPUs, summed over the user's VMs.
+    pub fn max_vcpus(mut self, max_vcpus: u32) -> Self {
+        self.max_vcpus = max_vcpus;
+        self
+    }
+
+    /// Sets the most memory in MiB, summed over the user's VMs.
+    pub fn max_memory_mib(mut self, max_memory_mib: u64) -> Self {
+        self.max_memory_mib = max_memory_mib;
+        self
+    }
+
+    /// Sets the most data disk in GiB, summed over the user's VMs.
+    pub fn max_disk_gib(mut self, max_disk_gib: u64) -> Self {
+        self.max_disk_gib = max_disk_gib;
+        self
+    }
+
     /// Checks that `usage` plus one more VM of `spec` stays within the quota.
     pub fn check(&self, usage: &Usage, spec: &VmSpec) -> Result<(), QuotaExceeded> {
         let checks = [

@@ -95,7 +95,8 @@ impl Default for VmSpec {
     }
 }
 
-/// The largest (and smallest) VM a host accepts, whatever the user's quota.
+/// The largest (and smallest) VM a host accepts, whatever the user's quota. Start
+/// from `default()` and use the setters.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct SpecLimits {
@@ -117,6 +118,32 @@ impl Default for SpecLimits {
             max_memory_mib: 256 * 1024,
             max_disk_gib: 2048,
         }
+    }
+}
+
+impl SpecLimits {
+    /// Sets the most vCPUs of one VM.
+    pub fn max_vcpus(mut self, max_vcpus: u32) -> Self {
+        self.max_vcpus = max_vcpus;
+        self
+    }
+
+    /// Sets the least memory of one VM, in MiB.
+    pub fn min_memory_mib(mut self, min_memory_mib: u64) -> Self {
+        self.min_memory_mib = min_memory_mib;
+        self
+    }
+
+    /// Sets the most memory of one VM, in MiB.
+    pub fn max_memory_mib(mut self, max_memory_mib: u64) -> Self {
+        self.max_memory_mib = max_memory_mib;
+        self
+    }
+
+    /// Sets the largest data disk, in GiB.
+    pub fn max_disk_gib(mut self, max_disk_gib: u64) -> Self {
+        self.max_disk_gib = max_disk_gib;
+        self
     }
 }
 

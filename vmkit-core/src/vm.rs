@@ -51,6 +51,7 @@ impl fmt::Display for VmId {
 /// A string that is not a [`VmId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0:?} is not a VM id; expected 16 hex digits")]
+#[non_exhaustive]
 pub struct VmIdParseError(String);
 
 impl FromStr for VmId {

@@ -287,8 +287,7 @@ async fn a_crash_at_any_step_of_snapshot_restore_or_clone_is_reconciled() {
 async fn rm_keep_data_hands_the_data_volume_over_and_reconcile_leaves_it() {
     let host = FakeHost::new().await;
     host.manager.create(request("web")).await.unwrap();
-    let mut options = vmkit_core::DeleteOptions::default();
-    options.keep_data = true;
+    let options = vmkit_core::DeleteOptions::default().keep_data(true);
     host.manager.delete(&name("web"), options).await.unwrap();
     assert_eq!(host.holdings().await, Holdings::default());
     let report = host.manager.reconcile().await.unwrap();

@@ -53,13 +53,13 @@ impl ClientConfig {
     }
 
     /// Sets [`ClientConfig::call_timeout`].
-    pub fn with_call_timeout(mut self, call_timeout: Duration) -> Self {
+    pub fn call_timeout(mut self, call_timeout: Duration) -> Self {
         self.call_timeout = call_timeout;
         self
     }
 
     /// Sets [`ClientConfig::max_frame`].
-    pub fn with_max_frame(mut self, max_frame: usize) -> Self {
+    pub fn max_frame(mut self, max_frame: usize) -> Self {
         self.max_frame = max_frame;
         self
     }
@@ -343,26 +343,7 @@ impl Client {
         req: ExecRequest,
         limit: usize,
     ) -> Result<ExecOutput, ClientError> {
-        let mut stream = self.exec(req).await?;
-        let mut output = ExecOutput::default();
-        while let Some(event) = stream.next().await {
-            match event? {
-                ExecEvent::Stdout(data) => {
-                    output.truncated |= append_capped(&mut output.stdout, &data, limit);
-                }
-                ExecEvent::Stderr(data) => {
-                    output.truncated |= append_capped(&mut output.stderr, &data, limit);
-                }
-                ExecEvent::Exit(status) => {
-                    output.status = status;
-                    return Ok(output);
-                }
-            }
-        }
-        // `next` reports an error before it ends without an exit status.
-        Err(ClientError::Protocol(
-            "exec stream ended without an exit status".to_owned(),
-        ))
+        self.exec(req).await?.collect(limit).await
     }
 
     /// Asks the agent to power the guest off, or to reboot it. `Ok` means the agent
@@ -581,6 +562,31 @@ impl ExecStream {
             Ok(other) => Err(self.inner.fail(unexpected("exec", other))),
             Err(err) => Err(err),
         })
+    }
+
+    /// Reads the command to its end and collects up to `limit` bytes of each output
+    /// stream; output past that is read and dropped, and [`ExecOutput::truncated`] is
+    /// set.
+    pub async fn collect(mut self, limit: usize) -> Result<ExecOutput, ClientError> {
+        let mut output = ExecOutput::default();
+        while let Some(event) = self.next().await {
+            match event? {
+                ExecEvent::Stdout(data) => {
+                    output.truncated |= append_capped(&mut output.stdout, &data, limit);
+                }
+                ExecEvent::Stderr(data) => {
+                    output.truncated |= append_capped(&mut output.stderr, &data, limit);
+                }
+                ExecEvent::Exit(status) => {
+                    output.status = status;
+                    return Ok(output);
+                }
+            }
+        }
+        // `next` reports an error before it ends without an exit status.
+        Err(ClientError::Protocol(
+            "exec stream ended without an exit status".to_owned(),
+        ))
     }
 }
 

@@ -44,7 +44,7 @@
 //!     }
 //!     async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
 //!         out.stdout(req.argv.join(" ").as_bytes()).await.map_err(|e| e.to_string())?;
-//!         Ok(ExitStatus { code: Some(0), ..ExitStatus::default() })
+//!         Ok(ExitStatus::exited(0))
 //!     }
 //!     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
 //!         Err("not in a doc test".to_owned())

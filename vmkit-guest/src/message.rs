@@ -98,6 +98,7 @@ pub enum Request {
 
 /// What the agent says about itself in answer to [`Request::Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct HelloInfo {
     /// The protocol version the agent speaks ([`PROTOCOL_VERSION`] for this crate).
     pub protocol: u32,
@@ -131,6 +132,7 @@ impl HelloInfo {
 
 /// A command for the agent to run.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExecRequest {
     /// The program and its arguments; `argv[0]` is looked up in `PATH`.
     pub argv: Vec<String>,
@@ -187,8 +189,9 @@ impl ExecRequest {
     }
 }
 
-/// How a command ended.
+/// How a command ended. Built with [`ExitStatus::exited`] or [`ExitStatus::killed`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct ExitStatus {
     /// The exit code, when the command exited by itself.
     #[serde(default)]
@@ -202,6 +205,28 @@ pub struct ExitStatus {
 }
 
 impl ExitStatus {
+    /// A command that exited by itself with `code`.
+    pub fn exited(code: i32) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::default()
+        }
+    }
+
+    /// A command that `signal` killed.
+    pub fn killed(signal: i32) -> Self {
+        Self {
+            signal: Some(signal),
+            ..Self::default()
+        }
+    }
+
+    /// Marks the command as killed by the agent because its timeout passed.
+    pub fn after_timeout(mut self) -> Self {
+        self.timed_out = true;
+        self
+    }
+
     /// The command exited with code 0 before its timeout.
     pub fn success(&self) -> bool {
         self.code == Some(0) && !self.timed_out
@@ -220,8 +245,10 @@ pub enum ExecEvent {
     Exit(ExitStatus),
 }
 
-/// The collected result of [`Client::exec_collect`](crate::Client::exec_collect).
+/// The collected result of a command: [`ExecStream::collect`](crate::ExecStream::collect)
+/// or [`Client::exec_collect`](crate::Client::exec_collect).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ExecOutput {
     /// Standard output, up to the collection limit.
     pub stdout: Vec<u8>,
@@ -419,23 +446,9 @@ mod tests {
 
     #[test]
     fn exit_status_success_needs_code_zero_and_no_timeout() {
-        let ok = ExitStatus {
-            code: Some(0),
-            ..ExitStatus::default()
-        };
-        let timed_out = ExitStatus {
-            code: Some(0),
-            signal: None,
-            timed_out: true,
-        };
-        assert!(ok.success());
-        assert!(!timed_out.success());
-        assert!(
-            !ExitStatus {
-                code: Some(1),
-                ..ExitStatus::default()
-            }
-            .success()
-        );
+        assert!(ExitStatus::exited(0).success());
+        assert!(!ExitStatus::exited(0).after_timeout().success());
+        assert!(!ExitStatus::exited(1).success());
+        assert!(!ExitStatus::killed(9).after_timeout().success());
     }
 }

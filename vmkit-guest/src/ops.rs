@@ -56,13 +56,13 @@ impl NetworkConfig {
     }
 
     /// Sets the name servers.
-    pub fn with_dns(mut self, dns: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+    pub fn dns(mut self, dns: impl IntoIterator<Item = Ipv4Addr>) -> Self {
         self.dns = dns.into_iter().collect();
         self
     }
 
     /// Sets the MTU.
-    pub fn with_mtu(mut self, mtu: u32) -> Self {
+    pub fn mtu(mut self, mtu: u32) -> Self {
         self.mtu = Some(mtu);
         self
     }

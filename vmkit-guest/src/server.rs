@@ -72,31 +72,31 @@ impl ServerConfig {
     }
 
     /// Sets [`ServerConfig::max_frame`].
-    pub fn with_max_frame(mut self, max_frame: usize) -> Self {
+    pub fn max_frame(mut self, max_frame: usize) -> Self {
         self.max_frame = max_frame;
         self
     }
 
     /// Sets [`ServerConfig::max_in_flight`].
-    pub fn with_max_in_flight(mut self, max_in_flight: usize) -> Self {
+    pub fn max_in_flight(mut self, max_in_flight: usize) -> Self {
         self.max_in_flight = max_in_flight;
         self
     }
 
     /// Sets [`ServerConfig::chunk_size`].
-    pub fn with_chunk_size(mut self, chunk_size: usize) -> Self {
+    pub fn chunk_size(mut self, chunk_size: usize) -> Self {
         self.chunk_size = chunk_size;
         self
     }
 
     /// Sets [`ServerConfig::max_uploads`].
-    pub fn with_max_uploads(mut self, max_uploads: usize) -> Self {
+    pub fn max_uploads(mut self, max_uploads: usize) -> Self {
         self.max_uploads = max_uploads;
         self
     }
 
     /// Sets [`ServerConfig::input_timeout`].
-    pub fn with_input_timeout(mut self, input_timeout: Duration) -> Self {
+    pub fn input_timeout(mut self, input_timeout: Duration) -> Self {
         self.input_timeout = input_timeout;
         self
     }
@@ -704,7 +704,7 @@ mod tests {
 
     #[test]
     fn chunks_shrink_to_fit_a_small_frame() {
-        let config = ServerConfig::default().with_max_frame(1024);
+        let config = ServerConfig::default().max_frame(1024);
         assert_eq!(config.effective_chunk(), (1024 - ENVELOPE_ROOM) / 4 * 3);
     }
 

@@ -11,7 +11,7 @@ use serde_json::json;
 use vmkit_guest::{Client, ClientConfig, ClientError, ExecEvent, ExecRequest, FrameError};
 
 fn quick() -> ClientConfig {
-    ClientConfig::default().with_call_timeout(Duration::from_secs(1))
+    ClientConfig::default().call_timeout(Duration::from_secs(1))
 }
 
 /// Starts a ping and returns it with the id the peer saw.
@@ -28,7 +28,7 @@ async fn pending_ping(
 
 #[tokio::test]
 async fn oversize_length_closes_the_client_with_a_frame_error() {
-    let (client, mut peer) = client_with_raw_peer(quick().with_max_frame(1024));
+    let (client, mut peer) = client_with_raw_peer(quick().max_frame(1024));
     let (ping, _) = pending_ping(&client, &mut peer).await;
 
     peer.write_raw(&0xffff_ffffu32.to_be_bytes()).await;
@@ -265,7 +265,7 @@ async fn exec_stream_ends_with_the_close_reason_when_the_agent_breaks_framing() 
 
 #[tokio::test]
 async fn request_larger_than_the_frame_cap_is_refused_without_closing() {
-    let (client, _peer) = client_with_raw_peer(quick().with_max_frame(1024));
+    let (client, _peer) = client_with_raw_peer(quick().max_frame(1024));
 
     let err = client
         .exec(ExecRequest::new(["cat"]).stdin(vec![0u8; 4096]))
@@ -295,7 +295,7 @@ impl Rng {
 async fn random_bytes_from_the_agent_close_the_client_without_panicking() {
     let mut rng = Rng(0x5eed_1234_abcd_ef01);
     for round in 0..200 {
-        let (client, mut peer) = client_with_raw_peer(quick().with_max_frame(4096));
+        let (client, mut peer) = client_with_raw_peer(quick().max_frame(4096));
         let (ping, id) = pending_ping(&client, &mut peer).await;
         // Half the rounds start with a plausible length so the body decoder gets exercised.
         let len = (rng.next() % 600) as usize;
@@ -417,7 +417,7 @@ async fn a_file_that_stops_arriving_times_out() {
 
 #[tokio::test]
 async fn an_oversize_frame_in_the_middle_of_a_file_closes_the_client() {
-    let (client, mut peer) = client_with_raw_peer(quick().with_max_frame(1024));
+    let (client, mut peer) = client_with_raw_peer(quick().max_frame(1024));
     let (read, id) = pending_read(&client, &mut peer, 1 << 20).await;
 
     peer.reply(id, json!({"type": "data", "data": "aGVsbG8="}))

@@ -35,7 +35,7 @@ async fn network_hostname_and_keys_reach_the_handler() {
         24,
         [10, 0, 0, 1].into(),
     )
-    .with_dns([[10, 0, 0, 1].into()]);
+    .dns([[10, 0, 0, 1].into()]);
 
     client.configure_network(&config).await.unwrap();
     client.set_hostname("box").await.unwrap();
@@ -60,8 +60,8 @@ async fn a_file_larger_than_a_frame_is_written_and_read_back() {
     let files = handler.files.clone();
     let (client, _server) = connected(
         handler,
-        ClientConfig::default().with_max_frame(64 << 10),
-        ServerConfig::default().with_max_frame(64 << 10),
+        ClientConfig::default().max_frame(64 << 10),
+        ServerConfig::default().max_frame(64 << 10),
     );
     let data = pattern(1 << 20);
 
@@ -260,7 +260,7 @@ async fn an_old_handler_answers_new_calls_as_unsupported() {
 async fn uploads_beyond_the_limit_are_refused_while_others_run() {
     let (mut host, _server) = server_with_raw_host(
         FakeHandler::default(),
-        ServerConfig::default().with_max_uploads(1),
+        ServerConfig::default().max_uploads(1),
     );
 
     host.write_json(&json!({"id": 1, "request": {"type": "write_file", "path": "/a", "size": 2}}))
@@ -298,7 +298,7 @@ async fn a_body_longer_than_announced_is_abandoned() {
 async fn a_body_that_stops_arriving_times_out_in_the_agent() {
     let (mut host, _server) = server_with_raw_host(
         FakeHandler::default(),
-        ServerConfig::default().with_input_timeout(Duration::from_secs(5)),
+        ServerConfig::default().input_timeout(Duration::from_secs(5)),
     );
 
     host.write_json(&json!({"id": 1, "request": {"type": "write_file", "path": "/a", "size": 10}}))

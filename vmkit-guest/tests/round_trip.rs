@@ -120,8 +120,8 @@ async fn exec_collect_truncates_each_stream_at_the_limit() {
 
 #[tokio::test]
 async fn large_output_is_split_into_chunks_that_fit_the_frame_cap() {
-    let client_config = ClientConfig::default().with_max_frame(16 * 1024);
-    let server_config = ServerConfig::default().with_max_frame(16 * 1024);
+    let client_config = ClientConfig::default().max_frame(16 * 1024);
+    let server_config = ServerConfig::default().max_frame(16 * 1024);
     let (client, _server) = connected(FakeHandler::default(), client_config, server_config);
 
     let mut stream = client
@@ -195,7 +195,7 @@ async fn a_hanging_exec_does_not_block_other_calls() {
 
 #[tokio::test(start_paused = true)]
 async fn exec_stream_times_out_after_its_own_timeout_plus_the_call_timeout() {
-    let client_config = ClientConfig::default().with_call_timeout(Duration::from_secs(1));
+    let client_config = ClientConfig::default().call_timeout(Duration::from_secs(1));
     let (client, _server) = connected(
         FakeHandler::default(),
         client_config,
@@ -249,7 +249,7 @@ async fn server_answers_an_unknown_request_type_with_an_error_and_goes_on() {
 
 #[tokio::test]
 async fn server_stops_on_a_frame_over_its_cap() {
-    let config = ServerConfig::default().with_max_frame(1024);
+    let config = ServerConfig::default().max_frame(1024);
     let (mut host, server) = server_with_raw_host(FakeHandler::default(), config);
 
     host.write_raw(&2048u32.to_be_bytes()).await;

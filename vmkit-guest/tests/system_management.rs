@@ -476,8 +476,8 @@ fn configure_network_addresses_the_interface_by_mac_and_routes_through_the_gatew
         24,
         [10, 9, 0, 1].into(),
     )
-    .with_dns([[10, 9, 0, 1].into(), [1, 1, 1, 1].into()])
-    .with_mtu(1400);
+    .dns([[10, 9, 0, 1].into(), [1, 1, 1, 1].into()])
+    .mtu(1400);
     let second = NetworkConfig::new(
         "52:54:00:ab:cd:01",
         [10, 8, 0, 7].into(),

@@ -1,9 +1,37 @@
 //! vmkit-hv: vmkit's Hypervisor backends.
 //!
+//! [`Qemu`] runs one `qemu-system-x86_64` per VM, driven over QMP, with KVM when the
+//! host can run a stock guest under it and software emulation (TCG) otherwise; VMMs
+//! outlive the process that started them and are re-attached after a restart.
 //! [`CloudHypervisor`] drives cloud-hypervisor through its official REST API. It has
 //! **not run against a real cloud-hypervisor yet**: it is tested against a stand-in
 //! that follows the official spec (its docs say exactly what that covers).
 //! [`probe`] looks at the host and picks a backend for `hypervisor = "auto"`.
+//!
+//! # Example
+//!
+//! Pick a backend the way `hypervisor = "auto"` does and build it; building starts
+//! nothing. Hand it to [`vmkit_core::Backends::new`] to get a manager
+//! (`examples/embed.rs` in the repository does it end to end).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmkit_core::{DiskFormat, Hypervisor};
+//! use vmkit_hv::probe::{self, Backend, Preference, ProbeOptions};
+//! use vmkit_hv::{ChConfig, CloudHypervisor, Qemu, QemuConfig};
+//!
+//! // `probe_host_with_boot` also boots a probe guest to prove that KVM runs a stock
+//! // kernel; without that proof `auto` never takes cloud-hypervisor.
+//! let report = probe::probe_host(&ProbeOptions::new(std::env::temp_dir()));
+//! let choice = probe::choose_backend(Preference::Auto, &report);
+//! let hypervisor: Arc<dyn Hypervisor> = match choice.backend {
+//!     Backend::CloudHypervisor => Arc::new(CloudHypervisor::new(ChConfig::new())),
+//!     _ => Arc::new(Qemu::new(QemuConfig::new())),
+//! };
+//! println!("{}: {}", hypervisor.kind(), choice.reason);
+//! // The manager always states a disk's format, in one the backend takes.
+//! assert!(hypervisor.capabilities().disk_formats.contains(&DiskFormat::Raw));
+//! ```
 #![deny(missing_docs)]
 
 mod ch;

@@ -299,7 +299,7 @@ pub async fn probe_host_with_boot(options: &ProbeOptions) -> HostReport {
         Err(_) => probe_host(options),
     };
     if report.kvm.usable() && report.qemu.found() {
-        let qemu = crate::Qemu::new(crate::QemuConfig::new().with_binary(options.qemu.clone()));
+        let qemu = crate::Qemu::new(crate::QemuConfig::new().binary(options.qemu.clone()));
         let choice = qemu.accel_choice().await;
         report.kvm_guest_boot = Some(GuestBootCheck::new(
             choice.accel == crate::Accel::Kvm,

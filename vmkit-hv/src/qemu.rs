@@ -138,31 +138,31 @@ impl QemuConfig {
     }
 
     /// Uses `binary` as the QEMU program.
-    pub fn with_binary(mut self, binary: impl Into<PathBuf>) -> Self {
+    pub fn binary(mut self, binary: impl Into<PathBuf>) -> Self {
         self.binary = binary.into();
         self
     }
 
     /// Uses `accel` ([`Accel::Auto`] probes the host once).
-    pub fn with_accel(mut self, accel: Accel) -> Self {
+    pub fn accel(mut self, accel: Accel) -> Self {
         self.accel = accel;
         self
     }
 
     /// Sets the timeout of every QMP call.
-    pub fn with_qmp_timeout(mut self, timeout: Duration) -> Self {
+    pub fn qmp_timeout(mut self, timeout: Duration) -> Self {
         self.qmp_timeout = timeout;
         self
     }
 
     /// Sets how long QEMU may take to initialise at start.
-    pub fn with_start_timeout(mut self, timeout: Duration) -> Self {
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
         self.start_timeout = timeout;
         self
     }
 
     /// Sets how long saving or loading a snapshot may take.
-    pub fn with_snapshot_timeout(mut self, timeout: Duration) -> Self {
+    pub fn snapshot_timeout(mut self, timeout: Duration) -> Self {
         self.snapshot_timeout = timeout;
         self
     }
@@ -639,7 +639,7 @@ impl Qemu {
                 std::io::ErrorKind::NotFound,
                 format!(
                     "{} not found; install QEMU (Debian/Ubuntu: apt install qemu-system-x86) \
-                     or set QemuConfig::with_binary",
+                     or set QemuConfig::binary",
                     self.config.binary.display()
                 ),
             )

@@ -408,8 +408,8 @@ async fn a_start_cancelled_half_way_leaves_nothing_running() {
     .unwrap();
     let qemu = Qemu::new(
         QemuConfig::new()
-            .with_binary(&launcher)
-            .with_accel(vmkit_hv::Accel::Tcg),
+            .binary(&launcher)
+            .accel(vmkit_hv::Accel::Tcg),
     );
     let config = fx.machine("cancelled");
     let pidfile = config.run_dir.join("qemu.pid");
@@ -447,8 +447,8 @@ async fn a_missing_binary_is_a_spawn_error_and_leaves_no_run_dir() {
     let fx = Fixture::new();
     let qemu = Qemu::new(
         QemuConfig::new()
-            .with_binary("/nonexistent/qemu-system-x86_64")
-            .with_accel(vmkit_hv::Accel::Tcg),
+            .binary("/nonexistent/qemu-system-x86_64")
+            .accel(vmkit_hv::Accel::Tcg),
     );
     let config = fx.machine("nobin");
     let err = qemu.start(&config).await.unwrap_err();
@@ -464,7 +464,7 @@ async fn a_missing_binary_is_a_spawn_error_and_leaves_no_run_dir() {
 #[tokio::test]
 async fn qemu_failing_at_startup_reports_its_stderr_and_leaves_nothing_behind() {
     let fx = Fixture::new();
-    let qemu = Qemu::new(QemuConfig::new().with_accel(vmkit_hv::Accel::Tcg));
+    let qemu = Qemu::new(QemuConfig::new().accel(vmkit_hv::Accel::Tcg));
     let mut config = fx.machine("badisk");
     // A raw file declared as qcow2: QEMU refuses to open it.
     config.disks = vec![DiskConfig::new(fx.image.rootfs.clone(), DiskFormat::Qcow2)];
@@ -665,7 +665,7 @@ async fn a_snapshot_that_cannot_be_loaded_fails_clearly_and_leaves_nothing_runni
 #[tokio::test]
 async fn restore_from_an_empty_directory_fails_clearly_and_leaves_nothing_running() {
     let fx = Fixture::new();
-    let qemu = Qemu::new(QemuConfig::new().with_accel(vmkit_hv::Accel::Tcg));
+    let qemu = Qemu::new(QemuConfig::new().accel(vmkit_hv::Accel::Tcg));
     let config = fx.machine("nosnap");
     let empty = fx.dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();

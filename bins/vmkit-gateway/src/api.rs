@@ -156,8 +156,7 @@ async fn delete_vm(
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let mut options = DeleteOptions::default();
-    options.keep_data = q.keep_data;
+    let options = DeleteOptions::default().keep_data(q.keep_data);
     let manager = s.manager.clone();
     detached(async move { manager.delete(&name, options).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())

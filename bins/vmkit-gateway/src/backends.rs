@@ -92,8 +92,8 @@ async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
         )),
         _ => Arc::new(vmkit_hv::Qemu::new(
             vmkit_hv::QemuConfig::new()
-                .with_binary(config.qemu.binary.clone())
-                .with_accel(accel),
+                .binary(config.qemu.binary.clone())
+                .accel(accel),
         )),
     })
 }

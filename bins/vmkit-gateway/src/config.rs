@@ -353,6 +353,43 @@ mod tests {
         assert!(err.to_string().contains("VMKIT_LIMITS_MAX_VCPUS"), "{err}");
     }
 
+    /// The sample configuration the Debian package installs as /etc/vmkit/gateway.toml.
+    const SAMPLE: &str = include_str!("../../../packaging/gateway.toml");
+
+    /// The sample's option lines (`# key = value` and `# [section]`), uncommented.
+    fn sample_options() -> toml::Table {
+        let is_option = |line: &&str| {
+            let name =
+                |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+            match line.split_once(" = ") {
+                Some((key, _)) => name(key),
+                None => line
+                    .strip_prefix('[')
+                    .and_then(|l| l.strip_suffix(']'))
+                    .is_some_and(name),
+            }
+        };
+        let options: Vec<&str> = SAMPLE
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(is_option)
+            .collect();
+        options.join("\n").parse().unwrap()
+    }
+
+    #[test]
+    fn installed_sample_config_changes_nothing() {
+        assert_eq!(load_with(Some(SAMPLE), &[]).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn sample_config_lists_every_option_with_its_default() {
+        let mut defaults = toml::Value::try_from(Config::default()).unwrap();
+        // The default data directory is root's; the sample shows that one.
+        defaults["data_dir"] = toml::Value::String("/var/lib/vmkit".into());
+        assert_eq!(toml::Value::Table(sample_options()), defaults);
+    }
+
     #[test]
     fn unknown_file_keys_are_rejected() {
         assert!(load_with(Some("dat_dir = \"/x\""), &[]).is_err());

@@ -7,6 +7,7 @@
 mod api;
 mod backends;
 mod config;
+mod notify;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
@@ -173,9 +174,15 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     let listener = bind(&config.socket).await?;
     info!(socket = %config.socket.display(), "serving the API");
+    // The store was opened with the backends above, the socket is bound and SIGTERM
+    // is handled.
+    notify::ready();
     let app = api::router(api::AppState { manager });
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async {
+            shutdown.await;
+            notify::stopping();
+        })
         .await;
     monitor.abort();
     if let Err(e) = std::fs::remove_file(&config.socket) {

@@ -56,6 +56,8 @@ const KERNEL_RELEASE: &str = "kernel-release";
 const CMDLINE: &str = "cmdline";
 
 const AGENT_HOW_TO: &str = "build it with scripts/build-agent.sh";
+/// Where the `vmkit` Debian package installs the static agent.
+pub const PACKAGED_AGENT: &str = "/usr/lib/vmkit/vmkit-agent";
 
 /// What `build` builds, from what, and where.
 #[derive(Debug, Clone)]
@@ -380,7 +382,8 @@ fn hex(bytes: &[u8]) -> String {
 /// Finds the vmkit-agent binary to put in images: `explicit` if given, else
 /// `vmkit-agent` beside this executable, else what scripts/build-agent.sh builds
 /// (`$CARGO_TARGET_DIR/agent/<triple>/release/vmkit-agent`, then `target/agent/...`
-/// in the current directory and in the workspace this binary was built from).
+/// in the current directory and in the workspace this binary was built from), else
+/// the one the Debian package installs ([`PACKAGED_AGENT`]).
 ///
 /// The agent runs in the guest with no libraries, so it must be statically linked;
 /// dynamically linked candidates (such as the one `cargo build` puts beside the CLI)
@@ -446,6 +449,8 @@ fn agent_candidates() -> Vec<PathBuf> {
             );
         }
     }
+    // Last, so that a build in a checkout wins over an installed package.
+    candidates.push(PathBuf::from(PACKAGED_AGENT));
     candidates
 }
 

@@ -26,7 +26,7 @@ struct Cli {
     /// The daemon's data directory [env: VMKIT_DATA_DIR; default /var/lib/vmkit as root].
     #[arg(long, global = true, env = "VMKIT_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The daemon's API socket [default: <data-dir>/vmkit.sock].
+    /// The daemon's API socket [default: DATA_DIR/vmkit.sock].
     #[arg(long, global = true, env = "VMKIT_SOCKET")]
     socket: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.

@@ -462,11 +462,7 @@ impl Handler for FakeAgent {
     }
 
     async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
-        let exit = |code: i32| ExitStatus {
-            code: Some(code),
-            signal: None,
-            timed_out: false,
-        };
+        let exit = ExitStatus::exited;
         let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
         match args.as_slice() {
             [] => Err("empty argv".to_owned()),
@@ -501,11 +497,7 @@ impl Handler for FakeAgent {
                 match req.timeout_ms.map(Duration::from_millis) {
                     Some(limit) if limit < wanted => {
                         tokio::time::sleep(limit).await;
-                        Ok(ExitStatus {
-                            code: None,
-                            signal: Some(9),
-                            timed_out: true,
-                        })
+                        Ok(ExitStatus::killed(9).after_timeout())
                     }
                     _ => {
                         tokio::time::sleep(wanted).await;

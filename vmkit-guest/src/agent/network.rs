@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn mtu_is_range_checked() {
-        assert!(check(&config([10, 0, 0, 5], 24, [10, 0, 0, 1]).with_mtu(1500)).is_ok());
-        assert!(check(&config([10, 0, 0, 5], 24, [10, 0, 0, 1]).with_mtu(10)).is_err());
+        assert!(check(&config([10, 0, 0, 5], 24, [10, 0, 0, 1]).mtu(1500)).is_ok());
+        assert!(check(&config([10, 0, 0, 5], 24, [10, 0, 0, 1]).mtu(10)).is_err());
     }
 }

@@ -126,10 +126,7 @@ impl Drop for SetOnDrop {
 }
 
 pub fn exited(code: i32) -> ExitStatus {
-    ExitStatus {
-        code: Some(code),
-        ..ExitStatus::default()
-    }
+    ExitStatus::exited(code)
 }
 
 #[async_trait::async_trait]

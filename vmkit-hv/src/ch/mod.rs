@@ -142,16 +142,18 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// use vmkit_hv::{ChConfig, CloudHypervisor};
 ///
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let mut machine = MachineConfig::new(
+/// let machine = MachineConfig::new(
 ///     VmId::generate(),
 ///     VmName::new("web")?,
 ///     "/var/lib/vmkit/run/web".into(),
 ///     "/var/lib/vmkit/images/base/vmlinuz".into(),
-/// );
-/// machine.disks.push(DiskConfig::new("/var/lib/vmkit/volumes/web.raw", DiskFormat::Raw));
+/// )
+/// .vcpus(2)
+/// .disk(DiskConfig::new("/var/lib/vmkit/volumes/web.raw", DiskFormat::Raw));
 /// let ch = CloudHypervisor::new(ChConfig::new());
 /// let body: serde_json::Value = serde_json::from_str(&ch.vm_create_json(&machine)?)?;
 /// assert_eq!(body["disks"][0]["image_type"], "Raw");
+/// assert_eq!(body["cpus"]["boot_vcpus"], 2);
 /// assert_eq!(body["vsock"]["socket"], "/var/lib/vmkit/run/web/vsock.sock");
 /// # Ok(())
 /// # }

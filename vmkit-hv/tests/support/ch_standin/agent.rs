@@ -15,10 +15,7 @@ pub struct StandinAgent {
 }
 
 fn exit(code: i32) -> ExitStatus {
-    ExitStatus {
-        code: Some(code),
-        ..ExitStatus::default()
-    }
+    ExitStatus::exited(code)
 }
 
 #[async_trait]
