@@ -1,6 +1,7 @@
 //! The real in-guest handler, used by the `vmkit-agent` binary.
 
 mod files;
+mod hotplug;
 mod http;
 mod logs;
 mod metrics;
@@ -26,6 +27,8 @@ use crate::ops::{
     UpgradeRequest, WriteFileRequest,
 };
 use crate::server::{Handler, InputStream, OutputSink};
+
+pub use hotplug::online_hotplugged;
 
 /// `PATH` given to commands when neither the agent nor the request has one.
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";

@@ -78,7 +78,7 @@ mod ops;
 mod server;
 
 #[cfg(feature = "agent")]
-pub use agent::SystemHandler;
+pub use agent::{SystemHandler, online_hotplugged};
 /// The attribute for implementing [`Handler`], re-exported so that implementors use the
 /// same version.
 pub use async_trait::async_trait;

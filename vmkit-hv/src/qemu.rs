@@ -42,6 +42,7 @@
 //! it a panicking guest would reboot forever instead of stopping.
 
 mod console;
+mod hotplug;
 mod probe;
 mod process;
 mod qmp;
@@ -407,17 +408,28 @@ impl Qemu {
         }
         push(&["-append".as_ref(), kernel_cmdline(&config.cmdline).as_ref()]);
 
-        for disk in &config.disks {
+        for (i, disk) in config.disks.iter().enumerate() {
             let mut drive = OsString::from("file=");
             drive.push(escape_commas(absolute(&disk.path).as_os_str()));
             drive.push(format!(
-                ",format={},if=virtio,cache=writeback,discard=unmap",
+                ",format={},if=none,id=disk{i},cache=writeback,discard=unmap",
                 disk.format
             ));
             if disk.read_only {
                 drive.push(",readonly=on");
             }
-            push(&["-drive".as_ref(), &drive]);
+            // One queue per vCPU slot, stated: QEMU's default is one per boot vCPU,
+            // and a snapshot of a VM resized live must restore into the same device.
+            let device = format!(
+                "virtio-blk-pci,drive=disk{i},num-queues={}",
+                config.max_vcpus
+            );
+            push(&[
+                "-drive".as_ref(),
+                &drive,
+                "-device".as_ref(),
+                device.as_ref(),
+            ]);
         }
         if let Some(nic) = &config.nic {
             let netdev = format!("tap,id=n0,ifname={},script=no,downscript=no", nic.tap);
@@ -848,6 +860,7 @@ impl Hypervisor for Qemu {
         let mut caps = HypervisorCapabilities::default();
         caps.pause = true;
         caps.snapshot = true;
+        caps.resize_vcpus = true;
         caps.disk_formats = vec![DiskFormat::Qcow2, DiskFormat::Raw];
         caps
     }
@@ -985,11 +998,21 @@ impl Hypervisor for Qemu {
         Ok(())
     }
 
-    async fn resize(&self, _handle: &VmmHandle, _resize: Resize) -> Result<(), HypervisorError> {
-        Err(HypervisorError::Unsupported {
-            backend: KIND,
-            operation: "resize",
-        })
+    /// Plugs or unplugs vCPUs (ACPI CPU hotplug, up to the `max_vcpus` the VMM was
+    /// started with; see the `hotplug` module). Memory is not resized live: QEMU
+    /// starts without hotplug memory slots.
+    async fn resize(&self, handle: &VmmHandle, resize: Resize) -> Result<(), HypervisorError> {
+        Self::require_running(handle)?;
+        if resize.memory_mib.is_some() {
+            return Err(HypervisorError::Unsupported {
+                backend: KIND,
+                operation: "live memory resize (stop the VM, resize, start it)",
+            });
+        }
+        match resize.vcpus {
+            Some(vcpus) => self.resize_vcpus(handle, vcpus).await,
+            None => Ok(()),
+        }
     }
 
     /// Saves the paused guest's devices and memory into `dir` (created if needed;
@@ -1002,7 +1025,8 @@ impl Hypervisor for Qemu {
     /// Starts a VMM for `config` as `start` does, but loads the snapshot in `dir`
     /// instead of booting; the guest is paused. `config` must describe the machine
     /// the snapshot was taken of (vCPUs, memory, number of disks, MAC), with the
-    /// snapshot's disk copies; anything else is refused before QEMU starts.
+    /// snapshot's disk copies; anything else is refused before QEMU starts. The vCPU
+    /// slots (`max_vcpus`) are the snapshot's, whatever the config says.
     async fn restore(
         &self,
         config: &MachineConfig,
@@ -1011,8 +1035,11 @@ impl Hypervisor for Qemu {
         validate(config)?;
         let (meta, memory) = snapshot::open(dir)?;
         meta.check(config, self.accel().await, dir)?;
+        // The machine the state was saved on, with its vCPU slots.
+        let mut config = config.clone();
+        config.max_vcpus = meta.max_vcpus.max(config.vcpus);
         self.boot(
-            config,
+            &config,
             Boot::Restore {
                 machine: &meta.machine,
                 memory: &memory,
@@ -1324,7 +1351,11 @@ mod tests {
         );
         assert_eq!(
             value_after(&args, "-drive"),
-            ["file=/srv/vm/a,,b.qcow2,format=qcow2,if=virtio,cache=writeback,discard=unmap"]
+            ["file=/srv/vm/a,,b.qcow2,format=qcow2,if=none,id=disk0,cache=writeback,discard=unmap"]
+        );
+        assert!(
+            value_after(&args, "-device").contains(&"virtio-blk-pci,drive=disk0,num-queues=4"),
+            "one queue per vCPU slot: {args:?}"
         );
         assert_eq!(
             value_after(&args, "-netdev"),
@@ -1379,8 +1410,9 @@ mod tests {
         config.disks[0].format = DiskFormat::Raw;
         let args = args_of(&config, Accel::Tcg);
         assert!(
-            value_after(&args, "-drive")[0]
-                .ends_with(",format=raw,if=virtio,cache=writeback,discard=unmap,readonly=on")
+            value_after(&args, "-drive")[0].ends_with(
+                ",format=raw,if=none,id=disk0,cache=writeback,discard=unmap,readonly=on"
+            )
         );
     }
 
@@ -1436,7 +1468,7 @@ mod tests {
             (VmmState::Paused, 2, 512)
         );
         let caps = Qemu::new(QemuConfig::new()).capabilities();
-        assert!(caps.pause && caps.snapshot && !caps.resize_vcpus && !caps.resize_memory);
+        assert!(caps.pause && caps.snapshot && caps.resize_vcpus && !caps.resize_memory);
         assert_eq!(caps.disk_formats, [DiskFormat::Qcow2, DiskFormat::Raw]);
     }
 

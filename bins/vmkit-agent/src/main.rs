@@ -8,7 +8,7 @@
 //! `--version` must work, since an upgrade runs the new binary with it before installing.
 //!
 //! ```text
-//! vmkit-agent [--transport auto|virtio-serial[:NAME|:PATH]|vsock[:PORT]]
+//! vmkit-agent [--transport auto|virtio-serial[:NAME|:PATH]|vsock[:PORT]] [--no-hotplug]
 //! ```
 
 mod port;
@@ -29,6 +29,10 @@ struct Args {
     /// `vsock[:PORT]`.
     #[arg(long, default_value = "auto", env = "VMKIT_AGENT_TRANSPORT")]
     transport: Transport,
+    /// Leave CPUs and memory the host adds offline (by default the agent brings them
+    /// online, as udev rules do); for running the agent outside a VM.
+    #[arg(long)]
+    no_hotplug: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +49,11 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     tracing::info!(version = env!("CARGO_PKG_VERSION"), transport = %args.transport, "vmkit-agent starting");
+    // vCPUs and memory the host adds to the running VM come up at once.
+    if !args.no_hotplug
+        && let Err(e) = vmkit_guest::online_hotplugged()
+    {
+        tracing::warn!(error = %e, "cannot listen for hot-added CPUs and memory; they stay offline");
+    }
     runtime.block_on(transport::run(args.transport))
 }

@@ -438,6 +438,53 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
         d.log()
     );
     assert_eq!(sh(&d, "ops", "nproc"), "2\n");
+
+    // Live: QEMU plugs a vCPU and the agent brings it online; a snapshot taken then
+    // restores into a VMM with the same vCPUs; unplugging waits for the guest.
+    let out = d.cli(&["--json", "vm", "resize", "ops", "--cpus", "3"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(json(&out)["spec"]["vcpus"], 3);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while sh(&d, "ops", "nproc") != "3\n" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugged vCPU never came online: {}",
+            sh(&d, "ops", "cat /sys/devices/system/cpu/online")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let m = json(&d.cli(&["--json", "vm", "metrics", "ops"]));
+    assert_eq!(m["vmm"]["vcpus"], 3, "{m}");
+    let out = d.cli(&["vm", "snapshot", "ops", "s2"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let out = d.cli(&["vm", "restore", "ops", "s2"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(sh(&d, "ops", "nproc"), "3\n", "restored with 3 vCPUs");
+    let out = d.cli(&["vm", "resize", "ops", "--cpus", "1"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(sh(&d, "ops", "nproc"), "1\n");
+    let m = json(&d.cli(&["--json", "vm", "metrics", "ops"]));
+    assert_eq!(m["vmm"]["vcpus"], 1, "{m}");
+    // Beyond the slots QEMU started with, and memory, need a stop.
+    let out = d.cli(&["vm", "resize", "ops", "--cpus", "5"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("1 to 4"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["vm", "resize", "ops", "--memory", "512"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("stop"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        json(&d.cli(&["--json", "vm", "show", "ops"]))["spec"]["vcpus"],
+        1,
+        "refused resizes change nothing"
+    );
+    assert!(d.cli(&["snapshot", "rm", "s2"]).status.success());
+
     let out = d.cli(&["vm", "resize", "ops", "--disk", "1"]);
     assert!(
         !out.status.success() && stderr(&out).contains("only grow"),

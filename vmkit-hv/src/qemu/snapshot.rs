@@ -42,8 +42,10 @@ pub(super) const MEMORY_FILE: &str = "memory";
 pub(super) const META_FILE: &str = "vmkit-qemu-snapshot.json";
 /// The migration stream while QEMU writes it.
 const MEMORY_PARTIAL: &str = "memory.partial";
-/// The version of the files above that this code writes and reads.
-const FORMAT: u32 = 1;
+/// The version of the files above that this code writes and reads. 2: the disks'
+/// virtio-blk devices have `num-queues` pinned to the vCPU slots (format 1 had QEMU's
+/// default, the boot vCPUs, which a live resize makes differ from the restore's).
+const FORMAT: u32 = 2;
 /// The name under which the snapshot file's descriptor is passed to QEMU.
 const FD_NAME: &str = "vmkit-snapshot";
 /// Migration bandwidth for a snapshot (bytes/s): no limit in practice. QEMU's default
@@ -98,17 +100,12 @@ impl SnapshotMeta {
                 self.accel
             ));
         }
-        if (self.vcpus, self.max_vcpus, self.memory_mib)
-            != (config.vcpus, config.max_vcpus, config.memory_mib)
-        {
+        // The vCPU slots are the snapshot's: a VM resized live has more or fewer
+        // vCPUs than it booted with, so its config's maximum may differ.
+        if (self.vcpus, self.memory_mib) != (config.vcpus, config.memory_mib) {
             return mismatch(format!(
-                "it has {} vCPUs (at most {}) and {} MiB, the config {} vCPUs (at most {}) and {} MiB",
-                self.vcpus,
-                self.max_vcpus,
-                self.memory_mib,
-                config.vcpus,
-                config.max_vcpus,
-                config.memory_mib
+                "it has {} vCPUs and {} MiB, the config {} vCPUs and {} MiB",
+                self.vcpus, self.memory_mib, config.vcpus, config.memory_mib
             ));
         }
         if self.disks != config.disks.len() {
@@ -572,13 +569,12 @@ mod tests {
         let mut more_memory = config();
         more_memory.memory_mib = 512;
         assert!(
-            refusal(&more_memory, Accel::Tcg)
-                .contains("256 MiB, the config 1 vCPUs (at most 2) and 512 MiB")
+            refusal(&more_memory, Accel::Tcg).contains("256 MiB, the config 1 vCPUs and 512 MiB")
         );
 
         let mut more_cpus = config();
-        more_cpus.max_vcpus = 4;
-        assert!(refusal(&more_cpus, Accel::Tcg).contains("at most 4"));
+        more_cpus.vcpus = 2;
+        assert!(refusal(&more_cpus, Accel::Tcg).contains("the config 2 vCPUs"));
 
         let mut two_disks = config();
         two_disks.disks.push(two_disks.disks[0].clone());
@@ -614,10 +610,19 @@ mod tests {
     fn another_format_or_an_unsafe_machine_type_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let mut future = serde_json::to_value(meta()).unwrap();
-        future["format"] = json!(2);
+        future["format"] = json!(FORMAT + 1);
         write_snapshot(dir.path(), &future.to_string());
         let err = open(dir.path()).unwrap_err();
-        assert!(err.to_string().contains("found format 2"), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("found format {}", FORMAT + 1)),
+            "{err}"
+        );
+        let mut past = serde_json::to_value(meta()).unwrap();
+        past["format"] = json!(1);
+        write_snapshot(dir.path(), &past.to_string());
+        let err = open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("found format 1"), "{err}");
 
         let mut injected = meta();
         injected.machine = "q35,accel=kvm".to_owned();
