@@ -11,7 +11,7 @@ use vmkit_guest::{Client, ClientConfig, ExecRequest};
 
 use crate::event::{EventKind, NewEvent};
 use crate::gateway::{Gateway, Principal};
-use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, VmmHandle, VmmState};
+use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmHandle, VmmState};
 use crate::image::Image;
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
@@ -63,7 +63,11 @@ pub async fn wait_for_agent(hv: &dyn Hypervisor, handle: &VmmHandle, timeout: Du
 /// Boot, agent, exec, pause/resume per capabilities, attach, console, graceful
 /// shutdown and idempotent teardown, on one VM.
 pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
-    let config = fx.machine("suite-life");
+    let mut config = fx.machine("suite-life");
+    if hv.capabilities().resize_vcpus {
+        let vcpus = config.vcpus;
+        config = config.max_vcpus(vcpus + 1);
+    }
     let handle = hv.start(&config).await.expect("start");
     assert_eq!(handle.backend, hv.kind(), "handle names its backend");
     assert_eq!(
@@ -103,6 +107,8 @@ pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixtur
         ));
     }
 
+    hypervisor_live_vcpus(hv, &config, &handle).await;
+
     assert_eq!(
         hv.attach(&handle).await.expect("attach to a running VMM"),
         VmmState::Running
@@ -127,6 +133,40 @@ pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixtur
     hv.kill(&handle).await.expect("kill is idempotent");
     hv.cleanup(&handle).await.expect("cleanup");
     hv.cleanup(&handle).await.expect("cleanup is idempotent");
+}
+
+/// On a booted guest: a hypervisor that resizes vCPUs live grows to the config's
+/// most vCPUs and shrinks back, and refuses more than that; one that cannot says
+/// so.
+async fn hypervisor_live_vcpus(hv: &dyn Hypervisor, config: &MachineConfig, handle: &VmmHandle) {
+    if !hv.capabilities().resize_vcpus {
+        assert!(
+            matches!(
+                hv.resize(handle, Resize::new(Some(config.vcpus + 1), None))
+                    .await,
+                Err(HypervisorError::Unsupported { .. })
+            ),
+            "a backend without live vCPU resize says so"
+        );
+        return;
+    }
+    for target in [config.max_vcpus, config.vcpus] {
+        hv.resize(handle, Resize::new(Some(target), None))
+            .await
+            .unwrap_or_else(|e| panic!("resize to {target} vCPUs: {e}"));
+        assert_eq!(
+            hv.info(handle).await.expect("info").vcpus,
+            target,
+            "the VMM runs {target} vCPUs after the resize"
+        );
+    }
+    assert!(
+        hv.resize(handle, Resize::new(Some(config.max_vcpus + 1), None))
+            .await
+            .is_err(),
+        "more vCPUs than the VMM has slots for is refused"
+    );
+    assert_eq!(hv.info(handle).await.expect("info").vcpus, config.vcpus);
 }
 
 /// A forced stop ends the VMM at once, without waiting for the guest.
