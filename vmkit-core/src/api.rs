@@ -52,7 +52,8 @@ impl NameBody {
     }
 }
 
-/// Body of `POST /v1/vms`. Missing fields take the defaults of [`VmSpec`].
+/// Body of `POST /v1/vms`. Missing fields take the manager's defaults
+/// ([`ManagerConfig::default_spec`](crate::ManagerConfig::default_spec)).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct CreateVm {
@@ -74,9 +75,14 @@ pub struct CreateVm {
 }
 
 impl CreateVm {
-    /// The spec this body asks for.
+    /// The spec this body asks for, with [`VmSpec::default`] for what it leaves out.
     pub fn spec(&self) -> VmSpec {
-        let d = VmSpec::default();
+        self.spec_or(&VmSpec::default())
+    }
+
+    /// The spec this body asks for, with `defaults` for what it leaves out.
+    pub fn spec_or(&self, defaults: &VmSpec) -> VmSpec {
+        let d = defaults.clone();
         VmSpec {
             image: self.image.clone().unwrap_or(d.image),
             vcpus: self.vcpus.unwrap_or(d.vcpus),

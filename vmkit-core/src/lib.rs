@@ -79,7 +79,7 @@ pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
 pub use quota::{Quota, QuotaExceeded, QuotaResource, Usage};
 pub use share::{Access, Share, ShareTarget};
 pub use snapshot::Snapshot;
-pub use spec::{SpecError, SpecLimits, VmSpec};
+pub use spec::{DEFAULT_IMAGE, SpecError, SpecLimits, VmSpec};
 pub use state::VmState;
 pub use storage::{
     BaseImage, CloneMethod, DiskFormat, Storage, StorageCapabilities, StorageError, Volume,

@@ -61,6 +61,9 @@ pub struct ManagerConfig {
     /// What [`Manager::reconcile`] does with a VM whose VMM died while no daemon
     /// watched it.
     pub on_vmm_exit: ExitPolicy,
+    /// What a create request takes for what it leaves out (the API's
+    /// [`CreateVm`](crate::api::CreateVm) fields); by default [`VmSpec::default`].
+    pub default_spec: VmSpec,
 }
 
 impl ManagerConfig {
@@ -77,6 +80,7 @@ impl ManagerConfig {
             console_limit: 1 << 20,
             dns: Vec::new(),
             on_vmm_exit: ExitPolicy::default(),
+            default_spec: VmSpec::default(),
         }
     }
 
@@ -119,6 +123,12 @@ impl ManagerConfig {
     /// Sets what reconcile does with VMs whose VMM died.
     pub fn on_vmm_exit(mut self, policy: ExitPolicy) -> Self {
         self.on_vmm_exit = policy;
+        self
+    }
+
+    /// Sets the defaults of create requests (the image, above all).
+    pub fn default_spec(mut self, spec: VmSpec) -> Self {
+        self.default_spec = spec;
         self
     }
 

@@ -499,6 +499,57 @@ async fn copy_on_xfs_shares_the_source_extents() {
     assert_eq!(fs::read(&copy.path).unwrap(), fs::read(&data.path).unwrap());
 }
 
+/// The size of the ext4 filesystem in `path`, from its superblock (`dumpe2fs -h`).
+fn ext4_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("dumpe2fs")
+        .arg("-h")
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in dumpe2fs output: {text}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    field("Block count:") * field("Block size:")
+}
+
+#[tokio::test]
+async fn a_grown_data_volume_has_its_filesystem_grown() {
+    let fs = Ext4::new();
+    let (storage, _image) = storage_in(fs.path(), None);
+    let data = storage
+        .create_data(VmId::generate(), 64 << 20)
+        .await
+        .unwrap();
+    assert_eq!(ext4_bytes(&data.path), 64 << 20);
+
+    let grown = storage.resize(&data, 192 << 20).await.unwrap();
+    assert_eq!(fs::metadata(&grown.path).unwrap().len(), 192 << 20);
+    assert_eq!(
+        ext4_bytes(&grown.path),
+        192 << 20,
+        "the filesystem fills it"
+    );
+
+    // A volume its owner reformatted (here: zeroed) grows and is left as it is.
+    std::os::unix::fs::FileExt::write_all_at(
+        &fs::OpenOptions::new()
+            .write(true)
+            .open(&grown.path)
+            .unwrap(),
+        &[0u8; 4096],
+        0,
+    )
+    .unwrap();
+    let again = storage.resize(&grown, 256 << 20).await.unwrap();
+    assert_eq!(fs::metadata(&again.path).unwrap().len(), 256 << 20);
+}
+
 #[tokio::test]
 async fn copy_on_ext4_is_sparse() {
     let fs = Ext4::new();

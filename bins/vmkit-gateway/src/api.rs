@@ -124,7 +124,8 @@ async fn create_vm(
 ) -> ApiResult<Response> {
     let Json(body) =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))?;
-    let mut request = CreateRequest::new(UserId::LOCAL, body.spec());
+    let defaults = &s.manager.config().default_spec;
+    let mut request = CreateRequest::new(UserId::LOCAL, body.spec_or(defaults));
     if let Some(name) = &body.name {
         request = request.name(vm_name(name)?);
     }

@@ -47,6 +47,8 @@ pub struct Config {
     /// What happens at daemon start to a VM whose VMM died while no daemon ran
     /// (a host reboot, a crash): `stop` marks it stopped, `restart` boots it again.
     pub on_vmm_exit: vmkit_core::ExitPolicy,
+    /// The image of VMs created without `--image`.
+    pub default_image: String,
 }
 
 /// Timeouts, in seconds.
@@ -159,6 +161,7 @@ impl Default for Config {
             cloud_hypervisor: ChSection::default(),
             network: NetworkSection::default(),
             on_vmm_exit: vmkit_core::ExitPolicy::Stop,
+            default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
         }
     }
 }
@@ -345,6 +348,13 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/srv/vmkit"));
         assert_eq!(c.timeouts.boot_secs, 45);
         assert_eq!(c.hypervisor, HypervisorChoice::Qemu);
+    }
+
+    #[test]
+    fn vms_boot_the_base_image_unless_configured_otherwise() {
+        assert_eq!(load_with(None, &[]).unwrap().default_image, "base");
+        let c = load_with(None, &[("VMKIT_DEFAULT_IMAGE", "tiny")]).unwrap();
+        assert_eq!(c.default_image, "tiny");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use clap::Parser;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use vmkit_core::{Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId};
+use vmkit_core::{Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId, VmSpec};
 
 use crate::config::{Config, LogFormat};
 
@@ -134,7 +134,8 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .boot_timeout(Duration::from_secs(t.boot_secs))
         .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
         .agent_timeout(Duration::from_secs(t.agent_secs))
-        .on_vmm_exit(config.on_vmm_exit);
+        .on_vmm_exit(config.on_vmm_exit)
+        .default_spec(VmSpec::new(config.default_image.clone()));
     let manager = Manager::new(manager_config, backends)
         .await
         .context("starting the VM manager")?;

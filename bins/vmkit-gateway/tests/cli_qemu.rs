@@ -438,6 +438,16 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
         d.log()
     );
     assert_eq!(sh(&d, "ops", "nproc"), "2\n");
+    // The data disk's filesystem grew with it.
+    let kib: u64 = sh(
+        &d,
+        "ops",
+        &format!("{MOUNT} && df -k /mnt/data | awk 'NR==2 {{print $2}}'; umount /mnt/data"),
+    )
+    .trim()
+    .parse()
+    .unwrap();
+    assert!(kib > 1900 * 1024, "a 2 GiB filesystem, not {kib} KiB");
 
     // Live: QEMU plugs a vCPU and the agent brings it online; a snapshot taken then
     // restores into a VMM with the same vCPUs; unplugging waits for the guest.
@@ -505,4 +515,55 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
             "{dir} is empty"
         );
     }
+}
+
+/// The base image, as a daemon configured with its default (`default_image = "base"`)
+/// boots it: the manager gives the guest its host name and data disk through the
+/// agent, systemd runs sshd, and the default user exists.
+#[test]
+fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
+    let tmp = data_dir();
+    std::os::unix::fs::symlink(
+        support::test_images().join("base"),
+        tmp.path().join("images/base"),
+    )
+    .unwrap();
+    let d = Daemon::start_in(
+        tmp.path(),
+        &[],
+        &[
+            ("VMKIT_HYPERVISOR", "qemu"),
+            ("VMKIT_TIMEOUTS_BOOT_SECS", "180"),
+            ("VMKIT_DEFAULT_IMAGE", "base"),
+        ],
+    );
+    let out = d.cli(&[
+        "--json", "vm", "create", "home", "--memory", "512", "--disk", "1",
+    ]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(json(&out)["spec"]["image"], "base");
+    assert_eq!(sh(&d, "home", "hostname"), "home\n");
+    // The agent answers before systemd has finished booting.
+    assert_eq!(
+        sh(
+            &d,
+            "home",
+            "systemctl is-system-running --wait; systemctl is-active ssh"
+        ),
+        "running\nactive\n"
+    );
+    assert_eq!(
+        sh(&d, "home", "findmnt -n -o SOURCE /data"),
+        "/dev/vdb\n",
+        "the data disk is mounted at /data"
+    );
+    assert_eq!(
+        sh(
+            &d,
+            "home",
+            "cat /etc/vmkit/default-user; id -u \"$(cat /etc/vmkit/default-user)\" >/dev/null && echo exists"
+        ),
+        "vmkit\nexists\n"
+    );
+    assert!(d.cli(&["vm", "rm", "home"]).status.success());
 }

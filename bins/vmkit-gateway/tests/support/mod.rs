@@ -80,6 +80,9 @@ impl Daemon {
             // Tests that want a network run the daemon in a namespace of their own and
             // switch it on; no test touches the host's bridges or rules.
             .env("VMKIT_NETWORK_ENABLED", "false")
+            // VMs boot the tiny image unless a test names another: the base image is
+            // for the tests that check it.
+            .env("VMKIT_DEFAULT_IMAGE", "tiny")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
