@@ -44,8 +44,10 @@ pub struct Config {
     pub cloud_hypervisor: ChSection,
     /// Guest networking.
     pub network: NetworkSection,
-    /// What happens at daemon start to a VM whose VMM died while no daemon ran
-    /// (a host reboot, a crash): `stop` marks it stopped, `restart` boots it again.
+    /// What happens to a VM whose VMM exited without a stop through vmkit (a crash,
+    /// a guest that powered itself off; at daemon start, a host reboot or a daemon
+    /// crash): `stop` marks it stopped, `restart` boots it again (at most 5 times in
+    /// 10 minutes).
     pub on_vmm_exit: vmkit_core::ExitPolicy,
     /// The image of VMs created without `--image`.
     pub default_image: String,

@@ -230,14 +230,57 @@ async fn bind(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut restarts = Restarts::default();
     loop {
         tick.tick().await;
-        if let Err(e) = manager.check_vmms().await {
-            warn!(error = %e, "VMM check failed");
+        match manager.check_vmms().await {
+            Ok(died) if manager.config().on_vmm_exit == vmkit_core::ExitPolicy::Restart => {
+                for name in died {
+                    if !restarts.allow(&name, std::time::Instant::now()) {
+                        error!(
+                            vm = %name,
+                            "its VMM died {RESTART_LIMIT} times within {RESTART_WINDOW:?}; left \
+                             stopped (see `vmkit vm logs`, then start it)"
+                        );
+                        continue;
+                    }
+                    let manager = manager.clone();
+                    tokio::spawn(async move {
+                        match manager.start(&name).await {
+                            Ok(_) => info!(vm = %name, "restarted after its VMM died"),
+                            Err(e) => warn!(vm = %name, error = %e, "cannot restart"),
+                        }
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "VMM check failed"),
         }
         if let Err(e) = manager.check_agents(agent_timeout).await {
             warn!(error = %e, "agent check failed");
         }
+    }
+}
+
+/// Most restarts of one VM within [`RESTART_WINDOW`] under `on_vmm_exit = "restart"`;
+/// a VM whose VMM keeps dying is then left stopped rather than restarted forever.
+const RESTART_LIMIT: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(600);
+
+/// Recent automatic restarts per VM.
+#[derive(Default)]
+struct Restarts(std::collections::HashMap<vmkit_core::VmName, Vec<std::time::Instant>>);
+
+impl Restarts {
+    /// Whether `vm` may be restarted `now`; records the restart when it may.
+    fn allow(&mut self, vm: &vmkit_core::VmName, now: std::time::Instant) -> bool {
+        let recent = self.0.entry(vm.clone()).or_default();
+        recent.retain(|t| now.duration_since(*t) < RESTART_WINDOW);
+        if recent.len() >= RESTART_LIMIT {
+            return false;
+        }
+        recent.push(now);
+        true
     }
 }
 
@@ -252,4 +295,32 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = int.recv() => info!("SIGINT: shutting down"),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vm_that_keeps_dying_is_restarted_a_bounded_number_of_times() {
+        let mut restarts = Restarts::default();
+        let vm: vmkit_core::VmName = "web".parse().unwrap();
+        let other: vmkit_core::VmName = "db".parse().unwrap();
+        let t0 = std::time::Instant::now();
+        for i in 0..RESTART_LIMIT {
+            assert!(restarts.allow(&vm, t0 + Duration::from_secs(i as u64)));
+        }
+        assert!(
+            !restarts.allow(&vm, t0 + Duration::from_secs(60)),
+            "limit reached"
+        );
+        assert!(
+            restarts.allow(&other, t0 + Duration::from_secs(60)),
+            "per VM"
+        );
+        assert!(
+            restarts.allow(&vm, t0 + RESTART_WINDOW + Duration::from_secs(1)),
+            "restarts older than the window no longer count"
+        );
+    }
 }

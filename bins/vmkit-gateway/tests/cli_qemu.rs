@@ -222,6 +222,44 @@ fn a_qemu_that_dies_marks_the_vm_stopped_and_it_starts_again() {
 }
 
 #[test]
+fn with_on_vmm_exit_restart_a_vm_whose_qemu_dies_boots_again() {
+    let tmp = data_dir();
+    let d = Daemon::start_in(
+        tmp.path(),
+        &[],
+        &[
+            ("VMKIT_HYPERVISOR", "qemu"),
+            ("VMKIT_TIMEOUTS_BOOT_SECS", "120"),
+            ("VMKIT_ON_VMM_EXIT", "restart"),
+        ],
+    );
+    let out = d.cli(&["--json", "vm", "create", "phoenix", "--memory", "256"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let pid = json(&out)["resources"]["vmm"]["pid"].as_u64().unwrap();
+
+    // SAFETY: signalling the QEMU process this test created.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let vm = json(&d.cli(&["--json", "vm", "show", "phoenix"]));
+        let new_pid = vm["resources"]["vmm"]["pid"].as_u64();
+        if vm["state"] == "running" && new_pid.is_some_and(|p| p != pid) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "VM not restarted: {vm}\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let out = d.cli(&["vm", "exec", "phoenix", "--", "true"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(d.log().contains("restarted after its VMM died"));
+    assert!(d.cli(&["vm", "rm", "phoenix"]).status.success());
+}
+
+#[test]
 fn a_guest_that_never_says_hello_fails_create_with_its_console_and_is_cleaned_up() {
     let tmp = data_dir();
     let d = Daemon::start_in(
