@@ -17,8 +17,7 @@ pub async fn real(config: &Config) -> anyhow::Result<Backends> {
         vmkit_store::RedbStore::open(config.data_dir.join("state.redb"))
             .context("opening the state store")?,
     );
-    let storage = vmkit_store::FileStorage::new(config.data_dir.join("volumes"))
-        .context("preparing the volume directory")?;
+    let storage = storage(config)?;
     let images = DirImageCatalog::new(config.data_dir.join("images"));
     let hypervisor = hypervisor(config).await?;
     info!(
@@ -26,11 +25,51 @@ pub async fn real(config: &Config) -> anyhow::Result<Backends> {
         data_dir = %config.data_dir.display(),
         "backends ready"
     );
-    let backends = Backends::new(hypervisor, Arc::new(storage), store, Arc::new(images));
+    let backends = Backends::new(hypervisor, storage, store, Arc::new(images));
     Ok(match network(config)? {
         Some(network) => backends.with_network(network),
         None => backends,
     })
+}
+
+/// File volumes under the data directory, or LVM thin volumes.
+fn storage(config: &Config) -> anyhow::Result<Arc<dyn vmkit_core::Storage>> {
+    let s = &config.storage;
+    match s.backend.as_str() {
+        "file" => {
+            let mut file = vmkit_store::FileStorageConfig::new(config.data_dir.join("volumes"));
+            file = match s.clone_method.as_str() {
+                "auto" => file,
+                "reflink" => file.clone_method(vmkit_core::CloneMethod::Reflink),
+                "qcow2" => file.clone_method(vmkit_core::CloneMethod::Qcow2Overlay),
+                "copy" => file.clone_method(vmkit_core::CloneMethod::SparseCopy),
+                other => {
+                    bail!("storage.clone_method = {other:?}; use auto, reflink, qcow2 or copy")
+                }
+            };
+            let storage = vmkit_store::FileStorage::with_config(file)
+                .context("preparing the volume directory")?;
+            info!(clone_method = %s.clone_method, "file volumes");
+            Ok(Arc::new(storage))
+        }
+        "lvm" => {
+            if s.volume_group.is_empty() || s.thin_pool.is_empty() {
+                bail!(
+                    "storage.backend = \"lvm\" needs storage.volume_group and storage.thin_pool \
+                     (an LVM thin pool you created, e.g. `lvcreate --type thin-pool -L 100G -n \
+                     vmkit vg0`)"
+                );
+            }
+            let lvm = vmkit_store::LvmStorage::new(vmkit_store::LvmConfig::new(
+                s.volume_group.clone(),
+                s.thin_pool.clone(),
+            ))
+            .context("configuring LVM storage")?;
+            info!(vg = %s.volume_group, pool = %s.thin_pool, "LVM thin volumes");
+            Ok(Arc::new(lvm))
+        }
+        other => bail!("storage.backend = {other:?}; use file or lvm"),
+    }
 }
 
 /// The bridge network, when enabled.
@@ -88,7 +127,9 @@ async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
     };
     Ok(match backend {
         Backend::CloudHypervisor => Arc::new(vmkit_hv::CloudHypervisor::new(
-            vmkit_hv::ChConfig::new().binary(config.cloud_hypervisor.binary.clone()),
+            vmkit_hv::ChConfig::new()
+                .binary(config.cloud_hypervisor.binary.clone())
+                .hotplug_memory_mib(config.cloud_hypervisor.hotplug_memory_mib),
         )),
         _ => Arc::new(vmkit_hv::Qemu::new(
             vmkit_hv::QemuConfig::new()
@@ -119,4 +160,64 @@ pub fn fake(data_dir: &Path) -> Backends {
         Arc::new(FakeImages::with(&["tiny", "base"])),
     )
     .with_network(Arc::new(FakeNetwork::new(pool)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_storage(
+        data_dir: &Path,
+        edit: impl FnOnce(&mut crate::config::StorageSection),
+    ) -> Config {
+        let mut config = Config {
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        };
+        edit(&mut config.storage);
+        config
+    }
+
+    #[test]
+    fn storage_backends_are_built_from_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = storage(&with_storage(dir.path(), |s| {
+            s.clone_method = "copy".into()
+        }))
+        .unwrap();
+        assert_eq!(
+            file.capabilities().clone_method,
+            vmkit_core::CloneMethod::SparseCopy
+        );
+        let lvm = storage(&with_storage(dir.path(), |s| {
+            s.backend = "lvm".into();
+            s.volume_group = "vg0".into();
+            s.thin_pool = "vmkit".into();
+        }))
+        .unwrap();
+        assert_eq!(
+            lvm.capabilities().clone_method,
+            vmkit_core::CloneMethod::LvmSnapshot
+        );
+    }
+
+    #[test]
+    fn bad_storage_settings_say_what_to_set() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |edit: fn(&mut crate::config::StorageSection)| {
+            format!(
+                "{:#}",
+                storage(&with_storage(dir.path(), edit)).err().unwrap()
+            )
+        };
+        assert!(err(|s| s.backend = "zfs".into()).contains("use file or lvm"));
+        assert!(err(|s| s.clone_method = "magic".into()).contains("auto, reflink, qcow2 or copy"));
+        assert!(err(|s| s.backend = "lvm".into()).contains("storage.volume_group"));
+        let bad_name = err(|s| {
+            s.backend = "lvm".into();
+            s.volume_group = "vg0; rm".into();
+            s.thin_pool = "pool".into();
+        });
+        assert!(bad_name.contains("volume group"), "{bad_name}");
+    }
 }

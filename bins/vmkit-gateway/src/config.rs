@@ -44,6 +44,8 @@ pub struct Config {
     pub cloud_hypervisor: ChSection,
     /// Guest networking.
     pub network: NetworkSection,
+    /// Where volumes live.
+    pub storage: StorageSection,
     /// What happens to a VM whose VMM exited without a stop through vmkit (a crash,
     /// a guest that powered itself off; at daemon start, a host reboot or a daemon
     /// crash): `stop` marks it stopped, `restart` boots it again (at most 5 times in
@@ -105,6 +107,31 @@ pub struct QemuSection {
     pub accel: String,
 }
 
+/// Volumes: files under the data directory, or thin volumes in an LVM thin pool.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSection {
+    /// `file` or `lvm`.
+    pub backend: String,
+    /// File volumes: `auto`, `reflink`, `qcow2` or `copy`.
+    pub clone_method: String,
+    /// LVM: the volume group.
+    pub volume_group: String,
+    /// LVM: the thin pool in it.
+    pub thin_pool: String,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            backend: "file".to_owned(),
+            clone_method: "auto".to_owned(),
+            volume_group: String::new(),
+            thin_pool: String::new(),
+        }
+    }
+}
+
 /// Guest networking: a bridge with NAT and per-VM isolation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,12 +165,15 @@ impl Default for NetworkSection {
 pub struct ChSection {
     /// The cloud-hypervisor program.
     pub binary: PathBuf,
+    /// Memory a VM may grow by while it runs, MiB (0: no live memory resize).
+    pub hotplug_memory_mib: u64,
 }
 
 impl Default for ChSection {
     fn default() -> Self {
         Self {
             binary: PathBuf::from("cloud-hypervisor"),
+            hotplug_memory_mib: 0,
         }
     }
 }
@@ -162,6 +192,7 @@ impl Default for Config {
             qemu: QemuSection::default(),
             cloud_hypervisor: ChSection::default(),
             network: NetworkSection::default(),
+            storage: StorageSection::default(),
             on_vmm_exit: vmkit_core::ExitPolicy::Stop,
             default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
         }
