@@ -127,6 +127,8 @@ pub struct ProbeOptions {
     pub cloud_hypervisor: PathBuf,
     /// The QEMU system emulator for this host's architecture.
     pub qemu: PathBuf,
+    /// The `nft` program, which the bridge network drives.
+    pub nft: PathBuf,
     /// The KVM device.
     pub kvm_device: PathBuf,
     /// Longest wait for a program's `--version`.
@@ -141,6 +143,7 @@ impl ProbeOptions {
             data_dir: data_dir.into(),
             cloud_hypervisor: PathBuf::from("cloud-hypervisor"),
             qemu: PathBuf::from(format!("qemu-system-{}", std::env::consts::ARCH)),
+            nft: PathBuf::from("nft"),
             kvm_device: PathBuf::from("/dev/kvm"),
             version_timeout: Duration::from_secs(5),
         }
@@ -155,6 +158,12 @@ impl ProbeOptions {
     /// Sets the QEMU program.
     pub fn qemu(mut self, program: impl Into<PathBuf>) -> Self {
         self.qemu = program.into();
+        self
+    }
+
+    /// Sets the `nft` program.
+    pub fn nft(mut self, program: impl Into<PathBuf>) -> Self {
+        self.nft = program.into();
         self
     }
 
@@ -180,6 +189,9 @@ pub struct HostReport {
     pub qemu: BinaryReport,
     /// Whether this process may create bridges, TAPs and nftables rules.
     pub network: NetworkPermissions,
+    /// The `nft` program (nftables), without which the bridge network cannot
+    /// isolate guests and the daemon refuses to start with networking on.
+    pub nft: BinaryReport,
     /// Free space in the data directory.
     pub disk: DiskReport,
 }
@@ -284,6 +296,7 @@ pub fn probe_host(options: &ProbeOptions) -> HostReport {
         cloud_hypervisor: probe_binary(&options.cloud_hypervisor, options.version_timeout),
         qemu: probe_binary(&options.qemu, options.version_timeout),
         network: probe_network(),
+        nft: probe_binary(&options.nft, options.version_timeout),
         disk: probe_disk(&options.data_dir),
     }
 }
@@ -602,6 +615,7 @@ mod tests {
                 root: true,
                 cap_net_admin: true,
             },
+            nft: binary(true),
             disk: DiskReport {
                 data_dir: "/var/lib/vmkit".into(),
                 free_bytes: Some(1 << 30),

@@ -5,6 +5,7 @@
 mod support;
 
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::{Daemon, json, stderr, stdout};
@@ -604,4 +605,46 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
         "vmkit\nexists\n"
     );
     assert!(d.cli(&["vm", "rm", "home"]).status.success());
+}
+
+/// `vmkit doctor` on this host: root, QEMU and nftables are there (the test script
+/// installs them), the KVM verdict is given with its reason, and auto picks a backend.
+#[test]
+fn doctor_reports_what_this_host_has() {
+    let tmp = data_dir();
+    let out = Command::new(support::cli_bin())
+        .args(["--json", "--data-dir"])
+        .arg(tmp.path())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc = json(&out);
+    let report = &doc["report"];
+    assert_eq!(report["network"]["root"], true, "{doc}");
+    for program in ["qemu", "nft"] {
+        assert!(
+            report[program]["path"].is_string() && report[program]["version"].is_string(),
+            "{program} found with its version: {doc}"
+        );
+    }
+    assert!(report["disk"]["free_bytes"].as_u64().unwrap() > 0, "{doc}");
+    assert!(
+        report["kvm"]["api_version"].is_number() || report["kvm"]["problem"].is_string(),
+        "KVM is usable or says why not: {doc}"
+    );
+    let picked = doc["auto"]["backend"].as_str().unwrap();
+    assert!(["qemu", "cloud-hypervisor"].contains(&picked), "{doc}");
+    assert!(!doc["auto"]["reason"].as_str().unwrap().is_empty());
+
+    let text = Command::new(support::cli_bin())
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .arg("doctor")
+        .output()
+        .unwrap();
+    let text = stdout(&text);
+    for line in ["KVM device:", "QEMU:", "nftables:", "auto picks:"] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
 }

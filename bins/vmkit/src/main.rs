@@ -718,6 +718,17 @@ async fn doctor(
             "cannot create bridges or nftables rules: run the daemon as root"
         }
     );
+    println!(
+        "nftables:          {}",
+        if report.nft.found() {
+            binary(&report.nft)
+        } else {
+            format!(
+                "{}; guest networking needs it (Debian: apt-get install nftables)",
+                binary(&report.nft)
+            )
+        }
+    );
     match (report.disk.free_bytes, &report.disk.problem) {
         (Some(free), _) => println!(
             "disk:              {:.1} GiB free for {}",
