@@ -526,6 +526,7 @@ impl Manager {
             }
             self.save(&mut vm).await?;
         }
+        self.drop_console(vm.id).await?;
         b.store.delete_vm(vm.id).await?;
         info!(vm = %vm.name, "deleted VM");
         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
@@ -637,6 +638,7 @@ impl Manager {
                 }
                 warn!(vm = %current.name, "VMM exited; marking the VM stopped");
                 self.forget_agent(current.id);
+                self.keep_console(current.id, &handle).await;
                 self.inner.backends.hypervisor.cleanup(&handle).await?;
                 current.resources.vmm = None;
                 current.health = Health::Unknown;
@@ -758,6 +760,7 @@ impl Manager {
             Err(error) => {
                 if let Some(handle) = vm.resources.vmm.take() {
                     let _ = b.hypervisor.kill(&handle).await;
+                    self.keep_console(vm.id, &handle).await;
                     let _ = b.hypervisor.cleanup(&handle).await;
                 }
                 self.set_state(vm, VmState::Stopped).await?;
@@ -779,6 +782,7 @@ impl Manager {
         self.set_state(vm, VmState::Stopping).await?;
         if let Some(handle) = vm.resources.vmm.clone() {
             self.graceful_stop(vm, &handle).await?;
+            self.keep_console(vm.id, &handle).await;
             self.inner.backends.hypervisor.cleanup(&handle).await?;
         }
         vm.resources.vmm = None;

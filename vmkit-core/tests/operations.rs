@@ -82,10 +82,57 @@ async fn logs_and_metrics_come_from_the_vmm_and_the_agent() {
     assert!(metrics.guest.is_none(), "a paused guest is not asked");
     host.manager.resume(&name("web")).await.unwrap();
     host.manager.stop(&name("web")).await.unwrap();
-    assert!(matches!(
-        host.manager.logs(&name("web"), 10).await,
-        Err(ManagerError::WrongState { .. })
-    ));
+    assert_eq!(
+        host.manager.logs(&name("web"), 4096).await.unwrap(),
+        "",
+        "without a data directory nothing is kept (and nothing is created)"
+    );
+    assert!(!std::path::Path::new("/nonexistent/vmkit").exists());
+}
+
+#[tokio::test]
+async fn a_stopped_or_crashed_vm_keeps_its_last_console_until_it_is_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = FakeHost::with_config(ManagerConfig::new(dir.path())).await;
+    let web = host.manager.create(request("web")).await.unwrap();
+    let live = host.manager.logs(&name("web"), 4096).await.unwrap();
+    assert!(live.contains("fake boot of web"), "{live}");
+
+    host.manager.stop(&name("web")).await.unwrap();
+    assert_eq!(host.manager.logs(&name("web"), 4096).await.unwrap(), live);
+    assert_eq!(
+        host.manager.logs(&name("web"), 5).await.unwrap(),
+        live[live.len() - 5..],
+        "the newest bytes"
+    );
+
+    host.manager.start(&name("web")).await.unwrap();
+    let handle = host
+        .manager
+        .get(&name("web"))
+        .await
+        .unwrap()
+        .resources
+        .vmm
+        .unwrap();
+    host.hypervisor.crash(&handle);
+    assert_eq!(host.manager.check_vmms().await.unwrap(), [name("web")]);
+    assert!(
+        host.manager
+            .logs(&name("web"), 4096)
+            .await
+            .unwrap()
+            .contains("fake boot of web"),
+        "a crashed VM's console is kept too"
+    );
+
+    let kept = dir.path().join("consoles").join(format!("{}.log", web.id));
+    assert!(kept.exists());
+    host.manager
+        .delete(&name("web"), vmkit_core::DeleteOptions::default())
+        .await
+        .unwrap();
+    assert!(!kept.exists(), "deleting the VM removes its console");
 }
 
 #[tokio::test]

@@ -215,6 +215,14 @@ fn a_qemu_that_dies_marks_the_vm_stopped_and_it_starts_again() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // What the console showed before the crash is kept.
+    let out = d.cli(&["vm", "logs", "crashy"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("Linux version"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     let out = d.cli(&["--json", "vm", "start", "crashy"]);
     assert_eq!(json(&out)["state"], "running", "{}", stderr(&out));
     let out = d.cli(&["vm", "exec", "crashy", "--", "true"]);

@@ -70,6 +70,9 @@ pub struct VmMetrics {
     pub guest: Option<vmkit_guest::Metrics>,
 }
 
+/// How much of a stopped VM's console is kept for [`Manager::logs`].
+pub const KEPT_CONSOLE_BYTES: usize = 64 << 10;
+
 /// How long the guest samples CPU use for a metrics call.
 const CPU_SAMPLE: Duration = Duration::from_millis(500);
 
@@ -163,9 +166,25 @@ impl Manager {
         Ok(vm)
     }
 
-    /// The last `max_bytes` of a running or paused VM's console output.
+    /// The last `max_bytes` of a VM's console output: live while it runs or is
+    /// paused; once it has stopped (or its VMM died), what its console showed last
+    /// (up to [`KEPT_CONSOLE_BYTES`]), kept until it stops again or is deleted.
     pub async fn logs(&self, name: &VmName, max_bytes: usize) -> Result<String, ManagerError> {
         let vm = self.get(name).await?;
+        if vm.state == VmState::Stopped {
+            let path = self.kept_console_path(vm.id);
+            return match tokio::fs::read(&path).await {
+                Ok(bytes) => {
+                    let from = bytes.len().saturating_sub(max_bytes);
+                    Ok(String::from_utf8_lossy(&bytes[from..]).into_owned())
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+                Err(e) => Err(ManagerError::Io {
+                    context: format!("cannot read {}", path.display()),
+                    source: e,
+                }),
+            };
+        }
         self.require(&vm, "read the console of", RUNNING_OR_PAUSED)?;
         let handle = self.vmm_of(&vm)?;
         Ok(self
@@ -174,6 +193,61 @@ impl Manager {
             .hypervisor
             .console_tail(&handle, max_bytes)
             .await?)
+    }
+
+    /// Where the last console output of stopped VM `vm` is kept.
+    pub(super) fn kept_console_path(&self, vm: crate::vm::VmId) -> std::path::PathBuf {
+        self.inner
+            .config
+            .data_dir
+            .join("consoles")
+            .join(format!("{vm}.log"))
+    }
+
+    /// Keeps the end of the console of `vm`, whose VMM has exited or is about to be
+    /// cleaned up, so that `logs` still shows why it stopped. Best effort: a
+    /// failure is logged, never fails the stop.
+    pub(super) async fn keep_console(
+        &self,
+        vm: crate::vm::VmId,
+        handle: &crate::hypervisor::VmmHandle,
+    ) {
+        let hv = &self.inner.backends.hypervisor;
+        let text = match hv.console_tail(handle, KEPT_CONSOLE_BYTES).await {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(%vm, error = %e, "cannot read the console to keep it");
+                return;
+            }
+        };
+        let path = self.kept_console_path(vm);
+        let written = async {
+            // Only inside an existing data directory: the manager never creates that.
+            let dir = path.parent().unwrap_or(&path);
+            match tokio::fs::create_dir(dir).await {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+            let tmp = path.with_extension("log.tmp");
+            tokio::fs::write(&tmp, text.as_bytes()).await?;
+            tokio::fs::rename(&tmp, &path).await
+        }
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(%vm, path = %path.display(), error = %e, "cannot keep the console");
+        }
+    }
+
+    /// Removes the kept console of `vm` (when it is deleted).
+    pub(super) async fn drop_console(&self, vm: crate::vm::VmId) -> Result<(), ManagerError> {
+        let path = self.kept_console_path(vm);
+        match tokio::fs::remove_file(&path).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(ManagerError::Io {
+                context: format!("cannot remove {}", path.display()),
+                source: e,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// What a running or paused VM uses.

@@ -240,6 +240,7 @@ impl Manager {
             b.hypervisor.kill(handle).await?;
             b.hypervisor.cleanup(handle).await?;
         }
+        self.drop_console(vm.id).await?;
         b.hypervisor
             .discard(&self.inner.config.run_dir(vm.id))
             .await?;
@@ -285,6 +286,7 @@ impl Manager {
         self.forget_agent(vm.id);
         if let Some(handle) = vm.resources.vmm.take() {
             b.hypervisor.kill(&handle).await?;
+            self.keep_console(vm.id, &handle).await;
             b.hypervisor.cleanup(&handle).await?;
         }
         b.hypervisor
@@ -404,6 +406,23 @@ impl Manager {
                     format!("removed orphaned snapshot state {}", dir.display()),
                 )
                 .await;
+            }
+        }
+        let consoles = self.inner.config.data_dir.join("consoles");
+        if let Ok(entries) = std::fs::read_dir(&consoles) {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let id = name
+                    .to_str()
+                    .and_then(|n| n.strip_suffix(".log"))
+                    .and_then(|n| n.parse::<VmId>().ok());
+                if let Some(id) = id
+                    && !records.contains_key(&id)
+                {
+                    self.drop_console(id).await?;
+                    self.orphan(report, id, "removed an orphaned console log".to_owned())
+                        .await;
+                }
             }
         }
         for (vm, dir) in run_dirs(&self.inner.config.run_root())? {

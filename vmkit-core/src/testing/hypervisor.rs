@@ -55,6 +55,18 @@ pub struct GuestState {
 struct Shared {
     vmms: BTreeMap<u32, FakeVmm>,
     snapshots: BTreeMap<PathBuf, FakeVmm>,
+    /// The consoles of VMMs that exited, readable until `cleanup`, as a real
+    /// backend's log in its run directory is.
+    exited: BTreeMap<u32, String>,
+}
+
+impl Shared {
+    /// The VMM `pid` exits; its console stays readable until cleanup.
+    fn exit(&mut self, pid: u32) {
+        if let Some(vmm) = self.vmms.remove(&pid) {
+            self.exited.insert(pid, vmm.console);
+        }
+    }
 }
 
 /// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
@@ -112,7 +124,7 @@ impl FakeHypervisor {
 
     /// Makes the VMM of `handle` exit as if it crashed.
     pub fn crash(&self, handle: &VmmHandle) {
-        self.lock().vmms.remove(&handle.pid);
+        self.lock().exit(handle.pid);
     }
 
     /// What the guest of the VMM `pid` was told to configure, if it runs.
@@ -241,13 +253,13 @@ impl Hypervisor for FakeHypervisor {
 
     async fn shutdown(&self, handle: &VmmHandle, _grace: Duration) -> Result<(), HypervisorError> {
         self.check("hypervisor.shutdown")?;
-        self.lock().vmms.remove(&handle.pid);
+        self.lock().exit(handle.pid);
         Ok(())
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         self.check("hypervisor.kill")?;
-        self.lock().vmms.remove(&handle.pid);
+        self.lock().exit(handle.pid);
         Ok(())
     }
 
@@ -364,24 +376,29 @@ impl Hypervisor for FakeHypervisor {
         handle: &VmmHandle,
         max_bytes: usize,
     ) -> Result<String, HypervisorError> {
-        let console = self
-            .lock()
-            .vmms
-            .get(&handle.pid)
-            .map(|v| v.console.clone())
-            .unwrap_or_default();
+        let console = {
+            let shared = self.lock();
+            shared
+                .vmms
+                .get(&handle.pid)
+                .map(|v| v.console.clone())
+                .or_else(|| shared.exited.get(&handle.pid).cloned())
+                .unwrap_or_default()
+        };
         let start = console.len().saturating_sub(max_bytes);
         Ok(console.get(start..).map(str::to_owned).unwrap_or(console))
     }
 
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         self.check("hypervisor.cleanup")?;
-        if self.lock().vmms.contains_key(&handle.pid) {
+        let mut shared = self.lock();
+        if shared.vmms.contains_key(&handle.pid) {
             return Err(HypervisorError::Refused {
                 operation: "cleanup",
                 message: "the VMM still runs".into(),
             });
         }
+        shared.exited.remove(&handle.pid);
         Ok(())
     }
 
@@ -515,7 +532,7 @@ impl Handler for FakeAgent {
     }
 
     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
-        self.hypervisor.lock().vmms.remove(&self.pid);
+        self.hypervisor.lock().exit(self.pid);
         Ok(())
     }
 
