@@ -340,3 +340,58 @@ async fn rm_keep_data_hands_the_data_volume_over_and_reconcile_leaves_it() {
     let report = host.manager.reconcile().await.unwrap();
     assert!(report.orphans.is_empty(), "{report:?}");
 }
+
+#[tokio::test]
+async fn guest_logs_come_from_the_agent_and_can_be_followed() {
+    use vmkit_guest::LogsRequest;
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    let mut last_two = LogsRequest::unit("ssh");
+    last_two.lines = 2;
+    assert_eq!(
+        host.manager
+            .guest_logs(&name("web"), last_two)
+            .await
+            .unwrap(),
+        ["ssh: fake line 2", "ssh: fake line 3"]
+    );
+    assert_eq!(
+        host.manager
+            .guest_logs(&name("web"), LogsRequest::file("/etc/hostname"))
+            .await
+            .unwrap(),
+        ["web"],
+        "the guest's files"
+    );
+    let err = host
+        .manager
+        .guest_logs(&name("web"), LogsRequest::file("/nope"))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("No such file"), "{err}");
+
+    let mut stream = host
+        .manager
+        .follow_guest_logs(&name("web"), LogsRequest::unit("ssh"))
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        let line = stream.next().await.unwrap().unwrap();
+        assert_eq!(line, format!("ssh: fake line {i}"));
+    }
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(200), stream.next())
+            .await
+            .is_err(),
+        "a followed log stays open for new lines"
+    );
+    drop(stream);
+
+    host.manager.stop(&name("web")).await.unwrap();
+    assert!(matches!(
+        host.manager
+            .guest_logs(&name("web"), LogsRequest::unit("ssh"))
+            .await,
+        Err(ManagerError::WrongState { .. })
+    ));
+}

@@ -195,6 +195,48 @@ impl Manager {
             .await?)
     }
 
+    /// The last lines of a unit's journal or of a file in a running VM, read by its
+    /// agent (`req.follow` is ignored; see [`Manager::follow_guest_logs`]).
+    pub async fn guest_logs(
+        &self,
+        name: &VmName,
+        req: vmkit_guest::LogsRequest,
+    ) -> Result<Vec<String>, ManagerError> {
+        let (vm, client) = self.running_agent(name, "read the logs of").await?;
+        client.logs(req).await.map_err(|e| ManagerError::Agent {
+            name: vm.name.clone(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The last lines of a unit's journal or of a file in a running VM, then every
+    /// new line, until the returned stream is dropped.
+    pub async fn follow_guest_logs(
+        &self,
+        name: &VmName,
+        req: vmkit_guest::LogsRequest,
+    ) -> Result<vmkit_guest::LogStream, ManagerError> {
+        let (vm, client) = self.running_agent(name, "follow the logs of").await?;
+        client
+            .follow_logs(req)
+            .await
+            .map_err(|e| ManagerError::Agent {
+                name: vm.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    async fn running_agent(
+        &self,
+        name: &VmName,
+        operation: &'static str,
+    ) -> Result<(VmRecord, vmkit_guest::Client), ManagerError> {
+        let vm = self.get(name).await?;
+        self.require(&vm, operation, RUNNING)?;
+        let client = self.agent(&vm).await?;
+        Ok((vm, client))
+    }
+
     /// Where the last console output of stopped VM `vm` is kept.
     pub(super) fn kept_console_path(&self, vm: crate::vm::VmId) -> std::path::PathBuf {
         self.inner

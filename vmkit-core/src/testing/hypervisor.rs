@@ -555,6 +555,30 @@ impl Handler for FakeAgent {
         self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
     }
 
+    /// A unit's journal is three lines naming the unit; the only file is
+    /// `/etc/hostname`. With `follow`, nothing new is ever written: the stream stays
+    /// open until the host cancels it.
+    async fn logs(&self, req: vmkit_guest::LogsRequest, out: OutputSink) -> Result<(), String> {
+        let all: Vec<String> = match &req.source {
+            vmkit_guest::LogSource::Unit(unit) => {
+                (1..=3).map(|i| format!("{unit}: fake line {i}")).collect()
+            }
+            vmkit_guest::LogSource::File(path) if path == "/etc/hostname" => {
+                vec![self.hostname.clone()]
+            }
+            vmkit_guest::LogSource::File(path) => {
+                return Err(format!("cannot open {path}: No such file or directory"));
+            }
+            _ => return Err("unknown log source".to_owned()),
+        };
+        let from = all.len().saturating_sub(req.lines as usize);
+        out.lines(&all[from..]).await.map_err(|e| e.to_string())?;
+        if req.follow {
+            std::future::pending::<()>().await;
+        }
+        Ok(())
+    }
+
     /// An idle guest: no CPU use, half its memory in use, a tenth of its disk.
     async fn metrics(&self, _interval: Duration) -> Result<vmkit_guest::Metrics, String> {
         let memory_mib = self
