@@ -72,6 +72,9 @@ pub struct CreateVm {
     /// Data disk in GiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
+    /// Root disk in GiB (0: the image's size).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_gib: Option<u64>,
 }
 
 impl CreateVm {
@@ -88,6 +91,7 @@ impl CreateVm {
             vcpus: self.vcpus.unwrap_or(d.vcpus),
             memory_mib: self.memory_mib.unwrap_or(d.memory_mib),
             disk_gib: self.disk_gib.unwrap_or(d.disk_gib),
+            root_gib: self.root_gib.unwrap_or(d.root_gib),
         }
     }
 }

@@ -406,10 +406,16 @@ impl Manager {
             None => {
                 let formats = b.hypervisor.capabilities().disk_formats;
                 let base = b.storage.import_image(image).await?;
-                let root = b.storage.clone_root(vm.id, &base, &formats).await?;
+                let mut root = b.storage.clone_root(vm.id, &base, &formats).await?;
                 undo.push(Undo::Volume(root.clone()));
-                vm.resources.root = Some(root);
+                vm.resources.root = Some(root.clone());
                 self.save(vm).await?;
+                let root_bytes = vm.spec.root_gib << 30;
+                if root_bytes > root.size_bytes {
+                    root = b.storage.resize(&root, root_bytes).await?;
+                    vm.resources.root = Some(root);
+                    self.save(vm).await?;
+                }
                 if vm.spec.disk_gib > 0 {
                     let data = b.storage.create_data(vm.id, vm.spec.disk_gib << 30).await?;
                     undo.push(Undo::Volume(data.clone()));

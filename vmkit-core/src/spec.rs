@@ -14,6 +14,12 @@ pub struct VmSpec {
     pub memory_mib: u64,
     /// Size of the persistent data disk in GiB; 0 means no data disk.
     pub disk_gib: u64,
+    /// Size of the root disk in GiB; 0 (or less than the image) keeps the image's
+    /// size. Images that grow their root filesystem at boot (`base`:
+    /// `x-systemd.growfs`) fill it; the root disk is thin (sparse, an overlay or a
+    /// thin volume), so unused space costs nothing.
+    #[serde(default)]
+    pub root_gib: u64,
 }
 
 impl VmSpec {
@@ -43,6 +49,12 @@ impl VmSpec {
         self
     }
 
+    /// Sets the root disk size in GiB (0: the image's size).
+    pub fn root_gib(mut self, root_gib: u64) -> Self {
+        self.root_gib = root_gib;
+        self
+    }
+
     /// Checks the spec against the host's limits.
     pub fn validate(&self, limits: &SpecLimits) -> Result<(), SpecError> {
         if self.image.is_empty()
@@ -68,6 +80,7 @@ impl VmSpec {
             limits.max_memory_mib,
         )?;
         check("disk_gib", self.disk_gib, 0, limits.max_disk_gib)?;
+        check("root_gib", self.root_gib, 0, limits.max_disk_gib)?;
         Ok(())
     }
 }
@@ -96,6 +109,7 @@ impl Default for VmSpec {
             vcpus: 1,
             memory_mib: 512,
             disk_gib: 0,
+            root_gib: 0,
         }
     }
 }

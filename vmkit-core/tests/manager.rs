@@ -16,7 +16,7 @@ fn name(s: &str) -> VmName {
 }
 
 fn request(n: &str) -> CreateRequest {
-    CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").disk_gib(1)).name(name(n))
+    CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").disk_gib(1).root_gib(2)).name(name(n))
 }
 
 async fn exec_stdout(host: &FakeHost, vm: &str, argv: &[&str]) -> (Vec<u8>, Option<i32>) {
@@ -630,4 +630,27 @@ async fn pause_and_resume_follow_the_state_machine() {
         host.manager.stop(&name("web")).await.unwrap().state,
         VmState::Stopped
     );
+}
+
+#[tokio::test]
+async fn the_root_disk_takes_the_asked_size_or_keeps_the_image_size() {
+    let host = FakeHost::new().await;
+    let big = host.manager.create(request("big")).await.unwrap();
+    assert_eq!(big.resources.root.unwrap().size_bytes, 2 << 30);
+    let plain = host
+        .manager
+        .create(CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny")).name(name("plain")))
+        .await
+        .unwrap();
+    let image_size = plain.resources.root.unwrap().size_bytes;
+    assert!(image_size < 2 << 30, "the image's size: {image_size}");
+    let err = host
+        .manager
+        .create(
+            CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").root_gib(1 << 20))
+                .name(name("huge")),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("root_gib"), "{err}");
 }

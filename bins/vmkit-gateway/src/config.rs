@@ -53,6 +53,8 @@ pub struct Config {
     pub on_vmm_exit: vmkit_core::ExitPolicy,
     /// The image of VMs created without `--image`.
     pub default_image: String,
+    /// The root disk size, GiB, of VMs created without `--root` (0: the image's).
+    pub default_root_gib: u64,
 }
 
 /// Timeouts, in seconds.
@@ -195,6 +197,7 @@ impl Default for Config {
             storage: StorageSection::default(),
             on_vmm_exit: vmkit_core::ExitPolicy::Stop,
             default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
+            default_root_gib: 10,
         }
     }
 }

@@ -599,6 +599,15 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
         ),
         "running\nactive\n"
     );
+    // The root disk has the daemon's default size, and systemd grew / to fill it.
+    let root_kib: u64 = sh(&d, "home", "df -k / | awk 'NR==2 {print $2}'")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        root_kib > 9 << 20,
+        "a 10 GiB root filesystem, not {root_kib} KiB"
+    );
     assert_eq!(
         sh(&d, "home", "findmnt -n -o SOURCE /data"),
         "/dev/vdb\n",

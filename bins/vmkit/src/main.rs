@@ -197,6 +197,10 @@ struct CreateArgs {
     /// Data disk in GiB.
     #[arg(long)]
     disk: Option<u64>,
+    /// Root disk in GiB [default: the daemon's default_root_gib; 0 keeps the image's
+    /// size].
+    #[arg(long)]
+    root: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -377,6 +381,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             body.vcpus = args.cpus;
             body.memory_mib = args.memory;
             body.disk_gib = args.disk;
+            body.root_gib = args.root;
             if !json {
                 eprintln!("creating VM (this waits until it has booted)...");
             }
@@ -763,6 +768,12 @@ fn print_vm(vm: &VmRecord) {
     println!("vcpus:   {}", vm.spec.vcpus);
     println!("memory:  {} MiB", vm.spec.memory_mib);
     println!("disk:    {} GiB", vm.spec.disk_gib);
+    if let Some(root) = &vm.resources.root {
+        println!(
+            "root:    {:.1} GiB",
+            root.size_bytes as f64 / f64::from(1u32 << 30)
+        );
+    }
     if let Some(ip) = vm.ip() {
         println!("ip:      {ip}");
     }
