@@ -39,5 +39,5 @@ pub mod probe;
 mod process;
 mod qemu;
 
-pub use ch::*;
-pub use qemu::*;
+pub use ch::{ChConfig, CloudHypervisor};
+pub use qemu::{Accel, AccelChoice, Qemu, QemuConfig};
