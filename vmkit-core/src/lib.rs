@@ -61,7 +61,7 @@ mod vm;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use error::{ErrorKind, ManagerError};
+pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
 pub use hypervisor::{

@@ -18,7 +18,7 @@ use clap::Parser;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use vmkit_core::{Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId};
+use vmkit_core::{ErrorChain, Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId};
 
 use crate::config::{Config, LogFormat};
 
@@ -164,7 +164,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         tokio::spawn(async move {
             match manager.start(&name).await {
                 Ok(_) => info!(vm = %name, "restarted after its VMM died"),
-                Err(e) => warn!(vm = %name, error = %e, "cannot restart"),
+                Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
             }
         });
     }
@@ -232,10 +232,10 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     loop {
         tick.tick().await;
         if let Err(e) = manager.check_vmms().await {
-            warn!(error = %e, "VMM check failed");
+            warn!(error = %ErrorChain(&e), "VMM check failed");
         }
         if let Err(e) = manager.check_agents(agent_timeout).await {
-            warn!(error = %e, "agent check failed");
+            warn!(error = %ErrorChain(&e), "agent check failed");
         }
     }
 }

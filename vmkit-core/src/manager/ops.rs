@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::{Manager, RUNNING, RUNNING_OR_PAUSED};
-use crate::error::ManagerError;
+use crate::error::{ErrorChain, ManagerError};
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::{Resize, VmmInfo};
 use crate::name::VmName;
@@ -190,7 +190,7 @@ impl Manager {
                     .await
                     .map_err(|e| ManagerError::Agent {
                         name: vm.name.clone(),
-                        message: e.to_string(),
+                        message: ErrorChain(&e).to_string(),
                     })?,
             )
         } else {
