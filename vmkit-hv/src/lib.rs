@@ -33,6 +33,7 @@
 //! assert!(hypervisor.capabilities().disk_formats.contains(&DiskFormat::Raw));
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod ch;
 pub mod probe;
