@@ -18,7 +18,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, anyhow, bail};
 use vmkit_core::{
-    Backends, DeleteOptions, DirImageCatalog, ImageCatalog, Manager, ManagerConfig, StateStore,
+    Backends, DeleteOptions, DirImageCatalog, ErrorChain, ImageCatalog, Manager, ManagerConfig,
+    StateStore,
 };
 
 /// The image every example boots: small, and ready in seconds even without KVM.
@@ -161,7 +162,7 @@ pub async fn remove_all(manager: &Manager) -> anyhow::Result<()> {
     for vm in manager.list(None).await.context("listing VMs to remove")? {
         tracing::info!(vm = %vm.name, "removing");
         if let Err(e) = manager.delete(&vm.name, DeleteOptions::default()).await {
-            tracing::error!(vm = %vm.name, error = %e, "cannot remove");
+            tracing::error!(vm = %vm.name, error = %ErrorChain(&e), "cannot remove");
             first_error.get_or_insert(anyhow!(e).context(format!("removing VM {}", vm.name)));
         }
     }
@@ -172,7 +173,7 @@ pub async fn remove_all(manager: &Manager) -> anyhow::Result<()> {
     for snapshot in snapshots {
         tracing::info!(snapshot = %snapshot.name, "removing");
         if let Err(e) = manager.delete_snapshot(&snapshot.name).await {
-            tracing::error!(snapshot = %snapshot.name, error = %e, "cannot remove");
+            tracing::error!(snapshot = %snapshot.name, error = %ErrorChain(&e), "cannot remove");
             first_error
                 .get_or_insert(anyhow!(e).context(format!("removing snapshot {}", snapshot.name)));
         }

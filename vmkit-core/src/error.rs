@@ -1,4 +1,7 @@
-//! The manager's error type and the coarse kinds transports map to status codes.
+//! The manager's error type, the coarse kinds transports map to status codes, and
+//! [`ErrorChain`] to show an error with its causes.
+
+use std::fmt;
 
 use crate::hypervisor::HypervisorError;
 use crate::image::ImageError;
@@ -93,19 +96,19 @@ pub enum ManagerError {
     #[error("{0} is not supported by this host's backends")]
     Unsupported(&'static str),
     /// The hypervisor backend failed.
-    #[error("hypervisor: {0}")]
+    #[error("the hypervisor backend failed")]
     Hypervisor(#[from] HypervisorError),
     /// The storage backend failed.
-    #[error("storage: {0}")]
+    #[error("the storage backend failed")]
     Storage(#[from] StorageError),
     /// The network backend failed.
-    #[error("network: {0}")]
+    #[error("the network backend failed")]
     Network(#[from] NetworkError),
-    /// The state store failed.
-    #[error("state store: {0}")]
+    /// The state store failed. Its messages name the store already.
+    #[error(transparent)]
     Store(StoreError),
     /// A file operation of the manager itself failed.
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         /// What was being done.
         context: String,
@@ -184,5 +187,89 @@ impl ManagerError {
             ManagerError::Store(_) => "store_failed",
             ManagerError::Io { .. } => "io_failed",
         }
+    }
+}
+
+/// Shows an error followed by its chain of sources, `error: cause: root cause`, as
+/// `anyhow` shows `{:#}`.
+///
+/// vmkit's error messages leave their `#[source]` out, so `to_string()` alone says
+/// what failed but not why; use this where an error becomes text for a person (an
+/// API response, an event, a log line). It is `Send`, so it can be held across an
+/// `.await`.
+///
+/// ```
+/// use vmkit_core::{ErrorChain, HypervisorError, ManagerError};
+///
+/// let e = ManagerError::from(HypervisorError::InvalidConfig("no vCPUs".into()));
+/// assert_eq!(e.to_string(), "the hypervisor backend failed");
+/// assert_eq!(
+///     ErrorChain(&e).to_string(),
+///     "the hypervisor backend failed: invalid machine config: no vCPUs"
+/// );
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + Send + Sync + 'static));
+
+impl fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cause() -> std::io::Error {
+        std::io::Error::other("disk on fire")
+    }
+
+    // Regression: the wrappers used to print their source in their own message too, so
+    // a chain (`{:#}`, the API's message) showed each cause twice.
+    #[test]
+    fn a_chain_names_each_cause_once() {
+        let errors = [
+            ManagerError::from(HypervisorError::Io {
+                context: "cannot write the config".into(),
+                source: cause(),
+            }),
+            ManagerError::from(StorageError::Io {
+                context: "cannot create the volume".into(),
+                source: cause(),
+            }),
+            ManagerError::from(NetworkError::Io {
+                context: "cannot create the TAP".into(),
+                source: cause(),
+            }),
+            ManagerError::from(StoreError::backend("cannot commit", cause())),
+            ManagerError::Io {
+                context: "cannot remove /run/vmkit/x".into(),
+                source: cause(),
+            },
+        ];
+        for e in errors {
+            let chain = ErrorChain(&e).to_string();
+            assert_eq!(chain.matches("cannot ").count(), 1, "{chain}");
+            assert_eq!(chain.matches("disk on fire").count(), 1, "{chain}");
+        }
+    }
+
+    #[test]
+    fn a_backend_failure_says_which_backend_then_why() {
+        let e = ManagerError::from(StorageError::Io {
+            context: "cannot create the volume".into(),
+            source: cause(),
+        });
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "the storage backend failed: cannot create the volume: disk on fire"
+        );
     }
 }

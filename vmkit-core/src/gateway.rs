@@ -77,8 +77,9 @@ pub enum GatewayError {
     Store(#[from] StoreError),
 }
 
-/// The ingress policy: route by host name, decide access for a principal. The SSH
-/// gateway and the HTTPS proxy are its front doors; integrators may supply their own.
+/// The ingress policy: route by host name, decide access for a principal. It is meant
+/// for front doors such as an SSH gateway or an HTTPS proxy; vmkit has neither yet,
+/// so integrators supply their own.
 #[async_trait]
 pub trait Gateway: Send + Sync {
     /// What this gateway does.

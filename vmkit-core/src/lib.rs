@@ -36,6 +36,7 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
 mod error;
@@ -61,7 +62,7 @@ mod vm;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use error::{ErrorKind, ManagerError};
+pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
 pub use hypervisor::{

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
-use crate::error::ManagerError;
+use crate::error::{ErrorChain, ManagerError};
 use crate::event::{Event, EventKind, NewEvent};
 use crate::hypervisor::{DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmHandle, VmmState};
 use crate::image::ImageCatalog;
@@ -376,7 +376,7 @@ impl Manager {
         match created {
             Ok(()) => Ok(vm),
             Err(error) => {
-                warn!(vm = %vm.name, %error, "create failed; rolling back");
+                warn!(vm = %vm.name, error = %ErrorChain(&error), "create failed; rolling back");
                 self.rollback(&vm, undo).await;
                 if let Err(e) = b.store.delete_vm(vm.id).await {
                     warn!(vm = %vm.name, error = %e, "cannot remove the record of a failed create");
@@ -385,7 +385,7 @@ impl Manager {
                     vm.id,
                     &vm.name,
                     EventKind::CreateFailed {
-                        error: error.to_string(),
+                        error: ErrorChain(&error).to_string(),
                     },
                 ))
                 .await;
@@ -476,7 +476,7 @@ impl Manager {
                 Undo::Volume(v) => b.storage.delete(&v).await.map_err(ManagerError::from),
             };
             if let Err(error) = result {
-                warn!(vm = %vm.name, %error, "rollback step failed; reconcile will retry");
+                warn!(vm = %vm.name, error = %ErrorChain(&error), "rollback step failed; reconcile will retry");
             }
         }
     }
@@ -617,7 +617,7 @@ impl Manager {
         let client = self.agent(&vm).await?;
         client.exec(request).await.map_err(|e| ManagerError::Agent {
             name: vm.name.clone(),
-            message: e.to_string(),
+            message: ErrorChain(&e).to_string(),
         })
     }
 
@@ -680,7 +680,7 @@ impl Manager {
                     let client = manager.agent(&vm).await?;
                     client.ping().await.map_err(|e| ManagerError::Agent {
                         name: vm.name.clone(),
-                        message: e.to_string(),
+                        message: ErrorChain(&e).to_string(),
                     })
                 })
                 .await;
@@ -689,7 +689,7 @@ impl Manager {
                     Ok(Err(e)) => {
                         manager.forget_agent(vm.id);
                         Health::Unhealthy {
-                            reason: e.to_string(),
+                            reason: ErrorChain(&e).to_string(),
                         }
                     }
                     Err(_) => Health::Unhealthy {
@@ -775,7 +775,7 @@ impl Manager {
                     &vm.name,
                     EventKind::OperationFailed {
                         operation: "start".into(),
-                        error: error.to_string(),
+                        error: ErrorChain(&error).to_string(),
                     },
                 ))
                 .await;
@@ -894,7 +894,7 @@ impl Manager {
         let client = self.agent(vm).await?;
         let agent_error = |e: vmkit_guest::ClientError| ManagerError::Agent {
             name: vm.name.clone(),
-            message: e.to_string(),
+            message: ErrorChain(&e).to_string(),
         };
         if let Some(net) = &vm.resources.net {
             let config = NetworkConfig::new(net.mac.to_string(), net.ip, net.prefix, net.gateway)
@@ -951,7 +951,7 @@ impl Manager {
         let client = Client::new(stream, self.agent_client_config());
         client.hello().await.map_err(|e| ManagerError::Agent {
             name: vm.name.clone(),
-            message: e.to_string(),
+            message: ErrorChain(&e).to_string(),
         })?;
         self.remember_agent(vm.id, client.clone());
         Ok(client)

@@ -4,12 +4,15 @@
 mod common;
 
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{FakeHandler, connected, exited, server_with_raw_host};
 use serde_json::json;
+use tokio::task::JoinHandle;
 use vmkit_guest::{
-    ClientConfig, ClientError, ExecEvent, ExecRequest, PROTOCOL_VERSION, ServeError, ServerConfig,
+    Client, ClientConfig, ClientError, ExecEvent, ExecRequest, PROTOCOL_VERSION, ServeError,
+    ServerConfig,
 };
 
 fn defaults() -> (ClientConfig, ServerConfig) {
@@ -140,22 +143,44 @@ async fn large_output_is_split_into_chunks_that_fit_the_frame_cap() {
     assert!(chunks >= 400_000 / (12 * 1024));
 }
 
+/// What a [`FakeHandler`] has been asked, one line a call.
+type Calls = Arc<Mutex<Vec<String>>>;
+
+/// A client of a [`FakeHandler`], the calls that handler records, and its `serve` task.
+fn recorded() -> (Client, Calls, JoinHandle<Result<(), ServeError>>) {
+    let (client_config, server_config) = defaults();
+    let handler = FakeHandler::default();
+    let calls = handler.calls.clone();
+    let (client, server) = connected(handler, client_config, server_config);
+    (client, calls, server)
+}
+
 #[tokio::test]
 async fn shutdown_is_acknowledged() {
-    let (client_config, server_config) = defaults();
-    let (client, _server) = connected(FakeHandler::default(), client_config, server_config);
+    let (client, calls, _server) = recorded();
 
     client.shutdown(false).await.unwrap();
+
+    assert_eq!(*calls.lock().unwrap(), ["shutdown reboot=false"]);
 }
 
 #[tokio::test]
 async fn shutdown_refused_by_the_handler_is_a_remote_error() {
-    let (client_config, server_config) = defaults();
-    let (client, _server) = connected(FakeHandler::default(), client_config, server_config);
+    let (client, calls, _server) = recorded();
 
     let err = client.shutdown(true).await.unwrap_err();
 
     assert!(matches!(err, ClientError::Remote(message) if message == "reboot refused"));
+    assert_eq!(*calls.lock().unwrap(), ["shutdown reboot=true"]);
+}
+
+#[tokio::test]
+async fn reboot_reaches_the_handler_as_a_shutdown_with_reboot_set() {
+    let (client, calls, _server) = recorded();
+
+    client.reboot().await.unwrap_err();
+
+    assert_eq!(*calls.lock().unwrap(), ["shutdown reboot=true"]);
 }
 
 #[tokio::test]

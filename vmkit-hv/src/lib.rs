@@ -33,11 +33,12 @@
 //! assert!(hypervisor.capabilities().disk_formats.contains(&DiskFormat::Raw));
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod ch;
 pub mod probe;
 mod process;
 mod qemu;
 
-pub use ch::*;
-pub use qemu::*;
+pub use ch::{ChConfig, CloudHypervisor};
+pub use qemu::{Accel, AccelChoice, Qemu, QemuConfig};

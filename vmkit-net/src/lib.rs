@@ -21,7 +21,8 @@
 //! | anything over IPv6 | no | IPv6 is disabled on the bridge and TAPs, and IPv6 frames are dropped at each TAP |
 //!
 //! Nothing from outside reaches a guest unless it answers the guest (`guest_in`);
-//! the host itself (the SSH gateway, the HTTPS proxy) reaches guests freely.
+//! the host itself reaches guests freely. That is where the planned SSH gateway and
+//! HTTPS proxy would reach them from; neither exists yet.
 //!
 //! Each TAP has its own `netdev` chain on its ingress hook: a frame leaves the TAP
 //! only if its source MAC is the lease's, and it is either IPv4 from the lease's
@@ -61,6 +62,7 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod config;

@@ -29,11 +29,12 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod file;
 mod lvm;
 mod state;
 
-pub use file::*;
-pub use lvm::*;
-pub use state::*;
+pub use file::{FileStorage, FileStorageConfig};
+pub use lvm::{CommandOutput, LvmConfig, LvmRunner, LvmStorage, SystemLvmRunner};
+pub use state::{RedbConfig, RedbStore};

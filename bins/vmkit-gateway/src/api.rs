@@ -15,7 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tracing::error;
 use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
 use vmkit_core::{
-    CloneSource, CreateRequest, DeleteOptions, ErrorKind, Event, Manager, ManagerError,
+    CloneSource, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Event, Manager, ManagerError,
     ResizeRequest, UserId, VmName,
 };
 
@@ -84,7 +84,7 @@ impl From<ManagerError> for ApiError {
                 "internal error; the daemon's log has the details",
             );
         }
-        Self::new(status, e.code(), e.to_string())
+        Self::new(status, e.code(), ErrorChain(&e).to_string())
     }
 }
 

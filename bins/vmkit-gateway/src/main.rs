@@ -18,7 +18,9 @@ use clap::Parser;
 use tokio::net::UnixListener;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
-use vmkit_core::{Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId, VmSpec};
+use vmkit_core::{
+    ErrorChain, Manager, ManagerConfig, Quota, SpecLimits, StateStore, User, UserId, VmSpec,
+};
 
 use crate::config::{Config, LogFormat};
 
@@ -165,7 +167,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         tokio::spawn(async move {
             match manager.start(&name).await {
                 Ok(_) => info!(vm = %name, "restarted after its VMM died"),
-                Err(e) => warn!(vm = %name, error = %e, "cannot restart"),
+                Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
             }
         });
     }
@@ -248,16 +250,16 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
                     tokio::spawn(async move {
                         match manager.start(&name).await {
                             Ok(_) => info!(vm = %name, "restarted after its VMM died"),
-                            Err(e) => warn!(vm = %name, error = %e, "cannot restart"),
+                            Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
                         }
                     });
                 }
             }
             Ok(_) => {}
-            Err(e) => warn!(error = %e, "VMM check failed"),
+            Err(e) => warn!(error = %ErrorChain(&e), "VMM check failed"),
         }
         if let Err(e) = manager.check_agents(agent_timeout).await {
-            warn!(error = %e, "agent check failed");
+            warn!(error = %ErrorChain(&e), "agent check failed");
         }
     }
 }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::{Manager, RUNNING, RUNNING_OR_PAUSED};
-use crate::error::ManagerError;
+use crate::error::{ErrorChain, ManagerError};
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::{Resize, VmmInfo};
 use crate::name::VmName;
@@ -205,7 +205,7 @@ impl Manager {
         let (vm, client) = self.running_agent(name, "read the logs of").await?;
         client.logs(req).await.map_err(|e| ManagerError::Agent {
             name: vm.name.clone(),
-            message: e.to_string(),
+            message: crate::ErrorChain(&e).to_string(),
         })
     }
 
@@ -222,7 +222,7 @@ impl Manager {
             .await
             .map_err(|e| ManagerError::Agent {
                 name: vm.name.clone(),
-                message: e.to_string(),
+                message: crate::ErrorChain(&e).to_string(),
             })
     }
 
@@ -306,7 +306,7 @@ impl Manager {
                     .await
                     .map_err(|e| ManagerError::Agent {
                         name: vm.name.clone(),
-                        message: e.to_string(),
+                        message: ErrorChain(&e).to_string(),
                     })?,
             )
         } else {

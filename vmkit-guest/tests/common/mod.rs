@@ -169,6 +169,7 @@ impl Handler for FakeHandler {
     }
 
     async fn shutdown(&self, reboot: bool) -> Result<(), String> {
+        self.record(format!("shutdown reboot={reboot}"));
         if reboot {
             Err("reboot refused".to_owned())
         } else {
