@@ -55,7 +55,7 @@ say "cargo deb took $(($(date +%s) - start)) s: $deb"
 contents=$(dpkg-deb --contents "$deb")
 for file in ./usr/bin/vmkit-gateway ./usr/bin/vmkit ./usr/lib/vmkit/vmkit-agent \
 	./etc/vmkit/gateway.toml ./usr/lib/systemd/system/vmkit-gateway.service \
-	./usr/share/doc/vmkit/operator-guide.md; do
+	./usr/share/doc/vmkit/operator-guide.md ./usr/share/doc/vmkit/copyright; do
 	grep -q " $file\$" <<<"$contents" || fail "$file is not in the package"
 done
 dpkg-deb --info "$deb" conffiles | grep -qx /etc/vmkit/gateway.toml ||
