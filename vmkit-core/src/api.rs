@@ -23,8 +23,16 @@
 //! | GET | `/v1/snapshots` | | `[Snapshot]` |
 //! | DELETE | `/v1/snapshots/{name}` | | 204 |
 //! | POST | `/v1/snapshots/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
-//! | GET | `/v1/events?after=N&limit=N&follow=bool` | | NDJSON stream of `Event` |
+//! | GET | `/v1/events?after=SEQ&limit=N&follow=bool` | | NDJSON stream of `Event` (below) |
 //! | GET | `/v1/images` | | `[String]` |
+//!
+//! Events are numbered from 1 (`seq`), oldest first in every answer. Without
+//! `after`, `/v1/events` answers the newest `limit` events (default 1000, at most
+//! 10000); with `after`, the first `limit` events numbered above it, so a client pages
+//! forward by passing the last `seq` it got. With `follow=true` the answer does not
+//! end: it holds every stored event after `after` (or, without `after`, the newest
+//! `limit`), however many, then every new event as it is stored, each exactly once and
+//! in order (see [`EventFeed`](crate::EventFeed)).
 
 use std::path::PathBuf;
 

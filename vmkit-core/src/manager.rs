@@ -31,10 +31,12 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
+mod events;
 mod ops;
 mod reconcile;
 mod snapshots;
 
+pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileReport};
 
@@ -301,17 +303,6 @@ impl Manager {
     /// The backends.
     pub fn backends(&self) -> &Backends {
         &self.inner.backends
-    }
-
-    /// Live events as they are stored. Missed events can be read with
-    /// [`Manager::events`].
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
-    }
-
-    /// Stored events with `seq > after`, oldest first.
-    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, ManagerError> {
-        Ok(self.inner.backends.store.events(after, limit).await?)
     }
 
     /// A VM by name.

@@ -11,12 +11,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
 use tracing::error;
 use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
 use vmkit_core::{
-    CloneSource, CreateRequest, DeleteOptions, ErrorKind, Event, Manager, ManagerError,
-    ResizeRequest, UserId, VmName,
+    CloneSource, CreateRequest, DeleteOptions, ErrorKind, Manager, ManagerError, ResizeRequest,
+    UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -389,8 +388,8 @@ fn ndjson<T: serde::Serialize + Send + 'static>(
 
 #[derive(Deserialize)]
 struct EventsQuery {
-    #[serde(default)]
-    after: u64,
+    /// Only events after this one; absent: the newest `limit`.
+    after: Option<u64>,
     #[serde(default = "default_limit")]
     limit: usize,
     #[serde(default)]
@@ -401,39 +400,46 @@ fn default_limit() -> usize {
     1000
 }
 
+/// The most events one answer holds.
+const MAX_EVENTS: usize = 10_000;
+
 async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiResult<Response> {
-    // Subscribe before reading the backlog so nothing falls between the two.
-    let live = s.manager.subscribe();
-    let backlog = s.manager.events(q.after, q.limit.min(10_000)).await?;
-    let last = backlog.last().map_or(q.after, |e| e.seq);
-    let backlog = stream::iter(backlog);
-    if !q.follow {
-        return Ok(ndjson(backlog));
+    if q.limit > MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "limit {} is more than the {MAX_EVENTS} events an answer holds; \
+                 page through the log with after=SEQ",
+                q.limit
+            ),
+        ));
     }
-    let manager = s.manager.clone();
-    let follow = stream::unfold(
-        (live, last, manager),
-        |(mut live, last, manager)| async move {
-            loop {
-                match live.recv().await {
-                    Ok(e) if e.seq > last => {
-                        let seq = e.seq;
-                        return Some((vec![e], (live, seq, manager)));
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => {
-                        // Fell behind the live feed: catch up from the store.
-                        let missed: Vec<Event> = manager.events(last, 10_000).await.ok()?;
-                        let seq = missed.last().map_or(last, |e| e.seq);
-                        return Some((missed, (live, seq, manager)));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
+    if !q.follow {
+        let events = match q.after {
+            Some(after) => s.manager.events(after, q.limit).await?,
+            None => s.manager.newest_events(q.limit).await?,
+        };
+        return Ok(ndjson(stream::iter(events)));
+    }
+    let after = match q.after {
+        Some(after) => after,
+        None => {
+            let last = s.manager.last_event_seq().await?;
+            last.saturating_sub(q.limit as u64)
+        }
+    };
+    let feed = s.manager.follow_events(after);
+    let events = stream::unfold(feed, |mut feed| async move {
+        match feed.next().await {
+            Ok(event) => event.map(|e| (e, feed)),
+            Err(e) => {
+                error!(error = %e, after = feed.last_seq(), "cannot read the event log; ending a follow");
+                None
             }
-        },
-    )
-    .flat_map(stream::iter);
-    Ok(ndjson(backlog.chain(follow)))
+        }
+    });
+    Ok(ndjson(events))
 }
 
 async fn images(State(s): State<AppState>) -> ApiResult<Response> {
@@ -457,9 +463,22 @@ mod tests {
     use super::*;
 
     async fn app() -> Router {
+        app_on(&FakeHost::new().await)
+    }
+
+    fn app_on(host: &FakeHost) -> Router {
         router(AppState {
-            manager: FakeHost::new().await.manager,
+            manager: host.manager.clone(),
         })
+    }
+
+    /// A fake host whose user may create any number of VMs.
+    async fn unlimited_host() -> FakeHost {
+        FakeHost::with_config(
+            vmkit_core::ManagerConfig::new("/nonexistent/vmkit")
+                .default_quota(vmkit_core::Quota::unlimited()),
+        )
+        .await
     }
 
     async fn call(app: Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
@@ -526,6 +545,196 @@ mod tests {
         assert!(body.contains("argv is empty"), "{body}");
     }
 
+    /// Stores `count` events without broadcasting them, as if their broadcasts were
+    /// lost or crossed.
+    async fn store_unannounced(host: &FakeHost, count: usize) {
+        use vmkit_core::{EventKind, NewEvent, StateStore};
+        for i in 0..count {
+            let kind = EventKind::Reconciled {
+                action: format!("unannounced {i}"),
+            };
+            host.store.append_event(NewEvent::host(kind)).await.unwrap();
+        }
+    }
+
+    /// The events of a streaming NDJSON answer, read as they arrive.
+    struct EventLines {
+        body: Body,
+        buf: Vec<u8>,
+    }
+
+    impl EventLines {
+        async fn get(app: Router, uri: &str) -> Self {
+            let response = app
+                .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            Self {
+                body: response.into_body(),
+                buf: Vec::new(),
+            }
+        }
+
+        /// The next event's number, or `None` if none comes within `wait`.
+        async fn next_within(&mut self, wait: std::time::Duration) -> Option<u64> {
+            loop {
+                if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=end).collect();
+                    let event: vmkit_core::Event = serde_json::from_slice(&line).unwrap();
+                    return Some(event.seq);
+                }
+                let frame = tokio::time::timeout(wait, self.body.frame()).await.ok()?;
+                let frame = frame.expect("a follow does not end").unwrap();
+                self.buf.extend_from_slice(&frame.into_data().unwrap());
+            }
+        }
+
+        /// The numbers of the events up to and including `last`.
+        async fn seqs_until(&mut self, last: u64) -> Vec<u64> {
+            let mut seqs = Vec::new();
+            while seqs.last() != Some(&last) {
+                let seq = self
+                    .next_within(std::time::Duration::from_secs(10))
+                    .await
+                    .unwrap_or_else(|| panic!("no event after {seqs:?}; waiting for {last}"));
+                seqs.push(seq);
+            }
+            seqs
+        }
+    }
+
+    fn seqs(body: &str) -> Vec<u64> {
+        body.lines()
+            .map(|l| serde_json::from_str::<vmkit_core::Event>(l).unwrap().seq)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn events_are_the_newest_by_default_and_page_with_after_and_limit() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 1500).await;
+        let app = app_on(&host);
+        let (status, body) = call(app.clone(), "GET", "/v1/events", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seqs(&body), (501..=1500).collect::<Vec<_>>());
+        let (_, body) = call(app.clone(), "GET", "/v1/events?limit=3", "").await;
+        assert_eq!(seqs(&body), vec![1498, 1499, 1500]);
+        let (_, body) = call(app.clone(), "GET", "/v1/events?after=0&limit=3", "").await;
+        assert_eq!(seqs(&body), vec![1, 2, 3]);
+        let (_, body) = call(app.clone(), "GET", "/v1/events?after=1499", "").await;
+        assert_eq!(seqs(&body), vec![1500]);
+        let (status, body) = call(app, "GET", "/v1/events?limit=10001", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("page through the log with after"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn follow_pages_through_a_backlog_of_over_a_thousand_events_then_follows_without_a_gap() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 2500).await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app, "/v1/events?after=0&follow=true").await;
+        assert_eq!(
+            follow.seqs_until(2500).await,
+            (1..=2500).collect::<Vec<_>>()
+        );
+        // More live events than the broadcast holds arrive before the follower
+        // reads on: it falls behind and catches up from the store.
+        let web = VmName::new("web").unwrap();
+        let request = CreateRequest::new(UserId::LOCAL, vmkit_core::VmSpec::new("tiny"));
+        host.manager
+            .create(request.name(web.clone()))
+            .await
+            .unwrap();
+        for _ in 0..300 {
+            host.manager.stop(&web).await.unwrap();
+            host.manager.start(&web).await.unwrap();
+        }
+        let last = host.manager.last_event_seq().await.unwrap();
+        assert_eq!(last, 2500 + 2 + 300 * 4);
+        assert_eq!(
+            follow.seqs_until(last).await,
+            (2501..=last).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn follow_without_after_starts_at_the_newest_limit_events() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 10).await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app.clone(), "/v1/events?follow=true&limit=2").await;
+        assert_eq!(follow.seqs_until(10).await, vec![9, 10]);
+        let (status, _) = call(app, "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(follow.seqs_until(12).await, vec![11, 12]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn follow_delivers_every_event_once_in_order_while_many_vms_change_at_once() {
+        let host = unlimited_host().await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app, "/v1/events?after=0&follow=true").await;
+        // The follower reads while the VMs change; it stops at the last event once
+        // it learns which one that is.
+        let (last_tx, mut last_rx) = tokio::sync::watch::channel(u64::MAX);
+        let reader = tokio::spawn(async move {
+            let mut seqs: Vec<u64> = Vec::new();
+            loop {
+                if seqs.last() == Some(&*last_rx.borrow()) {
+                    break;
+                }
+                tokio::select! {
+                    seq = follow.next_within(std::time::Duration::from_secs(10)) => {
+                        seqs.push(seq.unwrap_or_else(|| panic!("the follow stalled after {seqs:?}")));
+                    }
+                    _ = last_rx.changed() => {}
+                }
+            }
+            let extra = follow
+                .next_within(std::time::Duration::from_millis(200))
+                .await;
+            (seqs, extra)
+        });
+        let mut work = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let manager = host.manager.clone();
+            work.spawn(async move {
+                let name = VmName::new(format!("vm-{i}")).unwrap();
+                let spec = vmkit_core::VmSpec::new("tiny");
+                let request = CreateRequest::new(UserId::LOCAL, spec).name(name.clone());
+                manager.create(request).await.unwrap();
+                manager.stop(&name).await.unwrap();
+                manager.start(&name).await.unwrap();
+                manager
+                    .delete(&name, DeleteOptions::default())
+                    .await
+                    .unwrap();
+            });
+        }
+        // Events whose broadcast never comes, stored among the others.
+        let unannounced = host.clone();
+        work.spawn(async move {
+            for _ in 0..20 {
+                store_unannounced(&unannounced, 3).await;
+                tokio::task::yield_now().await;
+            }
+        });
+        while let Some(done) = work.join_next().await {
+            done.unwrap();
+        }
+        // The last events are announced, as the manager announces all of its own.
+        let request = CreateRequest::new(UserId::LOCAL, vmkit_core::VmSpec::new("tiny"));
+        host.manager.create(request).await.unwrap();
+        let last = host.manager.last_event_seq().await.unwrap();
+        assert_eq!(last, 40 * 8 + 60 + 2);
+        last_tx.send(last).unwrap();
+        let (seqs, extra) = reader.await.unwrap();
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        assert_eq!(extra, None, "nothing is sent twice");
+    }
+
     /// One HTTP/1.1 request on a fresh connection to the Unix socket `path`;
     /// returns the status code and the body.
     async fn over_socket(
@@ -580,17 +789,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_hundred_concurrent_creates_and_deletes_through_the_socket_leave_nothing() {
         use vmkit_core::testing::Holdings;
-        let host = FakeHost::with_config(
-            vmkit_core::ManagerConfig::new("/nonexistent/vmkit")
-                .default_quota(vmkit_core::Quota::unlimited()),
-        )
-        .await;
+        let host = unlimited_host().await;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vmkit.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let app = router(AppState {
-            manager: host.manager.clone(),
-        });
+        let app = app_on(&host);
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
         let create = |i: usize| {

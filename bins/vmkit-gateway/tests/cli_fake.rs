@@ -176,6 +176,114 @@ fn events_record_every_state_change() {
     );
 }
 
+/// The event numbers in `--json events` output.
+fn event_seqs(out: &std::process::Output) -> Vec<u64> {
+    assert!(out.status.success(), "{}", stderr(out));
+    stdout(out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn events_show_the_newest_and_page_with_after_and_limit() {
+    let d = fake_daemon();
+    for command in ["create", "stop", "start"] {
+        assert!(d.cli(&["vm", command, "web"]).status.success());
+    }
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events"])),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events", "--limit", "2"])),
+        [5, 6]
+    );
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events", "--after", "1", "-n", "2"])),
+        [2, 3]
+    );
+    let out = d.cli(&["events", "-n", "2"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("older events: `vmkit events --after 2 --limit 2`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["events", "--after", "1", "-n", "2"]);
+    assert!(
+        stderr(&out).contains("more events may follow: `vmkit events --after 3 --limit 2`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["--json", "events", "--limit", "20000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_query");
+}
+
+/// Runs `rounds` stops and starts of each of `vms` at once, one thread per VM,
+/// through the API socket.
+fn stop_start_at_once(d: &Daemon, vms: &[String], rounds: usize) {
+    std::thread::scope(|scope| {
+        for vm in vms {
+            scope.spawn(move || {
+                for _ in 0..rounds {
+                    for op in ["stop", "start"] {
+                        let (status, body) =
+                            support::http(&d.socket, "POST", &format!("/v1/vms/{vm}/{op}"), "");
+                        assert_eq!(status, 200, "{op} {vm}: {body}");
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn follow_prints_a_long_backlog_and_changes_of_many_vms_at_once_each_once_in_order() {
+    use std::io::BufRead;
+    let d = fake_daemon();
+    let vms: Vec<String> = (0..8).map(|i| format!("vm-{i}")).collect();
+    for vm in &vms {
+        assert!(d.cli(&["vm", "create", vm]).status.success());
+    }
+    // 8 creates of 2 events, then 8 × 32 rounds of 4: a backlog of 1040.
+    stop_start_at_once(&d, &vms, 32);
+    let mut follow = d.cli_spawn_piped(&["--json", "events", "--follow", "--after", "0"]);
+    let lines = std::io::BufReader::new(follow.stdout.take().unwrap());
+    let (seqs_tx, seqs) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.lines() {
+            let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
+            if seqs_tx.send(event["seq"].as_u64().unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    // While it follows, every VM changes at once: 8 × 4 rounds of 4 events more.
+    stop_start_at_once(&d, &vms, 4);
+    let last = 1040 + 128;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&last) {
+        let seq = seqs
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("the follow stalled after {} events", seen.len()));
+        seen.push(seq);
+    }
+    assert_eq!(seen, (1..=last).collect::<Vec<u64>>());
+    assert!(
+        seqs.recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "nothing is printed twice"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
+
 #[test]
 fn second_daemon_on_the_same_socket_is_refused() {
     let d = fake_daemon();

@@ -57,14 +57,24 @@ enum Command {
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: PathBuf,
     },
-    /// Show the event log.
+    /// Show the event log: the newest events, like `tail`.
+    ///
+    /// Events are numbered from 1 (SEQ, the first column). Without options this
+    /// prints the newest 1000, oldest first; page with --after and --limit
+    /// (`--after 0` starts at the first event). With --follow it then prints every
+    /// new event as it happens, none skipped or printed twice, until interrupted.
     Events {
-        /// Keep printing events as they happen.
+        /// After the stored events, keep printing new ones as they happen.
         #[arg(long, short)]
         follow: bool,
-        /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// Start after the event numbered SEQ instead of at the newest ones.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+        /// How many stored events to print: the newest N, or the first N after
+        /// --after (at most 10000). With --follow and no --after: start at the
+        /// newest N (0: print only new events).
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 1000)]
+        limit: usize,
     },
 }
 
@@ -344,20 +354,67 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cloud_hypervisor,
             qemu,
         } => doctor(&dir, cloud_hypervisor, qemu, json).await,
-        Command::Events { follow, after } => {
-            let path = format!("/v1/events?after={after}&follow={follow}");
-            api.lines(Method::GET, &path, None::<&()>, |e: Event| {
-                if json {
-                    print_json(&e)
-                } else {
-                    println!("{}", event_line(&e));
-                    Ok(std::io::stdout().flush()?)
-                }
-            })
-            .await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Events {
+            follow,
+            after,
+            limit,
+        } => events(&api, follow, after, limit, json).await,
+    }
+}
+
+async fn events(
+    api: &Api,
+    follow: bool,
+    after: Option<u64>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/events?limit={limit}&follow={follow}");
+    if let Some(after) = after {
+        path.push_str(&format!("&after={after}"));
+    }
+    let (mut first, mut last, mut count) = (None, None, 0usize);
+    let streamed = api
+        .lines(Method::GET, &path, None::<&()>, |e: Event| {
+            first.get_or_insert(e.seq);
+            last = Some(e.seq);
+            count += 1;
+            if json {
+                print_json(&e)
+            } else {
+                println!("{}", event_line(&e));
+                Ok(std::io::stdout().flush()?)
+            }
+        })
+        .await;
+    if follow {
+        // A follow ends only when something broke; say where to pick it up.
+        let resume = match last.or(after) {
+            Some(seq) => format!("vmkit events --follow --after {seq}"),
+            None => "vmkit events --follow".to_owned(),
+        };
+        let ended = format!("the event stream ended; resume with `{resume}`");
+        return Err(match streamed {
+            Err(e @ (CallError::Api { .. } | CallError::Unreachable { .. })) => e.into(),
+            Err(e) => anyhow::Error::new(e).context(ended),
+            Ok(()) => anyhow::anyhow!("{ended} (did the daemon stop?)"),
+        });
+    }
+    streamed?;
+    if !json {
+        // Hints on stderr: stdout holds only events.
+        match (after, first, last) {
+            (None, Some(first), _) if first > 1 => eprintln!(
+                "(older events: `vmkit events --after {} --limit {limit}`)",
+                (first - 1).saturating_sub(limit as u64)
+            ),
+            (Some(_), _, Some(last)) if count == limit => {
+                eprintln!("(more events may follow: `vmkit events --after {last} --limit {limit}`)")
+            }
+            _ => {}
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {

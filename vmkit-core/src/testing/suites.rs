@@ -732,6 +732,11 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
     assert!(store.delete_api_key("key1").await.expect("delete"));
     assert_eq!(store.get_api_key("key1").await.expect("get"), None);
 
+    assert_eq!(
+        store.last_event_seq().await.expect("last event"),
+        0,
+        "an empty log's last event is numbered 0"
+    );
     let first = store
         .append_event(NewEvent::host(EventKind::Reconciled { action: "a".into() }))
         .await
@@ -741,6 +746,10 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
         .await
         .expect("event");
     assert_eq!(second.seq, first.seq + 1, "events are numbered in order");
+    assert_eq!(
+        store.last_event_seq().await.expect("last event"),
+        second.seq
+    );
     let after = store.events(first.seq, 10).await.expect("events");
     assert_eq!(after, vec![second]);
 }
