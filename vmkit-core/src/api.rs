@@ -32,7 +32,7 @@
 //! forward by passing the last `seq` it got. With `follow=true` the answer does not
 //! end: it holds every stored event after `after` (or, without `after`, the newest
 //! `limit`), however many, then every new event as it is stored, each exactly once and
-//! in order (see [`EventFeed`](crate::EventFeed)).
+//! in order (see [`EventFeed`](crate::EventFeed)), until the daemon shuts down.
 
 use std::path::PathBuf;
 

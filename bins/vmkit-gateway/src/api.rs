@@ -11,6 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
+use tokio::sync::watch;
 use tracing::error;
 use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
 use vmkit_core::{
@@ -23,6 +24,16 @@ use vmkit_core::{
 pub struct AppState {
     /// The manager every request goes to.
     pub manager: Manager,
+    /// Turns true when the daemon shuts down: answers that would never end (follows)
+    /// end then, so that the shutdown does not wait for their clients.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Resolves once `shutdown` turns true; never if its sender is gone without.
+async fn shutting_down(mut shutdown: watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The API router.
@@ -439,7 +450,7 @@ async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiR
             }
         }
     });
-    Ok(ndjson(events))
+    Ok(ndjson(events.take_until(shutting_down(s.shutdown.clone()))))
 }
 
 async fn images(State(s): State<AppState>) -> ApiResult<Response> {
@@ -469,6 +480,7 @@ mod tests {
     fn app_on(host: &FakeHost) -> Router {
         router(AppState {
             manager: host.manager.clone(),
+            shutdown: watch::channel(false).1,
         })
     }
 

@@ -4,6 +4,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 use support::{Daemon, json, stderr, stdout};
 
@@ -245,7 +246,6 @@ fn stop_start_at_once(d: &Daemon, vms: &[String], rounds: usize) {
 
 #[test]
 fn follow_prints_a_long_backlog_and_changes_of_many_vms_at_once_each_once_in_order() {
-    use std::io::BufRead;
     let d = fake_daemon();
     let vms: Vec<String> = (0..8).map(|i| format!("vm-{i}")).collect();
     for vm in &vms {
@@ -254,34 +254,62 @@ fn follow_prints_a_long_backlog_and_changes_of_many_vms_at_once_each_once_in_ord
     // 8 creates of 2 events, then 8 × 32 rounds of 4: a backlog of 1040.
     stop_start_at_once(&d, &vms, 32);
     let mut follow = d.cli_spawn_piped(&["--json", "events", "--follow", "--after", "0"]);
-    let lines = std::io::BufReader::new(follow.stdout.take().unwrap());
-    let (seqs_tx, seqs) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in lines.lines() {
-            let event: serde_json::Value = serde_json::from_str(&line.unwrap()).unwrap();
-            if seqs_tx.send(event["seq"].as_u64().unwrap()).is_err() {
-                return;
-            }
-        }
-    });
+    let lines = lines_of(&mut follow);
     // While it follows, every VM changes at once: 8 × 4 rounds of 4 events more.
     stop_start_at_once(&d, &vms, 4);
     let last = 1040 + 128;
     let mut seen = Vec::new();
     while seen.last() != Some(&last) {
-        let seq = seqs
-            .recv_timeout(std::time::Duration::from_secs(20))
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
             .unwrap_or_else(|_| panic!("the follow stalled after {} events", seen.len()));
-        seen.push(seq);
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        seen.push(event["seq"].as_u64().unwrap());
     }
     assert_eq!(seen, (1..=last).collect::<Vec<u64>>());
     assert!(
-        seqs.recv_timeout(std::time::Duration::from_millis(300))
-            .is_err(),
+        lines.recv_timeout(Duration::from_millis(300)).is_err(),
         "nothing is printed twice"
     );
     follow.kill().unwrap();
     follow.wait().unwrap();
+}
+
+/// The lines `child` prints on stdout, as it prints them.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn follow_ends_when_the_daemon_stops_and_says_where_to_resume() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let mut follow = d.cli_spawn_piped(&["events", "--follow"]);
+    let lines = lines_of(&mut follow);
+    for _ in 0..2 {
+        lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert!(
+        d.terminate().success(),
+        "the daemon stops although a follow is open"
+    );
+    let out = follow.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("resume with `vmkit events --follow --after 2`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
