@@ -32,6 +32,7 @@ use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
 mod events;
+mod keys;
 mod ops;
 mod reconcile;
 mod snapshots;
@@ -251,6 +252,9 @@ struct Inner {
     /// connect would wait behind the first and time out.
     connecting: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
     events: broadcast::Sender<Event>,
+    /// Serialises changes of SSH keys, so that of two adds of one key one is told
+    /// it exists.
+    keys: Mutex<()>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -291,6 +295,7 @@ impl Manager {
                 agents: StdMutex::new(HashMap::new()),
                 connecting: StdMutex::new(HashMap::new()),
                 events,
+                keys: Mutex::new(()),
             }),
         })
     }
@@ -879,13 +884,12 @@ impl Manager {
             .set_hostname(vm.name.as_str())
             .await
             .map_err(agent_error)?;
+        // Also with no keys: that removes the ones the owner has removed since.
         let keys = self.inner.backends.store.ssh_keys(vm.owner).await?;
-        if !keys.is_empty() {
-            client
-                .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
-                .await
-                .map_err(agent_error)?;
-        }
+        client
+            .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
+            .await
+            .map_err(agent_error)?;
         Ok(())
     }
 

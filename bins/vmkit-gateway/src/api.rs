@@ -13,10 +13,10 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::error;
-use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
+use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, SshKeyInfo, status_for};
 use vmkit_core::{
     CloneSource, CreateRequest, DeleteOptions, ErrorKind, Manager, ManagerError, ResizeRequest,
-    UserId, VmName,
+    SshPublicKey, UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -63,6 +63,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/snapshots/{name}/clone", post(clone_snapshot))
         .route("/v1/events", get(events))
         .route("/v1/images", get(images))
+        .route("/v1/keys", get(list_keys).post(add_key))
+        .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
         .with_state(state)
 }
 
@@ -464,6 +466,34 @@ async fn images(State(s): State<AppState>) -> ApiResult<Response> {
     Ok(Json(names).into_response())
 }
 
+async fn list_keys(State(s): State<AppState>) -> ApiResult<Response> {
+    let keys = s.manager.ssh_keys(UserId::LOCAL).await?;
+    Ok(Json(keys.iter().map(SshKeyInfo::from).collect::<Vec<_>>()).into_response())
+}
+
+async fn add_key(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let text = std::str::from_utf8(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body is not UTF-8 text; send one OpenSSH public key line",
+        )
+    })?;
+    let key = SshPublicKey::parse(text).map_err(ManagerError::from)?;
+    s.manager.add_ssh_key(UserId::LOCAL, &key).await?;
+    Ok((StatusCode::CREATED, Json(SshKeyInfo::from(&key))).into_response())
+}
+
+async fn remove_key(
+    State(s): State<AppState>,
+    Path(fingerprint): Path<String>,
+) -> ApiResult<Response> {
+    s.manager
+        .remove_ssh_key(UserId::LOCAL, &fingerprint)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use axum::http::Request;
@@ -555,6 +585,69 @@ mod tests {
         let (status, body) = call(app, "POST", "/v1/vms/web/exec", r#"{"argv":[]}"#).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body.contains("argv is empty"), "{body}");
+    }
+
+    /// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
+    const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+    const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";
+
+    #[tokio::test]
+    async fn a_key_is_added_once_listed_given_to_new_vms_and_removed() {
+        let host = FakeHost::new().await;
+        let app = app_on(&host);
+        let (status, body) = call(app.clone(), "POST", "/v1/keys", &format!("{CAROL}\n")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let added: SshKeyInfo = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (added.fingerprint.as_str(), added.key.as_str()),
+            (CAROL_FP, CAROL)
+        );
+        let (status, body) = call(app.clone(), "POST", "/v1/keys", CAROL).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(body.contains("ssh_key_exists"), "{body}");
+
+        let (status, body) = call(app.clone(), "GET", "/v1/keys", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let listed: Vec<SshKeyInfo> = serde_json::from_str(&body).unwrap();
+        assert_eq!(listed, vec![added]);
+
+        let (status, body) = call(app.clone(), "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let vm: vmkit_core::VmRecord = serde_json::from_str(&body).unwrap();
+        let pid = vm.resources.vmm.unwrap().pid;
+        assert_eq!(host.hypervisor.guest(pid).unwrap().ssh_keys, vec![CAROL]);
+
+        // The fingerprint's `/` is percent-encoded in the path.
+        let path = format!("/v1/keys/{}", CAROL_FP.replace('/', "%2F"));
+        let (status, body) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("ssh_key_not_found"), "{body}");
+        let (_, body) = call(app, "GET", "/v1/keys", "").await;
+        assert_eq!(body, "[]");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_one_public_key_is_a_400_saying_what_is_expected() {
+        let app = app().await;
+        for (body, says) in [
+            (
+                "",
+                "expected an OpenSSH public key line such as `ssh-ed25519 AAAA...",
+            ),
+            ("ssh-dss AAAA", "use ssh-ed25519, ssh-rsa or ecdsa-sha2-*"),
+            ("ssh-ed25519 !!!", "copy the whole line of the .pub file"),
+            (&format!("{CAROL}\n{CAROL}"), "give one key at a time"),
+        ] {
+            let (status, answer) = call(app.clone(), "POST", "/v1/keys", body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {answer}");
+            let error: ErrorBody = serde_json::from_str(&answer).unwrap();
+            assert_eq!(error.code, "invalid_ssh_key");
+            assert!(error.message.contains(says), "{body:?}: {}", error.message);
+        }
+        let (_, body) = call(app, "GET", "/v1/keys", "").await;
+        assert_eq!(body, "[]", "nothing was registered");
     }
 
     /// Stores `count` events without broadcasting them, as if their broadcasts were

@@ -312,6 +312,87 @@ fn follow_ends_when_the_daemon_stops_and_says_where_to_resume() {
     );
 }
 
+/// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
+const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";
+
+#[test]
+fn a_key_added_with_the_cli_reaches_the_guests_and_leaves_them_when_removed() {
+    let d = fake_daemon();
+    let pub_file = d.data_dir.join("carol.pub");
+    std::fs::write(&pub_file, format!("{CAROL}\n")).unwrap();
+    let out = d.cli(&["--json", "key", "add", pub_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["fingerprint"], CAROL_FP);
+    let out = d.cli_with_stdin(&["key", "add", "-"], CAROL.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is registered already"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["key", "ls"]);
+    assert!(
+        stdout(&out).contains(CAROL_FP) && stdout(&out).contains("carol@example"),
+        "{}",
+        stdout(&out)
+    );
+
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let authorized_keys = || {
+        let out = d.cli(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "cat",
+            "/root/.ssh/authorized_keys",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(
+        authorized_keys(),
+        format!("{CAROL}\n"),
+        "the guest has the key"
+    );
+
+    let out = d.cli(&["--json", "key", "rm", CAROL_FP]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["removed"], CAROL_FP);
+    assert_eq!(
+        json(&d.cli(&["--json", "key", "ls"])),
+        serde_json::json!([])
+    );
+    assert!(d.cli(&["vm", "restart", "web"]).status.success());
+    assert_eq!(authorized_keys(), "", "the restarted guest lost the key");
+    let out = d.cli(&["--json", "key", "rm", CAROL_FP]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "ssh_key_not_found");
+}
+
+#[test]
+fn key_add_refuses_what_is_not_a_public_key_and_never_sends_a_private_one() {
+    let d = fake_daemon();
+    let out = d.cli_with_stdin(&["--json", "key", "add", "-"], b"hello");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_ssh_key");
+    let private = d.data_dir.join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = d.cli(&["key", "add", private.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is a private key; give the public one"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&d.cli(&["key", "ls"])).contains("no SSH keys"));
+}
+
 #[test]
 fn second_daemon_on_the_same_socket_is_refused() {
     let d = fake_daemon();

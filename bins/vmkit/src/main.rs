@@ -14,7 +14,9 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
-use vmkit_core::api::{CreateVm, ExecBody, ExecLine, NameBody, decode_bytes, encode_bytes};
+use vmkit_core::api::{
+    CreateVm, ExecBody, ExecLine, NameBody, SshKeyInfo, decode_bytes, encode_bytes,
+};
 use vmkit_core::{Event, EventKind, VmRecord};
 
 use crate::client::{Api, CallError};
@@ -47,6 +49,10 @@ enum Command {
     /// List and delete snapshots (take them with `vmkit vm snapshot`).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Register, list and remove your SSH public keys. VMs get your keys when they
+    /// are created or started, so a change reaches a running VM at its next start.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
     /// which hypervisor `auto` picks.
     Doctor {
@@ -191,6 +197,23 @@ enum SnapshotCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Register an SSH public key.
+    Add {
+        /// The public key file (one OpenSSH key line), `-` for standard input
+        /// [default: ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub].
+        file: Option<PathBuf>,
+    },
+    /// List your SSH public keys.
+    Ls,
+    /// Remove an SSH public key.
+    Rm {
+        /// Its fingerprint, `SHA256:...` as `vmkit key ls` or `ssh-keygen -l` shows it.
+        fingerprint: String,
+    },
+}
+
 #[derive(Args, Debug)]
 struct CreateArgs {
     /// Name (DNS label); a readable one is generated when omitted.
@@ -308,6 +331,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
         Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
+        Command::Key(cmd) => keys(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
             if !image::recipes().any(|r| r == name) {
                 anyhow::bail!(
@@ -633,6 +657,96 @@ async fn snapshots(api: &Api, cmd: SnapshotCommand, json: bool) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
+async fn keys(api: &Api, cmd: KeyCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeyCommand::Add { file } => {
+            let (text, from) = read_public_key(file)?;
+            let key: SshKeyInfo = api
+                .json_from_text(Method::POST, "/v1/keys", text)
+                .await
+                .with_context(|| format!("adding the key from {from}"))?;
+            if json {
+                print_json(&key)?;
+            } else {
+                println!("added SSH key {} {}", key.fingerprint, key.comment);
+                println!("VMs get it when they are next created or started");
+            }
+        }
+        KeyCommand::Ls => {
+            let keys: Vec<SshKeyInfo> = api.json(Method::GET, "/v1/keys", None::<&()>).await?;
+            if json {
+                print_json(&keys)?;
+            } else if keys.is_empty() {
+                println!("no SSH keys; add yours with `vmkit key add`");
+            } else {
+                println!("{:<51} {:<20} COMMENT", "FINGERPRINT", "TYPE");
+                for k in keys {
+                    println!("{:<51} {:<20} {}", k.fingerprint, k.algorithm, k.comment);
+                }
+            }
+        }
+        KeyCommand::Rm { fingerprint } => {
+            let path = format!("/v1/keys/{}", client::path_segment(&fingerprint));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "removed": fingerprint }))?;
+            } else {
+                println!("removed SSH key {fingerprint}");
+                println!("VMs lose it when they are next started");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text of the public key file `file` (`-`: standard input; none: the user's
+/// default key) and where it came from.
+fn read_public_key(file: Option<PathBuf>) -> anyhow::Result<(String, String)> {
+    let path = match file {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the key from standard input")?;
+            return Ok((text, "standard input".to_owned()));
+        }
+        Some(path) => path,
+        None => {
+            let home = std::env::var_os("HOME")
+                .context("HOME is not set; give the public key file: `vmkit key add FILE`")?;
+            default_public_key(std::path::Path::new(&home))?
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the public key file {}", path.display()))?;
+    // Never send a private key anywhere, not even to the local daemon.
+    if text.contains("PRIVATE KEY") {
+        anyhow::bail!(
+            "{} is a private key; give the public one (its .pub file)",
+            path.display()
+        );
+    }
+    Ok((text, path.display().to_string()))
+}
+
+/// `HOME/.ssh/id_ed25519.pub`, else `HOME/.ssh/id_rsa.pub`.
+fn default_public_key(home: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let ssh = home.join(".ssh");
+    let candidates = [ssh.join("id_ed25519.pub"), ssh.join("id_rsa.pub")];
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no public key at {} or {}; give the file (`vmkit key add FILE`, `-` for \
+                 standard input) or make a key with `ssh-keygen -t ed25519`",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
+}
+
 fn print_metrics(m: &vmkit_core::VmMetrics) {
     println!("{}: {}", m.name, m.state);
     println!("  vmm:   {} vCPUs, {} MiB", m.vmm.vcpus, m.vmm.memory_mib);
@@ -873,4 +987,31 @@ fn event_line(e: &Event) -> String {
         .map(|n| n.to_string())
         .unwrap_or_else(|| "-".into());
     format!("{:>6}  {}  {:<20} {}", e.seq, e.at, vm, what)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::default_public_key;
+
+    #[test]
+    fn the_default_key_is_ed25519_else_rsa_else_an_error_saying_what_to_do() {
+        let home = tempfile::tempdir().unwrap();
+        let ssh = home.path().join(".ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        let error = default_public_key(home.path()).unwrap_err().to_string();
+        assert!(error.contains("id_ed25519.pub"), "{error}");
+        assert!(error.contains("ssh-keygen -t ed25519"), "{error}");
+        std::fs::write(ssh.join("id_rsa.pub"), "").unwrap();
+        assert_eq!(
+            default_public_key(home.path()).unwrap(),
+            ssh.join("id_rsa.pub")
+        );
+        std::fs::write(ssh.join("id_ed25519.pub"), "").unwrap();
+        assert_eq!(
+            default_public_key(home.path()).unwrap(),
+            ssh.join("id_ed25519.pub")
+        );
+    }
 }

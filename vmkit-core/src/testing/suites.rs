@@ -609,6 +609,14 @@ pub async fn store_users(store: &dyn StateStore) {
             .await
             .expect("rm")
     );
+    assert!(
+        !store
+            .remove_ssh_key(&key(1).fingerprint())
+            .await
+            .expect("rm twice"),
+        "a key removed is gone"
+    );
+    assert!(store.ssh_keys(UserId(1)).await.expect("keys").is_empty());
     assert_eq!(
         store
             .user_by_key(&key(1).fingerprint())
