@@ -11,7 +11,7 @@
 //! | GET | `/v1/vms` | | `[VmRecord]` |
 //! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
 //! | GET | `/v1/vms/{name}` | | `VmRecord` |
-//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204 |
+//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204; with `keep_data=true`, [`Deleted`](crate::Deleted): where the data volume went |
 //! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmRecord` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
 //! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmRecord` |

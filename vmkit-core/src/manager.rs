@@ -236,6 +236,19 @@ impl DeleteOptions {
     }
 }
 
+/// What a delete left behind: with [`DeleteOptions::keep_data`], the data volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Deleted {
+    /// The VM that is gone.
+    pub name: VmName,
+    /// Where its data volume now lives (a file or a device node that vmkit no longer
+    /// manages) when the delete kept it; `None` when it kept nothing or the VM had no
+    /// data volume. An earlier, interrupted delete that kept it already recorded the
+    /// place in its [`EventKind::DataKept`] event instead.
+    pub kept_data: Option<PathBuf>,
+}
+
 /// The VM lifecycle manager. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Manager {
@@ -461,9 +474,14 @@ impl Manager {
         }
     }
 
-    /// Deletes a VM and everything it holds. Allowed in every state; a VM left
-    /// half-deleted by an earlier failure is finished off.
-    pub async fn delete(&self, name: &VmName, options: DeleteOptions) -> Result<(), ManagerError> {
+    /// Deletes a VM and everything it holds, except its data volume when
+    /// `options` keep it: then it says where that went. Allowed in every state; a VM
+    /// left half-deleted by an earlier failure is finished off.
+    pub async fn delete(
+        &self,
+        name: &VmName,
+        options: DeleteOptions,
+    ) -> Result<Deleted, ManagerError> {
         let _guard = self.lock(name).await;
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
@@ -503,10 +521,12 @@ impl Manager {
             b.storage.delete(&root).await?;
             self.save(&mut vm).await?;
         }
+        let mut kept_data = None;
         if let Some(data) = vm.resources.data.take() {
             if options.keep_data {
                 let kept = b.storage.release(&data).await?;
-                info!(vm = %vm.name, path = %kept.display(), "kept the data volume");
+                self.data_kept(&vm, &kept).await;
+                kept_data = Some(kept);
             } else {
                 b.storage.delete(&data).await?;
             }
@@ -516,7 +536,23 @@ impl Manager {
         info!(vm = %vm.name, "deleted VM");
         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
             .await;
-        Ok(())
+        Ok(Deleted {
+            name: vm.name,
+            kept_data,
+        })
+    }
+
+    /// Records where the data volume of `vm`, handed over to the operator, went.
+    async fn data_kept(&self, vm: &VmRecord, path: &std::path::Path) {
+        info!(vm = %vm.name, path = %path.display(), "kept the data volume");
+        self.emit(NewEvent::vm(
+            vm.id,
+            &vm.name,
+            EventKind::DataKept {
+                path: path.to_owned(),
+            },
+        ))
+        .await;
     }
 
     /// Starts a stopped VM and returns once its agent answered.

@@ -170,7 +170,11 @@ async fn delete_vm(
     let name = vm_name(&name)?;
     let options = DeleteOptions::default().keep_data(q.keep_data);
     let manager = s.manager.clone();
-    detached(async move { manager.delete(&name, options).await }).await?;
+    let deleted = detached(async move { manager.delete(&name, options).await }).await?;
+    if q.keep_data {
+        // Where the kept data went is the answer.
+        return Ok(Json(deleted).into_response());
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -585,6 +589,30 @@ mod tests {
         let (status, body) = call(app, "POST", "/v1/vms/web/exec", r#"{"argv":[]}"#).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body.contains("argv is empty"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn delete_keeping_the_data_answers_where_it_went_and_a_plain_delete_nothing() {
+        let app = app().await;
+        for name in ["keep", "drop", "nodisk"] {
+            let disk = if name == "nodisk" { 0 } else { 1 };
+            let body = format!(r#"{{"name":"{name}","disk_gib":{disk}}}"#);
+            let (status, body) = call(app.clone(), "POST", "/v1/vms", &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/keep?keep_data=true", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let deleted: vmkit_core::Deleted = serde_json::from_str(&body).unwrap();
+        assert_eq!(deleted.name.as_str(), "keep");
+        let kept = deleted.kept_data.expect("the data volume was kept");
+        assert!(kept.starts_with("/fake/kept"), "{}", kept.display());
+
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/drop", "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::NO_CONTENT, ""));
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/nodisk?keep_data=true", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let deleted: vmkit_core::Deleted = serde_json::from_str(&body).unwrap();
+        assert_eq!(deleted.kept_data, None, "no data volume, nothing kept");
     }
 
     /// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.

@@ -312,6 +312,38 @@ fn follow_ends_when_the_daemon_stops_and_says_where_to_resume() {
     );
 }
 
+#[test]
+fn rm_keep_data_prints_where_the_data_volume_went() {
+    let d = fake_daemon();
+    for vm in ["one", "two"] {
+        assert!(d.cli(&["vm", "create", vm, "--disk", "1"]).status.success());
+    }
+    let out = d.cli(&["vm", "rm", "--keep-data", "one"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("deleted one; kept the data volume at /fake/kept/"),
+        "{}",
+        stdout(&out)
+    );
+    let out = d.cli(&["--json", "vm", "rm", "--keep-data", "two"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deleted = json(&out);
+    assert_eq!(deleted["deleted"], "two");
+    assert!(
+        deleted["kept_data"]
+            .as_str()
+            .unwrap()
+            .starts_with("/fake/kept/"),
+        "{deleted}"
+    );
+    let out = d.cli(&["events", "-n", "2"]);
+    assert!(
+        stdout(&out).contains("kept the data volume at /fake/kept/"),
+        "the event log records it: {}",
+        stdout(&out)
+    );
+}
+
 /// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
 const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
 const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";

@@ -17,7 +17,7 @@ use serde::Serialize;
 use vmkit_core::api::{
     CreateVm, ExecBody, ExecLine, NameBody, SshKeyInfo, decode_bytes, encode_bytes,
 };
-use vmkit_core::{Event, EventKind, VmRecord};
+use vmkit_core::{Deleted, Event, EventKind, VmRecord};
 
 use crate::client::{Api, CallError};
 
@@ -99,7 +99,8 @@ enum VmCommand {
     Rm {
         /// VM name.
         name: String,
-        /// Keep the data volume's file.
+        /// Keep the data volume: vmkit hands it over (prints where it went) and
+        /// never deletes it.
         #[arg(long)]
         keep_data: bool,
     },
@@ -482,16 +483,25 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             show(&vm)?;
         }
         VmCommand::Rm { name, keep_data } => {
-            api.send(
-                Method::DELETE,
-                &format!("/v1/vms/{name}?keep_data={keep_data}"),
-                None::<&()>,
-            )
-            .await?;
-            if json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
+            let path = format!("/v1/vms/{name}?keep_data={keep_data}");
+            // Only a delete that keeps the data answers, with where it went.
+            let kept = if keep_data {
+                let deleted: Deleted = api.json(Method::DELETE, &path, None::<&()>).await?;
+                deleted.kept_data
             } else {
-                println!("deleted {name}");
+                api.send(Method::DELETE, &path, None::<&()>).await?;
+                None
+            };
+            if json {
+                print_json(&serde_json::json!({ "deleted": name, "kept_data": kept }))?;
+            } else {
+                match (kept, keep_data) {
+                    (Some(path), _) => {
+                        println!("deleted {name}; kept the data volume at {}", path.display())
+                    }
+                    (None, true) => println!("deleted {name}; it had no data volume to keep"),
+                    (None, false) => println!("deleted {name}"),
+                }
             }
         }
         VmCommand::Start { name } => {
@@ -979,6 +989,7 @@ fn event_line(e: &Event) -> String {
         EventKind::SnapshotTaken { snapshot } => format!("snapshot {snapshot} taken"),
         EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
         EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
+        EventKind::DataKept { path } => format!("kept the data volume at {}", path.display()),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e
