@@ -52,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
 
     // 4. Remove the VM whatever happened: its VMM would outlive this program.
     let removed = match manager.delete(&name, DeleteOptions::default()).await {
-        Ok(()) | Err(ManagerError::NotFound(_)) => Ok(()),
+        Ok(_) | Err(ManagerError::NotFound(_)) => Ok(()),
         Err(e) => Err(anyhow!(e).context(format!("removing VM {name}"))),
     };
     println!("removed VM {name}");

@@ -12,7 +12,9 @@
 //!    it finds a gap or lagged behind the broadcast.
 //!
 //! The same loop serves a consumer that restarts: keep the cursor somewhere durable
-//! and pass it in. Here one VM is created *before* the consumer starts, then stopped,
+//! and pass it in. `Manager::follow_events` packages this loop as an `EventFeed`
+//! (the daemon's `GET /v1/events?follow=true` uses it); it is written out here to
+//! show how it works. Here one VM is created *before* the consumer starts, then stopped,
 //! started and deleted while it follows; the example checks that the consumer saw the
 //! whole history of that VM exactly once, in order.
 

@@ -11,7 +11,7 @@
 //! | GET | `/v1/vms` | | `[VmRecord]` |
 //! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
 //! | GET | `/v1/vms/{name}` | | `VmRecord` |
-//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204 |
+//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204; with `keep_data=true`, [`Deleted`](crate::Deleted): where the data volume went |
 //! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmRecord` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
 //! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmRecord` |
@@ -23,8 +23,25 @@
 //! | GET | `/v1/snapshots` | | `[Snapshot]` |
 //! | DELETE | `/v1/snapshots/{name}` | | 204 |
 //! | POST | `/v1/snapshots/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
-//! | GET | `/v1/events?after=N&limit=N&follow=bool` | | NDJSON stream of `Event` |
+//! | GET | `/v1/events?after=SEQ&limit=N&follow=bool` | | NDJSON stream of `Event` (below) |
 //! | GET | `/v1/images` | | `[String]` |
+//! | GET | `/v1/keys` | | `[`[`SshKeyInfo`]`]`: the local user's SSH public keys |
+//! | POST | `/v1/keys` | one OpenSSH public key line, as text | 201 [`SshKeyInfo`]; 400 not a key, 409 registered already |
+//! | DELETE | `/v1/keys/{fingerprint}` | | 204; 404 no such key |
+//!
+//! Events are numbered from 1 (`seq`), oldest first in every answer. Without
+//! `after`, `/v1/events` answers the newest `limit` events (default 1000, at most
+//! 10000); with `after`, the first `limit` events numbered above it, so a client pages
+//! forward by passing the last `seq` it got. With `follow=true` the answer does not
+//! end: it holds every stored event after `after` (or, without `after`, the newest
+//! `limit`), however many, then every new event as it is stored, each exactly once and
+//! in order (see [`EventFeed`](crate::EventFeed)), until the daemon shuts down.
+//!
+//! The local user's SSH keys go into the guests of their VMs at every create and
+//! start (replacing the keys vmkit put there before), so a key added or removed
+//! reaches a running VM at its next start. A fingerprint is `SHA256:…` as
+//! `ssh-keygen -l` prints it (the `SHA256:` may be left out), percent-encoded in the
+//! path: its base64 may hold `/` and `+`.
 
 use std::path::PathBuf;
 
@@ -34,6 +51,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorKind;
 use crate::spec::VmSpec;
+use crate::user::SshPublicKey;
 use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
 
 /// A body naming one thing: the snapshot to take or restore, or a clone's name.
@@ -92,6 +110,32 @@ impl CreateVm {
             memory_mib: self.memory_mib.unwrap_or(d.memory_mib),
             disk_gib: self.disk_gib.unwrap_or(d.disk_gib),
             root_gib: self.root_gib.unwrap_or(d.root_gib),
+        }
+    }
+}
+
+/// An SSH public key as `GET /v1/keys` and `POST /v1/keys` answer it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SshKeyInfo {
+    /// `SHA256:…`, as `ssh-keygen -l` prints it: what `DELETE /v1/keys/{fingerprint}`
+    /// takes.
+    pub fingerprint: String,
+    /// The key type, such as `ssh-ed25519`.
+    pub algorithm: String,
+    /// The comment after the key data (often `user@host`); may be empty.
+    pub comment: String,
+    /// The whole `authorized_keys` line.
+    pub key: String,
+}
+
+impl From<&SshPublicKey> for SshKeyInfo {
+    fn from(key: &SshPublicKey) -> Self {
+        Self {
+            fingerprint: key.fingerprint(),
+            algorithm: key.algorithm().to_owned(),
+            comment: key.comment().to_owned(),
+            key: key.to_openssh(),
         }
     }
 }

@@ -12,6 +12,7 @@ use crate::spec::SpecError;
 use crate::state::VmState;
 use crate::storage::StorageError;
 use crate::store::StoreError;
+use crate::user::SshKeyError;
 
 /// What kind of failure an error is; transports (REST, SSH, MCP) map this to their
 /// own status codes in one place.
@@ -92,6 +93,18 @@ pub enum ManagerError {
         /// What failed.
         message: String,
     },
+    /// The text is not an SSH public key.
+    #[error("not an SSH public key: {0}")]
+    InvalidSshKey(#[from] SshKeyError),
+    /// The user has registered this SSH key already.
+    #[error("SSH key {0} is registered already; `vmkit key ls` lists your keys")]
+    SshKeyExists(String),
+    /// Another user has registered this SSH key.
+    #[error("SSH key {0} is registered to another user; a key belongs to one user")]
+    SshKeyTaken(String),
+    /// The user has no SSH key with this fingerprint.
+    #[error("no SSH key with fingerprint {0}; `vmkit key ls` lists your keys")]
+    SshKeyNotFound(String),
     /// A backend cannot do what was asked.
     #[error("{0} is not supported by this host's backends")]
     Unsupported(&'static str),
@@ -132,6 +145,7 @@ impl From<StoreError> for ManagerError {
             StoreError::NameTaken(n) => ManagerError::NameTaken(n),
             StoreError::SnapshotTaken(n) => ManagerError::SnapshotTaken(n),
             StoreError::QuotaExceeded(q) => ManagerError::QuotaExceeded(q),
+            StoreError::KeyTaken(fingerprint) => ManagerError::SshKeyTaken(fingerprint),
             other => ManagerError::Store(other),
         }
     }
@@ -141,12 +155,18 @@ impl ManagerError {
     /// The coarse kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            ManagerError::InvalidName(_) | ManagerError::InvalidSpec(_) => ErrorKind::InvalidInput,
+            ManagerError::InvalidName(_)
+            | ManagerError::InvalidSpec(_)
+            | ManagerError::InvalidSshKey(_) => ErrorKind::InvalidInput,
             ManagerError::NameTaken(_)
             | ManagerError::SnapshotTaken(_)
+            | ManagerError::SshKeyExists(_)
+            | ManagerError::SshKeyTaken(_)
             | ManagerError::WrongState { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
-            ManagerError::NotFound(_) | ManagerError::SnapshotNotFound(_) => ErrorKind::NotFound,
+            ManagerError::NotFound(_)
+            | ManagerError::SnapshotNotFound(_)
+            | ManagerError::SshKeyNotFound(_) => ErrorKind::NotFound,
             ManagerError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
             ManagerError::Image(_) => ErrorKind::InvalidInput,
             ManagerError::Unsupported(_)
@@ -176,6 +196,10 @@ impl ManagerError {
             ManagerError::SnapshotTaken(_) => "snapshot_taken",
             ManagerError::SnapshotNotFound(_) => "snapshot_not_found",
             ManagerError::WrongState { .. } => "wrong_state",
+            ManagerError::InvalidSshKey(_) => "invalid_ssh_key",
+            ManagerError::SshKeyExists(_) => "ssh_key_exists",
+            ManagerError::SshKeyTaken(_) => "ssh_key_taken",
+            ManagerError::SshKeyNotFound(_) => "ssh_key_not_found",
             ManagerError::Image(ImageError::NotFound { .. }) => "image_not_found",
             ManagerError::Image(_) => "invalid_image",
             ManagerError::BootFailed { .. } => "boot_failed",

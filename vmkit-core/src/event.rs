@@ -35,6 +35,13 @@ pub enum EventKind {
     },
     /// The VM and its resources are gone.
     Deleted,
+    /// A delete handed the VM's data volume over to the operator instead of
+    /// deleting it.
+    DataKept {
+        /// Where the volume now lives: a file or a device node vmkit no longer
+        /// manages.
+        path: std::path::PathBuf,
+    },
     /// The VMM exited without being asked to.
     VmmExited,
     /// A running VM's agent became healthy or unhealthy.

@@ -31,10 +31,13 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
+mod events;
+mod keys;
 mod ops;
 mod reconcile;
 mod snapshots;
 
+pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileReport};
 
@@ -243,6 +246,19 @@ impl DeleteOptions {
     }
 }
 
+/// What a delete left behind: with [`DeleteOptions::keep_data`], the data volume.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Deleted {
+    /// The VM that is gone.
+    pub name: VmName,
+    /// Where its data volume now lives (a file or a device node that vmkit no longer
+    /// manages) when the delete kept it; `None` when it kept nothing or the VM had no
+    /// data volume. An earlier, interrupted delete that kept it already recorded the
+    /// place in its [`EventKind::DataKept`] event instead.
+    pub kept_data: Option<PathBuf>,
+}
+
 /// The VM lifecycle manager. Cheap to clone; clones share state.
 #[derive(Clone)]
 pub struct Manager {
@@ -259,6 +275,9 @@ struct Inner {
     /// connect would wait behind the first and time out.
     connecting: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
     events: broadcast::Sender<Event>,
+    /// Serialises changes of SSH keys, so that of two adds of one key one is told
+    /// it exists.
+    keys: Mutex<()>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -299,6 +318,7 @@ impl Manager {
                 agents: StdMutex::new(HashMap::new()),
                 connecting: StdMutex::new(HashMap::new()),
                 events,
+                keys: Mutex::new(()),
             }),
         })
     }
@@ -311,17 +331,6 @@ impl Manager {
     /// The backends.
     pub fn backends(&self) -> &Backends {
         &self.inner.backends
-    }
-
-    /// Live events as they are stored. Missed events can be read with
-    /// [`Manager::events`].
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.inner.events.subscribe()
-    }
-
-    /// Stored events with `seq > after`, oldest first.
-    pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, ManagerError> {
-        Ok(self.inner.backends.store.events(after, limit).await?)
     }
 
     /// A VM by name.
@@ -481,9 +490,14 @@ impl Manager {
         }
     }
 
-    /// Deletes a VM and everything it holds. Allowed in every state; a VM left
-    /// half-deleted by an earlier failure is finished off.
-    pub async fn delete(&self, name: &VmName, options: DeleteOptions) -> Result<(), ManagerError> {
+    /// Deletes a VM and everything it holds, except its data volume when
+    /// `options` keep it: then it says where that went. Allowed in every state; a VM
+    /// left half-deleted by an earlier failure is finished off.
+    pub async fn delete(
+        &self,
+        name: &VmName,
+        options: DeleteOptions,
+    ) -> Result<Deleted, ManagerError> {
         let _guard = self.lock(name).await;
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
@@ -523,10 +537,12 @@ impl Manager {
             b.storage.delete(&root).await?;
             self.save(&mut vm).await?;
         }
+        let mut kept_data = None;
         if let Some(data) = vm.resources.data.take() {
             if options.keep_data {
                 let kept = b.storage.release(&data).await?;
-                info!(vm = %vm.name, path = %kept.display(), "kept the data volume");
+                self.data_kept(&vm, &kept).await;
+                kept_data = Some(kept);
             } else {
                 b.storage.delete(&data).await?;
             }
@@ -537,7 +553,23 @@ impl Manager {
         info!(vm = %vm.name, "deleted VM");
         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
             .await;
-        Ok(())
+        Ok(Deleted {
+            name: vm.name,
+            kept_data,
+        })
+    }
+
+    /// Records where the data volume of `vm`, handed over to the operator, went.
+    async fn data_kept(&self, vm: &VmRecord, path: &std::path::Path) {
+        info!(vm = %vm.name, path = %path.display(), "kept the data volume");
+        self.emit(NewEvent::vm(
+            vm.id,
+            &vm.name,
+            EventKind::DataKept {
+                path: path.to_owned(),
+            },
+        ))
+        .await;
     }
 
     /// Starts a stopped VM and returns once its agent answered.
@@ -908,13 +940,12 @@ impl Manager {
             .set_hostname(vm.name.as_str())
             .await
             .map_err(agent_error)?;
+        // Also with no keys: that removes the ones the owner has removed since.
         let keys = self.inner.backends.store.ssh_keys(vm.owner).await?;
-        if !keys.is_empty() {
-            client
-                .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
-                .await
-                .map_err(agent_error)?;
-        }
+        client
+            .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
+            .await
+            .map_err(agent_error)?;
         Ok(())
     }
 

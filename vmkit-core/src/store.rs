@@ -185,4 +185,6 @@ pub trait StateStore: Send + Sync {
     async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError>;
     /// Up to `limit` events with `seq > after`, oldest first.
     async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
+    /// The number of the newest event; 0 when none is stored.
+    async fn last_event_seq(&self) -> Result<u64, StoreError>;
 }

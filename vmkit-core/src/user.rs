@@ -83,16 +83,27 @@ pub enum SshKeyError {
     #[error("unsupported key type {0:?}; use ssh-ed25519, ssh-rsa or ecdsa-sha2-*")]
     UnsupportedType(String),
     /// The base64 part does not decode.
-    #[error("the key data is not valid base64")]
+    #[error("the key data is not valid base64; copy the whole line of the .pub file")]
     Base64,
     /// The decoded blob does not name the same key type as the line.
-    #[error("the key data does not match its declared type {0:?}")]
+    #[error(
+        "the key data does not match its declared type {0:?}; copy the whole line of the .pub file unchanged"
+    )]
     Mismatch(String),
+    /// More than one line: several keys, or a key with something after it.
+    #[error("expected one OpenSSH public key line, found several; give one key at a time")]
+    SeveralLines,
 }
 
 impl SshPublicKey {
-    /// Parses an `authorized_keys`-style line: `TYPE BASE64 [COMMENT]`.
+    /// Parses an `authorized_keys`-style line: `TYPE BASE64 [COMMENT]`. Whitespace
+    /// around it (the newline ending a `.pub` file) is ignored; a second line is
+    /// refused.
     pub fn parse(line: &str) -> Result<Self, SshKeyError> {
+        let line = line.trim();
+        if line.lines().nth(1).is_some() {
+            return Err(SshKeyError::SeveralLines);
+        }
         let mut parts = line.split_whitespace();
         let algorithm = parts.next().ok_or(SshKeyError::Format)?;
         let data = parts.next().ok_or(SshKeyError::Format)?;
@@ -228,6 +239,11 @@ mod tests {
         assert_eq!(key.comment(), "alice@example");
         assert_eq!(key.fingerprint(), ED25519_FP);
         assert_eq!(key.to_openssh(), ED25519);
+        assert_eq!(
+            SshPublicKey::parse(&format!("{ED25519}\n")).unwrap(),
+            key,
+            "the newline ending a .pub file is ignored"
+        );
     }
 
     #[test]
@@ -240,6 +256,10 @@ mod tests {
         assert_eq!(
             SshPublicKey::parse("ssh-ed25519 !!!"),
             Err(SshKeyError::Base64)
+        );
+        assert_eq!(
+            SshPublicKey::parse(&format!("{ED25519}\n{ED25519}\n")),
+            Err(SshKeyError::SeveralLines)
         );
         // Valid base64 of an ssh-rsa blob declared as ed25519.
         let rsa_blob = STANDARD.encode(b"\0\0\0\x07ssh-rsa\0\0\0\x01\x23");

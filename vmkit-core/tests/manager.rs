@@ -654,3 +654,53 @@ async fn the_root_disk_takes_the_asked_size_or_keeps_the_image_size() {
         .unwrap_err();
     assert!(err.to_string().contains("root_gib"), "{err}");
 }
+
+/// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
+const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";
+
+#[tokio::test]
+async fn ssh_keys_are_added_once_listed_and_removed_by_their_owner_only() {
+    let host = FakeHost::new().await;
+    let m = &host.manager;
+    let key = vmkit_core::SshPublicKey::parse(CAROL).unwrap();
+    m.add_ssh_key(UserId::LOCAL, &key).await.unwrap();
+    assert_eq!(m.ssh_keys(UserId::LOCAL).await.unwrap(), vec![key.clone()]);
+
+    let again = m.add_ssh_key(UserId::LOCAL, &key).await.unwrap_err();
+    assert!(matches!(again, ManagerError::SshKeyExists(_)), "{again}");
+    assert_eq!(again.kind(), ErrorKind::Conflict);
+    let other = m.add_ssh_key(UserId(7), &key).await.unwrap_err();
+    assert!(matches!(other, ManagerError::SshKeyTaken(_)), "{other}");
+    assert_eq!(other.kind(), ErrorKind::Conflict);
+
+    let not_theirs = m.remove_ssh_key(UserId(7), CAROL_FP).await.unwrap_err();
+    assert_eq!(not_theirs.kind(), ErrorKind::NotFound, "{not_theirs}");
+    let without_prefix = CAROL_FP.trim_start_matches("SHA256:");
+    m.remove_ssh_key(UserId::LOCAL, without_prefix)
+        .await
+        .unwrap();
+    assert!(m.ssh_keys(UserId::LOCAL).await.unwrap().is_empty());
+    let gone = m.remove_ssh_key(UserId::LOCAL, CAROL_FP).await.unwrap_err();
+    assert!(matches!(gone, ManagerError::SshKeyNotFound(_)), "{gone}");
+}
+
+#[tokio::test]
+async fn a_removed_key_leaves_the_guest_at_its_next_start() {
+    let host = FakeHost::new().await;
+    let key = vmkit_core::SshPublicKey::parse(CAROL).unwrap();
+    host.manager.add_ssh_key(UserId::LOCAL, &key).await.unwrap();
+    let vm = host.manager.create(request("web")).await.unwrap();
+    let guest = |vm: &vmkit_core::VmRecord| {
+        host.hypervisor
+            .guest(vm.resources.vmm.as_ref().unwrap().pid)
+            .unwrap()
+    };
+    assert_eq!(guest(&vm).ssh_keys, vec![key.to_openssh()]);
+    host.manager
+        .remove_ssh_key(UserId::LOCAL, CAROL_FP)
+        .await
+        .unwrap();
+    let vm = host.manager.restart(&name("web")).await.unwrap();
+    assert!(guest(&vm).ssh_keys.is_empty(), "{:?}", guest(&vm));
+}

@@ -395,3 +395,36 @@ async fn guest_logs_come_from_the_agent_and_can_be_followed() {
         Err(ManagerError::WrongState { .. })
     ));
 }
+
+#[tokio::test]
+async fn rm_keep_data_says_and_records_where_the_data_volume_went() {
+    let host = FakeHost::new().await;
+    let vm = host.manager.create(request("web")).await.unwrap();
+    let data = vm.resources.data.unwrap();
+    host.storage.write(&data.path, 0, b"proof").unwrap();
+    let options = vmkit_core::DeleteOptions::default().keep_data(true);
+    let deleted = host.manager.delete(&name("web"), options).await.unwrap();
+    assert_eq!(deleted.name, name("web"));
+    let kept = deleted.kept_data.expect("the data volume was kept");
+    assert_eq!(
+        host.storage.read(&kept, 0, 5).unwrap(),
+        b"proof",
+        "{} holds the data volume",
+        kept.display()
+    );
+    let events = host.manager.events(0, 100).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == EventKind::DataKept { path: kept.clone() }),
+        "{events:?}"
+    );
+
+    host.manager.create(request("plain")).await.unwrap();
+    let deleted = host
+        .manager
+        .delete(&name("plain"), vmkit_core::DeleteOptions::default())
+        .await
+        .unwrap();
+    assert_eq!(deleted.kept_data, None, "a plain delete keeps nothing");
+}

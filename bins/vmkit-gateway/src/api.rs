@@ -11,12 +11,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::watch;
 use tracing::error;
-use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, status_for};
+use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, SshKeyInfo, status_for};
 use vmkit_core::{
-    CloneSource, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Event, Manager, ManagerError,
-    ResizeRequest, UserId, VmName,
+    CloneSource, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Manager, ManagerError,
+    ResizeRequest, SshPublicKey, UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -24,6 +24,16 @@ use vmkit_core::{
 pub struct AppState {
     /// The manager every request goes to.
     pub manager: Manager,
+    /// Turns true when the daemon shuts down: answers that would never end (follows)
+    /// end then, so that the shutdown does not wait for their clients.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// Resolves once `shutdown` turns true; never if its sender is gone without.
+async fn shutting_down(mut shutdown: watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// The API router.
@@ -53,6 +63,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/snapshots/{name}/clone", post(clone_snapshot))
         .route("/v1/events", get(events))
         .route("/v1/images", get(images))
+        .route("/v1/keys", get(list_keys).post(add_key))
+        .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
         .with_state(state)
 }
 
@@ -159,7 +171,11 @@ async fn delete_vm(
     let name = vm_name(&name)?;
     let options = DeleteOptions::default().keep_data(q.keep_data);
     let manager = s.manager.clone();
-    detached(async move { manager.delete(&name, options).await }).await?;
+    let deleted = detached(async move { manager.delete(&name, options).await }).await?;
+    if q.keep_data {
+        // Where the kept data went is the answer.
+        return Ok(Json(deleted).into_response());
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -390,8 +406,8 @@ fn ndjson<T: serde::Serialize + Send + 'static>(
 
 #[derive(Deserialize)]
 struct EventsQuery {
-    #[serde(default)]
-    after: u64,
+    /// Only events after this one; absent: the newest `limit`.
+    after: Option<u64>,
     #[serde(default = "default_limit")]
     limit: usize,
     #[serde(default)]
@@ -402,39 +418,46 @@ fn default_limit() -> usize {
     1000
 }
 
+/// The most events one answer holds.
+const MAX_EVENTS: usize = 10_000;
+
 async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiResult<Response> {
-    // Subscribe before reading the backlog so nothing falls between the two.
-    let live = s.manager.subscribe();
-    let backlog = s.manager.events(q.after, q.limit.min(10_000)).await?;
-    let last = backlog.last().map_or(q.after, |e| e.seq);
-    let backlog = stream::iter(backlog);
-    if !q.follow {
-        return Ok(ndjson(backlog));
+    if q.limit > MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!(
+                "limit {} is more than the {MAX_EVENTS} events an answer holds; \
+                 page through the log with after=SEQ",
+                q.limit
+            ),
+        ));
     }
-    let manager = s.manager.clone();
-    let follow = stream::unfold(
-        (live, last, manager),
-        |(mut live, last, manager)| async move {
-            loop {
-                match live.recv().await {
-                    Ok(e) if e.seq > last => {
-                        let seq = e.seq;
-                        return Some((vec![e], (live, seq, manager)));
-                    }
-                    Ok(_) => continue,
-                    Err(RecvError::Lagged(_)) => {
-                        // Fell behind the live feed: catch up from the store.
-                        let missed: Vec<Event> = manager.events(last, 10_000).await.ok()?;
-                        let seq = missed.last().map_or(last, |e| e.seq);
-                        return Some((missed, (live, seq, manager)));
-                    }
-                    Err(RecvError::Closed) => return None,
-                }
+    if !q.follow {
+        let events = match q.after {
+            Some(after) => s.manager.events(after, q.limit).await?,
+            None => s.manager.newest_events(q.limit).await?,
+        };
+        return Ok(ndjson(stream::iter(events)));
+    }
+    let after = match q.after {
+        Some(after) => after,
+        None => {
+            let last = s.manager.last_event_seq().await?;
+            last.saturating_sub(q.limit as u64)
+        }
+    };
+    let feed = s.manager.follow_events(after);
+    let events = stream::unfold(feed, |mut feed| async move {
+        match feed.next().await {
+            Ok(event) => event.map(|e| (e, feed)),
+            Err(e) => {
+                error!(error = %e, after = feed.last_seq(), "cannot read the event log; ending a follow");
+                None
             }
-        },
-    )
-    .flat_map(stream::iter);
-    Ok(ndjson(backlog.chain(follow)))
+        }
+    });
+    Ok(ndjson(events.take_until(shutting_down(s.shutdown.clone()))))
 }
 
 async fn images(State(s): State<AppState>) -> ApiResult<Response> {
@@ -448,6 +471,34 @@ async fn images(State(s): State<AppState>) -> ApiResult<Response> {
     Ok(Json(names).into_response())
 }
 
+async fn list_keys(State(s): State<AppState>) -> ApiResult<Response> {
+    let keys = s.manager.ssh_keys(UserId::LOCAL).await?;
+    Ok(Json(keys.iter().map(SshKeyInfo::from).collect::<Vec<_>>()).into_response())
+}
+
+async fn add_key(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+    let text = std::str::from_utf8(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            "the body is not UTF-8 text; send one OpenSSH public key line",
+        )
+    })?;
+    let key = SshPublicKey::parse(text).map_err(ManagerError::from)?;
+    s.manager.add_ssh_key(UserId::LOCAL, &key).await?;
+    Ok((StatusCode::CREATED, Json(SshKeyInfo::from(&key))).into_response())
+}
+
+async fn remove_key(
+    State(s): State<AppState>,
+    Path(fingerprint): Path<String>,
+) -> ApiResult<Response> {
+    s.manager
+        .remove_ssh_key(UserId::LOCAL, &fingerprint)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use axum::http::Request;
@@ -458,9 +509,23 @@ mod tests {
     use super::*;
 
     async fn app() -> Router {
+        app_on(&FakeHost::new().await)
+    }
+
+    fn app_on(host: &FakeHost) -> Router {
         router(AppState {
-            manager: FakeHost::new().await.manager,
+            manager: host.manager.clone(),
+            shutdown: watch::channel(false).1,
         })
+    }
+
+    /// A fake host whose user may create any number of VMs.
+    async fn unlimited_host() -> FakeHost {
+        FakeHost::with_config(
+            vmkit_core::ManagerConfig::new("/nonexistent/vmkit")
+                .default_quota(vmkit_core::Quota::unlimited()),
+        )
+        .await
     }
 
     async fn call(app: Router, method: &str, uri: &str, body: &str) -> (StatusCode, String) {
@@ -527,6 +592,283 @@ mod tests {
         assert!(body.contains("argv is empty"), "{body}");
     }
 
+    #[tokio::test]
+    async fn delete_keeping_the_data_answers_where_it_went_and_a_plain_delete_nothing() {
+        let app = app().await;
+        for name in ["keep", "drop", "nodisk"] {
+            let disk = if name == "nodisk" { 0 } else { 1 };
+            let body = format!(r#"{{"name":"{name}","disk_gib":{disk}}}"#);
+            let (status, body) = call(app.clone(), "POST", "/v1/vms", &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+        }
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/keep?keep_data=true", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let deleted: vmkit_core::Deleted = serde_json::from_str(&body).unwrap();
+        assert_eq!(deleted.name.as_str(), "keep");
+        let kept = deleted.kept_data.expect("the data volume was kept");
+        assert!(kept.starts_with("/fake/kept"), "{}", kept.display());
+
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/drop", "").await;
+        assert_eq!((status, body.as_str()), (StatusCode::NO_CONTENT, ""));
+        let (status, body) = call(app.clone(), "DELETE", "/v1/vms/nodisk?keep_data=true", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let deleted: vmkit_core::Deleted = serde_json::from_str(&body).unwrap();
+        assert_eq!(deleted.kept_data, None, "no data volume, nothing kept");
+    }
+
+    /// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
+    const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+    const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";
+
+    #[tokio::test]
+    async fn a_key_is_added_once_listed_given_to_new_vms_and_removed() {
+        let host = FakeHost::new().await;
+        let app = app_on(&host);
+        let (status, body) = call(app.clone(), "POST", "/v1/keys", &format!("{CAROL}\n")).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let added: SshKeyInfo = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (added.fingerprint.as_str(), added.key.as_str()),
+            (CAROL_FP, CAROL)
+        );
+        let (status, body) = call(app.clone(), "POST", "/v1/keys", CAROL).await;
+        assert_eq!(status, StatusCode::CONFLICT);
+        assert!(body.contains("ssh_key_exists"), "{body}");
+
+        let (status, body) = call(app.clone(), "GET", "/v1/keys", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let listed: Vec<SshKeyInfo> = serde_json::from_str(&body).unwrap();
+        assert_eq!(listed, vec![added]);
+
+        let (status, body) = call(app.clone(), "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let vm: vmkit_core::VmRecord = serde_json::from_str(&body).unwrap();
+        let pid = vm.resources.vmm.unwrap().pid;
+        assert_eq!(host.hypervisor.guest(pid).unwrap().ssh_keys, vec![CAROL]);
+
+        // The fingerprint's `/` is percent-encoded in the path.
+        let path = format!("/v1/keys/{}", CAROL_FP.replace('/', "%2F"));
+        let (status, body) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{body}");
+        let (status, body) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("ssh_key_not_found"), "{body}");
+        let (_, body) = call(app, "GET", "/v1/keys", "").await;
+        assert_eq!(body, "[]");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_is_not_one_public_key_is_a_400_saying_what_is_expected() {
+        let app = app().await;
+        for (body, says) in [
+            (
+                "",
+                "expected an OpenSSH public key line such as `ssh-ed25519 AAAA...",
+            ),
+            ("ssh-dss AAAA", "use ssh-ed25519, ssh-rsa or ecdsa-sha2-*"),
+            ("ssh-ed25519 !!!", "copy the whole line of the .pub file"),
+            (&format!("{CAROL}\n{CAROL}"), "give one key at a time"),
+        ] {
+            let (status, answer) = call(app.clone(), "POST", "/v1/keys", body).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{body:?}: {answer}");
+            let error: ErrorBody = serde_json::from_str(&answer).unwrap();
+            assert_eq!(error.code, "invalid_ssh_key");
+            assert!(error.message.contains(says), "{body:?}: {}", error.message);
+        }
+        let (_, body) = call(app, "GET", "/v1/keys", "").await;
+        assert_eq!(body, "[]", "nothing was registered");
+    }
+
+    /// Stores `count` events without broadcasting them, as if their broadcasts were
+    /// lost or crossed.
+    async fn store_unannounced(host: &FakeHost, count: usize) {
+        use vmkit_core::{EventKind, NewEvent, StateStore};
+        for i in 0..count {
+            let kind = EventKind::Reconciled {
+                action: format!("unannounced {i}"),
+            };
+            host.store.append_event(NewEvent::host(kind)).await.unwrap();
+        }
+    }
+
+    /// The events of a streaming NDJSON answer, read as they arrive.
+    struct EventLines {
+        body: Body,
+        buf: Vec<u8>,
+    }
+
+    impl EventLines {
+        async fn get(app: Router, uri: &str) -> Self {
+            let response = app
+                .oneshot(Request::builder().uri(uri).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            Self {
+                body: response.into_body(),
+                buf: Vec::new(),
+            }
+        }
+
+        /// The next event's number, or `None` if none comes within `wait`.
+        async fn next_within(&mut self, wait: std::time::Duration) -> Option<u64> {
+            loop {
+                if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = self.buf.drain(..=end).collect();
+                    let event: vmkit_core::Event = serde_json::from_slice(&line).unwrap();
+                    return Some(event.seq);
+                }
+                let frame = tokio::time::timeout(wait, self.body.frame()).await.ok()?;
+                let frame = frame.expect("a follow does not end").unwrap();
+                self.buf.extend_from_slice(&frame.into_data().unwrap());
+            }
+        }
+
+        /// The numbers of the events up to and including `last`.
+        async fn seqs_until(&mut self, last: u64) -> Vec<u64> {
+            let mut seqs = Vec::new();
+            while seqs.last() != Some(&last) {
+                let seq = self
+                    .next_within(std::time::Duration::from_secs(10))
+                    .await
+                    .unwrap_or_else(|| panic!("no event after {seqs:?}; waiting for {last}"));
+                seqs.push(seq);
+            }
+            seqs
+        }
+    }
+
+    fn seqs(body: &str) -> Vec<u64> {
+        body.lines()
+            .map(|l| serde_json::from_str::<vmkit_core::Event>(l).unwrap().seq)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn events_are_the_newest_by_default_and_page_with_after_and_limit() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 1500).await;
+        let app = app_on(&host);
+        let (status, body) = call(app.clone(), "GET", "/v1/events", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(seqs(&body), (501..=1500).collect::<Vec<_>>());
+        let (_, body) = call(app.clone(), "GET", "/v1/events?limit=3", "").await;
+        assert_eq!(seqs(&body), vec![1498, 1499, 1500]);
+        let (_, body) = call(app.clone(), "GET", "/v1/events?after=0&limit=3", "").await;
+        assert_eq!(seqs(&body), vec![1, 2, 3]);
+        let (_, body) = call(app.clone(), "GET", "/v1/events?after=1499", "").await;
+        assert_eq!(seqs(&body), vec![1500]);
+        let (status, body) = call(app, "GET", "/v1/events?limit=10001", "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body.contains("page through the log with after"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn follow_pages_through_a_backlog_of_over_a_thousand_events_then_follows_without_a_gap() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 2500).await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app, "/v1/events?after=0&follow=true").await;
+        assert_eq!(
+            follow.seqs_until(2500).await,
+            (1..=2500).collect::<Vec<_>>()
+        );
+        // More live events than the broadcast holds arrive before the follower
+        // reads on: it falls behind and catches up from the store.
+        let web = VmName::new("web").unwrap();
+        let request = CreateRequest::new(UserId::LOCAL, vmkit_core::VmSpec::new("tiny"));
+        host.manager
+            .create(request.name(web.clone()))
+            .await
+            .unwrap();
+        for _ in 0..300 {
+            host.manager.stop(&web).await.unwrap();
+            host.manager.start(&web).await.unwrap();
+        }
+        let last = host.manager.last_event_seq().await.unwrap();
+        assert_eq!(last, 2500 + 2 + 300 * 4);
+        assert_eq!(
+            follow.seqs_until(last).await,
+            (2501..=last).collect::<Vec<_>>()
+        );
+    }
+
+    #[tokio::test]
+    async fn follow_without_after_starts_at_the_newest_limit_events() {
+        let host = FakeHost::new().await;
+        store_unannounced(&host, 10).await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app.clone(), "/v1/events?follow=true&limit=2").await;
+        assert_eq!(follow.seqs_until(10).await, vec![9, 10]);
+        let (status, _) = call(app, "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(follow.seqs_until(12).await, vec![11, 12]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn follow_delivers_every_event_once_in_order_while_many_vms_change_at_once() {
+        let host = unlimited_host().await;
+        let app = app_on(&host);
+        let mut follow = EventLines::get(app, "/v1/events?after=0&follow=true").await;
+        // The follower reads while the VMs change; it stops at the last event once
+        // it learns which one that is.
+        let (last_tx, mut last_rx) = tokio::sync::watch::channel(u64::MAX);
+        let reader = tokio::spawn(async move {
+            let mut seqs: Vec<u64> = Vec::new();
+            loop {
+                if seqs.last() == Some(&*last_rx.borrow()) {
+                    break;
+                }
+                tokio::select! {
+                    seq = follow.next_within(std::time::Duration::from_secs(10)) => {
+                        seqs.push(seq.unwrap_or_else(|| panic!("the follow stalled after {seqs:?}")));
+                    }
+                    _ = last_rx.changed() => {}
+                }
+            }
+            let extra = follow
+                .next_within(std::time::Duration::from_millis(200))
+                .await;
+            (seqs, extra)
+        });
+        let mut work = tokio::task::JoinSet::new();
+        for i in 0..40 {
+            let manager = host.manager.clone();
+            work.spawn(async move {
+                let name = VmName::new(format!("vm-{i}")).unwrap();
+                let spec = vmkit_core::VmSpec::new("tiny");
+                let request = CreateRequest::new(UserId::LOCAL, spec).name(name.clone());
+                manager.create(request).await.unwrap();
+                manager.stop(&name).await.unwrap();
+                manager.start(&name).await.unwrap();
+                manager
+                    .delete(&name, DeleteOptions::default())
+                    .await
+                    .unwrap();
+            });
+        }
+        // Events whose broadcast never comes, stored among the others.
+        let unannounced = host.clone();
+        work.spawn(async move {
+            for _ in 0..20 {
+                store_unannounced(&unannounced, 3).await;
+                tokio::task::yield_now().await;
+            }
+        });
+        while let Some(done) = work.join_next().await {
+            done.unwrap();
+        }
+        // The last events are announced, as the manager announces all of its own.
+        let request = CreateRequest::new(UserId::LOCAL, vmkit_core::VmSpec::new("tiny"));
+        host.manager.create(request).await.unwrap();
+        let last = host.manager.last_event_seq().await.unwrap();
+        assert_eq!(last, 40 * 8 + 60 + 2);
+        last_tx.send(last).unwrap();
+        let (seqs, extra) = reader.await.unwrap();
+        assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+        assert_eq!(extra, None, "nothing is sent twice");
+    }
+
     /// One HTTP/1.1 request on a fresh connection to the Unix socket `path`;
     /// returns the status code and the body.
     async fn over_socket(
@@ -581,17 +923,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn two_hundred_concurrent_creates_and_deletes_through_the_socket_leave_nothing() {
         use vmkit_core::testing::Holdings;
-        let host = FakeHost::with_config(
-            vmkit_core::ManagerConfig::new("/nonexistent/vmkit")
-                .default_quota(vmkit_core::Quota::unlimited()),
-        )
-        .await;
+        let host = unlimited_host().await;
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("vmkit.sock");
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
-        let app = router(AppState {
-            manager: host.manager.clone(),
-        });
+        let app = app_on(&host);
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
 
         let create = |i: usize| {

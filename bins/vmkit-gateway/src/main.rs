@@ -180,11 +180,17 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     // The store was opened with the backends above, the socket is bound and SIGTERM
     // is handled.
     notify::ready();
-    let app = api::router(api::AppState { manager });
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let app = api::router(api::AppState {
+        manager,
+        shutdown: stopping,
+    });
     let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async {
+        .with_graceful_shutdown(async move {
             shutdown.await;
             notify::stopping();
+            // Follows of the event log end, or the shutdown would wait for them.
+            stop.send_replace(true);
         })
         .await;
     monitor.abort();

@@ -4,6 +4,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
 
 use support::{Daemon, json, stderr, stdout};
 
@@ -174,6 +175,254 @@ fn events_record_every_state_change() {
             "state_changed"
         ]
     );
+}
+
+/// The event numbers in `--json events` output.
+fn event_seqs(out: &std::process::Output) -> Vec<u64> {
+    assert!(out.status.success(), "{}", stderr(out));
+    stdout(out)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn events_show_the_newest_and_page_with_after_and_limit() {
+    let d = fake_daemon();
+    for command in ["create", "stop", "start"] {
+        assert!(d.cli(&["vm", command, "web"]).status.success());
+    }
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events"])),
+        [1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events", "--limit", "2"])),
+        [5, 6]
+    );
+    assert_eq!(
+        event_seqs(&d.cli(&["--json", "events", "--after", "1", "-n", "2"])),
+        [2, 3]
+    );
+    let out = d.cli(&["events", "-n", "2"]);
+    assert_eq!(stdout(&out).lines().count(), 2, "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("older events: `vmkit events --after 2 --limit 2`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["events", "--after", "1", "-n", "2"]);
+    assert!(
+        stderr(&out).contains("more events may follow: `vmkit events --after 3 --limit 2`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["--json", "events", "--limit", "20000"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_query");
+}
+
+/// Runs `rounds` stops and starts of each of `vms` at once, one thread per VM,
+/// through the API socket.
+fn stop_start_at_once(d: &Daemon, vms: &[String], rounds: usize) {
+    std::thread::scope(|scope| {
+        for vm in vms {
+            scope.spawn(move || {
+                for _ in 0..rounds {
+                    for op in ["stop", "start"] {
+                        let (status, body) =
+                            support::http(&d.socket, "POST", &format!("/v1/vms/{vm}/{op}"), "");
+                        assert_eq!(status, 200, "{op} {vm}: {body}");
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn follow_prints_a_long_backlog_and_changes_of_many_vms_at_once_each_once_in_order() {
+    let d = fake_daemon();
+    let vms: Vec<String> = (0..8).map(|i| format!("vm-{i}")).collect();
+    for vm in &vms {
+        assert!(d.cli(&["vm", "create", vm]).status.success());
+    }
+    // 8 creates of 2 events, then 8 × 32 rounds of 4: a backlog of 1040.
+    stop_start_at_once(&d, &vms, 32);
+    let mut follow = d.cli_spawn_piped(&["--json", "events", "--follow", "--after", "0"]);
+    let lines = lines_of(&mut follow);
+    // While it follows, every VM changes at once: 8 × 4 rounds of 4 events more.
+    stop_start_at_once(&d, &vms, 4);
+    let last = 1040 + 128;
+    let mut seen = Vec::new();
+    while seen.last() != Some(&last) {
+        let line = lines
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("the follow stalled after {} events", seen.len()));
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+        seen.push(event["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seen, (1..=last).collect::<Vec<u64>>());
+    assert!(
+        lines.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing is printed twice"
+    );
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+}
+
+/// The lines `child` prints on stdout, as it prints them.
+fn lines_of(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines() {
+            if tx.send(line.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn follow_ends_when_the_daemon_stops_and_says_where_to_resume() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let mut follow = d.cli_spawn_piped(&["events", "--follow"]);
+    let lines = lines_of(&mut follow);
+    for _ in 0..2 {
+        lines.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    assert!(
+        d.terminate().success(),
+        "the daemon stops although a follow is open"
+    );
+    let out = follow.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("resume with `vmkit events --follow --after 2`"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn rm_keep_data_prints_where_the_data_volume_went() {
+    let d = fake_daemon();
+    for vm in ["one", "two"] {
+        assert!(d.cli(&["vm", "create", vm, "--disk", "1"]).status.success());
+    }
+    let out = d.cli(&["vm", "rm", "--keep-data", "one"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("deleted one; kept the data volume at /fake/kept/"),
+        "{}",
+        stdout(&out)
+    );
+    let out = d.cli(&["--json", "vm", "rm", "--keep-data", "two"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let deleted = json(&out);
+    assert_eq!(deleted["deleted"], "two");
+    assert!(
+        deleted["kept_data"]
+            .as_str()
+            .unwrap()
+            .starts_with("/fake/kept/"),
+        "{deleted}"
+    );
+    let out = d.cli(&["events", "-n", "2"]);
+    assert!(
+        stdout(&out).contains("kept the data volume at /fake/kept/"),
+        "the event log records it: {}",
+        stdout(&out)
+    );
+}
+
+/// An ed25519 key made by ssh-keygen; its fingerprint holds a `/`.
+const CAROL: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+const CAROL_FP: &str = "SHA256:KzM679Yuc/e1EFD2JStDlL8a8O5S280Jkl5hJDN5wfk";
+
+#[test]
+fn a_key_added_with_the_cli_reaches_the_guests_and_leaves_them_when_removed() {
+    let d = fake_daemon();
+    let pub_file = d.data_dir.join("carol.pub");
+    std::fs::write(&pub_file, format!("{CAROL}\n")).unwrap();
+    let out = d.cli(&["--json", "key", "add", pub_file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["fingerprint"], CAROL_FP);
+    let out = d.cli_with_stdin(&["key", "add", "-"], CAROL.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is registered already"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["key", "ls"]);
+    assert!(
+        stdout(&out).contains(CAROL_FP) && stdout(&out).contains("carol@example"),
+        "{}",
+        stdout(&out)
+    );
+
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    let authorized_keys = || {
+        let out = d.cli(&[
+            "vm",
+            "exec",
+            "web",
+            "--",
+            "cat",
+            "/root/.ssh/authorized_keys",
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+        stdout(&out)
+    };
+    assert_eq!(
+        authorized_keys(),
+        format!("{CAROL}\n"),
+        "the guest has the key"
+    );
+
+    let out = d.cli(&["--json", "key", "rm", CAROL_FP]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["removed"], CAROL_FP);
+    assert_eq!(
+        json(&d.cli(&["--json", "key", "ls"])),
+        serde_json::json!([])
+    );
+    assert!(d.cli(&["vm", "restart", "web"]).status.success());
+    assert_eq!(authorized_keys(), "", "the restarted guest lost the key");
+    let out = d.cli(&["--json", "key", "rm", CAROL_FP]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "ssh_key_not_found");
+}
+
+#[test]
+fn key_add_refuses_what_is_not_a_public_key_and_never_sends_a_private_one() {
+    let d = fake_daemon();
+    let out = d.cli_with_stdin(&["--json", "key", "add", "-"], b"hello");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_ssh_key");
+    let private = d.data_dir.join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaA==\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = d.cli(&["key", "add", private.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("is a private key; give the public one"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stdout(&d.cli(&["key", "ls"])).contains("no SSH keys"));
 }
 
 #[test]

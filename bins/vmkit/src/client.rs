@@ -64,10 +64,34 @@ impl Api {
             Some(b) => Bytes::from(serde_json::to_vec(b).context("encoding the request")?),
             None => Bytes::new(),
         };
+        self.send_bytes(method, path, "application/json", bytes)
+            .await
+    }
+
+    /// Sends `text` as a `text/plain` body and decodes a JSON answer.
+    pub async fn json_from_text<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        text: String,
+    ) -> Result<T, CallError> {
+        let response = self
+            .send_bytes(method, path, "text/plain; charset=utf-8", Bytes::from(text))
+            .await?;
+        decode(response).await
+    }
+
+    async fn send_bytes(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        bytes: Bytes,
+    ) -> Result<Response<Incoming>, CallError> {
         let request = Request::builder()
             .method(method)
             .uri(Uri::new(&self.socket, path))
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .body(Full::new(bytes))
             .context("building the request")?;
         let response = self.client.request(request).await.map_err(|e| {
@@ -83,12 +107,7 @@ impl Api {
         if status.is_success() {
             return Ok(response);
         }
-        let raw = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the error")?
-            .to_bytes();
+        let raw = body_bytes(response, "reading the error").await?;
         let body = serde_json::from_slice(&raw).unwrap_or_else(|_| {
             ErrorBody::new(
                 "http_error",
@@ -101,12 +120,7 @@ impl Api {
     /// Sends a request and returns its answer as text.
     pub async fn text(&self, method: Method, path: &str) -> Result<String, CallError> {
         let response = self.send(method, path, None::<&()>).await?;
-        let raw = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the answer")?
-            .to_bytes();
+        let raw = body_bytes(response, "reading the answer").await?;
         Ok(String::from_utf8_lossy(&raw).into_owned())
     }
 
@@ -117,14 +131,7 @@ impl Api {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<T, CallError> {
-        let response = self.send(method, path, body).await?;
-        let raw = response
-            .into_body()
-            .collect()
-            .await
-            .context("reading the answer")?
-            .to_bytes();
-        Ok(serde_json::from_slice(&raw).context("decoding the answer")?)
+        decode(self.send(method, path, body).await?).await
     }
 
     /// Sends a request and calls `each` with every line of an NDJSON answer as it
@@ -152,5 +159,45 @@ impl Api {
             }
         }
         Ok(())
+    }
+}
+
+/// The whole body of `response`; `doing` says what for, should reading fail.
+async fn body_bytes(response: Response<Incoming>, doing: &'static str) -> Result<Bytes, CallError> {
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .context(doing)?
+        .to_bytes())
+}
+
+/// Decodes a JSON answer.
+async fn decode<T: DeserializeOwned>(response: Response<Incoming>) -> Result<T, CallError> {
+    let raw = body_bytes(response, "reading the answer").await?;
+    Ok(serde_json::from_slice(&raw).context("decoding the answer")?)
+}
+
+/// `segment` as one segment of a request path: everything but letters, digits and
+/// `-._~:` percent-encoded (an SSH key fingerprint's base64 holds `/` and `+`).
+pub fn path_segment(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_segment;
+
+    #[test]
+    fn a_fingerprint_stays_one_path_segment() {
+        assert_eq!(path_segment("SHA256:Kz/e1+wf=k"), "SHA256:Kz%2Fe1%2Bwf%3Dk");
     }
 }

@@ -14,8 +14,10 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
-use vmkit_core::api::{CreateVm, ExecBody, ExecLine, NameBody, decode_bytes, encode_bytes};
-use vmkit_core::{Event, EventKind, VmRecord};
+use vmkit_core::api::{
+    CreateVm, ExecBody, ExecLine, NameBody, SshKeyInfo, decode_bytes, encode_bytes,
+};
+use vmkit_core::{Deleted, Event, EventKind, VmRecord};
 
 use crate::client::{Api, CallError};
 
@@ -47,6 +49,10 @@ enum Command {
     /// List and delete snapshots (take them with `vmkit vm snapshot`).
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
+    /// Register, list and remove your SSH public keys. VMs get your keys when they
+    /// are created or started, so a change reaches a running VM at its next start.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
     /// which hypervisor `auto` picks.
     Doctor {
@@ -57,14 +63,24 @@ enum Command {
         #[arg(long, default_value = "qemu-system-x86_64")]
         qemu: PathBuf,
     },
-    /// Show the event log.
+    /// Show the event log: the newest events, like `tail`.
+    ///
+    /// Events are numbered from 1 (SEQ, the first column). Without options this
+    /// prints the newest 1000, oldest first; page with --after and --limit
+    /// (`--after 0` starts at the first event). With --follow it then prints every
+    /// new event as it happens, none skipped or printed twice, until interrupted.
     Events {
-        /// Keep printing events as they happen.
+        /// After the stored events, keep printing new ones as they happen.
         #[arg(long, short)]
         follow: bool,
-        /// Only events after this sequence number.
-        #[arg(long, default_value_t = 0)]
-        after: u64,
+        /// Start after the event numbered SEQ instead of at the newest ones.
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+        /// How many stored events to print: the newest N, or the first N after
+        /// --after (at most 10000). With --follow and no --after: start at the
+        /// newest N (0: print only new events).
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 1000)]
+        limit: usize,
     },
 }
 
@@ -83,7 +99,8 @@ enum VmCommand {
     Rm {
         /// VM name.
         name: String,
-        /// Keep the data volume's file.
+        /// Keep the data volume: vmkit hands it over (prints where it went) and
+        /// never deletes it.
         #[arg(long)]
         keep_data: bool,
     },
@@ -178,6 +195,23 @@ enum SnapshotCommand {
     Rm {
         /// Snapshot name.
         name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Register an SSH public key.
+    Add {
+        /// The public key file (one OpenSSH key line), `-` for standard input
+        /// [default: ~/.ssh/id_ed25519.pub, else ~/.ssh/id_rsa.pub].
+        file: Option<PathBuf>,
+    },
+    /// List your SSH public keys.
+    Ls,
+    /// Remove an SSH public key.
+    Rm {
+        /// Its fingerprint, `SHA256:...` as `vmkit key ls` or `ssh-keygen -l` shows it.
+        fingerprint: String,
     },
 }
 
@@ -302,6 +336,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
         Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
+        Command::Key(cmd) => keys(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
             if !image::recipes().any(|r| r == name) {
                 anyhow::bail!(
@@ -348,20 +383,67 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cloud_hypervisor,
             qemu,
         } => doctor(&dir, cloud_hypervisor, qemu, json).await,
-        Command::Events { follow, after } => {
-            let path = format!("/v1/events?after={after}&follow={follow}");
-            api.lines(Method::GET, &path, None::<&()>, |e: Event| {
-                if json {
-                    print_json(&e)
-                } else {
-                    println!("{}", event_line(&e));
-                    Ok(std::io::stdout().flush()?)
-                }
-            })
-            .await?;
-            Ok(ExitCode::SUCCESS)
+        Command::Events {
+            follow,
+            after,
+            limit,
+        } => events(&api, follow, after, limit, json).await,
+    }
+}
+
+async fn events(
+    api: &Api,
+    follow: bool,
+    after: Option<u64>,
+    limit: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut path = format!("/v1/events?limit={limit}&follow={follow}");
+    if let Some(after) = after {
+        path.push_str(&format!("&after={after}"));
+    }
+    let (mut first, mut last, mut count) = (None, None, 0usize);
+    let streamed = api
+        .lines(Method::GET, &path, None::<&()>, |e: Event| {
+            first.get_or_insert(e.seq);
+            last = Some(e.seq);
+            count += 1;
+            if json {
+                print_json(&e)
+            } else {
+                println!("{}", event_line(&e));
+                Ok(std::io::stdout().flush()?)
+            }
+        })
+        .await;
+    if follow {
+        // A follow ends only when something broke; say where to pick it up.
+        let resume = match last.or(after) {
+            Some(seq) => format!("vmkit events --follow --after {seq}"),
+            None => "vmkit events --follow".to_owned(),
+        };
+        let ended = format!("the event stream ended; resume with `{resume}`");
+        return Err(match streamed {
+            Err(e @ (CallError::Api { .. } | CallError::Unreachable { .. })) => e.into(),
+            Err(e) => anyhow::Error::new(e).context(ended),
+            Ok(()) => anyhow::anyhow!("{ended} (did the daemon stop?)"),
+        });
+    }
+    streamed?;
+    if !json {
+        // Hints on stderr: stdout holds only events.
+        match (after, first, last) {
+            (None, Some(first), _) if first > 1 => eprintln!(
+                "(older events: `vmkit events --after {} --limit {limit}`)",
+                (first - 1).saturating_sub(limit as u64)
+            ),
+            (Some(_), _, Some(last)) if count == limit => {
+                eprintln!("(more events may follow: `vmkit events --after {last} --limit {limit}`)")
+            }
+            _ => {}
         }
     }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
@@ -406,16 +488,25 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             show(&vm)?;
         }
         VmCommand::Rm { name, keep_data } => {
-            api.send(
-                Method::DELETE,
-                &format!("/v1/vms/{name}?keep_data={keep_data}"),
-                None::<&()>,
-            )
-            .await?;
-            if json {
-                print_json(&serde_json::json!({ "deleted": name }))?;
+            let path = format!("/v1/vms/{name}?keep_data={keep_data}");
+            // Only a delete that keeps the data answers, with where it went.
+            let kept = if keep_data {
+                let deleted: Deleted = api.json(Method::DELETE, &path, None::<&()>).await?;
+                deleted.kept_data
             } else {
-                println!("deleted {name}");
+                api.send(Method::DELETE, &path, None::<&()>).await?;
+                None
+            };
+            if json {
+                print_json(&serde_json::json!({ "deleted": name, "kept_data": kept }))?;
+            } else {
+                match (kept, keep_data) {
+                    (Some(path), _) => {
+                        println!("deleted {name}; kept the data volume at {}", path.display())
+                    }
+                    (None, true) => println!("deleted {name}; it had no data volume to keep"),
+                    (None, false) => println!("deleted {name}"),
+                }
             }
         }
         VmCommand::Start { name } => {
@@ -579,6 +670,96 @@ async fn snapshots(api: &Api, cmd: SnapshotCommand, json: bool) -> anyhow::Resul
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn keys(api: &Api, cmd: KeyCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        KeyCommand::Add { file } => {
+            let (text, from) = read_public_key(file)?;
+            let key: SshKeyInfo = api
+                .json_from_text(Method::POST, "/v1/keys", text)
+                .await
+                .with_context(|| format!("adding the key from {from}"))?;
+            if json {
+                print_json(&key)?;
+            } else {
+                println!("added SSH key {} {}", key.fingerprint, key.comment);
+                println!("VMs get it when they are next created or started");
+            }
+        }
+        KeyCommand::Ls => {
+            let keys: Vec<SshKeyInfo> = api.json(Method::GET, "/v1/keys", None::<&()>).await?;
+            if json {
+                print_json(&keys)?;
+            } else if keys.is_empty() {
+                println!("no SSH keys; add yours with `vmkit key add`");
+            } else {
+                println!("{:<51} {:<20} COMMENT", "FINGERPRINT", "TYPE");
+                for k in keys {
+                    println!("{:<51} {:<20} {}", k.fingerprint, k.algorithm, k.comment);
+                }
+            }
+        }
+        KeyCommand::Rm { fingerprint } => {
+            let path = format!("/v1/keys/{}", client::path_segment(&fingerprint));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "removed": fingerprint }))?;
+            } else {
+                println!("removed SSH key {fingerprint}");
+                println!("VMs lose it when they are next started");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The text of the public key file `file` (`-`: standard input; none: the user's
+/// default key) and where it came from.
+fn read_public_key(file: Option<PathBuf>) -> anyhow::Result<(String, String)> {
+    let path = match file {
+        Some(path) if path.as_os_str() == "-" => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the key from standard input")?;
+            return Ok((text, "standard input".to_owned()));
+        }
+        Some(path) => path,
+        None => {
+            let home = std::env::var_os("HOME")
+                .context("HOME is not set; give the public key file: `vmkit key add FILE`")?;
+            default_public_key(std::path::Path::new(&home))?
+        }
+    };
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("reading the public key file {}", path.display()))?;
+    // Never send a private key anywhere, not even to the local daemon.
+    if text.contains("PRIVATE KEY") {
+        anyhow::bail!(
+            "{} is a private key; give the public one (its .pub file)",
+            path.display()
+        );
+    }
+    Ok((text, path.display().to_string()))
+}
+
+/// `HOME/.ssh/id_ed25519.pub`, else `HOME/.ssh/id_rsa.pub`.
+fn default_public_key(home: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let ssh = home.join(".ssh");
+    let candidates = [ssh.join("id_ed25519.pub"), ssh.join("id_rsa.pub")];
+    candidates
+        .iter()
+        .find(|path| path.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "no public key at {} or {}; give the file (`vmkit key add FILE`, `-` for \
+                 standard input) or make a key with `ssh-keygen -t ed25519`",
+                candidates[0].display(),
+                candidates[1].display()
+            )
+        })
 }
 
 fn print_metrics(m: &vmkit_core::VmMetrics) {
@@ -830,6 +1011,7 @@ fn event_line(e: &Event) -> String {
         EventKind::SnapshotTaken { snapshot } => format!("snapshot {snapshot} taken"),
         EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
         EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
+        EventKind::DataKept { path } => format!("kept the data volume at {}", path.display()),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e
@@ -838,4 +1020,31 @@ fn event_line(e: &Event) -> String {
         .map(|n| n.to_string())
         .unwrap_or_else(|| "-".into());
     format!("{:>6}  {}  {:<20} {}", e.seq, e.at, vm, what)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::default_public_key;
+
+    #[test]
+    fn the_default_key_is_ed25519_else_rsa_else_an_error_saying_what_to_do() {
+        let home = tempfile::tempdir().unwrap();
+        let ssh = home.path().join(".ssh");
+        std::fs::create_dir(&ssh).unwrap();
+        let error = default_public_key(home.path()).unwrap_err().to_string();
+        assert!(error.contains("id_ed25519.pub"), "{error}");
+        assert!(error.contains("ssh-keygen -t ed25519"), "{error}");
+        std::fs::write(ssh.join("id_rsa.pub"), "").unwrap();
+        assert_eq!(
+            default_public_key(home.path()).unwrap(),
+            ssh.join("id_rsa.pub")
+        );
+        std::fs::write(ssh.join("id_ed25519.pub"), "").unwrap();
+        assert_eq!(
+            default_public_key(home.path()).unwrap(),
+            ssh.join("id_ed25519.pub")
+        );
+    }
 }

@@ -260,9 +260,7 @@ impl Manager {
         for volume in all {
             if keep_data && volume.kind == VolumeKind::Data {
                 match b.storage.release(volume).await {
-                    Ok(kept) => {
-                        info!(vm = %vm.name, path = %kept.display(), "kept the data volume")
-                    }
+                    Ok(kept) => self.data_kept(vm, &kept).await,
                     // Released before the crash.
                     Err(crate::storage::StorageError::NotFound(_)) => {}
                     Err(e) => return Err(e.into()),

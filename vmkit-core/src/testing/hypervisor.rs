@@ -72,8 +72,10 @@ impl Shared {
 /// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
 /// state rules (pause only when running, snapshot only when paused, restore into a
 /// fresh VMM), and each guest runs a fake agent speaking the real protocol over an
-/// in-memory stream. Its exec understands `echo`, `cat`, `true`, `false`,
-/// `exit N`, `sleep SECS`, `hostname` and `uname`; anything else exits 127.
+/// in-memory stream. Its exec understands `echo`, `cat` (of standard input, or of
+/// the files the agent was told to write: `/etc/hostname` and the default user's
+/// `/root/.ssh/authorized_keys`), `true`, `false`, `exit N`, `sleep SECS`,
+/// `hostname` and `uname`; anything else exits 127.
 #[derive(Debug, Clone, Default)]
 pub struct FakeHypervisor {
     shared: Arc<Mutex<Shared>>,
@@ -493,6 +495,20 @@ impl Handler for FakeAgent {
                 out.stdout(&req.stdin).await.map_err(|e| e.to_string())?;
                 Ok(exit(0))
             }
+            ["cat", path] => match self.file(path) {
+                Some(text) => {
+                    out.stdout(text.as_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(exit(0))
+                }
+                None => {
+                    out.stderr(format!("cat: {path}: No such file or directory\n").as_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    Ok(exit(1))
+                }
+            },
             ["hostname"] => {
                 out.stdout(format!("{}\n", self.hostname).as_bytes())
                     .await
@@ -598,6 +614,17 @@ impl Handler for FakeAgent {
 }
 
 impl FakeAgent {
+    /// The contents of a file the agent wrote, if it wrote `path`.
+    fn file(&self, path: &str) -> Option<String> {
+        let guest = self.hypervisor.guest(self.pid)?;
+        let lines = match path {
+            "/etc/hostname" => vec![guest.hostname?],
+            "/root/.ssh/authorized_keys" => guest.ssh_keys,
+            _ => return None,
+        };
+        Some(lines.iter().map(|line| format!("{line}\n")).collect())
+    }
+
     fn configure(&self, op: &'static str, f: impl FnOnce(&mut GuestState)) -> Result<(), String> {
         self.hypervisor
             .faults

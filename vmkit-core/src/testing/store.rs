@@ -307,4 +307,8 @@ impl StateStore for MemoryStore {
             .cloned()
             .collect())
     }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.read().events.last().map_or(0, |e| e.seq))
+    }
 }

@@ -649,6 +649,14 @@ pub async fn store_users(store: &dyn StateStore) {
             .await
             .expect("rm")
     );
+    assert!(
+        !store
+            .remove_ssh_key(&key(1).fingerprint())
+            .await
+            .expect("rm twice"),
+        "a key removed is gone"
+    );
+    assert!(store.ssh_keys(UserId(1)).await.expect("keys").is_empty());
     assert_eq!(
         store
             .user_by_key(&key(1).fingerprint())
@@ -772,6 +780,11 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
     assert!(store.delete_api_key("key1").await.expect("delete"));
     assert_eq!(store.get_api_key("key1").await.expect("get"), None);
 
+    assert_eq!(
+        store.last_event_seq().await.expect("last event"),
+        0,
+        "an empty log's last event is numbered 0"
+    );
     let first = store
         .append_event(NewEvent::host(EventKind::Reconciled { action: "a".into() }))
         .await
@@ -781,6 +794,10 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
         .await
         .expect("event");
     assert_eq!(second.seq, first.seq + 1, "events are numbered in order");
+    assert_eq!(
+        store.last_event_seq().await.expect("last event"),
+        second.seq
+    );
     let after = store.events(first.seq, 10).await.expect("events");
     assert_eq!(after, vec![second]);
 }

@@ -680,4 +680,15 @@ impl StateStore for RedbStore {
         })
         .await
     }
+
+    async fn last_event_seq(&self) -> Result<u64, StoreError> {
+        self.read("last_event_seq", |txn| {
+            let events = txn.open_table(EVENTS).context("cannot open table events")?;
+            Ok(events
+                .last()
+                .context("cannot read table events")?
+                .map_or(0, |(seq, _)| seq.value()))
+        })
+        .await
+    }
 }

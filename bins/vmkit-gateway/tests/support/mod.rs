@@ -150,6 +150,16 @@ impl Daemon {
 
     /// Starts the CLI against this daemon without waiting for it.
     pub fn cli_spawn(&self, args: &[&str]) -> Child {
+        self.cli_spawn_with(args, Stdio::null(), Stdio::null())
+    }
+
+    /// Starts the CLI against this daemon with its stdout and stderr piped, to read
+    /// what it prints while it runs.
+    pub fn cli_spawn_piped(&self, args: &[&str]) -> Child {
+        self.cli_spawn_with(args, Stdio::piped(), Stdio::piped())
+    }
+
+    fn cli_spawn_with(&self, args: &[&str], stdout: Stdio, stderr: Stdio) -> Child {
         Command::new(cli_bin())
             .arg("--socket")
             .arg(&self.socket)
@@ -157,8 +167,8 @@ impl Daemon {
             .arg(&self.data_dir)
             .args(args)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap()
     }
