@@ -16,6 +16,7 @@
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
 //! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmRecord` |
 //! | GET | `/v1/vms/{name}/logs?bytes=N` | | console tail, `text/plain` |
+//! | GET | `/v1/vms/{name}/logs?unit=U\|file=F&lines=N&follow=B` | | a unit's journal or a file in the guest, NDJSON `{"line"}` (`{"error"}` last on failure) |
 //! | GET | `/v1/vms/{name}/metrics` | | [`VmMetrics`](crate::VmMetrics) |
 //! | POST | `/v1/vms/{name}/snapshots` | [`NameBody`] | 201 `Snapshot` |
 //! | POST | `/v1/vms/{name}/restore` | [`NameBody`] (the snapshot) | `VmRecord` |

@@ -241,22 +241,73 @@ async fn resize_vm(
 struct LogsQuery {
     #[serde(default = "default_log_bytes")]
     bytes: usize,
+    /// A unit's journal in the guest instead of the console.
+    unit: Option<String>,
+    /// A file in the guest instead of the console.
+    file: Option<String>,
+    /// How many of the last lines of the unit or file.
+    lines: Option<u32>,
+    /// Keep sending the unit's or file's new lines.
+    #[serde(default)]
+    follow: bool,
 }
 
 fn default_log_bytes() -> usize {
     64 << 10
 }
 
+/// The console tail as text; or, with `unit` or `file`, that log in the guest as
+/// NDJSON `{"line": ...}` objects (`{"error": ...}` last if the agent fails part-way),
+/// followed with `follow=true` until the client goes or the daemon stops.
 async fn logs_vm(
     State(s): State<AppState>,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
-    let text = s
-        .manager
-        .logs(&vm_name(&name)?, q.bytes.min(16 << 20))
-        .await?;
-    Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response())
+    let name = vm_name(&name)?;
+    let source = match (q.unit, q.file) {
+        (None, None) if q.follow => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "follow needs a unit or a file in the guest (the console cannot be followed)",
+            ));
+        }
+        (None, None) => {
+            let text = s.manager.logs(&name, q.bytes.min(16 << 20)).await?;
+            return Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response());
+        }
+        (Some(unit), None) => vmkit_core::guest::LogsRequest::unit(unit),
+        (None, Some(file)) => vmkit_core::guest::LogsRequest::file(file),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_query",
+                "give a unit or a file, not both",
+            ));
+        }
+    };
+    let mut request = source;
+    if let Some(lines) = q.lines {
+        request.lines = lines;
+    }
+    let line = |l: String| serde_json::json!({ "line": l });
+    if !q.follow {
+        let lines = s.manager.guest_logs(&name, request).await?;
+        return Ok(ndjson(stream::iter(lines.into_iter().map(line))));
+    }
+    let log = s.manager.follow_guest_logs(&name, request).await?;
+    let lines = stream::unfold(Some(log), move |log| async move {
+        let mut log = log?;
+        match log.next().await? {
+            Ok(l) => Some((line(l), Some(log))),
+            Err(e) => Some((
+                serde_json::json!({ "error": ErrorChain(&e).to_string() }),
+                None,
+            )),
+        }
+    });
+    Ok(ndjson(lines.take_until(shutting_down(s.shutdown.clone()))))
 }
 
 async fn metrics_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {

@@ -440,3 +440,54 @@ fn second_daemon_on_the_same_socket_is_refused() {
         stderr(&out)
     );
 }
+
+#[test]
+fn logs_show_the_console_or_a_guest_unit_or_file_and_follow_them() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+
+    let out = d.cli(&["vm", "logs", "web"]);
+    assert!(stdout(&out).contains("fake boot of web"), "the console");
+    let out = d.cli(&["vm", "logs", "web", "--unit", "ssh", "-n", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "ssh: fake line 2\nssh: fake line 3\n");
+    let out = d.cli(&["vm", "logs", "web", "--file", "/etc/hostname"]);
+    assert_eq!(stdout(&out), "web\n");
+    let out = d.cli(&["vm", "logs", "web", "--file", "/no such file"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("No such file"), "{}", stderr(&out));
+    let out = d.cli(&["vm", "logs", "web", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("--follow needs --unit or --file"));
+
+    let mut follow = d.cli_spawn_piped(&["vm", "logs", "web", "--unit", "ssh", "-f"]);
+    let lines = lines_of(&mut follow);
+    for i in 1..=3 {
+        let line = lines
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the followed lines arrive");
+        assert_eq!(line, format!("ssh: fake line {i}"));
+    }
+    assert!(
+        lines
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err(),
+        "and it stays open for more"
+    );
+    assert_eq!(follow.try_wait().unwrap(), None, "still following");
+    follow.kill().unwrap();
+    follow.wait().unwrap();
+
+    assert!(d.cli(&["vm", "stop", "web"]).status.success());
+    let out = d.cli(&["vm", "logs", "web"]);
+    assert!(
+        stdout(&out).contains("fake boot of web"),
+        "a stopped VM's console is kept"
+    );
+    let out = d.cli(&["vm", "logs", "web", "--unit", "ssh"]);
+    assert!(
+        !out.status.success() && stderr(&out).contains("running"),
+        "{}",
+        stderr(&out)
+    );
+}

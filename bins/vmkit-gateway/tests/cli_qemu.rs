@@ -621,6 +621,14 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
         ),
         "vmkit\nexists\n"
     );
+    // The guest's journal, through the agent.
+    let out = d.cli(&["vm", "logs", "home", "--unit", "ssh", "-n", "20"]);
+    assert!(
+        out.status.success() && stdout(&out).contains("Server listening"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert!(d.cli(&["vm", "rm", "home"]).status.success());
 }
 

@@ -153,6 +153,18 @@ enum VmCommand {
         /// How much of the end of the console, in bytes.
         #[arg(long, default_value_t = 64 << 10)]
         bytes: usize,
+        /// Show this systemd unit's journal in the guest instead of the console.
+        #[arg(long, conflicts_with = "file")]
+        unit: Option<String>,
+        /// Show this file in the guest (an absolute path) instead of the console.
+        #[arg(long)]
+        file: Option<String>,
+        /// How many of the last lines of the unit or file (at most 5000).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: u32,
+        /// Keep printing the unit's or file's new lines until interrupted.
+        #[arg(long, short)]
+        follow: bool,
     },
     /// Show what a VM uses: vCPUs and memory from its VMM, CPU, memory, disk, load
     /// and uptime from its agent.
@@ -559,14 +571,33 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
                 .await?;
             show(&vm)?;
         }
-        VmCommand::Logs { name, bytes } => {
-            let text = api
-                .text(Method::GET, &format!("/v1/vms/{name}/logs?bytes={bytes}"))
-                .await?;
-            if json {
-                print_json(&serde_json::json!({ "console": text }))?;
+        VmCommand::Logs {
+            name,
+            bytes,
+            unit,
+            file,
+            lines,
+            follow,
+        } => {
+            let source = match (&unit, &file) {
+                (Some(unit), _) => Some(format!("unit={}", client::path_segment(unit))),
+                (None, Some(file)) => Some(format!("file={}", client::path_segment(file))),
+                (None, None) if follow => anyhow::bail!(
+                    "--follow needs --unit or --file: the console can only be shown, not followed"
+                ),
+                (None, None) => None,
+            };
+            if let Some(source) = source {
+                guest_log(api, &name, &source, lines, follow, json).await?;
             } else {
-                print!("{text}");
+                let text = api
+                    .text(Method::GET, &format!("/v1/vms/{name}/logs?bytes={bytes}"))
+                    .await?;
+                if json {
+                    print_json(&serde_json::json!({ "console": text }))?;
+                } else {
+                    print!("{text}");
+                }
             }
         }
         VmCommand::Metrics { name } => {
@@ -932,6 +963,43 @@ async fn doctor(
         println!("problem:           {problem}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Prints a unit's journal or a file of a guest (`source` is the query naming it),
+/// following it when asked.
+async fn guest_log(
+    api: &Api,
+    name: &str,
+    source: &str,
+    lines: u32,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let path = format!("/v1/vms/{name}/logs?{source}&lines={lines}&follow={follow}");
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = None;
+    api.lines(
+        Method::GET,
+        &path,
+        None::<&()>,
+        |item: serde_json::Value| {
+            if json {
+                return print_json(&item);
+            }
+            if let Some(line) = item["line"].as_str() {
+                writeln!(stdout, "{line}")?;
+                stdout.flush()?;
+            } else if let Some(error) = item["error"].as_str() {
+                failed = Some(error.to_owned());
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    match failed {
+        Some(error) => anyhow::bail!("reading the log failed: {error}"),
+        None => Ok(()),
+    }
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
