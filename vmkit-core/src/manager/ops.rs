@@ -71,7 +71,7 @@ pub struct VmMetrics {
 }
 
 /// How much of a stopped VM's console is kept for [`Manager::logs`].
-pub const KEPT_CONSOLE_BYTES: usize = 64 << 10;
+pub(crate) const KEPT_CONSOLE_BYTES: usize = 64 << 10;
 
 /// How long the guest samples CPU use for a metrics call.
 const CPU_SAMPLE: Duration = Duration::from_millis(500);
@@ -168,7 +168,7 @@ impl Manager {
 
     /// The last `max_bytes` of a VM's console output: live while it runs or is
     /// paused; once it has stopped (or its VMM died), what its console showed last
-    /// (up to [`KEPT_CONSOLE_BYTES`]), kept until it stops again or is deleted.
+    /// (its last 64 KiB), kept until it stops again or is deleted.
     pub async fn logs(&self, name: &VmName, max_bytes: usize) -> Result<String, ManagerError> {
         let vm = self.get(name).await?;
         if vm.state == VmState::Stopped {
