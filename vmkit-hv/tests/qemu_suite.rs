@@ -16,8 +16,8 @@ use vmkit_core::guest::ExecRequest;
 use vmkit_core::testing::suites::{HypervisorFixture, hypervisor_suite, wait_for_agent};
 use vmkit_core::testing::test_image;
 use vmkit_core::{
-    DiskConfig, DiskFormat, Hypervisor, HypervisorError, Image, MachineConfig, VmId, VmName,
-    VmmState,
+    DiskConfig, DiskFormat, Hypervisor, HypervisorError, Image, MachineConfig, Resize, VmId,
+    VmName, VmmState,
 };
 use vmkit_hv::{Qemu, QemuConfig};
 
@@ -678,4 +678,40 @@ async fn restore_from_an_empty_directory_fails_clearly_and_leaves_nothing_runnin
     );
     assert!(processes_mentioning(&config.run_dir).is_empty());
     assert_gone(&config.run_dir);
+}
+
+/// Plug, then unplug right away (a guest still bringing the vCPU up may refuse
+/// the first eject request, which is then asked again), then plug again: under TCG
+/// QEMU 7.2 crashes on that plug, so it is refused and the VM runs on; under KVM it
+/// works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vcpus_unplug_right_after_a_plug_and_tcg_refuses_a_plug_that_would_crash_qemu() {
+    let fx = Fixture::new();
+    let qemu = Qemu::new(QemuConfig::new());
+    let config = fx.machine("hotplug").max_vcpus(2);
+    let handle = qemu.start(&config).await.unwrap();
+    let _client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+
+    qemu.resize(&handle, Resize::new(Some(2), None))
+        .await
+        .unwrap();
+    qemu.resize(&handle, Resize::new(Some(1), None))
+        .await
+        .expect("the unplug completes although the guest was busy with the plug");
+    assert_eq!(qemu.info(&handle).await.unwrap().vcpus, 1);
+
+    let again = qemu.resize(&handle, Resize::new(Some(2), None)).await;
+    if qemu.accel().await == vmkit_hv::Accel::Tcg {
+        assert!(
+            matches!(&again, Err(HypervisorError::Refused { message, .. }) if message.contains("software emulation")),
+            "{again:?}"
+        );
+        assert_eq!(qemu.info(&handle).await.unwrap().state, VmmState::Running);
+        assert_eq!(qemu.info(&handle).await.unwrap().vcpus, 1);
+    } else {
+        again.unwrap();
+        assert_eq!(qemu.info(&handle).await.unwrap().vcpus, 2);
+    }
+    qemu.kill(&handle).await.unwrap();
+    qemu.cleanup(&handle).await.unwrap();
 }

@@ -11,8 +11,10 @@
 //! The guest has a part in both: Linux brings a plugged CPU up only when asked (the
 //! vmkit agent onlines CPUs as they appear, as udev rules do elsewhere), and an
 //! unplug completes only when the guest's ACPI code takes the CPU offline and
-//! ejects it. A paused guest can do neither, so shrinking a paused VM is refused;
-//! a guest that does not eject within the QMP timeout gets an error that says so.
+//! ejects it. A guest busy bringing the CPU up refuses the eject, so an unplug not
+//! done yet is asked for again every few seconds. A paused guest can do neither, so
+//! shrinking a paused VM is refused; a guest that does not eject within 30 s gets an
+//! error that says so.
 
 use std::time::Duration;
 
@@ -20,13 +22,46 @@ use serde_json::{Map, Value, json};
 use tokio::net::UnixStream;
 use vmkit_core::{HypervisorError, VmmHandle};
 
-use super::Qemu;
 use super::qmp::Qmp;
+use super::{Accel, Qemu};
 
 const OP: &str = "resize";
 
 /// How often an unplug is checked for having completed.
 const EJECT_POLL: Duration = Duration::from_millis(100);
+/// How often an unplug that has not completed is asked for again. A guest that is
+/// still bringing the CPU up (the agent onlines it right after the plug) refuses
+/// the eject, and QEMU does not ask twice by itself.
+const EJECT_RETRY: Duration = Duration::from_secs(2);
+/// How long the guest has to eject the CPUs: time for a loaded host running the
+/// guest under TCG, where taking a CPU offline stops every vCPU.
+const EJECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Under TCG, QEMU 7.2 (the version tested here) crashes when a vCPU is plugged
+/// into a VMM that has had one unplugged ("double free or corruption", or
+/// `tcg_register_thread: assertion failed` once its `maxcpus` translation contexts
+/// are used up: a removed vCPU's context is never reused). This file in the run
+/// directory marks a VMM that has had a vCPU removed, so that a later plug is
+/// refused instead of killing the VM. KVM is not affected.
+const UNPLUGGED_FILE: &str = "vmkit-vcpu-unplugged";
+
+/// Whether the VMM of `handle` (this process: pid and start time) has had a vCPU
+/// removed.
+fn has_unplugged(handle: &VmmHandle) -> bool {
+    std::fs::read_to_string(handle.run_dir.join(UNPLUGGED_FILE))
+        .is_ok_and(|text| text.trim() == marker(handle))
+}
+
+fn marker(handle: &VmmHandle) -> String {
+    format!("{} {}", handle.pid, handle.pid_start)
+}
+
+fn mark_unplugged(handle: &VmmHandle) {
+    let path = handle.run_dir.join(UNPLUGGED_FILE);
+    if let Err(e) = std::fs::write(&path, marker(handle) + "\n") {
+        tracing::warn!(path = %path.display(), error = %e, "cannot mark the VMM as having had a vCPU removed");
+    }
+}
 
 /// One CPU slot as `query-hotpluggable-cpus` lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -113,6 +148,14 @@ impl Qemu {
         let mut qmp = self.qmp(handle, OP).await?;
         let listed = self.list_slots(handle, &mut qmp).await?;
         let (plug, unplug) = plan(&listed, target).map_err(HypervisorError::InvalidConfig)?;
+        if !plug.is_empty() && self.accel().await == Accel::Tcg && has_unplugged(handle) {
+            return Err(HypervisorError::Refused {
+                operation: "add vCPUs to",
+                message: "under software emulation (TCG) QEMU cannot add a vCPU to a VMM that \
+                          has had one removed (it would crash); stop the VM, resize it, start it"
+                    .to_owned(),
+            });
+        }
         for slot in plug {
             let mut arguments = slot.props.clone();
             arguments.insert("driver".into(), json!(slot.driver));
@@ -139,6 +182,9 @@ impl Qemu {
             });
         }
         let paths: Vec<String> = unplug.iter().filter_map(|s| s.qom_path.clone()).collect();
+        // Marked before the first request: from then on the VMM counts as having had
+        // a vCPU removed, whether or not the guest completes it.
+        mark_unplugged(handle);
         for path in &paths {
             self.exec(
                 handle,
@@ -150,7 +196,9 @@ impl Qemu {
             .await?;
         }
         // The guest ejects each CPU once it has taken it offline.
-        let deadline = tokio::time::Instant::now() + self.config.qmp_timeout;
+        let started = tokio::time::Instant::now();
+        let deadline = started + EJECT_TIMEOUT.max(self.config.qmp_timeout);
+        let mut asked = started;
         loop {
             let listed = self.list_slots(handle, &mut qmp).await?;
             let left: Vec<&String> = listed
@@ -161,7 +209,16 @@ impl Qemu {
             if left.is_empty() {
                 return Ok(());
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now.duration_since(asked) >= EJECT_RETRY {
+                for path in &left {
+                    // Asking again while an unplug is pending is accepted; a CPU
+                    // that went meanwhile is not found, which is what was wanted.
+                    let _ = qmp.execute("device_del", Some(json!({ "id": path }))).await;
+                }
+                asked = now;
+            }
+            if now >= deadline {
                 return Err(HypervisorError::Refused {
                     operation: "remove vCPUs from",
                     message: format!(
@@ -169,7 +226,7 @@ impl Qemu {
                          may lack CPU hot-remove, or a CPU is busy); they may still go later",
                         left.len(),
                         paths.len(),
-                        self.config.qmp_timeout
+                        deadline - started
                     ),
                 });
             }
