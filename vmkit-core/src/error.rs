@@ -152,6 +152,14 @@ impl From<StoreError> for ManagerError {
 }
 
 impl ManagerError {
+    /// The agent of VM `name` failed with `e` (its causes kept in the message).
+    pub(crate) fn agent(name: &VmName, e: &vmkit_guest::ClientError) -> Self {
+        Self::Agent {
+            name: name.clone(),
+            message: ErrorChain(e).to_string(),
+        }
+    }
+
     /// The coarse kind of this error.
     pub fn kind(&self) -> ErrorKind {
         match self {

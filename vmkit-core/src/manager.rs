@@ -644,13 +644,11 @@ impl Manager {
         name: &VmName,
         request: ExecRequest,
     ) -> Result<ExecStream, ManagerError> {
-        let vm = self.get(name).await?;
-        self.require(&vm, "exec", RUNNING)?;
-        let client = self.agent(&vm).await?;
-        client.exec(request).await.map_err(|e| ManagerError::Agent {
-            name: vm.name.clone(),
-            message: ErrorChain(&e).to_string(),
-        })
+        let (vm, client) = self.running_agent(name, "exec").await?;
+        client
+            .exec(request)
+            .await
+            .map_err(|e| ManagerError::agent(&vm.name, &e))
     }
 
     /// Checks every VM that should have a running VMM and marks those whose VMM has
@@ -710,10 +708,10 @@ impl Manager {
             pings.spawn(async move {
                 let outcome = tokio::time::timeout(timeout, async {
                     let client = manager.agent(&vm).await?;
-                    client.ping().await.map_err(|e| ManagerError::Agent {
-                        name: vm.name.clone(),
-                        message: ErrorChain(&e).to_string(),
-                    })
+                    client
+                        .ping()
+                        .await
+                        .map_err(|e| ManagerError::agent(&vm.name, &e))
                 })
                 .await;
                 let health = match outcome {
@@ -924,10 +922,7 @@ impl Manager {
     /// so it runs again on every start.
     async fn configure_guest(&self, vm: &VmRecord) -> Result<(), ManagerError> {
         let client = self.agent(vm).await?;
-        let agent_error = |e: vmkit_guest::ClientError| ManagerError::Agent {
-            name: vm.name.clone(),
-            message: ErrorChain(&e).to_string(),
-        };
+        let agent_error = |e: vmkit_guest::ClientError| ManagerError::agent(&vm.name, &e);
         if let Some(net) = &vm.resources.net {
             let config = NetworkConfig::new(net.mac.to_string(), net.ip, net.prefix, net.gateway)
                 .dns(net.dns.iter().copied());
@@ -980,10 +975,10 @@ impl Manager {
             })?;
         let stream = self.inner.backends.hypervisor.connect_agent(handle).await?;
         let client = Client::new(stream, self.agent_client_config());
-        client.hello().await.map_err(|e| ManagerError::Agent {
-            name: vm.name.clone(),
-            message: ErrorChain(&e).to_string(),
-        })?;
+        client
+            .hello()
+            .await
+            .map_err(|e| ManagerError::agent(&vm.name, &e))?;
         self.remember_agent(vm.id, client.clone());
         Ok(client)
     }

@@ -163,13 +163,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     ));
     // VMs the exit policy wants back boot while the API serves.
     for name in report.to_restart {
-        let manager = manager.clone();
-        tokio::spawn(async move {
-            match manager.start(&name).await {
-                Ok(_) => info!(vm = %name, "restarted after its VMM died"),
-                Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
-            }
-        });
+        spawn_restart(&manager, name);
     }
 
     // Signals are caught from before the socket exists: a client that sees the
@@ -252,13 +246,7 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
                         );
                         continue;
                     }
-                    let manager = manager.clone();
-                    tokio::spawn(async move {
-                        match manager.start(&name).await {
-                            Ok(_) => info!(vm = %name, "restarted after its VMM died"),
-                            Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
-                        }
-                    });
+                    spawn_restart(&manager, name);
                 }
             }
             Ok(_) => {}
@@ -268,6 +256,18 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
             warn!(error = %ErrorChain(&e), "agent check failed");
         }
     }
+}
+
+/// Boots `name`, whose VMM died, again in the background (under
+/// `on_vmm_exit = "restart"`).
+fn spawn_restart(manager: &Manager, name: vmkit_core::VmName) {
+    let manager = manager.clone();
+    tokio::spawn(async move {
+        match manager.start(&name).await {
+            Ok(_) => info!(vm = %name, "restarted after its VMM died"),
+            Err(e) => warn!(vm = %name, error = %ErrorChain(&e), "cannot restart"),
+        }
+    });
 }
 
 /// Most restarts of one VM within [`RESTART_WINDOW`] under `on_vmm_exit = "restart"`;

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tracing::info;
 
 use super::{Manager, RUNNING, RUNNING_OR_PAUSED};
-use crate::error::{ErrorChain, ManagerError};
+use crate::error::ManagerError;
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::{Resize, VmmInfo};
 use crate::name::VmName;
@@ -203,10 +203,10 @@ impl Manager {
         req: vmkit_guest::LogsRequest,
     ) -> Result<Vec<String>, ManagerError> {
         let (vm, client) = self.running_agent(name, "read the logs of").await?;
-        client.logs(req).await.map_err(|e| ManagerError::Agent {
-            name: vm.name.clone(),
-            message: crate::ErrorChain(&e).to_string(),
-        })
+        client
+            .logs(req)
+            .await
+            .map_err(|e| ManagerError::agent(&vm.name, &e))
     }
 
     /// The last lines of a unit's journal or of a file in a running VM, then every
@@ -220,13 +220,11 @@ impl Manager {
         client
             .follow_logs(req)
             .await
-            .map_err(|e| ManagerError::Agent {
-                name: vm.name.clone(),
-                message: crate::ErrorChain(&e).to_string(),
-            })
+            .map_err(|e| ManagerError::agent(&vm.name, &e))
     }
 
-    async fn running_agent(
+    /// VM `name`, which must be running for `operation`, and its agent.
+    pub(super) async fn running_agent(
         &self,
         name: &VmName,
         operation: &'static str,
@@ -304,10 +302,7 @@ impl Manager {
                 client
                     .metrics(CPU_SAMPLE)
                     .await
-                    .map_err(|e| ManagerError::Agent {
-                        name: vm.name.clone(),
-                        message: ErrorChain(&e).to_string(),
-                    })?,
+                    .map_err(|e| ManagerError::agent(&vm.name, &e))?,
             )
         } else {
             None
