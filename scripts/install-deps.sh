@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the Debian packages vmkit needs on a host (or a fresh CI machine).
-# Idempotent: does nothing, quietly, when everything is installed; runs
-# `apt-get update` only when something is missing. Needs root (or sudo).
+# Installs the Debian packages vmkit needs on a host (or a fresh CI machine), then
+# checks that every program vmkit runs is there and answers: the check runs every
+# time, installed or not, and fails naming what is missing.
 #
 #   qemu-system-x86, qemu-utils   the QEMU backend and qemu-img (qcow2 overlays)
 #   cpio, busybox-static          the tiny image's initramfs and root filesystem
@@ -10,6 +10,12 @@
 #   nftables, iproute2            the bridge network backend
 #   mmdebstrap                    the Debian base image
 #   file                          telling what a binary is
+#
+# qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
+# suite (a newer one from backports, say) makes apt remove it when it installs
+# qemu-system-x86, so both are asked for at the same version, in one apt call.
+#
+# Run with: scripts/install-deps.sh (as root, or a user with sudo)
 set -euo pipefail
 
 PACKAGES=(
@@ -25,28 +31,88 @@ PACKAGES=(
 	file
 )
 
-missing=()
-for p in "${PACKAGES[@]}"; do
-	status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
-	[[ $status == installed ]] || missing+=("$p")
-done
-((${#missing[@]})) || exit 0
+# Each program vmkit runs, with the arguments that make it print a version.
+PROGRAMS=(
+	"qemu-system-x86_64 --version"
+	"qemu-img --version"
+	"mkfs.ext4 -V"
+	"debugfs -V"
+	"mkfs.xfs -V"
+	"nft --version"
+	"ip -V"
+	"mmdebstrap --version"
+	"cpio --version"
+	"busybox --help"
+	"file --version"
+)
 
 sudo=()
 if [[ $(id -u) != 0 ]]; then
-	command -v sudo >/dev/null 2>&1 ||
-		{ echo "install-deps: missing ${missing[*]}; run this script as root" >&2 && exit 1; }
 	sudo=(sudo)
 fi
 
-echo "install-deps: installing ${missing[*]}" >&2
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
-# apt's output is shown only when it fails.
-if ! { "${sudo[@]}" apt-get update -qq &&
-	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-		--no-install-recommends -o Dpkg::Use-Pty=0 "${missing[@]}"; } >"$log" 2>&1; then
-	cat "$log" >&2
-	echo "install-deps: apt-get failed" >&2
+installed_version() { dpkg-query -W -f='${db:Status-Status} ${Version}' "$1" 2>/dev/null | awk '$1 == "installed" {print $2}'; }
+
+# The QEMU release to hold both packages at: the installed emulator's, else the one
+# apt would install.
+qemu_version() {
+	local v
+	v=$(installed_version qemu-system-x86)
+	[[ -n $v ]] || v=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ {print $2}')
+	[[ $v != "(none)" ]] && echo "$v"
+}
+
+apt_install() {
+	local log
+	log=$(mktemp)
+	# apt's output is shown only when it fails.
+	if ! { "${sudo[@]}" apt-get update -qq &&
+		"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			--no-install-recommends --allow-downgrades -o Dpkg::Use-Pty=0 "$@"; } >"$log" 2>&1; then
+		cat "$log" >&2
+		rm -f "$log"
+		echo "install-deps: apt-get install $* failed" >&2
+		exit 1
+	fi
+	rm -f "$log"
+}
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+	[[ -n $(installed_version "$p") ]] || missing+=("$p")
+done
+qemu=$(qemu_version || true)
+if [[ -z $qemu ]] && ((${#missing[@]})); then
+	# apt-cache knows nothing yet on a machine that never ran apt-get update.
+	"${sudo[@]}" apt-get update -qq
+	qemu=$(qemu_version || true)
+fi
+if [[ -n $qemu && $(installed_version qemu-utils) != "$qemu" ]]; then
+	# Held to the emulator's release, even when that is a downgrade.
+	missing=("${missing[@]/qemu-utils/}")
+	missing+=("qemu-utils=$qemu")
+fi
+targets=()
+for p in "${missing[@]}"; do [[ -n $p ]] && targets+=("$p"); done
+if ((${#targets[@]})); then
+	if [[ ${#sudo[@]} -gt 0 ]] && ! command -v sudo >/dev/null 2>&1; then
+		echo "install-deps: missing ${targets[*]}; run this script as root" >&2
+		exit 1
+	fi
+	echo "install-deps: installing ${targets[*]}" >&2
+	apt_install "${targets[@]}"
+fi
+
+# The postcondition: every program runs and says what it is.
+broken=()
+for entry in "${PROGRAMS[@]}"; do
+	read -r -a argv <<<"$entry"
+	if ! PATH="$PATH:/usr/sbin:/sbin" timeout 20 "${argv[@]}" >/dev/null 2>&1; then
+		broken+=("${argv[0]}")
+	fi
+done
+if ((${#broken[@]})); then
+	echo "install-deps: these programs are missing or do not run: ${broken[*]}" >&2
+	echo "install-deps: install them (Debian: ${PACKAGES[*]}) and run this script again" >&2
 	exit 1
 fi
