@@ -31,19 +31,19 @@ PACKAGES=(
 	file
 )
 
-# Each program vmkit runs, with the arguments that make it print a version.
+# Each program vmkit runs: its package, then the command that makes it print a version.
 PROGRAMS=(
-	"qemu-system-x86_64 --version"
-	"qemu-img --version"
-	"mkfs.ext4 -V"
-	"debugfs -V"
-	"mkfs.xfs -V"
-	"nft --version"
-	"ip -V"
-	"mmdebstrap --version"
-	"cpio --version"
-	"busybox --help"
-	"file --version"
+	"qemu-system-x86 qemu-system-x86_64 --version"
+	"qemu-utils qemu-img --version"
+	"e2fsprogs mkfs.ext4 -V"
+	"e2fsprogs debugfs -V"
+	"xfsprogs mkfs.xfs -V"
+	"nftables nft --version"
+	"iproute2 ip -V"
+	"mmdebstrap mmdebstrap --version"
+	"cpio cpio --version"
+	"busybox-static busybox --help"
+	"file file --version"
 )
 
 sudo=()
@@ -103,16 +103,31 @@ if ((${#targets[@]})); then
 	apt_install "${targets[@]}"
 fi
 
-# The postcondition: every program runs and says what it is.
-broken=()
-for entry in "${PROGRAMS[@]}"; do
-	read -r -a argv <<<"$entry"
-	if ! PATH="$PATH:/usr/sbin:/sbin" timeout 20 "${argv[@]}" >/dev/null 2>&1; then
-		broken+=("${argv[0]}")
-	fi
-done
-if ((${#broken[@]})); then
-	echo "install-deps: these programs are missing or do not run: ${broken[*]}" >&2
-	echo "install-deps: install them (Debian: ${PACKAGES[*]}) and run this script again" >&2
+# The postcondition: every program runs and says what it is. A program whose package
+# dpkg calls installed but that does not run (a file removed by hand, a package
+# half-removed by another install) gets its package reinstalled once.
+broken_programs() {
+	local entry argv
+	for entry in "${PROGRAMS[@]}"; do
+		read -r -a argv <<<"$entry"
+		if ! PATH="$PATH:/usr/sbin:/sbin" timeout 20 "${argv[@]:1}" >/dev/null 2>&1; then
+			echo "${argv[0]} ${argv[1]}"
+		fi
+	done
+}
+broken=$(broken_programs)
+if [[ -n $broken ]]; then
+	packages=()
+	while read -r package _; do
+		if [[ $package == qemu-utils && -n $qemu ]]; then package="qemu-utils=$qemu"; fi
+		[[ " ${packages[*]} " == *" $package "* ]] || packages+=("$package")
+	done <<<"$broken"
+	echo "install-deps: not running: $(cut -d' ' -f2 <<<"$broken" | paste -sd' '); reinstalling ${packages[*]}" >&2
+	apt_install --reinstall "${packages[@]}"
+	broken=$(broken_programs)
+fi
+if [[ -n $broken ]]; then
+	echo "install-deps: these programs are missing or do not run: $(cut -d' ' -f2 <<<"$broken" | paste -sd' ')" >&2
+	echo "install-deps: install their packages ($(cut -d' ' -f1 <<<"$broken" | sort -u | paste -sd' ')) and run this script again" >&2
 	exit 1
 fi

@@ -40,7 +40,8 @@ say "building the static guest agent"
 agent=$(scripts/build-agent.sh)
 say "release build of vmkit-gateway and vmkit"
 start=$(date +%s)
-cargo build --release --locked -p vmkit-gateway -p vmkit >&2
+# Without default features: the shipped daemon links none of the testing fakes.
+cargo build --release --locked --no-default-features -p vmkit-gateway -p vmkit >&2
 say "release build took $(($(date +%s) - start)) s"
 # cargo-deb takes binaries from target/release; the agent is built elsewhere.
 install -m 755 "$agent" "$target/release/vmkit-agent"
@@ -69,6 +70,15 @@ dpkg -i "$deb" >&2 || fail "dpkg -i $deb (missing dependencies? run scripts/inst
 /usr/bin/vmkit --version >&2 || fail "the installed vmkit does not run"
 file -L /usr/lib/vmkit/vmkit-agent | grep -q 'statically linked\|static-pie linked' ||
 	fail "the installed agent is not statically linked"
+# The shipped daemon has no fakes: --fake-backends is refused, saying why.
+scratch=$(mktemp -d)
+if refused=$(/usr/bin/vmkit-gateway --config /dev/null --data-dir "$scratch" --fake-backends 2>&1); then
+	rm -rf "$scratch"
+	fail "the installed vmkit-gateway accepted --fake-backends: it links the testing fakes"
+fi
+rm -rf "$scratch"
+grep -q 'built without the fake-backends feature' <<<"$refused" ||
+	fail "the installed vmkit-gateway failed on --fake-backends for another reason: $refused"
 # The installed sample config must parse and change nothing.
 installed=$(/usr/bin/vmkit-gateway --print-config) || fail "the installed config does not load"
 defaults=$(/usr/bin/vmkit-gateway --config /dev/null --print-config)

@@ -905,7 +905,8 @@ impl Manager {
             match outcome {
                 None => return Err(failure("the VMM exited during boot".to_owned()).await),
                 Some(Ok(hello)) => {
-                    info!(vm = %vm.name, agent = %hello.agent_version, kernel = %hello.kernel, "agent ready");
+                    // Guest text: logged with Debug, which quotes and escapes it.
+                    info!(vm = %vm.name, agent = ?hello.agent_version, kernel = ?hello.kernel, "agent ready");
                     self.remember_agent(vm.id, client);
                     return Ok(hello);
                 }

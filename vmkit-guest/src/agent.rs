@@ -2,7 +2,6 @@
 
 mod files;
 mod hotplug;
-mod http;
 mod logs;
 mod metrics;
 mod network;
@@ -67,7 +66,7 @@ const SHUTDOWN_DELAY: Duration = Duration::from_millis(250);
 /// - `harden` creates the deploy user with `useradd` (sudo without a password, the SSH
 ///   keys of the default user), writes `/etc/ssh/sshd_config.d/50-vmkit.conf` and reloads
 ///   sshd.
-/// - `upgrade` takes the new binary from the channel or an `http://` URL, checks its
+/// - `upgrade` takes the new binary from the channel, checks its
 ///   SHA-256 and that it runs (`--version`), renames it over the running binary, and exits
 ///   shortly after answering so that systemd (`Restart=always`) or init (`respawn`)
 ///   starts the new one.

@@ -79,10 +79,11 @@ pub enum ClientError {
     Closed,
     /// The agent broke the protocol: a reply to a request that was never sent, or a reply
     /// of the wrong kind.
-    #[error("the agent broke the protocol: {0}")]
+    #[error("the agent broke the protocol: {}", GuestText(.0))]
     Protocol(String),
-    /// The agent could not carry out the request.
-    #[error("the agent reported an error: {0}")]
+    /// The agent could not carry out the request. The message is the guest's; it is
+    /// shown with control characters escaped (see [`GuestText`]).
+    #[error("the agent reported an error: {}", GuestText(.0))]
     Remote(String),
     /// A frame from the agent was oversized, empty, truncated or malformed, the channel
     /// failed, or a request was too large to send.
@@ -97,6 +98,36 @@ pub enum ClientError {
     /// contents), or writing what it sent to where the caller asked.
     #[error("local I/O for a call to the agent failed")]
     Source(#[source] Arc<std::io::Error>),
+}
+
+/// Text a guest sent, shown safely: control characters (newlines, escape sequences)
+/// escaped as `\n`, `\u{1b}`, ..., and at most [`GuestText::MAX_CHARS`] characters,
+/// so that a hostile guest can neither forge log lines nor drive an operator's
+/// terminal through an error message. Use it wherever guest text is displayed.
+#[derive(Clone, Copy, Debug)]
+pub struct GuestText<'a>(pub &'a str);
+
+impl GuestText<'_> {
+    /// The most characters shown; longer text ends with `…`.
+    pub const MAX_CHARS: usize = 1024;
+}
+
+impl std::fmt::Display for GuestText<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write as _;
+        for (i, c) in self.0.chars().enumerate() {
+            if i == Self::MAX_CHARS {
+                return f.write_char('…');
+            }
+            // Line and paragraph separators end lines in some viewers too.
+            if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_char(c)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Where the reader delivers the replies for one request id.

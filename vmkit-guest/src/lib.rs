@@ -85,7 +85,7 @@ pub use agent::{SystemHandler, online_hotplugged};
 pub use async_trait::async_trait;
 /// The byte buffer in [`ExecEvent`], re-exported so that callers use the same version.
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, ClientError, ExecStream, LogStream};
+pub use client::{Client, ClientConfig, ClientError, ExecStream, GuestText, LogStream};
 pub use frame::{DEFAULT_MAX_FRAME, FrameError};
 pub use message::{
     ExecEvent, ExecOutput, ExecRequest, ExitStatus, HelloInfo, PROTOCOL_VERSION, Request,

@@ -295,14 +295,13 @@ pub struct UpgradeRequest {
 #[non_exhaustive]
 pub enum UpgradeSource {
     /// `size` bytes sent in `chunk` requests after the upgrade request.
+    ///
+    /// The only source: the host sends the binary over the agent channel, whatever
+    /// carries it (virtio-serial, vsock, later the agent's own connection to the
+    /// gateway), so the agent needs no HTTP or TLS client of its own.
     Upload {
         /// The binary's size in bytes.
         size: u64,
-    },
-    /// A plain `http://` URL the host serves (no TLS), fetched by the agent.
-    Url {
-        /// The URL.
-        url: String,
     },
 }
 

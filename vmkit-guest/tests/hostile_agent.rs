@@ -654,3 +654,37 @@ async fn a_followed_log_dropped_as_lagged_is_cancelled_in_the_agent() {
     assert!(matches!(end, ClientError::Lagged));
     assert_eq!((cancel_id, cancel["type"].as_str()), (id, Some("cancel")));
 }
+
+#[tokio::test]
+async fn an_agent_error_cannot_forge_log_lines_or_drive_a_terminal() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let (ping, id) = pending_ping(&client, &mut peer).await;
+    let forged = "no such file\n2026-01-01T00:00:00Z  INFO vmkit: forged line\u{1b}[2J\r\u{2028}";
+
+    peer.reply(id, json!({"type": "error", "message": forged}))
+        .await;
+    let shown = ping.await.unwrap().unwrap_err().to_string();
+
+    assert!(
+        !shown.chars().any(|c| c.is_control() || c == '\u{2028}'),
+        "{shown:?}"
+    );
+    assert!(
+        shown.contains(r"no such file\n2026-01-01T00:00:00Z"),
+        "{shown:?}"
+    );
+    assert!(shown.contains(r"\u{1b}[2J\r\u{2028}"), "{shown:?}");
+}
+
+#[tokio::test]
+async fn a_long_agent_error_is_shown_cut() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let (ping, id) = pending_ping(&client, &mut peer).await;
+
+    peer.reply(id, json!({"type": "error", "message": "x".repeat(100_000)}))
+        .await;
+    let shown = ping.await.unwrap().unwrap_err().to_string();
+
+    assert!(shown.len() < 2000, "{} bytes", shown.len());
+    assert!(shown.ends_with('…'));
+}

@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::{connected, hex_sha256};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmkit_guest::{
     Client, ClientConfig, ClientError, Handler, HardenRequest, LogsRequest, NetworkConfig,
     ServerConfig, SystemHandler, WriteFileRequest,
@@ -641,61 +640,4 @@ async fn upgrade_with_a_malformed_hash_is_refused() {
         .unwrap_err();
 
     assert!(matches!(err, ClientError::Remote(m) if m.contains("not a SHA-256")));
-}
-
-/// Serves `body` once per connection on loopback with `status`, for a URL upgrade.
-async fn serve_once(status: &'static str, body: Vec<u8>) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let mut request = vec![0u8; 4096];
-            let _ = socket.read(&mut request).await;
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(&body).await;
-        }
-    });
-    format!("http://{addr}/agents/vmkit-agent")
-}
-
-#[tokio::test]
-async fn upgrade_from_a_url_the_host_serves_checks_the_hash_too() {
-    let dir = tempdir();
-    let path = installed(dir.path());
-    let new = fake_agent("3.0.0");
-    let good = serve_once("200 OK", new.clone()).await;
-    let missing = serve_once("404 Not Found", Vec::new()).await;
-    let client = upgrader(&path);
-
-    let wrong = client
-        .upgrade_from_url(&good, &hex_sha256(b"x"), Duration::from_secs(10))
-        .await
-        .unwrap_err();
-    let not_found = client
-        .upgrade_from_url(&missing, &hex_sha256(&new), Duration::from_secs(10))
-        .await
-        .unwrap_err();
-    let tls = client
-        .upgrade_from_url(
-            "https://example.org/a",
-            &hex_sha256(&new),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(fs::read(&path).unwrap(), fake_agent("1.0.0"));
-    let report = client
-        .upgrade_from_url(&good, &hex_sha256(&new), Duration::from_secs(10))
-        .await
-        .unwrap();
-
-    assert!(matches!(wrong, ClientError::Remote(m) if m.contains("SHA-256 mismatch")));
-    assert!(matches!(not_found, ClientError::Remote(m) if m.contains("404")));
-    assert!(matches!(tls, ClientError::Remote(m) if m.contains("http://")));
-    assert_eq!(report.size, new.len() as u64);
-    assert_eq!(fs::read(&path).unwrap(), new);
 }

@@ -194,7 +194,38 @@ pub struct HostReport {
     pub nft: BinaryReport,
     /// Free space in the data directory.
     pub disk: DiskReport,
+    /// The other programs vmkit runs (disk images, filesystems, image builds), each
+    /// with what needs it.
+    pub tools: Vec<ToolReport>,
 }
+
+/// One of the other programs vmkit runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ToolReport {
+    /// What needs it, for `vmkit doctor`.
+    pub needed_for: String,
+    /// The Debian package that has it.
+    pub package: String,
+    /// What was found.
+    pub program: BinaryReport,
+}
+
+/// The programs besides the VMMs and `nft` that vmkit runs: the program, the
+/// arguments that make it print its version, what needs it and its Debian package.
+pub const TOOLS: &[(&str, &[&str], &str, &str)] = &[
+    (
+        "qemu-img",
+        &["--version"],
+        "qcow2 volumes and snapshots",
+        "qemu-utils",
+    ),
+    ("mkfs.ext4", &["-V"], "data volumes and images", "e2fsprogs"),
+    ("debugfs", &["-V"], "image builds", "e2fsprogs"),
+    ("cpio", &["--version"], "the tiny image", "cpio"),
+    ("busybox", &["--help"], "the tiny image", "busybox-static"),
+    ("mmdebstrap", &["--version"], "the base image", "mmdebstrap"),
+];
 
 /// The KVM device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,6 +329,14 @@ pub fn probe_host(options: &ProbeOptions) -> HostReport {
         network: probe_network(),
         nft: probe_binary(&options.nft, options.version_timeout),
         disk: probe_disk(&options.data_dir),
+        tools: TOOLS
+            .iter()
+            .map(|(program, args, needed_for, package)| ToolReport {
+                needed_for: (*needed_for).to_owned(),
+                package: (*package).to_owned(),
+                program: probe_binary_with(Path::new(program), args, options.version_timeout),
+            })
+            .collect(),
     }
 }
 
@@ -456,6 +495,11 @@ fn resolve(program: &Path) -> Option<PathBuf> {
 }
 
 fn probe_binary(program: &Path, timeout: Duration) -> BinaryReport {
+    probe_binary_with(program, &["--version"], timeout)
+}
+
+/// Finds `program` and runs it with `version_args`, which make it print its version.
+fn probe_binary_with(program: &Path, version_args: &[&str], timeout: Duration) -> BinaryReport {
     let mut report = BinaryReport {
         requested: program.to_owned(),
         path: None,
@@ -470,7 +514,7 @@ fn probe_binary(program: &Path, timeout: Duration) -> BinaryReport {
         });
         return report;
     };
-    match run_version(&path, timeout) {
+    match run_version(&path, version_args, timeout) {
         Ok(version) => report.version = Some(version),
         Err(problem) => report.problem = Some(problem),
     }
@@ -478,13 +522,15 @@ fn probe_binary(program: &Path, timeout: Duration) -> BinaryReport {
     report
 }
 
-fn run_version(program: &Path, timeout: Duration) -> Result<String, String> {
+fn run_version(program: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
+    let shown = format!("{} {}", program.display(), args.join(" "));
     let mut command = Command::new(program);
+    // Some programs (mkfs.ext4 -V, debugfs -V) print their version on stderr.
     command
-        .arg("--version")
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(Stdio::piped());
     // A program that was just written stays "text file busy" while a process forked
     // meanwhile holds the writer's descriptor; that passes within milliseconds.
     let mut tries = 0;
@@ -495,11 +541,15 @@ fn run_version(program: &Path, timeout: Duration) -> Result<String, String> {
                 std::thread::sleep(Duration::from_millis(20));
             }
             other => {
-                break other
-                    .map_err(|e| format!("cannot run {} --version: {e}", program.display()))?;
+                break other.map_err(|e| format!("cannot run {shown}: {e}"))?;
             }
         }
     };
+    // Read while it runs: a long --help must not fill the pipe and stall it.
+    let readers = [
+        child.stdout.take().map(pipe_reader),
+        child.stderr.take().map(pipe_reader),
+    ];
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -508,26 +558,39 @@ fn run_version(program: &Path, timeout: Duration) -> Result<String, String> {
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!(
-                    "{} --version did not finish within {timeout:?}",
-                    program.display()
-                ));
+                return Err(format!("{shown} did not finish within {timeout:?}"));
             }
-            Err(e) => return Err(format!("waiting for {} --version: {e}", program.display())),
+            Err(e) => return Err(format!("waiting for {shown}: {e}")),
         }
     };
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_string(&mut out);
-    }
+    let [out, err] = readers.map(|r| r.and_then(|r| r.join().ok()).unwrap_or_default());
     if !status.success() {
-        return Err(format!("{} --version failed ({status})", program.display()));
+        return Err(format!("{shown} failed ({status})"));
     }
-    out.lines()
+    [out, err]
+        .iter()
+        .flat_map(|text| text.lines())
         .map(str::trim)
         .find(|l| !l.is_empty())
         .map(str::to_owned)
-        .ok_or_else(|| format!("{} --version printed nothing", program.display()))
+        .ok_or_else(|| format!("{shown} printed nothing"))
+}
+
+/// Reads a child's pipe to its end in a thread (at most 64 KiB are kept).
+fn pipe_reader(mut pipe: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 8192];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            if bytes.len() < 64 << 10 {
+                bytes.extend_from_slice(&buf[..n]);
+            }
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
 }
 
 fn probe_network() -> NetworkPermissions {
@@ -621,7 +684,44 @@ mod tests {
                 free_bytes: Some(1 << 30),
                 problem: None,
             },
+            tools: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_tool_that_prints_its_version_on_stderr_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("mkfs.fake");
+        std::fs::write(&tool, "#!/bin/sh\necho 'mke2fs 1.47.0 (5-Feb-2023)' >&2\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let report = probe_binary_with(&tool, &["-V"], Duration::from_secs(5));
+
+        assert!(report.found(), "{report:?}");
+        assert_eq!(
+            report.version.as_deref(),
+            Some("mke2fs 1.47.0 (5-Feb-2023)")
+        );
+    }
+
+    #[test]
+    fn a_tool_that_fails_or_is_missing_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let tool = dir.path().join("broken");
+        std::fs::write(&tool, "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+
+        let broken = probe_binary_with(&tool, &["-V"], Duration::from_secs(5));
+        let missing = probe_binary_with(
+            Path::new("vmkit-no-such-tool"),
+            &["-V"],
+            Duration::from_secs(5),
+        );
+
+        assert!(!broken.found());
+        assert!(broken.problem.unwrap().contains("failed"));
+        assert!(!missing.found());
+        assert!(missing.problem.unwrap().contains("not in PATH"));
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl VmmProcess {
         if self.start_time != 0 {
             return stat.start_time == self.start_time;
         }
-        cmdline_contains(self.pid, &self.marker)
+        cmdline_names_socket(self.pid, &self.marker)
     }
 
     /// Sends SIGKILL if the process is still the VMM; a gone process is not an error.
@@ -185,22 +185,55 @@ impl VmmProcess {
     }
 }
 
-/// Whether the NUL-separated command line of `pid` contains `needle` as an argument
-/// or inside one.
-fn cmdline_contains(pid: u32, needle: &Path) -> bool {
+/// Whether the command line of `pid` names `socket` the way a VMM names its control
+/// socket: as the `path=` field of one argument (`socket,id=qmp,path=SOCKET,server=on`
+/// for QEMU, `path=SOCKET` for cloud-hypervisor), with commas doubled as QEMU's
+/// option syntax escapes them. A process that merely mentions the path (an
+/// operator's `tail -f`, an editor) does not match.
+fn cmdline_names_socket(pid: u32, socket: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    let needle = needle.as_os_str().as_encoded_bytes();
-    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+    args_name_socket(&cmdline, socket)
 }
 
-/// The live processes whose command line names a path inside `dir`: the VMMs a
-/// backend started there (their sockets live in the run directory).
-pub(crate) fn processes_in(dir: &Path) -> io::Result<Vec<VmmProcess>> {
-    let mut marker = dir.as_os_str().to_owned();
-    marker.push("/");
-    let marker = PathBuf::from(marker);
+/// [`cmdline_names_socket`] on a NUL-separated command line.
+fn args_name_socket(cmdline: &[u8], socket: &Path) -> bool {
+    let path = socket.as_os_str().as_encoded_bytes();
+    if path.is_empty() {
+        return false;
+    }
+    let mut field = b"path=".to_vec();
+    for &b in path {
+        field.push(b);
+        if b == b',' {
+            field.push(b',');
+        }
+    }
+    cmdline.split(|&b| b == 0).any(|arg| {
+        // Fields are separated by single commas; a doubled comma is part of a value.
+        let mut start = 0;
+        let mut i = 0;
+        while i <= arg.len() {
+            if i == arg.len() || arg[i] == b',' {
+                if i + 1 < arg.len() && arg[i] == b',' && arg[i + 1] == b',' {
+                    i += 2;
+                    continue;
+                }
+                if arg[start..i] == field[..] {
+                    return true;
+                }
+                start = i + 1;
+            }
+            i += 1;
+        }
+        false
+    })
+}
+
+/// The live processes whose command line names `socket` as their control socket
+/// (see [`cmdline_names_socket`]): the VMMs a backend started with it.
+pub(crate) fn processes_with_socket(socket: &Path) -> io::Result<Vec<VmmProcess>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Some(pid) = entry?
@@ -210,7 +243,7 @@ pub(crate) fn processes_in(dir: &Path) -> io::Result<Vec<VmmProcess>> {
         else {
             continue;
         };
-        if pid == std::process::id() || !cmdline_contains(pid, &marker) {
+        if pid == std::process::id() || !cmdline_names_socket(pid, socket) {
             continue;
         }
         if let Ok(Some(stat)) = read_stat(pid)
@@ -219,7 +252,7 @@ pub(crate) fn processes_in(dir: &Path) -> io::Result<Vec<VmmProcess>> {
             found.push(VmmProcess {
                 pid,
                 start_time: stat.start_time,
-                marker: marker.clone(),
+                marker: socket.to_owned(),
             });
         }
     }
@@ -252,15 +285,18 @@ fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
     (start_time != 0 && vmm.is_alive()).then_some(vmm)
 }
 
-/// Kills every VMM started in `run_dir` (found by command line, or recorded with
+/// Kills every VMM started in `run_dir` (found by the control socket `socket`, a
+/// file name in `run_dir`, on its command line, or recorded with
 /// [`write_identity`]), waits for them to be gone, and removes the directory (see
-/// [`vmkit_core::Hypervisor::discard`]).
+/// [`vmkit_core::Hypervisor::discard`]). Other processes that name files there
+/// (an operator's `tail -f console.log`) are left alone.
 pub(crate) async fn discard_run_dir(
     run_dir: &Path,
+    socket: &str,
     wait: Duration,
 ) -> Result<(), vmkit_core::HypervisorError> {
     use vmkit_core::HypervisorError;
-    let mut vmms = processes_in(run_dir)
+    let mut vmms = processes_with_socket(&run_dir.join(socket))
         .map_err(|e| HypervisorError::io("cannot list processes in /proc", e))?;
     if let Some(recorded) = recorded_identity(run_dir)
         && !vmms.iter().any(|v| v.pid == recorded.pid)
@@ -419,6 +455,92 @@ mod tests {
     #[test]
     fn a_missing_process_has_no_stat() {
         assert_eq!(read_stat(u32::MAX / 2).unwrap(), None);
+    }
+
+    fn cmdline(args: &[&str]) -> Vec<u8> {
+        args.iter().flat_map(|a| a.bytes().chain([0])).collect()
+    }
+
+    #[test]
+    fn only_a_control_socket_path_field_names_the_vmm() {
+        let sock = Path::new("/run/vmkit/run/00aa/qmp.sock");
+        let qemu = cmdline(&[
+            "qemu-system-x86_64",
+            "-chardev",
+            "socket,id=qmp,path=/run/vmkit/run/00aa/qmp.sock,server=on,wait=off",
+        ]);
+        let ch = cmdline(&[
+            "cloud-hypervisor",
+            "--api-socket",
+            "path=/run/vmkit/run/00aa/qmp.sock",
+        ]);
+        let tail = cmdline(&["tail", "-f", "/run/vmkit/run/00aa/qmp.sock"]);
+        let log = cmdline(&["less", "/run/vmkit/run/00aa/console.log"]);
+        let longer = cmdline(&["x", "path=/run/vmkit/run/00aa/qmp.sock.old"]);
+        assert!(args_name_socket(&qemu, sock));
+        assert!(args_name_socket(&ch, sock));
+        assert!(!args_name_socket(&tail, sock), "a mention is not a VMM");
+        assert!(!args_name_socket(&log, sock));
+        assert!(!args_name_socket(&longer, sock), "another file");
+    }
+
+    #[test]
+    fn a_socket_path_with_commas_matches_in_its_escaped_form() {
+        let sock = Path::new("/data/a,b/qmp.sock");
+        let escaped = cmdline(&["q", "socket,id=qmp,path=/data/a,,b/qmp.sock,server=on"]);
+        let split = cmdline(&["q", "socket,id=qmp,path=/data/a,b/qmp.sock"]);
+        assert!(args_name_socket(&escaped, sock));
+        assert!(!args_name_socket(&split, sock));
+    }
+
+    /// A process that holds its command line until its stdin closes or it is killed.
+    fn holder(args: &[&str]) -> std::process::Child {
+        std::process::Command::new("/bin/sh")
+            .args(["-c", "read _"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn sh")
+    }
+
+    #[tokio::test]
+    async fn discard_kills_the_vmm_and_spares_an_operator_reading_its_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let run_dir = dir.path().join("run");
+        std::fs::create_dir(&run_dir).unwrap();
+        let sock = run_dir.join("qmp.sock");
+        let log = run_dir.join("console.log");
+        let mut vmm = holder(&[
+            "vmm",
+            &format!("socket,id=qmp,path={},server=on", sock.display()),
+        ]);
+        let mut operator = holder(&["tail", "-f", &log.display().to_string()]);
+        // Until the shells have exec'd, /proc shows the test binary's command line.
+        let shows = |pid: u32, text: &str| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(text.len()).any(|w| w == text.as_bytes()))
+        };
+        while !shows(vmm.id(), "vmm") || !shows(operator.id(), "tail") {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        discard_run_dir(&run_dir, "qmp.sock", Duration::from_secs(10))
+            .await
+            .unwrap();
+
+        let status = vmm.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert_eq!(
+            operator.try_wait().unwrap(),
+            None,
+            "the operator's process runs on"
+        );
+        assert!(!run_dir.exists());
+        operator.kill().unwrap();
+        operator.wait().unwrap();
     }
 
     #[test]

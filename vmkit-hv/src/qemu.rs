@@ -1102,7 +1102,7 @@ impl Hypervisor for Qemu {
     }
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
-        crate::process::discard_run_dir(run_dir, KILL_WAIT).await?;
+        crate::process::discard_run_dir(run_dir, QMP_SOCKET, KILL_WAIT).await?;
         self.stop_pump(run_dir).await;
         Ok(())
     }

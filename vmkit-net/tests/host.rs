@@ -301,6 +301,20 @@ async fn a_bad_config_is_refused_before_touching_the_host() {
 #[tokio::test]
 async fn lab_topology_cleans_up_after_itself() {
     let lab = Lab::new(DnsForwarding::Local).await;
-    assert!(lab.host.links().contains(&"up0".to_owned()));
+    assert!(lab.host.links().contains(&lab.uplink));
+    assert!(lab.host.links().contains(&lab.bridge));
     lab.finish();
+}
+
+/// A vmkit the operator runs on this host (its bridge and table in the root
+/// namespace) does not confuse the lab's checks, and the lab does not touch it.
+#[tokio::test]
+async fn a_host_vmkit_in_the_root_namespace_leaves_the_lab_checks_alone() {
+    let theirs = format!("br-vmkit{}", std::process::id() % 10_000);
+    common::run("ip", &["link", "add", &theirs, "type", "bridge"]);
+    let lab = Lab::new(DnsForwarding::Local).await;
+    lab.finish();
+    let still_there = common::run("ip", &["-j", "link", "show", "dev", &theirs]);
+    common::run("ip", &["link", "del", &theirs]);
+    assert!(still_there.contains(&theirs));
 }

@@ -1,6 +1,5 @@
 //! Picks and builds the backends the manager drives.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -141,7 +140,8 @@ async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
 
 /// In-memory fakes of every backend, for trying the API without a KVM host. Nothing
 /// is persisted and no VM is real.
-pub fn fake(data_dir: &Path) -> Backends {
+#[cfg(feature = "fake-backends")]
+pub fn fake(data_dir: &std::path::Path) -> Backends {
     use vmkit_core::testing::{FakeHypervisor, FakeImages, FakeNetwork, FakeStorage, MemoryStore};
     warn!(
         data_dir = %data_dir.display(),
@@ -167,7 +167,7 @@ mod tests {
     use super::*;
 
     fn with_storage(
-        data_dir: &Path,
+        data_dir: &std::path::Path,
         edit: impl FnOnce(&mut crate::config::StorageSection),
     ) -> Config {
         let mut config = Config {

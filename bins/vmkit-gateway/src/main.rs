@@ -37,7 +37,8 @@ struct Args {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Run on in-memory fake backends: simulated VMs, nothing persisted. For trying
-    /// the API on a machine that cannot run VMs. Never the default.
+    /// the API on a machine that cannot run VMs. Never the default; only in builds
+    /// with the `fake-backends` feature (the packaged daemon has none).
     #[arg(long)]
     fake_backends: bool,
     /// Print the effective configuration as TOML and exit.
@@ -112,7 +113,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     // The state store's lock is taken first: a second daemon stops here with a
     // clear message, before it touches the socket.
     let backends = if fake {
-        backends::fake(&config.data_dir)
+        fake_backends(&config)?
     } else {
         backends::real(&config).await?
     };
@@ -194,6 +195,19 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     served.context("serving the API")?;
     info!("stopped; VMs keep running and are re-attached at the next start");
     Ok(())
+}
+
+#[cfg(feature = "fake-backends")]
+fn fake_backends(config: &Config) -> anyhow::Result<vmkit_core::Backends> {
+    Ok(backends::fake(&config.data_dir))
+}
+
+#[cfg(not(feature = "fake-backends"))]
+fn fake_backends(_: &Config) -> anyhow::Result<vmkit_core::Backends> {
+    bail!(
+        "this vmkit-gateway was built without the fake-backends feature; run it without \
+         --fake-backends, or build it with `cargo build -p vmkit-gateway --features fake-backends`"
+    )
 }
 
 async fn ensure_local_user(store: &dyn StateStore) -> anyhow::Result<()> {

@@ -654,6 +654,25 @@ fn doctor_reports_what_this_host_has() {
         );
     }
     assert!(report["disk"]["free_bytes"].as_u64().unwrap() > 0, "{doc}");
+    // Every other program vmkit runs (scripts/install-deps.sh installs them all).
+    let tools = report["tools"].as_array().unwrap();
+    for program in [
+        "qemu-img",
+        "mkfs.ext4",
+        "debugfs",
+        "cpio",
+        "busybox",
+        "mmdebstrap",
+    ] {
+        let tool = tools
+            .iter()
+            .find(|t| t["program"]["requested"] == program)
+            .unwrap_or_else(|| panic!("{program} is checked: {doc}"));
+        assert!(
+            tool["program"]["version"].is_string() && tool["program"]["problem"].is_null(),
+            "{program} runs and reports a version: {doc}"
+        );
+    }
     assert!(
         report["kvm"]["api_version"].is_number() || report["kvm"]["problem"].is_string(),
         "KVM is usable or says why not: {doc}"
@@ -669,7 +688,14 @@ fn doctor_reports_what_this_host_has() {
         .output()
         .unwrap();
     let text = stdout(&text);
-    for line in ["KVM device:", "QEMU:", "nftables:", "auto picks:"] {
+    for line in [
+        "KVM device:",
+        "QEMU:",
+        "nftables:",
+        "qemu-img:",
+        "mmdebstrap:",
+        "auto picks:",
+    ] {
         assert!(text.contains(line), "{line} in:\n{text}");
     }
 }

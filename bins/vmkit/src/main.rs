@@ -958,6 +958,20 @@ async fn doctor(
             problem.as_deref().unwrap_or("no detail")
         ),
     }
+    for tool in &report.tools {
+        let name = tool.program.requested.display().to_string();
+        let line = if tool.program.found() {
+            binary(&tool.program)
+        } else {
+            format!(
+                "{}; {} needs it (Debian: apt-get install {})",
+                binary(&tool.program),
+                tool.needed_for,
+                tool.package
+            )
+        };
+        println!("{:<19}{line}", format!("{name}:"));
+    }
     println!("auto picks:        {picked} ({})", choice.reason);
     for problem in &choice.problems {
         println!("problem:           {problem}");

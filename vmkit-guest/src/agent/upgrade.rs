@@ -1,4 +1,4 @@
-//! Replacing the agent binary: receive it (over the channel or from an `http://` URL),
+//! Replacing the agent binary: receive it over the channel,
 //! check its SHA-256 and that it runs, rename it over the installed one, and exit so that
 //! the supervisor starts it.
 
@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::files::{Owner, Staged};
-use super::{SystemHandler, http, tool};
+use super::{SystemHandler, tool};
 use crate::ops::{UpgradeReport, UpgradeRequest, UpgradeSource};
 use crate::server::InputStream;
 
@@ -25,8 +25,6 @@ const RESTART_DELAY: Duration = Duration::from_millis(500);
 /// The exit status that asks the supervisor for a restart (EX_TEMPFAIL): systemd restarts
 /// on it with `Restart=always` or `on-failure`, busybox init respawns on any exit.
 const RESTART_EXIT_CODE: i32 = 75;
-/// Bytes read at a time from a download.
-const DOWNLOAD_CHUNK: usize = 64 << 10;
 
 /// 64 hex digits, lowercased.
 pub(super) fn parse_sha256(hash: &str) -> Result<String, String> {
@@ -116,21 +114,6 @@ pub(super) async fn upgrade(
                     .await
                     .map_err(|err| format!("cannot write the new agent beside {shown}: {err}"))?;
                 size += chunk.len() as u64;
-            }
-        }
-        UpgradeSource::Url { url } => {
-            let mut body = http::get(url, MAX_AGENT_SIZE).await?;
-            let mut buf = vec![0u8; DOWNLOAD_CHUNK];
-            loop {
-                let n = body.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                file.write_all(&buf[..n])
-                    .await
-                    .map_err(|err| format!("cannot write the new agent beside {shown}: {err}"))?;
-                size += n as u64;
             }
         }
     }

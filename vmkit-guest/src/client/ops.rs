@@ -259,24 +259,6 @@ impl Client {
         upgrade_report(reply, sha256)
     }
 
-    /// Like [`Client::upgrade`], with the agent fetching the binary from a plain `http://`
-    /// URL the host serves; `timeout` bounds the download and the install.
-    pub async fn upgrade_from_url(
-        &self,
-        url: &str,
-        sha256: &str,
-        timeout: Duration,
-    ) -> Result<UpgradeReport, ClientError> {
-        let request = Request::Upgrade(UpgradeRequest {
-            sha256: sha256.to_owned(),
-            source: UpgradeSource::Url {
-                url: url.to_owned(),
-            },
-        });
-        let reply = self.call_until(&request, Instant::now() + timeout).await?;
-        upgrade_report(reply, sha256)
-    }
-
     async fn call_ok(&self, request: &Request, what: &str) -> Result<(), ClientError> {
         match self.call(request).await? {
             Reply::Ok => Ok(()),

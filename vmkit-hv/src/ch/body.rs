@@ -43,11 +43,14 @@ pub(crate) struct RunPaths {
     pub(crate) state: PathBuf,
 }
 
+/// The API socket's file name in a run directory.
+pub(crate) const API_SOCKET: &str = "api.sock";
+
 impl RunPaths {
     pub(crate) fn new(dir: &Path) -> Self {
         Self {
             dir: dir.to_owned(),
-            api: dir.join("api.sock"),
+            api: dir.join(API_SOCKET),
             vsock: dir.join("vsock.sock"),
             console: dir.join("console.log"),
             stdout: dir.join("vmm.stdout.log"),

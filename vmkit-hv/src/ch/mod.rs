@@ -770,7 +770,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
-        crate::process::discard_run_dir(run_dir, KILL_WAIT).await
+        crate::process::discard_run_dir(run_dir, body::API_SOCKET, KILL_WAIT).await
     }
 }
 

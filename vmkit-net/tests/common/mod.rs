@@ -327,34 +327,61 @@ fn pump(from: Arc<File>, to: Arc<File>, stop: Arc<AtomicBool>) {
 
 /// A host namespace with the backend set up in it, and an upstream namespace
 /// behind a veth pair with "internet", resolver, metadata and private addresses.
+///
+/// Its bridge and uplink have names of their own (not the defaults `br-vmkit`,
+/// `up0`), so a vmkit the operator runs on the same host neither confuses the
+/// checks nor is touched by them.
 pub struct Lab {
     pub net: BridgeNetwork,
     pub host: Netns,
     pub up: Netns,
+    /// The bridge's name.
+    pub bridge: String,
+    /// The host end of the veth to the upstream namespace.
+    pub uplink: String,
 }
 
 impl Lab {
     pub async fn new(dns: DnsForwarding) -> Self {
         let host = Netns::new("host");
         let up = Netns::new("up");
+        // Interface names hold 15 bytes.
+        let unique = format!(
+            "{:05}{:03}",
+            std::process::id() % 100_000,
+            COUNTER.fetch_add(1, Ordering::SeqCst) % 1000
+        );
+        let (bridge, uplink) = (format!("vkb{unique}"), format!("vku{unique}"));
         run(
             "ip",
             &[
-                "link", "add", "up0", "netns", &host.name, "type", "veth", "peer", "name", "eth0",
-                "netns", &up.name,
+                "link", "add", &uplink, "netns", &host.name, "type", "veth", "peer", "name",
+                "eth0", "netns", &up.name,
             ],
         );
-        host.ip(&["addr", "add", &format!("{HOST_UP}/24"), "dev", "up0"]);
-        host.ip(&["link", "set", "up0", "up"]);
+        host.ip(&["addr", "add", &format!("{HOST_UP}/24"), "dev", &uplink]);
+        host.ip(&["link", "set", &uplink, "up"]);
         host.ip(&["route", "add", "default", "via", &UPSTREAM.to_string()]);
         up.ip(&["addr", "add", &format!("{UPSTREAM}/24"), "dev", "eth0"]);
         up.ip(&["link", "set", "eth0", "up"]);
         for a in [INTERNET, RESOLVER, METADATA, PRIVATE] {
             up.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"]);
         }
-        let net = BridgeNetwork::new(BridgeConfig::new().netns(host.path()).dns(dns)).unwrap();
+        let net = BridgeNetwork::new(
+            BridgeConfig::new()
+                .netns(host.path())
+                .bridge(bridge.clone())
+                .dns(dns),
+        )
+        .unwrap();
         net.setup_host().await.unwrap();
-        Self { net, host, up }
+        Self {
+            net,
+            host,
+            up,
+            bridge,
+            uplink,
+        }
     }
 
     /// A guest on the `n`th address of the pool, attached and wired up.
@@ -417,7 +444,7 @@ impl Lab {
 
     /// The bridge's MAC.
     pub fn bridge_mac(&self) -> [u8; 6] {
-        let mac = self.host.link("br-vmkit")["address"]
+        let mac = self.host.link(&self.bridge)["address"]
             .as_str()
             .unwrap()
             .to_owned();
@@ -428,22 +455,30 @@ impl Lab {
         out
     }
 
-    /// Drops everything and checks that no namespace, link or table is left.
+    /// Drops everything and checks that nothing it made is left: its namespaces,
+    /// and its bridge and uplink in the root namespace. Only this lab's names are
+    /// looked for, so links of a vmkit the host runs do not count.
     pub fn finish(self) {
         let names = [self.host.name.clone(), self.up.name.clone()];
+        let (bridge, uplink) = (self.bridge.clone(), self.uplink.clone());
         drop(self);
         let left = namespaces();
         for n in &names {
             assert!(!left.contains(n), "namespace {n} was left behind");
         }
-        let root_links = run("ip", &["-j", "link", "show"]);
+        let root_links: Vec<String> =
+            serde_json::from_str::<Vec<serde_json::Value>>(&run("ip", &["-j", "link", "show"]))
+                .unwrap()
+                .iter()
+                .filter_map(|l| l["ifname"].as_str().map(str::to_owned))
+                .collect();
         assert!(
-            !root_links.contains("br-vmkit"),
-            "a bridge leaked into the root namespace"
+            !root_links.contains(&bridge),
+            "bridge {bridge} leaked into the root namespace"
         );
         assert!(
-            !root_links.contains("\"up0\""),
-            "a veth leaked into the root namespace"
+            !root_links.contains(&uplink),
+            "veth {uplink} leaked into the root namespace"
         );
     }
 }
