@@ -838,6 +838,7 @@ pub async fn store_snapshots(store: &dyn StateStore) {
             data: None,
             memory: Some(format!("/s/{id}").into()),
             mac: None,
+            hypervisor: None,
             created_at: crate::time::Timestamp::now(),
         }
     };
