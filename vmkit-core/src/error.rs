@@ -108,8 +108,8 @@ pub enum ManagerError {
     /// The VM was created with a hypervisor backend this manager does not have.
     #[error(
         "VM {name} was created with {backend}, which this daemon does not drive (it drives {}); \
-         configure {backend} (it stays the VM's backend for its whole life) and restart the \
-         daemon, or remove the VM",
+         a VM keeps the backend that created it: give the daemon a {backend} backend to use \
+         it (a stopped one can also be removed)",
         .available.join(", ")
     )]
     BackendUnavailable {

@@ -545,6 +545,10 @@ impl Manager {
         let _guard = self.lock(name).await;
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
+        if vm.resources.vmm.is_some() {
+            // Refused before anything changes: its VMM cannot be stopped.
+            self.hv(&vm)?;
+        }
         if vm.state != VmState::Deleting {
             vm.keep_data = options.keep_data;
             self.set_state(&mut vm, VmState::Deleting).await?;

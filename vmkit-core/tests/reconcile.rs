@@ -532,13 +532,22 @@ async fn a_vm_whose_backend_this_manager_lacks_is_kept_and_refused_clearly() {
         message.contains("VM web was created with fake, which this daemon does not drive"),
         "{message}"
     );
+    let err = manager
+        .delete(&name("web"), DeleteOptions::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::BackendUnavailable { .. }),
+        "{err}"
+    );
     let vm = manager.get(&name("web")).await.unwrap();
-    assert_eq!(vm.state, VmState::Running);
+    assert_eq!(vm.state, VmState::Running, "a refused rm changes nothing");
     assert!(
         matches!(&vm.health, Health::Unhealthy { reason } if reason.contains("does not drive")),
         "{:?}",
         vm.health
     );
+    assert!(host.hypervisor.running().contains(&pid));
 }
 
 #[tokio::test]

@@ -157,6 +157,12 @@ impl Manager {
     /// re-attaches live VMMs, stops VMs whose VMM died and removes orphaned
     /// resources. Run it when the daemon starts, before serving requests; it is
     /// idempotent, and a second run finds nothing to do.
+    ///
+    /// What it cannot do for one VM or one orphan is in the report's
+    /// [`ReconcileReport::failed`] (such a VM is quarantined) and does not stop it.
+    /// It fails as a whole only when it cannot list what there is (VMs, volumes,
+    /// TAPs, leases, snapshots, run directories); a caller that serves requests
+    /// should serve them anyway, and say so.
     pub async fn reconcile(&self) -> Result<ReconcileReport, ManagerError> {
         let b = &self.inner.backends;
         let mut report = ReconcileReport::default();
