@@ -750,7 +750,12 @@ impl Manager {
     pub async fn check_vmms(&self) -> Result<Vec<VmName>, ManagerError> {
         let mut marked = Vec::new();
         for vm in self.list(None).await? {
-            if !matches!(vm.state, VmState::Running | VmState::Paused) || vm.quarantined.is_some() {
+            // A quarantined VM waits for its rm; an unreachable one for its re-attach
+            // (`retry_unreachable`, which also finds out if it died).
+            if !matches!(vm.state, VmState::Running | VmState::Paused)
+                || vm.quarantined.is_some()
+                || self.is_unreachable(&vm)
+            {
                 continue;
             }
             let Some(handle) = vm.resources.vmm.clone() else {
