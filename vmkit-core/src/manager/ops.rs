@@ -248,6 +248,7 @@ impl Manager {
         handle: &crate::hypervisor::VmmHandle,
     ) {
         let Some(hv) = self.inner.backends.hypervisor_of(&handle.backend) else {
+            tracing::warn!(%vm, backend = %handle.backend, "cannot keep the console: no such backend");
             return;
         };
         let text = match hv.console_tail(handle, KEPT_CONSOLE_BYTES).await {

@@ -323,6 +323,8 @@ impl Manager {
                         self.reconciled(&vm, "re-attached its running VMM").await;
                         report.reattached.push(vm.name);
                     }
+                    // Gone, or a VMM whose guest is not running (shut down, never
+                    // booted): nothing runs that a kill could cut.
                     Ok(_) => {
                         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::VmmExited))
                             .await;
