@@ -447,7 +447,7 @@ async fn a_manager_with_another_default_backend_drives_each_vm_with_the_one_that
         .unwrap();
 
     // The restarted daemon's default is another backend; the old one is beside it.
-    let other = FakeHypervisor::with_faults(host.faults.clone()).kind("fake-ch");
+    let other = FakeHypervisor::with_faults(host.faults.clone()).with_kind("fake-ch");
     let mut backends = host.manager.backends().clone();
     backends.hypervisor = Arc::new(other.clone());
     let backends = backends.with_other_hypervisor(Arc::new(host.hypervisor.clone()));
@@ -518,7 +518,7 @@ async fn a_vm_whose_backend_this_manager_lacks_is_kept_and_refused_clearly() {
     let pid = web.resources.vmm.as_ref().unwrap().pid;
     let mut backends = host.manager.backends().clone();
     backends.hypervisor =
-        Arc::new(FakeHypervisor::with_faults(host.faults.clone()).kind("fake-ch"));
+        Arc::new(FakeHypervisor::with_faults(host.faults.clone()).with_kind("fake-ch"));
     host.faults.reset();
     let manager = Manager::new(ManagerConfig::new("/nonexistent/vmkit"), backends)
         .await
@@ -564,7 +564,7 @@ async fn a_record_from_before_backends_were_recorded_is_pinned_to_its_vmms() {
     }
     let mut backends = host.manager.backends().clone();
     backends.hypervisor =
-        Arc::new(FakeHypervisor::with_faults(host.faults.clone()).kind("fake-ch"));
+        Arc::new(FakeHypervisor::with_faults(host.faults.clone()).with_kind("fake-ch"));
     let backends = backends.with_other_hypervisor(Arc::new(host.hypervisor.clone()));
     host.faults.reset();
     let manager = Manager::new(ManagerConfig::new("/nonexistent/vmkit"), backends)

@@ -80,7 +80,7 @@ impl Shared {
 /// Like the real backends it drives only its own handles (another backend's is
 /// refused with [`HypervisorError::InvalidConfig`]), and reports
 /// [`HypervisorError::NotRunning`] only for a VMM that is gone. Its kind is `fake`
-/// unless set ([`FakeHypervisor::kind`]), so that a test can give a manager two.
+/// unless set ([`FakeHypervisor::with_kind`]), so that a test can give a manager two.
 /// [`Faults::break_op`] breaks `hypervisor.attach`, `hypervisor.kill`,
 /// `hypervisor.cleanup` and `hypervisor.discard` per VM.
 #[derive(Debug, Clone)]
@@ -118,8 +118,8 @@ impl FakeHypervisor {
     }
 
     /// The same fake under another [`Hypervisor::kind`] (a fresh one: no VMMs
-    /// shared with `self`), e.g. `FakeHypervisor::new().kind("fake-ch")`.
-    pub fn kind(self, kind: &'static str) -> Self {
+    /// shared with `self`), e.g. `FakeHypervisor::new().with_kind("fake-ch")`.
+    pub fn with_kind(self, kind: &'static str) -> Self {
         Self {
             kind,
             shared: Arc::default(),
