@@ -335,7 +335,7 @@ fn reconciled(events: &[vmkit_core::Event], vm: &str, needle: &str) -> bool {
 
 // Regression: any attach error (a QMP timeout, a console socket that does not
 // connect) was taken for death, and reconcile killed the running VMM.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_vmm_that_cannot_be_attached_is_left_running_unhealthy_and_reattached_later() {
     for how in [Breakage::Timeout, Breakage::Error] {
         let host = FakeHost::new().await;
@@ -409,7 +409,7 @@ async fn a_vmm_that_cannot_be_attached_is_left_running_unhealthy_and_reattached_
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_unreachable_vmm_that_then_dies_is_settled_by_the_vmm_check() {
     let host = FakeHost::new().await;
     let web = host.manager.create(request("web")).await.unwrap();
@@ -717,4 +717,25 @@ async fn an_orphan_that_cannot_be_removed_is_reported_and_the_sweep_goes_on() {
     let report = manager.reconcile().await.unwrap();
     assert_eq!(report.orphans.len(), 2, "the volumes, now: {report:?}");
     assert_consistent(&host, "after the second sweep").await;
+}
+
+// A VMM that does not answer costs its timeout once, not once per VM, before the
+// daemon serves.
+#[tokio::test(start_paused = true)]
+async fn reconcile_waits_for_unanswering_vmms_all_at_once() {
+    let host = FakeHost::new().await;
+    for vm in ["a", "b", "c", "d"] {
+        host.manager.create(request(vm)).await.unwrap();
+    }
+    let manager = restart(&host, ManagerConfig::new("/nonexistent/vmkit")).await;
+    host.faults
+        .break_op("hypervisor.attach", None, Breakage::Timeout);
+    let started = tokio::time::Instant::now();
+    let report = manager.reconcile().await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.unreachable.len(), 4, "{report:?}");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "four VMMs that time out after 10 s each took {took:?}"
+    );
 }

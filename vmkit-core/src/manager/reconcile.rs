@@ -176,7 +176,9 @@ impl Manager {
             volumes.entry(volume.vm).or_default().push(volume);
         }
 
-        for listed in self.list(None).await? {
+        let listed = self.list(None).await?;
+        let mut attached = self.attach_all(&listed).await;
+        for listed in listed {
             let _guard = self.lock(&listed.name).await;
             let vm = match b.store.get_vm_by_id(listed.id).await {
                 Ok(Some(vm)) => vm,
@@ -192,7 +194,14 @@ impl Manager {
             let has_tap = taps.contains(&vm.id);
             let action = settling(&vm);
             let was_quarantined = vm.quarantined.is_some();
-            match self.reconcile_vm(vm, &held, has_tap, &mut report).await {
+            let attached = attached
+                .remove(&vm.id)
+                .filter(|(handle, _)| vm.resources.vmm.as_ref() == Some(handle))
+                .map(|(_, outcome)| outcome);
+            match self
+                .reconcile_vm(vm, &held, has_tap, attached, &mut report)
+                .await
+            {
                 Ok(()) if was_quarantined => self.lift_quarantine(&listed).await,
                 Ok(()) => {}
                 Err(e) => self.quarantine(&listed, action, &e, &mut report).await,
@@ -210,11 +219,47 @@ impl Manager {
         Ok(report)
     }
 
+    /// Attaches the VMMs of the running and paused VMs in `vms`, all at once: a VMM
+    /// that does not answer costs its backend's timeout once, not once per VM
+    /// before the daemon serves. By VM, with the handle attached.
+    async fn attach_all(
+        &self,
+        vms: &[VmRecord],
+    ) -> HashMap<VmId, (VmmHandle, Result<VmmState, HypervisorError>)> {
+        let mut attaches = tokio::task::JoinSet::new();
+        for vm in vms {
+            let (VmState::Running | VmState::Paused, None, Some(handle)) =
+                (vm.state, &vm.restoring, &vm.resources.vmm)
+            else {
+                continue;
+            };
+            let Some(hv) = self.inner.backends.hypervisor_of(self.backend_kind(vm)) else {
+                continue;
+            };
+            let (hv, handle, id) = (hv.clone(), handle.clone(), vm.id);
+            attaches.spawn(async move {
+                let outcome = hv.attach(&handle).await;
+                (id, (handle, outcome))
+            });
+        }
+        let mut attached = HashMap::new();
+        while let Some(joined) = attaches.join_next().await {
+            // A panicked attach is left to the VM's own reconcile, which tries again.
+            if let Ok((id, outcome)) = joined {
+                attached.insert(id, outcome);
+            }
+        }
+        attached
+    }
+
+    /// Reconciles one VM; `attached` is the outcome of attaching its VMM, when
+    /// [`Manager::attach_all`] did.
     async fn reconcile_vm(
         &self,
         mut vm: VmRecord,
         volumes: &[Volume],
         has_tap: bool,
+        attached: Option<Result<VmmState, HypervisorError>>,
         report: &mut ReconcileReport,
     ) -> Result<(), ManagerError> {
         if vm.hypervisor.is_none() && !matches!(vm.state, VmState::Creating | VmState::Deleting) {
@@ -286,11 +331,17 @@ impl Manager {
                     None => Ok(None),
                     Some(handle) => match self.hv(&vm) {
                         Err(e) => Err(ErrorChain(&e).to_string()),
-                        Ok(hv) => match hv.attach(handle).await {
-                            Ok(state) => Ok(Some(state)),
-                            Err(HypervisorError::NotRunning { .. }) => Ok(None),
-                            Err(e) => Err(ErrorChain(&e).to_string()),
-                        },
+                        Ok(hv) => {
+                            let outcome = match attached {
+                                Some(outcome) => outcome,
+                                None => hv.attach(handle).await,
+                            };
+                            match outcome {
+                                Ok(state) => Ok(Some(state)),
+                                Err(HypervisorError::NotRunning { .. }) => Ok(None),
+                                Err(e) => Err(ErrorChain(&e).to_string()),
+                            }
+                        }
                     },
                 };
                 match alive {

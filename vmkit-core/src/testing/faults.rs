@@ -39,7 +39,8 @@ pub enum Breakage {
     /// With an error that proves nothing about the resource: a busy volume, a
     /// control socket that refuses the connection. Never "the VMM is gone".
     Error,
-    /// With the backend's timeout error (at once: the fakes do not wait).
+    /// With the backend's timeout error, after the 10 s the fakes give a call (of
+    /// tokio's clock: run the test with paused time not to wait).
     Timeout,
 }
 

@@ -188,18 +188,20 @@ impl FakeHypervisor {
     }
 
     /// Fails `operation` on the VM of `run_dir` (named after its id) as
-    /// [`Faults::break_op`] broke it, if it did.
-    fn broken(&self, operation: &'static str, run_dir: &Path) -> Result<(), HypervisorError> {
+    /// [`Faults::break_op`] broke it, if it did; a timeout after 10 s (of tokio's
+    /// clock: a test with paused time does not wait).
+    async fn broken(&self, operation: &'static str, run_dir: &Path) -> Result<(), HypervisorError> {
         let vm = run_dir
             .file_name()
             .and_then(|n| n.to_str())
             .unwrap_or_default();
         match self.faults.broken(operation, vm) {
             None => Ok(()),
-            Some(Breakage::Timeout) => Err(HypervisorError::Timeout {
-                operation,
-                timeout: Duration::from_secs(10),
-            }),
+            Some(Breakage::Timeout) => {
+                let timeout = Duration::from_secs(10);
+                tokio::time::sleep(timeout).await;
+                Err(HypervisorError::Timeout { operation, timeout })
+            }
             Some(_) => Err(HypervisorError::io(
                 format!("{operation} failed (injected)"),
                 std::io::Error::from(std::io::ErrorKind::ResourceBusy),
@@ -293,7 +295,7 @@ impl Hypervisor for FakeHypervisor {
         self.owns(handle)?;
         // A gone VMM is proven gone whatever else is broken.
         self.with_vmm(handle, |_| Ok(()))?;
-        self.broken("hypervisor.attach", &handle.run_dir)?;
+        self.broken("hypervisor.attach", &handle.run_dir).await?;
         self.with_vmm(handle, |v| Ok(v.state))
     }
 
@@ -326,7 +328,7 @@ impl Hypervisor for FakeHypervisor {
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         self.owns(handle)?;
         self.check("hypervisor.kill")?;
-        self.broken("hypervisor.kill", &handle.run_dir)?;
+        self.broken("hypervisor.kill", &handle.run_dir).await?;
         self.lock().exit(handle.pid);
         Ok(())
     }
@@ -460,7 +462,7 @@ impl Hypervisor for FakeHypervisor {
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         self.owns(handle)?;
         self.check("hypervisor.cleanup")?;
-        self.broken("hypervisor.cleanup", &handle.run_dir)?;
+        self.broken("hypervisor.cleanup", &handle.run_dir).await?;
         let mut shared = self.lock();
         if shared.vmms.contains_key(&handle.pid) {
             return Err(HypervisorError::Refused {
@@ -474,7 +476,7 @@ impl Hypervisor for FakeHypervisor {
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         self.check("hypervisor.discard")?;
-        self.broken("hypervisor.discard", run_dir)?;
+        self.broken("hypervisor.discard", run_dir).await?;
         self.lock().vmms.retain(|_, v| v.config.run_dir != run_dir);
         // The fake makes no run directories, but one made for it goes as the
         // contract says.
