@@ -896,8 +896,9 @@ impl Manager {
                 self.set_state(vm, VmState::Running).await
             }
             Err(error) => {
+                let hv = self.hv(vm);
                 if let Some(handle) = vm.resources.vmm.take()
-                    && let Ok(hv) = self.hv(vm)
+                    && let Ok(hv) = hv
                 {
                     let _ = hv.kill(&handle).await;
                     self.keep_console(vm.id, &handle).await;
