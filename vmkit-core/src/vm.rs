@@ -140,6 +140,11 @@ pub struct VmRecord {
     /// restore interrupted by a crash is finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<VmName>,
+    /// While a restore runs: the id the copies of the snapshot's disks are made
+    /// under, recorded before the first copy. The copies become the VM's disks (and
+    /// keep that id) once both exist; only then are the old disks deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_into: Option<VmId>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -160,6 +165,7 @@ impl VmRecord {
             health: Health::Unknown,
             keep_data: false,
             restoring: None,
+            restore_into: None,
             created_at: now,
             updated_at: now,
         }

@@ -93,9 +93,9 @@ pub use message::{
 };
 pub use ops::{
     ContainerHealth, DEFAULT_DEPLOY_USER, DEFAULT_LOG_LINES, DEFAULT_METRICS_INTERVAL_MS,
-    HardenReport, HardenRequest, LogSource, LogsRequest, MAX_LOG_LINE, MAX_LOG_LINES,
-    MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest, UpgradeSource,
-    WriteFileRequest,
+    FilesystemGrowth, GrowReport, HardenReport, HardenRequest, LogSource, LogsRequest,
+    MAX_LOG_LINE, MAX_LOG_LINES, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport,
+    UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 pub use server::{
     Handler, InputError, InputStream, OutputClosed, OutputSink, ServeError, ServerConfig, serve,

@@ -738,7 +738,13 @@ mod tests {
             let kind = EventKind::Reconciled {
                 action: format!("unannounced {i}"),
             };
-            host.store.append_event(NewEvent::host(kind)).await.unwrap();
+            host.store
+                .append_event(
+                    NewEvent::host(kind),
+                    &vmkit_core::EventRetention::unlimited(),
+                )
+                .await
+                .unwrap();
         }
     }
 
