@@ -949,6 +949,22 @@ impl Manager {
             .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
             .await
             .map_err(agent_error)?;
+        // The host grows only disks; the guest grows its filesystems to them.
+        // Best effort: an agent too old for it, or a filesystem that cannot grow,
+        // leaves a working VM.
+        match client.grow_filesystems().await {
+            Ok(report) => {
+                for fs in report.filesystems.iter().filter(|fs| fs.grew()) {
+                    info!(vm = %vm.name, mount = ?fs.mount, from = fs.before_bytes, to = fs.after_bytes, "the guest grew a filesystem to its disk");
+                }
+                for failure in &report.failures {
+                    warn!(vm = %vm.name, failure = ?failure, "the guest could not grow a filesystem");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %vm.name, error = %ErrorChain(&e), "cannot ask the guest to grow its filesystems")
+            }
+        }
         Ok(())
     }
 

@@ -49,6 +49,8 @@ pub struct GuestState {
     pub network: Option<vmkit_guest::NetworkConfig>,
     /// The SSH keys installed for its default user.
     pub ssh_keys: Vec<String>,
+    /// How often it was asked to grow its filesystems to its disks.
+    pub grow_requests: u32,
 }
 
 #[derive(Debug, Default)]
@@ -569,6 +571,12 @@ impl Handler for FakeAgent {
             return Err("the fake guest has only its default user".to_owned());
         }
         self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
+    }
+
+    /// Counts the request; the fake guest's filesystems always fill their disks.
+    async fn grow_filesystems(&self) -> Result<vmkit_guest::GrowReport, String> {
+        self.configure("agent.grow_filesystems", |g| g.grow_requests += 1)?;
+        Ok(vmkit_guest::GrowReport::default())
     }
 
     /// A unit's journal is three lines naming the unit; the only file is
