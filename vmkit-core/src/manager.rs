@@ -383,7 +383,7 @@ impl Manager {
 
         let mut undo = Vec::new();
         let created = match self
-            .create_steps(&mut vm, &image, request.from.as_ref(), &mut undo)
+            .create_steps(&mut vm, &image, request.from.as_ref(), &quota, &mut undo)
             .await
         {
             Ok(()) => {
@@ -418,6 +418,7 @@ impl Manager {
         vm: &mut VmRecord,
         image: &crate::image::Image,
         from: Option<&CloneSource>,
+        quota: &Quota,
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
@@ -428,7 +429,9 @@ impl Manager {
                 let mut root = b.storage.clone_root(vm.id, &base, &formats).await?;
                 undo.push(Undo::Volume(root.clone()));
                 vm.resources.root = Some(root.clone());
-                self.save(vm).await?;
+                // The root disk counts at its size, which is the image's when the
+                // spec asks for less: checked again now that it is known.
+                self.save_within_quota(vm, quota).await?;
                 let root_bytes = vm.spec.root_gib << 30;
                 if root_bytes > root.size_bytes {
                     root = b.storage.resize(&root, root_bytes).await?;
@@ -442,7 +445,7 @@ impl Manager {
                     self.save(vm).await?;
                 }
             }
-            Some(source) => self.copy_disks_from(vm, source, undo).await?,
+            Some(source) => self.copy_disks_from(vm, source, quota, undo).await?,
         }
 
         if let Some(network) = &b.network {
@@ -1111,6 +1114,22 @@ impl Manager {
     async fn save(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
         vm.updated_at = Timestamp::now();
         Ok(self.inner.backends.store.update_vm(vm).await?)
+    }
+
+    /// Saves `vm` if its owner's holdings with it stay within `quota` (checked in
+    /// the same store transaction).
+    async fn save_within_quota(
+        &self,
+        vm: &mut VmRecord,
+        quota: &Quota,
+    ) -> Result<(), ManagerError> {
+        vm.updated_at = Timestamp::now();
+        Ok(self
+            .inner
+            .backends
+            .store
+            .update_vm_within_quota(vm, quota)
+            .await?)
     }
 
     /// Saves `vm` and stores the event `kind` about it in one transaction, then

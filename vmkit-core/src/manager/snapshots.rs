@@ -424,6 +424,7 @@ impl Manager {
         &self,
         vm: &mut VmRecord,
         source: &CloneSource,
+        quota: &crate::quota::Quota,
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
@@ -469,7 +470,8 @@ impl Manager {
                 _ => vm.resources.data = Some(volume),
             }
         }
-        self.save(vm).await
+        // The copies count at their sizes, which may exceed the spec's.
+        self.save_within_quota(vm, quota).await
     }
 
     /// Creates VM `name` (generated when `None`) for `owner` from the disks of
