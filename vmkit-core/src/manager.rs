@@ -562,10 +562,17 @@ impl Manager {
             self.save(&mut vm).await?;
         }
         self.drop_console(vm.id).await?;
-        b.store.delete_vm(vm.id).await?;
+        let deleted = b
+            .store
+            .delete_vm_with_event(
+                vm.id,
+                NewEvent::vm(vm.id, &vm.name, EventKind::Deleted),
+                &self.inner.config.event_retention,
+            )
+            .await?;
         info!(vm = %vm.name, "deleted VM");
-        self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
-            .await;
+        // No subscriber is not an error.
+        let _ = self.inner.events.send(deleted);
         Ok(Deleted {
             name: vm.name,
             kept_data,

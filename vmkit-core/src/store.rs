@@ -152,6 +152,14 @@ pub trait StateStore: Send + Sync {
     async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError>;
     /// Deletes a VM record with its shares; whether it existed.
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError>;
+    /// [`StateStore::delete_vm`] and [`StateStore::append_event`] in one
+    /// transaction; the event is stored whether or not the record existed.
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError>;
 
     // ---- shares ----
 

@@ -42,6 +42,8 @@ impl Manager {
 
     /// Takes snapshot `name` of VM `vm`. A running VM is paused while its disks
     /// are copied (and its memory saved, where the hypervisor can), then resumed.
+    /// The copies and the saved memory count against the owner's disk quota: a
+    /// snapshot that would not fit is refused before anything is copied.
     pub async fn snapshot(&self, vm: &VmName, name: VmName) -> Result<Snapshot, ManagerError> {
         let _guard = self.lock(vm).await;
         let _snapshot_guard = self.lock_snapshot(&name).await;

@@ -244,6 +244,18 @@ impl StateStore for MemoryStore {
         Ok(s.vms.remove(&id).is_some())
     }
 
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let mut s = self.write("store.delete_vm")?;
+        s.shares.retain(|sh| sh.vm != id);
+        s.vms.remove(&id);
+        Ok(s.append(event, retention))
+    }
+
     async fn put_share(&self, share: &Share) -> Result<(), StoreError> {
         let mut s = self.write("store.put_share")?;
         s.shares.retain(|x| {

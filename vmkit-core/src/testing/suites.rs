@@ -869,8 +869,19 @@ pub async fn store_state_with_event(store: &dyn StateStore) {
     );
     assert_eq!(
         store.get_vm(&a.name).await.expect("get"),
-        Some(a),
+        Some(a.clone()),
         "nor any part of the change"
+    );
+
+    let deleted = store
+        .delete_vm_with_event(a.id, NewEvent::vm(a.id, &a.name, EventKind::Deleted), &keep)
+        .await
+        .expect("delete with its event");
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), None);
+    assert_eq!(
+        store.events(event.seq, 10).await.expect("events"),
+        vec![deleted],
+        "the deletion's event is stored with it"
     );
 }
 

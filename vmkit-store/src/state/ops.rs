@@ -189,6 +189,28 @@ fn update_in(txn: &WriteTransaction, vm: &VmRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Deletes the record of VM `id` and its shares in `txn`; whether it existed.
+fn delete_in(txn: &WriteTransaction, id: VmId) -> Result<bool, StoreError> {
+    let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+    let Some(old) = vm_at(&vms, id.as_u64())? else {
+        return Ok(false);
+    };
+    vms.remove(id.as_u64()).context("cannot write table vms")?;
+    let mut names = txn
+        .open_table(VM_NAMES)
+        .context("cannot open table vm_names")?;
+    names
+        .remove(old.name.as_str())
+        .context("cannot write table vm_names")?;
+    let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+    for (target, _) in shares_of(&shares, id.as_u64())? {
+        shares
+            .remove((id.as_u64(), target.as_str()))
+            .context("cannot write table shares")?;
+    }
+    Ok(true)
+}
+
 /// Appends `event` in `txn`, numbered one past the last, and removes the oldest
 /// events `retention` no longer keeps (at most [`EventRetention::TRIM_PER_APPEND`]).
 fn append_in(
@@ -521,25 +543,19 @@ impl StateStore for RedbStore {
     }
 
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError> {
-        self.write("delete_vm", move |txn| {
-            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
-            let Some(old) = vm_at(&vms, id.as_u64())? else {
-                return Ok(false);
-            };
-            vms.remove(id.as_u64()).context("cannot write table vms")?;
-            let mut names = txn
-                .open_table(VM_NAMES)
-                .context("cannot open table vm_names")?;
-            names
-                .remove(old.name.as_str())
-                .context("cannot write table vm_names")?;
-            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
-            for (target, _) in shares_of(&shares, id.as_u64())? {
-                shares
-                    .remove((id.as_u64(), target.as_str()))
-                    .context("cannot write table shares")?;
-            }
-            Ok(true)
+        self.write("delete_vm", move |txn| delete_in(txn, id)).await
+    }
+
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let retention = *retention;
+        self.write("delete_vm_with_event", move |txn| {
+            delete_in(txn, id)?;
+            append_in(txn, event, &retention)
         })
         .await
     }
