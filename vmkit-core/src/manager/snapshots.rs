@@ -273,10 +273,14 @@ impl Manager {
         record.restoring = Some(name.clone());
         record.restore_into = Some(VmId::generate());
         self.save(&mut record).await?;
-        if record.state != VmState::Stopped {
-            self.stop_by_force(&mut record).await?;
+        let replaced = async {
+            if record.state != VmState::Stopped {
+                self.stop_by_force(&mut record).await?;
+            }
+            self.replace_disks(&mut record, &snapshot).await
         }
-        if let Err(error) = self.replace_disks(&mut record, &snapshot).await {
+        .await;
+        if let Err(error) = replaced {
             self.abandon_restore(&mut record).await;
             return Err(error);
         }
@@ -375,8 +379,8 @@ impl Manager {
         self.save(vm).await
     }
 
-    /// Gives up a restore whose copies could not be made: the VM keeps its disks
-    /// (they were never touched) and its mark is cleared. Best effort: if this
+    /// Gives up a restore that could not stop the VM or copy the snapshot's disks:
+    /// the VM keeps its disks (they were never touched) and its mark is cleared. Best effort: if this
     /// fails too, the mark stays and reconcile finishes the restore.
     async fn abandon_restore(&self, vm: &mut VmRecord) {
         let b = &self.inner.backends;

@@ -186,6 +186,13 @@ garbage\n";
         assert_eq!(mounts[3].point, "/mnt/with space");
     }
 
+    #[test]
+    fn only_ext4_filesystems_mounted_at_the_points_asked_are_grown() {
+        // /proc is mounted but not ext4; nothing is mounted on the other.
+        let report = grow(&[Path::new("/proc"), Path::new("/nonexistent-mount")]);
+        assert_eq!(report, GrowReport::default());
+    }
+
     /// Runs `argv`, panicking with its output if it fails.
     fn run(argv: &[&str]) -> String {
         let out = Command::new(argv[0])
