@@ -708,3 +708,34 @@ async fn the_guest_is_asked_to_grow_its_filesystems_after_every_start() {
     let vm = host.manager.start(&name("web")).await.unwrap();
     assert_eq!(guest(&vm).grow_requests, 1, "the new VMM's guest was asked");
 }
+
+/// A resize records the new size before the disk grows; cut short in between (the
+/// process died), asking for the same size again grows the disk.
+#[tokio::test]
+async fn a_resize_cut_short_before_the_disk_grew_grows_it_when_asked_again() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    host.manager.stop(&name("web")).await.unwrap();
+    let growing = host.storage.hold("storage.resize");
+    let manager = host.manager.clone();
+    let cut = tokio::spawn(async move {
+        manager
+            .resize(&name("web"), ResizeRequest::new().disk_gib(3))
+            .await
+    });
+    growing.arrived().await;
+    cut.abort();
+    let _ = cut.await;
+    growing.release();
+    let vm = host.manager.get(&name("web")).await.unwrap();
+    assert_eq!(vm.spec.disk_gib, 3, "the size was recorded first");
+    assert_eq!(vm.resources.data.as_ref().unwrap().size_bytes, 1 << 30);
+
+    let vm = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(3))
+        .await
+        .unwrap();
+
+    assert_eq!(vm.resources.data.as_ref().unwrap().size_bytes, 3 << 30);
+}
