@@ -9,7 +9,8 @@
 #                  kernel's modules, /usr/local/bin/vmkit-agent and its unit, the user
 #                  `vmkit` (no password, sudo without one), sshd host keys made at first
 #                  boot, a serial getty on ttyS0, fstab for / and an optional data disk
-#                  (label vmkit-data, at /data), no swap, no apt lists
+#                  (label vmkit-data, at /data; both grown to their disks at boot),
+#                  no swap, no apt lists
 #   kernel-release the kernel's release string
 #   cmdline        the image's part of the kernel command line (root mounted read-only,
 #                  checked and remounted by systemd)
@@ -169,12 +170,14 @@ ln -sf /dev/null "$RD/etc/systemd/system/systemd-firstboot.service"
 mkdir -p "$RD/etc/systemd/journald.conf.d"
 printf '[Journal]\nSystemMaxUse=64M\n' >"$RD/etc/systemd/journald.conf.d/50-vmkit.conf"
 
-# Root (grown to its disk at boot) and the optional data disk. No swap.
+# Root and the optional data disk, each grown to its disk by systemd-growfs when
+# it is mounted (the host grows only the disks; the agent grows them too when the
+# host asks after a start). No swap.
 mkdir -p "$RD/data"
 cat >"$RD/etc/fstab" <<'EOF'
 # <file system>    <mount point> <type> <options>                                   <dump> <pass>
 LABEL=vmkit-root   /             ext4   defaults,errors=remount-ro,x-systemd.growfs 0      1
-LABEL=vmkit-data   /data         ext4   defaults,nofail                             0      2
+LABEL=vmkit-data   /data         ext4   defaults,nofail,x-systemd.growfs            0      2
 EOF
 
 # The default user: sudo without a password, no password of its own (SSH keys only,

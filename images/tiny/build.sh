@@ -5,7 +5,8 @@
 #   initramfs.img  busybox-static and an /init that loads the virtio, vsock and ACPI
 #                  button modules the cloud kernel builds as modules, waits for root=,
 #                  mounts it and switch_roots to /sbin/init
-#   rootfs.ext4    busybox init, the applets, /usr/bin/vmkit-agent (respawned by init)
+#   rootfs.ext4    busybox init, the applets, /usr/bin/vmkit-agent (respawned by init);
+#                  mounts the data disk (label vmkit-data) at /data
 #   kernel-release the kernel's release string (uname -r in the guest)
 #   cmdline        the image's part of the kernel command line
 #
@@ -124,6 +125,12 @@ for p in /sys/class/virtio-ports/*; do
 	[ -n "$name" ] && ln -sfn "../${p##*/}" "/dev/virtio-ports/$name"
 done
 
+# The data disk, when the VM has one, at /data as in the base image; the agent
+# grows it (and /) to its disk when the host asks after a start.
+if data=$(findfs LABEL=vmkit-data 2>/dev/null); then
+	mkdir -p /data
+	mount -t ext4 -o nosuid,nodev "$data" /data || echo "rcS: cannot mount $data on /data" >&2
+fi
 # The host's ACPI power button (QEMU system_powerdown, cloud-hypervisor power-button).
 acpid
 EOF

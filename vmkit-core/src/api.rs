@@ -246,6 +246,12 @@ impl ErrorBody {
     }
 }
 
+/// The header of `GET /v1/events` answers that holds the number of the oldest event
+/// kept ([`Manager::first_event_seq`](crate::Manager::first_event_seq)): the
+/// retention rule removed those before it, and asking for them (`after` below it
+/// minus one) is answered `410 Gone` (`history_trimmed`).
+pub const FIRST_EVENT_HEADER: &str = "vmkit-first-event";
+
 /// The HTTP status for an error kind: the one mapping every transport uses.
 pub fn status_for(kind: ErrorKind) -> u16 {
     match kind {
@@ -253,6 +259,7 @@ pub fn status_for(kind: ErrorKind) -> u16 {
         ErrorKind::NotFound => 404,
         ErrorKind::Conflict => 409,
         ErrorKind::QuotaExceeded => 403,
+        ErrorKind::Gone => 410,
         ErrorKind::Unsupported => 501,
         ErrorKind::Unavailable => 503,
         ErrorKind::Internal => 500,

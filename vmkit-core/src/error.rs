@@ -27,6 +27,9 @@ pub enum ErrorKind {
     Conflict,
     /// The request would exceed a quota.
     QuotaExceeded,
+    /// What was asked for existed once and was removed for good (events past the
+    /// retention rule).
+    Gone,
     /// The backend cannot do this.
     Unsupported,
     /// A dependency failed or timed out; retrying may help.
@@ -158,6 +161,18 @@ pub enum ManagerError {
     /// The state store failed. Its messages name the store already.
     #[error(transparent)]
     Store(StoreError),
+    /// Events after `after` were asked for, but the oldest kept is `first`: those in
+    /// between were removed by the retention rule.
+    #[error(
+        "the event log no longer holds the events after {after}: its history starts at event {first} (older ones were removed by the retention rule); read from after={} on",
+        .first.saturating_sub(1)
+    )]
+    HistoryTrimmed {
+        /// The number the caller asked to read after.
+        after: u64,
+        /// The oldest event kept.
+        first: u64,
+    },
     /// A file operation of the manager itself failed.
     #[error("{context}")]
     Io {
@@ -211,6 +226,7 @@ impl ManagerError {
             | ManagerError::WrongState { .. }
             | ManagerError::Quarantined { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
+            ManagerError::HistoryTrimmed { .. } => ErrorKind::Gone,
             ManagerError::NotFound(_)
             | ManagerError::SnapshotNotFound(_)
             | ManagerError::SshKeyNotFound(_) => ErrorKind::NotFound,
@@ -261,6 +277,7 @@ impl ManagerError {
             ManagerError::Storage(_) => "storage_failed",
             ManagerError::Network(_) => "network_failed",
             ManagerError::Store(_) => "store_failed",
+            ManagerError::HistoryTrimmed { .. } => "history_trimmed",
             ManagerError::Io { .. } => "io_failed",
         }
     }

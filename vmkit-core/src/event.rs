@@ -148,3 +148,90 @@ impl Event {
         }
     }
 }
+
+/// Which events the store keeps: at most `max_events`, and none older than `max_age`
+/// (measured against the time of the newest event). The newest event is always kept,
+/// so numbering carries on from it.
+///
+/// Stores apply the rule as they append, removing at most [`EventRetention::TRIM_PER_APPEND`]
+/// of the oldest events per append: bounded work, and a log over the limit (the rule
+/// was tightened) shrinks back to it within a few appends.
+///
+/// ```
+/// use std::time::Duration;
+/// use vmkit_core::EventRetention;
+///
+/// let keep = EventRetention::new(10_000).max_age(Duration::from_secs(30 * 86_400));
+/// assert_eq!(keep.max_events, 10_000);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct EventRetention {
+    /// Most events kept (at least 1); the oldest go first.
+    pub max_events: u64,
+    /// Events this much older than the newest go; `None` keeps events of any age.
+    pub max_age: Option<std::time::Duration>,
+}
+
+impl EventRetention {
+    /// The most events one append removes.
+    pub const TRIM_PER_APPEND: usize = 64;
+
+    /// Keeps the newest `max_events` events (at least 1), of any age.
+    pub fn new(max_events: u64) -> Self {
+        Self {
+            max_events: max_events.max(1),
+            max_age: None,
+        }
+    }
+
+    /// Keeps every event.
+    pub fn unlimited() -> Self {
+        Self::new(u64::MAX)
+    }
+
+    /// Also removes events older than `age` (relative to the newest).
+    pub fn max_age(mut self, age: std::time::Duration) -> Self {
+        self.max_age = Some(age);
+        self
+    }
+
+    /// Whether the oldest of `kept` stored events, stamped `oldest`, goes when the
+    /// newest is stamped `newest`. The last event is never removed.
+    pub fn removes(&self, kept: u64, oldest: Timestamp, newest: Timestamp) -> bool {
+        if kept <= 1 {
+            return false;
+        }
+        let too_many = kept > self.max_events.max(1);
+        let too_old = self.max_age.is_some_and(|age| {
+            let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+            newest.0.saturating_sub(oldest.0) > age_ms
+        });
+        too_many || too_old
+    }
+}
+
+impl Default for EventRetention {
+    /// The newest 100 000 events, none older than 90 days.
+    fn default() -> Self {
+        Self::new(100_000).max_age(std::time::Duration::from_secs(90 * 86_400))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_removes_beyond_the_count_and_the_age_but_never_the_last() {
+        let keep = EventRetention::new(3).max_age(std::time::Duration::from_secs(10));
+        let t = |s: u64| Timestamp(s * 1000);
+        assert!(!keep.removes(3, t(0), t(5)), "three recent events stay");
+        assert!(keep.removes(4, t(0), t(5)), "a fourth is one too many");
+        assert!(keep.removes(2, t(0), t(11)), "eleven seconds is too old");
+        assert!(!keep.removes(2, t(1), t(11)), "ten seconds is not");
+        assert!(!keep.removes(1, t(0), t(1000)), "the last event stays");
+        assert!(!EventRetention::unlimited().removes(u64::MAX, t(0), t(u64::MAX / 1000)));
+        assert_eq!(EventRetention::new(0).max_events, 1);
+    }
+}

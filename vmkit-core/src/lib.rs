@@ -63,7 +63,7 @@ mod vm;
 pub mod testing;
 
 pub use error::{ErrorChain, ErrorKind, ManagerError};
-pub use event::{Event, EventKind, NewEvent};
+pub use event::{Event, EventKind, EventRetention, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
 pub use hypervisor::{
     AgentIo, AgentStream, DiskConfig, Hypervisor, HypervisorCapabilities, HypervisorError,

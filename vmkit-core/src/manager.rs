@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
 use crate::error::{ErrorChain, ManagerError};
-use crate::event::{Event, EventKind, NewEvent};
+use crate::event::{Event, EventKind, EventRetention, NewEvent};
 use crate::hypervisor::{DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmHandle, VmmState};
 use crate::image::ImageCatalog;
 use crate::name::VmName;
@@ -67,6 +67,9 @@ pub struct ManagerConfig {
     /// What a create request takes for what it leaves out (the API's
     /// [`CreateVm`](crate::api::CreateVm) fields); by default [`VmSpec::default`].
     pub default_spec: VmSpec,
+    /// Which events the store keeps ([`EventRetention::default`]: the newest
+    /// 100 000, none older than 90 days); applied as events are stored.
+    pub event_retention: EventRetention,
 }
 
 impl ManagerConfig {
@@ -84,6 +87,7 @@ impl ManagerConfig {
             dns: Vec::new(),
             on_vmm_exit: ExitPolicy::default(),
             default_spec: VmSpec::default(),
+            event_retention: EventRetention::default(),
         }
     }
 
@@ -132,6 +136,12 @@ impl ManagerConfig {
     /// Sets the defaults of create requests (the image, above all).
     pub fn default_spec(mut self, spec: VmSpec) -> Self {
         self.default_spec = spec;
+        self
+    }
+
+    /// Sets which events the store keeps.
+    pub fn event_retention(mut self, retention: EventRetention) -> Self {
+        self.event_retention = retention;
         self
     }
 
@@ -298,6 +308,9 @@ struct Inner {
     config: ManagerConfig,
     backends: Backends,
     locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
+    /// One lock per snapshot name, taken after the VM's lock where both are held:
+    /// a delete of a snapshot waits for a restore or a clone from it.
+    snapshot_locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
     agents: StdMutex<HashMap<VmId, Client>>,
     /// One connection attempt per VM at a time: a VMM's agent channel may serve a
     /// single client (QEMU's virtio-serial socket does), so a second concurrent
@@ -349,6 +362,7 @@ impl Manager {
                 config,
                 backends,
                 locks: StdMutex::new(HashMap::new()),
+                snapshot_locks: StdMutex::new(HashMap::new()),
                 agents: StdMutex::new(HashMap::new()),
                 connecting: StdMutex::new(HashMap::new()),
                 events,
@@ -390,11 +404,7 @@ impl Manager {
         let b = &self.inner.backends;
         request.spec.validate(&self.inner.config.spec_limits)?;
         let image = b.images.resolve(&request.spec.image).await?;
-        let quota = b
-            .store
-            .get_quota(request.owner)
-            .await?
-            .unwrap_or(self.inner.config.default_quota);
+        let quota = self.quota_of(request.owner).await?;
         let name = match request.name {
             Some(name) => name,
             None => self.free_name().await?,
@@ -414,7 +424,7 @@ impl Manager {
 
         let mut undo = Vec::new();
         let created = match self
-            .create_steps(&mut vm, &image, request.from.as_ref(), &mut undo)
+            .create_steps(&mut vm, &image, request.from.as_ref(), &quota, &mut undo)
             .await
         {
             Ok(()) => {
@@ -449,6 +459,7 @@ impl Manager {
         vm: &mut VmRecord,
         image: &crate::image::Image,
         from: Option<&CloneSource>,
+        quota: &Quota,
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
@@ -459,7 +470,9 @@ impl Manager {
                 let mut root = b.storage.clone_root(vm.id, &base, &formats).await?;
                 undo.push(Undo::Volume(root.clone()));
                 vm.resources.root = Some(root.clone());
-                self.save(vm).await?;
+                // The root disk counts at its size, which is the image's when the
+                // spec asks for less: checked again now that it is known.
+                self.save_within_quota(vm, quota).await?;
                 let root_bytes = vm.spec.root_gib << 30;
                 if root_bytes > root.size_bytes {
                     root = b.storage.resize(&root, root_bytes).await?;
@@ -473,7 +486,7 @@ impl Manager {
                     self.save(vm).await?;
                 }
             }
-            Some(source) => self.copy_disks_from(vm, source, undo).await?,
+            Some(source) => self.copy_disks_from(vm, source, quota, undo).await?,
         }
 
         if let Some(network) = &b.network {
@@ -597,10 +610,17 @@ impl Manager {
             self.save(&mut vm).await?;
         }
         self.drop_console(vm.id).await?;
-        b.store.delete_vm(vm.id).await?;
+        let deleted = b
+            .store
+            .delete_vm_with_event(
+                vm.id,
+                NewEvent::vm(vm.id, &vm.name, EventKind::Deleted),
+                &self.inner.config.event_retention,
+            )
+            .await?;
         info!(vm = %vm.name, "deleted VM");
-        self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
-            .await;
+        // No subscriber is not an error.
+        let _ = self.inner.events.send(deleted);
         Ok(Deleted {
             name: vm.name,
             kept_data,
@@ -853,15 +873,13 @@ impl Manager {
                 _ => info!(vm = %current.name, "agent healthy"),
             }
             current.health = health.clone();
-            self.save(&mut current).await?;
-            self.emit(NewEvent::vm(
-                current.id,
-                &current.name,
+            self.save_with_event(
+                &mut current,
                 EventKind::HealthChanged {
                     health: health.clone(),
                 },
-            ))
-            .await;
+            )
+            .await?;
             changed.push((current.name, health));
         }
         Ok(changed)
@@ -1045,6 +1063,22 @@ impl Manager {
             .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
             .await
             .map_err(agent_error)?;
+        // The host grows only disks; the guest grows its filesystems to them.
+        // Best effort: an agent too old for it, or a filesystem that cannot grow,
+        // leaves a working VM.
+        match client.grow_filesystems().await {
+            Ok(report) => {
+                for fs in report.filesystems.iter().filter(|fs| fs.grew()) {
+                    info!(vm = %vm.name, mount = ?fs.mount, from = fs.before_bytes, to = fs.after_bytes, "the guest grew a filesystem to its disk");
+                }
+                for failure in &report.failures {
+                    warn!(vm = %vm.name, failure = ?failure, "the guest could not grow a filesystem");
+                }
+            }
+            Err(e) => {
+                warn!(vm = %vm.name, error = %ErrorChain(&e), "cannot ask the guest to grow its filesystems")
+            }
+        }
         Ok(())
     }
 
@@ -1179,17 +1213,19 @@ impl Manager {
         }
     }
 
+    /// Moves `vm` to state `to`: the record and its [`EventKind::StateChanged`] event
+    /// are stored in one transaction. On failure `vm` keeps its old state.
     async fn set_state(&self, vm: &mut VmRecord, to: VmState) -> Result<(), ManagerError> {
         let from = vm.state;
         debug_assert!(from.can_transition_to(to), "{from} -> {to}");
         vm.state = to;
-        self.save(vm).await?;
-        self.emit(NewEvent::vm(
-            vm.id,
-            &vm.name,
-            EventKind::StateChanged { from, to },
-        ))
-        .await;
+        if let Err(e) = self
+            .save_with_event(vm, EventKind::StateChanged { from, to })
+            .await
+        {
+            vm.state = from;
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -1198,8 +1234,51 @@ impl Manager {
         Ok(self.inner.backends.store.update_vm(vm).await?)
     }
 
+    /// Saves `vm` if its owner's holdings with it stay within `quota` (checked in
+    /// the same store transaction).
+    async fn save_within_quota(
+        &self,
+        vm: &mut VmRecord,
+        quota: &Quota,
+    ) -> Result<(), ManagerError> {
+        vm.updated_at = Timestamp::now();
+        Ok(self
+            .inner
+            .backends
+            .store
+            .update_vm_within_quota(vm, quota)
+            .await?)
+    }
+
+    /// Saves `vm` and stores the event `kind` about it in one transaction, then
+    /// broadcasts the event.
+    async fn save_with_event(
+        &self,
+        vm: &mut VmRecord,
+        kind: EventKind,
+    ) -> Result<(), ManagerError> {
+        vm.updated_at = Timestamp::now();
+        let event = NewEvent::vm(vm.id, &vm.name, kind);
+        let stored = self
+            .inner
+            .backends
+            .store
+            .update_vm_with_event(vm, event, &self.inner.config.event_retention)
+            .await?;
+        // No subscriber is not an error.
+        let _ = self.inner.events.send(stored);
+        Ok(())
+    }
+
     async fn emit(&self, event: NewEvent) {
-        match self.inner.backends.store.append_event(event).await {
+        let retention = &self.inner.config.event_retention;
+        match self
+            .inner
+            .backends
+            .store
+            .append_event(event, retention)
+            .await
+        {
             Ok(stored) => {
                 // No subscriber is not an error.
                 let _ = self.inner.events.send(stored);
@@ -1222,29 +1301,78 @@ impl Manager {
     }
 
     async fn lock(&self, name: &VmName) -> VmGuard {
+        self.lock_in(name, false).await
+    }
+
+    /// Takes the lock of snapshot `name`; with a VM's lock, take that one first.
+    async fn lock_snapshot(&self, name: &VmName) -> VmGuard {
+        self.lock_in(name, true).await
+    }
+
+    async fn lock_in(&self, name: &VmName, snapshot: bool) -> VmGuard {
         let lock = {
-            let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+            let mut locks = self
+                .inner
+                .lock_table(snapshot)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             locks.entry(name.clone()).or_default().clone()
         };
         VmGuard {
             guard: Some(lock.lock_owned().await),
             name: name.clone(),
+            snapshot,
             inner: self.inner.clone(),
+        }
+    }
+
+    /// The quota of `owner`: their own, else the default.
+    async fn quota_of(&self, owner: UserId) -> Result<Quota, ManagerError> {
+        Ok(self
+            .inner
+            .backends
+            .store
+            .get_quota(owner)
+            .await?
+            .unwrap_or(self.inner.config.default_quota))
+    }
+
+    /// What `owner` holds now: VMs and snapshots.
+    async fn usage_of(&self, owner: UserId) -> Result<crate::quota::Usage, ManagerError> {
+        let store = &self.inner.backends.store;
+        let vms = store.list_vms(Some(owner)).await?;
+        let snapshots = store.list_snapshots(Some(owner)).await?;
+        Ok(crate::quota::Usage::of_holdings(&vms, &snapshots))
+    }
+}
+
+impl Inner {
+    fn lock_table(&self, snapshot: bool) -> &StdMutex<HashMap<VmName, Arc<Mutex<()>>>> {
+        if snapshot {
+            &self.snapshot_locks
+        } else {
+            &self.locks
         }
     }
 }
 
-/// Holds a VM's operation lock; drops the map entry when no one else waits.
+/// Holds a VM's (or a snapshot's) operation lock; drops the map entry when no one
+/// else waits.
 struct VmGuard {
     guard: Option<OwnedMutexGuard<()>>,
     name: VmName,
+    snapshot: bool,
     inner: Arc<Inner>,
 }
 
 impl Drop for VmGuard {
     fn drop(&mut self) {
         drop(self.guard.take());
-        let mut locks = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+        let mut locks = self
+            .inner
+            .lock_table(self.snapshot)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(lock) = locks.get(&self.name) {
             // Only the map holds it: nobody waits.
             if Arc::strong_count(lock) == 1 {

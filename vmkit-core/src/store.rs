@@ -2,7 +2,7 @@
 
 use async_trait::async_trait;
 
-use crate::event::{Event, NewEvent};
+use crate::event::{Event, EventRetention, NewEvent};
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, QuotaExceeded};
@@ -125,12 +125,25 @@ pub trait StateStore: Send + Sync {
 
     // ---- VMs ----
 
-    /// Inserts a new VM if its name is free and its owner's VMs plus this one stay
-    /// within `quota`, checked in the same transaction.
+    /// Inserts a new VM if its name is free and its owner's holdings (VMs and
+    /// snapshots, see [`Usage::of_holdings`](crate::Usage::of_holdings)) plus this
+    /// one stay within `quota`, checked in the same transaction.
     async fn create_vm(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError>;
     /// Replaces an existing VM record (matched by id); [`StoreError::NotFound`] if absent,
     /// [`StoreError::NameTaken`] if it was renamed to another VM's name.
     async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError>;
+    /// [`StateStore::update_vm`] and [`StateStore::append_event`] in one transaction:
+    /// both are written or neither is.
+    async fn update_vm_with_event(
+        &self,
+        vm: &VmRecord,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError>;
+    /// [`StateStore::update_vm`] if the owner's holdings with this record in place of
+    /// the stored one stay within `quota` ([`Quota::check_change`]: only what grows
+    /// is checked), checked in the same transaction.
+    async fn update_vm_within_quota(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError>;
     /// A VM by name.
     async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError>;
     /// A VM by id.
@@ -139,6 +152,14 @@ pub trait StateStore: Send + Sync {
     async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError>;
     /// Deletes a VM record with its shares; whether it existed.
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError>;
+    /// [`StateStore::delete_vm`] and [`StateStore::append_event`] in one
+    /// transaction; the event is stored whether or not the record existed.
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError>;
 
     // ---- shares ----
 
@@ -170,8 +191,10 @@ pub trait StateStore: Send + Sync {
 
     // ---- snapshots ----
 
-    /// Inserts a snapshot; [`StoreError::SnapshotTaken`] if its name is in use.
-    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
+    /// Inserts a snapshot if its name is free ([`StoreError::SnapshotTaken`]) and its
+    /// owner's holdings with it stay within `quota`
+    /// ([`StoreError::QuotaExceeded`]), checked in the same transaction.
+    async fn put_snapshot(&self, snapshot: &Snapshot, quota: &Quota) -> Result<(), StoreError>;
     /// A snapshot by name.
     async fn get_snapshot(&self, name: &VmName) -> Result<Option<Snapshot>, StoreError>;
     /// Snapshots, by name; only `owner`'s when given.
@@ -181,10 +204,21 @@ pub trait StateStore: Send + Sync {
 
     // ---- events ----
 
-    /// Appends an event, numbering it one past the last.
-    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError>;
-    /// Up to `limit` events with `seq > after`, oldest first.
+    /// Appends an event, numbering it one past the last, and removes the oldest
+    /// events `retention` no longer keeps (at most
+    /// [`EventRetention::TRIM_PER_APPEND`]), in one transaction.
+    async fn append_event(
+        &self,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError>;
+    /// Up to `limit` stored events with `seq > after`, oldest first. Numbers are
+    /// consecutive from [`StateStore::first_event_seq`] on.
     async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError>;
     /// The number of the newest event; 0 when none is stored.
     async fn last_event_seq(&self) -> Result<u64, StoreError>;
+    /// The number of the oldest stored event: where the kept history starts (older
+    /// ones were removed by the retention rule). One past
+    /// [`StateStore::last_event_seq`] when none is stored.
+    async fn first_event_seq(&self) -> Result<u64, StoreError>;
 }

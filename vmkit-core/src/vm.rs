@@ -155,6 +155,11 @@ pub struct VmRecord {
     /// lifts the quarantine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+    /// While a restore runs: the id the copies of the snapshot's disks are made
+    /// under, recorded before the first copy. The copies become the VM's disks (and
+    /// keep that id) once both exist; only then are the old disks deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore_into: Option<VmId>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -177,6 +182,7 @@ impl VmRecord {
             restoring: None,
             hypervisor: None,
             quarantined: None,
+            restore_into: None,
             created_at: now,
             updated_at: now,
         }

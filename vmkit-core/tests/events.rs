@@ -24,7 +24,13 @@ async fn store_unannounced(host: &FakeHost, count: usize) {
         let kind = EventKind::Reconciled {
             action: format!("unannounced {i}"),
         };
-        host.store.append_event(NewEvent::host(kind)).await.unwrap();
+        host.store
+            .append_event(
+                NewEvent::host(kind),
+                &vmkit_core::EventRetention::unlimited(),
+            )
+            .await
+            .unwrap();
     }
 }
 

@@ -4,8 +4,8 @@
 
 use vmkit_core::testing::{FakeHost, Holdings};
 use vmkit_core::{
-    CloneSource, CreateRequest, EventKind, Manager, ManagerConfig, ManagerError, ResizeRequest,
-    SpecError, StateStore, Storage, UserId, VmName, VmSpec, VmState,
+    CloneSource, CreateRequest, EventKind, Manager, ManagerConfig, ManagerError, Quota,
+    QuotaResource, ResizeRequest, SpecError, StateStore, Storage, UserId, VmName, VmSpec, VmState,
 };
 
 fn name(s: &str) -> VmName {
@@ -427,4 +427,315 @@ async fn rm_keep_data_says_and_records_where_the_data_volume_went() {
         .await
         .unwrap();
     assert_eq!(deleted.kept_data, None, "a plain delete keeps nothing");
+}
+
+/// `web` with a data disk, each disk starting with `snap!`, snapshot `snap` of it,
+/// then both disks overwritten with `new!`.
+async fn web_with_snapshot(host: &FakeHost) {
+    host.manager.create(request("web")).await.unwrap();
+    mark_disks(host, b"snap!").await;
+    host.manager
+        .snapshot(&name("web"), name("snap"))
+        .await
+        .unwrap();
+    mark_disks(host, b"new!!").await;
+}
+
+async fn mark_disks(host: &FakeHost, mark: &[u8]) {
+    let vm = host.manager.get(&name("web")).await.unwrap();
+    for disk in [&vm.resources.root, &vm.resources.data] {
+        host.storage
+            .write(&disk.as_ref().unwrap().path, 0, mark)
+            .unwrap();
+    }
+}
+
+/// What the first bytes of `web`'s root and data disks say.
+async fn disk_marks(host: &FakeHost) -> (Vec<u8>, Vec<u8>) {
+    let vm = host.store.get_vm(&name("web")).await.unwrap().unwrap();
+    let read = |disk: &Option<vmkit_core::Volume>| {
+        let disk = disk.as_ref().expect("web has the disk");
+        host.storage
+            .read(&disk.path, 0, 5)
+            .expect("the recorded disk exists")
+    };
+    (read(&vm.resources.root), read(&vm.resources.data))
+}
+
+/// The race of issue 13: a snapshot deleted while a restore from it stops the VM
+/// and copies its disks. The delete waits for the restore, which completes.
+#[tokio::test]
+async fn a_snapshot_delete_waits_for_a_restore_from_it_and_the_vm_keeps_disks() {
+    let host = FakeHost::new().await;
+    web_with_snapshot(&host).await;
+    let copying = host.storage.hold("storage.copy_volume");
+    let manager = host.manager.clone();
+    let restore = tokio::spawn(async move { manager.restore(&name("web"), &name("snap")).await });
+    copying.arrived().await;
+
+    let manager = host.manager.clone();
+    let delete = tokio::spawn(async move { manager.delete_snapshot(&name("snap")).await });
+    // On this single-threaded runtime each yield lets the delete take its next
+    // step; the fakes never wait, so without the lock it would be done by now.
+    for _ in 0..100 {
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        !delete.is_finished(),
+        "the delete waits for the restore from its snapshot"
+    );
+    copying.release();
+    let restored = restore.await.unwrap().unwrap();
+    delete.await.unwrap().unwrap();
+
+    assert_eq!(restored.state, VmState::Running);
+    assert_eq!(
+        disk_marks(&host).await,
+        (b"snap!".to_vec(), b"snap!".to_vec()),
+        "the VM runs on the snapshot's disks"
+    );
+    assert!(host.manager.list_snapshots(None).await.unwrap().is_empty());
+    assert_eq!(host.holdings().await.volumes, 2, "the VM's two disks");
+}
+
+/// The step (1-based, counted by the fakes from a reset) at which a restore of
+/// `web` to `snap` first copies a disk.
+async fn first_copy_step_of_a_restore() -> u64 {
+    let probe = FakeHost::new().await;
+    web_with_snapshot(&probe).await;
+    probe.faults.reset();
+    probe
+        .manager
+        .restore(&name("web"), &name("snap"))
+        .await
+        .unwrap();
+    let log = probe.faults.log();
+    log.iter()
+        .position(|op| *op == "storage.copy_volume")
+        .expect("a restore copies disks") as u64
+        + 1
+}
+
+#[tokio::test]
+async fn a_restore_whose_copy_fails_leaves_the_vm_its_own_disks() {
+    let step = first_copy_step_of_a_restore().await;
+    let host = FakeHost::new().await;
+    web_with_snapshot(&host).await;
+    host.faults.fail_at(step);
+
+    let err = host
+        .manager
+        .restore(&name("web"), &name("snap"))
+        .await
+        .unwrap_err();
+
+    assert!(matches!(err, ManagerError::Storage(_)), "{err}");
+    let vm = host.manager.get(&name("web")).await.unwrap();
+    assert_eq!(vm.state, VmState::Stopped);
+    assert_eq!(vm.restoring, None, "the failed restore is given up");
+    assert_eq!(
+        disk_marks(&host).await,
+        (b"new!!".to_vec(), b"new!!".to_vec()),
+        "its own disks, untouched"
+    );
+    assert_eq!(host.holdings().await.volumes, 4, "no copy is left");
+    host.manager.start(&name("web")).await.unwrap();
+    host.manager.delete_snapshot(&name("snap")).await.unwrap();
+}
+
+/// A crash at every step of a restore, then reconcile: the VM has both disks,
+/// both its own or both the snapshot's (never one of each, never none), and
+/// nothing else is left.
+#[tokio::test]
+async fn a_restore_cut_short_anywhere_ends_with_all_old_or_all_restored_disks() {
+    let probe = FakeHost::new().await;
+    web_with_snapshot(&probe).await;
+    probe.faults.reset();
+    probe
+        .manager
+        .restore(&name("web"), &name("snap"))
+        .await
+        .unwrap();
+    let steps = probe.faults.calls();
+    let mut outcomes = std::collections::BTreeSet::new();
+    for step in 1..=steps {
+        let host = FakeHost::new().await;
+        web_with_snapshot(&host).await;
+        host.faults.crash_at(step);
+        let _ = host.manager.restore(&name("web"), &name("snap")).await;
+        let marked = host
+            .store
+            .get_vm(&name("web"))
+            .await
+            .unwrap()
+            .unwrap()
+            .restoring
+            .is_some();
+        host.faults.reset();
+        let manager = Manager::new(
+            ManagerConfig::new("/nonexistent/vmkit"),
+            host.manager.backends().clone(),
+        )
+        .await
+        .unwrap();
+        manager.reconcile().await.unwrap();
+
+        let context = format!("crash at restore step {step}");
+        let (root, data) = disk_marks(&host).await;
+        assert_eq!(root, data, "{context}: one disk of each");
+        if marked {
+            assert_eq!(root, b"snap!", "{context}: a marked restore is finished");
+        }
+        outcomes.insert(root);
+        let vm = host.store.get_vm(&name("web")).await.unwrap().unwrap();
+        assert_eq!((vm.restoring, vm.restore_into), (None, None), "{context}");
+        assert_eq!(
+            host.holdings().await.volumes,
+            4,
+            "{context}: the VM's two disks and the snapshot's"
+        );
+        manager.delete_snapshot(&name("snap")).await.unwrap();
+        assert_eq!(host.holdings().await.volumes, 2, "{context}");
+        assert!(manager.reconcile().await.unwrap().is_clean(), "{context}");
+    }
+    assert_eq!(
+        outcomes.len(),
+        2,
+        "early crashes keep the old disks, late ones finish the restore"
+    );
+}
+
+#[tokio::test]
+async fn root_disks_and_snapshots_count_against_the_disk_quota() {
+    // The fake image is 1 GiB: `web` holds a 1 GiB root and a 1 GiB data disk.
+    let quota = Quota::unlimited().max_disk_gib(4);
+    let host =
+        FakeHost::with_config(ManagerConfig::new("/nonexistent/vmkit").default_quota(quota)).await;
+    host.manager.create(request("web")).await.unwrap();
+
+    let err = host
+        .manager
+        .snapshot(&name("web"), name("snap"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ManagerError::QuotaExceeded(e) if e.resource == QuotaResource::DiskGib),
+        "2 GiB of disks and 512 MiB of memory do not fit in the 2 GiB left: {err}"
+    );
+    assert_eq!(host.holdings().await.volumes, 2, "nothing was copied");
+
+    host.manager.stop(&name("web")).await.unwrap();
+    host.manager
+        .snapshot(&name("web"), name("snap"))
+        .await
+        .expect("a stopped VM's snapshot holds its 2 GiB of disks, no memory");
+    let err = host
+        .manager
+        .create(CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny")).name(name("db")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::QuotaExceeded(_)),
+        "the snapshot's disks count: {err}"
+    );
+    host.manager.delete_snapshot(&name("snap")).await.unwrap();
+    host.manager
+        .create(CreateRequest::new(UserId::LOCAL, VmSpec::new("tiny").root_gib(2)).name(name("db")))
+        .await
+        .expect("a 2 GiB root disk fits once the snapshot is gone");
+    let err = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(2))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ManagerError::QuotaExceeded(_)),
+        "root disks count: {err}"
+    );
+}
+
+/// Two resizes at once whose sum exceeds the quota: the second is refused at once,
+/// while the first still grows its disk, instead of both passing the same check.
+#[tokio::test]
+async fn concurrent_resizes_cannot_both_take_the_same_quota() {
+    let quota = Quota::unlimited().max_disk_gib(6);
+    let host =
+        FakeHost::with_config(ManagerConfig::new("/nonexistent/vmkit").default_quota(quota)).await;
+    for vm in ["a", "b"] {
+        host.manager.create(request(vm)).await.unwrap();
+        host.manager.stop(&name(vm)).await.unwrap();
+    }
+    let growing = host.storage.hold("storage.resize");
+    let manager = host.manager.clone();
+    let first = tokio::spawn(async move {
+        manager
+            .resize(&name("a"), ResizeRequest::new().disk_gib(3))
+            .await
+    });
+    growing.arrived().await;
+
+    let b = name("b");
+    let second = host.manager.resize(&b, ResizeRequest::new().disk_gib(3));
+    let second = tokio::select! {
+        r = second => r,
+        () = growing.arrived() => panic!("the second resize went on to grow its disk"),
+    };
+    assert!(
+        matches!(&second, Err(ManagerError::QuotaExceeded(_))),
+        "a: 1 + 3 GiB, b: 1 + 3 GiB is 8 > 6: {second:?}"
+    );
+    growing.release();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.spec.disk_gib, 3);
+    assert_eq!(host.manager.get(&name("b")).await.unwrap().spec.disk_gib, 1);
+}
+
+#[tokio::test]
+async fn the_guest_is_asked_to_grow_its_filesystems_after_every_start() {
+    let host = FakeHost::new().await;
+    let vm = host.manager.create(request("web")).await.unwrap();
+    let guest = |vm: &vmkit_core::VmRecord| {
+        host.hypervisor
+            .guest(vm.resources.vmm.as_ref().unwrap().pid)
+            .unwrap()
+    };
+    assert_eq!(guest(&vm).grow_requests, 1);
+    host.manager.stop(&name("web")).await.unwrap();
+    host.manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(2))
+        .await
+        .unwrap();
+    let vm = host.manager.start(&name("web")).await.unwrap();
+    assert_eq!(guest(&vm).grow_requests, 1, "the new VMM's guest was asked");
+}
+
+/// A resize records the new size before the disk grows; cut short in between (the
+/// process died), asking for the same size again grows the disk.
+#[tokio::test]
+async fn a_resize_cut_short_before_the_disk_grew_grows_it_when_asked_again() {
+    let host = FakeHost::new().await;
+    host.manager.create(request("web")).await.unwrap();
+    host.manager.stop(&name("web")).await.unwrap();
+    let growing = host.storage.hold("storage.resize");
+    let manager = host.manager.clone();
+    let cut = tokio::spawn(async move {
+        manager
+            .resize(&name("web"), ResizeRequest::new().disk_gib(3))
+            .await
+    });
+    growing.arrived().await;
+    cut.abort();
+    let _ = cut.await;
+    growing.release();
+    let vm = host.manager.get(&name("web")).await.unwrap();
+    assert_eq!(vm.spec.disk_gib, 3, "the size was recorded first");
+    assert_eq!(vm.resources.data.as_ref().unwrap().size_bytes, 1 << 30);
+
+    let vm = host
+        .manager
+        .resize(&name("web"), ResizeRequest::new().disk_gib(3))
+        .await
+        .unwrap();
+
+    assert_eq!(vm.resources.data.as_ref().unwrap().size_bytes, 3 << 30);
 }

@@ -1,6 +1,7 @@
 //! The real in-guest handler, used by the `vmkit-agent` binary.
 
 mod files;
+mod grow;
 mod hotplug;
 mod logs;
 mod metrics;
@@ -22,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::message::{ExecRequest, ExitStatus, HelloInfo};
 use crate::ops::{
-    HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
+    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
     UpgradeRequest, WriteFileRequest,
 };
 use crate::server::{Handler, InputStream, OutputSink};
@@ -66,6 +67,8 @@ const SHUTDOWN_DELAY: Duration = Duration::from_millis(250);
 /// - `harden` creates the deploy user with `useradd` (sudo without a password, the SSH
 ///   keys of the default user), writes `/etc/ssh/sshd_config.d/50-vmkit.conf` and reloads
 ///   sshd.
+/// - `grow_filesystems` grows the ext4 filesystems mounted at `/` and `/data` to their
+///   block devices, online, with the kernel's `EXT4_IOC_RESIZE_FS` (no tool needed).
 /// - `upgrade` takes the new binary from the channel, checks its
 ///   SHA-256 and that it runs (`--version`), renames it over the running binary, and exits
 ///   shortly after answering so that systemd (`Restart=always`) or init (`respawn`)
@@ -238,6 +241,16 @@ impl Handler for SystemHandler {
         input: InputStream,
     ) -> Result<UpgradeReport, String> {
         upgrade::upgrade(self, req, input).await
+    }
+
+    async fn grow_filesystems(&self) -> Result<GrowReport, String> {
+        let points: Vec<PathBuf> = grow::GROWN_MOUNTS.iter().map(|p| self.path(p)).collect();
+        tokio::task::spawn_blocking(move || {
+            let points: Vec<&Path> = points.iter().map(PathBuf::as_path).collect();
+            grow::grow(&points)
+        })
+        .await
+        .map_err(|e| format!("growing the filesystems failed: {e}"))
     }
 }
 

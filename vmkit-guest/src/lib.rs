@@ -18,7 +18,8 @@
 //! [`Client::configure_network`], [`Client::set_hostname`], [`Client::install_ssh_keys`],
 //! [`Client::read_file`] and [`Client::write_file`] (streamed in chunks, size-capped),
 //! [`Client::metrics`], [`Client::logs`] and [`Client::follow_logs`], [`Client::reboot`],
-//! [`Client::harden`] and [`Client::upgrade`]. Each [`Handler`] method behind them has a
+//! [`Client::harden`], [`Client::upgrade`] and [`Client::grow_filesystems`] (the guest
+//! grows its filesystems to disks the host grew). Each [`Handler`] method behind them has a
 //! default that answers "unsupported by this agent", so handlers written against an older
 //! version keep compiling.
 //!
@@ -93,9 +94,9 @@ pub use message::{
 };
 pub use ops::{
     ContainerHealth, DEFAULT_DEPLOY_USER, DEFAULT_LOG_LINES, DEFAULT_METRICS_INTERVAL_MS,
-    HardenReport, HardenRequest, LogSource, LogsRequest, MAX_LOG_LINE, MAX_LOG_LINES,
-    MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest, UpgradeSource,
-    WriteFileRequest,
+    FilesystemGrowth, GrowReport, HardenReport, HardenRequest, LogSource, LogsRequest,
+    MAX_LOG_LINE, MAX_LOG_LINES, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport,
+    UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 pub use server::{
     Handler, InputError, InputStream, OutputClosed, OutputSink, ServeError, ServerConfig, serve,

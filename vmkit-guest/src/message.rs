@@ -4,7 +4,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{
-    HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
+    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
     UpgradeRequest, WriteFileRequest,
 };
 
@@ -84,6 +84,9 @@ pub enum Request {
     Harden(HardenRequest),
     /// Replace the agent binary and restart; answered with `upgraded`.
     Upgrade(UpgradeRequest),
+    /// Grow the ext4 filesystems mounted at `/` and `/data` to their block devices,
+    /// online (the host grows only the disks); answered with `grown`.
+    GrowFilesystems,
     /// The next piece of the body of the request with this envelope's id (`write_file`,
     /// `upgrade`). Not answered.
     Chunk {
@@ -297,6 +300,8 @@ pub(crate) enum Reply {
     Hardened(HardenReport),
     /// Answer to `upgrade`.
     Upgraded(UpgradeReport),
+    /// Answer to `grow_filesystems`.
+    Grown(GrowReport),
     /// A request was carried out (shutdown, network, hostname, keys, logs).
     Ok,
     /// A request failed in the agent; the last reply for its id.
@@ -319,6 +324,7 @@ impl Reply {
             Reply::Metrics(_) => "metrics",
             Reply::Hardened(_) => "hardened",
             Reply::Upgraded(_) => "upgraded",
+            Reply::Grown(_) => "grown",
             Reply::Ok => "ok",
             Reply::Error { .. } => "error",
         }

@@ -320,3 +320,37 @@ pub struct UpgradeReport {
     /// The agent exits to be restarted by its supervisor (systemd or init).
     pub restarting: bool,
 }
+
+/// One filesystem [`Request::GrowFilesystems`](crate::Request::GrowFilesystems)
+/// looked at: its size before and after (equal when it already filled its disk).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct FilesystemGrowth {
+    /// Where it is mounted (`/`, `/data`).
+    pub mount: String,
+    /// Its block device (`/dev/vdb`).
+    pub device: String,
+    /// Its size before, in bytes.
+    pub before_bytes: u64,
+    /// Its size after, in bytes.
+    pub after_bytes: u64,
+}
+
+impl FilesystemGrowth {
+    /// Whether it grew.
+    pub fn grew(&self) -> bool {
+        self.after_bytes > self.before_bytes
+    }
+}
+
+/// What [`Request::GrowFilesystems`](crate::Request::GrowFilesystems) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct GrowReport {
+    /// The ext4 filesystems mounted at `/` and `/data`, grown or not.
+    #[serde(default)]
+    pub filesystems: Vec<FilesystemGrowth>,
+    /// One sentence per filesystem that could not be grown.
+    #[serde(default)]
+    pub failures: Vec<String>,
+}

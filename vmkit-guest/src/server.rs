@@ -17,9 +17,9 @@ use crate::message::{
     base64_bytes,
 };
 use crate::ops::{
-    DEFAULT_METRICS_INTERVAL_MS, HardenReport, HardenRequest, LogsRequest, MAX_LOG_LINE,
-    MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest, UpgradeSource,
-    WriteFileRequest,
+    DEFAULT_METRICS_INTERVAL_MS, GrowReport, HardenReport, HardenRequest, LogsRequest,
+    MAX_LOG_LINE, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest,
+    UpgradeSource, WriteFileRequest,
 };
 
 /// Frames waiting for the writer task.
@@ -212,6 +212,13 @@ pub trait Handler: Send + Sync + 'static {
     ) -> Result<UpgradeReport, String> {
         let _ = (req, input);
         Err(unsupported("upgrade"))
+    }
+
+    /// Grows the filesystems mounted at `/` and `/data` to fill their disks, which
+    /// the host may have grown while the VM was stopped; reports each one's size
+    /// before and after.
+    async fn grow_filesystems(&self) -> Result<GrowReport, String> {
+        Err(unsupported("grow_filesystems"))
     }
 }
 
@@ -448,6 +455,10 @@ impl Context {
             Request::Logs(req) => ok_reply(handler.logs(req, self.sink(id)).await),
             Request::Harden(req) => match handler.harden(req).await {
                 Ok(report) => Reply::Hardened(report),
+                Err(message) => error_reply(message),
+            },
+            Request::GrowFilesystems => match handler.grow_filesystems().await {
+                Ok(report) => Reply::Grown(report),
                 Err(message) => error_reply(message),
             },
             Request::Upgrade(req) => match handler.upgrade(req, input).await {

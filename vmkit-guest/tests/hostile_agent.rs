@@ -688,3 +688,26 @@ async fn a_long_agent_error_is_shown_cut() {
     assert!(shown.len() < 2000, "{} bytes", shown.len());
     assert!(shown.ends_with('…'));
 }
+
+/// A grow report listing more filesystems than the two the agent looks at is
+/// refused, not logged or kept.
+#[tokio::test]
+async fn an_oversized_grow_report_is_a_protocol_error() {
+    let (client, mut peer) = client_with_raw_peer(quick());
+    let grow = tokio::spawn({
+        let client = client.clone();
+        async move { client.grow_filesystems().await }
+    });
+    let (id, request) = peer.read_request().await;
+    assert_eq!(request["type"], "grow_filesystems");
+    let failures: Vec<String> = (0..1000).map(|i| format!("failure {i}")).collect();
+    peer.reply(id, json!({"type": "grown", "failures": failures}))
+        .await;
+
+    let err = grow.await.unwrap().unwrap_err();
+
+    assert!(
+        matches!(&err, ClientError::Protocol(m) if m.contains("oversized grow report")),
+        "{err:?}"
+    );
+}

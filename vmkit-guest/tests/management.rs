@@ -207,6 +207,21 @@ async fn harden_reports_what_changed() {
 }
 
 #[tokio::test]
+async fn grow_filesystems_reports_each_filesystem_before_and_after() {
+    let client = client_of(FakeHandler::default());
+
+    let report = client.grow_filesystems().await.unwrap();
+
+    let grown: Vec<(&str, bool)> = report
+        .filesystems
+        .iter()
+        .map(|fs| (fs.mount.as_str(), fs.grew()))
+        .collect();
+    assert_eq!(grown, [("/", false), ("/data", true)]);
+    assert!(report.failures.is_empty());
+}
+
+#[tokio::test]
 async fn upgrade_with_the_right_hash_is_installed() {
     let client = client_of(FakeHandler::default());
     let binary = pattern(5 << 20);
@@ -240,6 +255,7 @@ async fn an_old_handler_answers_new_calls_as_unsupported() {
     );
 
     let metrics = client.metrics(Duration::ZERO).await.unwrap_err();
+    let grow = client.grow_filesystems().await.unwrap_err();
     let write = client
         .write_file(WriteFileRequest::new("/x"), &pattern(300_000))
         .await
@@ -250,6 +266,9 @@ async fn an_old_handler_answers_new_calls_as_unsupported() {
         matches!(&metrics, ClientError::Remote(m) if m == "`metrics` is unsupported by this agent")
     );
     assert!(matches!(&write, ClientError::Remote(m) if m.contains("unsupported")));
+    assert!(
+        matches!(&grow, ClientError::Remote(m) if m == "`grow_filesystems` is unsupported by this agent")
+    );
     assert!(
         hello.is_ok(),
         "the chunks of the refused write were dropped"

@@ -90,7 +90,10 @@ fn run_writer(path: &str) -> ! {
             store.create_vm(&vm, &Quota::unlimited()).await.unwrap();
             store.allocate_lease(vm.id, &pool).await.unwrap();
             store
-                .append_event(NewEvent::vm(vm.id, &vm.name, EventKind::Creating))
+                .append_event(
+                    NewEvent::vm(vm.id, &vm.name, EventKind::Creating),
+                    &vmkit_core::EventRetention::unlimited(),
+                )
                 .await
                 .unwrap();
             if !say(&format!("ACK {i}")) {

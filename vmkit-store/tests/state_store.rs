@@ -67,13 +67,19 @@ async fn everything_written_is_read_back_after_reopen() {
         let lease = store.allocate_lease(vm.id, &pool).await.unwrap();
         store.put_api_key(&api_key).await.unwrap();
         let first = store
-            .append_event(NewEvent::vm(vm.id, &vm.name, EventKind::Creating))
+            .append_event(
+                NewEvent::vm(vm.id, &vm.name, EventKind::Creating),
+                &vmkit_core::EventRetention::unlimited(),
+            )
             .await
             .unwrap();
         let second = store
-            .append_event(NewEvent::host(EventKind::Reconciled {
-                action: "nothing".into(),
-            }))
+            .append_event(
+                NewEvent::host(EventKind::Reconciled {
+                    action: "nothing".into(),
+                }),
+                &vmkit_core::EventRetention::unlimited(),
+            )
             .await
             .unwrap();
         (lease, first, second)
@@ -103,7 +109,10 @@ async fn everything_written_is_read_back_after_reopen() {
         vec![first, second.clone()]
     );
     let third = store
-        .append_event(NewEvent::host(EventKind::VmmExited))
+        .append_event(
+            NewEvent::host(EventKind::VmmExited),
+            &vmkit_core::EventRetention::unlimited(),
+        )
         .await
         .unwrap();
     assert_eq!(
@@ -189,7 +198,10 @@ async fn events_are_paged_after_a_sequence_number() {
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
     for _ in 0..5 {
         store
-            .append_event(NewEvent::host(EventKind::VmmExited))
+            .append_event(
+                NewEvent::host(EventKind::VmmExited),
+                &vmkit_core::EventRetention::unlimited(),
+            )
             .await
             .unwrap();
     }

@@ -13,7 +13,9 @@ use futures::stream::{self, Stream, StreamExt};
 use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::error;
-use vmkit_core::api::{CreateVm, ErrorBody, ExecBody, ExecLine, NameBody, SshKeyInfo, status_for};
+use vmkit_core::api::{
+    CreateVm, ErrorBody, ExecBody, ExecLine, FIRST_EVENT_HEADER, NameBody, SshKeyInfo, status_for,
+};
 use vmkit_core::{
     CloneSource, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Manager, ManagerError,
     ResizeRequest, SshPublicKey, UserId, VmName,
@@ -491,18 +493,32 @@ async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiR
             ),
         ));
     }
+    // Where the kept history starts, for clients to say so (and page no further).
+    let first = s.manager.first_event_seq().await?;
+    let with_first = |mut response: Response| {
+        response
+            .headers_mut()
+            .insert(FIRST_EVENT_HEADER, axum::http::HeaderValue::from(first));
+        response
+    };
     if !q.follow {
         let events = match q.after {
             Some(after) => s.manager.events(after, q.limit).await?,
             None => s.manager.newest_events(q.limit).await?,
         };
-        return Ok(ndjson(stream::iter(events)));
+        return Ok(with_first(ndjson(stream::iter(events))));
     }
     let after = match q.after {
+        // Events the retention rule removed cannot be followed from: say so (410)
+        // rather than start later without a word.
+        Some(after) if after.saturating_add(1) < first => {
+            return Err(ManagerError::HistoryTrimmed { after, first }.into());
+        }
         Some(after) => after,
         None => {
             let last = s.manager.last_event_seq().await?;
             last.saturating_sub(q.limit as u64)
+                .max(first.saturating_sub(1))
         }
     };
     let feed = s.manager.follow_events(after);
@@ -765,7 +781,13 @@ mod tests {
             let kind = EventKind::Reconciled {
                 action: format!("unannounced {i}"),
             };
-            host.store.append_event(NewEvent::host(kind)).await.unwrap();
+            host.store
+                .append_event(
+                    NewEvent::host(kind),
+                    &vmkit_core::EventRetention::unlimited(),
+                )
+                .await
+                .unwrap();
         }
     }
 
@@ -820,6 +842,59 @@ mod tests {
         body.lines()
             .map(|l| serde_json::from_str::<vmkit_core::Event>(l).unwrap().seq)
             .collect()
+    }
+
+    /// With the retention rule keeping 10 of 25 events: answers say where the kept
+    /// history starts, and a read or follow from before it is refused with 410
+    /// instead of silently starting later.
+    #[tokio::test]
+    async fn events_say_where_the_kept_history_starts_and_refuse_to_skip_trimmed_ones() {
+        use vmkit_core::{EventKind, EventRetention, NewEvent, StateStore};
+        let host = FakeHost::new().await;
+        for i in 0..25 {
+            let kind = EventKind::Reconciled {
+                action: format!("event {i}"),
+            };
+            host.store
+                .append_event(NewEvent::host(kind), &EventRetention::new(10))
+                .await
+                .unwrap();
+        }
+        let app = app_on(&host);
+        let response = app
+            .clone()
+            .oneshot(
+                Request::builder()
+                    .uri("/v1/events?limit=3")
+                    .body(Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()[FIRST_EVENT_HEADER], "16");
+        let (_, body) = call(app.clone(), "GET", "/v1/events?limit=100", "").await;
+        assert_eq!(seqs(&body), (16..=25).collect::<Vec<_>>(), "the kept ten");
+        let (_, body) = call(app.clone(), "GET", "/v1/events?after=15&limit=2", "").await;
+        assert_eq!(
+            seqs(&body),
+            vec![16, 17],
+            "from the start of the kept history"
+        );
+
+        for uri in ["/v1/events?after=3", "/v1/events?after=0&follow=true"] {
+            let (status, body) = call(app.clone(), "GET", uri, "").await;
+            assert_eq!(status, StatusCode::GONE, "{uri}: {body}");
+            let error: ErrorBody = serde_json::from_str(&body).unwrap();
+            assert_eq!(error.code, "history_trimmed");
+            assert!(
+                error.message.contains("starts at event 16") && error.message.contains("after=15"),
+                "{}",
+                error.message
+            );
+        }
+        let mut follow = EventLines::get(app, "/v1/events?after=15&follow=true").await;
+        assert_eq!(follow.seqs_until(25).await, (16..=25).collect::<Vec<_>>());
     }
 
     #[tokio::test]

@@ -55,6 +55,39 @@ pub struct Config {
     pub default_image: String,
     /// The root disk size, GiB, of VMs created without `--root` (0: the image's).
     pub default_root_gib: u64,
+    /// Which events the state file keeps.
+    pub events: EventsSection,
+}
+
+/// The retention rule of the event log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EventsSection {
+    /// Most events kept (at least 1); the oldest go first.
+    pub max_count: u64,
+    /// Events older than this many days go; 0 keeps events of any age.
+    pub max_age_days: u64,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        let rule = vmkit_core::EventRetention::default();
+        Self {
+            max_count: rule.max_events,
+            max_age_days: rule.max_age.map_or(0, |age| age.as_secs() / 86_400),
+        }
+    }
+}
+
+impl EventsSection {
+    /// The rule for the manager.
+    pub fn retention(&self) -> vmkit_core::EventRetention {
+        let rule = vmkit_core::EventRetention::new(self.max_count);
+        match self.max_age_days {
+            0 => rule,
+            days => rule.max_age(std::time::Duration::from_secs(days.saturating_mul(86_400))),
+        }
+    }
 }
 
 /// Timeouts, in seconds.
@@ -198,6 +231,7 @@ impl Default for Config {
             on_vmm_exit: vmkit_core::ExitPolicy::Stop,
             default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
             default_root_gib: 10,
+            events: EventsSection::default(),
         }
     }
 }

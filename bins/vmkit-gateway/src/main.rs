@@ -138,6 +138,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
         .agent_timeout(Duration::from_secs(t.agent_secs))
         .on_vmm_exit(config.on_vmm_exit)
+        .event_retention(config.events.retention())
         .default_spec(VmSpec::new(config.default_image.clone()).root_gib(config.default_root_gib));
     let manager = Manager::new(manager_config, backends)
         .await

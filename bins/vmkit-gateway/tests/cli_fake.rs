@@ -226,6 +226,40 @@ fn events_show_the_newest_and_page_with_after_and_limit() {
     assert_eq!(json(&out)["error"]["code"], "invalid_query");
 }
 
+/// With `[events] max_count = 4` the log keeps the newest four of six events: the
+/// listing says where its history starts, and a read from before it is refused
+/// with that place rather than starting later.
+#[test]
+fn events_say_where_the_kept_history_starts() {
+    let d = Daemon::start(&["--fake-backends"], &[("VMKIT_EVENTS_MAX_COUNT", "4")]);
+    for command in ["create", "stop", "start"] {
+        assert!(d.cli(&["vm", command, "web"]).status.success());
+    }
+    assert_eq!(event_seqs(&d.cli(&["--json", "events"])), [3, 4, 5, 6]);
+    let out = d.cli(&["events"]);
+    assert!(
+        stderr(&out).contains("the history starts at event 3"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["events", "-n", "2"]);
+    assert!(
+        stderr(&out).contains("older events: `vmkit events --after 2 --limit 2`"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["--json", "events", "--after", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "history_trimmed");
+    let out = d.cli(&["events", "--follow", "--after", "0"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("starts at event 3") && stderr(&out).contains("after=2"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// Runs `rounds` stops and starts of each of `vms` at once, one thread per VM,
 /// through the API socket.
 fn stop_start_at_once(d: &Daemon, vms: &[String], rounds: usize) {

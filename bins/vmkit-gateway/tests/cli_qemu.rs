@@ -45,15 +45,42 @@ fn data_dir() -> tempfile::TempDir {
 }
 
 fn real_daemon(dir: &Path) -> Daemon {
-    Daemon::start_in(
-        dir,
-        &[],
-        &[
-            ("VMKIT_HYPERVISOR", "qemu"),
-            ("VMKIT_TIMEOUTS_BOOT_SECS", "120"),
-            ("VMKIT_TIMEOUTS_SHUTDOWN_GRACE_SECS", "20"),
-        ],
-    )
+    real_daemon_with(dir, &[])
+}
+
+fn real_daemon_with(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+    let mut all = vec![
+        ("VMKIT_HYPERVISOR", "qemu"),
+        ("VMKIT_TIMEOUTS_BOOT_SECS", "120"),
+        ("VMKIT_TIMEOUTS_SHUTDOWN_GRACE_SECS", "20"),
+    ];
+    all.extend_from_slice(env);
+    Daemon::start_in(dir, &[], &all)
+}
+
+/// A `PATH` for the daemon in which `e2fsck` and `resize2fs` are tripwires: each
+/// run is written to the returned log (which then exists) and fails. The host must
+/// never run them on a guest's filesystem.
+fn fsck_tripwire(dir: &Path) -> (String, std::path::PathBuf) {
+    let bin = dir.join("tripwire");
+    let log = dir.join("tripwire.log");
+    std::fs::create_dir_all(&bin).unwrap();
+    for tool in ["e2fsck", "resize2fs"] {
+        let path = bin.join(tool);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"$0 $*\" >> '{}'\nexit 8\n", log.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    (path, log)
 }
 
 fn pid_alive(pid: u64) -> bool {
@@ -355,7 +382,8 @@ const MOUNT: &str = "mkdir -p /mnt/data && mount -t ext4 /dev/vdb /mnt/data";
 #[test]
 fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
     let tmp = data_dir();
-    let d = real_daemon(tmp.path());
+    let (path, tripwire) = fsck_tripwire(tmp.path());
+    let d = real_daemon_with(tmp.path(), &[("PATH", &path)]);
     let out = d.cli(&[
         "--json", "vm", "create", "ops", "--memory", "256", "--disk", "1",
     ]);
@@ -485,16 +513,19 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
         d.log()
     );
     assert_eq!(sh(&d, "ops", "nproc"), "2\n");
-    // The data disk's filesystem grew with it.
-    let kib: u64 = sh(
-        &d,
-        "ops",
-        &format!("{MOUNT} && df -k /mnt/data | awk 'NR==2 {{print $2}}'; umount /mnt/data"),
-    )
-    .trim()
-    .parse()
-    .unwrap();
+    // The data disk's filesystem grew with it, in the guest (the tiny image mounts
+    // it at /data and its agent grew it when asked after the start); the host ran
+    // neither e2fsck nor resize2fs.
+    let kib: u64 = sh(&d, "ops", "df -k /data | awk 'NR==2 {print $2}'")
+        .trim()
+        .parse()
+        .unwrap();
     assert!(kib > 1900 * 1024, "a 2 GiB filesystem, not {kib} KiB");
+    assert!(
+        !tripwire.exists(),
+        "the host ran {}",
+        std::fs::read_to_string(&tripwire).unwrap_or_default()
+    );
 
     // Live: QEMU plugs a vCPU and the agent brings it online; a snapshot taken then
     // restores into a VMM with the same vCPUs; unplugging waits for the guest.
@@ -566,7 +597,8 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
 
 /// The base image, as a daemon configured with its default (`default_image = "base"`)
 /// boots it: the manager gives the guest its host name and data disk through the
-/// agent, systemd runs sshd, and the default user exists.
+/// agent, systemd runs sshd, and the default user exists. A grown data disk has its
+/// filesystem grown by the guest at the next boot, never by the host.
 #[test]
 fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
     let tmp = data_dir();
@@ -575,6 +607,7 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
         tmp.path().join("images/base"),
     )
     .unwrap();
+    let (path, tripwire) = fsck_tripwire(tmp.path());
     let d = Daemon::start_in(
         tmp.path(),
         &[],
@@ -582,6 +615,7 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
             ("VMKIT_HYPERVISOR", "qemu"),
             ("VMKIT_TIMEOUTS_BOOT_SECS", "180"),
             ("VMKIT_DEFAULT_IMAGE", "base"),
+            ("PATH", &path),
         ],
     );
     let out = d.cli(&[
@@ -628,6 +662,32 @@ fn the_base_image_boots_by_default_with_sshd_its_name_and_its_data_disk() {
         "{}{}",
         stdout(&out),
         stderr(&out)
+    );
+
+    // Grown while stopped: the host enlarges the volume, the guest its filesystem.
+    assert!(d.cli(&["vm", "stop", "home"]).status.success());
+    let out = d.cli(&["vm", "resize", "home", "--disk", "2"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let out = d.cli(&["vm", "start", "home"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let grown = sh(
+        &d,
+        "home",
+        "systemctl is-system-running --wait >/dev/null; df -k /data | awk 'NR==2 {print $2}'; \
+         dmesg | grep -c 'EXT4-fs (vdb): resized filesystem to' || true",
+    );
+    let mut lines = grown.lines();
+    let kib: u64 = lines.next().unwrap().parse().unwrap();
+    assert!(kib > 1900 * 1024, "a 2 GiB /data, not {kib} KiB");
+    assert_ne!(
+        lines.next(),
+        Some("0"),
+        "the guest's kernel grew /data online"
+    );
+    assert!(
+        !tripwire.exists(),
+        "the host ran {}",
+        std::fs::read_to_string(&tripwire).unwrap_or_default()
     );
     assert!(d.cli(&["vm", "rm", "home"]).status.success());
 }

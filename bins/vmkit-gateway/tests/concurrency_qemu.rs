@@ -59,6 +59,8 @@ fn twenty_concurrent_creates_and_deletes_on_qemu_succeed_and_leave_nothing() {
             ("VMKIT_QUOTA_MAX_VMS", "100"),
             ("VMKIT_QUOTA_MAX_VCPUS", "100"),
             ("VMKIT_QUOTA_MAX_MEMORY_MIB", "100000"),
+            // Each root disk counts its 10 GiB.
+            ("VMKIT_QUOTA_MAX_DISK_GIB", "1000"),
         ],
     );
 

@@ -141,9 +141,24 @@ impl Api {
         method: Method,
         path: &str,
         body: Option<&impl Serialize>,
+        each: impl FnMut(T) -> anyhow::Result<()>,
+    ) -> Result<(), CallError> {
+        self.lines_with_headers(method, path, body, |_| {}, each)
+            .await
+    }
+
+    /// Like [`Api::lines`], handing the answer's headers to `headers` first.
+    pub async fn lines_with_headers<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+        headers: impl FnOnce(&hyper::HeaderMap),
         mut each: impl FnMut(T) -> anyhow::Result<()>,
     ) -> Result<(), CallError> {
-        let mut body_stream = self.send(method, path, body).await?.into_body();
+        let response = self.send(method, path, body).await?;
+        headers(response.headers());
+        let mut body_stream = response.into_body();
         let mut buf = Vec::new();
         while let Some(frame) = body_stream.frame().await {
             let frame = frame.context("reading the stream")?;

@@ -415,18 +415,32 @@ async fn events(
         path.push_str(&format!("&after={after}"));
     }
     let (mut first, mut last, mut count) = (None, None, 0usize);
+    // Where the kept history starts: the daemon's retention rule removed older events.
+    let mut kept_from = 1u64;
     let streamed = api
-        .lines(Method::GET, &path, None::<&()>, |e: Event| {
-            first.get_or_insert(e.seq);
-            last = Some(e.seq);
-            count += 1;
-            if json {
-                print_json(&e)
-            } else {
-                println!("{}", event_line(&e));
-                Ok(std::io::stdout().flush()?)
-            }
-        })
+        .lines_with_headers(
+            Method::GET,
+            &path,
+            None::<&()>,
+            |headers| {
+                kept_from = headers
+                    .get(vmkit_core::api::FIRST_EVENT_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1);
+            },
+            |e: Event| {
+                first.get_or_insert(e.seq);
+                last = Some(e.seq);
+                count += 1;
+                if json {
+                    print_json(&e)
+                } else {
+                    println!("{}", event_line(&e));
+                    Ok(std::io::stdout().flush()?)
+                }
+            },
+        )
         .await;
     if follow {
         // A follow ends only when something broke; say where to pick it up.
@@ -445,9 +459,15 @@ async fn events(
     if !json {
         // Hints on stderr: stdout holds only events.
         match (after, first, last) {
-            (None, Some(first), _) if first > 1 => eprintln!(
+            (None, Some(first), _) if first > kept_from => eprintln!(
                 "(older events: `vmkit events --after {} --limit {limit}`)",
-                (first - 1).saturating_sub(limit as u64)
+                (first - 1)
+                    .saturating_sub(limit as u64)
+                    .max(kept_from.saturating_sub(1))
+            ),
+            (None, Some(first), _) if first > 1 => eprintln!(
+                "(the history starts at event {first}: older ones were removed by the \
+                 daemon's retention rule, [events] in its configuration)"
             ),
             (Some(_), _, Some(last)) if count == limit => {
                 eprintln!("(more events may follow: `vmkit events --after {last} --limit {limit}`)")

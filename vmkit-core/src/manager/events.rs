@@ -25,8 +25,20 @@ impl Manager {
     }
 
     /// Up to `limit` stored events with `seq > after`, oldest first.
+    /// [`ManagerError::HistoryTrimmed`] when the event after `after` is no longer
+    /// kept (the retention rule removed it): the caller would miss events.
     pub async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, ManagerError> {
-        Ok(self.inner.backends.store.events(after, limit).await?)
+        let events = self.inner.backends.store.events(after, limit).await?;
+        // Stored numbers are consecutive, so a gap after `after` is what was trimmed.
+        match events.first() {
+            Some(first) if first.seq > after.saturating_add(1) => {
+                Err(ManagerError::HistoryTrimmed {
+                    after,
+                    first: first.seq,
+                })
+            }
+            _ => Ok(events),
+        }
     }
 
     /// The number of the newest stored event; 0 when there is none.
@@ -34,17 +46,32 @@ impl Manager {
         Ok(self.inner.backends.store.last_event_seq().await?)
     }
 
+    /// The number of the oldest stored event, where the kept history starts (the
+    /// retention rule, [`ManagerConfig::event_retention`](crate::ManagerConfig),
+    /// removed those before it); one past [`Manager::last_event_seq`] when there is
+    /// none.
+    pub async fn first_event_seq(&self) -> Result<u64, ManagerError> {
+        Ok(self.inner.backends.store.first_event_seq().await?)
+    }
+
     /// The newest `limit` stored events, oldest first.
     pub async fn newest_events(&self, limit: usize) -> Result<Vec<Event>, ManagerError> {
         let last = self.last_event_seq().await?;
         let count = u64::try_from(limit).unwrap_or(u64::MAX);
-        self.events(last.saturating_sub(count), limit).await
+        let first = self.first_event_seq().await?;
+        let after = last.saturating_sub(count).max(first.saturating_sub(1));
+        // Read without the gap check: fewer than `limit` may be kept, and an event
+        // trimmed meanwhile only shortens the answer.
+        Ok(self.inner.backends.store.events(after, limit).await?)
     }
 
     /// Follows the event log from after `after` (0: from the first event): the
     /// stored events first, then new ones as they are stored, each exactly once and
     /// in `seq` order. It subscribes at once, so nothing stored from now on is
-    /// missed, however long the caller waits before reading.
+    /// missed, however long the caller waits before reading. If the events after
+    /// its cursor are no longer kept (`after` is older than the kept history, or the
+    /// feed fell that far behind), [`EventFeed::next`] fails with
+    /// [`ManagerError::HistoryTrimmed`] rather than skip them.
     pub fn follow_events(&self, after: u64) -> EventFeed {
         EventFeed {
             manager: self.clone(),

@@ -4,14 +4,13 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Manager, RUNNING, RUNNING_OR_PAUSED};
 use crate::error::ManagerError;
-use crate::event::{EventKind, NewEvent};
+use crate::event::EventKind;
 use crate::hypervisor::{Resize, VmmInfo};
 use crate::name::VmName;
-use crate::quota::Usage;
 use crate::state::VmState;
 use crate::vm::VmRecord;
 
@@ -80,7 +79,10 @@ impl Manager {
     /// Changes a VM's vCPUs, memory and data disk size. A stopped VM takes any
     /// change at its next start; a running one only what the hypervisor can change
     /// live ([`crate::HypervisorCapabilities`]). Disks only grow, and only while the
-    /// VM is stopped. Limits and the owner's quota apply as at create.
+    /// VM is stopped; the host grows the volume only, and the guest grows its
+    /// filesystem when it next boots. Limits apply as at create, and the owner's
+    /// quota is checked in the store transaction that records the new size, before
+    /// anything grows, so two resizes at once cannot both take the same headroom.
     pub async fn resize(
         &self,
         name: &VmName,
@@ -96,7 +98,16 @@ impl Manager {
         spec.vcpus = request.vcpus.unwrap_or(spec.vcpus);
         spec.memory_mib = request.memory_mib.unwrap_or(spec.memory_mib);
         spec.disk_gib = request.disk_gib.unwrap_or(spec.disk_gib);
-        if spec == vm.spec {
+        // Against the volume, not the recorded spec: a resize cut short after it
+        // recorded the size grows the volume when asked again.
+        let disk_bytes = spec.disk_gib << 30;
+        let grow_disk = spec.disk_gib > 0
+            && vm
+                .resources
+                .data
+                .as_ref()
+                .is_none_or(|d| d.size_bytes < disk_bytes);
+        if spec == vm.spec && !grow_disk {
             return Ok(vm);
         }
         spec.validate(&self.inner.config.spec_limits)?;
@@ -108,19 +119,7 @@ impl Manager {
                 },
             ));
         }
-        let quota = b
-            .store
-            .get_quota(vm.owner)
-            .await?
-            .unwrap_or(self.inner.config.default_quota);
-        let others = self.list(Some(vm.owner)).await?;
-        let usage = Usage::of(others.iter().filter(|o| o.id != vm.id).map(|o| &o.spec));
-        quota
-            .check(&usage, &spec)
-            .map_err(ManagerError::QuotaExceeded)?;
-
-        let disk_changes = spec.disk_gib != vm.spec.disk_gib;
-        if disk_changes && vm.state != VmState::Stopped {
+        if grow_disk && vm.state != VmState::Stopped {
             return Err(ManagerError::WrongState {
                 name: vm.name.clone(),
                 state: vm.state,
@@ -128,10 +127,9 @@ impl Manager {
                 allowed: super::STOPPED,
             });
         }
-        if vm.state != VmState::Stopped {
+        let live = if vm.state != VmState::Stopped {
             self.reattach(&mut vm).await?;
-            let hv = self.hv(&vm)?;
-            let caps = hv.capabilities();
+            let caps = self.hv(&vm)?.capabilities();
             let vcpus = (spec.vcpus != vm.spec.vcpus).then_some(spec.vcpus);
             let memory = (spec.memory_mib != vm.spec.memory_mib).then_some(spec.memory_mib);
             if (vcpus.is_some() && !caps.resize_vcpus) || (memory.is_some() && !caps.resize_memory)
@@ -140,29 +138,45 @@ impl Manager {
                     "resizing a running VM on this hypervisor (stop it, resize, start it)",
                 ));
             }
-            let handle = self.vmm_of(&vm)?;
-            hv.resize(&handle, Resize::new(vcpus, memory)).await?;
-        }
-        if disk_changes {
-            let bytes = spec.disk_gib << 30;
-            let data = match vm.resources.data.clone() {
-                Some(volume) => b.storage.resize(&volume, bytes).await?,
-                None => b.storage.create_data(vm.id, bytes).await?,
-            };
-            vm.resources.data = Some(data);
-        }
+            Some((self.hv(&vm)?, self.vmm_of(&vm)?, Resize::new(vcpus, memory)))
+        } else {
+            None
+        };
+
+        // Reserve: the new size is recorded, within quota, before anything changes.
+        let quota = self.quota_of(vm.owner).await?;
         let from = vm.spec.clone();
         vm.spec = spec;
-        self.save(&mut vm).await?;
-        info!(vm = %vm.name, ?from, to = ?vm.spec, "resized");
-        self.emit(NewEvent::vm(
-            vm.id,
-            &vm.name,
-            EventKind::Resized {
-                spec: vm.spec.clone(),
-            },
-        ))
+        vm.updated_at = crate::time::Timestamp::now();
+        if let Err(e) = b.store.update_vm_within_quota(&vm, &quota).await {
+            return Err(e.into());
+        }
+        let applied = async {
+            if let Some((hv, handle, resize)) = live {
+                hv.resize(&handle, resize).await?;
+            }
+            if grow_disk {
+                let data = match vm.resources.data.clone() {
+                    Some(volume) => b.storage.resize(&volume, disk_bytes).await?,
+                    None => b.storage.create_data(vm.id, disk_bytes).await?,
+                };
+                vm.resources.data = Some(data);
+            }
+            Ok::<(), ManagerError>(())
+        }
         .await;
+        if let Err(error) = applied {
+            // Give the reservation back; the volume (if it grew) stays as it is.
+            vm.spec = from;
+            if let Err(e) = self.save(&mut vm).await {
+                warn!(vm = %vm.name, error = %e, "cannot give back the size a failed resize reserved");
+            }
+            return Err(error);
+        }
+        info!(vm = %vm.name, ?from, to = ?vm.spec, "resized");
+        let spec = vm.spec.clone();
+        self.save_with_event(&mut vm, EventKind::Resized { spec })
+            .await?;
         Ok(vm)
     }
 

@@ -280,7 +280,9 @@ impl Manager {
                         .await;
                 }
                 None => {
+                    // Copies not yet recorded as its disks are orphans, removed below.
                     vm.restoring = None;
+                    vm.restore_into = None;
                     self.save(&mut vm).await?;
                     self.reconciled(&vm, &format!("snapshot {name} of an interrupted restore is gone; the VM keeps its disks"))
                         .await;
@@ -516,6 +518,13 @@ impl Manager {
                 .is_some_and(|vm| vm.state.is_transient() || holds(vm))
         };
 
+        // A restored VM's disks are held under the id its restore copied them to.
+        let recorded: HashSet<&str> = records
+            .values()
+            .flat_map(|vm| [&vm.resources.root, &vm.resources.data])
+            .flatten()
+            .map(|v| v.id.as_str())
+            .collect();
         for volume in b.storage.list().await? {
             let holds = |vm: &VmRecord| {
                 [&vm.resources.root, &vm.resources.data]
@@ -523,6 +532,9 @@ impl Manager {
                     .flatten()
                     .any(|v| v.id == volume.id)
             };
+            if recorded.contains(volume.id.as_str()) {
+                continue;
+            }
             let in_snapshot = snapshots.get(&volume.vm).is_some_and(|s| {
                 [Some(&s.root), s.data.as_ref()]
                     .into_iter()

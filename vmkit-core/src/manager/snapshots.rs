@@ -2,16 +2,22 @@
 //!
 //! A snapshot copies a VM's volumes (consistent: a running VM is paused for the
 //! copy) and, when the hypervisor can, saves its memory; the record is written last,
-//! so a crash part-way leaves only volumes and a directory no record holds, which
-//! reconcile removes. A restore marks the VM (`restoring`) before it replaces any
-//! disk, so reconcile can finish it. A clone is a create whose disks are copies.
+//! with the owner's quota checked in the same transaction, so a crash part-way
+//! leaves only volumes and a directory no record holds, which reconcile removes.
+//!
+//! A restore holds the snapshot's lock (a delete of the snapshot waits for it) and
+//! marks the VM (`restoring`, and `restore_into`: the id its copies are made under)
+//! before it stops the VM. It copies the snapshot's disks first, records the copies
+//! as the VM's disks, and only then deletes the old ones: a failed copy leaves the
+//! VM its own disks, and reconcile finishes a restore cut short at any point. A
+//! clone is a create whose disks are copies.
 
 use std::path::PathBuf;
 
 use tracing::{info, warn};
 
 use super::{CloneSource, CreateRequest, Manager, Undo};
-use crate::error::ManagerError;
+use crate::error::{ErrorChain, ManagerError};
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::VmmHandle;
 use crate::name::VmName;
@@ -36,8 +42,11 @@ impl Manager {
 
     /// Takes snapshot `name` of VM `vm`. A running VM is paused while its disks
     /// are copied (and its memory saved, where the hypervisor can), then resumed.
+    /// The copies and the saved memory count against the owner's disk quota: a
+    /// snapshot that would not fit is refused before anything is copied.
     pub async fn snapshot(&self, vm: &VmName, name: VmName) -> Result<Snapshot, ManagerError> {
         let _guard = self.lock(vm).await;
+        let _snapshot_guard = self.lock_snapshot(&name).await;
         let b = &self.inner.backends;
         let mut record = self.get(vm).await?;
         self.require(&record, "snapshot", SNAPSHOTTABLE)?;
@@ -46,6 +55,29 @@ impl Manager {
         if b.store.get_snapshot(&name).await?.is_some() {
             return Err(ManagerError::SnapshotTaken(name));
         }
+        // Refuse before copying what would not fit; the store checks again when it
+        // writes the record.
+        let quota = self.quota_of(record.owner).await?;
+        let memory_mib = if record.state != VmState::Stopped && hv.capabilities().snapshot {
+            record.spec.memory_mib
+        } else {
+            0
+        };
+        let before = self.usage_of(record.owner).await?;
+        let mut after = before;
+        after.disk_bytes = after
+            .disk_bytes
+            .saturating_add(
+                [&record.resources.root, &record.resources.data]
+                    .into_iter()
+                    .flatten()
+                    .map(|v| v.size_bytes)
+                    .sum(),
+            )
+            .saturating_add(memory_mib << 20);
+        quota
+            .check_change(&before, &after)
+            .map_err(ManagerError::QuotaExceeded)?;
         let id = VmId::generate();
         let dir = self.snapshot_dir(id);
         let mut copies = Vec::new();
@@ -98,7 +130,16 @@ impl Manager {
             hypervisor: Some(hv.kind().to_owned()),
             created_at: Timestamp::now(),
         };
-        b.store.put_snapshot(&snapshot).await?;
+        if let Err(e) = b.store.put_snapshot(&snapshot, &quota).await {
+            for copy in [Some(&snapshot.root), snapshot.data.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                let _ = b.storage.delete(copy).await;
+            }
+            let _ = tokio::fs::remove_dir_all(&dir).await;
+            return Err(e.into());
+        }
         info!(vm = %record.name, snapshot = %snapshot.name, memory = snapshot.has_memory(), "snapshot taken");
         self.emit(NewEvent::vm(
             record.id,
@@ -158,9 +199,11 @@ impl Manager {
         Ok(self.inner.backends.store.list_snapshots(owner).await?)
     }
 
-    /// Deletes a snapshot and its copies. Refused while a restore from it is
-    /// unfinished.
+    /// Deletes a snapshot and its copies. Waits for a restore or a clone from it
+    /// that is under way; refused while a restore from it is unfinished (cut short
+    /// by a crash, until reconcile finishes it).
     pub async fn delete_snapshot(&self, name: &VmName) -> Result<(), ManagerError> {
+        let _guard = self.lock_snapshot(name).await;
         let b = &self.inner.backends;
         let snapshot = self.get_snapshot(name).await?;
         if let Some(vm) = self
@@ -209,8 +252,12 @@ impl Manager {
     /// again in a new VMM — from the saved memory when the snapshot has it (the
     /// guest carries on where it was), else booted from the restored disks. The VM
     /// keeps its identity: name, id, address, MAC.
+    ///
+    /// The snapshot cannot be deleted meanwhile. If its disks cannot be copied, the
+    /// VM keeps its own and is left stopped.
     pub async fn restore(&self, vm: &VmName, name: &VmName) -> Result<VmRecord, ManagerError> {
         let _guard = self.lock(vm).await;
+        let _snapshot_guard = self.lock_snapshot(name).await;
         let mut record = self.get(vm).await?;
         self.require(&record, "restore", SNAPSHOTTABLE)?;
         let snapshot = self.get_snapshot(name).await?;
@@ -222,12 +269,22 @@ impl Manager {
                 allowed: &[],
             });
         }
-        if record.state != VmState::Stopped {
-            self.stop_by_force(&mut record).await?;
-        }
+        // Marked before anything changes, so that a crash from here on is finished
+        // by reconcile, and a delete of the snapshot is refused until then.
         record.restoring = Some(name.clone());
+        record.restore_into = Some(VmId::generate());
         self.save(&mut record).await?;
-        self.replace_disks(&mut record, &snapshot).await?;
+        let replaced = async {
+            if record.state != VmState::Stopped {
+                self.stop_by_force(&mut record).await?;
+            }
+            self.replace_disks(&mut record, &snapshot).await
+        }
+        .await;
+        if let Err(error) = replaced {
+            self.abandon_restore(&mut record).await;
+            return Err(error);
+        }
 
         let memory = snapshot
             .memory
@@ -263,44 +320,88 @@ impl Manager {
     }
 
     /// Replaces a stopped VM's disks by copies of the snapshot's and clears its
-    /// `restoring` mark. Each step is recorded, so a crash part-way is finished by
-    /// running it again.
+    /// `restoring` mark: copies first (under `restore_into`), then one save that
+    /// makes them the VM's disks, then the old disks go. Run again after a crash at
+    /// any point, it finishes the job.
     pub(super) async fn replace_disks(
         &self,
         vm: &mut VmRecord,
         snapshot: &Snapshot,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
-        for slot in [&mut vm.resources.root, &mut vm.resources.data] {
-            if let Some(volume) = slot.take() {
+        let into = match vm.restore_into {
+            Some(id) => id,
+            // Marked by a vmkit that replaced disks in place: copy under a new id.
+            None => {
+                let id = VmId::generate();
+                vm.restore_into = Some(id);
+                self.save(vm).await?;
+                id
+            }
+        };
+        let swapped = vm.resources.root.as_ref().is_some_and(|v| v.vm == into);
+        if !swapped {
+            // Copies a crash left (whole or half-way) under that id go first.
+            for stale in b.storage.list().await?.into_iter().filter(|v| v.vm == into) {
+                b.storage.delete(&stale).await?;
+            }
+            let root = b.storage.copy_volume(&snapshot.root, into).await?;
+            let data = match &snapshot.data {
+                Some(data) => match b.storage.copy_volume(data, into).await {
+                    Ok(copy) => Some(copy),
+                    Err(e) => {
+                        let _ = b.storage.delete(&root).await;
+                        return Err(e.into());
+                    }
+                },
+                None => None,
+            };
+            // The swap: one write makes the copies the VM's disks.
+            let old = [vm.resources.root.take(), vm.resources.data.take()];
+            vm.resources.root = Some(root);
+            vm.resources.data = data;
+            vm.spec = snapshot.spec.clone();
+            if let Err(e) = self.save(vm).await {
+                [vm.resources.root, vm.resources.data] = old;
+                return Err(e);
+            }
+            for volume in old.into_iter().flatten() {
                 match b.storage.delete(&volume).await {
                     Ok(()) | Err(crate::storage::StorageError::NotFound(_)) => {}
+                    // Held by no record now: reconcile removes it as an orphan.
                     Err(e) => {
-                        *slot = Some(volume);
-                        return Err(e.into());
+                        warn!(vm = %vm.name, volume = %volume.id, error = %e, "cannot delete a disk replaced by a restore; reconcile will")
                     }
                 }
             }
         }
-        self.save(vm).await?;
-        // A copy a crash left half-way (under its final id) goes first.
-        for stale in b
-            .storage
-            .list()
-            .await?
-            .into_iter()
-            .filter(|v| v.vm == vm.id)
-        {
-            b.storage.delete(&stale).await?;
-        }
-        vm.resources.root = Some(b.storage.copy_volume(&snapshot.root, vm.id).await?);
-        self.save(vm).await?;
-        if let Some(data) = &snapshot.data {
-            vm.resources.data = Some(b.storage.copy_volume(data, vm.id).await?);
-        }
-        vm.spec = snapshot.spec.clone();
         vm.restoring = None;
+        vm.restore_into = None;
         self.save(vm).await
+    }
+
+    /// Gives up a restore that could not stop the VM or copy the snapshot's disks:
+    /// the VM keeps its disks (they were never touched) and its mark is cleared. Best effort: if this
+    /// fails too, the mark stays and reconcile finishes the restore.
+    async fn abandon_restore(&self, vm: &mut VmRecord) {
+        let b = &self.inner.backends;
+        let Some(into) = vm.restore_into else { return };
+        if vm.resources.root.as_ref().is_some_and(|v| v.vm == into) {
+            // Swapped already: the restore is all but done, and reconcile finishes it.
+            return;
+        }
+        let cleared = async {
+            for copy in b.storage.list().await?.into_iter().filter(|v| v.vm == into) {
+                b.storage.delete(&copy).await?;
+            }
+            vm.restoring = None;
+            vm.restore_into = None;
+            self.save(vm).await
+        }
+        .await;
+        if let Err(e) = cleared {
+            warn!(vm = %vm.name, error = %ErrorChain(&e), "cannot give up a failed restore; reconcile will finish it");
+        }
     }
 
     /// Starts a stopped VM from saved VMM state in `dir`, then waits for its agent.
@@ -330,11 +431,13 @@ impl Manager {
         &self,
         vm: &mut VmRecord,
         source: &CloneSource,
+        quota: &crate::quota::Quota,
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
         let volumes: Vec<Volume> = match source {
             CloneSource::Snapshot(name) => {
+                let _snapshot_guard = self.lock_snapshot(name).await;
                 let snapshot = self.get_snapshot(name).await?;
                 let mut copies = Vec::new();
                 for volume in [Some(&snapshot.root), snapshot.data.as_ref()]
@@ -374,7 +477,8 @@ impl Manager {
                 _ => vm.resources.data = Some(volume),
             }
         }
-        self.save(vm).await
+        // The copies count at their sizes, which may exceed the spec's.
+        self.save_within_quota(vm, quota).await
     }
 
     /// Creates VM `name` (generated when `None`) for `owner` from the disks of

@@ -49,6 +49,8 @@ pub struct GuestState {
     pub network: Option<vmkit_guest::NetworkConfig>,
     /// The SSH keys installed for its default user.
     pub ssh_keys: Vec<String>,
+    /// How often it was asked to grow its filesystems to its disks.
+    pub grow_requests: u32,
 }
 
 #[derive(Debug, Default)]
@@ -640,6 +642,18 @@ impl Handler for FakeAgent {
             return Err("the fake guest has only its default user".to_owned());
         }
         self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
+    }
+
+    /// Counts the request; the fake guest's filesystems always fill their disks.
+    /// Not a fault step: the manager asks best effort, and a failure changes nothing.
+    async fn grow_filesystems(&self) -> Result<vmkit_guest::GrowReport, String> {
+        let mut shared = self.hypervisor.lock();
+        let vmm = shared
+            .vmms
+            .get_mut(&self.pid)
+            .ok_or_else(|| "the VM is gone".to_owned())?;
+        vmm.guest.grow_requests += 1;
+        Ok(vmkit_guest::GrowReport::default())
     }
 
     /// A unit's journal is three lines naming the unit; the only file is

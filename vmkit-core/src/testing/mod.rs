@@ -33,7 +33,7 @@ pub use gateway::FakeGateway;
 pub use hypervisor::{AgentBehavior, FakeHypervisor, GuestState};
 pub use images::FakeImages;
 pub use network::FakeNetwork;
-pub use storage::FakeStorage;
+pub use storage::{FakeStorage, Hold};
 pub use store::MemoryStore;
 
 use crate::manager::{Backends, Manager, ManagerConfig};

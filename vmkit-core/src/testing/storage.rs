@@ -25,6 +25,31 @@ const BLOCK: u64 = 4096;
 pub struct FakeStorage {
     state: Arc<Mutex<State>>,
     faults: Faults,
+    holds: Arc<Mutex<BTreeMap<&'static str, Hold>>>,
+}
+
+/// Holds the calls of one [`FakeStorage`] operation until released, made by
+/// [`FakeStorage::hold`]: a slow disk, to run other commands while one waits.
+#[derive(Debug, Clone)]
+pub struct Hold {
+    /// One permit per call that reached the hold.
+    arrived: Arc<tokio::sync::Semaphore>,
+    /// Closed to let the calls go on.
+    open: Arc<tokio::sync::Semaphore>,
+}
+
+impl Hold {
+    /// Waits until a call has reached the hold (one per call of this method).
+    pub async fn arrived(&self) {
+        if let Ok(permit) = self.arrived.acquire().await {
+            permit.forget();
+        }
+    }
+
+    /// Lets every held call, and every later one, go on.
+    pub fn release(&self) {
+        self.open.close();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -132,6 +157,37 @@ impl FakeStorage {
         Self {
             state: Arc::default(),
             faults,
+            holds: Arc::default(),
+        }
+    }
+
+    /// Holds every call of `operation` (`"storage.copy_volume"`, `"storage.delete"`,
+    /// `"storage.resize"` or `"storage.create_data"`) from now on until the returned
+    /// [`Hold`] is released.
+    pub fn hold(&self, operation: &'static str) -> Hold {
+        let hold = Hold {
+            arrived: Arc::new(tokio::sync::Semaphore::new(0)),
+            open: Arc::new(tokio::sync::Semaphore::new(0)),
+        };
+        self.holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(operation, hold.clone());
+        hold
+    }
+
+    /// Waits while `operation` is held.
+    async fn wait(&self, operation: &'static str) {
+        let hold = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(operation)
+            .cloned();
+        if let Some(hold) = hold {
+            hold.arrived.add_permits(1);
+            // Fails once the hold is released (closed): then the call goes on.
+            let _ = hold.open.acquire().await;
         }
     }
 
@@ -228,12 +284,14 @@ impl Storage for FakeStorage {
     }
 
     async fn create_data(&self, vm: VmId, size_bytes: u64) -> Result<Volume, StorageError> {
+        self.wait("storage.create_data").await;
         self.check("storage.create_data")?;
         self.lock()
             .add(vm, VolumeKind::Data, DiskFormat::Raw, Disk::new(size_bytes))
     }
 
     async fn resize(&self, volume: &Volume, size_bytes: u64) -> Result<Volume, StorageError> {
+        self.wait("storage.resize").await;
         self.check("storage.resize")?;
         let mut s = self.lock();
         let v = s
@@ -256,6 +314,7 @@ impl Storage for FakeStorage {
     }
 
     async fn delete(&self, volume: &Volume) -> Result<(), StorageError> {
+        self.wait("storage.delete").await;
         self.check("storage.delete")?;
         self.broken("storage.delete", volume)?;
         let mut s = self.lock();
@@ -270,6 +329,7 @@ impl Storage for FakeStorage {
     }
 
     async fn copy_volume(&self, source: &Volume, vm: VmId) -> Result<Volume, StorageError> {
+        self.wait("storage.copy_volume").await;
         self.check("storage.copy_volume")?;
         let mut s = self.lock();
         let source = s

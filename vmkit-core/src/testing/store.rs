@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::faults::{Faults, InjectedFault};
-use crate::event::{Event, NewEvent};
+use crate::event::{Event, EventRetention, NewEvent};
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, Usage};
@@ -34,7 +34,53 @@ struct State {
     leases: BTreeMap<std::net::Ipv4Addr, IpLease>,
     api_keys: BTreeMap<String, ApiKey>,
     snapshots: BTreeMap<VmName, Snapshot>,
-    events: Vec<Event>,
+    events: std::collections::VecDeque<Event>,
+}
+
+impl State {
+    /// What `owner` holds, leaving out VM `except` (the one being changed).
+    fn usage(&self, owner: UserId, except: Option<VmId>) -> Usage {
+        Usage::of_holdings(
+            self.vms
+                .values()
+                .filter(|v| v.owner == owner && Some(v.id) != except),
+            self.snapshots.values().filter(|s| s.owner == owner),
+        )
+    }
+
+    /// Appends `event` and trims what `retention` no longer keeps.
+    fn append(&mut self, event: NewEvent, retention: &EventRetention) -> Event {
+        let seq = self.events.back().map_or(1, |e| e.seq + 1);
+        let stored = Event::from_new(seq, event);
+        self.events.push_back(stored.clone());
+        for _ in 0..EventRetention::TRIM_PER_APPEND {
+            let kept = self.events.len() as u64;
+            match self.events.front() {
+                Some(oldest) if retention.removes(kept, oldest.at, stored.at) => {
+                    self.events.pop_front();
+                }
+                _ => break,
+            }
+        }
+        stored
+    }
+
+    fn update_vm(&mut self, vm: &VmRecord) -> Result<(), StoreError> {
+        if self
+            .vms
+            .values()
+            .any(|v| v.name == vm.name && v.id != vm.id)
+        {
+            return Err(StoreError::NameTaken(vm.name.clone()));
+        }
+        match self.vms.get_mut(&vm.id) {
+            Some(existing) => {
+                *existing = vm.clone();
+                Ok(())
+            }
+            None => Err(StoreError::NotFound(format!("VM {}", vm.name))),
+        }
+    }
 }
 
 fn injected(f: InjectedFault) -> StoreError {
@@ -137,29 +183,39 @@ impl StateStore for MemoryStore {
         if s.vms.contains_key(&vm.id) {
             return Err(StoreError::Corrupt(format!("duplicate VM id {}", vm.id)));
         }
-        let usage = Usage::of(
-            s.vms
-                .values()
-                .filter(|v| v.owner == vm.owner)
-                .map(|v| &v.spec),
-        );
+        let usage = s.usage(vm.owner, None);
         quota.check(&usage, &vm.spec)?;
         s.vms.insert(vm.id, vm.clone());
         Ok(())
     }
 
     async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
+        self.write("store.update_vm")?.update_vm(vm)
+    }
+
+    async fn update_vm_with_event(
+        &self,
+        vm: &VmRecord,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        // One step: a fault injected here fails both writes, as a failed commit does.
         let mut s = self.write("store.update_vm")?;
-        if s.vms.values().any(|v| v.name == vm.name && v.id != vm.id) {
-            return Err(StoreError::NameTaken(vm.name.clone()));
+        s.update_vm(vm)?;
+        Ok(s.append(event, retention))
+    }
+
+    async fn update_vm_within_quota(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError> {
+        let mut s = self.write("store.update_vm")?;
+        let others = s.usage(vm.owner, Some(vm.id));
+        let mut before = others;
+        if let Some(old) = s.vms.get(&vm.id) {
+            before.add_vm(old);
         }
-        match s.vms.get_mut(&vm.id) {
-            Some(existing) => {
-                *existing = vm.clone();
-                Ok(())
-            }
-            None => Err(StoreError::NotFound(format!("VM {}", vm.name))),
-        }
+        let mut after = others;
+        after.add_vm(vm);
+        quota.check_change(&before, &after)?;
+        s.update_vm(vm)
     }
 
     async fn get_vm(&self, name: &VmName) -> Result<Option<VmRecord>, StoreError> {
@@ -186,6 +242,18 @@ impl StateStore for MemoryStore {
         let mut s = self.write("store.delete_vm")?;
         s.shares.retain(|sh| sh.vm != id);
         Ok(s.vms.remove(&id).is_some())
+    }
+
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let mut s = self.write("store.delete_vm")?;
+        s.shares.retain(|sh| sh.vm != id);
+        s.vms.remove(&id);
+        Ok(s.append(event, retention))
     }
 
     async fn put_share(&self, share: &Share) -> Result<(), StoreError> {
@@ -260,11 +328,15 @@ impl StateStore for MemoryStore {
             .is_some())
     }
 
-    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn put_snapshot(&self, snapshot: &Snapshot, quota: &Quota) -> Result<(), StoreError> {
         let mut s = self.write("store.put_snapshot")?;
         if s.snapshots.contains_key(&snapshot.name) {
             return Err(StoreError::SnapshotTaken(snapshot.name.clone()));
         }
+        let before = s.usage(snapshot.owner, None);
+        let mut after = before;
+        after.add_snapshot(snapshot);
+        quota.check_change(&before, &after)?;
         s.snapshots.insert(snapshot.name.clone(), snapshot.clone());
         Ok(())
     }
@@ -288,13 +360,13 @@ impl StateStore for MemoryStore {
         Ok(s.snapshots.remove(name).is_some())
     }
 
-    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {
+    async fn append_event(
+        &self,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
         // Events are a log, not a step of any operation: they do not count as steps.
-        let mut s = self.read();
-        let seq = s.events.last().map_or(1, |e| e.seq + 1);
-        let stored = Event::from_new(seq, event);
-        s.events.push(stored.clone());
-        Ok(stored)
+        Ok(self.read().append(event, retention))
     }
 
     async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
@@ -309,6 +381,11 @@ impl StateStore for MemoryStore {
     }
 
     async fn last_event_seq(&self) -> Result<u64, StoreError> {
-        Ok(self.read().events.last().map_or(0, |e| e.seq))
+        Ok(self.read().events.back().map_or(0, |e| e.seq))
+    }
+
+    async fn first_event_seq(&self) -> Result<u64, StoreError> {
+        let s = self.read();
+        Ok(s.events.front().map_or(1, |e| e.seq))
     }
 }

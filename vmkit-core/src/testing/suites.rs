@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use vmkit_guest::{Client, ClientConfig, ExecRequest};
 
-use crate::event::{EventKind, NewEvent};
+use crate::event::{EventKind, EventRetention, NewEvent};
 use crate::gateway::{Gateway, Principal};
 use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmHandle, VmmState};
 use crate::image::Image;
@@ -797,12 +797,21 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
         0,
         "an empty log's last event is numbered 0"
     );
+    assert_eq!(
+        store.first_event_seq().await.expect("first event"),
+        1,
+        "an empty log's history starts at 1"
+    );
+    let keep = EventRetention::unlimited();
     let first = store
-        .append_event(NewEvent::host(EventKind::Reconciled { action: "a".into() }))
+        .append_event(
+            NewEvent::host(EventKind::Reconciled { action: "a".into() }),
+            &keep,
+        )
         .await
         .expect("event");
     let second = store
-        .append_event(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
+        .append_event(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted), &keep)
         .await
         .expect("event");
     assert_eq!(second.seq, first.seq + 1, "events are numbered in order");
@@ -812,6 +821,297 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
     );
     let after = store.events(first.seq, 10).await.expect("events");
     assert_eq!(after, vec![second]);
+}
+
+/// A VM's change and its event are one transaction: when the change is refused,
+/// no event is stored; when it is made, both are.
+pub async fn store_state_with_event(store: &dyn StateStore) {
+    let keep = EventRetention::unlimited();
+    let mut a = record("first", UserId(1), VmSpec::new("tiny"));
+    let b = record("second", UserId(1), VmSpec::new("tiny"));
+    for vm in [&a, &b] {
+        store
+            .create_vm(vm, &Quota::unlimited())
+            .await
+            .expect("create");
+    }
+    let changed = |vm: &VmRecord| {
+        NewEvent::vm(
+            vm.id,
+            &vm.name,
+            EventKind::StateChanged {
+                from: crate::state::VmState::Creating,
+                to: crate::state::VmState::Running,
+            },
+        )
+    };
+
+    a.state = crate::state::VmState::Running;
+    let event = store
+        .update_vm_with_event(&a, changed(&a), &keep)
+        .await
+        .expect("change with its event");
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), Some(a.clone()));
+    assert_eq!(
+        store.events(0, 10).await.expect("events"),
+        vec![event.clone()],
+        "the event is stored with the change"
+    );
+
+    let mut clash = a.clone();
+    clash.name = b.name.clone();
+    clash.state = crate::state::VmState::Stopping;
+    assert!(matches!(
+        store
+            .update_vm_with_event(&clash, changed(&clash), &keep)
+            .await,
+        Err(StoreError::NameTaken(_))
+    ));
+    let gone = record("gone", UserId(1), VmSpec::new("tiny"));
+    assert!(matches!(
+        store
+            .update_vm_with_event(&gone, changed(&gone), &keep)
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        store.last_event_seq().await.expect("last"),
+        event.seq,
+        "a refused change stores no event"
+    );
+    assert_eq!(
+        store.get_vm(&a.name).await.expect("get"),
+        Some(a.clone()),
+        "nor any part of the change"
+    );
+
+    let deleted = store
+        .delete_vm_with_event(a.id, NewEvent::vm(a.id, &a.name, EventKind::Deleted), &keep)
+        .await
+        .expect("delete with its event");
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), None);
+    assert_eq!(
+        store.events(event.seq, 10).await.expect("events"),
+        vec![deleted],
+        "the deletion's event is stored with it"
+    );
+}
+
+/// The retention rule: by count and by age, the newest always kept, numbering
+/// consecutive, and where the history starts reported.
+pub async fn store_event_retention(store: &dyn StateStore) {
+    let at = |secs: u64| {
+        let mut e = NewEvent::host(EventKind::Reconciled {
+            action: format!("at {secs}"),
+        });
+        e.at = crate::time::Timestamp(secs * 1000);
+        e
+    };
+    let three = EventRetention::new(3);
+    for t in 1..=10 {
+        store.append_event(at(t), &three).await.expect("append");
+    }
+    let kept: Vec<u64> = store
+        .events(0, 100)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(kept, [8, 9, 10], "the newest three are kept");
+    assert_eq!(store.first_event_seq().await.expect("first"), 8);
+    assert_eq!(store.last_event_seq().await.expect("last"), 10);
+
+    // Older than a minute before the newest goes; so does all but the newest when
+    // the next one comes much later. Numbering carries on.
+    let minute = EventRetention::unlimited().max_age(Duration::from_secs(60));
+    store.append_event(at(50), &minute).await.expect("append");
+    assert_eq!(store.first_event_seq().await.expect("first"), 8);
+    let late = store.append_event(at(1000), &minute).await.expect("append");
+    assert_eq!(late.seq, 12, "numbers are never reused");
+    assert_eq!(
+        store.events(0, 100).await.expect("events"),
+        vec![late.clone()],
+        "only the newest is left"
+    );
+    assert_eq!(store.first_event_seq().await.expect("first"), 12);
+
+    // A log over a tightened limit shrinks by a bounded amount per append.
+    let unlimited = EventRetention::unlimited();
+    for t in 0..(EventRetention::TRIM_PER_APPEND as u64 * 2) {
+        store
+            .append_event(at(1000 + t), &unlimited)
+            .await
+            .expect("append");
+    }
+    let before = store.events(0, 1000).await.expect("events").len();
+    store
+        .append_event(at(2000), &EventRetention::new(1))
+        .await
+        .expect("append");
+    let after = store.events(0, 1000).await.expect("events").len();
+    assert_eq!(
+        before + 1 - after,
+        EventRetention::TRIM_PER_APPEND,
+        "one append removes at most TRIM_PER_APPEND events"
+    );
+}
+
+/// Quotas count everything a user holds: root and data disks, snapshots' disks and
+/// memory; a resize is checked in the transaction that writes it.
+pub async fn store_quota_holdings(store: &dyn StateStore) {
+    let owner = UserId(7);
+    let quota = Quota::unlimited().max_disk_gib(10);
+    let mut web = record("web", owner, VmSpec::new("tiny").root_gib(4).disk_gib(2));
+    store.create_vm(&web, &quota).await.expect("6 GiB of 10");
+    assert!(
+        matches!(
+            store
+                .create_vm(
+                    &record("db", owner, VmSpec::new("tiny").root_gib(5)),
+                    &quota
+                )
+                .await,
+            Err(StoreError::QuotaExceeded(e)) if e.resource == crate::quota::QuotaResource::DiskGib
+        ),
+        "root disks count: 6 + 5 > 10"
+    );
+
+    // A root volume larger than the spec (the image's size) counts at its size.
+    web.resources.root = Some(Volume::new(
+        web.id,
+        VolumeKind::Root,
+        "/v/root".into(),
+        DiskFormat::Raw,
+        5 << 30,
+    ));
+    store.update_vm(&web).await.expect("update");
+    let snapshot = store_snapshot("s1", owner, 5 << 30, VmSpec::new("tiny").memory_mib(1024));
+    assert!(
+        matches!(
+            store.put_snapshot(&snapshot, &quota).await,
+            Err(StoreError::QuotaExceeded(_))
+        ),
+        "a snapshot of 5 GiB of disk and 1 GiB of memory does not fit in the 3 GiB left"
+    );
+    let small = store_snapshot("s2", owner, 1 << 30, VmSpec::new("tiny").memory_mib(1024));
+    store
+        .put_snapshot(&small, &quota)
+        .await
+        .expect("1 GiB of disk and 1 GiB of memory fit");
+    assert!(
+        matches!(
+            store
+                .create_vm(
+                    &record("db", owner, VmSpec::new("tiny").root_gib(2)),
+                    &quota
+                )
+                .await,
+            Err(StoreError::QuotaExceeded(_))
+        ),
+        "snapshots count: 7 + 2 + 2 > 10"
+    );
+
+    let mut grown = web.clone();
+    grown.spec.disk_gib = 4;
+    assert!(
+        matches!(
+            store.update_vm_within_quota(&grown, &quota).await,
+            Err(StoreError::QuotaExceeded(_))
+        ),
+        "a data disk grown from 2 to 4 GiB takes 11 GiB"
+    );
+    assert_eq!(
+        store.get_vm(&web.name).await.expect("get"),
+        Some(web.clone()),
+        "a refused resize writes nothing"
+    );
+    grown.spec.disk_gib = 3;
+    store
+        .update_vm_within_quota(&grown, &quota)
+        .await
+        .expect("to 3 GiB fits exactly");
+    assert_eq!(
+        store.get_vm(&web.name).await.expect("get"),
+        Some(grown.clone())
+    );
+
+    // Over quota (it was lowered): what does not grow still passes.
+    let lowered = Quota::unlimited().max_disk_gib(5);
+    let mut more_cpus = grown.clone();
+    more_cpus.spec.vcpus = 2;
+    store
+        .update_vm_within_quota(&more_cpus, &lowered)
+        .await
+        .expect("disk does not grow");
+}
+
+/// Two resizes at once that together exceed the quota: one is refused.
+pub async fn store_concurrent_resizes(store: &dyn StateStore) {
+    let owner = UserId(8);
+    let quota = Quota::unlimited().max_disk_gib(10);
+    let a = record("a", owner, VmSpec::new("tiny").disk_gib(2));
+    let b = record("b", owner, VmSpec::new("tiny").disk_gib(2));
+    for vm in [&a, &b] {
+        store.create_vm(vm, &quota).await.expect("create");
+    }
+    let grow = |vm: &VmRecord| {
+        let mut vm = vm.clone();
+        vm.spec.disk_gib = 6;
+        vm
+    };
+    let (ga, gb) = (grow(&a), grow(&b));
+    let (ra, rb) = tokio::join!(
+        store.update_vm_within_quota(&ga, &quota),
+        store.update_vm_within_quota(&gb, &quota)
+    );
+    let refused = [&ra, &rb]
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::QuotaExceeded(_))))
+        .count();
+    assert_eq!(
+        (ra.is_ok() as usize + rb.is_ok() as usize, refused),
+        (1, 1),
+        "6 + 2 fit in 10, 6 + 6 do not: {ra:?} {rb:?}"
+    );
+    let total: u64 = store
+        .list_vms(Some(owner))
+        .await
+        .expect("list")
+        .iter()
+        .map(|vm| vm.spec.disk_gib)
+        .sum();
+    assert_eq!(total, 8);
+}
+
+/// A snapshot of `disk_bytes` of root disk taken of a VM of `spec` with its memory.
+fn store_snapshot(
+    name: &str,
+    owner: UserId,
+    disk_bytes: u64,
+    spec: VmSpec,
+) -> crate::snapshot::Snapshot {
+    let id = VmId::generate();
+    crate::snapshot::Snapshot {
+        name: VmName::new(name).expect("valid name"),
+        id,
+        vm: VmId::generate(),
+        vm_name: VmName::new("web").expect("valid name"),
+        owner,
+        spec,
+        root: Volume::new(
+            id,
+            VolumeKind::Root,
+            format!("/v/root-{id}.raw").into(),
+            DiskFormat::Raw,
+            disk_bytes,
+        ),
+        data: None,
+        memory: Some(format!("/s/{id}").into()),
+        hypervisor: None,
+        mac: None,
+        created_at: crate::time::Timestamp::now(),
+    }
 }
 
 /// Every state store check, each on a fresh store from `make`.
@@ -825,6 +1125,10 @@ where
     store_leases(&*make().await).await;
     store_shares_keys_events(&*make().await).await;
     store_snapshots(&*make().await).await;
+    store_state_with_event(&*make().await).await;
+    store_event_retention(&*make().await).await;
+    store_quota_holdings(&*make().await).await;
+    store_concurrent_resizes(&*make().await).await;
 }
 
 /// Snapshot records: unique names, lookup, listing by owner, delete.
@@ -854,17 +1158,18 @@ pub async fn store_snapshots(store: &dyn StateStore) {
             created_at: crate::time::Timestamp::now(),
         }
     };
+    let quota = Quota::unlimited();
     let a = snapshot("a", UserId(1));
-    store.put_snapshot(&a).await.expect("put");
+    store.put_snapshot(&a, &quota).await.expect("put");
     assert!(
         matches!(
-            store.put_snapshot(&snapshot("a", UserId(2))).await,
+            store.put_snapshot(&snapshot("a", UserId(2)), &quota).await,
             Err(StoreError::SnapshotTaken(_))
         ),
         "snapshot names are unique"
     );
     store
-        .put_snapshot(&snapshot("b", UserId(2)))
+        .put_snapshot(&snapshot("b", UserId(2)), &quota)
         .await
         .expect("put");
     assert_eq!(

@@ -16,8 +16,8 @@ use super::{Client, ClientError, Deadline, ReplyStream, Route, RouteGuard, unexp
 use crate::frame::encode_frame;
 use crate::message::{Reply, Request, RequestFrame, base64_bytes};
 use crate::ops::{
-    HardenReport, HardenRequest, LogsRequest, MAX_LOG_LINE, Metrics, NetworkConfig, UpgradeReport,
-    UpgradeRequest, UpgradeSource, WriteFileRequest,
+    GrowReport, HardenReport, HardenRequest, LogsRequest, MAX_LOG_LINE, Metrics, NetworkConfig,
+    UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 
 /// The largest body chunk sent in one frame, before base64.
@@ -245,6 +245,19 @@ impl Client {
         }
     }
 
+    /// Asks the guest to grow the filesystems mounted at `/` and `/data` to their
+    /// disks (online, in the guest: the host never touches a guest's filesystem).
+    /// Idempotent: a filesystem that fills its disk is reported unchanged.
+    pub async fn grow_filesystems(&self) -> Result<GrowReport, ClientError> {
+        match self.call(&Request::GrowFilesystems).await? {
+            Reply::Grown(report) => {
+                check_grow_report(&report).map_err(ClientError::Protocol)?;
+                Ok(report)
+            }
+            other => Err(unexpected("grow_filesystems", other)),
+        }
+    }
+
     /// Sends a new agent binary over the channel. The agent checks it against `sha256`
     /// (64 hex digits), installs it atomically over itself and restarts shortly after
     /// answering; on a mismatch it keeps the installed binary and says so
@@ -406,6 +419,24 @@ fn check_report(report: &HardenReport) -> Result<(), String> {
         || report.changes.iter().any(|c| c.len() > MAX_TEXT)
     {
         return Err("the agent sent an oversized harden report".to_owned());
+    }
+    Ok(())
+}
+
+/// The most filesystems and failures a grow report may list: the agent looks at two
+/// mount points.
+const MAX_GROWN: usize = 16;
+
+fn check_grow_report(report: &GrowReport) -> Result<(), String> {
+    if report.filesystems.len() > MAX_GROWN
+        || report.failures.len() > MAX_GROWN
+        || report.failures.iter().any(|f| f.len() > MAX_TEXT)
+        || report
+            .filesystems
+            .iter()
+            .any(|f| f.mount.len() > MAX_TEXT || f.device.len() > MAX_TEXT)
+    {
+        return Err("the agent sent an oversized grow report".to_owned());
     }
     Ok(())
 }

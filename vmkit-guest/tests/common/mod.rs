@@ -260,6 +260,24 @@ impl Handler for FakeHandler {
         Ok(())
     }
 
+    /// `/data` grew from 1 to 2 GiB; `/` already filled its disk.
+    async fn grow_filesystems(&self) -> Result<vmkit_guest::GrowReport, String> {
+        let fs = |mount: &str, device: &str, before: u64, after: u64| {
+            let mut fs = vmkit_guest::FilesystemGrowth::default();
+            fs.mount = mount.to_owned();
+            fs.device = device.to_owned();
+            fs.before_bytes = before;
+            fs.after_bytes = after;
+            fs
+        };
+        let mut report = vmkit_guest::GrowReport::default();
+        report.filesystems = vec![
+            fs("/", "/dev/vda", 10 << 30, 10 << 30),
+            fs("/data", "/dev/vdb", 1 << 30, 2 << 30),
+        ];
+        Ok(report)
+    }
+
     async fn harden(&self, req: HardenRequest) -> Result<HardenReport, String> {
         let mut report = HardenReport::default();
         report.user = req.user.unwrap_or_else(|| "deploy".to_owned());

@@ -127,9 +127,10 @@ impl FileStorageConfig {
 ///
 /// A data volume is a sparse file formatted with `mkfs.ext4 -q -F -L vmkit-data`.
 /// [`Storage::resize`] only grows a volume (`set_len`, or `qemu-img resize` for a
-/// qcow2 overlay). A data volume's ext4 filesystem grows with it (`e2fsck -f -p`,
-/// then `resize2fs`, on the host: the manager grows only a stopped VM's disks); a
-/// data volume its owner reformatted is left as it is, for the guest to grow.
+/// qcow2 overlay). It never reads or changes the filesystem in it: that is written
+/// by the guest, so parsing it on the host (as root, with `e2fsck` or `resize2fs`)
+/// would hand the guest an attack on the host. The guest grows its filesystem to
+/// the disk when it next boots (its agent, or `x-systemd.growfs`).
 ///
 /// # Safety
 ///
@@ -622,10 +623,6 @@ impl Inner {
                     file.set_len(size)
                         .and_then(|()| file.sync_all())
                         .map_err(|e| self.vm_io("cannot grow", &name, e))?;
-                    drop(file);
-                    if volume.kind == VolumeKind::Data {
-                        grow_ext4(&self.vm.path_of(&name)).await;
-                    }
                 }
             }
         }
@@ -896,58 +893,6 @@ const MAX_KEPT_TRIES: u32 = 1000;
 const QEMU_IMG_HINT: &str =
     "install qemu-img (Debian/Ubuntu: `apt-get install qemu-utils`), or use a raw clone method";
 const MKFS_HINT: &str = "install mkfs.ext4 (Debian/Ubuntu: `apt-get install e2fsprogs`)";
-
-/// The ext2/3/4 superblock magic and where it is in a filesystem image.
-const EXT_MAGIC: [u8; 2] = [0x53, 0xef];
-const EXT_MAGIC_AT: u64 = 1024 + 56;
-
-/// Grows the ext4 filesystem on the data volume at `path` (not in use: the manager
-/// grows only a stopped VM's disks) to the volume's new size: `e2fsck -f -p` (which
-/// also replays the journal of a guest that was not shut down cleanly), then
-/// `resize2fs`. Best effort: a volume that holds no ext filesystem (its owner
-/// reformatted it) is left alone, and a failure is logged, not returned, since the
-/// volume itself has grown and the guest can still grow its filesystem.
-async fn grow_ext4(path: &Path) {
-    use std::os::unix::fs::FileExt;
-    let mut magic = [0u8; 2];
-    let is_ext = std::fs::File::open(path)
-        .and_then(|f| f.read_exact_at(&mut magic, EXT_MAGIC_AT))
-        .is_ok()
-        && magic == EXT_MAGIC;
-    if !is_ext {
-        tracing::info!(path = %path.display(), "grown volume holds no ext filesystem; left as it is");
-        return;
-    }
-    for (program, ok) in [("e2fsck", &[0, 1][..]), ("resize2fs", &[0][..])] {
-        let mut command = tokio::process::Command::new(program);
-        if program == "e2fsck" {
-            command.args(["-f", "-p"]);
-        }
-        let output = command.arg(path).stdin(Stdio::null()).output().await;
-        match output {
-            Ok(out) if out.status.code().is_some_and(|c| ok.contains(&c)) => {}
-            Ok(out) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    program,
-                    status = %out.status,
-                    stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-                    "cannot grow the data volume's filesystem; grow it in the guest (resize2fs)"
-                );
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    program,
-                    error = %e,
-                    "cannot grow the data volume's filesystem ({MKFS_HINT}); grow it in the guest"
-                );
-                return;
-            }
-        }
-    }
-}
 
 /// Runs `program args`, turning a failure into [`StorageError::Command`]; a missing
 /// program's error says how to install it (`hint`).

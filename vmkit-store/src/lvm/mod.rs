@@ -96,8 +96,8 @@ impl LvmConfig {
 /// read back from `lvs` after every change, as lvm2 rounds them up to whole
 /// extents. Volume paths are `/dev/<vg>/<lv>`, always in raw format. Base volumes
 /// are named after the first twelve characters of the image digest. A resize
-/// grows the logical volume and, for a data volume, its ext4 filesystem
-/// (`e2fsck -f -p`, `resize2fs`; best effort, as for file volumes).
+/// grows the logical volume only; as with file volumes, the filesystem in it is
+/// the guest's, which grows it when it next boots.
 /// The thin pool is the operator's to create and to watch: thin volumes may add up
 /// to more than the pool holds.
 ///
@@ -179,31 +179,6 @@ impl LvmStorage {
             },
         })?;
         Ok(output)
-    }
-
-    /// Grows the ext4 filesystem vmkit made on data volume `lv` to the volume's size
-    /// (`e2fsck -f -p`, then `resize2fs`; the manager grows only a stopped VM's
-    /// disks). Best effort, as for file volumes: a failure (a filesystem its owner
-    /// replaced) is logged, and the guest can grow it.
-    async fn grow_ext4(&self, lv: &str) {
-        let dev = self.dev(lv).display().to_string();
-        let steps: [(&[&str], &[i32]); 2] = [
-            (&["e2fsck", "-f", "-p", &dev], &[0, 1]),
-            (&["resize2fs", &dev], &[0]),
-        ];
-        for (argv, ok) in steps {
-            match self.run(argv).await {
-                Ok(out) if out.code.is_some_and(|c| ok.contains(&c)) => {}
-                Ok(out) => {
-                    tracing::warn!(lv = %self.lv_ref(lv), command = %argv.join(" "), stderr = %out.stderr.trim(), "cannot grow the data volume's filesystem; grow it in the guest (resize2fs)");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(lv = %self.lv_ref(lv), error = %e, "cannot grow the data volume's filesystem; grow it in the guest (resize2fs)");
-                    return;
-                }
-            }
-        }
     }
 
     /// Runs `argv` and fails with [`StorageError::Command`] unless it succeeds.
@@ -537,9 +512,6 @@ impl Storage for LvmStorage {
             // Less than an extent more rounds to the size it has: nothing to do.
             if !output.success() && !output.stderr.contains("matches existing size") {
                 return Err(command_failed(&argv, &output));
-            }
-            if volume.kind == VolumeKind::Data {
-                self.grow_ext4(&name).await;
             }
         }
         let lv = self.made(&name).await?;

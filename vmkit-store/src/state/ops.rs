@@ -4,10 +4,10 @@ use std::net::Ipv4Addr;
 use std::ops::Bound;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use vmkit_core::{
-    ApiKey, Event, IpLease, IpPool, NewEvent, Quota, Share, Snapshot, SshPublicKey, StateStore,
-    StoreCapabilities, StoreError, Usage, User, UserId, VmId, VmName, VmRecord, VmSpec,
+    ApiKey, Event, EventRetention, IpLease, IpPool, NewEvent, Quota, Share, Snapshot, SshPublicKey,
+    StateStore, StoreCapabilities, StoreError, Usage, User, UserId, VmId, VmName, VmRecord,
 };
 
 use super::RedbStore;
@@ -124,6 +124,131 @@ fn allocate(txn: &WriteTransaction, vm: VmId, pool: &IpPool) -> Result<IpLease, 
         .insert(vm.as_u64(), candidate)
         .context("cannot write table lease_by_vm")?;
     Ok(lease)
+}
+
+/// What `owner` holds in `txn` (VMs and snapshots), leaving out VM `except`.
+fn usage_in(
+    txn: &WriteTransaction,
+    owner: UserId,
+    except: Option<VmId>,
+) -> Result<Usage, StoreError> {
+    let vms = txn.open_table(VMS).context("cannot open table vms")?;
+    let mut owned = Vec::new();
+    // A scan: a host holds few VMs, and the check must see every one of the owner's
+    // in this transaction.
+    for entry in vms.iter().context("cannot read table vms")? {
+        let (id, bytes) = entry.context("cannot read table vms")?;
+        let vm: VmRecord = decode(bytes.value(), format_args!("VM {:016x}", id.value()))?;
+        if vm.owner == owner && Some(vm.id) != except {
+            owned.push(vm);
+        }
+    }
+    let table = txn
+        .open_table(SNAPSHOTS)
+        .context("cannot open table snapshots")?;
+    let mut snapshots = Vec::new();
+    for entry in table.iter().context("cannot read table snapshots")? {
+        let (name, bytes) = entry.context("cannot read table snapshots")?;
+        let snapshot: Snapshot = decode(bytes.value(), format_args!("snapshot {}", name.value()))?;
+        if snapshot.owner == owner {
+            snapshots.push(snapshot);
+        }
+    }
+    Ok(Usage::of_holdings(&owned, &snapshots))
+}
+
+/// Replaces the record of existing VM `vm` in `txn`, moving its name index entry on
+/// a rename.
+fn update_in(txn: &WriteTransaction, vm: &VmRecord) -> Result<(), StoreError> {
+    let bytes = encode(vm, "a VM record")?;
+    let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+    let Some(old) = vm_at(&vms, vm.id.as_u64())? else {
+        return Err(StoreError::NotFound(format!("VM {}", vm.name)));
+    };
+    if old.name != vm.name {
+        // A rename: move the name index entry, keeping names unique.
+        let mut names = txn
+            .open_table(VM_NAMES)
+            .context("cannot open table vm_names")?;
+        if names
+            .get(vm.name.as_str())
+            .context("cannot read table vm_names")?
+            .is_some()
+        {
+            return Err(StoreError::NameTaken(vm.name.clone()));
+        }
+        names
+            .remove(old.name.as_str())
+            .context("cannot write table vm_names")?;
+        names
+            .insert(vm.name.as_str(), vm.id.as_u64())
+            .context("cannot write table vm_names")?;
+    }
+    vms.insert(vm.id.as_u64(), bytes.as_slice())
+        .context("cannot write table vms")?;
+    Ok(())
+}
+
+/// Deletes the record of VM `id` and its shares in `txn`; whether it existed.
+fn delete_in(txn: &WriteTransaction, id: VmId) -> Result<bool, StoreError> {
+    let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+    let Some(old) = vm_at(&vms, id.as_u64())? else {
+        return Ok(false);
+    };
+    vms.remove(id.as_u64()).context("cannot write table vms")?;
+    let mut names = txn
+        .open_table(VM_NAMES)
+        .context("cannot open table vm_names")?;
+    names
+        .remove(old.name.as_str())
+        .context("cannot write table vm_names")?;
+    let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+    for (target, _) in shares_of(&shares, id.as_u64())? {
+        shares
+            .remove((id.as_u64(), target.as_str()))
+            .context("cannot write table shares")?;
+    }
+    Ok(true)
+}
+
+/// Appends `event` in `txn`, numbered one past the last, and removes the oldest
+/// events `retention` no longer keeps (at most [`EventRetention::TRIM_PER_APPEND`]).
+fn append_in(
+    txn: &WriteTransaction,
+    event: NewEvent,
+    retention: &EventRetention,
+) -> Result<Event, StoreError> {
+    let mut events = txn.open_table(EVENTS).context("cannot open table events")?;
+    let last = events
+        .last()
+        .context("cannot read table events")?
+        .map_or(0, |(seq, _)| seq.value());
+    let seq = last
+        .checked_add(1)
+        .ok_or_else(|| StoreError::Corrupt(format!("the last event is numbered {last}")))?;
+    let stored = Event::from_new(seq, event);
+    events
+        .insert(seq, encode(&stored, "an event")?.as_slice())
+        .context("cannot write table events")?;
+    let mut kept = events.len().context("cannot read table events")?;
+    for _ in 0..EventRetention::TRIM_PER_APPEND {
+        let Some((oldest, at)) = (match events.first().context("cannot read table events")? {
+            Some((seq, bytes)) => {
+                let seq = seq.value();
+                let event: Event = decode(bytes.value(), format_args!("event {seq}"))?;
+                Some((seq, event.at))
+            }
+            None => None,
+        }) else {
+            break;
+        };
+        if !retention.removes(kept, at, stored.at) {
+            break;
+        }
+        events.remove(oldest).context("cannot write table events")?;
+        kept -= 1;
+    }
+    Ok(stored)
 }
 
 #[async_trait]
@@ -294,8 +419,8 @@ impl StateStore for RedbStore {
         let quota = *quota;
         let bytes = encode(&vm, "a VM record")?;
         self.write("create_vm", move |txn| {
-            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
-            let mut names = txn
+            let vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let names = txn
                 .open_table(VM_NAMES)
                 .context("cannot open table vm_names")?;
             if names
@@ -313,16 +438,13 @@ impl StateStore for RedbStore {
                 // As in the in-memory store: ids are random and never reused.
                 return Err(StoreError::Corrupt(format!("duplicate VM id {}", vm.id)));
             }
-            let mut owned: Vec<VmSpec> = Vec::new();
-            for entry in vms.iter().context("cannot read table vms")? {
-                let (id, bytes) = entry.context("cannot read table vms")?;
-                let other: VmRecord =
-                    decode(bytes.value(), format_args!("VM {:016x}", id.value()))?;
-                if other.owner == vm.owner {
-                    owned.push(other.spec);
-                }
-            }
-            quota.check(&Usage::of(&owned), &vm.spec)?;
+            drop((vms, names));
+            let usage = usage_in(txn, vm.owner, None)?;
+            quota.check(&usage, &vm.spec)?;
+            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
+            let mut names = txn
+                .open_table(VM_NAMES)
+                .context("cannot open table vm_names")?;
             vms.insert(vm.id.as_u64(), bytes.as_slice())
                 .context("cannot write table vms")?;
             names
@@ -335,34 +457,41 @@ impl StateStore for RedbStore {
 
     async fn update_vm(&self, vm: &VmRecord) -> Result<(), StoreError> {
         let vm = vm.clone();
-        let bytes = encode(&vm, "a VM record")?;
-        self.write("update_vm", move |txn| {
-            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
-            let Some(old) = vm_at(&vms, vm.id.as_u64())? else {
-                return Err(StoreError::NotFound(format!("VM {}", vm.name)));
-            };
-            if old.name != vm.name {
-                // A rename: move the name index entry, keeping names unique.
-                let mut names = txn
-                    .open_table(VM_NAMES)
-                    .context("cannot open table vm_names")?;
-                if names
-                    .get(vm.name.as_str())
-                    .context("cannot read table vm_names")?
-                    .is_some()
-                {
-                    return Err(StoreError::NameTaken(vm.name));
+        self.write("update_vm", move |txn| update_in(txn, &vm))
+            .await
+    }
+
+    async fn update_vm_with_event(
+        &self,
+        vm: &VmRecord,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let vm = vm.clone();
+        let retention = *retention;
+        self.write("update_vm_with_event", move |txn| {
+            update_in(txn, &vm)?;
+            append_in(txn, event, &retention)
+        })
+        .await
+    }
+
+    async fn update_vm_within_quota(&self, vm: &VmRecord, quota: &Quota) -> Result<(), StoreError> {
+        let vm = vm.clone();
+        let quota = *quota;
+        self.write("update_vm_within_quota", move |txn| {
+            let others = usage_in(txn, vm.owner, Some(vm.id))?;
+            let mut before = others;
+            {
+                let vms = txn.open_table(VMS).context("cannot open table vms")?;
+                if let Some(old) = vm_at(&vms, vm.id.as_u64())? {
+                    before.add_vm(&old);
                 }
-                names
-                    .remove(old.name.as_str())
-                    .context("cannot write table vm_names")?;
-                names
-                    .insert(vm.name.as_str(), vm.id.as_u64())
-                    .context("cannot write table vm_names")?;
             }
-            vms.insert(vm.id.as_u64(), bytes.as_slice())
-                .context("cannot write table vms")?;
-            Ok(())
+            let mut after = others;
+            after.add_vm(&vm);
+            quota.check_change(&before, &after)?;
+            update_in(txn, &vm)
         })
         .await
     }
@@ -414,25 +543,19 @@ impl StateStore for RedbStore {
     }
 
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError> {
-        self.write("delete_vm", move |txn| {
-            let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
-            let Some(old) = vm_at(&vms, id.as_u64())? else {
-                return Ok(false);
-            };
-            vms.remove(id.as_u64()).context("cannot write table vms")?;
-            let mut names = txn
-                .open_table(VM_NAMES)
-                .context("cannot open table vm_names")?;
-            names
-                .remove(old.name.as_str())
-                .context("cannot write table vm_names")?;
-            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
-            for (target, _) in shares_of(&shares, id.as_u64())? {
-                shares
-                    .remove((id.as_u64(), target.as_str()))
-                    .context("cannot write table shares")?;
-            }
-            Ok(true)
+        self.write("delete_vm", move |txn| delete_in(txn, id)).await
+    }
+
+    async fn delete_vm_with_event(
+        &self,
+        id: VmId,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let retention = *retention;
+        self.write("delete_vm_with_event", move |txn| {
+            delete_in(txn, id)?;
+            append_in(txn, event, &retention)
         })
         .await
     }
@@ -569,10 +692,15 @@ impl StateStore for RedbStore {
 
     // ---- snapshots ----
 
-    async fn put_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+    async fn put_snapshot(&self, snapshot: &Snapshot, quota: &Quota) -> Result<(), StoreError> {
         let name = snapshot.name.clone();
         let bytes = encode(snapshot, "a snapshot")?;
+        let snapshot = snapshot.clone();
+        let quota = *quota;
         self.write("put_snapshot", move |txn| {
+            let before = usage_in(txn, snapshot.owner, None)?;
+            let mut after = before;
+            after.add_snapshot(&snapshot);
             let mut table = txn
                 .open_table(SNAPSHOTS)
                 .context("cannot open table snapshots")?;
@@ -583,6 +711,7 @@ impl StateStore for RedbStore {
             {
                 return Err(StoreError::SnapshotTaken(name));
             }
+            quota.check_change(&before, &after)?;
             table
                 .insert(name.as_str(), bytes.as_slice())
                 .context("cannot write table snapshots")?;
@@ -643,23 +772,14 @@ impl StateStore for RedbStore {
 
     // ---- events ----
 
-    async fn append_event(&self, event: NewEvent) -> Result<Event, StoreError> {
-        self.write("append_event", move |txn| {
-            let mut events = txn.open_table(EVENTS).context("cannot open table events")?;
-            let last = events
-                .last()
-                .context("cannot read table events")?
-                .map_or(0, |(seq, _)| seq.value());
-            let seq = last
-                .checked_add(1)
-                .ok_or_else(|| StoreError::Corrupt(format!("the last event is numbered {last}")))?;
-            let stored = Event::from_new(seq, event);
-            events
-                .insert(seq, encode(&stored, "an event")?.as_slice())
-                .context("cannot write table events")?;
-            Ok(stored)
-        })
-        .await
+    async fn append_event(
+        &self,
+        event: NewEvent,
+        retention: &EventRetention,
+    ) -> Result<Event, StoreError> {
+        let retention = *retention;
+        self.write("append_event", move |txn| append_in(txn, event, &retention))
+            .await
     }
 
     async fn events(&self, after: u64, limit: usize) -> Result<Vec<Event>, StoreError> {
@@ -688,6 +808,17 @@ impl StateStore for RedbStore {
                 .last()
                 .context("cannot read table events")?
                 .map_or(0, |(seq, _)| seq.value()))
+        })
+        .await
+    }
+
+    async fn first_event_seq(&self) -> Result<u64, StoreError> {
+        self.read("first_event_seq", |txn| {
+            let events = txn.open_table(EVENTS).context("cannot open table events")?;
+            Ok(events
+                .first()
+                .context("cannot read table events")?
+                .map_or(1, |(seq, _)| seq.value()))
         })
         .await
     }
