@@ -12,7 +12,7 @@ use vmkit_guest::{ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink, Serve
 use super::faults::Faults;
 use crate::hypervisor::{
     AgentStream, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig, Resize,
-    VmmHandle, VmmInfo, VmmState,
+    VmmExit, VmmHandle, VmmInfo, VmmState, VmmWatch, VmmWatchSender,
 };
 use crate::storage::DiskFormat;
 
@@ -37,6 +37,8 @@ struct FakeVmm {
     memory_mib: u64,
     console: String,
     guest: GuestState,
+    /// Boots of this VMM's guest so far (1 at start): part of its boot id.
+    boots: u32,
 }
 
 /// What a fake guest's agent was told to configure.
@@ -58,13 +60,29 @@ struct Shared {
     /// The consoles of VMMs that exited, readable until `cleanup`, as a real
     /// backend's log in its run directory is.
     exited: BTreeMap<u32, String>,
+    /// What each VMM's watchers are told, by pid; kept after the VMM exits.
+    watches: BTreeMap<u32, VmmWatchSender>,
+    /// The agent connections of each running guest, cut when it reboots or exits.
+    connections: BTreeMap<u32, Vec<tokio::task::AbortHandle>>,
+    /// VMMs that stopped answering: `info` and `attach` never return.
+    hung: std::collections::HashSet<u32>,
 }
 
 impl Shared {
-    /// The VMM `pid` exits; its console stays readable until cleanup.
-    fn exit(&mut self, pid: u32) {
+    /// The VMM `pid` exits for `why`; its console stays readable until cleanup.
+    fn exit(&mut self, pid: u32, why: VmmExit) {
         if let Some(vmm) = self.vmms.remove(&pid) {
             self.exited.insert(pid, vmm.console);
+            self.cut_connections(pid);
+            if let Some(watch) = self.watches.get(&pid) {
+                watch.exit(why);
+            }
+        }
+    }
+
+    fn cut_connections(&mut self, pid: u32) {
+        for task in self.connections.remove(&pid).unwrap_or_default() {
+            task.abort();
         }
     }
 }
@@ -126,7 +144,64 @@ impl FakeHypervisor {
 
     /// Makes the VMM of `handle` exit as if it crashed.
     pub fn crash(&self, handle: &VmmHandle) {
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Crashed);
+    }
+
+    /// The guest of `handle` reboots in place, as `reboot` in a guest does: the same
+    /// VMM boots again with a new boot id, its agent connections break, and what
+    /// the agent was told to configure is forgotten (a new boot starts from the
+    /// image). Watchers see a reset.
+    pub fn guest_reboot(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        let Some(vmm) = shared.vmms.get_mut(&handle.pid) else {
+            return;
+        };
+        vmm.boots += 1;
+        vmm.guest = GuestState::default();
+        vmm.console
+            .push_str(&format!("reboot: Restarting system\nfake boot {}\n", vmm.boots));
+        shared.cut_connections(handle.pid);
+        if let Some(watch) = shared.watches.get(&handle.pid) {
+            watch.reset();
+        }
+    }
+
+    /// The guest of `handle` powers itself off (`poweroff` in the guest).
+    pub fn guest_poweroff(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        if let Some(vmm) = shared.vmms.get_mut(&handle.pid) {
+            vmm.console.push_str("reboot: Power down\n");
+        }
+        shared.exit(handle.pid, VmmExit::PowerOff);
+    }
+
+    /// The guest kernel of `handle` panics; the VMM reports it and exits, its
+    /// console ending with the panic.
+    pub fn guest_panic(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        if let Some(vmm) = shared.vmms.get_mut(&handle.pid) {
+            vmm.console
+                .push_str("Kernel panic - not syncing: sysrq triggered crash\n");
+        }
+        shared.exit(handle.pid, VmmExit::Panic);
+    }
+
+    /// Makes the VMM of `handle` stop answering (as a QEMU that was sent SIGSTOP):
+    /// `info` and `attach` never return until [`FakeHypervisor::unhang`].
+    pub fn hang(&self, handle: &VmmHandle) {
+        self.lock().hung.insert(handle.pid);
+    }
+
+    /// Makes a VMM hung with [`FakeHypervisor::hang`] answer again.
+    pub fn unhang(&self, handle: &VmmHandle) {
+        self.lock().hung.remove(&handle.pid);
+    }
+
+    /// Waits while the VMM `pid` is hung.
+    async fn answer(&self, pid: u32) {
+        while self.lock().hung.contains(&pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// What the guest of the VMM `pid` was told to configure, if it runs.
@@ -165,7 +240,10 @@ impl FakeHypervisor {
 
     fn spawn(&self, config: &MachineConfig, vmm: FakeVmm) -> VmmHandle {
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
-        self.lock().vmms.insert(pid, vmm);
+        let mut shared = self.lock();
+        shared.vmms.insert(pid, vmm);
+        shared.watches.insert(pid, VmmWatch::channel().0);
+        drop(shared);
         VmmHandle {
             backend: "fake".to_owned(),
             pid,
@@ -227,15 +305,18 @@ impl Hypervisor for FakeHypervisor {
                 memory_mib: config.memory_mib,
                 console: format!("fake boot of {}\n", config.name),
                 guest: GuestState::default(),
+                boots: 1,
             },
         ))
     }
 
     async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
+        self.answer(handle.pid).await;
         self.with_vmm(handle, |v| Ok(v.state))
     }
 
     async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
+        self.answer(handle.pid).await;
         let shared = self.lock();
         Ok(match shared.vmms.get(&handle.pid) {
             Some(v) => VmmInfo {
@@ -255,13 +336,13 @@ impl Hypervisor for FakeHypervisor {
 
     async fn shutdown(&self, handle: &VmmHandle, _grace: Duration) -> Result<(), HypervisorError> {
         self.check("hypervisor.shutdown")?;
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         self.check("hypervisor.kill")?;
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
 
@@ -367,7 +448,12 @@ impl Hypervisor for FakeHypervisor {
                 tokio::spawn(async move {
                     let _ = vmkit_guest::serve(agent_end, agent, ServerConfig::default()).await;
                 });
-                tokio::spawn(relay(guest, inner, self.clone(), handle.pid));
+                let relay = tokio::spawn(relay(guest, inner, self.clone(), handle.pid));
+                self.lock()
+                    .connections
+                    .entry(handle.pid)
+                    .or_default()
+                    .push(relay.abort_handle());
             }
         }
         Ok(Box::new(host))
@@ -401,12 +487,33 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         shared.exited.remove(&handle.pid);
+        shared.watches.remove(&handle.pid);
+        shared.connections.remove(&handle.pid);
         Ok(())
+    }
+
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        let shared = self.lock();
+        match shared.watches.get(&handle.pid) {
+            Some(watch) => Ok(watch.subscribe()),
+            None => Err(HypervisorError::NotRunning { pid: handle.pid }),
+        }
     }
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         self.check("hypervisor.discard")?;
-        self.lock().vmms.retain(|_, v| v.config.run_dir != run_dir);
+        let mut shared = self.lock();
+        let pids: Vec<u32> = shared
+            .vmms
+            .iter()
+            .filter(|(_, v)| v.config.run_dir == run_dir)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in pids {
+            shared.exit(pid, VmmExit::Killed);
+            shared.exited.remove(&pid);
+        }
+        drop(shared);
         // The fake makes no run directories, but one made for it goes as the
         // contract says.
         match std::fs::remove_dir_all(run_dir) {
@@ -472,9 +579,15 @@ struct FakeAgent {
 #[async_trait]
 impl Handler for FakeAgent {
     async fn hello(&self) -> HelloInfo {
+        let boots = self
+            .hypervisor
+            .lock()
+            .vmms
+            .get(&self.pid)
+            .map_or(0, |v| v.boots);
         HelloInfo::new(
             "fake",
-            format!("fake-boot-{}", self.pid),
+            format!("fake-boot-{}-{boots}", self.pid),
             "fake",
             std::env::consts::ARCH,
         )
@@ -548,7 +661,7 @@ impl Handler for FakeAgent {
     }
 
     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
-        self.hypervisor.lock().exit(self.pid);
+        self.hypervisor.lock().exit(self.pid, VmmExit::PowerOff);
         Ok(())
     }
 

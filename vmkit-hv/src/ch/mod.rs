@@ -4,10 +4,11 @@ mod api;
 mod body;
 mod config;
 mod console;
+mod events;
 mod process;
 mod vsock;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use vmkit_core::guest::VSOCK_PORT;
 use vmkit_core::{
     AgentStream, DiskFormat, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig,
-    Resize, VmmHandle, VmmInfo, VmmState,
+    Resize, VmmHandle, VmmInfo, VmmState, VmmWatch,
 };
 
 pub use config::ChConfig;
@@ -172,6 +173,9 @@ struct Inner {
     config: ChConfig,
     /// VMMs (pid, start time) whose console log a task watches.
     watched: Mutex<HashSet<(u32, u64)>>,
+    /// The event watches of VMMs (pid, start time), started at start, restore or
+    /// the first [`Hypervisor::watch`].
+    events: Mutex<HashMap<(u32, u64), events::EventWatch>>,
 }
 
 /// What the backend keeps in the run directory for a later daemon.
@@ -190,6 +194,7 @@ impl CloudHypervisor {
             inner: Arc::new(Inner {
                 config,
                 watched: Mutex::default(),
+                events: Mutex::default(),
             }),
         }
     }
@@ -253,7 +258,14 @@ impl CloudHypervisor {
         let binary = self.inner.config.binary.clone();
         let mut socket_arg = OsString::from("path=");
         socket_arg.push(&paths.api);
-        let args = vec![OsString::from("--api-socket"), socket_arg];
+        let mut events_arg = OsString::from("path=");
+        events_arg.push(&paths.events);
+        let args = vec![
+            OsString::from("--api-socket"),
+            socket_arg,
+            OsString::from("--event-monitor"),
+            events_arg,
+        ];
         let spawn_paths = paths.clone();
         let spawned = tokio::task::spawn_blocking(move || {
             process::spawn_detached(&binary, &args, &spawn_paths)
@@ -298,6 +310,29 @@ impl CloudHypervisor {
                 Ok(ping) => return check_ping_pid(&ping, id, &api),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+        }
+    }
+
+    /// The event watch of the VMM of `handle`, started if there is none.
+    fn event_watch(&self, handle: &VmmHandle) -> VmmWatch {
+        let key = (handle.pid, handle.pid_start);
+        let mut watches = lock(&self.inner.events);
+        watches
+            .entry(key)
+            .or_insert_with(|| {
+                events::watch(
+                    VmmProcess::from_handle(handle),
+                    RunPaths::new(&handle.run_dir).events,
+                )
+            })
+            .watch
+            .clone()
+    }
+
+    /// Records that the backend itself stops the VMM of `handle`.
+    fn mark_stopping(&self, handle: &VmmHandle) {
+        if let Some(w) = lock(&self.inner.events).get(&(handle.pid, handle.pid_start)) {
+            w.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -510,6 +545,7 @@ impl Hypervisor for CloudHypervisor {
             return Err(err);
         }
         self.watch_console(&handle, config.console_limit);
+        self.event_watch(&handle);
         Ok(handle)
     }
 
@@ -562,6 +598,7 @@ impl Hypervisor for CloudHypervisor {
         if !id.is_alive() {
             return Ok(());
         }
+        self.mark_stopping(handle);
         let api = Api::new(&handle.control_socket);
         let t = self.inner.config.api_timeout;
         let running = matches!(
@@ -587,6 +624,7 @@ impl Hypervisor for CloudHypervisor {
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         let id = VmmProcess::from_handle(handle);
+        self.mark_stopping(handle);
         id.kill().map_err(|e| {
             HypervisorError::io(format!("sending SIGKILL to the VMM (pid {})", id.pid), e)
         })?;
@@ -722,6 +760,7 @@ impl Hypervisor for CloudHypervisor {
             return Err(err);
         }
         self.watch_console(&handle, config.console_limit);
+        self.event_watch(&handle);
         Ok(handle)
     }
 
@@ -759,6 +798,7 @@ impl Hypervisor for CloudHypervisor {
                 message: "the VMM still runs".into(),
             });
         }
+        lock(&self.inner.events).remove(&(handle.pid, handle.pid_start));
         match std::fs::remove_dir_all(&handle.run_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -771,6 +811,18 @@ impl Hypervisor for CloudHypervisor {
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         crate::process::discard_run_dir(run_dir, KILL_WAIT).await
+    }
+
+    /// Follows the VMM's event monitor (see the `events` module): guest reboots
+    /// (resets), power-off, panic.
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        if handle.backend != Self::KIND {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "the handle belongs to the {} backend",
+                handle.backend
+            )));
+        }
+        Ok(self.event_watch(handle))
     }
 }
 
