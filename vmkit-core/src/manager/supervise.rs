@@ -123,9 +123,10 @@ impl Manager {
                 return;
             }
         };
-        // Resets are counted from the start of the VMM (or the attach); those seen
-        // before the VM was running were part of its boot, which configured it.
-        let mut handled = watch.current().resets;
+        // Resets are counted from when the backend began watching the VMM (its
+        // start, restore or attach); one during the boot that start waited for only
+        // makes the guest configured once more.
+        let mut handled = 0;
         loop {
             let events = watch.current();
             if let Some(exit) = events.exit {

@@ -90,10 +90,16 @@ impl Shared {
 /// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
 /// state rules (pause only when running, snapshot only when paused, restore into a
 /// fresh VMM), and each guest runs a fake agent speaking the real protocol over an
-/// in-memory stream. Its exec understands `echo`, `cat` (of standard input, or of
-/// the files the agent was told to write: `/etc/hostname` and the default user's
-/// `/root/.ssh/authorized_keys`), `true`, `false`, `exit N`, `sleep SECS`,
-/// `hostname` and `uname`; anything else exits 127.
+/// in-memory stream. Its exec understands `echo`, `cat` (of standard input, of
+/// `/proc/sys/kernel/random/boot_id`, or of the files the agent was told to write:
+/// `/etc/hostname` and the default user's `/root/.ssh/authorized_keys`), `true`,
+/// `false`, `exit N`, `sleep SECS`, `hostname` and `uname`; anything else exits 127.
+///
+/// It reports its VMMs' events ([`Hypervisor::watch`]) and simulates what a guest
+/// does to them: [`guest_reboot`](Self::guest_reboot) (a reset in place with a new
+/// boot id), [`guest_poweroff`](Self::guest_poweroff),
+/// [`guest_panic`](Self::guest_panic), [`crash`](Self::crash), and a VMM that stops
+/// answering ([`hang`](Self::hang)).
 #[derive(Debug, Clone, Default)]
 pub struct FakeHypervisor {
     shared: Arc<Mutex<Shared>>,
@@ -579,15 +585,9 @@ struct FakeAgent {
 #[async_trait]
 impl Handler for FakeAgent {
     async fn hello(&self) -> HelloInfo {
-        let boots = self
-            .hypervisor
-            .lock()
-            .vmms
-            .get(&self.pid)
-            .map_or(0, |v| v.boots);
         HelloInfo::new(
             "fake",
-            format!("fake-boot-{}-{boots}", self.pid),
+            self.boot_id().unwrap_or_default(),
             "fake",
             std::env::consts::ARCH,
         )
@@ -727,10 +727,18 @@ impl Handler for FakeAgent {
 }
 
 impl FakeAgent {
+    /// The boot id of the guest's current boot: it changes with every reboot.
+    fn boot_id(&self) -> Option<String> {
+        let shared = self.hypervisor.lock();
+        let vmm = shared.vmms.get(&self.pid)?;
+        Some(format!("fake-boot-{}-{}", self.pid, vmm.boots))
+    }
+
     /// The contents of a file the agent wrote, if it wrote `path`.
     fn file(&self, path: &str) -> Option<String> {
         let guest = self.hypervisor.guest(self.pid)?;
         let lines = match path {
+            "/proc/sys/kernel/random/boot_id" => vec![self.boot_id()?],
             "/etc/hostname" => vec![guest.hostname?],
             "/root/.ssh/authorized_keys" => guest.ssh_keys,
             _ => return None,

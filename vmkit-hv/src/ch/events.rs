@@ -163,9 +163,8 @@ impl Reader {
 }
 
 /// Starts watching the events of `vmm` in `path`. What the file holds already (a
-/// VMM watched again after a daemon restart) is read first: its resets are counted
-/// before the watch is handed out, and a panic in it stops the VMM as a new one
-/// would.
+/// VMM watched again after a daemon restart) is read first: its resets are in the
+/// past and not reported, a panic in it stops the VMM as a new one would.
 pub(crate) fn watch(vmm: VmmProcess, path: PathBuf) -> EventWatch {
     let (sender, watch) = VmmWatch::channel();
     let stopping = Arc::new(AtomicBool::new(false));
@@ -175,7 +174,12 @@ pub(crate) fn watch(vmm: VmmProcess, path: PathBuf) -> EventWatch {
         pending: Vec::new(),
         seen: Seen::default(),
     };
-    let first = reader.poll();
+    // Resets before the watch began are not reported as new.
+    let first: Vec<Action> = reader
+        .poll()
+        .into_iter()
+        .filter(|a| *a != Action::Reset)
+        .collect();
     apply(&first, &sender, &vmm);
     let flag = stopping.clone();
     tokio::spawn(async move {
