@@ -287,9 +287,9 @@ struct Inner {
     /// single client (QEMU's virtio-serial socket does), so a second concurrent
     /// connect would wait behind the first and time out.
     connecting: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
-    /// The boot id of each VM's guest as its agent last said hello: a reboot is
-    /// over when the agent says hello with another.
-    boots: StdMutex<HashMap<VmId, String>>,
+    /// Each VM's guest boot as its agent last said hello: a reboot is over when the
+    /// agent says hello with another boot id.
+    boots: StdMutex<HashMap<VmId, Boot>>,
     /// VMs whose guest rebooted and whose agent is not back yet: the agent checks
     /// leave them to the reboot.
     rebooting: StdMutex<HashSet<VmId>>,
@@ -306,6 +306,16 @@ impl std::fmt::Debug for Manager {
             .field("data_dir", &self.inner.config.data_dir)
             .finish_non_exhaustive()
     }
+}
+
+/// A guest boot, as its agent said hello.
+#[derive(Clone, Debug)]
+struct Boot {
+    /// The guest kernel's boot id.
+    id: String,
+    /// The guest resets its VMM had reported by then ([`crate::VmmEvents::resets`]),
+    /// when it reports them: the resets up to this boot need no reaction.
+    resets: Option<u64>,
 }
 
 /// Undo actions for the steps of a create, run in reverse on failure.
@@ -975,7 +985,7 @@ impl Manager {
                 }
                 Some(Ok(hello)) => {
                     info!(vm = %vm.name, agent = %hello.agent_version, kernel = %hello.kernel, "agent ready");
-                    self.remember_agent(vm.id, client, &hello);
+                    self.remember_agent(vm.id, client, &hello, handle).await;
                     return Ok(hello);
                 }
                 Some(Err(e)) => {
@@ -1041,7 +1051,8 @@ impl Manager {
             .hello()
             .await
             .map_err(|e| ManagerError::agent(&vm.name, &e))?;
-        self.remember_agent(vm.id, client.clone(), &hello);
+        self.remember_agent(vm.id, client.clone(), &hello, handle)
+            .await;
         Ok(client)
     }
 
@@ -1055,8 +1066,8 @@ impl Manager {
         connecting.entry(vm).or_default().clone()
     }
 
-    /// The boot id the agent of `vm` last said hello with.
-    fn boot_id(&self, vm: VmId) -> Option<String> {
+    /// The boot the agent of `vm` last said hello from.
+    fn boot(&self, vm: VmId) -> Option<Boot> {
         let boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
         boots.get(&vm).cloned()
     }
@@ -1088,28 +1099,39 @@ impl Manager {
         agents.get(&vm).filter(|c| !c.is_closed()).cloned()
     }
 
-    fn remember_agent(&self, vm: VmId, client: Client, hello: &HelloInfo) {
+    /// Keeps `client`, connected to the agent of `vm` (whose VMM is `handle`),
+    /// which said `hello`.
+    async fn remember_agent(&self, vm: VmId, client: Client, hello: &HelloInfo, handle: &VmmHandle) {
+        let resets = match self.inner.backends.hypervisor.watch(handle).await {
+            Ok(watch) => Some(watch.current().resets),
+            Err(_) => None,
+        };
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.insert(vm, client);
         drop(agents);
         let mut boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
-        boots.insert(vm, hello.boot_id.clone());
+        boots.insert(
+            vm,
+            Boot {
+                id: hello.boot_id.clone(),
+                resets,
+            },
+        );
     }
 
+    /// Drops the agent client of `vm` and what its hello said.
     fn forget_agent(&self, vm: VmId) {
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.remove(&vm);
+        drop(agents);
+        let mut boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
+        boots.remove(&vm);
     }
 
     /// Drops every per-VM table entry of a VM that is gone.
     fn forget_vm(&self, vm: VmId) {
         self.forget_agent(vm);
         self.set_rebooting(vm, false);
-        self.inner
-            .boots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&vm);
         let mut connecting = self
             .inner
             .connecting

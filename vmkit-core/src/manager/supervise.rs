@@ -124,9 +124,9 @@ impl Manager {
             }
         };
         // Resets are counted from when the backend began watching the VMM (its
-        // start, restore or attach); one during the boot that start waited for only
-        // makes the guest configured once more.
-        let mut handled = 0;
+        // start, restore or attach); those before the boot whose agent said hello
+        // last were part of reaching it.
+        let mut handled = self.boot(id).and_then(|b| b.resets).unwrap_or(0);
         loop {
             let events = watch.current();
             if let Some(exit) = events.exit {
@@ -220,7 +220,12 @@ impl Manager {
             }
             info!(vm = %vm.name, "the guest rebooted; waiting for its agent");
             self.set_rebooting(vm.id, true);
-            let last_boot = self.boot_id(vm.id);
+            let last_boot = self.boot(vm.id).map(|b| b.id);
+            // The old boot's agent is gone, though its connection may look open
+            // (and hold a channel that serves one client): close it for everyone.
+            if let Some(client) = self.cached_agent(vm.id) {
+                client.close();
+            }
             self.forget_agent(vm.id);
             vm.health = Health::Unknown;
             self.save(&mut vm).await?;
