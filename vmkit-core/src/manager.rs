@@ -1101,7 +1101,13 @@ impl Manager {
 
     /// Keeps `client`, connected to the agent of `vm` (whose VMM is `handle`),
     /// which said `hello`.
-    async fn remember_agent(&self, vm: VmId, client: Client, hello: &HelloInfo, handle: &VmmHandle) {
+    async fn remember_agent(
+        &self,
+        vm: VmId,
+        client: Client,
+        hello: &HelloInfo,
+        handle: &VmmHandle,
+    ) {
         let resets = match self.inner.backends.hypervisor.watch(handle).await {
             Ok(watch) => Some(watch.current().resets),
             Err(_) => None,

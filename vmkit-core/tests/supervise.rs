@@ -128,9 +128,11 @@ async fn power_off_in_the_guest_stops_the_vm_and_keeps_its_console() {
     s.host.hypervisor.guest_poweroff(&vmm(&vm));
 
     wait_for(&mut feed, "web", |k| *k == EventKind::GuestPoweredOff).await;
-    wait_for(&mut feed, "web", |k| {
-        matches!(k, EventKind::StateChanged { to, .. } if *to == VmState::Stopped)
-    })
+    wait_for(
+        &mut feed,
+        "web",
+        |k| matches!(k, EventKind::StateChanged { to, .. } if *to == VmState::Stopped),
+    )
     .await;
     let vm = s.host.manager.get(&name("web")).await.unwrap();
     assert_eq!((vm.state, vm.resources.vmm), (VmState::Stopped, None));

@@ -727,10 +727,7 @@ impl Qemu {
     /// Runs `f` on the supervisor of the VMM of `handle`, started if there is none
     /// (or only one of an earlier VMM in the same run directory).
     fn with_supervisor<T>(&self, handle: &VmmHandle, f: impl FnOnce(&Supervisor) -> T) -> T {
-        let mut supervisors = self
-            .supervisors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
         let current = supervisors
             .get(&handle.run_dir)
             .is_some_and(|s| s.pid == handle.pid && s.pid_start == handle.pid_start);
@@ -762,10 +759,7 @@ impl Qemu {
     /// Records that the backend itself stops the VMM of `handle`, so that its end
     /// reads as [`VmmExit::Killed`](vmkit_core::VmmExit::Killed).
     fn mark_stopping(&self, handle: &VmmHandle) {
-        let supervisors = self
-            .supervisors
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = supervisors.get(&handle.run_dir)
             && s.pid == handle.pid
             && s.pid_start == handle.pid_start

@@ -304,7 +304,11 @@ impl Guest {
 /// Runs `argv` in the guest and ignores the outcome: the guest may go away with it.
 async fn fire(client: &Client, argv: &[&str]) {
     let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(30));
-    let _ = tokio::time::timeout(Duration::from_secs(30), client.exec_collect(request, 1 << 16)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.exec_collect(request, 1 << 16),
+    )
+    .await;
 }
 
 /// Regression (issue 13): QEMU ran with `-no-reboot`, so a reboot inside the guest

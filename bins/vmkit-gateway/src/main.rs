@@ -240,9 +240,9 @@ const VMM_POLL_TICKS: u32 = 10;
 async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
     let (died_tx, mut died) = tokio::sync::mpsc::unbounded_channel();
     let supervisor = manager.clone();
-    let _supervising = AbortOnDrop(tokio::spawn(async move {
-        supervisor.supervise(died_tx).await
-    }));
+    let _supervising = AbortOnDrop(tokio::spawn(
+        async move { supervisor.supervise(died_tx).await },
+    ));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut restarts = Restarts::default();

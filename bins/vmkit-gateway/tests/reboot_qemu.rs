@@ -21,8 +21,7 @@ fn data_dir() -> tempfile::TempDir {
     let images = tmp.path().join("images");
     std::fs::create_dir_all(&images).unwrap();
     for image in ["tiny", "base"] {
-        std::os::unix::fs::symlink(support::test_images().join(image), images.join(image))
-            .unwrap();
+        std::os::unix::fs::symlink(support::test_images().join(image), images.join(image)).unwrap();
     }
     tmp
 }

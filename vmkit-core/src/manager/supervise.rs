@@ -254,8 +254,7 @@ impl Manager {
             let Some(mut current) = b.store.get_vm_by_id(id).await? else {
                 return Ok(());
             };
-            if current.resources.vmm.as_ref() != Some(handle) || current.state != VmState::Running
-            {
+            if current.resources.vmm.as_ref() != Some(handle) || current.state != VmState::Running {
                 return Ok(());
             }
             let configured = self.configure_guest(&current).await;

@@ -164,8 +164,10 @@ impl FakeHypervisor {
         };
         vmm.boots += 1;
         vmm.guest = GuestState::default();
-        vmm.console
-            .push_str(&format!("reboot: Restarting system\nfake boot {}\n", vmm.boots));
+        vmm.console.push_str(&format!(
+            "reboot: Restarting system\nfake boot {}\n",
+            vmm.boots
+        ));
         shared.cut_connections(handle.pid);
         if let Some(watch) = shared.watches.get(&handle.pid) {
             watch.reset();

@@ -47,7 +47,8 @@ pub(crate) fn parse(bytes: &[u8]) -> (Vec<ChEvent>, usize) {
     let mut used = 0;
     loop {
         let rest = &bytes[used..];
-        let mut stream = serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
+        let mut stream =
+            serde_json::Deserializer::from_slice(rest).into_iter::<serde_json::Value>();
         match stream.next() {
             None => return (events, bytes.len()),
             Some(Ok(value)) => {
@@ -154,7 +155,9 @@ impl Reader {
                 self.offset += bytes.len() as u64;
                 self.pending.extend_from_slice(&bytes);
             }
-            Err(e) => tracing::debug!(path = %self.path.display(), error = %e, "cannot read the events"),
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot read the events")
+            }
         }
         let (events, used) = parse(&self.pending);
         self.pending.drain(..used);
@@ -245,7 +248,10 @@ mod tests {
         let (events, used) = parse(text.as_bytes());
         assert_eq!(
             kinds(&events),
-            [("vmm".into(), "starting".into()), ("vm".into(), "booted".into())]
+            [
+                ("vmm".into(), "starting".into()),
+                ("vm".into(), "booted".into())
+            ]
         );
         assert_eq!(used, text.len());
 

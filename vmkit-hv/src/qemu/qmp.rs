@@ -72,7 +72,11 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
 }
 
 impl Transport for UnixStream {
-    async fn send_bytes(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    async fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<()> {
         match fd {
             Some(fd) => send_with_fd(self, bytes, fd).await,
             None => {
@@ -84,7 +88,11 @@ impl Transport for UnixStream {
 }
 
 impl Transport for tokio::io::DuplexStream {
-    async fn send_bytes(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+    async fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<()> {
         if fd.is_some() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,
@@ -301,7 +309,10 @@ impl<S: Transport> Qmp<S> {
             )));
         };
         if let Some(value) = message.remove("return") {
-            return Ok(Message::Reply { id, result: Ok(value) });
+            return Ok(Message::Reply {
+                id,
+                result: Ok(value),
+            });
         }
         if let Some(error) = message.remove("error") {
             let field = |name: &str| {

@@ -83,7 +83,12 @@ pub(crate) struct QmpClient {
 impl Supervisor {
     /// Starts supervising the VMM `vmm` whose QMP socket is `socket`; every
     /// command waits at most `timeout` for its reply.
-    pub(super) fn spawn(vmm: VmmProcess, pid_start: u64, socket: PathBuf, timeout: Duration) -> Self {
+    pub(super) fn spawn(
+        vmm: VmmProcess,
+        pid_start: u64,
+        socket: PathBuf,
+        timeout: Duration,
+    ) -> Self {
         let (requests, rx) = mpsc::unbounded_channel();
         let (sender, events) = VmmWatch::channel();
         let stopping = Arc::new(AtomicBool::new(false));
@@ -572,7 +577,10 @@ mod tests {
         assert!(matches!(err, QmpError::Timeout(_)), "{err:?}");
         go.send(()).unwrap();
         let second = h.client.execute("query-status", None).await.unwrap();
-        assert_eq!(second, "second", "the late reply is not taken for the next one");
+        assert_eq!(
+            second, "second",
+            "the late reply is not taken for the next one"
+        );
         let _q = server.await.unwrap();
     }
 
@@ -593,7 +601,10 @@ mod tests {
         });
         client.execute("query-status", None).await.unwrap();
         let seen = server.await.unwrap();
-        assert_eq!(seen["execute"], "query-status", "the stale `cont` was dropped");
+        assert_eq!(
+            seen["execute"], "query-status",
+            "the stale `cont` was dropped"
+        );
     }
 
     #[tokio::test]
