@@ -45,7 +45,8 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// # How it works
 ///
 /// **One process per VM.** [`start`](Hypervisor::start) runs
-/// `cloud-hypervisor --api-socket path=<run_dir>/api.sock` (the program from
+/// `cloud-hypervisor --api-socket path=<run_dir>/api.sock --event-monitor
+/// path=<run_dir>/events.json` (the program from
 /// [`ChConfig::binary`]) with a double fork and `setsid`, so the VMM is not the
 /// daemon's child: it outlives a daemon restart, gets no signal sent to the daemon's
 /// process group, and is reaped by init. Its stdin is `/dev/null`, its stdout and
@@ -65,7 +66,8 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// ` console=ttyS0` appended to the command line, boot and max vCPUs, memory, raw
 /// disks with `image_type` always stated and `backing_files` never set, the TAP and
 /// MAC, vsock CID 3 on `<run_dir>/vsock.sock`, virtio-rng from `/dev/urandom`,
-/// serial to `<run_dir>/console.log`, virtio-console off), then `vm.boot`.
+/// serial to `<run_dir>/console.log`, virtio-console off, a pvpanic device), then
+/// `vm.boot`.
 /// cloud-hypervisor's error replies become [`HypervisorError::Refused`] carrying its
 /// own message (its JSON error chain joined with `": "`). A VMM that died is found
 /// by its pid and start time ([`HypervisorError::NotRunning`], or
@@ -91,6 +93,13 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// manager may reconnect at any time. The price is polling while the guest boots
 /// (cloud-hypervisor closes the stream while nothing listens), which
 /// `connect_agent`'s callers do anyway.
+///
+/// **Events.** A task per VMM reads the event monitor's file as it grows
+/// ([`watch`](Hypervisor::watch)): a guest reboot (`vm`/`rebooting`) is a reset
+/// of the same VMM; a kernel panic the guest reports through its pvpanic device
+/// (`guest`/`panic`) makes the backend stop the VMM (cloud-hypervisor itself goes
+/// on) and report [`VmmExit::Panic`](vmkit_core::VmmExit::Panic); a `vm`/`shutdown`
+/// the backend did not ask for, then the end of the process, is a guest power-off.
 ///
 /// **Snapshot and restore.** [`snapshot`](Hypervisor::snapshot) needs a paused
 /// guest (cloud-hypervisor refuses otherwise, and so does this backend, with

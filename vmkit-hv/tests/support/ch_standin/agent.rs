@@ -12,6 +12,8 @@ pub struct StandinAgent {
     pub boot_id: String,
     /// Powers the guest off (the VMM process then exits, as cloud-hypervisor does).
     pub power_off: Arc<dyn Fn() + Send + Sync>,
+    /// Records an event (source, event) in the event monitor's file.
+    pub event: Arc<dyn Fn(&str, &str) + Send + Sync>,
 }
 
 fn exit(code: i32) -> ExitStatus {
@@ -30,7 +32,8 @@ impl Handler for StandinAgent {
     }
 
     /// `echo ARGS`, `cat` (stdin back), `true`, `false`, `exit N`, `sleep SECS`,
-    /// `uname`; anything else exits 127.
+    /// `uname`, `panic` (the kernel panics: the pvpanic device reports it, and the
+    /// VMM goes on, as cloud-hypervisor does); anything else exits 127.
     async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
         let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
         match args.as_slice() {
@@ -52,6 +55,10 @@ impl Handler for StandinAgent {
                 Ok(exit(0))
             }
             ["true"] => Ok(exit(0)),
+            ["panic"] => {
+                (self.event)("guest", "panic");
+                Ok(exit(0))
+            }
             ["false"] => Ok(exit(1)),
             ["exit", code] => Ok(exit(code.parse().unwrap_or(2))),
             ["sleep", secs] => {
@@ -70,7 +77,10 @@ impl Handler for StandinAgent {
 
     async fn shutdown(&self, reboot: bool) -> Result<(), String> {
         if reboot {
-            return Err("the stand-in guest does not reboot".into());
+            // cloud-hypervisor resets the VM in the same process.
+            (self.event)("vm", "rebooting");
+            (self.event)("vm", "rebooted");
+            return Ok(());
         }
         (self.power_off)();
         Ok(())
