@@ -4,6 +4,10 @@
 //! by a per-name lock; commands on different VMs run in parallel. Every resource a
 //! command takes is written to the VM's record as soon as it exists, so that a
 //! failure (or a crash of the process) can be undone step by step.
+//!
+//! What the guests do by themselves (reboot, power off, panic) reaches the manager
+//! through [`Manager::supervise`], which an embedder runs beside it (the daemon
+//! does); [`Manager::check_vmms`] polls as a safety net.
 
 use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
