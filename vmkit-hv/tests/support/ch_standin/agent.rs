@@ -13,8 +13,11 @@ pub struct StandinAgent {
     /// Powers the guest off (the VMM process then exits, as cloud-hypervisor does).
     pub power_off: Arc<dyn Fn() + Send + Sync>,
     /// Records an event (source, event) in the event monitor's file.
-    pub event: Arc<dyn Fn(&str, &str) + Send + Sync>,
+    pub event: EventSink,
 }
+
+/// Records an event (source, event) as cloud-hypervisor's event monitor would.
+pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 fn exit(code: i32) -> ExitStatus {
     ExitStatus::exited(code)
