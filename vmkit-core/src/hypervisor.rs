@@ -290,8 +290,9 @@ impl VmmWatch {
     }
 
     /// Waits until something new is seen and returns it all. `None` once the backend
-    /// stopped watching without seeing the VMM end (the backend was dropped):
-    /// then ask [`Hypervisor::info`] or watch again.
+    /// has stopped watching: after the VMM ended (its exit is in
+    /// [`VmmWatch::current`]), or without seeing it end (the backend was dropped;
+    /// then ask [`Hypervisor::info`] or watch again).
     pub async fn changed(&mut self) -> Option<VmmEvents> {
         match self.rx.changed().await {
             Ok(()) => Some(self.rx.borrow_and_update().clone()),

@@ -327,7 +327,12 @@ async fn a_guest_reboot_resets_in_place_and_a_panic_ends_the_vmm_as_a_panic() {
     fire(&g.client, &["reboot"]).await;
     tokio::time::timeout(BOOT_TIMEOUT, async {
         while watch.current().resets == 0 {
-            watch.changed().await.unwrap();
+            let events = watch.changed().await;
+            assert!(
+                events.is_some(),
+                "the VMM ended ({:?}) instead of resetting",
+                watch.current().exit
+            );
         }
     })
     .await
