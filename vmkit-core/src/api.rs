@@ -7,7 +7,7 @@
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | `/livez` | | `ok` |
-//! | GET | `/readyz` | | `ok`, or 503 |
+//! | GET | `/readyz` | | `ok`, or 503 with why (the store does not answer, or the reconcile at the daemon's start failed as a whole; the other routes serve anyway) |
 //! | GET | `/v1/vms` | | `[VmRecord]` |
 //! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
 //! | GET | `/v1/vms/{name}` | | `VmRecord` |

@@ -105,6 +105,44 @@ pub enum ManagerError {
     /// The user has no SSH key with this fingerprint.
     #[error("no SSH key with fingerprint {0}; `vmkit key ls` lists your keys")]
     SshKeyNotFound(String),
+    /// The VM was created with a hypervisor backend this manager does not have.
+    #[error(
+        "VM {name} was created with {backend}, which this daemon does not drive (it drives {}); \
+         a VM keeps the backend that created it: give the daemon a {backend} backend to use \
+         it (a stopped one can also be removed)",
+        .available.join(", ")
+    )]
+    BackendUnavailable {
+        /// The VM.
+        name: VmName,
+        /// Its backend ([`crate::Hypervisor::kind`]).
+        backend: String,
+        /// The backends this manager has.
+        available: Vec<&'static str>,
+    },
+    /// Reconcile could not settle the VM; only a delete is accepted.
+    #[error(
+        "VM {name} is quarantined: reconcile could not settle it ({reason}); only `vmkit vm rm \
+         {name}` is accepted (if that fails too, fix the cause it names and run it again)"
+    )]
+    Quarantined {
+        /// The VM.
+        name: VmName,
+        /// What reconcile could not do.
+        reason: String,
+    },
+    /// The VM's VMM runs but vmkit cannot drive it (its control socket does not
+    /// answer, say); it is left running and vmkit keeps trying to reach it.
+    #[error(
+        "vmkit cannot reach the VMM of VM {name} ({reason}); the VM is left running as it is \
+         and vmkit keeps trying to re-attach it: try again later, or stop or remove it"
+    )]
+    VmmUnreachable {
+        /// The VM.
+        name: VmName,
+        /// Why the last attempt failed.
+        reason: String,
+    },
     /// A backend cannot do what was asked.
     #[error("{0} is not supported by this host's backends")]
     Unsupported(&'static str),
@@ -170,7 +208,8 @@ impl ManagerError {
             | ManagerError::SnapshotTaken(_)
             | ManagerError::SshKeyExists(_)
             | ManagerError::SshKeyTaken(_)
-            | ManagerError::WrongState { .. } => ErrorKind::Conflict,
+            | ManagerError::WrongState { .. }
+            | ManagerError::Quarantined { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
             ManagerError::NotFound(_)
             | ManagerError::SnapshotNotFound(_)
@@ -178,6 +217,7 @@ impl ManagerError {
             ManagerError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
             ManagerError::Image(_) => ErrorKind::InvalidInput,
             ManagerError::Unsupported(_)
+            | ManagerError::BackendUnavailable { .. }
             | ManagerError::Hypervisor(HypervisorError::Unsupported { .. })
             | ManagerError::Storage(StorageError::Unsupported(_)) => ErrorKind::Unsupported,
             ManagerError::Store(StoreError::Corrupt(_)) => ErrorKind::Internal,
@@ -185,6 +225,7 @@ impl ManagerError {
             | ManagerError::Storage(StorageError::NoSpace(_)) => ErrorKind::Unavailable,
             ManagerError::BootFailed { .. }
             | ManagerError::Agent { .. }
+            | ManagerError::VmmUnreachable { .. }
             | ManagerError::Hypervisor(_)
             | ManagerError::Storage(_)
             | ManagerError::Network(_)
@@ -213,6 +254,9 @@ impl ManagerError {
             ManagerError::BootFailed { .. } => "boot_failed",
             ManagerError::Agent { .. } => "agent_failed",
             ManagerError::Unsupported(_) => "unsupported",
+            ManagerError::BackendUnavailable { .. } => "backend_unavailable",
+            ManagerError::Quarantined { .. } => "quarantined",
+            ManagerError::VmmUnreachable { .. } => "vmm_unreachable",
             ManagerError::Hypervisor(_) => "hypervisor_failed",
             ManagerError::Storage(_) => "storage_failed",
             ManagerError::Network(_) => "network_failed",

@@ -83,6 +83,14 @@ pub enum EventKind {
         /// What was done.
         action: String,
     },
+    /// Reconcile could not settle a VM (which it then quarantines) or remove an
+    /// orphaned resource (which the next reconcile tries again).
+    ReconcileFailed {
+        /// What it tried.
+        action: String,
+        /// Why that failed.
+        error: String,
+    },
 }
 
 /// An event before the store has numbered it.

@@ -435,7 +435,8 @@ pub enum HypervisorError {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM process is not running.
+    /// The VMM process is gone: no process has the handle's pid and start time.
+    /// Only for that proof of death, never for a VMM that does not answer.
     #[error("the VMM (pid {pid}) is not running")]
     NotRunning {
         /// Its last known pid.
@@ -516,7 +517,16 @@ pub trait Hypervisor: Send + Sync {
     async fn start(&self, config: &MachineConfig) -> Result<VmmHandle, HypervisorError>;
 
     /// Checks that the VMM of `handle` still runs and can be driven (after a daemon
-    /// restart); returns its guest state.
+    /// restart), and takes up what the backend keeps per VMM (its console log, say);
+    /// returns its guest state.
+    ///
+    /// Fails with [`HypervisorError::NotRunning`] only on proof of death: no process
+    /// has the handle's pid and start time. The manager then stops (or restarts) the
+    /// VM. Any other error — a control socket that times out or refuses the
+    /// connection, a handle of another backend ([`HypervisorError::InvalidConfig`]) —
+    /// says nothing of the VMM's life: the manager leaves the VM running and tries
+    /// again later, so a backend must never report a VMM it cannot reach as
+    /// `NotRunning`.
     async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError>;
 
     /// Reports the VMM's state. A VMM whose process is gone reports

@@ -73,7 +73,7 @@ pub use hypervisor::{
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use manager::{
     Backends, CloneSource, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy, Manager,
-    ManagerConfig, ReconcileReport, ResizeRequest, VmMetrics,
+    ManagerConfig, ReconcileFailure, ReconcileReport, ResizeRequest, VmMetrics,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};

@@ -46,7 +46,7 @@ mod supervise;
 
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
-pub use reconcile::{ExitPolicy, ReconcileReport};
+pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
 
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
 #[derive(Clone, Debug)]
@@ -165,11 +165,19 @@ impl ManagerConfig {
 
 /// The backends a manager drives. The network is optional: without one, VMs get no
 /// NIC.
+///
+/// A VM is driven for its whole life by the hypervisor backend that created it
+/// (recorded in [`VmRecord::hypervisor`]). New VMs get [`Backends::hypervisor`];
+/// the backends added with [`Backends::with_other_hypervisor`] drive the VMs that
+/// they created earlier, e.g. before the host's default backend changed. A VM whose
+/// backend is in neither is refused with a clear error, never handed to another.
 #[derive(Clone)]
 #[non_exhaustive]
 pub struct Backends {
-    /// Starts and drives VMMs.
+    /// Starts new VMMs, and drives the VMs it created.
     pub hypervisor: Arc<dyn Hypervisor>,
+    /// Further backends, by [`Hypervisor::kind`]: each drives the VMs it created.
+    pub other_hypervisors: Vec<Arc<dyn Hypervisor>>,
     /// Holds volumes.
     pub storage: Arc<dyn Storage>,
     /// Gives VMs a network, if present.
@@ -190,11 +198,32 @@ impl Backends {
     ) -> Self {
         Self {
             hypervisor,
+            other_hypervisors: Vec::new(),
             storage,
             network: None,
             store,
             images,
         }
+    }
+
+    /// Adds a backend that drives the VMs it created (new VMs still get
+    /// [`Backends::hypervisor`]). One of the same kind as the default, or as one
+    /// added before, is ignored: the first of a kind wins.
+    pub fn with_other_hypervisor(mut self, hypervisor: Arc<dyn Hypervisor>) -> Self {
+        if self.hypervisor_of(hypervisor.kind()).is_none() {
+            self.other_hypervisors.push(hypervisor);
+        }
+        self
+    }
+
+    /// The backend of kind `kind` ([`Hypervisor::kind`]), if these backends have it.
+    pub fn hypervisor_of(&self, kind: &str) -> Option<&Arc<dyn Hypervisor>> {
+        self.hypervisors().find(|h| h.kind() == kind)
+    }
+
+    /// Every hypervisor backend, the default first.
+    pub fn hypervisors(&self) -> impl Iterator<Item = &Arc<dyn Hypervisor>> {
+        std::iter::once(&self.hypervisor).chain(&self.other_hypervisors)
     }
 
     /// Adds a network backend.
@@ -298,6 +327,11 @@ struct Inner {
     /// leave them to the reboot.
     rebooting: StdMutex<HashSet<VmId>>,
     events: broadcast::Sender<Event>,
+    /// VMMs found alive that could not be driven (attach failed without proof of
+    /// death), by VM: left running and re-attached later (see
+    /// [`Manager::retry_unreachable`]). A mark counts only while the VM's record
+    /// still holds that handle.
+    unreachable: StdMutex<HashMap<VmId, VmmHandle>>,
     /// Serialises changes of SSH keys, so that of two adds of one key one is told
     /// it exists.
     keys: Mutex<()>,
@@ -353,6 +387,7 @@ impl Manager {
                 boots: StdMutex::new(HashMap::new()),
                 rebooting: StdMutex::new(HashSet::new()),
                 events,
+                unreachable: StdMutex::new(HashMap::new()),
                 keys: Mutex::new(()),
             }),
         })
@@ -401,6 +436,12 @@ impl Manager {
         };
         let _guard = self.lock(&name).await;
         let mut vm = VmRecord::new(name, request.owner, request.spec);
+        // A clone runs on its source's backend (its disk formats and saved memory
+        // are that backend's); a fresh VM on the default.
+        vm.hypervisor = Some(match &request.from {
+            Some(source) => self.backend_of_source(source).await?,
+            None => b.hypervisor.kind().to_owned(),
+        });
         b.store.create_vm(&vm, &quota).await?;
         info!(vm = %vm.name, id = %vm.id, "creating VM");
         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Creating))
@@ -448,7 +489,7 @@ impl Manager {
         let b = &self.inner.backends;
         match from {
             None => {
-                let formats = b.hypervisor.capabilities().disk_formats;
+                let formats = self.hv(vm)?.capabilities().disk_formats;
                 let base = b.storage.import_image(image).await?;
                 let mut root = b.storage.clone_root(vm.id, &base, &formats).await?;
                 undo.push(Undo::Volume(root.clone()));
@@ -487,7 +528,7 @@ impl Manager {
         }
 
         let config = self.machine_config(vm, image)?;
-        let handle = b.hypervisor.start(&config).await?;
+        let handle = self.hv(vm)?.start(&config).await?;
         undo.push(Undo::Vmm(handle.clone()));
         vm.resources.vmm = Some(handle.clone());
         self.save(vm).await?;
@@ -502,11 +543,14 @@ impl Manager {
         self.forget_vm(vm.id);
         for step in undo.into_iter().rev() {
             let result = match step {
-                Undo::Vmm(handle) => {
-                    let killed = b.hypervisor.kill(&handle).await;
-                    let cleaned = b.hypervisor.cleanup(&handle).await;
-                    killed.and(cleaned).map_err(ManagerError::from)
-                }
+                Undo::Vmm(handle) => match self.hv(vm) {
+                    Ok(hv) => {
+                        let killed = hv.kill(&handle).await;
+                        let cleaned = hv.cleanup(&handle).await;
+                        killed.and(cleaned).map_err(ManagerError::from)
+                    }
+                    Err(e) => Err(e),
+                },
                 Undo::Tap(id) => match &b.network {
                     Some(n) => n.detach(id).await.map_err(ManagerError::from),
                     None => Ok(()),
@@ -536,6 +580,10 @@ impl Manager {
         let _guard = self.lock(name).await;
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
+        if vm.resources.vmm.is_some() {
+            // Refused before anything changes: its VMM cannot be stopped.
+            self.hv(&vm)?;
+        }
         if vm.state != VmState::Deleting {
             vm.keep_data = options.keep_data;
             self.set_state(&mut vm, VmState::Deleting).await?;
@@ -552,9 +600,9 @@ impl Manager {
             if options.keep_data {
                 self.graceful_stop(&vm, &handle).await?;
             } else {
-                b.hypervisor.kill(&handle).await?;
+                self.hv(&vm)?.kill(&handle).await?;
             }
-            b.hypervisor.cleanup(&handle).await?;
+            self.hv(&vm)?.cleanup(&handle).await?;
             vm.resources.vmm = None;
             self.save(&mut vm).await?;
         }
@@ -643,7 +691,8 @@ impl Manager {
         let _guard = self.lock(name).await;
         let mut vm = self.get(name).await?;
         self.require(&vm, "pause", RUNNING)?;
-        let hv = &self.inner.backends.hypervisor;
+        self.reattach(&mut vm).await?;
+        let hv = self.hv(&vm)?;
         if !hv.capabilities().pause {
             return Err(ManagerError::Unsupported("pause"));
         }
@@ -658,10 +707,55 @@ impl Manager {
         let _guard = self.lock(name).await;
         let mut vm = self.get(name).await?;
         self.require(&vm, "resume", PAUSED)?;
+        self.reattach(&mut vm).await?;
         let handle = self.vmm_of(&vm)?;
-        self.inner.backends.hypervisor.resume(&handle).await?;
+        self.hv(&vm)?.resume(&handle).await?;
         self.set_state(&mut vm, VmState::Running).await?;
         Ok(vm)
+    }
+
+    /// The backend that drives `vm`: the one that created it, never another.
+    fn hv(&self, vm: &VmRecord) -> Result<&dyn Hypervisor, ManagerError> {
+        let b = &self.inner.backends;
+        let kind = self.backend_kind(vm);
+        match b.hypervisor_of(kind) {
+            Some(hv) => Ok(&**hv),
+            None => Err(ManagerError::BackendUnavailable {
+                name: vm.name.clone(),
+                backend: kind.to_owned(),
+                available: b.hypervisors().map(|h| h.kind()).collect(),
+            }),
+        }
+    }
+
+    /// The kind of backend of `vm`: recorded at create; for a record from before
+    /// backends were recorded, its VMM's, else the default.
+    fn backend_kind<'a>(&'a self, vm: &'a VmRecord) -> &'a str {
+        match (&vm.hypervisor, &vm.resources.vmm) {
+            (Some(kind), _) => kind,
+            (None, Some(handle)) => &handle.backend,
+            (None, None) => self.inner.backends.hypervisor.kind(),
+        }
+    }
+
+    /// The backend a clone from `source` runs on: its source's.
+    async fn backend_of_source(&self, source: &CloneSource) -> Result<String, ManagerError> {
+        let b = &self.inner.backends;
+        let (vm, recorded) = match source {
+            CloneSource::Vm(name) => (Some(self.get(name).await?), None),
+            CloneSource::Snapshot(name) => {
+                let snapshot = self.get_snapshot(name).await?;
+                (
+                    b.store.get_vm_by_id(snapshot.vm).await?,
+                    snapshot.hypervisor,
+                )
+            }
+        };
+        Ok(match (recorded, vm) {
+            (Some(kind), _) => kind,
+            (None, Some(vm)) => self.backend_kind(&vm).to_owned(),
+            (None, None) => b.hypervisor.kind().to_owned(),
+        })
     }
 
     fn vmm_of(&self, vm: &VmRecord) -> Result<VmmHandle, ManagerError> {
@@ -697,7 +791,12 @@ impl Manager {
         let timeout = self.inner.config.vmm_check_timeout;
         let mut checks = tokio::task::JoinSet::new();
         for vm in self.list(None).await? {
-            if !matches!(vm.state, VmState::Running | VmState::Paused) {
+            // A quarantined VM waits for its rm; an unreachable one for its re-attach
+            // (`retry_unreachable`, which also finds out if it died).
+            if !matches!(vm.state, VmState::Running | VmState::Paused)
+                || vm.quarantined.is_some()
+                || self.is_unreachable(&vm)
+            {
                 continue;
             }
             let Some(handle) = vm.resources.vmm.clone() else {
@@ -705,7 +804,10 @@ impl Manager {
             };
             let manager = self.clone();
             checks.spawn(async move {
-                let hv = &manager.inner.backends.hypervisor;
+                // A VM whose backend is missing is left to reconcile and rm.
+                let Ok(hv) = manager.hv(&vm) else {
+                    return (vm.name.clone(), Ok(None));
+                };
                 let outcome = match tokio::time::timeout(timeout, hv.info(&handle)).await {
                     Err(_) => Err(format!("its VMM did not answer within {timeout:?}")),
                     Ok(Err(e)) => Err(ErrorChain(&e).to_string()),
@@ -754,6 +856,7 @@ impl Manager {
             if vm.state != VmState::Running
                 || vm.resources.vmm.is_none()
                 || self.is_rebooting(vm.id)
+                || self.is_unreachable(&vm)
             {
                 continue;
             }
@@ -838,7 +941,7 @@ impl Manager {
         self.set_state(vm, VmState::Starting).await?;
         let config = self.machine_config(vm, &image)?;
         let started = async {
-            let handle = b.hypervisor.start(&config).await?;
+            let handle = self.hv(vm)?.start(&config).await?;
             vm.resources.vmm = Some(handle.clone());
             self.save(vm).await?;
             self.wait_ready(vm, &handle).await?;
@@ -855,17 +958,19 @@ impl Manager {
         vm: &mut VmRecord,
         started: Result<(), ManagerError>,
     ) -> Result<(), ManagerError> {
-        let b = &self.inner.backends;
         match started {
             Ok(()) => {
                 vm.health = Health::Healthy;
                 self.set_state(vm, VmState::Running).await
             }
             Err(error) => {
-                if let Some(handle) = vm.resources.vmm.take() {
-                    let _ = b.hypervisor.kill(&handle).await;
+                let hv = self.hv(vm);
+                if let Some(handle) = vm.resources.vmm.take()
+                    && let Ok(hv) = hv
+                {
+                    let _ = hv.kill(&handle).await;
                     self.keep_console(vm.id, &handle).await;
-                    let _ = b.hypervisor.cleanup(&handle).await;
+                    let _ = hv.cleanup(&handle).await;
                 }
                 self.set_state(vm, VmState::Stopped).await?;
                 self.emit(NewEvent::vm(
@@ -887,7 +992,7 @@ impl Manager {
         if let Some(handle) = vm.resources.vmm.clone() {
             self.graceful_stop(vm, &handle).await?;
             self.keep_console(vm.id, &handle).await;
-            self.inner.backends.hypervisor.cleanup(&handle).await?;
+            self.hv(vm)?.cleanup(&handle).await?;
         }
         vm.resources.vmm = None;
         vm.health = Health::Unknown;
@@ -909,9 +1014,7 @@ impl Manager {
             }
         }
         self.forget_agent(vm.id);
-        self.inner
-            .backends
-            .hypervisor
+        self.hv(vm)?
             .shutdown(handle, self.inner.config.shutdown_grace)
             .await?;
         Ok(())
@@ -935,7 +1038,7 @@ impl Manager {
         handle: &VmmHandle,
         last_boot: Option<&str>,
     ) -> Result<HelloInfo, ManagerError> {
-        let hv = &self.inner.backends.hypervisor;
+        let hv = self.hv(vm)?;
         let deadline = Instant::now() + self.inner.config.boot_timeout;
         let failure = |reason: String| async move {
             let console = hv.console_tail(handle, 4096).await.unwrap_or_default();
@@ -1049,7 +1152,7 @@ impl Manager {
                 name: vm.name.clone(),
                 message: "the VM has no VMM".into(),
             })?;
-        let stream = self.inner.backends.hypervisor.connect_agent(handle).await?;
+        let stream = self.hv(vm)?.connect_agent(handle).await?;
         let client = Client::new(stream, self.agent_client_config());
         let hello = client
             .hello()
@@ -1112,9 +1215,9 @@ impl Manager {
         hello: &HelloInfo,
         handle: &VmmHandle,
     ) {
-        let resets = match self.inner.backends.hypervisor.watch(handle).await {
-            Ok(watch) => Some(watch.current().resets),
-            Err(_) => None,
+        let resets = match self.inner.backends.hypervisor_of(&handle.backend) {
+            Some(hv) => hv.watch(handle).await.ok().map(|w| w.current().resets),
+            None => None,
         };
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.insert(vm, client);
@@ -1142,6 +1245,7 @@ impl Manager {
     fn forget_vm(&self, vm: VmId) {
         self.forget_agent(vm);
         self.set_rebooting(vm, false);
+        self.forget_unreachable(vm);
         let mut connecting = self
             .inner
             .connecting
@@ -1197,6 +1301,12 @@ impl Manager {
         operation: &'static str,
         allowed: &'static [VmState],
     ) -> Result<(), ManagerError> {
+        if let Some(reason) = &vm.quarantined {
+            return Err(ManagerError::Quarantined {
+                name: vm.name.clone(),
+                reason: reason.clone(),
+            });
+        }
         if allowed.contains(&vm.state) {
             Ok(())
         } else {

@@ -41,6 +41,11 @@ pub struct Snapshot {
     pub memory: Option<PathBuf>,
     /// The VM's MAC at the time, which a memory restore needs unchanged.
     pub mac: Option<MacAddr>,
+    /// The hypervisor backend of the VM ([`crate::VmRecord::hypervisor`]), which
+    /// clones from the snapshot run on; `None` in snapshots taken before backends
+    /// were recorded (then the VM's, if it still exists, else the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
     /// When it was taken.
     pub created_at: Timestamp,
 }

@@ -140,6 +140,21 @@ pub struct VmRecord {
     /// restore interrupted by a crash is finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restoring: Option<VmName>,
+    /// The hypervisor backend that drives it (its [`Hypervisor::kind`]), chosen at
+    /// create (a clone takes its source's) and kept for its life: a daemon whose
+    /// default backend changed still drives it with this one. `None` only in
+    /// records written before backends were recorded; reconcile fills it in from
+    /// the VMM handle, else with the manager's default backend.
+    ///
+    /// [`Hypervisor::kind`]: crate::Hypervisor::kind
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hypervisor: Option<String>,
+    /// Set when reconcile could not settle the VM (a cleanup failed, say), with
+    /// what went wrong. A quarantined VM refuses every operation but a delete,
+    /// which finishes it once the cause is gone; a later reconcile that settles it
+    /// lifts the quarantine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -160,6 +175,8 @@ impl VmRecord {
             health: Health::Unknown,
             keep_data: false,
             restoring: None,
+            hypervisor: None,
+            quarantined: None,
             created_at: now,
             updated_at: now,
         }

@@ -27,6 +27,10 @@ pub struct AppState {
     /// Turns true when the daemon shuts down: answers that would never end (follows)
     /// end then, so that the shutdown does not wait for their clients.
     pub shutdown: watch::Receiver<bool>,
+    /// Why the daemon is not ready although it serves: the reconcile at its start
+    /// failed as a whole. `/readyz` answers 503 with it; every route still serves,
+    /// so that the operator can look and act.
+    pub not_ready: Option<std::sync::Arc<str>>,
 }
 
 /// Resolves once `shutdown` turns true; never if its sender is gone without.
@@ -113,6 +117,9 @@ fn vm_name(raw: &str) -> ApiResult<VmName> {
 }
 
 async fn readyz(State(s): State<AppState>) -> Response {
+    if let Some(why) = &s.not_ready {
+        return (StatusCode::SERVICE_UNAVAILABLE, why.to_string()).into_response();
+    }
     match s.manager.list(Some(UserId::LOCAL)).await {
         Ok(_) => "ok".into_response(),
         Err(e) => {
@@ -567,6 +574,7 @@ mod tests {
         router(AppState {
             manager: host.manager.clone(),
             shutdown: watch::channel(false).1,
+            not_ready: None,
         })
     }
 
@@ -594,6 +602,25 @@ mod tests {
         let status = response.status();
         let bytes = response.into_body().collect().await.unwrap().to_bytes();
         (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[tokio::test]
+    async fn after_a_failed_reconcile_readyz_says_why_and_the_api_still_serves() {
+        let host = FakeHost::new().await;
+        let app = router(AppState {
+            manager: host.manager.clone(),
+            shutdown: watch::channel(false).1,
+            not_ready: Some("reconcile failed at start: the store is unreadable".into()),
+        });
+        let (status, body) = call(app.clone(), "GET", "/readyz", "").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("the store is unreadable"), "{body}");
+        assert_eq!(
+            call(app.clone(), "GET", "/livez", "").await.0,
+            StatusCode::OK
+        );
+        let (status, body) = call(app, "POST", "/v1/vms", r#"{"name":"web"}"#).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
     }
 
     #[tokio::test]

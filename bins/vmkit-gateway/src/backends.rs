@@ -11,7 +11,9 @@ use vmkit_hv::probe::{self, Backend, Preference, ProbeOptions};
 
 use crate::config::Config;
 
-/// The real backends: the redb store, file volumes and the chosen hypervisor.
+/// The real backends: the redb store, file volumes and the hypervisors: the chosen
+/// one creates new VMs, and both drive the VMs they created (a VM keeps the
+/// backend it was created with when the choice changes).
 pub async fn real(config: &Config) -> anyhow::Result<Backends> {
     let store: Arc<dyn StateStore> = Arc::new(
         vmkit_store::RedbStore::open(config.data_dir.join("state.redb"))
@@ -19,13 +21,15 @@ pub async fn real(config: &Config) -> anyhow::Result<Backends> {
     );
     let storage = storage(config)?;
     let images = DirImageCatalog::new(config.data_dir.join("images"));
-    let hypervisor = hypervisor(config).await?;
+    let (hypervisor, other) = hypervisors(config).await?;
     info!(
         hypervisor = hypervisor.kind(),
+        also_drives = other.kind(),
         data_dir = %config.data_dir.display(),
         "backends ready"
     );
-    let backends = Backends::new(hypervisor, storage, store, Arc::new(images));
+    let backends =
+        Backends::new(hypervisor, storage, store, Arc::new(images)).with_other_hypervisor(other);
     Ok(match network(config)? {
         Some(network) => backends.with_network(network),
         None => backends,
@@ -100,9 +104,15 @@ fn network(config: &Config) -> anyhow::Result<Option<Arc<dyn vmkit_core::Network
     Ok(Some(Arc::new(bridge)))
 }
 
-/// Picks the hypervisor: the configured one, or for `auto` cloud-hypervisor when
-/// its program is installed and KVM boots a standard guest, else QEMU.
-async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
+/// Builds both hypervisor backends, the one new VMs get first: the configured
+/// one, or for `auto` cloud-hypervisor when its program is installed and KVM boots
+/// a standard guest, else QEMU. The other is built too, whether or not its program
+/// is installed (building one starts nothing), to drive the VMs it created before
+/// the choice changed; such a VM whose program is missing then fails at its
+/// first use with the backend's own message.
+async fn hypervisors(
+    config: &Config,
+) -> anyhow::Result<(Arc<dyn Hypervisor>, Arc<dyn Hypervisor>)> {
     let accel = match config.qemu.accel.as_str() {
         "auto" => vmkit_hv::Accel::Auto,
         "kvm" => vmkit_hv::Accel::Kvm,
@@ -125,17 +135,19 @@ async fn hypervisor(config: &Config) -> anyhow::Result<Arc<dyn Hypervisor>> {
             choice.backend
         }
     };
+    let ch: Arc<dyn Hypervisor> = Arc::new(vmkit_hv::CloudHypervisor::new(
+        vmkit_hv::ChConfig::new()
+            .binary(config.cloud_hypervisor.binary.clone())
+            .hotplug_memory_mib(config.cloud_hypervisor.hotplug_memory_mib),
+    ));
+    let qemu: Arc<dyn Hypervisor> = Arc::new(vmkit_hv::Qemu::new(
+        vmkit_hv::QemuConfig::new()
+            .binary(config.qemu.binary.clone())
+            .accel(accel),
+    ));
     Ok(match backend {
-        Backend::CloudHypervisor => Arc::new(vmkit_hv::CloudHypervisor::new(
-            vmkit_hv::ChConfig::new()
-                .binary(config.cloud_hypervisor.binary.clone())
-                .hotplug_memory_mib(config.cloud_hypervisor.hotplug_memory_mib),
-        )),
-        _ => Arc::new(vmkit_hv::Qemu::new(
-            vmkit_hv::QemuConfig::new()
-                .binary(config.qemu.binary.clone())
-                .accel(accel),
-        )),
+        Backend::CloudHypervisor => (ch, qemu),
+        _ => (qemu, ch),
     })
 }
 
@@ -176,6 +188,27 @@ mod tests {
         };
         edit(&mut config.storage);
         config
+    }
+
+    // Regression: only the chosen hypervisor was built, so a daemon whose choice
+    // changed handed every existing VM to the other backend.
+    #[tokio::test]
+    async fn both_hypervisors_are_built_and_the_chosen_one_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        for (choice, first, second) in [
+            (Preference::Qemu, "qemu", "cloud-hypervisor"),
+            (Preference::CloudHypervisor, "cloud-hypervisor", "qemu"),
+        ] {
+            let mut config = Config {
+                data_dir: dir.path().to_owned(),
+                ..Config::default()
+            };
+            config.hypervisor = choice;
+            // Built even when the program is not installed.
+            config.cloud_hypervisor.binary = dir.path().join("no-such-program");
+            let (default, other) = hypervisors(&config).await.unwrap();
+            assert_eq!((default.kind(), other.kind()), (first, second));
+        }
     }
 
     #[test]

@@ -26,7 +26,7 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// API socket; empty means `<data_dir>/vmkit.sock`.
     pub socket: PathBuf,
-    /// Hypervisor backend.
+    /// Hypervisor backend of new VMs; a VM keeps the one it was created with.
     pub hypervisor: HypervisorChoice,
     /// Log format.
     pub log_format: LogFormat,

@@ -143,19 +143,50 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .context("starting the VM manager")?;
 
     // Store and host are made to agree before the first request: interrupted
-    // operations finished or rolled back, VMMs re-attached, orphans removed.
-    let report = manager
-        .reconcile()
-        .await
-        .context("reconciling the state file with the host")?;
+    // operations finished or rolled back, VMMs re-attached, orphans removed. Nothing
+    // reconcile meets stops the daemon: a VM it cannot settle is quarantined, and a
+    // reconcile that fails as a whole is logged and shown by /readyz while the API
+    // serves, so that the operator can look and act (a daemon that exited here
+    // would be restarted by systemd into the same failure, with no API to fix it).
+    let (report, not_ready) = match manager.reconcile().await {
+        Ok(report) => (report, None),
+        Err(e) => {
+            let why = format!(
+                "reconcile failed at start: {}; the API serves, but VMs may not be re-attached \
+                 and interrupted operations are not settled: fix the cause and restart the \
+                 daemon",
+                ErrorChain(&e)
+            );
+            error!("{why}");
+            (vmkit_core::ReconcileReport::default(), Some(why.into()))
+        }
+    };
     info!(
         reattached = report.reattached.len(),
         stopped = report.stopped.len(),
         rolled_back = report.rolled_back.len(),
         deleted = report.deleted.len(),
         orphans = report.orphans.len(),
+        unreachable = report.unreachable.len(),
+        failed = report.failed.len(),
         "reconciled"
     );
+    for failure in &report.failed {
+        match &failure.vm {
+            Some(vm) => error!(
+                %vm,
+                error = %failure.error,
+                "reconcile could not {}; the VM is quarantined: only `vmkit vm rm {vm}` is \
+                 accepted (fix the cause it names first)",
+                failure.action
+            ),
+            None => warn!(
+                error = %failure.error,
+                "reconcile could not {}; the next start tries again",
+                failure.action
+            ),
+        }
+    }
     let monitor = tokio::spawn(monitor(
         manager.clone(),
         Duration::from_secs(t.vmm_check_secs.max(1)),
@@ -178,6 +209,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     let app = api::router(api::AppState {
         manager,
         shutdown: stopping,
+        not_ready,
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -263,6 +295,8 @@ async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
                 } else {
                     Vec::new()
                 };
+                // VMMs that could not be re-attached at start: again, or proven dead.
+                manager.retry_unreachable().await;
                 if let Err(e) = manager.check_agents(agent_timeout).await {
                     warn!(error = %ErrorChain(&e), "agent check failed");
                 }

@@ -1013,6 +1013,12 @@ fn print_vm(vm: &VmRecord) {
     println!("name:    {}", vm.name);
     println!("id:      {}", vm.id);
     println!("state:   {}", vm.state);
+    if let Some(reason) = &vm.quarantined {
+        println!(
+            "QUARANTINED: {reason}\n         only `vmkit vm rm {}` is accepted",
+            vm.name
+        );
+    }
     println!("image:   {}", vm.spec.image);
     println!("vcpus:   {}", vm.spec.vcpus);
     println!("memory:  {} MiB", vm.spec.memory_mib);
@@ -1028,6 +1034,8 @@ fn print_vm(vm: &VmRecord) {
     }
     if let Some(vmm) = &vm.resources.vmm {
         println!("vmm:     {} pid {}", vmm.backend, vmm.pid);
+    } else if let Some(hypervisor) = &vm.hypervisor {
+        println!("vmm:     {hypervisor} (none running)");
     }
     match &vm.health {
         vmkit_core::Health::Healthy => println!("health:  agent answers"),
@@ -1048,19 +1056,30 @@ fn print_table(vms: &[VmRecord]) {
         .unwrap_or(4)
         .max(4);
     println!(
-        "{:<width$}  {:<9} {:<8} {:>5} {:>8} {:>6}  IP",
+        "{:<width$}  {:<11} {:<8} {:>5} {:>8} {:>6}  IP",
         "NAME", "STATE", "IMAGE", "VCPUS", "MEMORY", "DISK"
     );
     for vm in vms {
         println!(
-            "{:<width$}  {:<9} {:<8} {:>5} {:>5}MiB {:>3}GiB  {}",
+            "{:<width$}  {:<11} {:<8} {:>5} {:>5}MiB {:>3}GiB  {}",
             vm.name.as_str(),
-            vm.state.as_str(),
+            // Its state is moot: only a delete is accepted.
+            if vm.quarantined.is_some() {
+                "quarantined"
+            } else {
+                vm.state.as_str()
+            },
             vm.spec.image,
             vm.spec.vcpus,
             vm.spec.memory_mib,
             vm.spec.disk_gib,
             vm.ip().map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+        );
+    }
+    if vms.iter().any(|vm| vm.quarantined.is_some()) {
+        println!(
+            "quarantined: vmkit could not settle the VM after a restart; `vmkit vm show NAME` \
+             says why, and only `vmkit vm rm NAME` is accepted"
         );
     }
 }
@@ -1071,6 +1090,9 @@ fn event_line(e: &Event) -> String {
         EventKind::CreateFailed { error } => format!("create failed: {error}"),
         EventKind::OperationFailed { operation, error } => format!("{operation} failed: {error}"),
         EventKind::Reconciled { action } => format!("reconciled: {action}"),
+        EventKind::ReconcileFailed { action, error } => {
+            format!("reconcile could not {action}: {error}")
+        }
         EventKind::HealthChanged { health } => format!("health: {health:?}").to_lowercase(),
         EventKind::Resized { spec } => format!(
             "resized: {} vCPUs, {} MiB, {} GiB disk",

@@ -129,7 +129,9 @@ impl Manager {
             });
         }
         if vm.state != VmState::Stopped {
-            let caps = b.hypervisor.capabilities();
+            self.reattach(&mut vm).await?;
+            let hv = self.hv(&vm)?;
+            let caps = hv.capabilities();
             let vcpus = (spec.vcpus != vm.spec.vcpus).then_some(spec.vcpus);
             let memory = (spec.memory_mib != vm.spec.memory_mib).then_some(spec.memory_mib);
             if (vcpus.is_some() && !caps.resize_vcpus) || (memory.is_some() && !caps.resize_memory)
@@ -139,9 +141,7 @@ impl Manager {
                 ));
             }
             let handle = self.vmm_of(&vm)?;
-            b.hypervisor
-                .resize(&handle, Resize::new(vcpus, memory))
-                .await?;
+            hv.resize(&handle, Resize::new(vcpus, memory)).await?;
         }
         if disk_changes {
             let bytes = spec.disk_gib << 30;
@@ -187,12 +187,7 @@ impl Manager {
         }
         self.require(&vm, "read the console of", RUNNING_OR_PAUSED)?;
         let handle = self.vmm_of(&vm)?;
-        Ok(self
-            .inner
-            .backends
-            .hypervisor
-            .console_tail(&handle, max_bytes)
-            .await?)
+        Ok(self.hv(&vm)?.console_tail(&handle, max_bytes).await?)
     }
 
     /// The last lines of a unit's journal or of a file in a running VM, read by its
@@ -252,7 +247,10 @@ impl Manager {
         vm: crate::vm::VmId,
         handle: &crate::hypervisor::VmmHandle,
     ) {
-        let hv = &self.inner.backends.hypervisor;
+        let Some(hv) = self.inner.backends.hypervisor_of(&handle.backend) else {
+            tracing::warn!(%vm, backend = %handle.backend, "cannot keep the console: no such backend");
+            return;
+        };
         let text = match hv.console_tail(handle, KEPT_CONSOLE_BYTES).await {
             Ok(text) => text,
             Err(e) => {
@@ -292,10 +290,11 @@ impl Manager {
 
     /// What a running or paused VM uses.
     pub async fn metrics(&self, name: &VmName) -> Result<VmMetrics, ManagerError> {
-        let vm = self.get(name).await?;
+        let mut vm = self.get(name).await?;
         self.require(&vm, "read the metrics of", RUNNING_OR_PAUSED)?;
+        self.reattach(&mut vm).await?;
         let handle = self.vmm_of(&vm)?;
-        let vmm = self.inner.backends.hypervisor.info(&handle).await?;
+        let vmm = self.hv(&vm)?.info(&handle).await?;
         let guest = if RUNNING.contains(&vm.state) {
             let client = self.agent(&vm).await?;
             Some(

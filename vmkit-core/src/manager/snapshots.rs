@@ -39,8 +39,10 @@ impl Manager {
     pub async fn snapshot(&self, vm: &VmName, name: VmName) -> Result<Snapshot, ManagerError> {
         let _guard = self.lock(vm).await;
         let b = &self.inner.backends;
-        let record = self.get(vm).await?;
+        let mut record = self.get(vm).await?;
         self.require(&record, "snapshot", SNAPSHOTTABLE)?;
+        self.reattach(&mut record).await?;
+        let hv = self.hv(&record)?;
         if b.store.get_snapshot(&name).await?.is_some() {
             return Err(ManagerError::SnapshotTaken(name));
         }
@@ -51,9 +53,9 @@ impl Manager {
             .quiesced(&record, async |handle: Option<&VmmHandle>| {
                 let mut memory = None;
                 if let Some(handle) = handle
-                    && b.hypervisor.capabilities().snapshot
+                    && hv.capabilities().snapshot
                 {
-                    b.hypervisor.snapshot(handle, &dir).await?;
+                    hv.snapshot(handle, &dir).await?;
                     memory = Some(dir.clone());
                 }
                 for volume in [&record.resources.root, &record.resources.data]
@@ -93,6 +95,7 @@ impl Manager {
             data: volumes.next(),
             memory,
             mac: record.resources.net.as_ref().map(|n| n.mac),
+            hypervisor: Some(hv.kind().to_owned()),
             created_at: Timestamp::now(),
         };
         b.store.put_snapshot(&snapshot).await?;
@@ -115,7 +118,7 @@ impl Manager {
         vm: &VmRecord,
         f: impl AsyncFnOnce(Option<&VmmHandle>) -> Result<T, ManagerError>,
     ) -> Result<T, ManagerError> {
-        let hv = &self.inner.backends.hypervisor;
+        let hv = self.hv(vm)?;
         let handle = vm.resources.vmm.clone();
         let pause = vm.state == VmState::Running;
         if pause {
@@ -208,7 +211,6 @@ impl Manager {
     /// keeps its identity: name, id, address, MAC.
     pub async fn restore(&self, vm: &VmName, name: &VmName) -> Result<VmRecord, ManagerError> {
         let _guard = self.lock(vm).await;
-        let b = &self.inner.backends;
         let mut record = self.get(vm).await?;
         self.require(&record, "restore", SNAPSHOTTABLE)?;
         let snapshot = self.get_snapshot(name).await?;
@@ -230,7 +232,7 @@ impl Manager {
         let memory = snapshot
             .memory
             .clone()
-            .filter(|_| b.hypervisor.capabilities().snapshot);
+            .filter(|_| self.hv(&record).is_ok_and(|hv| hv.capabilities().snapshot));
         match memory {
             Some(dir) => self.resume_from(&mut record, &dir).await?,
             None => self.start_locked(&mut record).await?,
@@ -249,7 +251,7 @@ impl Manager {
 
     /// Stops a running or paused VM at once (its state is about to be replaced).
     async fn stop_by_force(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
-        let hv = &self.inner.backends.hypervisor;
+        let hv = self.hv(vm)?;
         self.set_state(vm, VmState::Stopping).await?;
         self.forget_agent(vm.id);
         if let Some(handle) = vm.resources.vmm.take() {
@@ -312,10 +314,10 @@ impl Manager {
         self.set_state(vm, VmState::Starting).await?;
         let config = self.machine_config(vm, &image)?;
         let started = async {
-            let handle = b.hypervisor.restore(&config, dir).await?;
+            let handle = self.hv(vm)?.restore(&config, dir).await?;
             vm.resources.vmm = Some(handle.clone());
             self.save(vm).await?;
-            b.hypervisor.resume(&handle).await?;
+            self.hv(vm)?.resume(&handle).await?;
             self.wait_ready(vm, &handle).await?;
             self.configure_guest(vm).await
         }

@@ -84,6 +84,11 @@ impl Manager {
         let vms = self.list(None).await?;
         let mut current: HashMap<VmId, VmmHandle> = HashMap::new();
         for vm in vms {
+            // A quarantined VM waits for its rm; an unreachable one for its
+            // re-attach (`retry_unreachable`), after which it is followed.
+            if vm.quarantined.is_some() || self.is_unreachable(&vm) {
+                continue;
+            }
             if let (VmState::Running | VmState::Paused, Some(handle)) =
                 (vm.state, vm.resources.vmm.clone())
             {
@@ -115,7 +120,12 @@ impl Manager {
     /// Follows the VMM `handle` of VM `id` until it ends or the backend stops
     /// reporting.
     async fn follow(&self, id: VmId, handle: VmmHandle, died: mpsc::UnboundedSender<VmName>) {
-        let mut watch = match self.inner.backends.hypervisor.watch(&handle).await {
+        // The backend that started the VMM; a VM whose backend is missing is left
+        // to reconcile.
+        let Some(hv) = self.inner.backends.hypervisor_of(&handle.backend) else {
+            return;
+        };
+        let mut watch = match hv.watch(&handle).await {
             Ok(watch) => watch,
             Err(HypervisorError::Unsupported { .. }) => return,
             Err(e) => {
@@ -187,7 +197,7 @@ impl Manager {
         }
         self.forget_agent(vm.id);
         self.keep_console(vm.id, handle).await;
-        b.hypervisor.cleanup(handle).await?;
+        self.hv(&vm)?.cleanup(handle).await?;
         vm.resources.vmm = None;
         vm.health = Health::Unknown;
         self.emit(NewEvent::vm(vm.id, &vm.name, kind)).await;

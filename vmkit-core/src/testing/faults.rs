@@ -1,4 +1,5 @@
-//! Failure injection shared by the fakes: "fail at step N".
+//! Failure injection shared by the fakes: "fail at step N", and "this operation
+//! is broken (for this VM) until healed".
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -8,7 +9,8 @@ use std::sync::{Arc, Mutex};
 /// Share one `Faults` between all fakes of a test: every fallible call (state
 /// store writes included) counts as one step, in the order the manager makes them.
 /// [`Faults::fail_at`]`(n)` makes the n-th call from then on fail; calls after it
-/// succeed again, so undo steps run normally.
+/// succeed again, so undo steps run normally. [`Faults::break_op`] breaks one
+/// operation (for one VM, or for all) until [`Faults::heal`], whatever the step.
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
     inner: Arc<Inner>,
@@ -20,6 +22,26 @@ struct Inner {
     fail_at: AtomicU64,
     crash_at: AtomicU64,
     log: Mutex<Vec<&'static str>>,
+    broken: Mutex<Vec<Broken>>,
+}
+
+#[derive(Debug)]
+struct Broken {
+    operation: &'static str,
+    vm: Option<String>,
+    how: Breakage,
+}
+
+/// How an operation broken with [`Faults::break_op`] fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Breakage {
+    /// With an error that proves nothing about the resource: a busy volume, a
+    /// control socket that refuses the connection. Never "the VMM is gone".
+    Error,
+    /// With the backend's timeout error, after the 10 s the fakes give a call (of
+    /// tokio's clock: run the test with paused time not to wait).
+    Timeout,
 }
 
 /// The error a fake returns at an injected failure.
@@ -79,6 +101,35 @@ impl Faults {
             return Err(InjectedFault { step, operation });
         }
         Ok(())
+    }
+
+    /// Breaks every call of `operation` (e.g. `"hypervisor.attach"`,
+    /// `"storage.delete"`) on the resources of VM `vm` (its id as text), or of every
+    /// VM when `None`, until [`Faults::heal`]: it fails as `how` says. Independent of
+    /// the step counting of [`Faults::fail_at`] and not reset by it.
+    pub fn break_op(&self, operation: &'static str, vm: Option<&str>, how: Breakage) {
+        self.lock_broken().push(Broken {
+            operation,
+            vm: vm.map(str::to_owned),
+            how,
+        });
+    }
+
+    /// Repairs every breakage of `operation`.
+    pub fn heal(&self, operation: &'static str) {
+        self.lock_broken().retain(|b| b.operation != operation);
+    }
+
+    /// How `operation` on a resource of VM `vm` (its id as text) is broken, if it is.
+    pub fn broken(&self, operation: &'static str, vm: &str) -> Option<Breakage> {
+        self.lock_broken()
+            .iter()
+            .find(|b| b.operation == operation && b.vm.as_deref().is_none_or(|v| v == vm))
+            .map(|b| b.how)
+    }
+
+    fn lock_broken(&self) -> std::sync::MutexGuard<'_, Vec<Broken>> {
+        self.inner.broken.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn lock_log(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {

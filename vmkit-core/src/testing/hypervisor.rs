@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use vmkit_guest::{ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink, ServerConfig};
 
-use super::faults::Faults;
+use super::faults::{Breakage, Faults};
 use crate::hypervisor::{
     AgentStream, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig, Resize,
     VmmExit, VmmHandle, VmmInfo, VmmState, VmmWatch, VmmWatchSender,
@@ -100,13 +100,27 @@ impl Shared {
 /// boot id), [`guest_poweroff`](Self::guest_poweroff),
 /// [`guest_panic`](Self::guest_panic), [`crash`](Self::crash), and a VMM that stops
 /// answering ([`hang`](Self::hang)).
-#[derive(Debug, Clone, Default)]
+///
+/// Like the real backends it drives only its own handles (another backend's is
+/// refused with [`HypervisorError::InvalidConfig`]), and reports
+/// [`HypervisorError::NotRunning`] only for a VMM that is gone. Its kind is `fake`
+/// unless set ([`FakeHypervisor::with_kind`]), so that a test can give a manager two.
+/// [`Faults::break_op`] breaks `hypervisor.attach`, `hypervisor.kill`,
+/// `hypervisor.cleanup` and `hypervisor.discard` per VM.
+#[derive(Debug, Clone)]
 pub struct FakeHypervisor {
+    kind: &'static str,
     shared: Arc<Mutex<Shared>>,
     next_pid: Arc<AtomicU32>,
     faults: Faults,
     behavior: Arc<Mutex<AgentBehavior>>,
     hostile: Arc<Mutex<std::collections::HashSet<u32>>>,
+}
+
+impl Default for FakeHypervisor {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FakeHypervisor {
@@ -118,11 +132,22 @@ impl FakeHypervisor {
     /// A fake whose calls count towards `faults`.
     pub fn with_faults(faults: Faults) -> Self {
         Self {
+            kind: "fake",
             shared: Arc::default(),
             next_pid: Arc::new(AtomicU32::new(1000)),
             faults,
             behavior: Arc::default(),
             hostile: Arc::default(),
+        }
+    }
+
+    /// The same fake under another [`Hypervisor::kind`] (a fresh one: no VMMs
+    /// shared with `self`), e.g. `FakeHypervisor::new().with_kind("fake-ch")`.
+    pub fn with_kind(self, kind: &'static str) -> Self {
+        Self {
+            kind,
+            shared: Arc::default(),
+            ..self
         }
     }
 
@@ -233,11 +258,46 @@ impl FakeHypervisor {
         })
     }
 
+    /// Refuses another backend's handle, as the real backends do.
+    fn owns(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        if handle.backend == self.kind {
+            Ok(())
+        } else {
+            Err(HypervisorError::InvalidConfig(format!(
+                "the handle belongs to the {} backend, not {}",
+                handle.backend, self.kind
+            )))
+        }
+    }
+
+    /// Fails `operation` on the VM of `run_dir` (named after its id) as
+    /// [`Faults::break_op`] broke it, if it did; a timeout after 10 s (of tokio's
+    /// clock: a test with paused time does not wait).
+    async fn broken(&self, operation: &'static str, run_dir: &Path) -> Result<(), HypervisorError> {
+        let vm = run_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        match self.faults.broken(operation, vm) {
+            None => Ok(()),
+            Some(Breakage::Timeout) => {
+                let timeout = Duration::from_secs(10);
+                tokio::time::sleep(timeout).await;
+                Err(HypervisorError::Timeout { operation, timeout })
+            }
+            Some(_) => Err(HypervisorError::io(
+                format!("{operation} failed (injected)"),
+                std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+            )),
+        }
+    }
+
     fn with_vmm<T>(
         &self,
         handle: &VmmHandle,
         f: impl FnOnce(&mut FakeVmm) -> Result<T, HypervisorError>,
     ) -> Result<T, HypervisorError> {
+        self.owns(handle)?;
         let mut shared = self.lock();
         let vmm = shared
             .vmms
@@ -253,7 +313,7 @@ impl FakeHypervisor {
         shared.watches.insert(pid, VmmWatch::channel().0);
         drop(shared);
         VmmHandle {
-            backend: "fake".to_owned(),
+            backend: self.kind.to_owned(),
             pid,
             pid_start: u64::from(pid),
             run_dir: config.run_dir.clone(),
@@ -288,7 +348,7 @@ fn refused(operation: &'static str, state: VmmState) -> HypervisorError {
 #[async_trait]
 impl Hypervisor for FakeHypervisor {
     fn kind(&self) -> &'static str {
-        "fake"
+        self.kind
     }
 
     fn capabilities(&self) -> HypervisorCapabilities {
@@ -319,11 +379,16 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
+        self.owns(handle)?;
         self.answer(handle.pid).await;
+        // A gone VMM is proven gone whatever else is broken.
+        self.with_vmm(handle, |_| Ok(()))?;
+        self.broken("hypervisor.attach", &handle.run_dir).await?;
         self.with_vmm(handle, |v| Ok(v.state))
     }
 
     async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
+        self.owns(handle)?;
         self.answer(handle.pid).await;
         let shared = self.lock();
         Ok(match shared.vmms.get(&handle.pid) {
@@ -343,13 +408,16 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn shutdown(&self, handle: &VmmHandle, _grace: Duration) -> Result<(), HypervisorError> {
+        self.owns(handle)?;
         self.check("hypervisor.shutdown")?;
         self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.owns(handle)?;
         self.check("hypervisor.kill")?;
+        self.broken("hypervisor.kill", &handle.run_dir).await?;
         self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
@@ -486,7 +554,9 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
+        self.owns(handle)?;
         self.check("hypervisor.cleanup")?;
+        self.broken("hypervisor.cleanup", &handle.run_dir).await?;
         let mut shared = self.lock();
         if shared.vmms.contains_key(&handle.pid) {
             return Err(HypervisorError::Refused {
@@ -501,6 +571,7 @@ impl Hypervisor for FakeHypervisor {
     }
 
     async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        self.owns(handle)?;
         let shared = self.lock();
         match shared.watches.get(&handle.pid) {
             Some(watch) => Ok(watch.subscribe()),
@@ -510,6 +581,7 @@ impl Hypervisor for FakeHypervisor {
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         self.check("hypervisor.discard")?;
+        self.broken("hypervisor.discard", run_dir).await?;
         let mut shared = self.lock();
         let pids: Vec<u32> = shared
             .vmms

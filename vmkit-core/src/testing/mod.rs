@@ -28,7 +28,7 @@ pub mod suites;
 use std::sync::Arc;
 
 pub use assets::{test_data_dir, test_image, test_images_dir};
-pub use faults::{Faults, InjectedFault};
+pub use faults::{Breakage, Faults, InjectedFault};
 pub use gateway::FakeGateway;
 pub use hypervisor::{AgentBehavior, FakeHypervisor, GuestState};
 pub use images::FakeImages;

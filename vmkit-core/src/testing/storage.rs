@@ -166,6 +166,17 @@ impl FakeStorage {
         Ok(disk.read(offset, len))
     }
 
+    /// Fails `op` on `volume` as [`Faults::break_op`] broke it for its VM, if it did.
+    fn broken(&self, op: &'static str, volume: &Volume) -> Result<(), StorageError> {
+        match self.faults.broken(op, &volume.vm.to_string()) {
+            None => Ok(()),
+            Some(_) => Err(StorageError::Io {
+                context: format!("cannot {op} volume {} (injected)", volume.id),
+                source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+            }),
+        }
+    }
+
     fn check(&self, op: &'static str) -> Result<(), StorageError> {
         self.faults.check(op).map_err(|f| StorageError::Command {
             command: op.to_owned(),
@@ -246,6 +257,7 @@ impl Storage for FakeStorage {
 
     async fn delete(&self, volume: &Volume) -> Result<(), StorageError> {
         self.check("storage.delete")?;
+        self.broken("storage.delete", volume)?;
         let mut s = self.lock();
         if let Some(v) = s.volumes.remove(&volume.id) {
             s.disks.remove(&v.path);
@@ -275,6 +287,7 @@ impl Storage for FakeStorage {
 
     async fn release(&self, volume: &Volume) -> Result<PathBuf, StorageError> {
         self.check("storage.release")?;
+        self.broken("storage.release", volume)?;
         let mut s = self.lock();
         let v = s
             .volumes

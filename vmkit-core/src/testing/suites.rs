@@ -113,6 +113,15 @@ pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixtur
         hv.attach(&handle).await.expect("attach to a running VMM"),
         VmmState::Running
     );
+    // Only proof of death is `NotRunning`: reconcile kills on it.
+    let mut foreign = handle.clone();
+    foreign.backend = "another-backend".into();
+    match hv.attach(&foreign).await {
+        Err(HypervisorError::NotRunning { .. }) | Ok(_) => {
+            panic!("another backend's handle is refused, and not as a dead VMM")
+        }
+        Err(_) => {}
+    }
     hv.console_tail(&handle, 4096).await.expect("console tail");
 
     hv.shutdown(&handle, Duration::from_secs(30))
@@ -124,8 +133,11 @@ pub async fn hypervisor_lifecycle(hv: &dyn Hypervisor, fx: &dyn HypervisorFixtur
         "shutdown returns once the VMM is gone"
     );
     assert!(
-        hv.attach(&handle).await.is_err(),
-        "attach to a dead VMM fails"
+        matches!(
+            hv.attach(&handle).await,
+            Err(HypervisorError::NotRunning { .. })
+        ),
+        "attach to a dead VMM fails with NotRunning"
     );
     hv.shutdown(&handle, Duration::from_secs(1))
         .await
@@ -845,6 +857,7 @@ pub async fn store_snapshots(store: &dyn StateStore) {
             data: None,
             memory: Some(format!("/s/{id}").into()),
             mac: None,
+            hypervisor: None,
             created_at: crate::time::Timestamp::now(),
         }
     };
