@@ -353,28 +353,34 @@ async fn serve<S: Transport>(
         if request.reply.is_closed() || Instant::now() >= request.deadline {
             continue;
         }
-        let Request {
-            command,
-            arguments,
-            fd,
-            reply,
-            deadline,
-        } = request;
         let sent = tokio::time::timeout_at(
-            deadline,
-            qmp.send(&command, arguments, fd.as_ref().map(AsFd::as_fd)),
+            request.deadline,
+            qmp.send(
+                &request.command,
+                request.arguments.clone(),
+                request.fd.as_ref().map(AsFd::as_fd),
+            ),
         )
         .await;
-        drop(fd);
         let id = match sent {
             Ok(Ok(id)) => id,
-            Ok(Err(e)) => {
-                let _ = reply.send(Err(e));
+            // The connection broke before QEMU had the whole command, so it did not
+            // run it (QEMU drops a partial line with its connection): it goes out
+            // again on the next connection.
+            Ok(Err(_)) => {
+                backlog.push_front(request);
                 return Served::Lost;
             }
             // A write that cannot finish leaves the connection mid-message.
             Err(_) => return Served::Lost,
         };
+        let Request {
+            fd,
+            reply,
+            deadline,
+            ..
+        } = request;
+        drop(fd);
         loop {
             let message = tokio::select! {
                 message = qmp.next_message() => message,
