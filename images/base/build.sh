@@ -3,7 +3,7 @@
 # OpenSSH, apt and sudo, a default user, and the agent as a systemd unit.
 #
 #   vmlinuz        Debian's cloud kernel, as for the tiny image
-#   initramfs.img  the tiny image's initramfs (virtio, vsock and ACPI modules, mount
+#   initramfs.img  the tiny image's initramfs (virtio, vsock, ACPI and pvpanic modules, mount
 #                  root=, switch_root), here to systemd
 #   rootfs.ext4    Debian from mmdebstrap (variant apt) with the packages below, the
 #                  kernel's modules, /usr/local/bin/vmkit-agent and its unit, the user
@@ -75,7 +75,7 @@ DEFAULT_USER=vmkit
 lib_kernel
 # The same early modules as the tiny image; the rest come from the root filesystem.
 lib_modules virtio_pci virtio_mmio virtio_blk virtio_net virtio_console \
-	vmw_vsock_virtio_transport virtio_rng button evdev
+	vmw_vsock_virtio_transport virtio_rng button evdev pvpanic_pci
 lib_initramfs "$OUT/initramfs.img"
 
 # --- packages (cached) ------------------------------------------------------------

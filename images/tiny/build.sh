@@ -2,9 +2,9 @@
 # vmkit image recipe "tiny": a minimal image for fast tests, from Debian packages only.
 #
 #   vmlinuz        Debian's cloud kernel (the package linux-image-cloud-amd64 depends on)
-#   initramfs.img  busybox-static and an /init that loads the virtio, vsock and ACPI
-#                  button modules the cloud kernel builds as modules, waits for root=,
-#                  mounts it and switch_roots to /sbin/init
+#   initramfs.img  busybox-static and an /init that loads the virtio, vsock, ACPI
+#                  button and pvpanic modules the cloud kernel builds as modules, waits
+#                  for root=, mounts it and switch_roots to /sbin/init
 #   rootfs.ext4    busybox init, the applets, /usr/bin/vmkit-agent (respawned by init);
 #                  mounts the data disk (label vmkit-data) at /data
 #   kernel-release the kernel's release string (uname -r in the guest)
@@ -51,6 +51,7 @@ WANTED=(
 	virtio_rng                 # entropy from the host
 	button                     # ACPI power button: graceful shutdown from the host
 	evdev                      # ... whose events acpid reads from /dev/input
+	pvpanic_pci                # reports a kernel panic to the VMM (QEMU's pvpanic-pci)
 )
 lib_modules "${WANTED[@]}"
 

@@ -42,8 +42,17 @@ pub enum EventKind {
         /// manages.
         path: std::path::PathBuf,
     },
-    /// The VMM exited without being asked to.
+    /// The VMM exited without being asked to, and without saying why (it crashed or
+    /// was killed from outside vmkit).
     VmmExited,
+    /// The guest rebooted itself (`reboot` in the guest); the VM stays running and
+    /// is configured again once its agent is back.
+    GuestRebooted,
+    /// The guest powered itself off (`poweroff` in the guest); the VM is stopped.
+    GuestPoweredOff,
+    /// The guest kernel panicked; the VM is stopped and its console (`vmkit vm
+    /// logs`) ends with the panic.
+    GuestPanicked,
     /// A running VM's agent became healthy or unhealthy.
     HealthChanged {
         /// The new health.

@@ -212,6 +212,136 @@ pub struct VmmInfo {
     pub memory_mib: u64,
 }
 
+/// Why a VMM ended, as its backend saw it happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum VmmExit {
+    /// The guest powered itself off (`poweroff`, ACPI power-off).
+    PowerOff,
+    /// The guest rebooted and this backend ends the VMM on a reboot instead of
+    /// resetting it in place; the caller boots it again if it wants.
+    Reboot,
+    /// The guest kernel panicked and said so (pvpanic); the VMM was stopped.
+    Panic,
+    /// The VMM process ended without saying why: it crashed, or something other
+    /// than the backend killed it.
+    Crashed,
+    /// The host stopped the VMM: the backend's own `shutdown` or `kill`, or a
+    /// request from outside (a signal, a monitor command).
+    Killed,
+}
+
+impl std::fmt::Display for VmmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VmmExit::PowerOff => "the guest powered off",
+            VmmExit::Reboot => "the guest rebooted",
+            VmmExit::Panic => "the guest kernel panicked",
+            VmmExit::Crashed => "the VMM process ended unexpectedly",
+            VmmExit::Killed => "the host stopped the VMM",
+        })
+    }
+}
+
+/// What a VMM's backend has seen happen to it since it began watching it (at
+/// start, restore or attach): how often the guest reset (rebooted in place) and,
+/// once it has ended, why.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct VmmEvents {
+    /// Guest resets seen: each is a reboot that keeps the same VMM.
+    pub resets: u64,
+    /// Why the VMM ended; `None` while it runs.
+    pub exit: Option<VmmExit>,
+}
+
+impl VmmEvents {
+    /// Nothing seen yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// A subscription to one VMM's events, from [`Hypervisor::watch`]. It carries the
+/// latest [`VmmEvents`], so a subscriber that looks late misses no reset (they are
+/// counted) and no exit (it stays). Backends make one with [`VmmWatch::channel`].
+#[derive(Clone, Debug)]
+pub struct VmmWatch {
+    rx: tokio::sync::watch::Receiver<VmmEvents>,
+}
+
+/// The backend's end of [`VmmWatch`]es: it records what it sees.
+#[derive(Debug)]
+pub struct VmmWatchSender {
+    tx: tokio::sync::watch::Sender<VmmEvents>,
+}
+
+impl VmmWatch {
+    /// A new pair: the backend keeps the sender, subscribers clone the watch.
+    pub fn channel() -> (VmmWatchSender, VmmWatch) {
+        let (tx, rx) = tokio::sync::watch::channel(VmmEvents::new());
+        (VmmWatchSender { tx }, VmmWatch { rx })
+    }
+
+    /// What has been seen so far.
+    pub fn current(&self) -> VmmEvents {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until something new is seen and returns it all. `None` once the backend
+    /// has stopped watching: after the VMM ended (its exit is in
+    /// [`VmmWatch::current`]), or without seeing it end (the backend was dropped;
+    /// then ask [`Hypervisor::info`] or watch again).
+    pub async fn changed(&mut self) -> Option<VmmEvents> {
+        match self.rx.changed().await {
+            Ok(()) => Some(self.rx.borrow_and_update().clone()),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits until the VMM ends and says why; `None` if the backend stopped
+    /// watching first.
+    pub async fn wait_exit(&mut self) -> Option<VmmExit> {
+        loop {
+            if let Some(exit) = self.rx.borrow_and_update().exit {
+                return Some(exit);
+            }
+            self.rx.changed().await.ok()?;
+        }
+    }
+}
+
+impl VmmWatchSender {
+    /// Records a guest reset.
+    pub fn reset(&self) {
+        self.tx.send_modify(|e| e.resets += 1);
+    }
+
+    /// Records the end of the VMM; the first reason recorded stays.
+    pub fn exit(&self, exit: VmmExit) {
+        self.tx.send_if_modified(|e| {
+            let first = e.exit.is_none();
+            if first {
+                e.exit = Some(exit);
+            }
+            first
+        });
+    }
+
+    /// What has been recorded so far.
+    pub fn current(&self) -> VmmEvents {
+        self.tx.borrow().clone()
+    }
+
+    /// A new subscription.
+    pub fn subscribe(&self) -> VmmWatch {
+        VmmWatch {
+            rx: self.tx.subscribe(),
+        }
+    }
+}
+
 /// What a Hypervisor backend can do; the manager asks instead of trying.
 ///
 /// Start from [`HypervisorCapabilities::default`] (nothing, raw disks) and set fields.
@@ -439,6 +569,19 @@ pub trait Hypervisor: Send + Sync {
         handle: &VmmHandle,
         max_bytes: usize,
     ) -> Result<String, HypervisorError>;
+
+    /// Follows the VMM's events as they happen: guest resets (reboots that keep the
+    /// VMM) and its end with the reason ([`VmmExit`]), from when the backend began
+    /// watching it (its start, restore or attach). The manager reacts to these
+    /// instead of polling [`Hypervisor::info`], which stays the fallback. A backend
+    /// that cannot tell keeps this default, which says so.
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        let _ = handle;
+        Err(HypervisorError::Unsupported {
+            backend: self.kind(),
+            operation: "watching VMM events",
+        })
+    }
 
     /// Removes the run directory of a VMM that is gone. Idempotent.
     async fn cleanup(&self, handle: &VmmHandle) -> Result<(), HypervisorError>;

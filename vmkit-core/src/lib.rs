@@ -67,7 +67,8 @@ pub use event::{Event, EventKind, EventRetention, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
 pub use hypervisor::{
     AgentIo, AgentStream, DiskConfig, Hypervisor, HypervisorCapabilities, HypervisorError,
-    MachineConfig, NicConfig, Resize, VmmHandle, VmmInfo, VmmState,
+    MachineConfig, NicConfig, Resize, VmmEvents, VmmExit, VmmHandle, VmmInfo, VmmState, VmmWatch,
+    VmmWatchSender,
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use manager::{

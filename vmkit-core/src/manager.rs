@@ -4,8 +4,12 @@
 //! by a per-name lock; commands on different VMs run in parallel. Every resource a
 //! command takes is written to the VM's record as soon as it exists, so that a
 //! failure (or a crash of the process) can be undone step by step.
+//!
+//! What the guests do by themselves (reboot, power off, panic) reaches the manager
+//! through [`Manager::supervise`], which an embedder runs beside it (the daemon
+//! does); [`Manager::check_vmms`] polls as a safety net.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
@@ -18,7 +22,9 @@ use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, Netw
 
 use crate::error::{ErrorChain, ManagerError};
 use crate::event::{Event, EventKind, EventRetention, NewEvent};
-use crate::hypervisor::{DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmHandle, VmmState};
+use crate::hypervisor::{
+    DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmExit, VmmHandle, VmmState,
+};
 use crate::image::ImageCatalog;
 use crate::name::VmName;
 use crate::network::Network;
@@ -36,6 +42,7 @@ mod keys;
 mod ops;
 mod reconcile;
 mod snapshots;
+mod supervise;
 
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
@@ -57,6 +64,9 @@ pub struct ManagerConfig {
     pub shutdown_grace: Duration,
     /// Timeout of a single agent call.
     pub agent_timeout: Duration,
+    /// How long [`Manager::check_vmms`] waits for one VMM to report its state
+    /// before it gives up on that VM (for this round).
+    pub vmm_check_timeout: Duration,
     /// Largest console log kept per VM, in bytes.
     pub console_limit: u64,
     /// DNS servers handed to guests.
@@ -83,6 +93,7 @@ impl ManagerConfig {
             boot_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(15),
             agent_timeout: Duration::from_secs(10),
+            vmm_check_timeout: Duration::from_secs(15),
             console_limit: 1 << 20,
             dns: Vec::new(),
             on_vmm_exit: ExitPolicy::default(),
@@ -118,6 +129,12 @@ impl ManagerConfig {
     /// Sets the agent call timeout.
     pub fn agent_timeout(mut self, timeout: Duration) -> Self {
         self.agent_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a VMM check waits for one VMM.
+    pub fn vmm_check_timeout(mut self, timeout: Duration) -> Self {
+        self.vmm_check_timeout = timeout;
         self
     }
 
@@ -316,6 +333,12 @@ struct Inner {
     /// single client (QEMU's virtio-serial socket does), so a second concurrent
     /// connect would wait behind the first and time out.
     connecting: StdMutex<HashMap<VmId, Arc<Mutex<()>>>>,
+    /// Each VM's guest boot as its agent last said hello: a reboot is over when the
+    /// agent says hello with another boot id.
+    boots: StdMutex<HashMap<VmId, Boot>>,
+    /// VMs whose guest rebooted and whose agent is not back yet: the agent checks
+    /// leave them to the reboot.
+    rebooting: StdMutex<HashSet<VmId>>,
     events: broadcast::Sender<Event>,
     /// VMMs found alive that could not be driven (attach failed without proof of
     /// death), by VM: left running and re-attached later (see
@@ -334,6 +357,16 @@ impl std::fmt::Debug for Manager {
             .field("data_dir", &self.inner.config.data_dir)
             .finish_non_exhaustive()
     }
+}
+
+/// A guest boot, as its agent said hello.
+#[derive(Clone, Debug)]
+struct Boot {
+    /// The guest kernel's boot id.
+    id: String,
+    /// The guest resets its VMM had reported by then ([`crate::VmmEvents::resets`]),
+    /// when it reports them: the resets up to this boot need no reaction.
+    resets: Option<u64>,
 }
 
 /// Undo actions for the steps of a create, run in reverse on failure.
@@ -365,6 +398,8 @@ impl Manager {
                 snapshot_locks: StdMutex::new(HashMap::new()),
                 agents: StdMutex::new(HashMap::new()),
                 connecting: StdMutex::new(HashMap::new()),
+                boots: StdMutex::new(HashMap::new()),
+                rebooting: StdMutex::new(HashSet::new()),
                 events,
                 unreachable: StdMutex::new(HashMap::new()),
                 keys: Mutex::new(()),
@@ -765,10 +800,16 @@ impl Manager {
             .map_err(|e| ManagerError::agent(&vm.name, &e))
     }
 
-    /// Checks every VM that should have a running VMM and marks those whose VMM has
-    /// gone as stopped. Returns the names of the VMs it marked.
+    /// Checks every VM that should have a running VMM (all at once, each bounded by
+    /// [`ManagerConfig::vmm_check_timeout`]) and settles those whose VMM has gone as
+    /// [`Manager::supervise`] does: stopped, console kept, an event saying why.
+    /// The safety net under `supervise`, and the only check for backends that
+    /// cannot report events. A VMM that does not answer, or any other failure,
+    /// concerns its VM only: it is logged and the others are checked. Returns the
+    /// VMs whose VMM ended unexpectedly (crash, panic, kill), for the exit policy.
     pub async fn check_vmms(&self) -> Result<Vec<VmName>, ManagerError> {
-        let mut marked = Vec::new();
+        let timeout = self.inner.config.vmm_check_timeout;
+        let mut checks = tokio::task::JoinSet::new();
         for vm in self.list(None).await? {
             // A quarantined VM waits for its rm; an unreachable one for its re-attach
             // (`retry_unreachable`, which also finds out if it died).
@@ -781,34 +822,44 @@ impl Manager {
             let Some(handle) = vm.resources.vmm.clone() else {
                 continue;
             };
-            let Ok(hv) = self.hv(&vm) else { continue };
-            let info = hv.info(&handle).await?;
-            if info.state == VmmState::Exited {
-                let _guard = self.lock(&vm.name).await;
-                // Re-read under the lock: an operation may have finished meanwhile.
-                let Some(mut current) = self.inner.backends.store.get_vm(&vm.name).await? else {
-                    continue;
+            let manager = self.clone();
+            checks.spawn(async move {
+                // A VM whose backend is missing is left to reconcile and rm.
+                let Ok(hv) = manager.hv(&vm) else {
+                    return (vm.name.clone(), Ok(None));
                 };
-                if current.resources.vmm.as_ref() != Some(&handle) {
-                    continue;
+                let outcome = match tokio::time::timeout(timeout, hv.info(&handle)).await {
+                    Err(_) => Err(format!("its VMM did not answer within {timeout:?}")),
+                    Ok(Err(e)) => Err(ErrorChain(&e).to_string()),
+                    Ok(Ok(info)) if info.state == VmmState::Exited => {
+                        // The reason, if the backend saw it.
+                        let exit = match hv.watch(&handle).await {
+                            Ok(watch) => watch.current().exit,
+                            Err(_) => None,
+                        };
+                        manager
+                            .vmm_ended(vm.id, &handle, exit.unwrap_or(VmmExit::Crashed))
+                            .await
+                            .map_err(|e| ErrorChain(&e).to_string())
+                    }
+                    Ok(Ok(_)) => Ok(None),
+                };
+                (vm.name, outcome)
+            });
+        }
+        let mut died = Vec::new();
+        while let Some(joined) = checks.join_next().await {
+            match joined {
+                Ok((_, Ok(Some(name)))) => died.push(name),
+                Ok((_, Ok(None))) => {}
+                Ok((name, Err(reason))) => {
+                    warn!(vm = %name, %reason, "cannot check the VMM; checking the others")
                 }
-                warn!(vm = %current.name, "VMM exited; marking the VM stopped");
-                self.forget_agent(current.id);
-                self.keep_console(current.id, &handle).await;
-                hv.cleanup(&handle).await?;
-                current.resources.vmm = None;
-                current.health = Health::Unknown;
-                self.emit(NewEvent::vm(
-                    current.id,
-                    &current.name,
-                    EventKind::VmmExited,
-                ))
-                .await;
-                self.set_state(&mut current, VmState::Stopped).await?;
-                marked.push(current.name);
+                Err(e) => warn!(error = %e, "a VMM check failed"),
             }
         }
-        Ok(marked)
+        died.sort();
+        Ok(died)
     }
 
     /// Pings the agent of every running VM (all at once, each bounded by `timeout`)
@@ -821,8 +872,10 @@ impl Manager {
     ) -> Result<Vec<(VmName, Health)>, ManagerError> {
         let mut pings = tokio::task::JoinSet::new();
         for vm in self.list(None).await? {
+            // A rebooting guest's agent is away; the reboot brings it back.
             if vm.state != VmState::Running
                 || vm.resources.vmm.is_none()
+                || self.is_rebooting(vm.id)
                 || self.is_unreachable(&vm)
             {
                 continue;
@@ -858,31 +911,46 @@ impl Manager {
             if vm.health == health {
                 continue;
             }
-            let _guard = self.lock(&vm.name).await;
-            let Some(mut current) = self.inner.backends.store.get_vm(&vm.name).await? else {
-                continue;
-            };
-            // Only the VMM that was checked, still running, gets the verdict.
-            if current.state != VmState::Running || current.resources.vmm != vm.resources.vmm {
-                continue;
-            }
-            match &health {
-                Health::Unhealthy { reason } => {
-                    warn!(vm = %current.name, %reason, "agent unhealthy")
+            match self.record_health(&vm, &health).await {
+                Ok(true) => changed.push((vm.name, health)),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(vm = %vm.name, error = %ErrorChain(&e), "cannot record the agent's health; checking the others")
                 }
-                _ => info!(vm = %current.name, "agent healthy"),
             }
-            current.health = health.clone();
-            self.save_with_event(
-                &mut current,
-                EventKind::HealthChanged {
-                    health: health.clone(),
-                },
-            )
-            .await?;
-            changed.push((current.name, health));
         }
         Ok(changed)
+    }
+
+    /// Records the `health` of the agent of `vm` as checked, if the VM still runs
+    /// the VMM that was checked and is not rebooting. Returns whether it did.
+    async fn record_health(&self, vm: &VmRecord, health: &Health) -> Result<bool, ManagerError> {
+        let _guard = self.lock(&vm.name).await;
+        let Some(mut current) = self.inner.backends.store.get_vm(&vm.name).await? else {
+            return Ok(false);
+        };
+        // Only the VMM that was checked, still running, gets the verdict.
+        if current.state != VmState::Running
+            || current.resources.vmm != vm.resources.vmm
+            || self.is_rebooting(current.id)
+        {
+            return Ok(false);
+        }
+        match health {
+            Health::Unhealthy { reason } => {
+                warn!(vm = %current.name, %reason, "agent unhealthy")
+            }
+            _ => info!(vm = %current.name, "agent healthy"),
+        }
+        current.health = health.clone();
+        self.save_with_event(
+            &mut current,
+            EventKind::HealthChanged {
+                health: health.clone(),
+            },
+        )
+        .await?;
+        Ok(true)
     }
 
     async fn start_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
@@ -977,6 +1045,17 @@ impl Manager {
         vm: &VmRecord,
         handle: &VmmHandle,
     ) -> Result<HelloInfo, ManagerError> {
+        self.wait_ready_after(vm, handle, None).await
+    }
+
+    /// [`Manager::wait_ready`] for a boot after the one whose boot id was
+    /// `last_boot`: a hello with that id (an agent of the old boot) does not count.
+    async fn wait_ready_after(
+        &self,
+        vm: &VmRecord,
+        handle: &VmmHandle,
+        last_boot: Option<&str>,
+    ) -> Result<HelloInfo, ManagerError> {
         let hv = self.hv(vm)?;
         let deadline = Instant::now() + self.inner.config.boot_timeout;
         let failure = |reason: String| async move {
@@ -1025,10 +1104,14 @@ impl Manager {
             };
             match outcome {
                 None => return Err(failure("the VMM exited during boot".to_owned()).await),
+                Some(Ok(hello)) if last_boot == Some(hello.boot_id.as_str()) => {
+                    debug!(vm = %vm.name, "the agent of the previous boot answered; reconnecting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Some(Ok(hello)) => {
                     // Guest text: logged with Debug, which quotes and escapes it.
                     info!(vm = %vm.name, agent = ?hello.agent_version, kernel = ?hello.kernel, "agent ready");
-                    self.remember_agent(vm.id, client);
+                    self.remember_agent(vm.id, client, &hello, handle).await;
                     return Ok(hello);
                 }
                 Some(Err(e)) => {
@@ -1091,14 +1174,7 @@ impl Manager {
         if let Some(client) = self.cached_agent(vm.id) {
             return Ok(client);
         }
-        let gate = {
-            let mut connecting = self
-                .inner
-                .connecting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            connecting.entry(vm.id).or_default().clone()
-        };
+        let gate = self.connect_gate(vm.id);
         let _connecting = gate.lock().await;
         if let Some(client) = self.cached_agent(vm.id) {
             return Ok(client);
@@ -1113,12 +1189,51 @@ impl Manager {
             })?;
         let stream = self.hv(vm)?.connect_agent(handle).await?;
         let client = Client::new(stream, self.agent_client_config());
-        client
+        let hello = client
             .hello()
             .await
             .map_err(|e| ManagerError::agent(&vm.name, &e))?;
-        self.remember_agent(vm.id, client.clone());
+        self.remember_agent(vm.id, client.clone(), &hello, handle)
+            .await;
         Ok(client)
+    }
+
+    /// The gate of connection attempts to the agent of `vm`.
+    fn connect_gate(&self, vm: VmId) -> Arc<Mutex<()>> {
+        let mut connecting = self
+            .inner
+            .connecting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        connecting.entry(vm).or_default().clone()
+    }
+
+    /// The boot the agent of `vm` last said hello from.
+    fn boot(&self, vm: VmId) -> Option<Boot> {
+        let boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
+        boots.get(&vm).cloned()
+    }
+
+    fn set_rebooting(&self, vm: VmId, rebooting: bool) {
+        let mut set = self
+            .inner
+            .rebooting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if rebooting {
+            set.insert(vm);
+        } else {
+            set.remove(&vm);
+        }
+    }
+
+    fn is_rebooting(&self, vm: VmId) -> bool {
+        let set = self
+            .inner
+            .rebooting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        set.contains(&vm)
     }
 
     fn cached_agent(&self, vm: VmId) -> Option<Client> {
@@ -1126,19 +1241,45 @@ impl Manager {
         agents.get(&vm).filter(|c| !c.is_closed()).cloned()
     }
 
-    fn remember_agent(&self, vm: VmId, client: Client) {
+    /// Keeps `client`, connected to the agent of `vm` (whose VMM is `handle`),
+    /// which said `hello`.
+    async fn remember_agent(
+        &self,
+        vm: VmId,
+        client: Client,
+        hello: &HelloInfo,
+        handle: &VmmHandle,
+    ) {
+        let resets = match self.inner.backends.hypervisor_of(&handle.backend) {
+            Some(hv) => hv.watch(handle).await.ok().map(|w| w.current().resets),
+            None => None,
+        };
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.insert(vm, client);
+        drop(agents);
+        let mut boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
+        boots.insert(
+            vm,
+            Boot {
+                id: hello.boot_id.clone(),
+                resets,
+            },
+        );
     }
 
+    /// Drops the agent client of `vm` and what its hello said.
     fn forget_agent(&self, vm: VmId) {
         let mut agents = self.inner.agents.lock().unwrap_or_else(|p| p.into_inner());
         agents.remove(&vm);
+        drop(agents);
+        let mut boots = self.inner.boots.lock().unwrap_or_else(|p| p.into_inner());
+        boots.remove(&vm);
     }
 
     /// Drops every per-VM table entry of a VM that is gone.
     fn forget_vm(&self, vm: VmId) {
         self.forget_agent(vm);
+        self.set_rebooting(vm, false);
         self.forget_unreachable(vm);
         let mut connecting = self
             .inner

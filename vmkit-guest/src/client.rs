@@ -386,6 +386,15 @@ impl Client {
         }
     }
 
+    /// Closes the connection now, for every clone and stream: pending calls fail with
+    /// [`ClientError::Closed`] and the stream is dropped, freeing a channel that
+    /// serves one client at a time (such as QEMU's virtio-serial socket) for a new
+    /// connection. For an agent that is gone without hanging up (its guest rebooted).
+    pub fn close(&self) {
+        self.inner.reader.abort();
+        self.inner.shared.close(ClientError::Closed);
+    }
+
     /// Whether the connection is closed; every later call then fails with
     /// [`ClientError::Closed`].
     pub fn is_closed(&self) -> bool {

@@ -711,3 +711,23 @@ async fn an_oversized_grow_report_is_a_protocol_error() {
         "{err:?}"
     );
 }
+
+/// An agent that went away without hanging up (its guest rebooted): `close` fails the
+/// pending calls of every clone and frees the channel for a new connection.
+#[tokio::test]
+async fn close_fails_pending_calls_of_every_clone_and_hangs_up() {
+    use tokio::io::AsyncReadExt;
+    let (client, mut peer) = client_with_raw_peer(ClientConfig::default());
+    let (ping, _) = pending_ping(&client, &mut peer).await;
+    let other = client.clone();
+
+    other.close();
+
+    assert!(matches!(ping.await.unwrap(), Err(ClientError::Closed)));
+    assert!(client.is_closed());
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), peer.stream.read_to_end(&mut rest))
+        .await
+        .expect("the peer sees the connection end");
+    assert_eq!(read.unwrap(), 0);
+}

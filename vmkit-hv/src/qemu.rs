@@ -34,12 +34,32 @@
 //!
 //! # Guest reboot and panics
 //!
-//! QEMU runs with `-no-reboot`: a guest reboot, a triple fault and a kernel panic
-//! (with `panic=-1`, added to the command line unless it sets `panic=`) all end the
-//! VMM, which reports [`VmmState::Exited`]; the manager starts it again if it wants.
-//! Keeping reboots inside QEMU would need every guest to load a pvpanic driver (the
-//! Debian cloud kernel builds it as a module the tiny image does not load); without
-//! it a panicking guest would reboot forever instead of stopping.
+//! One supervisor task per VMM holds its QMP connection (QEMU's monitor serves one
+//! client at a time): every command of this backend goes through it, and it reads
+//! QEMU's events as they come (see the `supervisor` module). [`Hypervisor::watch`]
+//! hands them out as [`VmmEvents`](vmkit_core::VmmEvents). The supervisor starts at
+//! `start`, `restore` and `attach` (or the first command for a VMM) and ends with
+//! the VMM.
+//!
+//! - A guest reboot (and a triple fault) resets the guest in place: QEMU runs
+//!   without `-no-reboot`, the same VMM boots again and emits `RESET`, counted as a
+//!   reset.
+//! - A guest power-off ends the VMM (`SHUTDOWN` with `guest: true`):
+//!   [`VmmExit::PowerOff`](vmkit_core::VmmExit::PowerOff).
+//! - A kernel panic: every VM has a `pvpanic-pci` device, and QEMU runs with
+//!   `-action panic=shutdown`, so a guest whose kernel loads the pvpanic driver
+//!   (vmkit's images do: the Debian cloud kernel builds it as the module
+//!   `pvpanic_pci`, which their initramfs loads) reports the panic
+//!   (`GUEST_PANICKED`), and QEMU stops:
+//!   [`VmmExit::Panic`](vmkit_core::VmmExit::Panic), console kept by the manager.
+//!   The kernel command line gets `panic=-1` unless it sets `panic=`, so a guest
+//!   *without* the driver reboots at once after a panic instead of hanging: the
+//!   panic then reads as a reboot (the console shows it), and a guest that panics
+//!   at every boot reboots until it is stopped, as a physical machine with
+//!   `panic=-1` would.
+//! - The host stopping the VMM (this backend's `shutdown` or `kill`, a `quit`, a
+//!   signal) is [`VmmExit::Killed`](vmkit_core::VmmExit::Killed); a VMM that ends
+//!   without a word is [`VmmExit::Crashed`](vmkit_core::VmmExit::Crashed).
 
 mod console;
 mod hotplug;
@@ -47,6 +67,7 @@ mod probe;
 mod process;
 mod qmp;
 mod snapshot;
+mod supervisor;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -62,14 +83,15 @@ use tokio::net::UnixStream;
 use tokio::sync::{Mutex, OnceCell, watch};
 use vmkit_core::{
     AgentStream, DiskFormat, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig,
-    Resize, VmmHandle, VmmInfo, VmmState,
+    Resize, VmmHandle, VmmInfo, VmmState, VmmWatch,
 };
 
 pub use probe::{Accel, AccelChoice};
 
 use crate::process::{VmmProcess, read_stat};
 use console::ConsoleLog;
-use qmp::{Qmp, QmpError};
+use qmp::QmpError;
+use supervisor::{QmpClient, Supervisor};
 
 /// The backend's name in handles.
 const KIND: &str = "qemu";
@@ -211,6 +233,9 @@ pub struct Qemu {
     accel: OnceCell<AccelChoice>,
     /// Console pumps of the VMs this instance started or attached to, by run dir.
     pumps: Mutex<HashMap<PathBuf, Pump>>,
+    /// The supervisor of each VMM this instance started or attached to, by run dir:
+    /// it holds the VMM's QMP connection (see the `supervisor` module).
+    supervisors: std::sync::Mutex<HashMap<PathBuf, Supervisor>>,
 }
 
 /// A running console pump.
@@ -318,6 +343,7 @@ impl Qemu {
             config,
             accel: OnceCell::new(),
             pumps: Mutex::new(HashMap::new()),
+            supervisors: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -376,7 +402,10 @@ impl Qemu {
             "-display".as_ref(),
             "none".as_ref(),
             "-S".as_ref(),
-            "-no-reboot".as_ref(),
+            // A guest reboot resets in place; a panic the guest reports (pvpanic,
+            // below) ends the VMM: see "Guest reboot and panics".
+            "-action".as_ref(),
+            "panic=shutdown".as_ref(),
             "-M".as_ref(),
             machine.as_ref(),
         ]);
@@ -441,7 +470,12 @@ impl Qemu {
                 device.as_ref(),
             ]);
         }
-        push(&["-device".as_ref(), "virtio-rng-pci".as_ref()]);
+        push(&[
+            "-device".as_ref(),
+            "virtio-rng-pci".as_ref(),
+            "-device".as_ref(),
+            "pvpanic-pci".as_ref(),
+        ]);
 
         let socket = |id: &str, name: &str| {
             let mut s = OsString::from(format!("socket,id={id},path="));
@@ -617,7 +651,7 @@ impl Qemu {
     async fn wait_console_accepted(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
     ) -> Result<(), HypervisorError> {
         let deadline = tokio::time::Instant::now() + self.config.qmp_timeout;
         loop {
@@ -674,19 +708,64 @@ impl Qemu {
             }
             vmm.wait_gone(KILL_WAIT).await;
         }
+        self.drop_supervisor(&paths.dir);
         self.stop_pump(&paths.dir).await;
         remove_run_files(paths, created_dir);
     }
 
-    /// A QMP session with the VMM of `handle`, for `operation`.
+    /// A QMP client of the VMM of `handle`, for an operation (named for the callers'
+    /// reading; failures are mapped per command by [`Self::exec`]): its commands go
+    /// through the VMM's supervisor, which is started if this instance has none yet.
+    /// Never fails: a VMM that cannot be reached fails the commands.
     async fn qmp(
         &self,
         handle: &VmmHandle,
-        operation: &'static str,
-    ) -> Result<Qmp<UnixStream>, HypervisorError> {
-        match Qmp::connect(&handle.control_socket, self.config.qmp_timeout).await {
-            Ok(qmp) => Ok(qmp),
-            Err(e) => Err(self.qmp_error(handle, operation, e).await),
+        _operation: &'static str,
+    ) -> Result<QmpClient, HypervisorError> {
+        Ok(self.with_supervisor(handle, Supervisor::client))
+    }
+
+    /// Runs `f` on the supervisor of the VMM of `handle`, started if there is none
+    /// (or only one of an earlier VMM in the same run directory).
+    fn with_supervisor<T>(&self, handle: &VmmHandle, f: impl FnOnce(&Supervisor) -> T) -> T {
+        let mut supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
+        let current = supervisors
+            .get(&handle.run_dir)
+            .is_some_and(|s| s.pid == handle.pid && s.pid_start == handle.pid_start);
+        if !current {
+            let supervisor = Supervisor::spawn(
+                VmmProcess::from_handle(handle),
+                handle.pid_start,
+                handle.control_socket.clone(),
+                self.config.qmp_timeout,
+            );
+            supervisors.insert(handle.run_dir.clone(), supervisor);
+        }
+        let supervisor = supervisors
+            .get(&handle.run_dir)
+            .expect("inserted above when missing");
+        f(supervisor)
+    }
+
+    /// Stops supervising the VMM in `run_dir`.
+    fn drop_supervisor(&self, run_dir: &Path) {
+        let removed = self
+            .supervisors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(run_dir);
+        drop(removed);
+    }
+
+    /// Records that the backend itself stops the VMM of `handle`, so that its end
+    /// reads as [`VmmExit::Killed`](vmkit_core::VmmExit::Killed).
+    fn mark_stopping(&self, handle: &VmmHandle) {
+        let supervisors = self.supervisors.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = supervisors.get(&handle.run_dir)
+            && s.pid == handle.pid
+            && s.pid_start == handle.pid_start
+        {
+            s.stopping();
         }
     }
 
@@ -694,7 +773,7 @@ impl Qemu {
     async fn exec(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
         operation: &'static str,
         command: &str,
         arguments: Option<Value>,
@@ -754,7 +833,7 @@ impl Qemu {
     async fn run_status(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
         operation: &'static str,
     ) -> Result<String, HypervisorError> {
         let status = self
@@ -828,6 +907,7 @@ impl Qemu {
         operation: &'static str,
     ) -> Result<(), HypervisorError> {
         let vmm = VmmProcess::from_handle(handle);
+        self.mark_stopping(handle);
         vmm.kill().map_err(|e| {
             HypervisorError::io(format!("cannot kill QEMU (pid {})", handle.pid), e)
         })?;
@@ -879,7 +959,6 @@ impl Hypervisor for Qemu {
         Self::require_running(handle)?;
         let mut qmp = self.qmp(handle, "attach").await?;
         let status = self.run_status(handle, &mut qmp, "attach").await?;
-        drop(qmp);
         let state = read_run_state(&RunPaths::from_handle(handle)).await;
         self.ensure_pump(handle, state.console_limit).await?;
         Ok(map_status(&status))
@@ -923,6 +1002,7 @@ impl Hypervisor for Qemu {
             self.settle_pump(&handle.run_dir).await;
             return Ok(());
         }
+        self.mark_stopping(handle);
         // Ask politely; a guest that cannot hear (paused, not yet booted) is resumed or
         // skipped. Failures here only mean going on to the next step sooner.
         match self.qmp(handle, "shutdown").await {
@@ -947,7 +1027,7 @@ impl Hypervisor for Qemu {
             }
         }
         // Then `quit`, which flushes the disks, then SIGKILL.
-        if let Ok(mut qmp) = self.qmp(handle, "shutdown").await {
+        if let Ok(qmp) = self.qmp(handle, "shutdown").await {
             match qmp.execute("quit", None).await {
                 Ok(_) | Err(QmpError::Closed) => {}
                 Err(e) => tracing::debug!(pid = handle.pid, error = %e, "quit failed"),
@@ -1090,6 +1170,7 @@ impl Hypervisor for Qemu {
                 ),
             });
         }
+        self.drop_supervisor(&handle.run_dir);
         self.stop_pump(&handle.run_dir).await;
         match tokio::fs::remove_dir_all(&handle.run_dir).await {
             Ok(()) => Ok(()),
@@ -1103,8 +1184,22 @@ impl Hypervisor for Qemu {
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         crate::process::discard_run_dir(run_dir, QMP_SOCKET, KILL_WAIT).await?;
+        self.drop_supervisor(run_dir);
         self.stop_pump(run_dir).await;
         Ok(())
+    }
+
+    /// Follows the VMM's events through its supervisor (see the module docs,
+    /// "Guest reboot and panics"). Works for a VMM that has ended too, as long as
+    /// this instance supervised it: its exit reason stays until `cleanup`.
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        if handle.backend != KIND {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "the handle belongs to the {} backend, not {KIND}",
+                handle.backend
+            )));
+        }
+        Ok(self.with_supervisor(handle, Supervisor::watch))
     }
 }
 
@@ -1373,9 +1468,20 @@ mod tests {
             value_after(&args, "-chardev")
                 .contains(&"socket,id=qmp,path=/srv/vm/run/qmp.sock,server=on,wait=off")
         );
-        for flag in ["-nodefaults", "-no-user-config", "-S", "-no-reboot"] {
+        for flag in ["-nodefaults", "-no-user-config", "-S"] {
             assert!(args.iter().any(|a| a == flag), "{flag} is missing");
         }
+    }
+
+    #[test]
+    fn a_reboot_resets_in_place_and_a_reported_panic_ends_the_vmm() {
+        let args = args_of(&machine(Path::new("/srv/vm")), Accel::Tcg);
+        assert!(
+            !args.iter().any(|a| a == "-no-reboot"),
+            "a guest reboot must not end the VMM"
+        );
+        assert_eq!(value_after(&args, "-action"), ["panic=shutdown"]);
+        assert!(value_after(&args, "-device").contains(&"pvpanic-pci"));
     }
 
     #[test]

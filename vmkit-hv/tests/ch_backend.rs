@@ -595,3 +595,48 @@ fn the_backend_reports_its_kind_and_capabilities() {
     assert!(caps.pause && caps.snapshot && caps.resize_vcpus);
     assert!(!caps.resize_memory, "no hotplug memory by default");
 }
+
+/// The event monitor (`--event-monitor`), as the stand-in writes it: a guest reboot
+/// is a reset of the same VMM, a panic reported by pvpanic ends the VMM as a panic
+/// (cloud-hypervisor itself goes on, so the backend stops it), a guest power-off is
+/// a power-off and the backend's own shutdown a kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_monitor_tells_a_reboot_a_panic_a_power_off_and_a_host_stop_apart() {
+    let host = TestHost::new(Behaviour::default());
+    let hv = host.backend();
+    let handle = hv.start(&host.machine("reboots")).await.expect("start");
+    let mut watch = hv.watch(&handle).await.expect("watch");
+    let client = wait_for_agent(&hv, &handle, BOOT).await;
+
+    client.shutdown(true).await.expect("reboot");
+    tokio::time::timeout(BOOT, async {
+        while watch.current().resets == 0 {
+            watch.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the reset was reported");
+    assert_eq!(hv.info(&handle).await.unwrap().state, VmmState::Running);
+
+    let _ = client.exec_collect(ExecRequest::new(["panic"]), 1024).await;
+    let exit = tokio::time::timeout(BOOT, watch.wait_exit()).await.unwrap();
+    assert_eq!(exit, Some(vmkit_core::VmmExit::Panic));
+    assert_eq!(hv.info(&handle).await.unwrap().state, VmmState::Exited);
+    hv.cleanup(&handle).await.unwrap();
+
+    let handle = hv.start(&host.machine("powers-off")).await.expect("start");
+    let mut watch = hv.watch(&handle).await.expect("watch");
+    let client = wait_for_agent(&hv, &handle, BOOT).await;
+    client.shutdown(false).await.expect("power off");
+    let exit = tokio::time::timeout(BOOT, watch.wait_exit()).await.unwrap();
+    assert_eq!(exit, Some(vmkit_core::VmmExit::PowerOff));
+    hv.cleanup(&handle).await.unwrap();
+
+    let handle = hv.start(&host.machine("stopped")).await.expect("start");
+    let mut watch = hv.watch(&handle).await.expect("watch");
+    hv.shutdown(&handle, Duration::from_secs(10))
+        .await
+        .expect("shutdown");
+    let exit = tokio::time::timeout(BOOT, watch.wait_exit()).await.unwrap();
+    assert_eq!(exit, Some(vmkit_core::VmmExit::Killed));
+}

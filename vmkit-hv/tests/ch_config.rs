@@ -78,7 +78,8 @@ fn a_full_machine_is_sent_exactly() {
             "rng": {"src": "/dev/urandom"},
             "serial": {"mode": "File", "file": "/var/lib/vmkit/run/full/console.log"},
             "console": {"mode": "Off"},
-            "vsock": {"cid": 3, "socket": "/var/lib/vmkit/run/full/vsock.sock"}
+            "vsock": {"cid": 3, "socket": "/var/lib/vmkit/run/full/vsock.sock"},
+            "pvpanic": true
         })
     );
 }

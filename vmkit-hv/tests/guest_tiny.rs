@@ -291,3 +291,81 @@ async fn a_tiny_guest_refuses_a_bad_upgrade_and_restarts_into_a_good_one() {
     );
     guest.stop().await;
 }
+
+impl Guest {
+    /// Drops the agent connection (the guest's channel serves one client at a
+    /// time) and waits for the agent of the guest's current boot.
+    async fn reconnect_after_boot(&mut self) {
+        self.client = Client::new(tokio::io::duplex(1).0, ClientConfig::default());
+        self.client = wait_for_agent(&self.qemu, &self.handle, BOOT_TIMEOUT).await;
+    }
+}
+
+/// Runs `argv` in the guest and ignores the outcome: the guest may go away with it.
+async fn fire(client: &Client, argv: &[&str]) {
+    let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(30));
+    let _ = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.exec_collect(request, 1 << 16),
+    )
+    .await;
+}
+
+/// Regression (issue 13): QEMU ran with `-no-reboot`, so a reboot inside the guest
+/// ended the VMM. Now the guest resets in place (counted by the VMM's supervisor),
+/// and a panic reported by pvpanic ends the VMM with its reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_reboot_resets_in_place_and_a_panic_ends_the_vmm_as_a_panic() {
+    let mut g = Guest::boot("reboots").await;
+    let mut watch = g.qemu.watch(&g.handle).await.unwrap();
+    let boot = g.sh("cat /proc/sys/kernel/random/boot_id").await;
+    assert!(
+        g.sh("cat /proc/modules").await.contains("pvpanic_pci"),
+        "the image loads the pvpanic driver"
+    );
+
+    fire(&g.client, &["reboot"]).await;
+    tokio::time::timeout(BOOT_TIMEOUT, async {
+        while watch.current().resets == 0 {
+            let events = watch.changed().await;
+            assert!(
+                events.is_some(),
+                "the VMM ended ({:?}) instead of resetting",
+                watch.current().exit
+            );
+        }
+    })
+    .await
+    .expect("QEMU reported the reset");
+    assert_eq!(
+        g.qemu.info(&g.handle).await.unwrap().state,
+        vmkit_core::VmmState::Running,
+        "the same VMM runs the new boot"
+    );
+    g.reconnect_after_boot().await;
+    let new_boot = g.sh("cat /proc/sys/kernel/random/boot_id").await;
+    assert_ne!(new_boot, boot);
+
+    fire(&g.client, &["sh", "-c", "echo c > /proc/sysrq-trigger"]).await;
+    let exit = tokio::time::timeout(BOOT_TIMEOUT, watch.wait_exit())
+        .await
+        .expect("the VMM ended");
+    assert_eq!(exit, Some(vmkit_core::VmmExit::Panic));
+    let console = g.qemu.console_tail(&g.handle, 1 << 16).await.unwrap();
+    assert!(console.contains("Kernel panic - not syncing"), "{console}");
+    g.qemu.cleanup(&g.handle).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_power_off_ends_the_vmm_as_a_power_off() {
+    let g = Guest::boot("powers-off").await;
+    let mut watch = g.qemu.watch(&g.handle).await.unwrap();
+
+    fire(&g.client, &["poweroff"]).await;
+
+    let exit = tokio::time::timeout(BOOT_TIMEOUT, watch.wait_exit())
+        .await
+        .expect("the VMM ended");
+    assert_eq!(exit, Some(vmkit_core::VmmExit::PowerOff));
+    g.qemu.cleanup(&g.handle).await.unwrap();
+}

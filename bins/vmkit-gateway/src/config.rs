@@ -100,7 +100,8 @@ pub struct Timeouts {
     pub shutdown_grace_secs: u64,
     /// Timeout of one agent call.
     pub agent_secs: u64,
-    /// How often VMMs are checked for having died.
+    /// How often agents are checked for answering; VMMs are polled for having died
+    /// every tenth time (a safety net: their events are followed as they happen).
     pub vmm_check_secs: u64,
 }
 

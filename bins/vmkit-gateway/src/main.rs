@@ -274,35 +274,73 @@ async fn bind(path: &std::path::Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Notices VMMs that died (the VM is marked stopped) and agents that stopped
-/// answering or broke the protocol (the VM is marked unhealthy).
+/// The VMM poll, a safety net under the events `Manager::supervise` reacts to,
+/// runs every this many agent checks.
+const VMM_POLL_TICKS: u32 = 10;
+
+/// Reacts to what VMMs report as it happens (`Manager::supervise`: a guest reboot
+/// keeps its VM running and configures it again, a power-off or panic stops it),
+/// restarts VMs whose VMM died under `on_vmm_exit = "restart"`, checks the agents
+/// every `every` (an agent that stopped answering or broke the protocol marks its VM
+/// unhealthy) and polls the VMMs every [`VMM_POLL_TICKS`] of those. A failure of one
+/// VM stays with that VM.
 async fn monitor(manager: Manager, every: Duration, agent_timeout: Duration) {
+    let (died_tx, mut died) = tokio::sync::mpsc::unbounded_channel();
+    let supervisor = manager.clone();
+    let _supervising = AbortOnDrop(tokio::spawn(
+        async move { supervisor.supervise(died_tx).await },
+    ));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut restarts = Restarts::default();
+    let mut ticks: u32 = 0;
     loop {
-        tick.tick().await;
-        match manager.check_vmms().await {
-            Ok(died) if manager.config().on_vmm_exit == vmkit_core::ExitPolicy::Restart => {
-                for name in died {
-                    if !restarts.allow(&name, std::time::Instant::now()) {
-                        error!(
-                            vm = %name,
-                            "its VMM died {RESTART_LIMIT} times within {RESTART_WINDOW:?}; left \
-                             stopped (see `vmkit vm logs`, then start it)"
-                        );
-                        continue;
+        let died_now = tokio::select! {
+            Some(name) = died.recv() => vec![name],
+            _ = tick.tick() => {
+                ticks = ticks.wrapping_add(1);
+                let died_now = if ticks % VMM_POLL_TICKS == 1 {
+                    match manager.check_vmms().await {
+                        Ok(died) => died,
+                        Err(e) => {
+                            warn!(error = %ErrorChain(&e), "VMM check failed");
+                            Vec::new()
+                        }
                     }
-                    spawn_restart(&manager, name);
+                } else {
+                    Vec::new()
+                };
+                // VMMs that could not be re-attached at start: again, or proven dead.
+                manager.retry_unreachable().await;
+                if let Err(e) = manager.check_agents(agent_timeout).await {
+                    warn!(error = %ErrorChain(&e), "agent check failed");
                 }
+                died_now
             }
-            Ok(_) => {}
-            Err(e) => warn!(error = %ErrorChain(&e), "VMM check failed"),
+        };
+        if manager.config().on_vmm_exit != vmkit_core::ExitPolicy::Restart {
+            continue;
         }
-        manager.retry_unreachable().await;
-        if let Err(e) = manager.check_agents(agent_timeout).await {
-            warn!(error = %ErrorChain(&e), "agent check failed");
+        for name in died_now {
+            if !restarts.allow(&name, std::time::Instant::now()) {
+                error!(
+                    vm = %name,
+                    "its VMM died {RESTART_LIMIT} times within {RESTART_WINDOW:?}; left \
+                     stopped (see `vmkit vm logs`, then start it)"
+                );
+                continue;
+            }
+            spawn_restart(&manager, name);
         }
+    }
+}
+
+/// Aborts a task when dropped (the monitor's supervisor with the monitor).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

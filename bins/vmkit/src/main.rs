@@ -1136,6 +1136,12 @@ fn event_line(e: &Event) -> String {
         EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
         EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
         EventKind::DataKept { path } => format!("kept the data volume at {}", path.display()),
+        EventKind::GuestRebooted => "the guest rebooted".to_owned(),
+        EventKind::GuestPoweredOff => "the guest powered off".to_owned(),
+        EventKind::GuestPanicked => {
+            "the guest kernel panicked (its console: vmkit vm logs)".to_owned()
+        }
+        EventKind::VmmExited => "the VMM ended unexpectedly".to_owned(),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e

@@ -12,7 +12,7 @@ use vmkit_guest::{ExecRequest, ExitStatus, Handler, HelloInfo, OutputSink, Serve
 use super::faults::{Breakage, Faults};
 use crate::hypervisor::{
     AgentStream, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig, Resize,
-    VmmHandle, VmmInfo, VmmState,
+    VmmExit, VmmHandle, VmmInfo, VmmState, VmmWatch, VmmWatchSender,
 };
 use crate::storage::DiskFormat;
 
@@ -37,6 +37,8 @@ struct FakeVmm {
     memory_mib: u64,
     console: String,
     guest: GuestState,
+    /// Boots of this VMM's guest so far (1 at start): part of its boot id.
+    boots: u32,
 }
 
 /// What a fake guest's agent was told to configure.
@@ -60,13 +62,29 @@ struct Shared {
     /// The consoles of VMMs that exited, readable until `cleanup`, as a real
     /// backend's log in its run directory is.
     exited: BTreeMap<u32, String>,
+    /// What each VMM's watchers are told, by pid; kept after the VMM exits.
+    watches: BTreeMap<u32, VmmWatchSender>,
+    /// The agent connections of each running guest, cut when it reboots or exits.
+    connections: BTreeMap<u32, Vec<tokio::task::AbortHandle>>,
+    /// VMMs that stopped answering: `info` and `attach` never return.
+    hung: std::collections::HashSet<u32>,
 }
 
 impl Shared {
-    /// The VMM `pid` exits; its console stays readable until cleanup.
-    fn exit(&mut self, pid: u32) {
+    /// The VMM `pid` exits for `why`; its console stays readable until cleanup.
+    fn exit(&mut self, pid: u32, why: VmmExit) {
         if let Some(vmm) = self.vmms.remove(&pid) {
             self.exited.insert(pid, vmm.console);
+            self.cut_connections(pid);
+            if let Some(watch) = self.watches.get(&pid) {
+                watch.exit(why);
+            }
+        }
+    }
+
+    fn cut_connections(&mut self, pid: u32) {
+        for task in self.connections.remove(&pid).unwrap_or_default() {
+            task.abort();
         }
     }
 }
@@ -74,10 +92,16 @@ impl Shared {
 /// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
 /// state rules (pause only when running, snapshot only when paused, restore into a
 /// fresh VMM), and each guest runs a fake agent speaking the real protocol over an
-/// in-memory stream. Its exec understands `echo`, `cat` (of standard input, or of
-/// the files the agent was told to write: `/etc/hostname` and the default user's
-/// `/root/.ssh/authorized_keys`), `true`, `false`, `exit N`, `sleep SECS`,
-/// `hostname` and `uname`; anything else exits 127.
+/// in-memory stream. Its exec understands `echo`, `cat` (of standard input, of
+/// `/proc/sys/kernel/random/boot_id`, or of the files the agent was told to write:
+/// `/etc/hostname` and the default user's `/root/.ssh/authorized_keys`), `true`,
+/// `false`, `exit N`, `sleep SECS`, `hostname` and `uname`; anything else exits 127.
+///
+/// It reports its VMMs' events ([`Hypervisor::watch`]) and simulates what a guest
+/// does to them: [`guest_reboot`](Self::guest_reboot) (a reset in place with a new
+/// boot id), [`guest_poweroff`](Self::guest_poweroff),
+/// [`guest_panic`](Self::guest_panic), [`crash`](Self::crash), and a VMM that stops
+/// answering ([`hang`](Self::hang)).
 ///
 /// Like the real backends it drives only its own handles (another backend's is
 /// refused with [`HypervisorError::InvalidConfig`]), and reports
@@ -153,7 +177,66 @@ impl FakeHypervisor {
 
     /// Makes the VMM of `handle` exit as if it crashed.
     pub fn crash(&self, handle: &VmmHandle) {
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Crashed);
+    }
+
+    /// The guest of `handle` reboots in place, as `reboot` in a guest does: the same
+    /// VMM boots again with a new boot id, its agent connections break, and what
+    /// the agent was told to configure is forgotten (a new boot starts from the
+    /// image). Watchers see a reset.
+    pub fn guest_reboot(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        let Some(vmm) = shared.vmms.get_mut(&handle.pid) else {
+            return;
+        };
+        vmm.boots += 1;
+        vmm.guest = GuestState::default();
+        vmm.console.push_str(&format!(
+            "reboot: Restarting system\nfake boot {}\n",
+            vmm.boots
+        ));
+        shared.cut_connections(handle.pid);
+        if let Some(watch) = shared.watches.get(&handle.pid) {
+            watch.reset();
+        }
+    }
+
+    /// The guest of `handle` powers itself off (`poweroff` in the guest).
+    pub fn guest_poweroff(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        if let Some(vmm) = shared.vmms.get_mut(&handle.pid) {
+            vmm.console.push_str("reboot: Power down\n");
+        }
+        shared.exit(handle.pid, VmmExit::PowerOff);
+    }
+
+    /// The guest kernel of `handle` panics; the VMM reports it and exits, its
+    /// console ending with the panic.
+    pub fn guest_panic(&self, handle: &VmmHandle) {
+        let mut shared = self.lock();
+        if let Some(vmm) = shared.vmms.get_mut(&handle.pid) {
+            vmm.console
+                .push_str("Kernel panic - not syncing: sysrq triggered crash\n");
+        }
+        shared.exit(handle.pid, VmmExit::Panic);
+    }
+
+    /// Makes the VMM of `handle` stop answering (as a QEMU that was sent SIGSTOP):
+    /// `info` and `attach` never return until [`FakeHypervisor::unhang`].
+    pub fn hang(&self, handle: &VmmHandle) {
+        self.lock().hung.insert(handle.pid);
+    }
+
+    /// Makes a VMM hung with [`FakeHypervisor::hang`] answer again.
+    pub fn unhang(&self, handle: &VmmHandle) {
+        self.lock().hung.remove(&handle.pid);
+    }
+
+    /// Waits while the VMM `pid` is hung.
+    async fn answer(&self, pid: u32) {
+        while self.lock().hung.contains(&pid) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// What the guest of the VMM `pid` was told to configure, if it runs.
@@ -227,7 +310,10 @@ impl FakeHypervisor {
 
     fn spawn(&self, config: &MachineConfig, vmm: FakeVmm) -> VmmHandle {
         let pid = self.next_pid.fetch_add(1, Ordering::SeqCst);
-        self.lock().vmms.insert(pid, vmm);
+        let mut shared = self.lock();
+        shared.vmms.insert(pid, vmm);
+        shared.watches.insert(pid, VmmWatch::channel().0);
+        drop(shared);
         VmmHandle {
             backend: self.kind.to_owned(),
             pid,
@@ -289,12 +375,14 @@ impl Hypervisor for FakeHypervisor {
                 memory_mib: config.memory_mib,
                 console: format!("fake boot of {}\n", config.name),
                 guest: GuestState::default(),
+                boots: 1,
             },
         ))
     }
 
     async fn attach(&self, handle: &VmmHandle) -> Result<VmmState, HypervisorError> {
         self.owns(handle)?;
+        self.answer(handle.pid).await;
         // A gone VMM is proven gone whatever else is broken.
         self.with_vmm(handle, |_| Ok(()))?;
         self.broken("hypervisor.attach", &handle.run_dir).await?;
@@ -303,6 +391,7 @@ impl Hypervisor for FakeHypervisor {
 
     async fn info(&self, handle: &VmmHandle) -> Result<VmmInfo, HypervisorError> {
         self.owns(handle)?;
+        self.answer(handle.pid).await;
         let shared = self.lock();
         Ok(match shared.vmms.get(&handle.pid) {
             Some(v) => VmmInfo {
@@ -323,7 +412,7 @@ impl Hypervisor for FakeHypervisor {
     async fn shutdown(&self, handle: &VmmHandle, _grace: Duration) -> Result<(), HypervisorError> {
         self.owns(handle)?;
         self.check("hypervisor.shutdown")?;
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
 
@@ -331,7 +420,7 @@ impl Hypervisor for FakeHypervisor {
         self.owns(handle)?;
         self.check("hypervisor.kill")?;
         self.broken("hypervisor.kill", &handle.run_dir).await?;
-        self.lock().exit(handle.pid);
+        self.lock().exit(handle.pid, VmmExit::Killed);
         Ok(())
     }
 
@@ -437,7 +526,12 @@ impl Hypervisor for FakeHypervisor {
                 tokio::spawn(async move {
                     let _ = vmkit_guest::serve(agent_end, agent, ServerConfig::default()).await;
                 });
-                tokio::spawn(relay(guest, inner, self.clone(), handle.pid));
+                let relay = tokio::spawn(relay(guest, inner, self.clone(), handle.pid));
+                self.lock()
+                    .connections
+                    .entry(handle.pid)
+                    .or_default()
+                    .push(relay.abort_handle());
             }
         }
         Ok(Box::new(host))
@@ -473,13 +567,35 @@ impl Hypervisor for FakeHypervisor {
             });
         }
         shared.exited.remove(&handle.pid);
+        shared.watches.remove(&handle.pid);
+        shared.connections.remove(&handle.pid);
         Ok(())
+    }
+
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        self.owns(handle)?;
+        let shared = self.lock();
+        match shared.watches.get(&handle.pid) {
+            Some(watch) => Ok(watch.subscribe()),
+            None => Err(HypervisorError::NotRunning { pid: handle.pid }),
+        }
     }
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         self.check("hypervisor.discard")?;
         self.broken("hypervisor.discard", run_dir).await?;
-        self.lock().vmms.retain(|_, v| v.config.run_dir != run_dir);
+        let mut shared = self.lock();
+        let pids: Vec<u32> = shared
+            .vmms
+            .iter()
+            .filter(|(_, v)| v.config.run_dir == run_dir)
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in pids {
+            shared.exit(pid, VmmExit::Killed);
+            shared.exited.remove(&pid);
+        }
+        drop(shared);
         // The fake makes no run directories, but one made for it goes as the
         // contract says.
         match std::fs::remove_dir_all(run_dir) {
@@ -547,7 +663,7 @@ impl Handler for FakeAgent {
     async fn hello(&self) -> HelloInfo {
         HelloInfo::new(
             "fake",
-            format!("fake-boot-{}", self.pid),
+            self.boot_id().unwrap_or_default(),
             "fake",
             std::env::consts::ARCH,
         )
@@ -621,7 +737,7 @@ impl Handler for FakeAgent {
     }
 
     async fn shutdown(&self, _reboot: bool) -> Result<(), String> {
-        self.hypervisor.lock().exit(self.pid);
+        self.hypervisor.lock().exit(self.pid, VmmExit::PowerOff);
         Ok(())
     }
 
@@ -699,10 +815,18 @@ impl Handler for FakeAgent {
 }
 
 impl FakeAgent {
+    /// The boot id of the guest's current boot: it changes with every reboot.
+    fn boot_id(&self) -> Option<String> {
+        let shared = self.hypervisor.lock();
+        let vmm = shared.vmms.get(&self.pid)?;
+        Some(format!("fake-boot-{}-{}", self.pid, vmm.boots))
+    }
+
     /// The contents of a file the agent wrote, if it wrote `path`.
     fn file(&self, path: &str) -> Option<String> {
         let guest = self.hypervisor.guest(self.pid)?;
         let lines = match path {
+            "/proc/sys/kernel/random/boot_id" => vec![self.boot_id()?],
             "/etc/hostname" => vec![guest.hostname?],
             "/root/.ssh/authorized_keys" => guest.ssh_keys,
             _ => return None,

@@ -181,10 +181,17 @@ async fn hypervisor_live_vcpus(hv: &dyn Hypervisor, config: &MachineConfig, hand
     assert_eq!(hv.info(handle).await.expect("info").vcpus, config.vcpus);
 }
 
-/// A forced stop ends the VMM at once, without waiting for the guest.
+/// A forced stop ends the VMM at once, without waiting for the guest, and its
+/// events say the host stopped it.
 pub async fn hypervisor_kill(hv: &dyn Hypervisor, fx: &dyn HypervisorFixture) {
     let handle = hv.start(&fx.machine("suite-kill")).await.expect("start");
+    let mut watch = hv.watch(&handle).await.expect("watch");
     hv.kill(&handle).await.expect("kill");
+    let exit = tokio::time::timeout(Duration::from_secs(30), watch.wait_exit())
+        .await
+        .expect("the end is reported");
+    assert_eq!(exit, Some(crate::VmmExit::Killed));
+    assert_eq!(watch.current().resets, 0, "no guest reset");
     assert_eq!(
         hv.info(&handle).await.expect("info").state,
         VmmState::Exited,

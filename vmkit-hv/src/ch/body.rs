@@ -41,6 +41,8 @@ pub(crate) struct RunPaths {
     pub(crate) stderr: PathBuf,
     /// What the backend needs after a daemon restart (the console cap).
     pub(crate) state: PathBuf,
+    /// The event monitor's output (`--event-monitor path=...`).
+    pub(crate) events: PathBuf,
 }
 
 /// The API socket's file name in a run directory.
@@ -56,6 +58,7 @@ impl RunPaths {
             stdout: dir.join("vmm.stdout.log"),
             stderr: dir.join("vmm.stderr.log"),
             state: dir.join("vmkit-ch.json"),
+            events: dir.join("events.json"),
         }
     }
 }
@@ -203,6 +206,8 @@ pub(crate) fn vm_config(
     }
 
     vm.rng = Some(models::RngConfig::new(RNG_SOURCE.to_owned()));
+    // A guest kernel panic is reported as an event (see the `events` module).
+    vm.pvpanic = Some(true);
 
     let mut serial = models::SerialConfig::new(models::ConsoleMode::File);
     serial.file = Some(path_str(&paths.console)?);

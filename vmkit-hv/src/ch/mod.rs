@@ -4,10 +4,11 @@ mod api;
 mod body;
 mod config;
 mod console;
+mod events;
 mod process;
 mod vsock;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
@@ -21,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use vmkit_core::guest::VSOCK_PORT;
 use vmkit_core::{
     AgentStream, DiskFormat, Hypervisor, HypervisorCapabilities, HypervisorError, MachineConfig,
-    Resize, VmmHandle, VmmInfo, VmmState,
+    Resize, VmmHandle, VmmInfo, VmmState, VmmWatch,
 };
 
 pub use config::ChConfig;
@@ -44,7 +45,8 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// # How it works
 ///
 /// **One process per VM.** [`start`](Hypervisor::start) runs
-/// `cloud-hypervisor --api-socket path=<run_dir>/api.sock` (the program from
+/// `cloud-hypervisor --api-socket path=<run_dir>/api.sock --event-monitor
+/// path=<run_dir>/events.json` (the program from
 /// [`ChConfig::binary`]) with a double fork and `setsid`, so the VMM is not the
 /// daemon's child: it outlives a daemon restart, gets no signal sent to the daemon's
 /// process group, and is reaped by init. Its stdin is `/dev/null`, its stdout and
@@ -64,7 +66,8 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// ` console=ttyS0` appended to the command line, boot and max vCPUs, memory, raw
 /// disks with `image_type` always stated and `backing_files` never set, the TAP and
 /// MAC, vsock CID 3 on `<run_dir>/vsock.sock`, virtio-rng from `/dev/urandom`,
-/// serial to `<run_dir>/console.log`, virtio-console off), then `vm.boot`.
+/// serial to `<run_dir>/console.log`, virtio-console off, a pvpanic device), then
+/// `vm.boot`.
 /// cloud-hypervisor's error replies become [`HypervisorError::Refused`] carrying its
 /// own message (its JSON error chain joined with `": "`). A VMM that died is found
 /// by its pid and start time ([`HypervisorError::NotRunning`], or
@@ -90,6 +93,13 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// manager may reconnect at any time. The price is polling while the guest boots
 /// (cloud-hypervisor closes the stream while nothing listens), which
 /// `connect_agent`'s callers do anyway.
+///
+/// **Events.** A task per VMM reads the event monitor's file as it grows
+/// ([`watch`](Hypervisor::watch)): a guest reboot (`vm`/`rebooting`) is a reset
+/// of the same VMM; a kernel panic the guest reports through its pvpanic device
+/// (`guest`/`panic`) makes the backend stop the VMM (cloud-hypervisor itself goes
+/// on) and report [`VmmExit::Panic`](vmkit_core::VmmExit::Panic); a `vm`/`shutdown`
+/// the backend did not ask for, then the end of the process, is a guest power-off.
 ///
 /// **Snapshot and restore.** [`snapshot`](Hypervisor::snapshot) needs a paused
 /// guest (cloud-hypervisor refuses otherwise, and so does this backend, with
@@ -172,6 +182,9 @@ struct Inner {
     config: ChConfig,
     /// VMMs (pid, start time) whose console log a task watches.
     watched: Mutex<HashSet<(u32, u64)>>,
+    /// The event watches of VMMs (pid, start time), started at start, restore or
+    /// the first [`Hypervisor::watch`].
+    events: Mutex<HashMap<(u32, u64), events::EventWatch>>,
 }
 
 /// What the backend keeps in the run directory for a later daemon.
@@ -190,6 +203,7 @@ impl CloudHypervisor {
             inner: Arc::new(Inner {
                 config,
                 watched: Mutex::default(),
+                events: Mutex::default(),
             }),
         }
     }
@@ -253,7 +267,14 @@ impl CloudHypervisor {
         let binary = self.inner.config.binary.clone();
         let mut socket_arg = OsString::from("path=");
         socket_arg.push(&paths.api);
-        let args = vec![OsString::from("--api-socket"), socket_arg];
+        let mut events_arg = OsString::from("path=");
+        events_arg.push(&paths.events);
+        let args = vec![
+            OsString::from("--api-socket"),
+            socket_arg,
+            OsString::from("--event-monitor"),
+            events_arg,
+        ];
         let spawn_paths = paths.clone();
         let spawned = tokio::task::spawn_blocking(move || {
             process::spawn_detached(&binary, &args, &spawn_paths)
@@ -298,6 +319,29 @@ impl CloudHypervisor {
                 Ok(ping) => return check_ping_pid(&ping, id, &api),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+        }
+    }
+
+    /// The event watch of the VMM of `handle`, started if there is none.
+    fn event_watch(&self, handle: &VmmHandle) -> VmmWatch {
+        let key = (handle.pid, handle.pid_start);
+        let mut watches = lock(&self.inner.events);
+        watches
+            .entry(key)
+            .or_insert_with(|| {
+                events::watch(
+                    VmmProcess::from_handle(handle),
+                    RunPaths::new(&handle.run_dir).events,
+                )
+            })
+            .watch
+            .clone()
+    }
+
+    /// Records that the backend itself stops the VMM of `handle`.
+    fn mark_stopping(&self, handle: &VmmHandle) {
+        if let Some(w) = lock(&self.inner.events).get(&(handle.pid, handle.pid_start)) {
+            w.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
         }
     }
 
@@ -510,6 +554,7 @@ impl Hypervisor for CloudHypervisor {
             return Err(err);
         }
         self.watch_console(&handle, config.console_limit);
+        self.event_watch(&handle);
         Ok(handle)
     }
 
@@ -562,6 +607,7 @@ impl Hypervisor for CloudHypervisor {
         if !id.is_alive() {
             return Ok(());
         }
+        self.mark_stopping(handle);
         let api = Api::new(&handle.control_socket);
         let t = self.inner.config.api_timeout;
         let running = matches!(
@@ -587,6 +633,7 @@ impl Hypervisor for CloudHypervisor {
 
     async fn kill(&self, handle: &VmmHandle) -> Result<(), HypervisorError> {
         let id = VmmProcess::from_handle(handle);
+        self.mark_stopping(handle);
         id.kill().map_err(|e| {
             HypervisorError::io(format!("sending SIGKILL to the VMM (pid {})", id.pid), e)
         })?;
@@ -722,6 +769,7 @@ impl Hypervisor for CloudHypervisor {
             return Err(err);
         }
         self.watch_console(&handle, config.console_limit);
+        self.event_watch(&handle);
         Ok(handle)
     }
 
@@ -759,6 +807,7 @@ impl Hypervisor for CloudHypervisor {
                 message: "the VMM still runs".into(),
             });
         }
+        lock(&self.inner.events).remove(&(handle.pid, handle.pid_start));
         match std::fs::remove_dir_all(&handle.run_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -771,6 +820,18 @@ impl Hypervisor for CloudHypervisor {
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
         crate::process::discard_run_dir(run_dir, body::API_SOCKET, KILL_WAIT).await
+    }
+
+    /// Follows the VMM's event monitor (see the `events` module): guest reboots
+    /// (resets), power-off, panic.
+    async fn watch(&self, handle: &VmmHandle) -> Result<VmmWatch, HypervisorError> {
+        if handle.backend != Self::KIND {
+            return Err(HypervisorError::InvalidConfig(format!(
+                "the handle belongs to the {} backend",
+                handle.backend
+            )));
+        }
+        Ok(self.event_watch(handle))
     }
 }
 

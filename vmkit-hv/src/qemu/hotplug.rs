@@ -19,10 +19,9 @@
 use std::time::Duration;
 
 use serde_json::{Map, Value, json};
-use tokio::net::UnixStream;
 use vmkit_core::{HypervisorError, VmmHandle};
 
-use super::qmp::Qmp;
+use super::supervisor::QmpClient;
 use super::{Accel, Qemu};
 
 const OP: &str = "resize";
@@ -237,7 +236,7 @@ impl Qemu {
     async fn list_slots(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
     ) -> Result<Vec<Slot>, HypervisorError> {
         let value = self
             .exec(handle, qmp, OP, "query-hotpluggable-cpus", None)

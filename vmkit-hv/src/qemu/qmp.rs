@@ -1,9 +1,11 @@
-//! A small QMP client: the greeting, `qmp_capabilities`, then one command at a time.
+//! A small QMP client: the greeting, `qmp_capabilities`, then commands and events.
 //!
-//! Commands carry ids and run strictly one after another on a connection; events that
-//! arrive in between are skipped. Every call, the connection included, has a timeout.
-//! QEMU's monitor serves one client at a time, so callers open a connection per
-//! operation and drop it when done.
+//! Commands carry ids. [`Qmp::execute`] runs one command and skips the events that
+//! arrive before its reply (for the handshake and tests); the VMM's supervisor
+//! (`super::supervisor`) instead sends with [`Qmp::send`] and reads every message
+//! with [`Qmp::next_message`], events included. Every call, the connection
+//! included, has a timeout. QEMU's monitor serves one client at a time, so one
+//! supervisor per VMM holds the connection and everything else goes through it.
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -53,8 +55,53 @@ pub(crate) enum QmpError {
 pub(crate) struct Qmp<S> {
     /// The connection; reads are buffered, writes go straight to the stream.
     stream: BufReader<S>,
+    /// What has been read of the next message: kept across cancelled reads.
+    line: Vec<u8>,
     next_id: u64,
     timeout: Duration,
+}
+
+/// A stream QMP commands can be written to, with a descriptor attached when asked.
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Writes all of `bytes`, with `fd` attached to the first part if given.
+    fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl Transport for UnixStream {
+    async fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<()> {
+        match fd {
+            Some(fd) => send_with_fd(self, bytes, fd).await,
+            None => {
+                self.write_all(bytes).await?;
+                self.flush().await
+            }
+        }
+    }
+}
+
+impl Transport for tokio::io::DuplexStream {
+    async fn send_bytes(
+        &mut self,
+        bytes: &[u8],
+        fd: Option<BorrowedFd<'_>>,
+    ) -> std::io::Result<()> {
+        if fd.is_some() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "an in-memory stream cannot pass descriptors",
+            ));
+        }
+        self.write_all(bytes).await?;
+        self.flush().await
+    }
 }
 
 impl Qmp<UnixStream> {
@@ -66,26 +113,6 @@ impl Qmp<UnixStream> {
             .map_err(|_| QmpError::Timeout(timeout))?
             .map_err(QmpError::Connect)?;
         Self::handshake(stream, timeout).await
-    }
-
-    /// Runs `command` with `arguments`, passing `fd` along with it (`SCM_RIGHTS`),
-    /// as `getfd` needs. QEMU keeps its own copy of the descriptor.
-    pub async fn execute_with_fd(
-        &mut self,
-        command: &str,
-        arguments: Option<Value>,
-        fd: BorrowedFd<'_>,
-    ) -> Result<Value, QmpError> {
-        let timeout = self.timeout;
-        tokio::time::timeout(timeout, async {
-            let (id, line) = self.request(command, arguments);
-            send_with_fd(self.stream.get_ref(), &line, fd)
-                .await
-                .map_err(write_error)?;
-            self.reply(id).await
-        })
-        .await
-        .map_err(|_| QmpError::Timeout(timeout))?
     }
 }
 
@@ -128,6 +155,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
     pub async fn handshake(stream: S, timeout: Duration) -> Result<Self, QmpError> {
         let mut qmp = Self {
             stream: BufReader::new(stream),
+            line: Vec::new(),
             next_id: 1,
             timeout,
         };
@@ -217,19 +245,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
         }
     }
 
-    /// Reads one JSON object (QMP sends one per line).
+    /// Reads one JSON object (QMP sends one per line). Cancel-safe: what was read
+    /// of a message stays for the next call.
     async fn read_message(&mut self) -> Result<Map<String, Value>, QmpError> {
-        let mut line = Vec::new();
+        let limit = MAX_LINE.saturating_sub(self.line.len() as u64);
         let n = (&mut self.stream)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut line)
+            .take(limit)
+            .read_until(b'\n', &mut self.line)
             .await
             .map_err(QmpError::Io)?;
-        if n == 0 {
+        let line = std::mem::take(&mut self.line);
+        if n == 0 && line.is_empty() {
             return Err(QmpError::Closed);
         }
         if line.last() != Some(&b'\n') {
-            return Err(if n as u64 >= MAX_LINE {
+            return Err(if line.len() as u64 >= MAX_LINE {
                 QmpError::Protocol(format!("a message longer than {MAX_LINE} bytes"))
             } else {
                 QmpError::Closed
@@ -244,6 +274,86 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Qmp<S> {
             ))),
         }
     }
+}
+
+impl<S: Transport> Qmp<S> {
+    /// Sends `command` with `arguments` (and `fd`, passed with `SCM_RIGHTS`) without
+    /// waiting for the reply; returns the id the reply will carry.
+    pub async fn send(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<u64, QmpError> {
+        let (id, line) = self.request(command, arguments);
+        self.stream
+            .get_mut()
+            .send_bytes(&line, fd)
+            .await
+            .map_err(write_error)?;
+        Ok(id)
+    }
+
+    /// The next message from QEMU: a reply or an event. Cancel-safe.
+    pub async fn next_message(&mut self) -> Result<Message, QmpError> {
+        let mut message = self.read_message().await?;
+        if let Some(Value::String(event)) = message.remove("event") {
+            let data = message.remove("data").unwrap_or(Value::Null);
+            return Ok(Message::Event { event, data });
+        }
+        let id = message.get("id").and_then(Value::as_u64);
+        let Some(id) = id else {
+            return Err(QmpError::Protocol(format!(
+                "a message that is neither an event nor a reply: {}",
+                Value::Object(message)
+            )));
+        };
+        if let Some(value) = message.remove("return") {
+            return Ok(Message::Reply {
+                id,
+                result: Ok(value),
+            });
+        }
+        if let Some(error) = message.remove("error") {
+            let field = |name: &str| {
+                error
+                    .get(name)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            return Ok(Message::Reply {
+                id,
+                result: Err(QmpError::Command {
+                    class: field("class"),
+                    desc: field("desc"),
+                }),
+            });
+        }
+        Err(QmpError::Protocol(format!(
+            "a reply with neither return nor error: {}",
+            Value::Object(message)
+        )))
+    }
+}
+
+/// A message from QEMU.
+#[derive(Debug)]
+pub(crate) enum Message {
+    /// The reply to the command with this id.
+    Reply {
+        /// The command's id.
+        id: u64,
+        /// Its `return` value, or its error.
+        result: Result<Value, QmpError>,
+    },
+    /// An event, such as `SHUTDOWN`, with its `data`.
+    Event {
+        /// The event's name.
+        event: String,
+        /// Its data (`null` when it has none).
+        data: Value,
+    },
 }
 
 /// A write to a peer that hung up means QEMU is exiting.
@@ -418,13 +528,19 @@ mod tests {
         let mut qmp = Qmp::handshake(host, Duration::from_secs(5)).await.unwrap();
         let (read_end, write_end) = nix::unistd::pipe().unwrap();
 
-        qmp.execute_with_fd(
-            "getfd",
-            Some(json!({ "fdname": "snap" })),
-            std::os::fd::AsFd::as_fd(&write_end),
-        )
-        .await
-        .unwrap();
+        let id = qmp
+            .send(
+                "getfd",
+                Some(json!({ "fdname": "snap" })),
+                Some(std::os::fd::AsFd::as_fd(&write_end)),
+            )
+            .await
+            .unwrap();
+        let reply = qmp.next_message().await.unwrap();
+        assert!(
+            matches!(reply, Message::Reply { id: got, result: Ok(_) } if got == id),
+            "{reply:?}"
+        );
 
         drop(write_end);
         let request = server.join().unwrap();

@@ -30,10 +30,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::net::UnixStream;
 use vmkit_core::{HypervisorError, MachineConfig, VmmHandle};
 
-use super::qmp::Qmp;
+use super::supervisor::QmpClient;
 use super::{Accel, Qemu};
 
 /// The migration stream.
@@ -45,7 +44,8 @@ const MEMORY_PARTIAL: &str = "memory.partial";
 /// The version of the files above that this code writes and reads. 2: the disks'
 /// virtio-blk devices have `num-queues` pinned to the vCPU slots (format 1 had QEMU's
 /// default, the boot vCPUs, which a live resize makes differ from the restore's).
-const FORMAT: u32 = 2;
+/// 3: every VM has a `pvpanic-pci` device, which a VMM of format 2 lacks.
+const FORMAT: u32 = 3;
 /// The name under which the snapshot file's descriptor is passed to QEMU.
 const FD_NAME: &str = "vmkit-snapshot";
 /// Migration bandwidth for a snapshot (bytes/s): no limit in practice. QEMU's default
@@ -322,7 +322,7 @@ impl Qemu {
     async fn describe(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
     ) -> Result<SnapshotMeta, HypervisorError> {
         const OP: &str = "snapshot";
         let bad = |what: &str, value: &Value| {
@@ -398,7 +398,7 @@ impl Qemu {
     async fn migrate_to(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
         file: &std::fs::File,
     ) -> Result<(), HypervisorError> {
         const OP: &str = "snapshot";
@@ -458,7 +458,7 @@ impl Qemu {
     pub(super) async fn load_snapshot(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
         memory: &std::fs::File,
     ) -> Result<(), HypervisorError> {
         const OP: &str = "restore";
@@ -499,7 +499,7 @@ impl Qemu {
     async fn pass_fd(
         &self,
         handle: &VmmHandle,
-        qmp: &mut Qmp<UnixStream>,
+        qmp: &mut QmpClient,
         operation: &'static str,
         file: &std::fs::File,
     ) -> Result<(), HypervisorError> {

@@ -12,7 +12,12 @@ pub struct StandinAgent {
     pub boot_id: String,
     /// Powers the guest off (the VMM process then exits, as cloud-hypervisor does).
     pub power_off: Arc<dyn Fn() + Send + Sync>,
+    /// Records an event (source, event) in the event monitor's file.
+    pub event: EventSink,
 }
+
+/// Records an event (source, event) as cloud-hypervisor's event monitor would.
+pub type EventSink = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 fn exit(code: i32) -> ExitStatus {
     ExitStatus::exited(code)
@@ -30,7 +35,8 @@ impl Handler for StandinAgent {
     }
 
     /// `echo ARGS`, `cat` (stdin back), `true`, `false`, `exit N`, `sleep SECS`,
-    /// `uname`; anything else exits 127.
+    /// `uname`, `panic` (the kernel panics: the pvpanic device reports it, and the
+    /// VMM goes on, as cloud-hypervisor does); anything else exits 127.
     async fn exec(&self, req: ExecRequest, out: OutputSink) -> Result<ExitStatus, String> {
         let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
         match args.as_slice() {
@@ -52,6 +58,10 @@ impl Handler for StandinAgent {
                 Ok(exit(0))
             }
             ["true"] => Ok(exit(0)),
+            ["panic"] => {
+                (self.event)("guest", "panic");
+                Ok(exit(0))
+            }
             ["false"] => Ok(exit(1)),
             ["exit", code] => Ok(exit(code.parse().unwrap_or(2))),
             ["sleep", secs] => {
@@ -70,7 +80,10 @@ impl Handler for StandinAgent {
 
     async fn shutdown(&self, reboot: bool) -> Result<(), String> {
         if reboot {
-            return Err("the stand-in guest does not reboot".into());
+            // cloud-hypervisor resets the VM in the same process.
+            (self.event)("vm", "rebooting");
+            (self.event)("vm", "rebooted");
+            return Ok(());
         }
         (self.power_off)();
         Ok(())

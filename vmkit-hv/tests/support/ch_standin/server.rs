@@ -127,6 +127,8 @@ pub struct Standin {
     next_port: AtomicU32,
     request_log: PathBuf,
     boot_count: AtomicU32,
+    /// Where `--event-monitor path=...` asked for events, if it did.
+    event_monitor: Option<PathBuf>,
 }
 
 fn reply(status: u16, body: Option<Value>) -> Reply {
@@ -169,11 +171,17 @@ fn str_at<'a>(v: &'a Value, pointer: &str) -> Option<&'a str> {
 
 /// Parses `--api-socket path=X`, `--api-socket X` or `--api-socket=path=X`.
 pub fn api_socket_from_args(args: &[String]) -> Option<PathBuf> {
+    path_option(args, "--api-socket")
+}
+
+/// The path of option `name` (`name path=X`, `name X` or `name=path=X`).
+fn path_option(args: &[String], name: &str) -> Option<PathBuf> {
+    let with_equals = format!("{name}=");
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        let value = if arg == "--api-socket" {
+        let value = if arg == name {
             it.next()?.clone()
-        } else if let Some(v) = arg.strip_prefix("--api-socket=") {
+        } else if let Some(v) = arg.strip_prefix(&with_equals) {
             v.to_owned()
         } else {
             continue;
@@ -211,10 +219,16 @@ pub fn run(args: &[String], behaviour: Behaviour) -> i32 {
             return 1;
         }
     };
-    runtime.block_on(serve_api(api_socket, spec, behaviour))
+    let event_monitor = path_option(args, "--event-monitor");
+    runtime.block_on(serve_api(api_socket, spec, behaviour, event_monitor))
 }
 
-async fn serve_api(api_socket: PathBuf, spec: Spec, behaviour: Behaviour) -> i32 {
+async fn serve_api(
+    api_socket: PathBuf,
+    spec: Spec,
+    behaviour: Behaviour,
+    event_monitor: Option<PathBuf>,
+) -> i32 {
     let listener = match UnixListener::bind(&api_socket) {
         Ok(l) => l,
         Err(e) => {
@@ -232,7 +246,9 @@ async fn serve_api(api_socket: PathBuf, spec: Spec, behaviour: Behaviour) -> i32
         next_port: AtomicU32::new(FIRST_HOST_PORT),
         request_log,
         boot_count: AtomicU32::new(0),
+        event_monitor,
     });
+    standin.event("vmm", "starting");
     eprintln!("stand-in: API on {}", api_socket.display());
     let code = loop {
         tokio::select! {
@@ -270,9 +286,36 @@ impl Standin {
         });
     }
 
+    /// Appends an event to the event monitor's file as cloud-hypervisor writes it
+    /// (`event_monitor.rs`: pretty JSON, then a blank line).
+    pub fn event(&self, source: &str, event: &str) {
+        let Some(path) = &self.event_monitor else {
+            return;
+        };
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let event = json!({
+            "timestamp": { "secs": since.as_secs(), "nanos": since.subsec_nanos() },
+            "source": source,
+            "event": event,
+            "properties": null,
+        });
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
+            let text = serde_json::to_string_pretty(&event).unwrap_or_default();
+            let _ = write!(f, "{text}\n\n");
+        }
+    }
+
     /// The guest powered off: cloud-hypervisor's exit event ends the process.
     fn guest_power_off(self: &Arc<Self>) {
         eprintln!("stand-in: guest powered off");
+        self.event("vm", "shutdown");
+        self.event("vmm", "shutdown");
         self.exit_soon(0, Duration::from_millis(100));
     }
 
@@ -378,6 +421,7 @@ impl Standin {
                 let mut vmm = lock(&self.vmm);
                 vmm.vm = None;
                 vmm.config = None;
+                self.event("vmm", "shutdown");
                 self.exit_soon(0, Duration::from_millis(20));
                 reply(200, None)
             }
@@ -391,7 +435,10 @@ impl Standin {
                 let mut vmm = lock(&self.vmm);
                 match vmm.vm.take() {
                     None => api_error(500, "The VM could not shutdown", &["VM is not running"]),
-                    Some(_) => no_content(),
+                    Some(_) => {
+                        self.event("vm", "shutdown");
+                        no_content()
+                    }
                 }
             }
             "/vm.delete" => {
@@ -444,6 +491,7 @@ impl Standin {
         match self.start_vm(&config, RunState::Running, delay, true) {
             Ok(vm) => {
                 vmm.vm = Some(vm);
+                self.event("vm", "booted");
                 no_content()
             }
             Err(chain) => {
@@ -936,9 +984,11 @@ async fn vsock_connection(
         return;
     }
     let power = Arc::clone(&standin);
+    let events = Arc::clone(&standin);
     let agent = Arc::new(StandinAgent {
         boot_id,
         power_off: Arc::new(move || power.guest_power_off()),
+        event: Arc::new(move |source, event| events.event(source, event)),
     });
     let _ = serve(stream, agent, ServerConfig::default()).await;
 }
