@@ -39,6 +39,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
+mod confine;
 mod error;
 mod event;
 mod gateway;
@@ -62,6 +63,7 @@ mod vm;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};

@@ -14,14 +14,14 @@ use vmkit_core::{IpLease, StoreError, VmRecord};
 
 use super::tables::{
     API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, META, QUOTAS, SCHEMA_VERSION_KEY, SHARES,
-    SNAPSHOTS, SSH_KEYS, USERS, VM_NAMES, VMS, decode,
+    SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USERS, VM_NAMES, VMS, decode,
 };
 
 /// One migration step: changes the layout of version `n` into that of `n + 1`.
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Every step, in order: entry `n` migrates from version `n`.
-pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2];
+pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3];
 
 /// The layout version this build writes.
 pub(super) const CURRENT: u64 = MIGRATIONS.len() as u64;
@@ -139,6 +139,14 @@ fn v0_to_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
 fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(SNAPSHOTS)
         .context("cannot create table snapshots")?;
+    Ok(())
+}
+
+/// 2 → 3: adds the VMM uid table and its index.
+fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(UIDS).context("cannot create table uids")?;
+    txn.open_table(UID_BY_VM)
+        .context("cannot create table uid_by_vm")?;
     Ok(())
 }
 
