@@ -35,10 +35,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cgroup;
 mod ch;
+mod confine;
 pub mod probe;
 mod process;
 mod qemu;
+mod spawn;
 
 pub use ch::{ChConfig, CloudHypervisor};
+pub use confine::{ConfinementReport, probe_confinement};
 pub use qemu::{Accel, AccelChoice, Qemu, QemuConfig};

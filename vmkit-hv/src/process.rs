@@ -228,7 +228,7 @@ pub(crate) fn processes_in(dir: &Path) -> io::Result<Vec<VmmProcess>> {
 
 /// The file in a run directory naming the VMM started there (`<pid> <start time>`),
 /// for backends whose VMM command line may not name the directory.
-const IDENTITY_FILE: &str = "vmkit-vmm.id";
+pub(crate) const IDENTITY_FILE: &str = "vmkit-vmm.id";
 
 /// Records `vmm` as the VMM of `run_dir`, for [`discard_run_dir`].
 pub(crate) fn write_identity(run_dir: &Path, vmm: &VmmProcess) -> io::Result<()> {
@@ -239,7 +239,7 @@ pub(crate) fn write_identity(run_dir: &Path, vmm: &VmmProcess) -> io::Result<()>
 }
 
 /// The VMM recorded in `run_dir` by [`write_identity`], if it still runs.
-fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
+pub(crate) fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
     let text = std::fs::read_to_string(run_dir.join(IDENTITY_FILE)).ok()?;
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
     let pid = u32::try_from(fields.next()?.ok()?).ok()?;

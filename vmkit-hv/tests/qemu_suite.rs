@@ -92,14 +92,14 @@ impl Drop for Fixture {
     /// Kills every QEMU still running from a run dir this fixture handed out.
     fn drop(&mut self) {
         for dir in self.issued.lock().unwrap().iter() {
-            let Ok(text) = std::fs::read_to_string(dir.join("qemu.pid")) else {
+            let Ok(text) = std::fs::read_to_string(dir.join("vmkit-vmm.id")) else {
                 continue;
             };
-            let Ok(pid) = text.trim().parse::<i32>() else {
+            let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
                 continue;
             };
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let marker = dir.join("qmp.sock");
+            let marker = dir.join("qemu.log");
             let marker = marker.as_os_str().as_encoded_bytes();
             if cmdline.windows(marker.len()).any(|w| w == marker) {
                 eprintln!(
@@ -393,12 +393,12 @@ fn processes_mentioning(needle: &Path) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_cancelled_half_way_leaves_nothing_running() {
     let fx = Fixture::new();
-    // A launcher that daemonizes QEMU, then lingers: the start is dropped while the VMM
-    // runs and the launcher has not reported yet.
+    // A launcher that waits before it becomes QEMU: the start is dropped while the
+    // VMM runs and has not greeted yet.
     let launcher = fx.dir.path().join("slow-qemu");
     std::fs::write(
         &launcher,
-        "#!/bin/sh\nqemu-system-x86_64 \"$@\" || exit $?\nexec sleep 60\n",
+        "#!/bin/sh\nsleep 2\nexec qemu-system-x86_64 \"$@\"\n",
     )
     .unwrap();
     std::fs::set_permissions(
@@ -412,18 +412,18 @@ async fn a_start_cancelled_half_way_leaves_nothing_running() {
             .accel(vmkit_hv::Accel::Tcg),
     );
     let config = fx.machine("cancelled");
-    let pidfile = config.run_dir.join("qemu.pid");
+    let identity = config.run_dir.join("vmkit-vmm.id");
     let mut start = Box::pin(qemu.start(&config));
     let deadline = Instant::now() + Duration::from_secs(30);
-    // QEMU creates the pid file before it writes the pid: wait for a whole number.
+    // Written once the VMM is spawned, in one write.
     let vmm: u32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pidfile)
+        if let Some(pid) = std::fs::read_to_string(&identity)
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
         {
             break pid;
         }
-        assert!(Instant::now() < deadline, "QEMU never wrote its pid file");
+        assert!(Instant::now() < deadline, "the VMM was never recorded");
         tokio::select! {
             result = &mut start => panic!("the start finished early: {result:?}"),
             () = tokio::time::sleep(Duration::from_millis(20)) => {}

@@ -207,7 +207,29 @@ pub(crate) fn vm_config(
     vm.console = Some(models::ConsoleConfig::new(models::ConsoleMode::Off));
 
     vm.vsock = Some(models::VsockConfig::new(GUEST_CID, path_str(&paths.vsock)?));
+    if config.confinement.is_some() {
+        // cloud-hypervisor adds the paths of the config (kernel, disks, serial file,
+        // vsock socket) itself; the run directory is where it makes its sockets.
+        vm.landlock_enable = Some(true);
+        vm.landlock_rules = Some(landlock_rules(config, None)?);
+    }
     Ok(vm)
+}
+
+/// The landlock rules of a confined VMM beyond the paths of its config: its run
+/// directory (read-write) and, on restore, the snapshot it loads (read-only).
+pub(crate) fn landlock_rules(
+    config: &MachineConfig,
+    snapshot: Option<&Path>,
+) -> Result<Vec<models::LandlockConfig>, HypervisorError> {
+    let mut rules = vec![models::LandlockConfig::new(
+        path_str(&config.run_dir)?,
+        "rw".to_owned(),
+    )];
+    if let Some(dir) = snapshot {
+        rules.push(models::LandlockConfig::new(path_str(dir)?, "r".to_owned()));
+    }
+    Ok(rules)
 }
 
 /// Points the run-directory paths and disks in a snapshot's `config.json` at the
@@ -217,6 +239,7 @@ pub(crate) fn vm_config(
 pub(crate) fn patch_snapshot_config(
     snapshot: &mut serde_json::Value,
     config: &MachineConfig,
+    snapshot_dir: &Path,
 ) -> Result<(), HypervisorError> {
     let paths = RunPaths::new(&config.run_dir);
     let bad = |what: &str| {
@@ -260,6 +283,12 @@ pub(crate) fn patch_snapshot_config(
             .and_then(|n| n.as_object_mut()),
     ) {
         net.insert("tap".into(), nic.tap.clone().into());
+    }
+    if config.confinement.is_some() {
+        let rules = serde_json::to_value(landlock_rules(config, Some(snapshot_dir))?)
+            .map_err(|e| HypervisorError::Protocol(format!("encoding landlock rules: {e}")))?;
+        obj.insert("landlock_enable".into(), true.into());
+        obj.insert("landlock_rules".into(), rules);
     }
     Ok(())
 }
@@ -330,7 +359,7 @@ mod tests {
             "serial": {"mode": "File", "file": "/run/vmkit/old/console.log"},
             "vsock": {"cid": 3, "socket": "/run/vmkit/old/vsock.sock", "id": "_vsock0"}
         });
-        patch_snapshot_config(&mut snap, &c).expect("patch");
+        patch_snapshot_config(&mut snap, &c, Path::new("/snap")).expect("patch");
         assert_eq!(snap["vsock"]["socket"], "/run/vmkit/new/vsock.sock");
         assert_eq!(snap["vsock"]["id"], "_vsock0");
         assert_eq!(snap["serial"]["file"], "/run/vmkit/new/console.log");
@@ -346,7 +375,7 @@ mod tests {
             "vsock": {"cid": 3, "socket": "/x"}
         });
         assert!(matches!(
-            patch_snapshot_config(&mut snap, &config()),
+            patch_snapshot_config(&mut snap, &config(), Path::new("/snap")),
             Err(HypervisorError::InvalidConfig(_))
         ));
     }

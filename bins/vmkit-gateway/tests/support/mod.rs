@@ -208,16 +208,17 @@ impl Drop for Daemon {
     }
 }
 
-/// Kills the QEMU processes whose pid files lie under `run_dir`.
+/// Kills the QEMU processes recorded (`vmkit-vmm.id`: pid and start time) under
+/// `run_dir`.
 pub fn kill_vmms_under(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;
     };
     for entry in entries.flatten() {
-        let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("vmkit-vmm.id")) else {
             continue;
         };
-        let Ok(pid) = pid.trim().parse::<i32>() else {
+        let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
             continue;
         };
         // Only a process whose command line names this run directory.
