@@ -395,14 +395,8 @@ impl Qemu {
     ) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
         let mut push = |parts: &[&OsStr]| args.extend(parts.iter().map(|p| p.to_os_string()));
-        // `-D` without `-d` opens nothing (errors go to stderr, which is qemu.log); it
-        // names the run directory on the command line, where a discard finds the VMM.
-        push(&[
-            "-D".as_ref(),
-            paths.file(QEMU_LOG).as_os_str(),
-            "-msg".as_ref(),
-            "timestamp=on".as_ref(),
-        ]);
+        let _ = paths;
+        push(&["-msg".as_ref(), "timestamp=on".as_ref()]);
         if config.confinement.is_some() {
             push(&["-sandbox".as_ref(), SANDBOX.as_ref()]);
         }
@@ -577,6 +571,9 @@ impl Qemu {
                 stdout: log,
                 stderr: log2,
                 keep: &keep,
+                // The run dir on the command line, where a discard finds the VMM; QEMU
+                // locates its data files through /proc/self/exe, not argv[0].
+                arg0: Some(cwd.join("qemu").into_os_string()),
                 credentials: credentials.as_ref(),
             });
             // QEMU has its own copies now.
@@ -595,7 +592,7 @@ impl Qemu {
         let vmm = VmmProcess {
             pid: spawned.pid,
             start_time,
-            marker: paths.file(QEMU_LOG),
+            marker: paths.dir.join("qemu"),
         };
         *started = Some(vmm.clone());
         write_identity(&paths.dir, &vmm)

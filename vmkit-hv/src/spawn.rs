@@ -51,6 +51,8 @@ pub(crate) struct Launch<'a> {
     pub(crate) stderr: File,
     /// Descriptors it inherits (listening sockets named on its command line).
     pub(crate) keep: &'a [RawFd],
+    /// Its `argv[0]`, when not the program.
+    pub(crate) arg0: Option<OsString>,
     /// Its confinement, if any.
     pub(crate) credentials: Option<&'a Credentials>,
 }
@@ -98,6 +100,9 @@ pub(crate) fn spawn_detached(launch: Launch<'_>) -> Result<Spawned, HypervisorEr
         .stdin(Stdio::null())
         .stdout(launch.stdout)
         .stderr(launch.stderr);
+    if let Some(arg0) = launch.arg0 {
+        cmd.arg0(arg0);
+    }
     // SAFETY: the closure runs in the forked child before exec. It calls only
     // async-signal-safe functions (setsid, fork, write, fcntl, setgroups, setgid,
     // setuid, _exit) and allocates nothing. The intermediate child reports the

@@ -38,6 +38,7 @@ pub(crate) fn spawn_detached(
         stdout: open_log(&paths.stdout)?,
         stderr: open_log(&paths.stderr)?,
         keep: &[],
+        arg0: None,
         credentials,
     })
 }
