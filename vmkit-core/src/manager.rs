@@ -16,6 +16,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
+use crate::confine::ConfinementConfig;
 use crate::error::{ErrorChain, ManagerError};
 use crate::event::{Event, EventKind, NewEvent};
 use crate::hypervisor::{DiskConfig, Hypervisor, MachineConfig, NicConfig, VmmHandle, VmmState};
@@ -31,6 +32,7 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
+mod confine;
 mod events;
 mod keys;
 mod ops;
@@ -67,6 +69,12 @@ pub struct ManagerConfig {
     /// What a create request takes for what it leaves out (the API's
     /// [`CreateVm`](crate::api::CreateVm) fields); by default [`VmSpec::default`].
     pub default_spec: VmSpec,
+    /// Whether and how VMMs are confined: each VM gets a uid of the range at create
+    /// and keeps it until it is deleted; its VMMs run as that uid in a cgroup with
+    /// these limits. `None` (the default of the library; the daemon turns it on when
+    /// it runs as root) runs VMMs as the manager's own user, unconfined. A backend
+    /// that cannot confine (not root, no cgroups) refuses to start a VMM.
+    pub confinement: Option<ConfinementConfig>,
 }
 
 impl ManagerConfig {
@@ -84,7 +92,14 @@ impl ManagerConfig {
             dns: Vec::new(),
             on_vmm_exit: ExitPolicy::default(),
             default_spec: VmSpec::default(),
+            confinement: None,
         }
+    }
+
+    /// Confines VMMs as `confinement` says (`None`: unconfined).
+    pub fn confinement(mut self, confinement: Option<ConfinementConfig>) -> Self {
+        self.confinement = confinement;
+        self
     }
 
     /// Sets the spec limits.
@@ -291,6 +306,7 @@ impl std::fmt::Debug for Manager {
 
 /// Undo actions for the steps of a create, run in reverse on failure.
 enum Undo {
+    Uid(VmId),
     Volume(Volume),
     Lease(VmId),
     Tap(VmId),
@@ -310,7 +326,7 @@ impl Manager {
             network.setup_host().await?;
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Self {
+        let manager = Self {
             inner: Arc::new(Inner {
                 config,
                 backends,
@@ -320,7 +336,9 @@ impl Manager {
                 events,
                 keys: Mutex::new(()),
             }),
-        })
+        };
+        manager.secure_data_dir()?;
+        Ok(manager)
     }
 
     /// The configuration.
@@ -411,6 +429,12 @@ impl Manager {
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
+        // The VMM's uid first: the disks are handed to it at every start, and it is
+        // released last.
+        if self.inner.config.confinement.is_some() {
+            undo.push(Undo::Uid(vm.id));
+            self.ensure_uid(vm).await?;
+        }
         match from {
             None => {
                 let formats = b.hypervisor.capabilities().disk_formats;
@@ -483,6 +507,7 @@ impl Manager {
                     .map(drop)
                     .map_err(ManagerError::from),
                 Undo::Volume(v) => b.storage.delete(&v).await.map_err(ManagerError::from),
+                Undo::Uid(id) => self.release_uid_of(id).await,
             };
             if let Err(error) = result {
                 warn!(vm = %vm.name, error = %ErrorChain(&error), "rollback step failed; reconcile will retry");
@@ -541,6 +566,7 @@ impl Manager {
         if let Some(data) = vm.resources.data.take() {
             if options.keep_data {
                 let kept = b.storage.release(&data).await?;
+                self.disown(&vm, &kept);
                 self.data_kept(&vm, &kept).await;
                 kept_data = Some(kept);
             } else {
@@ -549,6 +575,11 @@ impl Manager {
             self.save(&mut vm).await?;
         }
         self.drop_console(vm.id).await?;
+        // Last: the uid still owned the disks until they went.
+        if vm.resources.uid.take().is_some() {
+            self.release_uid_of(vm.id).await?;
+            self.save(&mut vm).await?;
+        }
         b.store.delete_vm(vm.id).await?;
         info!(vm = %vm.name, "deleted VM");
         self.emit(NewEvent::vm(vm.id, &vm.name, EventKind::Deleted))
@@ -767,6 +798,7 @@ impl Manager {
     async fn start_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
         let image = b.images.resolve(&vm.spec.image).await?;
+        self.ensure_uid(vm).await?;
         self.set_state(vm, VmState::Starting).await?;
         let config = self.machine_config(vm, &image)?;
         let started = async {
@@ -1047,6 +1079,7 @@ impl Manager {
         );
         config.memory_mib = vm.spec.memory_mib;
         config.console_limit = self.inner.config.console_limit;
+        config.confinement = self.confinement_of(vm)?;
         Ok(config)
     }
 

@@ -274,6 +274,8 @@ impl Manager {
                 Err(e) => return Err(e.into()),
             }
         }
+        // Last: the uid owned the disks until they went.
+        self.release_uid_of(vm.id).await?;
         Ok(())
     }
 
@@ -386,6 +388,7 @@ impl Manager {
                 .await;
             }
         }
+        self.sweep_uids(&records, report).await?;
         let snapshot_root = self.inner.config.data_dir.join("snapshots");
         for (id, dir) in run_dirs(&snapshot_root)? {
             let held = snapshots
@@ -438,7 +441,7 @@ impl Manager {
         Ok(())
     }
 
-    async fn orphan(&self, report: &mut ReconcileReport, vm: VmId, action: String) {
+    pub(super) async fn orphan(&self, report: &mut ReconcileReport, vm: VmId, action: String) {
         warn!(%vm, "{action}");
         let mut event = NewEvent::host(EventKind::Reconciled {
             action: action.clone(),
