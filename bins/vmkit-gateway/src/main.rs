@@ -137,6 +137,8 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
         .agent_timeout(Duration::from_secs(t.agent_secs))
         .on_vmm_exit(config.on_vmm_exit)
+        // SAFETY: geteuid has no preconditions and touches no memory.
+        .confinement(config.confinement.resolve(unsafe { libc::geteuid() })?)
         .default_spec(VmSpec::new(config.default_image.clone()).root_gib(config.default_root_gib));
     let manager = Manager::new(manager_config, backends)
         .await
