@@ -12,7 +12,7 @@
 //! 5. start the VMM through [`crate::spawn`] with the [`Credentials`] of the jail.
 
 use std::fs::OpenOptions;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -35,6 +35,9 @@ pub(crate) struct Plan {
 pub(crate) struct Jail {
     confinement: Confinement,
     cgroup: VmCgroup,
+    /// The VM's TAP, opened and attached by vmkit, for a VMM that takes it as a
+    /// descriptor (QEMU): `/dev/net/tun` may be root's only.
+    tap: Option<OwnedFd>,
 }
 
 fn cannot(why: impl std::fmt::Display) -> HypervisorError {
@@ -83,9 +86,11 @@ impl Plan {
         for disk in &config.disks {
             own(&disk.path, uid, gid)?;
         }
-        if let Some(nic) = &config.nic {
-            set_tap_owner(&nic.tap, uid, gid)?;
-        }
+        let tap = config
+            .nic
+            .as_ref()
+            .map(|nic| open_tap(&nic.tap, uid, gid))
+            .transpose()?;
         let limits = Limits::new(config.vcpus, config.memory_mib, &limits);
         let cgroup = self
             .hierarchy
@@ -94,11 +99,17 @@ impl Plan {
         Ok(Jail {
             confinement: self.confinement,
             cgroup,
+            tap,
         })
     }
 }
 
 impl Jail {
+    /// The VM's TAP, attached, when it has one.
+    pub(crate) fn tap(&self) -> Option<&OwnedFd> {
+        self.tap.as_ref()
+    }
+
     /// What the child needs to enter the jail.
     pub(crate) fn credentials(&self) -> Result<Credentials, HypervisorError> {
         let cgroup_procs = self
@@ -160,9 +171,9 @@ fn own(path: &Path, uid: u32, gid: u32) -> Result<(), HypervisorError> {
 }
 
 /// Makes the persistent TAP `name` usable by `uid` and `gid` (`TUNSETOWNER`,
-/// `TUNSETGROUP`), in this thread's network namespace. The TAP must exist and no VMM
-/// may hold it.
-pub(crate) fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), HypervisorError> {
+/// `TUNSETGROUP`), in this thread's network namespace, and returns a descriptor
+/// attached to it (close-on-exec). The TAP must exist and no VMM may hold it.
+pub(crate) fn open_tap(name: &str, uid: u32, gid: u32) -> Result<OwnedFd, HypervisorError> {
     let op = || format!("cannot hand the TAP {name} to the VMM's uid {uid}");
     let tun = OpenOptions::new()
         .read(true)
@@ -200,7 +211,7 @@ pub(crate) fn set_tap_owner(name: &str, uid: u32, gid: u32) -> Result<(), Hyperv
     if rc < 0 {
         return Err(HypervisorError::io(op(), std::io::Error::last_os_error()));
     }
-    Ok(())
+    Ok(OwnedFd::from(tun))
 }
 
 /// Whether VMMs can be confined on this host, as `vmkit doctor` reports it.

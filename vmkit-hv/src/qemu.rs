@@ -294,12 +294,14 @@ struct RunState {
     memory_mib: u64,
 }
 
-/// The listening sockets vmkit binds for a QEMU, by descriptor.
+/// The descriptors vmkit hands a QEMU: its listening sockets and, when confined, its
+/// TAP (attached by vmkit: `/dev/net/tun` may be root's only).
 #[derive(Clone, Copy, Debug)]
 struct SocketFds {
     qmp: RawFd,
     agent: RawFd,
     console: RawFd,
+    tap: Option<RawFd>,
 }
 
 /// The files of one run directory.
@@ -465,7 +467,10 @@ impl Qemu {
             ]);
         }
         if let Some(nic) = &config.nic {
-            let netdev = format!("tap,id=n0,ifname={},script=no,downscript=no", nic.tap);
+            let netdev = match sockets.tap {
+                Some(fd) => format!("tap,id=n0,fd={fd}"),
+                None => format!("tap,id=n0,ifname={},script=no,downscript=no", nic.tap),
+            };
             let device = format!("virtio-net-pci,netdev=n0,mac={}", nic.mac);
             push(&[
                 "-netdev".as_ref(),
@@ -547,6 +552,7 @@ impl Qemu {
             qmp: qmp_socket.as_raw_fd(),
             agent: agent_socket.as_raw_fd(),
             console: console_socket.as_raw_fd(),
+            tap: jail.as_ref().and_then(|j| j.tap()).map(AsRawFd::as_raw_fd),
         };
         let log = std::fs::File::create(paths.file(QEMU_LOG))
             .map_err(|e| HypervisorError::io("cannot create qemu.log", e))?;
@@ -563,7 +569,10 @@ impl Qemu {
         let binary = self.config.binary.clone();
         let cwd = paths.dir.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            let keep = [sockets.qmp, sockets.agent, sockets.console];
+            let keep: Vec<RawFd> = [sockets.qmp, sockets.agent, sockets.console]
+                .into_iter()
+                .chain(sockets.tap)
+                .collect();
             let result = crate::spawn::spawn_detached(crate::spawn::Launch {
                 binary: &binary,
                 args: &args,
@@ -576,7 +585,7 @@ impl Qemu {
                 arg0: Some(cwd.join("qemu").into_os_string()),
                 credentials: credentials.as_ref(),
             });
-            // QEMU has its own copies now.
+            // QEMU has its own copies now (of the TAP too, which `jail` holds).
             drop((qmp_socket, agent_socket, console_socket));
             result
         })
@@ -1467,6 +1476,7 @@ mod tests {
             qmp: 5,
             agent: 6,
             console: 7,
+            tap: config.confinement.map(|_| 8),
         };
         let paths = RunPaths::new(&config.run_dir).unwrap();
         Qemu::command_line(config, accel, &paths, sockets, machine, incoming)
@@ -1547,6 +1557,11 @@ mod tests {
         assert!(
             !args.iter().any(|a| a == "-daemonize" || a == "-runas"),
             "it starts unprivileged and cannot fork"
+        );
+        assert_eq!(
+            value_after(&args, "-netdev"),
+            ["tap,id=n0,fd=8"],
+            "it gets its TAP attached: /dev/net/tun may be root's only"
         );
     }
 

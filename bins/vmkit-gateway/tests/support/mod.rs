@@ -64,9 +64,12 @@ impl Daemon {
             .open(data_dir.join("daemon.log"))
             .unwrap();
         let mut cmd = match netns {
+            // `nsenter --net`, not `ip netns exec`: the latter also remounts /sys,
+            // which hides the cgroup hierarchies a confining daemon needs.
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmkit-gateway")]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg(env!("CARGO_BIN_EXE_vmkit-gateway"));
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_vmkit-gateway")),
