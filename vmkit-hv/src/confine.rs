@@ -186,6 +186,17 @@ pub(crate) fn open_tap(name: &str, uid: u32, gid: u32) -> Result<OwnedFd, Hyperv
             "TAP name {name:?} is not 1 to 15 bytes"
         )));
     }
+    // TUNSETIFF as root would make a missing TAP: it must exist (vmkit-net made it).
+    let c_name = std::ffi::CString::new(bytes).map_err(|_| {
+        HypervisorError::InvalidConfig(format!("TAP name {name:?} holds a NUL byte"))
+    })?;
+    // SAFETY: if_nametoindex reads the NUL-terminated name and nothing else.
+    if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+        return Err(HypervisorError::InvalidConfig(format!(
+            "the TAP {name} does not exist in this network namespace; the network backend \
+             makes it when the VM is created or the daemon starts"
+        )));
+    }
     // SAFETY: `ifreq` is a plain C struct (a name array and a union of integers and
     // arrays); all zeroes is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };

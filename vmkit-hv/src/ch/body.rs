@@ -369,6 +369,29 @@ mod tests {
     }
 
     #[test]
+    fn a_confined_restore_gets_landlock_with_its_run_dir_and_the_snapshot() {
+        let mut c = config();
+        c.run_dir = "/run/vmkit/new".into();
+        c.confinement = Some(vmkit_core::Confinement::new(
+            0x5000_0000,
+            vmkit_core::CgroupLimits::default(),
+        ));
+        let mut snap = serde_json::json!({
+            "disks": [{"path": "/old/root.raw", "image_type": "Raw"}],
+            "vsock": {"cid": 3, "socket": "/run/vmkit/old/vsock.sock"}
+        });
+        patch_snapshot_config(&mut snap, &c, Path::new("/snap")).expect("patch");
+        assert_eq!(snap["landlock_enable"], true);
+        assert_eq!(
+            snap["landlock_rules"],
+            serde_json::json!([
+                {"path": "/run/vmkit/new", "access": "rw"},
+                {"path": "/snap", "access": "r"}
+            ])
+        );
+    }
+
+    #[test]
     fn a_snapshot_with_other_disks_is_refused() {
         let mut snap = serde_json::json!({
             "disks": [],

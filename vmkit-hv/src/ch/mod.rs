@@ -111,6 +111,18 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// [`console_tail`](Hypervisor::console_tail), which never returns more than the
 /// cap. The file's length keeps growing; only its blocks are freed.
 ///
+/// **Confinement.** For a config with [`MachineConfig::confinement`] the VMM is
+/// started as the VM's uid and gid in the VM's cgroup (see `crate::spawn`), with
+/// `--seccomp true` stated (cloud-hypervisor's own filters); `vm.create` carries
+/// `landlock_enable: true` and a read-write rule for the run directory (where the VMM
+/// makes its vsock socket and serial file; cloud-hypervisor adds the paths of the
+/// config itself), and a restore writes the same into the snapshot's `config.json`,
+/// with a read-only rule for the snapshot directory. The VM's disks and TAP are handed
+/// to its uid before the spawn. The run directory is root's with the VM's group,
+/// mode 1770: the VMM may create files there, and the sticky bit keeps it from
+/// removing or replacing vmkit's (the API socket, the run state); the console log is
+/// opened with `O_NOFOLLOW`. Untested against a real cloud-hypervisor like the rest.
+///
 /// **Resize.** vCPUs up to `max_vcpus`. Memory only grows, by ACPI hotplug in steps
 /// of 128 MiB, up to [`ChConfig::hotplug_memory_mib`] more than at boot; with the
 /// default of 0 memory resize is reported as unsupported.
@@ -833,6 +845,27 @@ impl Hypervisor for CloudHypervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_confined_vmm_states_its_seccomp_filters_on() {
+        let paths = RunPaths::new(Path::new("/run/vmkit/x"));
+        let args = |confined| {
+            vmm_args(&paths, confined)
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            args(true),
+            [
+                "--api-socket",
+                "path=/run/vmkit/x/api.sock",
+                "--seccomp",
+                "true"
+            ]
+        );
+        assert_eq!(args(false), ["--api-socket", "path=/run/vmkit/x/api.sock"]);
+    }
 
     #[test]
     fn handles_name_the_run_dir_sockets_and_capabilities_follow_the_config() {
