@@ -202,6 +202,11 @@ async fn plain_qemu_boot(dir: &Path, accel: vmkit_hv::Accel, n: usize) -> Durati
     took
 }
 
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
 fn mean(v: &[Duration]) -> Duration {
     v.iter().sum::<Duration>() / v.len().max(1) as u32
 }
@@ -255,12 +260,15 @@ fn boot(c: &mut Criterion) {
         n += 1;
         confined.push(rt.block_on(vmkit_boot(&jailed, n)));
     }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON);
     let (f, j) = (mean(&free), mean(&confined));
+    let (fm, jm) = (median(&mut free), median(&mut confined));
     println!(
-        "confinement: create->ready {j:?} confined vs {f:?} unconfined (mean of {} alternating \
-         runs each): ratio {:.3}",
+        "confinement: create->ready confined {j:?} vs unconfined {f:?} (means of {} \
+         alternating runs each, ratio {:.3}); medians {jm:?} vs {fm:?} (ratio {:.3})",
         free.len(),
-        j.as_secs_f64() / f.as_secs_f64().max(f64::EPSILON)
+        ratio(j, f),
+        ratio(jm, fm)
     );
 
     let mut disk = Vec::new();

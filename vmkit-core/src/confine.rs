@@ -87,9 +87,9 @@ pub struct CgroupLimits {
 }
 
 impl Default for CgroupLimits {
-    /// Half a CPU and 320 MiB beyond the guest, I/O weight 100, 512 tasks. The
-    /// memory overhead was measured with QEMU 7.2 under TCG: the peak of a booted
-    /// 512 MiB guest was guest memory plus about 190 MiB (see the operator guide).
+    /// Half a CPU and 320 MiB beyond the guest, I/O weight 100, 512 tasks. QEMU 7.2
+    /// itself used about 140 MiB beyond its guest (measured under TCG, where the
+    /// backend adds its bounded code cache on top; see the operator guide).
     fn default() -> Self {
         Self {
             vmm_cpu_millis: 500,

@@ -78,8 +78,14 @@ pub(crate) fn plan(config: &MachineConfig) -> Result<Option<Plan>, HypervisorErr
 }
 
 impl Plan {
-    /// Hands the disks and the TAP of `config` to the VMM's uid and creates its cgroup.
-    pub(crate) fn apply(self, config: &MachineConfig) -> Result<Jail, HypervisorError> {
+    /// Hands the disks and the TAP of `config` to the VMM's uid and creates its cgroup,
+    /// whose memory limit also allows `extra_mib` (what the backend knows its VMM needs
+    /// beyond its own overhead, such as TCG's code cache).
+    pub(crate) fn apply(
+        self,
+        config: &MachineConfig,
+        extra_mib: u64,
+    ) -> Result<Jail, HypervisorError> {
         let Confinement {
             uid, gid, limits, ..
         } = self.confinement;
@@ -91,7 +97,7 @@ impl Plan {
             .as_ref()
             .map(|nic| open_tap(&nic.tap, uid, gid))
             .transpose()?;
-        let limits = Limits::new(config.vcpus, config.memory_mib, &limits);
+        let limits = Limits::new(config.vcpus, config.memory_mib + extra_mib, &limits);
         let cgroup = self
             .hierarchy
             .create(&config.vm.to_string(), &limits)

@@ -816,9 +816,10 @@ async fn a_confined_vmm_runs_as_its_uid_under_seccomp_in_its_cgroup_and_reaches_
         "in its VM's cgroup: {}",
         memory.display()
     );
+    // Under TCG the limit also allows for the translated-code cache (tb-size=512).
     assert_eq!(
         cgroup_value(&memory, "memory.limit_in_bytes"),
-        ((config.memory_mib + limits.memory_overhead_mib) << 20).to_string()
+        ((config.memory_mib + limits.memory_overhead_mib + 512) << 20).to_string()
     );
     assert_eq!(cgroup_value(&cpu, "cpu.shares"), "1024");
     assert_eq!(cgroup_value(&cpu, "cpu.cfs_period_us"), "100000");

@@ -275,7 +275,7 @@ impl CloudHypervisor {
             &dirs,
             config.confinement.map(|c| c.gid),
         )?;
-        let jail = plan.map(|p| p.apply(config)).transpose()?;
+        let jail = plan.map(|p| p.apply(config, 0)).transpose()?;
         let credentials = jail.as_ref().map(|j| j.credentials()).transpose()?;
         let binary = self.inner.config.binary.clone();
         let args = vmm_args(paths, jail.is_some());
