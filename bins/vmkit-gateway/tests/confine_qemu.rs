@@ -135,6 +135,26 @@ fn a_vm_runs_confined_survives_a_restart_and_its_delete_frees_its_uid_and_cgroup
         );
     }
 
+    // A live vCPU resize (QEMU under seccomp plugs it) raises the CPU limits with it.
+    let out = d.cli(&[
+        "--json",
+        "vm",
+        "resize",
+        "jail",
+        "--cpus",
+        &(vcpus + 1).to_string(),
+    ]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(
+        read(&cpu.join("cpu.cfs_quota_us")),
+        ((vcpus + 1) * 100_000 + 50_000).to_string()
+    );
+    assert_eq!(
+        read(&cpu.join("cpu.shares")),
+        ((vcpus + 1) * 1024).to_string()
+    );
+    assert_eq!(status_field(pid, "Seccomp"), "2", "the same VMM runs on");
+
     // A restarted daemon re-attaches the confined VMM.
     assert!(d.terminate().success());
     let d = real_daemon(tmp.path());
