@@ -1,8 +1,8 @@
 //! The VMM process, as both backends see it: its identity (pid and start time),
 //! signals that cannot reach a recycled pid, and waiting for it to be gone.
 //!
-//! Neither backend's VMM is our child (QEMU daemonizes, cloud-hypervisor is spawned
-//! detached), so we cannot `wait` for it and its pid may be recycled once it is gone.
+//! Neither backend's VMM is our child (both are spawned detached, see
+//! `crate::spawn`), so we cannot `wait` for it and its pid may be recycled once it is gone.
 //! A process counts as the VMM only while `/proc/<pid>/stat` shows the start time
 //! recorded at launch (or, when that is unknown, while its command line names the
 //! VMM's control socket). Signals go through a pidfd opened *before* that check, so
