@@ -89,28 +89,56 @@ impl HypervisorFixture for Fixture {
 }
 
 impl Drop for Fixture {
-    /// Kills every QEMU still running from a run dir this fixture handed out.
+    /// Kills every QEMU still running from a run dir this fixture handed out, and
+    /// removes the cgroups of confined ones (the run dirs go with the fixture).
     fn drop(&mut self) {
-        for dir in self.issued.lock().unwrap().iter() {
-            let Ok(text) = std::fs::read_to_string(dir.join("vmkit-vmm.id")) else {
+        let issued = self.issued.lock().unwrap().clone();
+        for dir in &issued {
+            self.kill_vmm_of(dir);
+        }
+        for dir in &issued {
+            let Ok(text) = std::fs::read(dir.join("vmkit-qemu.json")) else {
                 continue;
             };
-            let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let marker = dir.join("qemu");
-            let marker = marker.as_os_str().as_encoded_bytes();
-            if cmdline.windows(marker.len()).any(|w| w == marker) {
-                eprintln!(
-                    "fixture: killing leftover QEMU pid {pid} of {}",
-                    dir.display()
-                );
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            let state: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+            for cgroup in state["cgroup"].as_array().into_iter().flatten() {
+                let Some(cgroup) = cgroup.as_str() else {
+                    continue;
+                };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(cgroup).exists() && std::fs::remove_dir(cgroup).is_err() {
+                    if Instant::now() > deadline {
+                        eprintln!("fixture: cannot remove the cgroup {cgroup}");
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
+        }
+    }
+}
+
+impl Fixture {
+    /// Kills the QEMU recorded in `dir`, if it still runs there.
+    fn kill_vmm_of(&self, dir: &Path) {
+        let Ok(text) = std::fs::read_to_string(dir.join("vmkit-vmm.id")) else {
+            return;
+        };
+        let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
+            return;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let marker = dir.join("qemu");
+        let marker = marker.as_os_str().as_encoded_bytes();
+        if cmdline.windows(marker.len()).any(|w| w == marker) {
+            eprintln!(
+                "fixture: killing leftover QEMU pid {pid} of {}",
+                dir.display()
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
