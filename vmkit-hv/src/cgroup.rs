@@ -671,7 +671,7 @@ mod tests {
             "what the parent enables already is not written again"
         );
         assert_eq!(cgroup.read(0, "cpu.weight"), "300");
-        assert_eq!(cgroup.read(0, "cpu.max"), "350000 100000");
+        assert_eq!(cgroup.read(0, "cpu.max"), "400000 100000");
         assert_eq!(
             cgroup.read(0, "memory.max"),
             ((512u64 + 320) << 20).to_string()

@@ -853,8 +853,8 @@ async fn a_confined_vmm_runs_as_its_uid_under_seccomp_in_its_cgroup_and_reaches_
     assert_eq!(cgroup_value(&cpu, "cpu.cfs_period_us"), "100000");
     assert_eq!(
         cgroup_value(&cpu, "cpu.cfs_quota_us"),
-        "150000",
-        "one vCPU and a half"
+        "200000",
+        "one CPU for the vCPU, one for QEMU's own threads"
     );
     assert_eq!(cgroup_value(&pids, "pids.max"), limits.pids_max.to_string());
     eprintln!(

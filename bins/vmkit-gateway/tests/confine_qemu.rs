@@ -118,7 +118,7 @@ fn a_vm_runs_confined_survives_a_restart_and_its_delete_frees_its_uid_and_cgroup
     let vcpus = jail["spec"]["vcpus"].as_u64().unwrap();
     assert_eq!(
         read(&cpu.join("cpu.cfs_quota_us")),
-        (vcpus * 100_000 + 50_000).to_string()
+        (vcpus * 100_000 + 100_000).to_string()
     );
     assert_eq!(read(&cpu.join("cpu.shares")), (vcpus * 1024).to_string());
     assert_eq!(read(&cgroup_dir(pid, "pids").join("pids.max")), "512");
@@ -147,7 +147,7 @@ fn a_vm_runs_confined_survives_a_restart_and_its_delete_frees_its_uid_and_cgroup
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
     assert_eq!(
         read(&cpu.join("cpu.cfs_quota_us")),
-        ((vcpus + 1) * 100_000 + 50_000).to_string()
+        ((vcpus + 1) * 100_000 + 100_000).to_string()
     );
     assert_eq!(
         read(&cpu.join("cpu.shares")),
