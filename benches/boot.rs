@@ -1,6 +1,8 @@
 //! Boot latency: vmkit create → agent hello on the QEMU backend, with its breakdown,
 //! against the same image booted by a plain `qemu-system-x86_64` command line to the
-//! agent's first byte — both measured in the same run.
+//! agent's first byte — both measured in the same run — and the cost of confinement:
+//! the same create with the VMM confined (its uid, seccomp, its cgroup; needs root),
+//! measured in alternation with unconfined creates.
 //!
 //! Run with: `scripts/test-assets.sh && cargo bench -p vmkit-benches --bench boot`
 //!
@@ -32,7 +34,7 @@ struct Setup {
     storage: Arc<vmkit_store::FileStorage>,
 }
 
-fn setup(rt: &tokio::runtime::Runtime) -> Setup {
+fn setup(rt: &tokio::runtime::Runtime, confined: bool) -> Setup {
     let tmp = tempfile::Builder::new()
         .prefix("vmkb")
         .tempdir_in("/tmp")
@@ -56,7 +58,8 @@ fn setup(rt: &tokio::runtime::Runtime) -> Setup {
     );
     let config = ManagerConfig::new(&dir)
         .default_quota(Quota::unlimited())
-        .boot_timeout(Duration::from_secs(180));
+        .boot_timeout(Duration::from_secs(180))
+        .confinement(confined.then(vmkit_core::ConfinementConfig::new));
     let manager = rt
         .block_on(Manager::new(config, backends))
         .expect("manager");
@@ -199,13 +202,19 @@ async fn plain_qemu_boot(dir: &Path, accel: vmkit_hv::Accel, n: usize) -> Durati
     took
 }
 
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
 fn mean(v: &[Duration]) -> Duration {
     v.iter().sum::<Duration>() / v.len().max(1) as u32
 }
 
 fn boot(c: &mut Criterion) {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    let s = setup(&rt);
+    let s = setup(&rt, false);
+    let jailed = setup(&rt, true);
     let mut group = c.benchmark_group("boot");
     group.sample_size(SAMPLES);
     group.measurement_time(Duration::from_secs(60));
@@ -241,6 +250,26 @@ fn boot(c: &mut Criterion) {
         })
     });
     group.finish();
+
+    // Confined against unconfined, alternating so that a change of host load hits
+    // both alike.
+    let (mut free, mut confined) = (Vec::new(), Vec::new());
+    for _ in 0..SAMPLES {
+        n += 1;
+        free.push(rt.block_on(vmkit_boot(&s, n)));
+        n += 1;
+        confined.push(rt.block_on(vmkit_boot(&jailed, n)));
+    }
+    let ratio = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64().max(f64::EPSILON);
+    let (f, j) = (mean(&free), mean(&confined));
+    let (fm, jm) = (median(&mut free), median(&mut confined));
+    println!(
+        "confinement: create->ready confined {j:?} vs unconfined {f:?} (means of {} \
+         alternating runs each, ratio {:.3}); medians {jm:?} vs {fm:?} (ratio {:.3})",
+        free.len(),
+        ratio(j, f),
+        ratio(jm, fm)
+    );
 
     let mut disk = Vec::new();
     let mut spawn = Vec::new();

@@ -5,7 +5,7 @@
 //! The examples themselves are the files beside this one (see `README.md`);
 //! `embed.rs` does all of this inline, so it can be copied on its own.
 //!
-//! VMMs outlive the process that started them (the QEMU backend daemonizes them so
+//! VMMs outlive the process that started them (the QEMU backend detaches them so
 //! that a daemon restart does not take VMs down). An embedding program that exits
 //! without deleting its VMs therefore leaves them running: that is why every example
 //! removes what it created on every path out.

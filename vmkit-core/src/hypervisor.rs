@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::confine::Confinement;
 use crate::name::VmName;
 use crate::net::MacAddr;
 use crate::storage::DiskFormat;
@@ -41,6 +42,10 @@ pub struct MachineConfig {
     pub memory_mib: u64,
     /// Largest size of the console log in bytes; older output is dropped.
     pub console_limit: u64,
+    /// How the VMM is confined: its uid/gid and cgroup limits. `None` runs it as the
+    /// caller, unconfined.
+    #[serde(default)]
+    pub confinement: Option<Confinement>,
 }
 
 impl MachineConfig {
@@ -60,6 +65,7 @@ impl MachineConfig {
             max_vcpus: 1,
             memory_mib: 512,
             console_limit: 1 << 20,
+            confinement: None,
         }
     }
 
@@ -109,6 +115,12 @@ impl MachineConfig {
     /// Sets the largest size of the console log in bytes.
     pub fn console_limit(mut self, bytes: u64) -> Self {
         self.console_limit = bytes;
+        self
+    }
+
+    /// Confines the VMM as `confinement` says (`None`: unconfined).
+    pub fn confinement(mut self, confinement: Option<Confinement>) -> Self {
+        self.confinement = confinement;
         self
     }
 }

@@ -10,8 +10,9 @@
 //!
 //! # Lifecycle
 //!
-//! `create` = check quota → name → clone root volume + data volume → lease IP/MAC +
-//! TAP → start the VMM → wait for the agent's hello → record. Each step is written to
+//! `create` = check quota → name → a VMM uid (when [`ManagerConfig::confinement`] is
+//! set) → clone root volume + data volume → lease IP/MAC + TAP → start the VMM
+//! (confined: as that uid, in its own cgroup) → wait for the agent's hello → record. Each step is written to
 //! the VM's record as soon as it exists, and a failure undoes the steps taken in
 //! reverse order. `delete` is the reverse. Operations on one VM are serialised;
 //! operations on different VMs run in parallel.
@@ -39,6 +40,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod api;
+mod confine;
 mod error;
 mod event;
 mod gateway;
@@ -62,6 +64,7 @@ mod vm;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, EventRetention, NewEvent};
 pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};

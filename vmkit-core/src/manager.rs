@@ -20,6 +20,7 @@ use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
 use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
+use crate::confine::ConfinementConfig;
 use crate::error::{ErrorChain, ManagerError};
 use crate::event::{Event, EventKind, EventRetention, NewEvent};
 use crate::hypervisor::{
@@ -37,6 +38,7 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
+mod confine;
 mod events;
 mod keys;
 mod ops;
@@ -80,6 +82,12 @@ pub struct ManagerConfig {
     /// Which events the store keeps ([`EventRetention::default`]: the newest
     /// 100 000, none older than 90 days); applied as events are stored.
     pub event_retention: EventRetention,
+    /// Whether and how VMMs are confined: each VM gets a uid of the range at create
+    /// and keeps it until it is deleted; its VMMs run as that uid in a cgroup with
+    /// these limits. `None` (the default of the library; the daemon turns it on when
+    /// it runs as root) runs VMMs as the manager's own user, unconfined. A backend
+    /// that cannot confine (not root, no cgroups) refuses to start a VMM.
+    pub confinement: Option<ConfinementConfig>,
 }
 
 impl ManagerConfig {
@@ -99,7 +107,14 @@ impl ManagerConfig {
             on_vmm_exit: ExitPolicy::default(),
             default_spec: VmSpec::default(),
             event_retention: EventRetention::default(),
+            confinement: None,
         }
+    }
+
+    /// Confines VMMs as `confinement` says (`None`: unconfined).
+    pub fn confinement(mut self, confinement: Option<ConfinementConfig>) -> Self {
+        self.confinement = confinement;
+        self
     }
 
     /// Sets the spec limits.
@@ -371,6 +386,7 @@ struct Boot {
 
 /// Undo actions for the steps of a create, run in reverse on failure.
 enum Undo {
+    Uid(VmId),
     Volume(Volume),
     Lease(VmId),
     Tap(VmId),
@@ -390,7 +406,7 @@ impl Manager {
             network.setup_host().await?;
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Self {
+        let manager = Self {
             inner: Arc::new(Inner {
                 config,
                 backends,
@@ -404,7 +420,9 @@ impl Manager {
                 unreachable: StdMutex::new(HashMap::new()),
                 keys: Mutex::new(()),
             }),
-        })
+        };
+        manager.secure_data_dir()?;
+        Ok(manager)
     }
 
     /// The configuration.
@@ -498,6 +516,12 @@ impl Manager {
         undo: &mut Vec<Undo>,
     ) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
+        // The VMM's uid first: the disks are handed to it at every start, and it is
+        // released last.
+        if self.inner.config.confinement.is_some() {
+            undo.push(Undo::Uid(vm.id));
+            self.ensure_uid(vm).await?;
+        }
         match from {
             None => {
                 let formats = self.hv(vm)?.capabilities().disk_formats;
@@ -575,6 +599,7 @@ impl Manager {
                     .map(drop)
                     .map_err(ManagerError::from),
                 Undo::Volume(v) => b.storage.delete(&v).await.map_err(ManagerError::from),
+                Undo::Uid(id) => self.release_uid_of(id).await,
             };
             if let Err(error) = result {
                 warn!(vm = %vm.name, error = %ErrorChain(&error), "rollback step failed; reconcile will retry");
@@ -637,6 +662,7 @@ impl Manager {
         if let Some(data) = vm.resources.data.take() {
             if options.keep_data {
                 let kept = b.storage.release(&data).await?;
+                self.disown(&vm, &kept);
                 self.data_kept(&vm, &kept).await;
                 kept_data = Some(kept);
             } else {
@@ -645,6 +671,11 @@ impl Manager {
             self.save(&mut vm).await?;
         }
         self.drop_console(vm.id).await?;
+        // Last: the uid still owned the disks until they went.
+        if vm.resources.uid.take().is_some() {
+            self.release_uid_of(vm.id).await?;
+            self.save(&mut vm).await?;
+        }
         let deleted = b
             .store
             .delete_vm_with_event(
@@ -956,6 +987,7 @@ impl Manager {
     async fn start_locked(&self, vm: &mut VmRecord) -> Result<(), ManagerError> {
         let b = &self.inner.backends;
         let image = b.images.resolve(&vm.spec.image).await?;
+        self.ensure_uid(vm).await?;
         self.set_state(vm, VmState::Starting).await?;
         let config = self.machine_config(vm, &image)?;
         let started = async {
@@ -1327,6 +1359,7 @@ impl Manager {
         );
         config.memory_mib = vm.spec.memory_mib;
         config.console_limit = self.inner.config.console_limit;
+        config.confinement = self.confinement_of(vm)?;
         Ok(config)
     }
 

@@ -2,6 +2,7 @@
 
 use async_trait::async_trait;
 
+use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
@@ -48,6 +49,11 @@ pub enum StoreError {
     /// Every address of the pool is leased.
     #[error("no free address in {0}; delete VMs or widen the subnet")]
     PoolExhausted(String),
+    /// Every uid of the range is held by a VM.
+    #[error(
+        "every VMM uid of {0} is held by a VM; delete VMs or widen the range ([confinement] uids)"
+    )]
+    UidsExhausted(UidRange),
     /// Another process holds the state file.
     #[error("state file {path} is in use by another process; is a vmkit-gateway already running?")]
     Locked {
@@ -179,6 +185,16 @@ pub trait StateStore: Send + Sync {
     async fn release_lease(&self, vm: VmId) -> Result<bool, StoreError>;
     /// Every lease.
     async fn list_leases(&self) -> Result<Vec<IpLease>, StoreError>;
+
+    // ---- VMM uids ----
+
+    /// Hands `vm` the lowest uid of `range` that no VM holds, or returns the one `vm`
+    /// already holds (even outside `range`). Never hands out a uid twice.
+    async fn allocate_uid(&self, vm: VmId, range: &UidRange) -> Result<u32, StoreError>;
+    /// Releases `vm`'s uid; whether it held one.
+    async fn release_uid(&self, vm: VmId) -> Result<bool, StoreError>;
+    /// Every held uid with its VM, by uid.
+    async fn list_uids(&self) -> Result<Vec<(VmId, u32)>, StoreError>;
 
     // ---- API keys ----
 

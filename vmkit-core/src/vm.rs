@@ -94,6 +94,10 @@ pub struct VmResources {
     pub net: Option<NetAttachment>,
     /// The running VMM.
     pub vmm: Option<VmmHandle>,
+    /// The host uid (and gid) its VMMs run as, held from create to delete when
+    /// VMMs are confined.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 /// Whether a running VM's agent answers as it should.

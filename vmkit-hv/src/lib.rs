@@ -8,6 +8,16 @@
 //! that follows the official spec (its docs say exactly what that covers).
 //! [`probe`] looks at the host and picks a backend for `hypervisor = "auto"`.
 //!
+//! Both backends confine a VMM whose [`MachineConfig::confinement`] is set: it runs
+//! as the VM's uid and gid from its first instruction, in a cgroup of its own (v2, or
+//! v1 where the host has only that) with the limits of [`vmkit_core::CgroupLimits`],
+//! owning only the VM's disks and TAP; QEMU under its seccomp sandbox,
+//! cloud-hypervisor with its seccomp filters and landlock. That needs root; a
+//! backend that cannot confine refuses the start and says why.
+//! [`probe_confinement`] tells whether this host can.
+//!
+//! [`MachineConfig::confinement`]: vmkit_core::MachineConfig::confinement
+//!
 //! # Example
 //!
 //! Pick a backend the way `hypervisor = "auto"` does and build it; building starts
@@ -35,10 +45,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod cgroup;
 mod ch;
+mod confine;
 pub mod probe;
 mod process;
 mod qemu;
+mod spawn;
 
 pub use ch::{ChConfig, CloudHypervisor};
+pub use confine::{ConfinementReport, probe_confinement};
 pub use qemu::{Accel, AccelChoice, Qemu, QemuConfig};

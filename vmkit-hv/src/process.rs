@@ -1,8 +1,8 @@
 //! The VMM process, as both backends see it: its identity (pid and start time),
 //! signals that cannot reach a recycled pid, and waiting for it to be gone.
 //!
-//! Neither backend's VMM is our child (QEMU daemonizes, cloud-hypervisor is spawned
-//! detached), so we cannot `wait` for it and its pid may be recycled once it is gone.
+//! Neither backend's VMM is our child (both are spawned detached, see
+//! `crate::spawn`), so we cannot `wait` for it and its pid may be recycled once it is gone.
 //! A process counts as the VMM only while `/proc/<pid>/stat` shows the start time
 //! recorded at launch (or, when that is unknown, while its command line names the
 //! VMM's control socket). Signals go through a pidfd opened *before* that check, so
@@ -110,7 +110,7 @@ impl VmmProcess {
         if self.start_time != 0 {
             return stat.start_time == self.start_time;
         }
-        cmdline_names_socket(self.pid, &self.marker)
+        cmdline_names(self.pid, &self.marker)
     }
 
     /// Sends SIGKILL if the process is still the VMM; a gone process is not an error.
@@ -185,23 +185,27 @@ impl VmmProcess {
     }
 }
 
-/// Whether the command line of `pid` names `socket` the way a VMM names its control
-/// socket: as the `path=` field of one argument (`socket,id=qmp,path=SOCKET,server=on`
-/// for QEMU, `path=SOCKET` for cloud-hypervisor), with commas doubled as QEMU's
-/// option syntax escapes them. A process that merely mentions the path (an
-/// operator's `tail -f`, an editor) does not match.
-fn cmdline_names_socket(pid: u32, socket: &Path) -> bool {
+/// Whether the command line of `pid` is that of the VMM `marker` names, a path in its
+/// run directory: `marker` is the program name the VMM was started with (`argv[0]`,
+/// as QEMU's is `<run_dir>/qemu`), or the `path=` field of one argument (the control
+/// socket: `path=SOCKET` for cloud-hypervisor), with commas doubled as QEMU's option
+/// syntax escapes them. A process that merely mentions the path (an operator's
+/// `tail -f`, an editor) does not match.
+fn cmdline_names(pid: u32, marker: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
     };
-    args_name_socket(&cmdline, socket)
+    args_name(&cmdline, marker)
 }
 
-/// [`cmdline_names_socket`] on a NUL-separated command line.
-fn args_name_socket(cmdline: &[u8], socket: &Path) -> bool {
-    let path = socket.as_os_str().as_encoded_bytes();
+/// [`cmdline_names`] on a NUL-separated command line.
+fn args_name(cmdline: &[u8], marker: &Path) -> bool {
+    let path = marker.as_os_str().as_encoded_bytes();
     if path.is_empty() {
         return false;
+    }
+    if cmdline.split(|&b| b == 0).next() == Some(path) {
+        return true;
     }
     let mut field = b"path=".to_vec();
     for &b in path {
@@ -231,9 +235,9 @@ fn args_name_socket(cmdline: &[u8], socket: &Path) -> bool {
     })
 }
 
-/// The live processes whose command line names `socket` as their control socket
-/// (see [`cmdline_names_socket`]): the VMMs a backend started with it.
-pub(crate) fn processes_with_socket(socket: &Path) -> io::Result<Vec<VmmProcess>> {
+/// The live processes whose command line names `marker` as a VMM's (see
+/// [`cmdline_names`]): the VMMs a backend started with it.
+pub(crate) fn processes_named(marker: &Path) -> io::Result<Vec<VmmProcess>> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
         let Some(pid) = entry?
@@ -243,7 +247,7 @@ pub(crate) fn processes_with_socket(socket: &Path) -> io::Result<Vec<VmmProcess>
         else {
             continue;
         };
-        if pid == std::process::id() || !cmdline_names_socket(pid, socket) {
+        if pid == std::process::id() || !cmdline_names(pid, marker) {
             continue;
         }
         if let Ok(Some(stat)) = read_stat(pid)
@@ -252,7 +256,7 @@ pub(crate) fn processes_with_socket(socket: &Path) -> io::Result<Vec<VmmProcess>
             found.push(VmmProcess {
                 pid,
                 start_time: stat.start_time,
-                marker: socket.to_owned(),
+                marker: marker.to_owned(),
             });
         }
     }
@@ -261,7 +265,7 @@ pub(crate) fn processes_with_socket(socket: &Path) -> io::Result<Vec<VmmProcess>
 
 /// The file in a run directory naming the VMM started there (`<pid> <start time>`),
 /// for backends whose VMM command line may not name the directory.
-const IDENTITY_FILE: &str = "vmkit-vmm.id";
+pub(crate) const IDENTITY_FILE: &str = "vmkit-vmm.id";
 
 /// Records `vmm` as the VMM of `run_dir`, for [`discard_run_dir`].
 pub(crate) fn write_identity(run_dir: &Path, vmm: &VmmProcess) -> io::Result<()> {
@@ -272,7 +276,7 @@ pub(crate) fn write_identity(run_dir: &Path, vmm: &VmmProcess) -> io::Result<()>
 }
 
 /// The VMM recorded in `run_dir` by [`write_identity`], if it still runs.
-fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
+pub(crate) fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
     let text = std::fs::read_to_string(run_dir.join(IDENTITY_FILE)).ok()?;
     let mut fields = text.split_whitespace().map(str::parse::<u64>);
     let pid = u32::try_from(fields.next()?.ok()?).ok()?;
@@ -285,18 +289,18 @@ fn recorded_identity(run_dir: &Path) -> Option<VmmProcess> {
     (start_time != 0 && vmm.is_alive()).then_some(vmm)
 }
 
-/// Kills every VMM started in `run_dir` (found by the control socket `socket`, a
-/// file name in `run_dir`, on its command line, or recorded with
+/// Kills every VMM started in `run_dir` (found by `marker`, a file name in `run_dir`
+/// that its command line names as [`cmdline_names`] says, or recorded with
 /// [`write_identity`]), waits for them to be gone, and removes the directory (see
 /// [`vmkit_core::Hypervisor::discard`]). Other processes that name files there
 /// (an operator's `tail -f console.log`) are left alone.
 pub(crate) async fn discard_run_dir(
     run_dir: &Path,
-    socket: &str,
+    marker: &str,
     wait: Duration,
 ) -> Result<(), vmkit_core::HypervisorError> {
     use vmkit_core::HypervisorError;
-    let mut vmms = processes_with_socket(&run_dir.join(socket))
+    let mut vmms = processes_named(&run_dir.join(marker))
         .map_err(|e| HypervisorError::io("cannot list processes in /proc", e))?;
     if let Some(recorded) = recorded_identity(run_dir)
         && !vmms.iter().any(|v| v.pid == recorded.pid)
@@ -462,7 +466,7 @@ mod tests {
     }
 
     #[test]
-    fn only_a_control_socket_path_field_names_the_vmm() {
+    fn only_the_program_name_or_a_control_socket_path_field_names_the_vmm() {
         let sock = Path::new("/run/vmkit/run/00aa/qmp.sock");
         let qemu = cmdline(&[
             "qemu-system-x86_64",
@@ -477,11 +481,16 @@ mod tests {
         let tail = cmdline(&["tail", "-f", "/run/vmkit/run/00aa/qmp.sock"]);
         let log = cmdline(&["less", "/run/vmkit/run/00aa/console.log"]);
         let longer = cmdline(&["x", "path=/run/vmkit/run/00aa/qmp.sock.old"]);
-        assert!(args_name_socket(&qemu, sock));
-        assert!(args_name_socket(&ch, sock));
-        assert!(!args_name_socket(&tail, sock), "a mention is not a VMM");
-        assert!(!args_name_socket(&log, sock));
-        assert!(!args_name_socket(&longer, sock), "another file");
+        let program = Path::new("/run/vmkit/run/00aa/qemu");
+        let named = cmdline(&["/run/vmkit/run/00aa/qemu", "-S", "-M", "q35"]);
+        let tail_program = cmdline(&["tail", "-f", "/run/vmkit/run/00aa/qemu"]);
+        assert!(args_name(&qemu, sock));
+        assert!(args_name(&ch, sock));
+        assert!(!args_name(&tail, sock), "a mention is not a VMM");
+        assert!(!args_name(&log, sock));
+        assert!(!args_name(&longer, sock), "another file");
+        assert!(args_name(&named, program), "argv[0] names the VMM");
+        assert!(!args_name(&tail_program, program), "only as argv[0]");
     }
 
     #[test]
@@ -489,8 +498,8 @@ mod tests {
         let sock = Path::new("/data/a,b/qmp.sock");
         let escaped = cmdline(&["q", "socket,id=qmp,path=/data/a,,b/qmp.sock,server=on"]);
         let split = cmdline(&["q", "socket,id=qmp,path=/data/a,b/qmp.sock"]);
-        assert!(args_name_socket(&escaped, sock));
-        assert!(!args_name_socket(&split, sock));
+        assert!(args_name(&escaped, sock));
+        assert!(!args_name(&split, sock));
     }
 
     /// A process that holds its command line until its stdin closes or it is killed.

@@ -640,3 +640,70 @@ async fn the_event_monitor_tells_a_reboot_a_panic_a_power_off_and_a_host_stop_ap
     let exit = tokio::time::timeout(BOOT, watch.wait_exit()).await.unwrap();
     assert_eq!(exit, Some(vmkit_core::VmmExit::Killed));
 }
+
+/// A confined VMM (the stand-in, spawned as cloud-hypervisor would be): it runs as
+/// the VM's uid in the VM's cgroup, with `--seccomp true` on its command line and
+/// landlock asked for in `vm.create`; its disk is its uid's, its run directory root's
+/// with its group (1770); cleanup removes its cgroup. Needs root and cgroups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_vmm_runs_as_its_uid_in_its_cgroup_with_seccomp_and_landlock() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = TestHost::new(Behaviour::default());
+    std::fs::set_permissions(host.dir.path(), std::fs::Permissions::from_mode(0o711))
+        .expect("traversable");
+    let uid = vmkit_core::UidRange::DEFAULT_FIRST + 6000 + std::process::id() % 1000;
+    let mut config = host.machine("jailed");
+    // No TAP: tests touch no host network.
+    config.nic = None;
+    config.confinement = Some(vmkit_core::Confinement::new(
+        uid,
+        vmkit_core::CgroupLimits::default(),
+    ));
+    let hv = host.backend();
+    let handle = hv.start(&config).await.expect("start");
+
+    let status = std::fs::read_to_string(format!("/proc/{}/status", handle.pid)).expect("status");
+    assert!(
+        status.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")),
+        "{status}"
+    );
+    // The stand-in gets cloud-hypervisor's arguments through its environment.
+    let environ = std::fs::read(format!("/proc/{}/environ", handle.pid)).expect("environ");
+    let args = String::from_utf8_lossy(&environ)
+        .split('\0')
+        .find_map(|v| v.strip_prefix("VMKIT_CH_STANDIN_ARGS=").map(str::to_owned))
+        .expect("the stand-in's arguments")
+        .replace('\u{1f}', " ");
+    assert!(args.contains("--seccomp true"), "{args}");
+    let create = requests(&config.run_dir)
+        .into_iter()
+        .find(|(_, p, _)| p == "/vm.create")
+        .expect("vm.create")
+        .2;
+    assert_eq!(create["landlock_enable"], true);
+    assert_eq!(
+        create["landlock_rules"][0]["path"],
+        config.run_dir.to_str().expect("utf-8")
+    );
+    let disk = std::fs::metadata(&config.disks[0].path).expect("disk");
+    assert_eq!((disk.uid(), disk.mode() & 0o777), (uid, 0o600));
+    let run_dir = std::fs::metadata(&config.run_dir).expect("run dir");
+    assert_eq!(
+        (run_dir.uid(), run_dir.gid(), run_dir.mode() & 0o7777),
+        (0, uid, 0o1770)
+    );
+    let cgroup = std::fs::read_to_string(format!("/proc/{}/cgroup", handle.pid)).expect("cgroup");
+    assert!(
+        cgroup.contains(&format!("/vmkit/{}", config.vm)),
+        "{cgroup}"
+    );
+
+    hv.kill(&handle).await.expect("kill");
+    hv.cleanup(&handle).await.expect("cleanup");
+    assert!(
+        !Path::new("/sys/fs/cgroup/memory/vmkit")
+            .join(config.vm.to_string())
+            .exists(),
+        "the cgroup is gone"
+    );
+}

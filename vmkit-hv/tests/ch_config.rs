@@ -156,6 +156,28 @@ fn what_vmkit_sends_is_valid_for_the_spec_with_no_undeclared_property() {
     assert!(spec.validate(schema, &full).is_strictly_valid());
 }
 
+/// A confined VMM gets landlock in `vm.create` with its run directory, read-write;
+/// cloud-hypervisor adds the config's own paths (kernel, disks, sockets) itself.
+#[test]
+fn a_confined_machine_enables_landlock_with_its_run_dir_and_stays_valid_for_the_spec() {
+    let mut machine = full_machine();
+    machine.confinement = Some(vmkit_core::Confinement::new(
+        0x5000_0000,
+        vmkit_core::CgroupLimits::default(),
+    ));
+    let sent = body(&ChConfig::new(), &machine);
+    assert_eq!(sent["landlock_enable"], true);
+    assert_eq!(
+        sent["landlock_rules"],
+        json!([{"path": "/var/lib/vmkit/run/full", "access": "rw"}])
+    );
+    let report = spec().validate_component("VmConfig", &sent);
+    assert!(report.is_strictly_valid(), "{report:?}");
+
+    let unconfined = body(&ChConfig::new(), &full_machine());
+    assert!(unconfined.get("landlock_enable").is_none());
+}
+
 #[test]
 fn configs_the_backend_cannot_run_are_refused_before_anything_starts() {
     let ch = CloudHypervisor::new(ChConfig::new());

@@ -89,28 +89,56 @@ impl HypervisorFixture for Fixture {
 }
 
 impl Drop for Fixture {
-    /// Kills every QEMU still running from a run dir this fixture handed out.
+    /// Kills every QEMU still running from a run dir this fixture handed out, and
+    /// removes the cgroups of confined ones (the run dirs go with the fixture).
     fn drop(&mut self) {
-        for dir in self.issued.lock().unwrap().iter() {
-            let Ok(text) = std::fs::read_to_string(dir.join("qemu.pid")) else {
+        let issued = self.issued.lock().unwrap().clone();
+        for dir in &issued {
+            self.kill_vmm_of(dir);
+        }
+        for dir in &issued {
+            let Ok(text) = std::fs::read(dir.join("vmkit-qemu.json")) else {
                 continue;
             };
-            let Ok(pid) = text.trim().parse::<i32>() else {
-                continue;
-            };
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            let marker = dir.join("qmp.sock");
-            let marker = marker.as_os_str().as_encoded_bytes();
-            if cmdline.windows(marker.len()).any(|w| w == marker) {
-                eprintln!(
-                    "fixture: killing leftover QEMU pid {pid} of {}",
-                    dir.display()
-                );
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            let state: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+            for cgroup in state["cgroup"].as_array().into_iter().flatten() {
+                let Some(cgroup) = cgroup.as_str() else {
+                    continue;
+                };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while Path::new(cgroup).exists() && std::fs::remove_dir(cgroup).is_err() {
+                    if Instant::now() > deadline {
+                        eprintln!("fixture: cannot remove the cgroup {cgroup}");
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             }
+        }
+    }
+}
+
+impl Fixture {
+    /// Kills the QEMU recorded in `dir`, if it still runs there.
+    fn kill_vmm_of(&self, dir: &Path) {
+        let Ok(text) = std::fs::read_to_string(dir.join("vmkit-vmm.id")) else {
+            return;
+        };
+        let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
+            return;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let marker = dir.join("qemu");
+        let marker = marker.as_os_str().as_encoded_bytes();
+        if cmdline.windows(marker.len()).any(|w| w == marker) {
+            eprintln!(
+                "fixture: killing leftover QEMU pid {pid} of {}",
+                dir.display()
+            );
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -393,12 +421,12 @@ fn processes_mentioning(needle: &Path) -> Vec<u32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_cancelled_half_way_leaves_nothing_running() {
     let fx = Fixture::new();
-    // A launcher that daemonizes QEMU, then lingers: the start is dropped while the VMM
-    // runs and the launcher has not reported yet.
+    // A launcher that waits before it becomes QEMU: the start is dropped while the
+    // VMM runs and has not greeted yet.
     let launcher = fx.dir.path().join("slow-qemu");
     std::fs::write(
         &launcher,
-        "#!/bin/sh\nqemu-system-x86_64 \"$@\" || exit $?\nexec sleep 60\n",
+        "#!/bin/sh\nsleep 2\nexec qemu-system-x86_64 \"$@\"\n",
     )
     .unwrap();
     std::fs::set_permissions(
@@ -412,18 +440,18 @@ async fn a_start_cancelled_half_way_leaves_nothing_running() {
             .accel(vmkit_hv::Accel::Tcg),
     );
     let config = fx.machine("cancelled");
-    let pidfile = config.run_dir.join("qemu.pid");
+    let identity = config.run_dir.join("vmkit-vmm.id");
     let mut start = Box::pin(qemu.start(&config));
     let deadline = Instant::now() + Duration::from_secs(30);
-    // QEMU creates the pid file before it writes the pid: wait for a whole number.
+    // Written once the VMM is spawned, in one write.
     let vmm: u32 = loop {
-        if let Some(pid) = std::fs::read_to_string(&pidfile)
+        if let Some(pid) = std::fs::read_to_string(&identity)
             .ok()
-            .and_then(|s| s.trim().parse().ok())
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
         {
             break pid;
         }
-        assert!(Instant::now() < deadline, "QEMU never wrote its pid file");
+        assert!(Instant::now() < deadline, "the VMM was never recorded");
         tokio::select! {
             result = &mut start => panic!("the start finished early: {result:?}"),
             () = tokio::time::sleep(Duration::from_millis(20)) => {}
@@ -714,4 +742,213 @@ async fn vcpus_unplug_right_after_a_plug_and_tcg_refuses_a_plug_that_would_crash
     }
     qemu.kill(&handle).await.unwrap();
     qemu.cleanup(&handle).await.unwrap();
+}
+
+/// A field of `/proc/<pid>/status`, such as `Uid` or `Seccomp`.
+fn status_field(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+        .trim()
+        .to_owned()
+}
+
+/// The cgroup v1 directory of `pid` in the hierarchy of `controller`.
+fn cgroup_dir(pid: u32, controller: &str) -> PathBuf {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.split(':')
+                .nth(1)
+                .is_some_and(|c| c.split(',').any(|c| c == controller))
+        })
+        .unwrap_or_else(|| panic!("{pid} is in no {controller} cgroup: {text}"));
+    let path = line.splitn(3, ':').nth(2).unwrap();
+    // `cpu` is a directory or a link to `cpu,cpuacct`, depending on the host.
+    Path::new("/sys/fs/cgroup")
+        .join(controller)
+        .join(path.trim_start_matches('/'))
+}
+
+fn cgroup_value(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// Opens `path` for reading as `uid`:`uid` with no supplementary groups; the error
+/// `cat` printed, or `None` when it could.
+fn open_as(uid: u32, path: &Path) -> Option<String> {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            format!("--reuid={uid}"),
+            format!("--regid={uid}"),
+            "--clear-groups".to_owned(),
+            "head".to_owned(),
+            "-c1".to_owned(),
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    (!out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A VMM confined as its VM's uid: seccomp on, in its VM's cgroup with the limits of
+/// its size, its own disk open to it and nothing else of the host's (another VM's
+/// disk, the state file); a snapshot restores into a VMM confined the same way, and
+/// cleanup removes the cgroup. Needs root and cgroup v1 or v2 controllers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_confined_vmm_runs_as_its_uid_under_seccomp_in_its_cgroup_and_reaches_only_its_disks() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    // Traverse-only, as vmkit's data directory: each uid opens its own files by name.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let other_disk = fx.overlay("other");
+    let state = fx.dir.path().join("state.redb");
+    std::fs::write(&state, b"secret").unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::set_permissions(&other_disk, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let uid = vmkit_core::UidRange::DEFAULT_FIRST + 4000 + std::process::id() % 1000;
+    let limits = vmkit_core::CgroupLimits::default();
+    let mut config = fx.machine("jailed");
+    config.confinement = Some(vmkit_core::Confinement::new(uid, limits));
+    let qemu = Qemu::new(QemuConfig::new().accel(vmkit_hv::Accel::Tcg));
+    let handle = qemu.start(&config).await.unwrap();
+    let pid = handle.pid;
+
+    let uids = status_field(pid, "Uid");
+    assert_eq!(
+        uids,
+        format!("{uid}\t{uid}\t{uid}\t{uid}"),
+        "real, effective, saved, fs"
+    );
+    assert_eq!(
+        status_field(pid, "Gid"),
+        format!("{uid}\t{uid}\t{uid}\t{uid}")
+    );
+    assert_eq!(
+        status_field(pid, "Seccomp"),
+        "2",
+        "QEMU's -sandbox filter is on"
+    );
+    let memory = cgroup_dir(pid, "memory");
+    let cpu = cgroup_dir(pid, "cpu");
+    let pids = cgroup_dir(pid, "pids");
+    assert!(
+        memory.ends_with(format!("vmkit/{}", config.vm)),
+        "in its VM's cgroup: {}",
+        memory.display()
+    );
+    // Under TCG the limit also allows for the translated-code cache (tb-size=512).
+    assert_eq!(
+        cgroup_value(&memory, "memory.limit_in_bytes"),
+        ((config.memory_mib + limits.memory_overhead_mib + 512) << 20).to_string()
+    );
+    assert_eq!(cgroup_value(&cpu, "cpu.shares"), "1024");
+    assert_eq!(cgroup_value(&cpu, "cpu.cfs_period_us"), "100000");
+    assert_eq!(
+        cgroup_value(&cpu, "cpu.cfs_quota_us"),
+        "200000",
+        "one CPU for the vCPU, one for QEMU's own threads"
+    );
+    assert_eq!(cgroup_value(&pids, "pids.max"), limits.pids_max.to_string());
+    eprintln!(
+        "confined QEMU pid {pid}: Uid {uids}, Seccomp {}, memory.limit_in_bytes {}, \
+         cpu.cfs_quota_us {}/{}, cpu.shares {}, pids.max {}",
+        status_field(pid, "Seccomp"),
+        cgroup_value(&memory, "memory.limit_in_bytes"),
+        cgroup_value(&cpu, "cpu.cfs_quota_us"),
+        cgroup_value(&cpu, "cpu.cfs_period_us"),
+        cgroup_value(&cpu, "cpu.shares"),
+        cgroup_value(&pids, "pids.max"),
+    );
+
+    assert_eq!(
+        open_as(uid, &config.disks[0].path),
+        None,
+        "its own disk opens"
+    );
+    for forbidden in [&other_disk, &state] {
+        let error = open_as(uid, forbidden).expect("must not open");
+        assert!(
+            error.contains("Permission denied"),
+            "{}: {error}",
+            forbidden.display()
+        );
+    }
+    let run_dir_file = config.run_dir.join("vmkit-qemu.json");
+    assert!(
+        open_as(uid, &run_dir_file)
+            .expect("must not open")
+            .contains("Permission denied")
+    );
+
+    let client = wait_for_agent(&qemu, &handle, BOOT_TIMEOUT).await;
+    let token = format!("token-{}", VmId::generate());
+    guest_output(&client, &format!("echo {token} > /tmp/kept")).await;
+    drop(client);
+    qemu.pause(&handle).await.unwrap();
+    let snapshot = fx.dir.path().join("jailed-snapshot");
+    qemu.snapshot(&handle, &snapshot).await.unwrap();
+    qemu.kill(&handle).await.unwrap();
+    qemu.cleanup(&handle).await.unwrap();
+    assert!(!memory.exists(), "cleanup removes the cgroup");
+    assert!(!cpu.exists() && !pids.exists());
+
+    let mut target = config.clone();
+    target.run_dir = fx.run_dir("jailed-restored");
+    let restored = qemu.restore(&target, &snapshot).await.unwrap();
+    assert_eq!(status_field(restored.pid, "Seccomp"), "2");
+    assert!(status_field(restored.pid, "Uid").starts_with(&uid.to_string()));
+    qemu.resume(&restored).await.unwrap();
+    let client = wait_for_agent(&qemu, &restored, BOOT_TIMEOUT).await;
+    assert_eq!(
+        guest_output(&client, "cat /tmp/kept").await,
+        format!("{token}\n")
+    );
+    drop(client);
+    let restored_cgroup = cgroup_dir(restored.pid, "memory");
+    qemu.kill(&restored).await.unwrap();
+    qemu.cleanup(&restored).await.unwrap();
+    assert!(!restored_cgroup.exists());
+    assert_gone(&restored.run_dir);
+}
+
+/// A run dir left by a crash with its confined VMM still running: discard kills the
+/// VMM through its cgroup and removes the cgroup before the run dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_an_orphaned_confined_vmm_removes_its_cgroup() {
+    use std::os::unix::fs::PermissionsExt;
+    let fx = Fixture::new();
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let uid = vmkit_core::UidRange::DEFAULT_FIRST + 5000 + std::process::id() % 1000;
+    let mut config = fx.machine("orphan");
+    config.confinement = Some(vmkit_core::Confinement::new(
+        uid,
+        vmkit_core::CgroupLimits::default(),
+    ));
+    let qemu = Qemu::new(QemuConfig::new().accel(vmkit_hv::Accel::Tcg));
+    let handle = qemu.start(&config).await.unwrap();
+    let memory = cgroup_dir(handle.pid, "memory");
+    drop(qemu);
+
+    let later = Qemu::new(QemuConfig::new().accel(vmkit_hv::Accel::Tcg));
+    later.discard(&config.run_dir).await.unwrap();
+
+    assert!(!memory.exists(), "the cgroup is gone");
+    assert!(
+        !Path::new(&format!("/proc/{}/cgroup", handle.pid)).exists() || {
+            let stat =
+                std::fs::read_to_string(format!("/proc/{}/stat", handle.pid)).unwrap_or_default();
+            stat.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        }
+    );
+    assert_gone(&config.run_dir);
 }

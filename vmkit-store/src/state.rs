@@ -13,10 +13,12 @@
 //! | `shares`      | (VM id `u64`, `[target, access]` JSON `&str`) | `Share` as JSON |
 //! | `leases`      | IPv4 address `u32`               | `IpLease` as JSON           |
 //! | `lease_by_vm` | VM id `u64`                      | IPv4 address `u32` (index)  |
+//! | `uids`        | VMM uid `u32`                    | VM id `u64`                 |
+//! | `uid_by_vm`   | VM id `u64`                      | VMM uid `u32` (index)       |
 //! | `api_keys`    | key id `&str`                    | `ApiKey` as JSON            |
 //! | `events`      | sequence number `u64`            | `Event` as JSON             |
 //!
-//! The two indexes are written in the same transactions as the tables they index.
+//! The three indexes are written in the same transactions as the tables they index.
 //!
 //! # Transactions and durability
 //!
@@ -43,6 +45,7 @@ mod schema;
 mod tables;
 
 use std::fmt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -175,6 +178,14 @@ impl RedbStore {
             .set_check_integrity_on_open(config.check_integrity_on_open)
             .create(&path)
             .map_err(|e| open_error(&path, e))?;
+        // Private to its owner whatever the umask: the data directory may be
+        // traversable by the VMMs' uids (they open their own disks by name).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+            StoreError::backend(
+                format!("cannot make {} private (mode 0600)", path.display()),
+                e,
+            )
+        })?;
         schema::migrate(&db).map_err(|e| with_op(&format!("open {}", path.display()), e))?;
         tracing::debug!(path = %path.display(), "opened the state file");
         Ok(Self {

@@ -705,10 +705,13 @@ async fn base_image_is_imported_once_read_only() {
 }
 
 #[tokio::test]
-async fn root_directory_is_created_private() {
+async fn directories_are_traverse_only_so_no_vmm_uid_lists_them() {
     let fs = Ext4::new();
+    let root = fs.path().join("data/volumes");
+    fs::create_dir_all(root.join("vm")).unwrap();
+    fs::set_permissions(root.join("vm"), fs::Permissions::from_mode(0o755)).unwrap();
 
-    let storage = FileStorage::new(fs.path().join("data/volumes")).unwrap();
+    let storage = FileStorage::new(&root).unwrap();
 
     for dir in [
         storage.root().to_path_buf(),
@@ -717,7 +720,7 @@ async fn root_directory_is_created_private() {
     ] {
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
-            0o700,
+            0o711,
             "{}",
             dir.display()
         );

@@ -27,8 +27,8 @@ fn vm(name: &str) -> VmRecord {
 }
 
 #[test]
-fn current_schema_version_is_two() {
-    assert_eq!(RedbStore::SCHEMA_VERSION, 2);
+fn current_schema_version_is_three() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 3);
 }
 
 #[tokio::test]
@@ -55,8 +55,39 @@ async fn a_version_one_file_gains_the_snapshots_table_and_keeps_its_vms() {
         txn.commit().unwrap();
     }
     let store = RedbStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
     assert!(store.list_snapshots(None).await.unwrap().is_empty());
+    assert_eq!(store.list_vms(None).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_version_two_file_gains_the_uid_tables_and_keeps_its_vms() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let web = vm("web");
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store.create_vm(&web, &Quota::unlimited()).await.unwrap();
+    }
+    // Make it a version-2 file: no uid tables, stamped 2.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        const UIDS: TableDefinition<'static, u32, u64> = TableDefinition::new("uids");
+        const UID_BY_VM: TableDefinition<'static, u64, u32> = TableDefinition::new("uid_by_vm");
+        assert!(txn.delete_table(UIDS).unwrap());
+        assert!(txn.delete_table(UID_BY_VM).unwrap());
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 2)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 3);
+    assert!(store.list_uids().await.unwrap().is_empty());
+    let range = vmkit_core::UidRange::new(70_000, 10).unwrap();
+    assert_eq!(store.allocate_uid(web.id, &range).await.unwrap(), 70_000);
     assert_eq!(store.list_vms(None).await.unwrap().len(), 1);
 }
 
@@ -227,4 +258,17 @@ fn a_file_in_a_missing_directory_names_the_path() {
     let err = RedbStore::open(&path).unwrap_err();
 
     assert!(err.to_string().contains("nope"), "{err}");
+}
+
+#[test]
+fn the_state_file_is_private_to_its_owner_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    drop(RedbStore::open(&path).unwrap());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the VMMs' uids must not read the state file");
 }

@@ -46,6 +46,8 @@ pub struct Config {
     pub network: NetworkSection,
     /// Where volumes live.
     pub storage: StorageSection,
+    /// How VMMs are confined.
+    pub confinement: ConfinementSection,
     /// What happens to a VM whose VMM exited without a stop through vmkit (a crash,
     /// a guest that powered itself off; at daemon start, a host reboot or a daemon
     /// crash): `stop` marks it stopped, `restart` boots it again (at most 5 times in
@@ -195,6 +197,77 @@ impl Default for NetworkSection {
     }
 }
 
+/// VMM confinement: a uid per VM and a cgroup per VMM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConfinementSection {
+    /// `auto` (on when the daemon runs as root), `on` (a VMM that cannot be confined
+    /// is not started) or `off`.
+    pub enabled: String,
+    /// The first uid of the range handed to VMs (uid = gid).
+    pub uid_first: u32,
+    /// How many uids the range holds: the most VMs the host can have.
+    pub uid_count: u32,
+    /// CPU time a VMM may use beyond one CPU per vCPU, in thousandths of a CPU.
+    pub vmm_cpu_millis: u64,
+    /// Memory a VMM may use beyond its guest's, MiB.
+    pub memory_overhead_mib: u64,
+    /// I/O weight of every VMM, 1 to 10000.
+    pub io_weight: u16,
+    /// Most tasks (processes and threads) of one VMM.
+    pub pids_max: u64,
+}
+
+impl Default for ConfinementSection {
+    fn default() -> Self {
+        let limits = vmkit_core::CgroupLimits::default();
+        let uids = vmkit_core::UidRange::default();
+        Self {
+            enabled: "auto".to_owned(),
+            uid_first: uids.first,
+            uid_count: uids.count,
+            vmm_cpu_millis: limits.vmm_cpu_millis,
+            memory_overhead_mib: limits.memory_overhead_mib,
+            io_weight: limits.io_weight,
+            pids_max: limits.pids_max,
+        }
+    }
+}
+
+impl ConfinementSection {
+    /// The manager's confinement for a daemon whose effective uid is `euid`, or what
+    /// is wrong with the section.
+    pub fn resolve(&self, euid: u32) -> anyhow::Result<Option<vmkit_core::ConfinementConfig>> {
+        let on = match self.enabled.as_str() {
+            "auto" => euid == 0,
+            "on" => true,
+            "off" => false,
+            other => bail!("[confinement] enabled = {other:?}: use \"auto\", \"on\" or \"off\""),
+        };
+        if !on {
+            return Ok(None);
+        }
+        let Some(uids) = vmkit_core::UidRange::new(self.uid_first, self.uid_count) else {
+            bail!(
+                "[confinement] uid_first = {} and uid_count = {} are not a range of uids \
+                 (it must not hold 0 nor pass 4294967294)",
+                self.uid_first,
+                self.uid_count
+            );
+        };
+        let limits = vmkit_core::CgroupLimits::default()
+            .vmm_cpu_millis(self.vmm_cpu_millis)
+            .memory_overhead_mib(self.memory_overhead_mib)
+            .io_weight(self.io_weight)
+            .pids_max(self.pids_max);
+        Ok(Some(
+            vmkit_core::ConfinementConfig::new()
+                .uids(uids)
+                .limits(limits),
+        ))
+    }
+}
+
 /// cloud-hypervisor settings.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -229,6 +302,7 @@ impl Default for Config {
             cloud_hypervisor: ChSection::default(),
             network: NetworkSection::default(),
             storage: StorageSection::default(),
+            confinement: ConfinementSection::default(),
             on_vmm_exit: vmkit_core::ExitPolicy::Stop,
             default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
             default_root_gib: 10,
@@ -469,6 +543,35 @@ mod tests {
         // The default data directory is root's; the sample shows that one.
         defaults["data_dir"] = toml::Value::String("/var/lib/vmkit".into());
         assert_eq!(toml::Value::Table(sample_options()), defaults);
+    }
+
+    #[test]
+    fn confinement_is_on_for_root_unless_turned_off() {
+        let c = load_with(None, &[]).unwrap();
+        let on = c.confinement.resolve(0).unwrap().expect("root confines");
+        assert_eq!(on.uids, vmkit_core::UidRange::default());
+        assert_eq!(
+            c.confinement.resolve(1000).unwrap(),
+            None,
+            "not root: auto is off"
+        );
+        let off = load_with(None, &[("VMKIT_CONFINEMENT_ENABLED", "off")]).unwrap();
+        assert_eq!(off.confinement.resolve(0).unwrap(), None);
+        let forced = load_with(None, &[("VMKIT_CONFINEMENT_ENABLED", "on")]).unwrap();
+        assert!(
+            forced.confinement.resolve(1000).unwrap().is_some(),
+            "on asks for it; the backend then says what is missing"
+        );
+        let bad = load_with(Some("[confinement]\nuid_first = 0\n"), &[]).unwrap();
+        assert!(
+            bad.confinement
+                .resolve(0)
+                .unwrap_err()
+                .to_string()
+                .contains("uid_first")
+        );
+        let typo = load_with(Some("[confinement]\nenabled = \"yes\"\n"), &[]).unwrap();
+        assert!(typo.confinement.resolve(0).is_err());
     }
 
     #[test]

@@ -104,6 +104,12 @@ fn init_tracing(config: &Config) {
     }
 }
 
+/// The daemon's effective uid: `/proc/self` belongs to it.
+fn effective_uid() -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
+}
+
 async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
@@ -139,6 +145,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .agent_timeout(Duration::from_secs(t.agent_secs))
         .on_vmm_exit(config.on_vmm_exit)
         .event_retention(config.events.retention())
+        .confinement(config.confinement.resolve(effective_uid())?)
         .default_spec(VmSpec::new(config.default_image.clone()).root_gib(config.default_root_gib));
     let manager = Manager::new(manager_config, backends)
         .await

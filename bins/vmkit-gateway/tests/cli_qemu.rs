@@ -740,6 +740,17 @@ fn doctor_reports_what_this_host_has() {
     let picked = doc["auto"]["backend"].as_str().unwrap();
     assert!(["qemu", "cloud-hypervisor"].contains(&picked), "{doc}");
     assert!(!doc["auto"]["reason"].as_str().unwrap().is_empty());
+    // This machine kind: root, cgroup v1 controllers, a QEMU with seccomp.
+    let confinement = &doc["confinement"];
+    assert!(
+        confinement["cgroups"]
+            .as_str()
+            .unwrap()
+            .starts_with("cgroup v1"),
+        "{doc}"
+    );
+    assert_eq!(confinement["qemu_sandbox"], true, "{doc}");
+    assert_eq!(confinement["qemu_ready"], true, "{doc}");
 
     let text = Command::new(support::cli_bin())
         .arg("--data-dir")
@@ -754,6 +765,9 @@ fn doctor_reports_what_this_host_has() {
         "nftables:",
         "qemu-img:",
         "mmdebstrap:",
+        "cgroups:",
+        "QEMU sandbox:",
+        "confinement:",
         "auto picks:",
     ] {
         assert!(text.contains(line), "{line} in:\n{text}");

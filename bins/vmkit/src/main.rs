@@ -912,6 +912,13 @@ async fn doctor(
         .qemu(qemu);
     let report = probe::probe_host_with_boot(&options).await;
     let choice = probe::choose_backend(Preference::Auto, &report);
+    let qemu_program = report
+        .qemu
+        .path
+        .clone()
+        .unwrap_or_else(|| report.qemu.requested.clone());
+    let confinement =
+        tokio::task::spawn_blocking(move || vmkit_hv::probe_confinement(&qemu_program)).await?;
     let picked = match choice.backend {
         Backend::CloudHypervisor => "cloud-hypervisor",
         _ => "qemu",
@@ -920,6 +927,13 @@ async fn doctor(
         print_json(&serde_json::json!({
             "report": report,
             "auto": { "backend": picked, "reason": choice.reason, "problems": choice.problems },
+            "confinement": {
+                "root": confinement.root,
+                "cgroups": confinement.cgroups.as_ref().ok(),
+                "cgroups_problem": confinement.cgroups.as_ref().err(),
+                "qemu_sandbox": confinement.qemu_sandbox,
+                "qemu_ready": confinement.qemu_ready(),
+            },
         }))?;
         return Ok(ExitCode::SUCCESS);
     }
@@ -992,6 +1006,31 @@ async fn doctor(
         };
         println!("{:<19}{line}", format!("{name}:"));
     }
+    println!(
+        "cgroups:           {}",
+        match &confinement.cgroups {
+            Ok(found) => found.clone(),
+            Err(problem) => format!("unusable: {problem}"),
+        }
+    );
+    println!(
+        "QEMU sandbox:      {}",
+        if confinement.qemu_sandbox {
+            "yes (-sandbox with seccomp)"
+        } else {
+            "no: this QEMU was built without seccomp"
+        }
+    );
+    println!(
+        "confinement:       {}",
+        if confinement.qemu_ready() {
+            "VMMs run as their VM's uid, in their cgroup, under seccomp"
+        } else if !confinement.root {
+            "not possible: run the daemon as root (or set [confinement] enabled = \"off\")"
+        } else {
+            "not possible here: see cgroups and QEMU sandbox above (or set [confinement] enabled = \"off\")"
+        }
+    );
     println!("auto picks:        {picked} ({})", choice.reason);
     for problem in &choice.problems {
         println!("problem:           {problem}");

@@ -450,6 +450,8 @@ impl Manager {
                 Err(e) => return Err(e.into()),
             }
         }
+        // Last: the uid owned the disks until they went.
+        self.release_uid_of(vm.id).await?;
         Ok(())
     }
 
@@ -578,6 +580,7 @@ impl Manager {
                 .await;
             }
         }
+        self.sweep_uids(&records, report).await?;
         let snapshot_root = self.inner.config.data_dir.join("snapshots");
         for (id, dir) in run_dirs(&snapshot_root)? {
             let held = snapshots
@@ -640,7 +643,7 @@ impl Manager {
     /// Records the outcome of removing an orphan of VM id `vm`: done (`action`, in
     /// the past tense, in the report's orphans) or failed (in its failures, for the
     /// next reconcile to try again). Each is an event.
-    async fn swept(
+    pub(super) async fn swept(
         &self,
         report: &mut ReconcileReport,
         vm: VmId,

@@ -244,6 +244,11 @@ impl FakeHypervisor {
         self.lock().vmms.get(&pid).map(|v| v.guest.clone())
     }
 
+    /// The machine config the VMM `pid` was started with, if it runs.
+    pub fn machine_config(&self, pid: u32) -> Option<MachineConfig> {
+        self.lock().vmms.get(&pid).map(|v| v.config.clone())
+    }
+
     /// Pids of the VMMs that run.
     pub fn running(&self) -> Vec<u32> {
         self.lock().vmms.keys().copied().collect()

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::faults::{Faults, InjectedFault};
+use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
@@ -32,6 +33,7 @@ struct State {
     vms: BTreeMap<VmId, VmRecord>,
     shares: Vec<Share>,
     leases: BTreeMap<std::net::Ipv4Addr, IpLease>,
+    uids: BTreeMap<u32, VmId>,
     api_keys: BTreeMap<String, ApiKey>,
     snapshots: BTreeMap<VmName, Snapshot>,
     events: std::collections::VecDeque<Event>,
@@ -307,6 +309,34 @@ impl StateStore for MemoryStore {
 
     async fn list_leases(&self) -> Result<Vec<IpLease>, StoreError> {
         Ok(self.read().leases.values().cloned().collect())
+    }
+
+    async fn allocate_uid(&self, vm: VmId, range: &UidRange) -> Result<u32, StoreError> {
+        let mut s = self.write("store.allocate_uid")?;
+        if let Some((uid, _)) = s.uids.iter().find(|(_, v)| **v == vm) {
+            return Ok(*uid);
+        }
+        let uid = (range.first..=range.last())
+            .find(|uid| !s.uids.contains_key(uid))
+            .ok_or(StoreError::UidsExhausted(*range))?;
+        s.uids.insert(uid, vm);
+        Ok(uid)
+    }
+
+    async fn release_uid(&self, vm: VmId) -> Result<bool, StoreError> {
+        let mut s = self.write("store.release_uid")?;
+        let before = s.uids.len();
+        s.uids.retain(|_, v| *v != vm);
+        Ok(s.uids.len() != before)
+    }
+
+    async fn list_uids(&self) -> Result<Vec<(VmId, u32)>, StoreError> {
+        Ok(self
+            .read()
+            .uids
+            .iter()
+            .map(|(uid, vm)| (*vm, *uid))
+            .collect())
     }
 
     async fn put_api_key(&self, key: &ApiKey) -> Result<(), StoreError> {

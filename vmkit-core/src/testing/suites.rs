@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use vmkit_guest::{Client, ClientConfig, ExecRequest};
 
+use crate::confine::UidRange;
 use crate::event::{EventKind, EventRetention, NewEvent};
 use crate::gateway::{Gateway, Principal};
 use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmHandle, VmmState};
@@ -774,6 +775,63 @@ pub async fn store_leases(store: &dyn StateStore) {
     assert_eq!(store.list_leases().await.expect("list").len(), 5);
 }
 
+/// VMM uids: lowest free first, stable per VM, never twice, released and reused,
+/// and the range's end is respected.
+pub async fn store_uids(store: &dyn StateStore) {
+    let range = UidRange::new(7000, 4).expect("range");
+    let vms: Vec<VmId> = (0..4).map(|_| VmId::generate()).collect();
+    let mut uids = Vec::new();
+    for vm in &vms {
+        uids.push(store.allocate_uid(*vm, &range).await.expect("uid"));
+    }
+    assert_eq!(
+        uids,
+        [7000, 7001, 7002, 7003],
+        "lowest free first, never twice"
+    );
+    assert_eq!(
+        store.allocate_uid(vms[1], &range).await.expect("again"),
+        7001,
+        "a VM keeps its uid"
+    );
+    assert!(matches!(
+        store.allocate_uid(VmId::generate(), &range).await,
+        Err(StoreError::UidsExhausted(r)) if r == range
+    ));
+    assert!(store.release_uid(vms[1]).await.expect("release"));
+    assert!(!store.release_uid(vms[1]).await.expect("release twice"));
+    let other = VmId::generate();
+    assert_eq!(
+        store.allocate_uid(other, &range).await.expect("reuse"),
+        7001,
+        "a released uid is reused"
+    );
+    let mut listed = store.list_uids().await.expect("list");
+    listed.sort_by_key(|(_, uid)| *uid);
+    assert_eq!(
+        listed,
+        [
+            (vms[0], 7000),
+            (other, 7001),
+            (vms[2], 7002),
+            (vms[3], 7003)
+        ]
+    );
+    let wider = UidRange::new(6990, 20).expect("range");
+    assert_eq!(
+        store.allocate_uid(vms[3], &wider).await.expect("kept"),
+        7003,
+        "a VM keeps its uid when the range changes"
+    );
+    assert_eq!(
+        store
+            .allocate_uid(VmId::generate(), &wider)
+            .await
+            .expect("new"),
+        6990
+    );
+}
+
 /// Shares, API keys and the event log.
 pub async fn store_shares_keys_events(store: &dyn StateStore) {
     let vm = record("shared", UserId(1), VmSpec::new("tiny"));
@@ -1130,6 +1188,7 @@ where
     store_users(&*make().await).await;
     store_vms(&*make().await).await;
     store_leases(&*make().await).await;
+    store_uids(&*make().await).await;
     store_shares_keys_events(&*make().await).await;
     store_snapshots(&*make().await).await;
     store_state_with_event(&*make().await).await;

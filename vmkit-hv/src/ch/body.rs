@@ -215,7 +215,29 @@ pub(crate) fn vm_config(
     vm.console = Some(models::ConsoleConfig::new(models::ConsoleMode::Off));
 
     vm.vsock = Some(models::VsockConfig::new(GUEST_CID, path_str(&paths.vsock)?));
+    if config.confinement.is_some() {
+        // cloud-hypervisor adds the paths of the config (kernel, disks, serial file,
+        // vsock socket) itself; the run directory is where it makes its sockets.
+        vm.landlock_enable = Some(true);
+        vm.landlock_rules = Some(landlock_rules(config, None)?);
+    }
     Ok(vm)
+}
+
+/// The landlock rules of a confined VMM beyond the paths of its config: its run
+/// directory (read-write) and, on restore, the snapshot it loads (read-only).
+pub(crate) fn landlock_rules(
+    config: &MachineConfig,
+    snapshot: Option<&Path>,
+) -> Result<Vec<models::LandlockConfig>, HypervisorError> {
+    let mut rules = vec![models::LandlockConfig::new(
+        path_str(&config.run_dir)?,
+        "rw".to_owned(),
+    )];
+    if let Some(dir) = snapshot {
+        rules.push(models::LandlockConfig::new(path_str(dir)?, "r".to_owned()));
+    }
+    Ok(rules)
 }
 
 /// Points the run-directory paths and disks in a snapshot's `config.json` at the
@@ -225,6 +247,7 @@ pub(crate) fn vm_config(
 pub(crate) fn patch_snapshot_config(
     snapshot: &mut serde_json::Value,
     config: &MachineConfig,
+    snapshot_dir: &Path,
 ) -> Result<(), HypervisorError> {
     let paths = RunPaths::new(&config.run_dir);
     let bad = |what: &str| {
@@ -268,6 +291,12 @@ pub(crate) fn patch_snapshot_config(
             .and_then(|n| n.as_object_mut()),
     ) {
         net.insert("tap".into(), nic.tap.clone().into());
+    }
+    if config.confinement.is_some() {
+        let rules = serde_json::to_value(landlock_rules(config, Some(snapshot_dir))?)
+            .map_err(|e| HypervisorError::Protocol(format!("encoding landlock rules: {e}")))?;
+        obj.insert("landlock_enable".into(), true.into());
+        obj.insert("landlock_rules".into(), rules);
     }
     Ok(())
 }
@@ -338,7 +367,7 @@ mod tests {
             "serial": {"mode": "File", "file": "/run/vmkit/old/console.log"},
             "vsock": {"cid": 3, "socket": "/run/vmkit/old/vsock.sock", "id": "_vsock0"}
         });
-        patch_snapshot_config(&mut snap, &c).expect("patch");
+        patch_snapshot_config(&mut snap, &c, Path::new("/snap")).expect("patch");
         assert_eq!(snap["vsock"]["socket"], "/run/vmkit/new/vsock.sock");
         assert_eq!(snap["vsock"]["id"], "_vsock0");
         assert_eq!(snap["serial"]["file"], "/run/vmkit/new/console.log");
@@ -348,13 +377,36 @@ mod tests {
     }
 
     #[test]
+    fn a_confined_restore_gets_landlock_with_its_run_dir_and_the_snapshot() {
+        let mut c = config();
+        c.run_dir = "/run/vmkit/new".into();
+        c.confinement = Some(vmkit_core::Confinement::new(
+            0x5000_0000,
+            vmkit_core::CgroupLimits::default(),
+        ));
+        let mut snap = serde_json::json!({
+            "disks": [{"path": "/old/root.raw", "image_type": "Raw"}],
+            "vsock": {"cid": 3, "socket": "/run/vmkit/old/vsock.sock"}
+        });
+        patch_snapshot_config(&mut snap, &c, Path::new("/snap")).expect("patch");
+        assert_eq!(snap["landlock_enable"], true);
+        assert_eq!(
+            snap["landlock_rules"],
+            serde_json::json!([
+                {"path": "/run/vmkit/new", "access": "rw"},
+                {"path": "/snap", "access": "r"}
+            ])
+        );
+    }
+
+    #[test]
     fn a_snapshot_with_other_disks_is_refused() {
         let mut snap = serde_json::json!({
             "disks": [],
             "vsock": {"cid": 3, "socket": "/x"}
         });
         assert!(matches!(
-            patch_snapshot_config(&mut snap, &config()),
+            patch_snapshot_config(&mut snap, &config(), Path::new("/snap")),
             Err(HypervisorError::InvalidConfig(_))
         ));
     }

@@ -12,10 +12,11 @@
 //! `console_tail` call checks it too. On a filesystem without hole punching the log
 //! is not shortened (a warning is logged) and only reads are capped.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// Hole punching works in whole filesystem blocks; a cap is met to within one.
@@ -25,7 +26,12 @@ const BLOCK: u64 = 4096;
 /// Bytes dropped by [`compact`] (zeros) are left out, and so is a partial UTF-8
 /// character at the start.
 pub(crate) fn tail(path: &Path, max_bytes: u64) -> io::Result<String> {
-    let mut file = match File::open(path) {
+    // Never through a link: a confined VMM can write in its run directory.
+    let mut file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
         Err(e) => return Err(e),
@@ -46,7 +52,11 @@ pub(crate) fn tail(path: &Path, max_bytes: u64) -> io::Result<String> {
 /// at `path`, if it uses more than `limit` plus one block. Returns the bytes freed
 /// from the start of the file (0 when nothing was done).
 pub(crate) fn compact(path: &Path, limit: u64) -> io::Result<u64> {
-    let file = match OpenOptions::new().write(true).open(path) {
+    let file = match OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
         Err(e) => return Err(e),
@@ -86,7 +96,7 @@ mod tests {
     fn tail_is_capped_and_skips_dropped_bytes_and_broken_characters() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("console.log");
-        let mut f = File::create(&path).expect("create");
+        let mut f = std::fs::File::create(&path).expect("create");
         f.write_all(b"\0\0\0\0\xa9tail \xc3\xa9t\xc3\xa9\n")
             .expect("write");
         assert_eq!(tail(&path, 1 << 20).expect("tail"), "tail \u{e9}t\u{e9}\n");
@@ -99,7 +109,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("console.log");
         // A writer like cloud-hypervisor's: no O_APPEND, its own offset.
-        let mut writer = File::create(&path).expect("create");
+        let mut writer = std::fs::File::create(&path).expect("create");
         let line = [b'x'; 1023];
         for _ in 0..256 {
             writer.write_all(&line).expect("write");

@@ -121,6 +121,18 @@ const HOTPLUG_STEP_MIB: u64 = 128;
 /// [`console_tail`](Hypervisor::console_tail), which never returns more than the
 /// cap. The file's length keeps growing; only its blocks are freed.
 ///
+/// **Confinement.** For a config with [`MachineConfig::confinement`] the VMM is
+/// started as the VM's uid and gid in the VM's cgroup (see `crate::spawn`), with
+/// `--seccomp true` stated (cloud-hypervisor's own filters); `vm.create` carries
+/// `landlock_enable: true` and a read-write rule for the run directory (where the VMM
+/// makes its vsock socket and serial file; cloud-hypervisor adds the paths of the
+/// config itself), and a restore writes the same into the snapshot's `config.json`,
+/// with a read-only rule for the snapshot directory. The VM's disks and TAP are handed
+/// to its uid before the spawn. The run directory is root's with the VM's group,
+/// mode 1770: the VMM may create files there, and the sticky bit keeps it from
+/// removing or replacing vmkit's (the API socket, the run state); the console log is
+/// opened with `O_NOFOLLOW`. Untested against a real cloud-hypervisor like the rest.
+///
 /// **Resize.** vCPUs up to `max_vcpus`. Memory only grows, by ACPI hotplug in steps
 /// of 128 MiB, up to [`ChConfig::hotplug_memory_mib`] more than at boot; with the
 /// default of 0 memory resize is reported as unsupported.
@@ -191,6 +203,9 @@ struct Inner {
 #[derive(Debug, Serialize, Deserialize)]
 struct RunState {
     console_limit: u64,
+    /// The directories of the VMM's cgroup, recorded before they are created.
+    #[serde(default)]
+    cgroup: Vec<PathBuf>,
 }
 
 impl CloudHypervisor {
@@ -259,25 +274,28 @@ impl CloudHypervisor {
         }
     }
 
-    /// Spawns a VMM in `paths` and waits until its API answers.
+    /// Prepares the run directory of `config` and its confinement, spawns a VMM there
+    /// and waits until its API answers.
     async fn spawn_vmm(
         &self,
+        config: &MachineConfig,
         paths: &RunPaths,
     ) -> Result<(VmmHandle, VmmProcess), HypervisorError> {
+        let plan = crate::confine::plan(config)?;
+        let dirs = plan.as_ref().map(|p| p.dirs.clone()).unwrap_or_default();
+        prepare_run_dir(
+            paths,
+            config.console_limit,
+            &dirs,
+            config.confinement.map(|c| c.gid),
+        )?;
+        let jail = plan.map(|p| p.apply(config, 0)).transpose()?;
+        let credentials = jail.as_ref().map(|j| j.credentials()).transpose()?;
         let binary = self.inner.config.binary.clone();
-        let mut socket_arg = OsString::from("path=");
-        socket_arg.push(&paths.api);
-        let mut events_arg = OsString::from("path=");
-        events_arg.push(&paths.events);
-        let args = vec![
-            OsString::from("--api-socket"),
-            socket_arg,
-            OsString::from("--event-monitor"),
-            events_arg,
-        ];
+        let args = vmm_args(paths, jail.is_some());
         let spawn_paths = paths.clone();
         let spawned = tokio::task::spawn_blocking(move || {
-            process::spawn_detached(&binary, &args, &spawn_paths)
+            process::spawn_detached(&binary, &args, &spawn_paths, credentials.as_ref())
         })
         .await
         .map_err(|e| HypervisorError::io("spawning the VMM", io::Error::other(e)))??;
@@ -462,14 +480,42 @@ fn info_from(info: &models::VmInfo, pid: u32) -> VmmInfo {
     VmmInfo::new(map_state(info.state), pid, vcpus, bytes >> 20)
 }
 
+/// The command line of a VMM in `paths`: its API socket and, when confined, its
+/// seccomp filters stated on (they are cloud-hypervisor's default; landlock comes
+/// with `vm.create`).
+fn vmm_args(paths: &RunPaths, confined: bool) -> Vec<OsString> {
+    let mut socket_arg = OsString::from("path=");
+    socket_arg.push(&paths.api);
+    let mut events_arg = OsString::from("path=");
+    events_arg.push(&paths.events);
+    let mut args = vec![
+        OsString::from("--api-socket"),
+        socket_arg,
+        OsString::from("--event-monitor"),
+        events_arg,
+    ];
+    if confined {
+        args.extend(["--seccomp", "true"].map(OsString::from));
+    }
+    args
+}
+
 fn read_run_state(paths: &RunPaths) -> Option<RunState> {
     let text = std::fs::read(&paths.state).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
 /// Creates the run directory (mode 0700: its sockets control the VM), removes
-/// sockets a crashed VMM left there, and records what a later daemon needs.
-fn prepare_run_dir(paths: &RunPaths, console_limit: u64) -> Result<(), HypervisorError> {
+/// sockets a crashed VMM left there, and records what a later daemon needs (the
+/// cgroup `dirs` before they exist). For a VMM confined to group `gid` the directory
+/// is root's, of group `gid`, mode 1770: the VMM makes its sockets and serial file
+/// there, and the sticky bit keeps it from removing or replacing vmkit's files.
+fn prepare_run_dir(
+    paths: &RunPaths,
+    console_limit: u64,
+    dirs: &[PathBuf],
+    gid: Option<u32>,
+) -> Result<(), HypervisorError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -478,10 +524,32 @@ fn prepare_run_dir(paths: &RunPaths, console_limit: u64) -> Result<(), Hyperviso
     for socket in [&paths.api, &paths.vsock] {
         clear_stale_socket(socket)?;
     }
-    let state = serde_json::to_vec(&RunState { console_limit })
-        .map_err(|e| HypervisorError::Protocol(format!("encoding the run state: {e}")))?;
+    let state = serde_json::to_vec(&RunState {
+        console_limit,
+        cgroup: dirs.to_vec(),
+    })
+    .map_err(|e| HypervisorError::Protocol(format!("encoding the run state: {e}")))?;
     std::fs::write(&paths.state, state)
-        .map_err(|e| HypervisorError::io(format!("writing {}", paths.state.display()), e))
+        .map_err(|e| HypervisorError::io(format!("writing {}", paths.state.display()), e))?;
+    if let Some(gid) = gid {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(&paths.dir, Some(0), Some(gid))
+            .and_then(|()| {
+                std::fs::set_permissions(&paths.dir, std::fs::Permissions::from_mode(0o1770))
+            })
+            .map_err(|e| {
+                HypervisorError::io(format!("handing {} to the VMM", paths.dir.display()), e)
+            })?;
+    }
+    Ok(())
+}
+
+/// Removes the cgroup recorded in `run_dir`, killing what still runs in it.
+async fn remove_cgroup_of(run_dir: &Path) -> Result<(), HypervisorError> {
+    let dirs = read_run_state(&RunPaths::new(run_dir))
+        .map(|s| s.cgroup)
+        .unwrap_or_default();
+    crate::confine::remove_cgroup(&dirs).await
 }
 
 /// Removes the socket at `path` unless something still listens on it.
@@ -535,8 +603,7 @@ impl Hypervisor for CloudHypervisor {
         let config = body::absolutize(config)?;
         let vm = body::vm_config(&config, &self.inner.config)?;
         let paths = RunPaths::new(&config.run_dir);
-        prepare_run_dir(&paths, config.console_limit)?;
-        let (handle, id) = self.spawn_vmm(&paths).await?;
+        let (handle, id) = self.spawn_vmm(&config, &paths).await?;
 
         let api = Api::new(&paths.api);
         let t = self.inner.config.api_timeout;
@@ -749,7 +816,7 @@ impl Hypervisor for CloudHypervisor {
         let mut value: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
             HypervisorError::Protocol(format!("{}: {e}", snapshot_config.display()))
         })?;
-        body::patch_snapshot_config(&mut value, &config)?;
+        body::patch_snapshot_config(&mut value, &config, &dir)?;
         let patched = serde_json::to_vec(&value)
             .map_err(|e| HypervisorError::Protocol(format!("encoding config.json: {e}")))?;
         let tmp = dir.join(".config.json.vmkit");
@@ -760,8 +827,7 @@ impl Hypervisor for CloudHypervisor {
             })?;
 
         let paths = RunPaths::new(&config.run_dir);
-        prepare_run_dir(&paths, config.console_limit)?;
-        let (handle, id) = self.spawn_vmm(&paths).await?;
+        let (handle, id) = self.spawn_vmm(&config, &paths).await?;
         let t = self.inner.config.snapshot_timeout;
         if let Err(f) = Api::new(&paths.api).restore(t, url).await {
             let err = self.api_error("vm.restore", f, &id, t);
@@ -808,6 +874,7 @@ impl Hypervisor for CloudHypervisor {
             });
         }
         lock(&self.inner.events).remove(&(handle.pid, handle.pid_start));
+        remove_cgroup_of(&handle.run_dir).await?;
         match std::fs::remove_dir_all(&handle.run_dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -819,6 +886,7 @@ impl Hypervisor for CloudHypervisor {
     }
 
     async fn discard(&self, run_dir: &Path) -> Result<(), HypervisorError> {
+        remove_cgroup_of(run_dir).await?;
         crate::process::discard_run_dir(run_dir, body::API_SOCKET, KILL_WAIT).await
     }
 
@@ -838,6 +906,27 @@ impl Hypervisor for CloudHypervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_confined_vmm_states_its_seccomp_filters_on() {
+        let paths = RunPaths::new(Path::new("/run/vmkit/x"));
+        let args = |confined| {
+            vmm_args(&paths, confined)
+                .into_iter()
+                .map(|a| a.into_string().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            args(true),
+            [
+                "--api-socket",
+                "path=/run/vmkit/x/api.sock",
+                "--seccomp",
+                "true"
+            ]
+        );
+        assert_eq!(args(false), ["--api-socket", "path=/run/vmkit/x/api.sock"]);
+    }
 
     #[test]
     fn handles_name_the_run_dir_sockets_and_capabilities_follow_the_config() {

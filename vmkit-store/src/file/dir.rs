@@ -5,7 +5,6 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -39,11 +38,12 @@ pub(super) struct Dir {
 }
 
 impl Dir {
-    /// Creates `parent/name` (mode 0700) if needed and opens it. Refuses a link.
-    pub(super) fn open_child(parent: &Path, name: &str) -> io::Result<Self> {
+    /// Creates `parent/name` if needed, opens it (refusing a link) and gives it
+    /// `mode`, also when it existed with another.
+    pub(super) fn open_child(parent: &Path, name: &str, mode: u32) -> io::Result<Self> {
         let path = parent.join(name);
         match std::fs::create_dir(&path) {
-            Ok(()) => std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o700))?,
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(e),
         }
@@ -53,6 +53,7 @@ impl Dir {
             Mode::empty(),
         )
         .map_err(io::Error::from)?;
+        fchmod(&fd, Mode::from_bits_truncate(mode)).map_err(io::Error::from)?;
         Ok(Self { fd, path })
     }
 

@@ -77,13 +77,20 @@ impl FileStorageConfig {
 /// # Layout
 ///
 /// ```text
-/// <root>/                      0700, usually <data_dir>/volumes
+/// <root>/                      0711, usually <data_dir>/volumes
+///   base/                      0711
 ///   base/<digest>.raw          imported base images, read-only (0444)
+///   vm/                        0711
 ///   vm/root-<vm-id>.raw        a VM's root volume (reflink or sparse copy), or
 ///   vm/root-<vm-id>.qcow2      a qcow2 overlay whose backing file is the base
 ///   vm/data-<vm-id>.raw        a VM's data volume (ext4, label `vmkit-data`)
-///   kept/<id>-<secs>.<ext>     volumes handed to the operator by `release`
+///   kept/<id>-<secs>.<ext>     volumes handed to the operator by `release` (0700)
 /// ```
+///
+/// Volumes are created 0600 and owned by root; the hypervisor backend hands a
+/// VM's volumes to its VMM's uid when it confines the VMM. The directories are
+/// traverse-only (0711) so that such a VMM can open its own volumes and the base
+/// image under its qcow2 overlay by name, but list nothing.
 ///
 /// Files are written under a `.tmp-` name and renamed into place (without
 /// replacing anything) when complete, so a crash leaves either nothing or a whole
@@ -214,16 +221,16 @@ impl FileStorage {
                 e,
             )
         })?;
-        std::fs::set_permissions(wanted, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| io_error(format!("cannot set mode 0700 on {}", wanted.display()), e))?;
+        std::fs::set_permissions(wanted, std::fs::Permissions::from_mode(TRAVERSE_ONLY))
+            .map_err(|e| io_error(format!("cannot set mode 0711 on {}", wanted.display()), e))?;
         let root = wanted.canonicalize().map_err(|e| {
             io_error(
                 format!("cannot resolve the volume directory {}", wanted.display()),
                 e,
             )
         })?;
-        let base = open_dir(&root, "base")?;
-        let vm = open_dir(&root, "vm")?;
+        let base = open_dir(&root, "base", TRAVERSE_ONLY)?;
+        let vm = open_dir(&root, "vm", TRAVERSE_ONLY)?;
         for dir in [&base, &vm] {
             dir.remove_stale_temps().map_err(|e| {
                 io_error(
@@ -681,7 +688,7 @@ impl Inner {
             None => return Err(StorageError::NotFound(volume.id.clone())),
             Some(_) => return Err(self.refused_entry(&name)),
         }
-        let kept = open_dir(&self.root, KEPT_DIR)?;
+        let kept = open_dir(&self.root, KEPT_DIR, 0o700)?;
         let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -929,9 +936,15 @@ async fn run(program: &Path, args: &[&OsStr], hint: &str) -> Result<(), StorageE
     }
 }
 
-/// Opens (creating it if needed) the directory `name` of the storage root.
-fn open_dir(root: &Path, name: &str) -> Result<Dir, StorageError> {
-    Dir::open_child(root, name).map_err(|e| match e.raw_os_error() {
+/// The mode of the root, `base/` and `vm/`: only root lists them; anyone may open an
+/// entry by name, which each file's own mode then decides. A confined VMM opens its
+/// own volumes (owned by its uid, 0600) and the base image its qcow2 overlay reads
+/// (0444), nothing else.
+const TRAVERSE_ONLY: u32 = 0o711;
+
+/// Opens (creating it if needed) the directory `name` of the storage root with `mode`.
+fn open_dir(root: &Path, name: &str, mode: u32) -> Result<Dir, StorageError> {
+    Dir::open_child(root, name, mode).map_err(|e| match e.raw_os_error() {
         Some(libc::ELOOP | libc::ENOTDIR) => StorageError::Refused(format!(
             "{} is not a directory (a symbolic link?); remove it and let vmkit recreate it",
             root.join(name).display()

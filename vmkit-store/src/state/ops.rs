@@ -7,13 +7,14 @@ use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use vmkit_core::{
     ApiKey, Event, EventRetention, IpLease, IpPool, NewEvent, Quota, Share, Snapshot, SshPublicKey,
-    StateStore, StoreCapabilities, StoreError, Usage, User, UserId, VmId, VmName, VmRecord,
+    StateStore, StoreCapabilities, StoreError, UidRange, Usage, User, UserId, VmId, VmName,
+    VmRecord,
 };
 
 use super::RedbStore;
 use super::tables::{
     API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, QUOTAS, SHARES, SNAPSHOTS, SSH_KEYS, StoredKey,
-    USERS, VM_NAMES, VMS, decode, encode, share_key,
+    UID_BY_VM, UIDS, USERS, VM_NAMES, VMS, decode, encode, share_key,
 };
 
 /// The record of VM `id`, read through any table handle of [`VMS`].
@@ -249,6 +250,41 @@ fn append_in(
         kept -= 1;
     }
     Ok(stored)
+}
+
+/// Hands `vm` the lowest free uid of `range` in `txn`, or returns the uid `vm` holds.
+fn allocate_uid(txn: &WriteTransaction, vm: VmId, range: &UidRange) -> Result<u32, StoreError> {
+    let mut uids = txn.open_table(UIDS).context("cannot open table uids")?;
+    let mut by_vm = txn
+        .open_table(UID_BY_VM)
+        .context("cannot open table uid_by_vm")?;
+    if let Some(uid) = by_vm
+        .get(vm.as_u64())
+        .context("cannot read table uid_by_vm")?
+    {
+        return Ok(uid.value());
+    }
+    // The first gap in the held uids of the range, as for leases.
+    let mut candidate = range.first;
+    for entry in uids
+        .range(range.first..=range.last())
+        .context("cannot read table uids")?
+    {
+        let (taken, _) = entry.context("cannot read table uids")?;
+        if taken.value() != candidate {
+            break;
+        }
+        candidate += 1;
+    }
+    if candidate > range.last() {
+        return Err(StoreError::UidsExhausted(*range));
+    }
+    uids.insert(candidate, vm.as_u64())
+        .context("cannot write table uids")?;
+    by_vm
+        .insert(vm.as_u64(), candidate)
+        .context("cannot write table uid_by_vm")?;
+    Ok(candidate)
 }
 
 #[async_trait]
@@ -637,6 +673,46 @@ impl StateStore for RedbStore {
                     bytes.value(),
                     format_args!("the lease of {}", Ipv4Addr::from(ip.value())),
                 )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    // ---- VMM uids ----
+
+    async fn allocate_uid(&self, vm: VmId, range: &UidRange) -> Result<u32, StoreError> {
+        let range = *range;
+        self.write("allocate_uid", move |txn| allocate_uid(txn, vm, &range))
+            .await
+    }
+
+    async fn release_uid(&self, vm: VmId) -> Result<bool, StoreError> {
+        self.write("release_uid", move |txn| {
+            let mut by_vm = txn
+                .open_table(UID_BY_VM)
+                .context("cannot open table uid_by_vm")?;
+            let Some(uid) = by_vm
+                .remove(vm.as_u64())
+                .context("cannot write table uid_by_vm")?
+                .map(|uid| uid.value())
+            else {
+                return Ok(false);
+            };
+            let mut uids = txn.open_table(UIDS).context("cannot open table uids")?;
+            uids.remove(uid).context("cannot write table uids")?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn list_uids(&self) -> Result<Vec<(VmId, u32)>, StoreError> {
+        self.read("list_uids", |txn| {
+            let uids = txn.open_table(UIDS).context("cannot open table uids")?;
+            let mut out = Vec::new();
+            for entry in uids.iter().context("cannot read table uids")? {
+                let (uid, vm) = entry.context("cannot read table uids")?;
+                out.push((VmId::from_u64(vm.value()), uid.value()));
             }
             Ok(out)
         })

@@ -14,14 +14,14 @@ use vmkit_core::{IpLease, StoreError, VmRecord};
 
 use super::tables::{
     API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, META, QUOTAS, SCHEMA_VERSION_KEY, SHARES,
-    SNAPSHOTS, SSH_KEYS, USERS, VM_NAMES, VMS, decode,
+    SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USERS, VM_NAMES, VMS, decode,
 };
 
 /// One migration step: changes the layout of version `n` into that of `n + 1`.
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Every step, in order: entry `n` migrates from version `n`.
-pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2];
+pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3];
 
 /// The layout version this build writes.
 pub(super) const CURRENT: u64 = MIGRATIONS.len() as u64;
@@ -142,6 +142,14 @@ fn v1_to_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// 2 → 3: adds the VMM uid table and its index.
+fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(UIDS).context("cannot create table uids")?;
+    txn.open_table(UID_BY_VM)
+        .context("cannot create table uid_by_vm")?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use redb::{ReadableDatabase, TableDefinition};
@@ -201,12 +209,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = Database::create(dir.path().join("s.redb")).expect("create");
         let txn = db.begin_write().expect("begin");
+        let past = CURRENT + 1;
         assert!(matches!(
-            run(&txn, 3, MIGRATIONS),
+            run(&txn, past, MIGRATIONS),
             Err(StoreError::SchemaTooNew {
-                found: 3,
+                found,
                 supported: CURRENT
-            })
+            }) if found == past
         ));
     }
 }

@@ -38,6 +38,10 @@ pub(super) const LEASES: TableDefinition<'static, u32, &[u8]> = TableDefinition:
 /// [`LEASES`].
 pub(super) const LEASE_BY_VM: TableDefinition<'static, u64, u32> =
     TableDefinition::new("lease_by_vm");
+/// VMM uid → the id of the VM holding it (schema version 3).
+pub(super) const UIDS: TableDefinition<'static, u32, u64> = TableDefinition::new("uids");
+/// VM id → its VMM uid: the index kept in the transactions that write [`UIDS`].
+pub(super) const UID_BY_VM: TableDefinition<'static, u64, u32> = TableDefinition::new("uid_by_vm");
 /// API key id → `ApiKey`.
 pub(super) const API_KEYS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("api_keys");
 /// Snapshot name → `Snapshot` (schema version 2).

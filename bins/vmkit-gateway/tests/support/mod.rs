@@ -64,9 +64,12 @@ impl Daemon {
             .open(data_dir.join("daemon.log"))
             .unwrap();
         let mut cmd = match netns {
+            // `nsenter --net`, not `ip netns exec`: the latter also remounts /sys,
+            // which hides the cgroup hierarchies a confining daemon needs.
             Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vmkit-gateway")]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}"))
+                    .arg(env!("CARGO_BIN_EXE_vmkit-gateway"));
                 c
             }
             None => Command::new(env!("CARGO_BIN_EXE_vmkit-gateway")),
@@ -208,16 +211,19 @@ impl Drop for Daemon {
     }
 }
 
-/// Kills the QEMU processes whose pid files lie under `run_dir`.
+/// Kills the QEMU processes recorded (`vmkit-vmm.id`: pid and start time) under
+/// `run_dir` and removes their cgroups (recorded in `vmkit-qemu.json`): the test's
+/// data directory goes with it, so no reconcile would ever find them.
 pub fn kill_vmms_under(run_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(run_dir) else {
         return;
     };
-    for entry in entries.flatten() {
-        let Ok(pid) = std::fs::read_to_string(entry.path().join("qemu.pid")) else {
+    let entries: Vec<_> = entries.flatten().collect();
+    for entry in &entries {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("vmkit-vmm.id")) else {
             continue;
         };
-        let Ok(pid) = pid.trim().parse::<i32>() else {
+        let Some(Ok(pid)) = text.split_whitespace().next().map(str::parse::<i32>) else {
             continue;
         };
         // Only a process whose command line names this run directory.
@@ -225,6 +231,31 @@ pub fn kill_vmms_under(run_dir: &Path) {
         if String::from_utf8_lossy(&cmdline).contains(&*entry.path().to_string_lossy()) {
             // SAFETY: kill(2) on a QEMU this test's daemon started, checked above.
             unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    for entry in &entries {
+        remove_recorded_cgroups(&entry.path());
+    }
+}
+
+/// Removes the cgroup directories a run directory records, waiting (up to 10 s) for
+/// the killed VMM in them to be gone.
+pub fn remove_recorded_cgroups(run_dir: &Path) {
+    let Ok(text) = std::fs::read(run_dir.join("vmkit-qemu.json")) else {
+        return;
+    };
+    let Ok(state) = serde_json::from_slice::<serde_json::Value>(&text) else {
+        return;
+    };
+    let dirs = state["cgroup"].as_array().cloned().unwrap_or_default();
+    for dir in dirs.iter().filter_map(|d| d.as_str()) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(dir).exists() && std::fs::remove_dir(dir).is_err() {
+            if Instant::now() > deadline {
+                eprintln!("cannot remove the cgroup {dir} of a test's VMM");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
