@@ -66,8 +66,7 @@ apt_install() {
 	local log
 	log=$(mktemp)
 	# apt's output is shown only when it fails.
-	if ! { "${sudo[@]}" apt-get update -qq &&
-		"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 			--no-install-recommends --allow-downgrades -o Dpkg::Use-Pty=0 "$@"; } >"$log" 2>&1; then
 		cat "$log" >&2
 		rm -f "$log"
@@ -81,12 +80,17 @@ missing=()
 for p in "${PACKAGES[@]}"; do
 	[[ -n $(installed_version "$p") ]] || missing+=("$p")
 done
-qemu=$(qemu_version || true)
-if [[ -z $qemu ]] && ((${#missing[@]})); then
-	# apt-cache knows nothing yet on a machine that never ran apt-get update.
+if ((${#missing[@]})) || [[ $(installed_version qemu-utils) != "$(installed_version qemu-system-x86)" ]]; then
+	# Something will be installed: the version to pin qemu-utils at is read from
+	# fresh package lists, or apt would be asked for a version its next update drops
+	# (the lists of a machine's image are older than the archive).
+	if ((${#sudo[@]})) && ! command -v sudo >/dev/null 2>&1; then
+		echo "install-deps: missing or mismatched packages; run this script as root" >&2
+		exit 1
+	fi
 	"${sudo[@]}" apt-get update -qq
-	qemu=$(qemu_version || true)
 fi
+qemu=$(qemu_version || true)
 if [[ -n $qemu && $(installed_version qemu-utils) != "$qemu" ]]; then
 	# Held to the emulator's release, even when that is a downgrade.
 	missing=("${missing[@]/qemu-utils/}")
