@@ -1,34 +1,57 @@
 //! Wire types of the vmkit REST API, shared by the daemon and its clients.
 //!
 //! The API is served by `vmkit-gateway` on a Unix socket (`<data_dir>/vmkit.sock`,
-//! mode 0600). Every error is a JSON [`ErrorBody`] with an HTTP status derived from
-//! [`ErrorKind`] by [`status_for`].
+//! mode 0600), where every request is the host's operator's; the HTTPS API will
+//! serve the same routes to users identified by API key. Each route is an operation
+//! of the command surface ([`Manager::commands`](crate::Manager::commands)), decided
+//! by the one access policy ([`Policy`](crate::Policy)): a VM the caller may not see
+//! answers 404 exactly as one that does not exist; one they see but may not act on,
+//! 403 (`forbidden`); a suspended account 403 (`suspended`); an admin's route 403
+//! (`admin_only`); an operation that needs an account, 401 (`sign_in_required`).
+//!
+//! Answers are views ([`VmView`](crate::VmView), [`SnapshotView`](crate::SnapshotView),
+//! [`MetricsView`](crate::MetricsView)), never the internal records: the host's side
+//! of a VM (volumes and their paths, the VMM's pid and sockets, its uid) is in
+//! `resources` for admins only. Every error is a JSON [`ErrorBody`] with a stable
+//! `code` and an HTTP status derived from [`ErrorKind`] by [`status_for`]; its
+//! message holds the error's causes for admins only (everyone else reads what failed
+//! and what to do).
+//!
+//! `POST /v1/vms`, `/clone` and `/restore` take an `Idempotency-Key` header
+//! ([`IDEMPOTENCY_KEY_HEADER`], 1 to 255 characters): asked again with the same key
+//! and body (after a timeout, say), the answer is the VM the first request made (or
+//! restored), not a second VM or `name_taken`; the same key with another body is 409
+//! `idempotency_key_reused`. A create's key is kept with the VM for its life.
 //!
 //! | method | path | body | answer |
 //! |---|---|---|---|
 //! | GET | `/livez` | | `ok` |
 //! | GET | `/readyz` | | `ok`, or 503 with why (the store does not answer, or the reconcile at the daemon's start failed as a whole; the other routes serve anyway) |
-//! | GET | `/v1/vms` | | `[VmRecord]` |
-//! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmRecord` once ready |
-//! | GET | `/v1/vms/{name}` | | `VmRecord` |
-//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204; with `keep_data=true`, [`Deleted`](crate::Deleted): where the data volume went |
-//! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmRecord` |
+//! | GET | `/v1/whoami` | | [`Whoami`](crate::Whoami) |
+//! | GET | `/v1/vms` | | `[VmView]`: the VMs the caller owns or that are shared with them by name (all, for an admin) |
+//! | POST | `/v1/vms` | [`CreateVm`] | 201 `VmView` once ready, owned by the caller |
+//! | GET | `/v1/vms/{name}` | | `VmView` |
+//! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204; with `keep_data=true`, [`Deleted`](crate::Deleted): where the data volume went (told to admins only) |
+//! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmView` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
-//! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmRecord` |
+//! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmView` |
 //! | GET | `/v1/vms/{name}/logs?bytes=N` | | console tail, `text/plain` |
 //! | GET | `/v1/vms/{name}/logs?unit=U\|file=F&lines=N&follow=B` | | a unit's journal or a file in the guest, NDJSON `{"line"}` (`{"error"}` last on failure) |
-//! | GET | `/v1/vms/{name}/metrics` | | [`VmMetrics`](crate::VmMetrics) |
-//! | POST | `/v1/vms/{name}/snapshots` | [`NameBody`] | 201 `Snapshot` |
-//! | POST | `/v1/vms/{name}/restore` | [`NameBody`] (the snapshot) | `VmRecord` |
-//! | POST | `/v1/vms/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
-//! | GET | `/v1/snapshots` | | `[Snapshot]` |
+//! | GET | `/v1/vms/{name}/metrics` | | [`MetricsView`](crate::MetricsView) |
+//! | POST | `/v1/vms/{name}/snapshots` | [`NameBody`] | 201 `SnapshotView` (the VM owner's) |
+//! | POST | `/v1/vms/{name}/restore` | [`NameBody`] (one of the caller's snapshots) | `VmView` |
+//! | POST | `/v1/vms/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmView` once ready, owned by the caller |
+//! | GET | `/v1/snapshots` | | `[SnapshotView]`: the caller's (all, for an admin) |
 //! | DELETE | `/v1/snapshots/{name}` | | 204 |
-//! | POST | `/v1/snapshots/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmRecord` once ready |
-//! | GET | `/v1/events?after=SEQ&limit=N&follow=bool` | | NDJSON stream of `Event` (below) |
+//! | POST | `/v1/snapshots/{name}/clone` | [`NameBody`] (optional new name) | 201 `VmView` once ready |
+//! | GET | `/v1/events?after=SEQ&limit=N&follow=bool` | | NDJSON stream of `Event` (below); admins only |
 //! | GET | `/v1/images` | | `[String]` |
-//! | GET | `/v1/keys` | | `[`[`SshKeyInfo`]`]`: the local user's SSH public keys |
+//! | GET | `/v1/keys` | | `[`[`SshKeyInfo`]`]`: the caller's SSH public keys |
 //! | POST | `/v1/keys` | one OpenSSH public key line, as text | 201 [`SshKeyInfo`]; 400 not a key, 409 registered already |
 //! | DELETE | `/v1/keys/{fingerprint}` | | 204; 404 no such key |
+//! | GET | `/v1/vms/{name}/shares` | | `[`[`ShareView`](crate::ShareView)`]` (owner) |
+//! | POST | `/v1/vms/{name}/shares` | [`ShareBody`] | 201 [`ShareView`](crate::ShareView); a link's `secret` is in this answer only |
+//! | DELETE | `/v1/vms/{name}/shares?with=public\|user:ID\|link:NAME&access=A` | | `{"removed": N}` |
 //!
 //! Events are numbered from 1 (`seq`), oldest first in every answer. Without
 //! `after`, `/v1/events` answers the newest `limit` events (default 1000, at most
@@ -38,7 +61,7 @@
 //! `limit`), however many, then every new event as it is stored, each exactly once and
 //! in order (see [`EventFeed`](crate::EventFeed)), until the daemon shuts down.
 //!
-//! The local user's SSH keys go into the guests of their VMs at every create and
+//! A user's SSH keys go into the guests of their VMs at every create and
 //! start (replacing the keys vmkit put there before), so a key added or removed
 //! reaches a running VM at its next start. A fingerprint is `SHA256:…` as
 //! `ssh-keygen -l` prints it (the `SHA256:` may be left out), percent-encoded in the
@@ -54,6 +77,27 @@ use crate::error::ErrorKind;
 use crate::spec::VmSpec;
 use crate::user::SshPublicKey;
 use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
+
+/// The header a client sets on `POST /v1/vms`, `/clone` and `/restore` so that it
+/// can ask again after a timeout without making a second VM (or restoring twice).
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// Body of `POST /v1/vms/{name}/shares`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ShareBody {
+    /// With whom.
+    pub with: crate::ShareWith,
+    /// What it grants.
+    pub access: crate::Access,
+}
+
+impl ShareBody {
+    /// Shares with `with`, granting `access`.
+    pub fn new(with: crate::ShareWith, access: crate::Access) -> Self {
+        Self { with, access }
+    }
+}
 
 /// A body naming one thing: the snapshot to take or restore, or a clone's name.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +307,8 @@ pub fn status_for(kind: ErrorKind) -> u16 {
         ErrorKind::Unsupported => 501,
         ErrorKind::Unavailable => 503,
         ErrorKind::Internal => 500,
+        ErrorKind::Forbidden => 403,
+        ErrorKind::Unauthenticated => 401,
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use crate::access::Denied;
 use crate::hypervisor::HypervisorError;
 use crate::image::ImageError;
 use crate::name::{NameError, VmName};
@@ -36,6 +37,10 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or corrupt state.
     Internal,
+    /// The caller is known but may not do this.
+    Forbidden,
+    /// The caller must sign in first.
+    Unauthenticated,
 }
 
 /// Errors of [`Manager`](crate::Manager) operations.
@@ -173,6 +178,21 @@ pub enum ManagerError {
         /// The oldest event kept.
         first: u64,
     },
+    /// The access policy refused the caller (a VM they may not see is answered
+    /// with [`ManagerError::NotFound`] instead, as if it did not exist).
+    #[error(transparent)]
+    Denied(Denied),
+    /// No user with this id or handle.
+    #[error("no user {0}; `vmkit user ls` lists them")]
+    UserNotFound(String),
+    /// An idempotency key was used again with another request.
+    #[error(
+        "the Idempotency-Key {key:?} was used before with another request; use a new key for a new request"
+    )]
+    IdempotencyKeyReused {
+        /// The key.
+        key: String,
+    },
     /// A file operation of the manager itself failed.
     #[error("{context}")]
     Io {
@@ -226,6 +246,11 @@ impl ManagerError {
             | ManagerError::WrongState { .. }
             | ManagerError::Quarantined { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
+            ManagerError::IdempotencyKeyReused { .. } => ErrorKind::Conflict,
+            ManagerError::UserNotFound(_) => ErrorKind::NotFound,
+            ManagerError::Denied(Denied::SignInRequired { .. }) => ErrorKind::Unauthenticated,
+            ManagerError::Denied(Denied::NotFound) => ErrorKind::NotFound,
+            ManagerError::Denied(_) => ErrorKind::Forbidden,
             ManagerError::HistoryTrimmed { .. } => ErrorKind::Gone,
             ManagerError::NotFound(_)
             | ManagerError::SnapshotNotFound(_)
@@ -279,6 +304,45 @@ impl ManagerError {
             ManagerError::Store(_) => "store_failed",
             ManagerError::HistoryTrimmed { .. } => "history_trimmed",
             ManagerError::Io { .. } => "io_failed",
+            ManagerError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
+            ManagerError::UserNotFound(_) => "user_not_found",
+            ManagerError::Denied(Denied::NotFound) => "not_found",
+            ManagerError::Denied(Denied::SignInRequired { .. }) => "sign_in_required",
+            ManagerError::Denied(Denied::Suspended) => "suspended",
+            ManagerError::Denied(Denied::AdminOnly { .. }) => "admin_only",
+            ManagerError::Denied(_) => "forbidden",
+        }
+    }
+}
+
+impl ManagerError {
+    /// The message for a caller who is not an admin: what failed and what to do,
+    /// without the host's detail (backend error chains, host paths, the reasons
+    /// reconcile recorded). Admins get [`ErrorChain`] instead.
+    pub fn public_message(&self) -> String {
+        match self {
+            ManagerError::Quarantined { name, .. } => format!(
+                "VM {name} is quarantined: the host could not settle it after a failure; \
+                 only a delete is accepted (ask the host's operator if that fails too)"
+            ),
+            ManagerError::BootFailed { name, .. } => {
+                format!("VM {name} did not become ready; its console log says why")
+            }
+            ManagerError::Agent { name, .. } => {
+                format!("the agent in VM {name} did not answer as it should; try again")
+            }
+            ManagerError::VmmUnreachable { name, .. } => format!(
+                "the host cannot reach VM {name} right now; it is left running: try again later"
+            ),
+            ManagerError::Hypervisor(_)
+            | ManagerError::Storage(_)
+            | ManagerError::Network(_)
+            | ManagerError::Store(_)
+            | ManagerError::Io { .. } => format!(
+                "the host failed ({}); try again, and tell the host's operator if it persists",
+                self.code()
+            ),
+            other => other.to_string(),
         }
     }
 }

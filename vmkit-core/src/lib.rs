@@ -17,6 +17,19 @@
 //! reverse order. `delete` is the reverse. Operations on one VM are serialised;
 //! operations on different VMs run in parallel.
 //!
+//! # One command surface
+//!
+//! Every door (the root-only socket's REST API, and the SSH lobby, HTTPS API, MCP
+//! server and dashboard to come) is a thin adapter over [`Manager::commands`]: the
+//! operations taken on behalf of a [`Caller`] (a principal and the [`Door`] they came
+//! through), each an [`Action`] of one catalogue that says what it needs and in which
+//! states it is allowed, decided by one [`AccessPolicy`] ([`Policy`] unless an
+//! integrator supplies theirs), and answered with views ([`VmView`], ...), never the
+//! internal records. The [`Gateway`] seam gives the front doors identity (credential
+//! to caller), routing (SSH user name, jump target, HTTP host to an [`Upstream`]) and
+//! the same policy. `Manager`'s own methods (`create`, `start`, ...) check nothing:
+//! they are for the embedding program itself.
+//!
 //! # Example
 //!
 //! With the in-memory fakes of the `testing` feature:
@@ -39,6 +52,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod access;
 pub mod api;
 mod confine;
 mod error;
@@ -58,16 +72,22 @@ mod state;
 mod storage;
 mod store;
 mod time;
+mod token;
 mod user;
+mod view;
 mod vm;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use access::{AccessPolicy, Action, Caller, Denied, Door, Grant, Needs, Policy, Principal};
 pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, EventRetention, NewEvent};
-pub use gateway::{Gateway, GatewayCapabilities, GatewayError, Principal, Route, StoreGateway};
+pub use gateway::{
+    Credential, DEFAULT_HTTP_PORT, GUEST_SSH_PORT, Gateway, GatewayCapabilities, GatewayError,
+    RouteTarget, Routed, StoreGateway, Upstream,
+};
 pub use hypervisor::{
     AgentIo, AgentStream, DiskConfig, Hypervisor, HypervisorCapabilities, HypervisorError,
     MachineConfig, NicConfig, Resize, VmmEvents, VmmExit, VmmHandle, VmmInfo, VmmState, VmmWatch,
@@ -75,8 +95,9 @@ pub use hypervisor::{
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use manager::{
-    Backends, CloneSource, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy, Manager,
-    ManagerConfig, ReconcileFailure, ReconcileReport, ResizeRequest, VmMetrics,
+    Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy,
+    Manager, ManagerConfig, ReconcileFailure, ReconcileReport, ResizeRequest, ShareView, ShareWith,
+    ShareWithView, VmMetrics, Whoami,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
@@ -92,8 +113,10 @@ pub use storage::{
 };
 pub use store::{StateStore, StoreCapabilities, StoreError};
 pub use time::Timestamp;
-pub use user::{ApiKey, SshKeyError, SshPublicKey, User, UserId};
-pub use vm::{Health, VmId, VmIdParseError, VmRecord, VmResources};
+pub use token::TokenHash;
+pub use user::{ApiKey, Role, SshKeyError, SshPublicKey, User, UserId, UserStatus};
+pub use view::{MetricsView, SnapshotView, VmView, VmmView};
+pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};
 
 /// The attribute the backend traits are declared with, re-exported so that a backend
 /// implements them with the same version.

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, OwnedMutexGuard, broadcast};
+use tokio::sync::{Mutex, broadcast};
 use tracing::{debug, info, warn};
 use vmkit_guest::{Client, ClientConfig, ExecRequest, ExecStream, HelloInfo, NetworkConfig};
 
@@ -35,17 +35,23 @@ use crate::state::VmState;
 use crate::storage::{Storage, Volume};
 use crate::store::StateStore;
 use crate::time::Timestamp;
+use crate::token::TokenHash;
 use crate::user::UserId;
-use crate::vm::{Health, VmId, VmRecord};
+use crate::vm::{Health, Idempotency, VmId, VmRecord};
 
+mod commands;
 mod confine;
 mod events;
 mod keys;
+mod locks;
+
+use locks::{KeyGuard, KeyedLocks};
 mod ops;
 mod reconcile;
 mod snapshots;
 mod supervise;
 
+pub use commands::{Commands, ShareView, ShareWith, ShareWithView, Whoami};
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
@@ -211,6 +217,9 @@ pub struct Backends {
     pub store: Arc<dyn StateStore>,
     /// Finds images by name.
     pub images: Arc<dyn ImageCatalog>,
+    /// Decides what each caller may do through the command surface
+    /// ([`Manager::commands`]): vmkit's [`Policy`](crate::Policy) unless replaced.
+    pub policy: Arc<dyn crate::access::AccessPolicy>,
 }
 
 impl Backends {
@@ -228,7 +237,14 @@ impl Backends {
             network: None,
             store,
             images,
+            policy: Arc::new(crate::access::Policy),
         }
+    }
+
+    /// Replaces the access policy of the command surface.
+    pub fn with_policy(mut self, policy: Arc<dyn crate::access::AccessPolicy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Adds a backend that drives the VMs it created (new VMs still get
@@ -270,6 +286,9 @@ pub struct CreateRequest {
     pub spec: VmSpec,
     /// Disks to start from instead of the image's: a clone.
     pub from: Option<CloneSource>,
+    /// A key the client chose for this request, so that it can ask again after a
+    /// timeout without making a second VM (see [`Manager::create`]).
+    pub idempotency_key: Option<String>,
 }
 
 /// Where a clone's disks come from.
@@ -291,7 +310,25 @@ impl CreateRequest {
             owner,
             spec,
             from: None,
+            idempotency_key: None,
         }
+    }
+
+    /// Sets the idempotency key.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// What identifies the request for its idempotency key: the hash of what it
+    /// asks for (name, spec, source).
+    fn fingerprint(&self) -> TokenHash {
+        let asked = serde_json::json!({
+            "name": self.name,
+            "spec": self.spec,
+            "from": self.from,
+        });
+        TokenHash::of(&asked.to_string())
     }
 
     /// Sets the name.
@@ -339,10 +376,13 @@ pub struct Manager {
 struct Inner {
     config: ManagerConfig,
     backends: Backends,
-    locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
+    locks: KeyedLocks<VmName>,
     /// One lock per snapshot name, taken after the VM's lock where both are held:
     /// a delete of a snapshot waits for a restore or a clone from it.
-    snapshot_locks: StdMutex<HashMap<VmName, Arc<Mutex<()>>>>,
+    snapshot_locks: KeyedLocks<VmName>,
+    /// One lock per idempotency key of an owner: a retried create waits for the
+    /// first to end, then finds its VM.
+    idempotency_locks: KeyedLocks<(UserId, String)>,
     agents: StdMutex<HashMap<VmId, Client>>,
     /// One connection attempt per VM at a time: a VMM's agent channel may serve a
     /// single client (QEMU's virtio-serial socket does), so a second concurrent
@@ -393,11 +433,8 @@ enum Undo {
     Vmm(VmmHandle),
 }
 
-const RUNNING_OR_PAUSED: &[VmState] = &[VmState::Running, VmState::Paused];
-const STOPPED: &[VmState] = &[VmState::Stopped];
-const PAUSED: &[VmState] = &[VmState::Paused];
-const RUNNING: &[VmState] = &[VmState::Running];
-const RESTARTABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
+// The states each operation is allowed in, as its [`Action`](crate::Action) says.
+use crate::access::{PAUSED, RUNNING, RUNNING_OR_PAUSED, SETTLED, STOPPED};
 
 impl Manager {
     /// Builds a manager and sets up host networking if there is a network backend.
@@ -410,8 +447,9 @@ impl Manager {
             inner: Arc::new(Inner {
                 config,
                 backends,
-                locks: StdMutex::new(HashMap::new()),
-                snapshot_locks: StdMutex::new(HashMap::new()),
+                locks: KeyedLocks::new(),
+                snapshot_locks: KeyedLocks::new(),
+                idempotency_locks: KeyedLocks::new(),
                 agents: StdMutex::new(HashMap::new()),
                 connecting: StdMutex::new(HashMap::new()),
                 boots: StdMutex::new(HashMap::new()),
@@ -436,13 +474,22 @@ impl Manager {
     }
 
     /// A VM by name.
+    ///
+    /// Within an operation of the command surface, the name answers only for the VM
+    /// whose access was checked: should that VM have been deleted and its name taken
+    /// by another since, the other VM is [not found](ManagerError::NotFound).
     pub async fn get(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
-        self.inner
+        let vm = self
+            .inner
             .backends
             .store
             .get_vm(name)
             .await?
-            .ok_or_else(|| ManagerError::NotFound(name.clone()))
+            .ok_or_else(|| ManagerError::NotFound(name.clone()))?;
+        if !commands::pinned_vm(name, vm.id) {
+            return Err(ManagerError::NotFound(name.clone()));
+        }
+        Ok(vm)
     }
 
     /// VMs by name; only `owner`'s when given.
@@ -453,9 +500,49 @@ impl Manager {
     /// Creates a VM and returns once its agent answered. Quotas are checked before
     /// anything is taken; on failure every step taken is undone in reverse order and
     /// no record remains.
+    ///
+    /// With an [idempotency key](CreateRequest::idempotency_key), a create asked
+    /// again with the same key and request by the same owner returns the VM the
+    /// first made (waiting for it if that create still runs) instead of making
+    /// another or failing with `name_taken`; the same key with another request is
+    /// refused ([`ManagerError::IdempotencyKeyReused`]). The key is kept in the VM's
+    /// record, so this holds across a restart of the daemon, for the VM's life.
     pub async fn create(&self, request: CreateRequest) -> Result<VmRecord, ManagerError> {
+        let Some(key) = request.idempotency_key.clone() else {
+            return self.create_once(request).await;
+        };
+        let fingerprint = request.fingerprint();
+        let _key = self
+            .inner
+            .idempotency_locks
+            .lock(&(request.owner, key.clone()))
+            .await;
+        let store = &self.inner.backends.store;
+        let earlier = store
+            .list_vms(Some(request.owner))
+            .await?
+            .into_iter()
+            .find(|vm| vm.idempotency.as_ref().is_some_and(|i| i.key == key));
+        if let Some(earlier) = earlier {
+            if earlier.idempotency.as_ref().map(|i| &i.request) != Some(&fingerprint) {
+                return Err(ManagerError::IdempotencyKeyReused { key });
+            }
+            // Its create is over (it held the key's lock); what it left is the answer.
+            let _guard = self.lock(&earlier.name).await;
+            if let Some(vm) = store.get_vm_by_id(earlier.id).await? {
+                return Ok(vm);
+            }
+        }
+        self.create_once(request).await
+    }
+
+    async fn create_once(&self, request: CreateRequest) -> Result<VmRecord, ManagerError> {
         let b = &self.inner.backends;
         request.spec.validate(&self.inner.config.spec_limits)?;
+        let idempotency = request.idempotency_key.clone().map(|key| Idempotency {
+            key,
+            request: request.fingerprint(),
+        });
         let image = b.images.resolve(&request.spec.image).await?;
         let quota = self.quota_of(request.owner).await?;
         let name = match request.name {
@@ -464,6 +551,7 @@ impl Manager {
         };
         let _guard = self.lock(&name).await;
         let mut vm = VmRecord::new(name, request.owner, request.spec);
+        vm.idempotency = idempotency;
         // A clone runs on its source's backend (its disk formats and saved memory
         // are that backend's); a fresh VM on the default.
         vm.hypervisor = Some(match &request.from {
@@ -729,7 +817,7 @@ impl Manager {
     pub async fn restart(&self, name: &VmName) -> Result<VmRecord, ManagerError> {
         let _guard = self.lock(name).await;
         let mut vm = self.get(name).await?;
-        self.require(&vm, "restart", RESTARTABLE)?;
+        self.require(&vm, "restart", SETTLED)?;
         if vm.state != VmState::Stopped {
             self.stop_locked(&mut vm).await?;
         }
@@ -1474,30 +1562,13 @@ impl Manager {
         )))
     }
 
-    async fn lock(&self, name: &VmName) -> VmGuard {
-        self.lock_in(name, false).await
+    async fn lock(&self, name: &VmName) -> KeyGuard<VmName> {
+        self.inner.locks.lock(name).await
     }
 
     /// Takes the lock of snapshot `name`; with a VM's lock, take that one first.
-    async fn lock_snapshot(&self, name: &VmName) -> VmGuard {
-        self.lock_in(name, true).await
-    }
-
-    async fn lock_in(&self, name: &VmName, snapshot: bool) -> VmGuard {
-        let lock = {
-            let mut locks = self
-                .inner
-                .lock_table(snapshot)
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            locks.entry(name.clone()).or_default().clone()
-        };
-        VmGuard {
-            guard: Some(lock.lock_owned().await),
-            name: name.clone(),
-            snapshot,
-            inner: self.inner.clone(),
-        }
+    async fn lock_snapshot(&self, name: &VmName) -> KeyGuard<VmName> {
+        self.inner.snapshot_locks.lock(name).await
     }
 
     /// The quota of `owner`: their own, else the default.
@@ -1517,41 +1588,5 @@ impl Manager {
         let vms = store.list_vms(Some(owner)).await?;
         let snapshots = store.list_snapshots(Some(owner)).await?;
         Ok(crate::quota::Usage::of_holdings(&vms, &snapshots))
-    }
-}
-
-impl Inner {
-    fn lock_table(&self, snapshot: bool) -> &StdMutex<HashMap<VmName, Arc<Mutex<()>>>> {
-        if snapshot {
-            &self.snapshot_locks
-        } else {
-            &self.locks
-        }
-    }
-}
-
-/// Holds a VM's (or a snapshot's) operation lock; drops the map entry when no one
-/// else waits.
-struct VmGuard {
-    guard: Option<OwnedMutexGuard<()>>,
-    name: VmName,
-    snapshot: bool,
-    inner: Arc<Inner>,
-}
-
-impl Drop for VmGuard {
-    fn drop(&mut self) {
-        drop(self.guard.take());
-        let mut locks = self
-            .inner
-            .lock_table(self.snapshot)
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(lock) = locks.get(&self.name) {
-            // Only the map holds it: nobody waits.
-            if Arc::strong_count(lock) == 1 {
-                locks.remove(&self.name);
-            }
-        }
     }
 }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::time::Timestamp;
+use crate::token::TokenHash;
 use crate::user::UserId;
 use crate::vm::VmId;
 
@@ -13,8 +14,9 @@ use crate::vm::VmId;
 pub enum ShareTarget {
     /// A known user.
     User(UserId),
-    /// Anyone holding a link with this token.
-    Link(String),
+    /// Anyone holding a link whose secret has this hash (the secret itself is
+    /// shown once, when the link is made, and never stored).
+    Link(TokenHash),
     /// Everyone (public).
     Public,
 }

@@ -38,6 +38,36 @@ pub struct User {
     pub email: Option<String>,
     /// When the user was first seen.
     pub created_at: Timestamp,
+    /// What they may do.
+    #[serde(default)]
+    pub role: Role,
+    /// Whether they may sign in.
+    #[serde(default)]
+    pub status: UserStatus,
+}
+
+/// A user's role.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Role {
+    /// May do everything on the host.
+    Admin,
+    /// May use their own VMs and what is shared with them.
+    #[default]
+    User,
+}
+
+/// Whether a user may sign in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UserStatus {
+    /// They may.
+    #[default]
+    Active,
+    /// An admin suspended them: every operation but `whoami` is refused.
+    Suspended,
 }
 
 impl User {
@@ -48,6 +78,8 @@ impl User {
             name: name.into(),
             email: None,
             created_at: Timestamp::now(),
+            role: Role::User,
+            status: UserStatus::Active,
         }
     }
 }
@@ -204,6 +236,25 @@ impl ApiKey {
             hash: hex(&Sha256::digest(secret.as_bytes())),
             created_at: Timestamp::now(),
         }
+    }
+
+    /// A new key for `user`: the record to store and the secret, `vmk_<id>_<random>`,
+    /// to show once.
+    pub fn generate(user: UserId) -> (Self, String) {
+        let id = crate::token::new_secret("")
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(12)
+            .collect::<String>()
+            .to_ascii_lowercase();
+        let secret = crate::token::new_secret(&format!("vmk_{id}_"));
+        (Self::new(id, user, &secret), secret)
+    }
+
+    /// The id in an API key's secret (`vmk_<id>_<random>`), if it has that form.
+    pub fn id_of(secret: &str) -> Option<&str> {
+        let (id, rest) = secret.strip_prefix("vmk_")?.split_once('_')?;
+        (!id.is_empty() && !rest.is_empty()).then_some(id)
     }
 
     /// Whether `secret` is this key.

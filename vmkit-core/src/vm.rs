@@ -14,6 +14,7 @@ use crate::spec::VmSpec;
 use crate::state::VmState;
 use crate::storage::Volume;
 use crate::time::Timestamp;
+use crate::token::TokenHash;
 use crate::user::UserId;
 
 /// A VM's stable identity: random, never reused, independent of its name.
@@ -164,10 +165,28 @@ pub struct VmRecord {
     /// keep that id) once both exist; only then are the old disks deleted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_into: Option<VmId>,
+    /// The idempotency key of the request that made it, with that request's
+    /// fingerprint (see [`Manager::create`](crate::Manager::create)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
+    /// The idempotency key of the last restore asked with one, with its request's
+    /// fingerprint: the same restore asked again returns the VM as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_with: Option<Idempotency>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
     pub updated_at: Timestamp,
+}
+
+/// The idempotency key a VM was made with, and what was asked with it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Idempotency {
+    /// The key the client chose.
+    pub key: String,
+    /// The hash of the request made with it.
+    pub request: TokenHash,
 }
 
 impl VmRecord {
@@ -187,6 +206,8 @@ impl VmRecord {
             hypervisor: None,
             quarantined: None,
             restore_into: None,
+            idempotency: None,
+            restored_with: None,
             created_at: now,
             updated_at: now,
         }

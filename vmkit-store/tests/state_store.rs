@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use vmkit_core::testing::suites::store_suite;
+use vmkit_core::testing::suites::{GatewayFixture, gateway_suite, store_suite};
 use vmkit_core::{
     Access, ApiKey, EventKind, IpPool, NewEvent, Quota, Share, ShareTarget, SshPublicKey,
     StateStore, StoreError, User, UserId, VmId, VmName, VmRecord, VmSpec, VmState,
@@ -33,6 +33,41 @@ async fn redb_store_passes_the_store_suite() {
     .await;
 }
 
+struct RedbGatewayFixture(Arc<RedbStore>);
+
+#[async_trait::async_trait]
+impl GatewayFixture for RedbGatewayFixture {
+    fn domain(&self) -> &str {
+        "vms.example.test"
+    }
+    async fn add_user(&self, user: &User, key: Option<&SshPublicKey>) {
+        self.0.put_user(user).await.unwrap();
+        if let Some(key) = key {
+            self.0.add_ssh_key(user.id, key).await.unwrap();
+        }
+    }
+    async fn add_api_key(&self, key: &ApiKey) {
+        self.0.put_api_key(key).await.unwrap();
+    }
+    async fn add_vm(&self, vm: &VmRecord) {
+        self.0.create_vm(vm, &Quota::unlimited()).await.unwrap();
+    }
+    async fn share(&self, vm: &VmRecord, target: ShareTarget, access: Access) {
+        self.0
+            .put_share(&Share::new(vm.id, target, access))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn store_gateway_on_redb_passes_the_gateway_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(RedbStore::open(dir.path().join("g.redb")).unwrap());
+    let gateway = vmkit_core::StoreGateway::new(store.clone(), "vms.example.test");
+    gateway_suite(&gateway, &RedbGatewayFixture(store)).await;
+}
+
 #[tokio::test]
 async fn redb_store_is_durable() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,7 +88,11 @@ async fn everything_written_is_read_back_after_reopen() {
         UserId(3),
         VmSpec::new("tiny"),
     );
-    let share = Share::new(vm.id, ShareTarget::Link("tok".into()), Access::Http);
+    let share = Share::new(
+        vm.id,
+        ShareTarget::Link(vmkit_core::TokenHash::of("vms_tok")),
+        Access::Http,
+    );
     let api_key = ApiKey::new("k3", UserId(3), "vmk_abc");
     let (lease, first, second) = {
         let store = RedbStore::open(&path).unwrap();

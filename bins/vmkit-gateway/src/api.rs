@@ -1,11 +1,16 @@
-//! The REST API: a thin adapter from HTTP to [`Manager`] commands. Routes and wire
-//! types are documented in `vmkit_core::api`.
+//! The REST API: a thin adapter from HTTP to the manager's command surface
+//! ([`Manager::commands`]). Each request is taken for the [`Caller`] its door put in
+//! the request's extensions (on the root-only Unix socket: the operator), and the
+//! access policy decides in vmkit-core; answers are views, and errors carry their
+//! causes to admins only. Routes and wire types are documented in `vmkit_core::api`.
 
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -14,11 +19,12 @@ use serde::Deserialize;
 use tokio::sync::watch;
 use tracing::error;
 use vmkit_core::api::{
-    CreateVm, ErrorBody, ExecBody, ExecLine, FIRST_EVENT_HEADER, NameBody, SshKeyInfo, status_for,
+    CreateVm, ErrorBody, ExecBody, ExecLine, FIRST_EVENT_HEADER, IDEMPOTENCY_KEY_HEADER, NameBody,
+    ShareBody, SshKeyInfo, status_for,
 };
 use vmkit_core::{
-    CloneSource, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Manager, ManagerError,
-    ResizeRequest, SshPublicKey, UserId, VmName,
+    Access, Caller, CloneSource, Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind,
+    Manager, ManagerError, ResizeRequest, ShareWithView, SshPublicKey, UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -42,8 +48,15 @@ async fn shutting_down(mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// The API router.
+/// The API router of the root-only Unix socket: every request is the operator's.
 pub fn router(state: AppState) -> Router {
+    routes(state).layer(axum::Extension(Caller::operator()))
+}
+
+/// The API routes for callers a door identifies: each request must carry its
+/// [`Caller`] in its extensions (a layer of the door puts it there); one without is
+/// refused as anonymous.
+pub fn routes(state: AppState) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -71,13 +84,67 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/keys", get(list_keys).post(add_key))
         .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
+        .route("/v1/whoami", get(whoami))
+        .route(
+            "/v1/vms/{name}/shares",
+            get(list_shares).post(add_share).delete(remove_share),
+        )
+        .layer(axum::middleware::from_fn(error_detail_for_admins))
         .with_state(state)
 }
 
-/// An API error: a status and a JSON body. Internal detail is logged, not sent.
+/// The command surface for the request's caller (anonymous when its door named
+/// none).
+struct Asking(Commands);
+
+impl FromRequestParts<AppState> for Asking {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Infallible> {
+        let caller = parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_else(|| Caller::anonymous(vmkit_core::Door::Https));
+        Ok(Self(state.manager.commands(caller)))
+    }
+}
+
+/// An error's whole chain, kept beside the answer for [`error_detail_for_admins`].
+#[derive(Clone)]
+struct ErrorDetail(String);
+
+/// Gives an admin's error answers their causes; removes them from everyone else's.
+async fn error_detail_for_admins(request: Request, next: Next) -> Response {
+    let admin = request
+        .extensions()
+        .get::<Caller>()
+        .is_some_and(Caller::is_admin);
+    let mut response = next.run(request).await;
+    let Some(ErrorDetail(detail)) = response.extensions_mut().remove::<ErrorDetail>() else {
+        return response;
+    };
+    if !admin {
+        return response;
+    }
+    let status = response.status();
+    let code = response
+        .extensions_mut()
+        .remove::<ErrorCode>()
+        .map_or("internal", |c| c.0);
+    (status, Json(ErrorBody::new(code, detail))).into_response()
+}
+
+#[derive(Clone, Copy)]
+struct ErrorCode(&'static str);
+
+/// An API error: a status and a JSON body. Internal detail is logged, not sent; a
+/// manager error's causes go to admins only (see [`error_detail_for_admins`]).
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// The whole chain, for an admin's answer.
+    detail: Option<(&'static str, String)>,
 }
 
 impl ApiError {
@@ -85,6 +152,7 @@ impl ApiError {
         Self {
             status,
             body: ErrorBody::new(code, message),
+            detail: None,
         }
     }
 }
@@ -102,13 +170,20 @@ impl From<ManagerError> for ApiError {
                 "internal error; the daemon's log has the details",
             );
         }
-        Self::new(status, e.code(), ErrorChain(&e).to_string())
+        let mut error = Self::new(status, e.code(), e.public_message());
+        error.detail = Some((e.code(), ErrorChain(&e).to_string()));
+        error
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(self.body)).into_response()
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some((code, detail)) = self.detail {
+            response.extensions_mut().insert(ErrorDetail(detail));
+            response.extensions_mut().insert(ErrorCode(code));
+        }
+        response
     }
 }
 
@@ -131,29 +206,53 @@ async fn readyz(State(s): State<AppState>) -> Response {
     }
 }
 
-async fn list_vms(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.manager.list(None).await?).into_response())
+async fn list_vms(Asking(c): Asking) -> ApiResult<Response> {
+    Ok(Json(c.list().await?).into_response())
 }
 
-async fn get_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
-    Ok(Json(s.manager.get(&vm_name(&name)?).await?).into_response())
+async fn get_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(c.get(&vm_name(&name)?).await?).into_response())
+}
+
+async fn whoami(Asking(c): Asking) -> ApiResult<Response> {
+    Ok(Json(c.whoami().await?).into_response())
+}
+
+/// The client's `Idempotency-Key`, if it sent one.
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    match value.to_str() {
+        Ok(key) if !key.is_empty() && key.len() <= 255 => Ok(Some(key.to_owned())),
+        _ => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_idempotency_key",
+            "the Idempotency-Key header must be 1 to 255 visible ASCII characters",
+        )),
+    }
 }
 
 async fn create_vm(
     State(s): State<AppState>,
+    Asking(c): Asking,
+    headers: HeaderMap,
     body: Result<Json<CreateVm>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
     let Json(body) =
         body.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_body", e.body_text()))?;
     let defaults = &s.manager.config().default_spec;
+    // The owner is the caller's: the command surface sets it.
     let mut request = CreateRequest::new(UserId::LOCAL, body.spec_or(defaults));
     if let Some(name) = &body.name {
         request = request.name(vm_name(name)?);
     }
+    if let Some(key) = idempotency_key(&headers)? {
+        request = request.idempotency_key(key);
+    }
     // The create runs to completion even if the client goes away, so that a
     // dropped connection never leaves a half-created VM.
-    let manager = s.manager.clone();
-    let vm = tokio::spawn(async move { manager.create(request).await })
+    let vm = tokio::spawn(async move { c.create(request).await })
         .await
         .map_err(|e| {
             error!(error = %e, "create task failed");
@@ -173,14 +272,13 @@ struct DeleteQuery {
 }
 
 async fn delete_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
     Query(q): Query<DeleteQuery>,
 ) -> ApiResult<Response> {
     let name = vm_name(&name)?;
     let options = DeleteOptions::default().keep_data(q.keep_data);
-    let manager = s.manager.clone();
-    let deleted = detached(async move { manager.delete(&name, options).await }).await?;
+    let deleted = detached(async move { c.delete(&name, options).await }).await?;
     if q.keep_data {
         // Where the kept data went is the answer.
         return Ok(Json(deleted).into_response());
@@ -188,34 +286,29 @@ async fn delete_vm(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn start_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+async fn start_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.start(&name).await }).await?).into_response())
+    Ok(Json(detached(async move { c.start(&name).await }).await?).into_response())
 }
 
-async fn stop_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+async fn stop_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.stop(&name).await }).await?).into_response())
+    Ok(Json(detached(async move { c.stop(&name).await }).await?).into_response())
 }
 
-async fn restart_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+async fn restart_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.restart(&name).await }).await?).into_response())
+    Ok(Json(detached(async move { c.restart(&name).await }).await?).into_response())
 }
 
-async fn pause_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+async fn pause_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.pause(&name).await }).await?).into_response())
+    Ok(Json(detached(async move { c.pause(&name).await }).await?).into_response())
 }
 
-async fn resume_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
+async fn resume_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.resume(&name).await }).await?).into_response())
+    Ok(Json(detached(async move { c.resume(&name).await }).await?).into_response())
 }
 
 type JsonBody<T> = Result<Json<T>, axum::extract::rejection::JsonRejection>;
@@ -237,13 +330,12 @@ fn required_name(body: NameBody, what: &str) -> ApiResult<VmName> {
 }
 
 async fn resize_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
     request: JsonBody<ResizeRequest>,
 ) -> ApiResult<Response> {
     let (name, request) = (vm_name(&name)?, body(request)?);
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.resize(&name, request).await }).await?).into_response())
+    Ok(Json(detached(async move { c.resize(&name, request).await }).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -270,6 +362,7 @@ fn default_log_bytes() -> usize {
 /// followed with `follow=true` until the client goes or the daemon stops.
 async fn logs_vm(
     State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> ApiResult<Response> {
@@ -283,7 +376,7 @@ async fn logs_vm(
             ));
         }
         (None, None) => {
-            let text = s.manager.logs(&name, q.bytes.min(16 << 20)).await?;
+            let text = c.console(&name, q.bytes.min(16 << 20)).await?;
             return Ok(([("content-type", "text/plain; charset=utf-8")], text).into_response());
         }
         (Some(unit), None) => vmkit_core::guest::LogsRequest::unit(unit),
@@ -302,10 +395,10 @@ async fn logs_vm(
     }
     let line = |l: String| serde_json::json!({ "line": l });
     if !q.follow {
-        let lines = s.manager.guest_logs(&name, request).await?;
+        let lines = c.guest_logs(&name, request).await?;
         return Ok(ndjson(stream::iter(lines.into_iter().map(line))));
     }
-    let log = s.manager.follow_guest_logs(&name, request).await?;
+    let log = c.follow_guest_logs(&name, request).await?;
     let lines = stream::unfold(Some(log), move |log| async move {
         let mut log = log?;
         match log.next().await? {
@@ -319,12 +412,12 @@ async fn logs_vm(
     Ok(ndjson(lines.take_until(shutting_down(s.shutdown.clone()))))
 }
 
-async fn metrics_vm(State(s): State<AppState>, Path(name): Path<String>) -> ApiResult<Response> {
-    Ok(Json(s.manager.metrics(&vm_name(&name)?).await?).into_response())
+async fn metrics_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(c.metrics(&vm_name(&name)?).await?).into_response())
 }
 
 async fn snapshot_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
     request: JsonBody<NameBody>,
 ) -> ApiResult<Response> {
@@ -332,65 +425,111 @@ async fn snapshot_vm(
         vm_name(&name)?,
         required_name(body(request)?, "snapshot's name")?,
     );
-    let manager = s.manager.clone();
-    let taken = detached(async move { manager.snapshot(&vm, snapshot).await }).await?;
+    let taken = detached(async move { c.snapshot(&vm, snapshot).await }).await?;
     Ok((StatusCode::CREATED, Json(taken)).into_response())
 }
 
 async fn restore_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
+    headers: HeaderMap,
     request: JsonBody<NameBody>,
 ) -> ApiResult<Response> {
     let (vm, snapshot) = (
         vm_name(&name)?,
         required_name(body(request)?, "snapshot to restore")?,
     );
-    let manager = s.manager.clone();
-    Ok(Json(detached(async move { manager.restore(&vm, &snapshot).await }).await?).into_response())
+    let key = idempotency_key(&headers)?;
+    Ok(Json(detached(async move { c.restore(&vm, &snapshot, key).await }).await?).into_response())
 }
 
 async fn clone_from(
-    s: AppState,
+    c: Commands,
     source: CloneSource,
+    headers: HeaderMap,
     request: JsonBody<NameBody>,
 ) -> ApiResult<Response> {
     let name = body(request)?.name.map(|n| vm_name(&n)).transpose()?;
-    let manager = s.manager.clone();
-    let vm = detached(async move { manager.clone_vm(source, name, UserId::LOCAL).await }).await?;
+    let key = idempotency_key(&headers)?;
+    let vm = detached(async move { c.clone_vm(source, name, key).await }).await?;
     Ok((StatusCode::CREATED, Json(vm)).into_response())
 }
 
 async fn clone_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
+    headers: HeaderMap,
     request: JsonBody<NameBody>,
 ) -> ApiResult<Response> {
     let source = CloneSource::Vm(vm_name(&name)?);
-    clone_from(s, source, request).await
+    clone_from(c, source, headers, request).await
 }
 
 async fn clone_snapshot(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
+    headers: HeaderMap,
     request: JsonBody<NameBody>,
 ) -> ApiResult<Response> {
     let source = CloneSource::Snapshot(vm_name(&name)?);
-    clone_from(s, source, request).await
+    clone_from(c, source, headers, request).await
 }
 
-async fn list_snapshots(State(s): State<AppState>) -> ApiResult<Response> {
-    Ok(Json(s.manager.list_snapshots(None).await?).into_response())
+async fn list_snapshots(Asking(c): Asking) -> ApiResult<Response> {
+    Ok(Json(c.snapshots().await?).into_response())
 }
 
-async fn delete_snapshot(
-    State(s): State<AppState>,
-    Path(name): Path<String>,
-) -> ApiResult<Response> {
+async fn delete_snapshot(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     let name = vm_name(&name)?;
-    let manager = s.manager.clone();
-    detached(async move { manager.delete_snapshot(&name).await }).await?;
+    detached(async move { c.delete_snapshot(&name).await }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_shares(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(Json(c.shares(&vm_name(&name)?).await?).into_response())
+}
+
+async fn add_share(
+    Asking(c): Asking,
+    Path(name): Path<String>,
+    request: JsonBody<ShareBody>,
+) -> ApiResult<Response> {
+    let (name, request) = (vm_name(&name)?, body(request)?);
+    let share = c.share(&name, request.with, request.access).await?;
+    Ok((StatusCode::CREATED, Json(share)).into_response())
+}
+
+#[derive(Deserialize)]
+struct UnshareQuery {
+    /// `public`, `user:ID` or `link:NAME`.
+    with: String,
+    access: Option<Access>,
+}
+
+async fn remove_share(
+    Asking(c): Asking,
+    Path(name): Path<String>,
+    Query(q): Query<UnshareQuery>,
+) -> ApiResult<Response> {
+    let with = match q.with.split_once(':') {
+        None if q.with == "public" => ShareWithView::Public,
+        Some(("user", id)) => match id.trim_start_matches('u').parse() {
+            Ok(id) => ShareWithView::User(UserId(id)),
+            Err(_) => return Err(bad_with(&q.with)),
+        },
+        Some(("link", short)) if !short.is_empty() => ShareWithView::Link(short.to_owned()),
+        _ => return Err(bad_with(&q.with)),
+    };
+    let removed = c.unshare(&vm_name(&name)?, &with, q.access).await?;
+    Ok(Json(serde_json::json!({ "removed": removed })).into_response())
+}
+
+fn bad_with(with: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_query",
+        format!("with={with:?} names nobody; give public, user:ID or link:NAME"),
+    )
 }
 
 /// Runs a lifecycle command in its own task so a client hanging up mid-way does not
@@ -412,7 +551,7 @@ async fn detached<T: Send + 'static>(
 }
 
 async fn exec_vm(
-    State(s): State<AppState>,
+    Asking(c): Asking,
     Path(name): Path<String>,
     body: Result<Json<ExecBody>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<Response> {
@@ -432,7 +571,7 @@ async fn exec_vm(
             format!("stdin is not valid base64: {e}"),
         )
     })?;
-    let exec = s.manager.exec(&vm_name(&name)?, request).await?;
+    let exec = c.exec(&vm_name(&name)?, request).await?;
     let lines = stream::unfold(Some(exec), |state| async move {
         let mut exec = state?;
         match exec.next().await {
@@ -481,7 +620,13 @@ fn default_limit() -> usize {
 /// The most events one answer holds.
 const MAX_EVENTS: usize = 10_000;
 
-async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiResult<Response> {
+async fn events(
+    State(s): State<AppState>,
+    Asking(c): Asking,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<Response> {
+    // The host's whole log: an admin's. The reads below go to the manager itself.
+    c.may_read_events()?;
     if q.limit > MAX_EVENTS {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -534,23 +679,16 @@ async fn events(State(s): State<AppState>, Query(q): Query<EventsQuery>) -> ApiR
     Ok(ndjson(events.take_until(shutting_down(s.shutdown.clone()))))
 }
 
-async fn images(State(s): State<AppState>) -> ApiResult<Response> {
-    let names = s
-        .manager
-        .backends()
-        .images
-        .list()
-        .await
-        .map_err(ManagerError::from)?;
-    Ok(Json(names).into_response())
+async fn images(Asking(c): Asking) -> ApiResult<Response> {
+    Ok(Json(c.images().await?).into_response())
 }
 
-async fn list_keys(State(s): State<AppState>) -> ApiResult<Response> {
-    let keys = s.manager.ssh_keys(UserId::LOCAL).await?;
+async fn list_keys(Asking(c): Asking) -> ApiResult<Response> {
+    let keys = c.ssh_keys().await?;
     Ok(Json(keys.iter().map(SshKeyInfo::from).collect::<Vec<_>>()).into_response())
 }
 
-async fn add_key(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> {
+async fn add_key(Asking(c): Asking, body: Bytes) -> ApiResult<Response> {
     let text = std::str::from_utf8(&body).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -559,17 +697,12 @@ async fn add_key(State(s): State<AppState>, body: Bytes) -> ApiResult<Response> 
         )
     })?;
     let key = SshPublicKey::parse(text).map_err(ManagerError::from)?;
-    s.manager.add_ssh_key(UserId::LOCAL, &key).await?;
+    c.add_ssh_key(&key).await?;
     Ok((StatusCode::CREATED, Json(SshKeyInfo::from(&key))).into_response())
 }
 
-async fn remove_key(
-    State(s): State<AppState>,
-    Path(fingerprint): Path<String>,
-) -> ApiResult<Response> {
-    s.manager
-        .remove_ssh_key(UserId::LOCAL, &fingerprint)
-        .await?;
+async fn remove_key(Asking(c): Asking, Path(fingerprint): Path<String>) -> ApiResult<Response> {
+    c.remove_ssh_key(&fingerprint).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -579,6 +712,7 @@ mod tests {
     use http_body_util::BodyExt;
     use tower::ServiceExt;
     use vmkit_core::testing::FakeHost;
+    use vmkit_core::testing::policy::{Op, Outcome, Scene, Who, expected};
 
     use super::*;
 
@@ -736,8 +870,8 @@ mod tests {
 
         let (status, body) = call(app.clone(), "POST", "/v1/vms", r#"{"name":"web"}"#).await;
         assert_eq!(status, StatusCode::CREATED, "{body}");
-        let vm: vmkit_core::VmRecord = serde_json::from_str(&body).unwrap();
-        let pid = vm.resources.vmm.unwrap().pid;
+        let vm: vmkit_core::VmView = serde_json::from_str(&body).unwrap();
+        let pid = vm.resources.unwrap().vmm.unwrap().pid;
         assert_eq!(host.hypervisor.guest(pid).unwrap().ssh_keys, vec![CAROL]);
 
         // The fingerprint's `/` is percent-encoded in the path.
@@ -1125,5 +1259,232 @@ mod tests {
         all_at_once(&socket, 200, |i| (delete(100 + i), 204)).await;
         assert_eq!(host.holdings().await, Holdings::default(), "nothing leaks");
         server.abort();
+    }
+
+    /// The API for `caller`, as a door that identified them would serve it.
+    fn app_for(host: &FakeHost, caller: Caller) -> Router {
+        routes(AppState {
+            manager: host.manager.clone(),
+            shutdown: watch::channel(false).1,
+            not_ready: None,
+        })
+        .layer(axum::Extension(caller))
+    }
+
+    /// The request `op` makes over HTTP.
+    fn request_of(op: Op) -> (&'static str, String, String) {
+        let vm = |path: &str| format!("/v1/vms/web{path}");
+        let (method, uri, body) = match op {
+            Op::Whoami => ("GET", "/v1/whoami".into(), ""),
+            Op::List => ("GET", "/v1/vms".into(), ""),
+            Op::Create => ("POST", "/v1/vms".into(), r#"{"name":"fresh"}"#),
+            Op::Get => ("GET", vm(""), ""),
+            Op::Metrics => ("GET", vm("/metrics"), ""),
+            Op::Logs => ("GET", vm("/logs"), ""),
+            Op::Exec => ("POST", vm("/exec"), r#"{"argv":["echo","hi"]}"#),
+            Op::Start => ("POST", vm("/start"), ""),
+            Op::Stop => ("POST", vm("/stop"), ""),
+            Op::Restart => ("POST", vm("/restart"), ""),
+            Op::Pause => ("POST", vm("/pause"), ""),
+            Op::Resume => ("POST", vm("/resume"), ""),
+            Op::Resize => ("POST", vm("/resize"), r#"{"vcpus":2}"#),
+            Op::Snapshot => ("POST", vm("/snapshots"), r#"{"name":"snap2"}"#),
+            Op::Restore => ("POST", vm("/restore"), r#"{"name":"snap"}"#),
+            Op::Clone => ("POST", vm("/clone"), r#"{"name":"copy"}"#),
+            Op::Delete => ("DELETE", vm(""), ""),
+            Op::Share => (
+                "POST",
+                vm("/shares"),
+                r#"{"with":{"kind":"public"},"access":"http"}"#,
+            ),
+            Op::Shares => ("GET", vm("/shares"), ""),
+            Op::ListSnapshots => ("GET", "/v1/snapshots".into(), ""),
+            Op::DeleteSnapshot => ("DELETE", "/v1/snapshots/snap".into(), ""),
+            Op::CloneSnapshot => (
+                "POST",
+                "/v1/snapshots/snap/clone".into(),
+                r#"{"name":"copy"}"#,
+            ),
+            Op::Events => ("GET", "/v1/events?limit=5".into(), ""),
+            Op::Keys => ("GET", "/v1/keys".into(), ""),
+            Op::Images => ("GET", "/v1/images".into(), ""),
+            _ => unreachable!("an op this test does not know: {op:?}"),
+        };
+        let body = match (method, body) {
+            ("POST", "") => "{}",
+            (_, body) => body,
+        };
+        (method, uri, body.to_owned())
+    }
+
+    /// What an answer over HTTP says, reduced to its outcome.
+    fn outcome_of(op: Op, status: StatusCode, body: &str) -> Result<Outcome, String> {
+        if status.is_success() {
+            return Ok(match op {
+                Op::List | Op::ListSnapshots => {
+                    let items: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
+                    let wanted = if op == Op::List { "web" } else { "snap" };
+                    Outcome::Listed(items.iter().any(|i| i["name"] == wanted))
+                }
+                _ => Outcome::Done,
+            });
+        }
+        let error: ErrorBody = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+        Ok(match (status.as_u16(), error.code.as_str()) {
+            (404, "not_found" | "snapshot_not_found") => Outcome::NotFound,
+            (403, "forbidden") => Outcome::Forbidden,
+            (403, "suspended") => Outcome::Suspended,
+            (403, "admin_only") => Outcome::AdminOnly,
+            (401, "sign_in_required") => Outcome::SignIn,
+            _ => return Err(format!("{status} {body}")),
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn over_http_every_caller_gets_the_answer_the_policy_matrix_gives() {
+        let mut wrong = Vec::new();
+        for who in Who::ALL {
+            for op in Op::ALL {
+                let scene = Scene::new().await;
+                scene.prepare(op).await;
+                let (method, uri, body) = request_of(op);
+                let (status, answer) =
+                    call(app_for(&scene.host, scene.caller(who)), method, &uri, &body).await;
+                let got = outcome_of(op, status, &answer);
+                let want = expected(who, op);
+                if got != Ok(want) {
+                    wrong.push(format!("{who:?} {op:?}: got {got:?}, want {want:?}"));
+                }
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
+    /// Every string of a JSON answer, with where it is.
+    fn strings(value: &serde_json::Value, at: String, out: &mut Vec<(String, String)>) {
+        match value {
+            serde_json::Value::String(s) => out.push((at, s.clone())),
+            serde_json::Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    strings(item, format!("{at}[{i}]"), out);
+                }
+            }
+            serde_json::Value::Object(fields) => {
+                for (k, v) in fields {
+                    strings(v, format!("{at}.{k}"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_answer_to_a_user_holds_a_host_path_a_pid_or_an_error_chain() {
+        for who in [Who::Owner, Who::SshSharee, Who::Stranger, Who::LinkHolder] {
+            for op in Op::ALL {
+                let scene = Scene::new().await;
+                scene.prepare(op).await;
+                // A backend that fails, so that error answers are walked too.
+                if op == Op::Delete {
+                    scene.host.faults.break_op(
+                        "storage.delete",
+                        None,
+                        vmkit_core::testing::Breakage::Error,
+                    );
+                }
+                let (method, uri, body) = request_of(op);
+                let (status, answer) =
+                    call(app_for(&scene.host, scene.caller(who)), method, &uri, &body).await;
+                for line in answer.lines().filter(|l| l.starts_with(['{', '['])) {
+                    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+                    let mut all = Vec::new();
+                    strings(&value, String::new(), &mut all);
+                    for (at, s) in all {
+                        assert!(
+                            !s.contains("/fake")
+                                && !s.contains("/nonexistent")
+                                && !s.contains("/run"),
+                            "{who:?} {op:?} ({status}): {at} holds a host path: {s}"
+                        );
+                        assert!(!s.contains("injected"), "{who:?} {op:?}: {at}: {s}");
+                    }
+                    assert!(!line.contains("\"pid\""), "{who:?} {op:?}: {line}");
+                    assert!(!line.contains("\"resources\""), "{who:?} {op:?}: {line}");
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_admin_reads_the_causes_of_an_error_and_a_user_only_what_failed() {
+        let scene = Scene::new().await;
+        scene
+            .host
+            .faults
+            .break_op("storage.delete", None, vmkit_core::testing::Breakage::Error);
+        let request = ("DELETE", "/v1/vms/web", "");
+        let (status, owner) = call(
+            app_for(&scene.host, scene.caller(Who::Owner)),
+            request.0,
+            request.1,
+            request.2,
+        )
+        .await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{owner}");
+        let (_, operator) = call(app_on(&scene.host), request.0, request.1, request.2).await;
+        let owner: ErrorBody = serde_json::from_str(&owner).unwrap();
+        let operator: ErrorBody = serde_json::from_str(&operator).unwrap();
+        assert_eq!(owner.code, operator.code, "the same stable code");
+        assert!(!owner.message.contains("injected"), "{}", owner.message);
+        assert!(
+            operator.message.contains("injected"),
+            "{}",
+            operator.message
+        );
+    }
+
+    #[tokio::test]
+    async fn a_create_retried_after_a_client_timeout_answers_the_same_vm() {
+        let scene = Scene::new().await;
+        let app = app_for(&scene.host, scene.caller(Who::Owner));
+        let post = |key: &str, body: &str| {
+            Request::builder()
+                .method("POST")
+                .uri("/v1/vms")
+                .header("content-type", "application/json")
+                .header(IDEMPOTENCY_KEY_HEADER, key)
+                .body(Body::from(body.to_owned()))
+                .unwrap()
+        };
+        // The first client gives up at once; the create goes on without it.
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(1),
+            app.clone().oneshot(post("k-1", r#"{"name":"once"}"#)),
+        )
+        .await;
+        drop(gave_up);
+        let mut ids = Vec::new();
+        for _ in 0..2 {
+            let response = app
+                .clone()
+                .oneshot(post("k-1", r#"{"name":"once"}"#))
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::CREATED);
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let vm: vmkit_core::VmView = serde_json::from_slice(&bytes).unwrap();
+            ids.push(vm.id);
+        }
+        assert_eq!(ids[0], ids[1]);
+        let listed = scene.host.manager.list(None).await.unwrap();
+        assert_eq!(
+            listed.iter().filter(|v| v.name.as_str() == "once").count(),
+            1
+        );
+        let response = app
+            .oneshot(post("k-1", r#"{"name":"other"}"#))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::CONFLICT);
     }
 }

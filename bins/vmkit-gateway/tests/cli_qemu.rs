@@ -425,7 +425,7 @@ fn snapshot_restore_cp_resize_logs_and_metrics_on_real_vms() {
         d.log()
     );
     assert!(
-        json(&out)["memory"].is_string(),
+        json(&out)["memory"] == true,
         "QEMU saves memory: {}",
         stdout(&out)
     );

@@ -17,7 +17,7 @@ use serde::Serialize;
 use vmkit_core::api::{
     CreateVm, ExecBody, ExecLine, NameBody, SshKeyInfo, decode_bytes, encode_bytes,
 };
-use vmkit_core::{Deleted, Event, EventKind, VmRecord};
+use vmkit_core::{Deleted, Event, EventKind, MetricsView, SnapshotView, VmView};
 
 use crate::client::{Api, CallError};
 
@@ -479,7 +479,7 @@ async fn events(
 }
 
 async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
-    let show = |vm: &VmRecord| -> anyhow::Result<()> {
+    let show = |vm: &VmView| -> anyhow::Result<()> {
         if json {
             print_json(vm)
         } else {
@@ -499,14 +499,14 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             if !json {
                 eprintln!("creating VM (this waits until it has booted)...");
             }
-            let vm: VmRecord = api.json(Method::POST, "/v1/vms", Some(&body)).await?;
+            let vm: VmView = api.json(Method::POST, "/v1/vms", Some(&body)).await?;
             show(&vm)?;
             if !json {
                 println!("\nnext: vmkit vm exec {} -- uname -a", vm.name);
             }
         }
         VmCommand::Ls => {
-            let vms: Vec<VmRecord> = api.json(Method::GET, "/v1/vms", None::<&()>).await?;
+            let vms: Vec<VmView> = api.json(Method::GET, "/v1/vms", None::<&()>).await?;
             if json {
                 print_json(&vms)?;
             } else {
@@ -514,7 +514,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Show { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::GET, &format!("/v1/vms/{name}"), None::<&()>)
                 .await?;
             show(&vm)?;
@@ -542,19 +542,19 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Start { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/start"), None::<&()>)
                 .await?;
             show(&vm)?;
         }
         VmCommand::Stop { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/stop"), None::<&()>)
                 .await?;
             show(&vm)?;
         }
         VmCommand::Restart { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(
                     Method::POST,
                     &format!("/v1/vms/{name}/restart"),
@@ -564,13 +564,13 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             show(&vm)?;
         }
         VmCommand::Pause { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/pause"), None::<&()>)
                 .await?;
             show(&vm)?;
         }
         VmCommand::Resume { name } => {
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/resume"), None::<&()>)
                 .await?;
             show(&vm)?;
@@ -586,7 +586,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             body.vcpus = cpus;
             body.memory_mib = memory;
             body.disk_gib = disk;
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/resize"), Some(&body))
                 .await?;
             show(&vm)?;
@@ -621,7 +621,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             }
         }
         VmCommand::Metrics { name } => {
-            let m: vmkit_core::VmMetrics = api
+            let m: MetricsView = api
                 .json(Method::GET, &format!("/v1/vms/{name}/metrics"), None::<&()>)
                 .await?;
             if json {
@@ -632,7 +632,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
         }
         VmCommand::Snapshot { name, snapshot } => {
             let body = NameBody::new(Some(snapshot));
-            let taken: vmkit_core::Snapshot = api
+            let taken: SnapshotView = api
                 .json(
                     Method::POST,
                     &format!("/v1/vms/{name}/snapshots"),
@@ -642,7 +642,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&taken)?;
             } else {
-                let kind = if taken.has_memory() {
+                let kind = if taken.memory {
                     "disks and memory"
                 } else {
                     "disks"
@@ -655,7 +655,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
         }
         VmCommand::Restore { name, snapshot } => {
             let body = NameBody::new(Some(snapshot));
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(
                     Method::POST,
                     &format!("/v1/vms/{name}/restore"),
@@ -677,7 +677,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             if !json {
                 eprintln!("copying {source} (this waits until the copy has booted)...");
             }
-            let vm: VmRecord = api
+            let vm: VmView = api
                 .json(Method::POST, &path, Some(&NameBody::new(name)))
                 .await?;
             show(&vm)?;
@@ -689,7 +689,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
 async fn snapshots(api: &Api, cmd: SnapshotCommand, json: bool) -> anyhow::Result<ExitCode> {
     match cmd {
         SnapshotCommand::Ls => {
-            let all: Vec<vmkit_core::Snapshot> =
+            let all: Vec<SnapshotView> =
                 api.json(Method::GET, "/v1/snapshots", None::<&()>).await?;
             if json {
                 print_json(&all)?;
@@ -700,7 +700,7 @@ async fn snapshots(api: &Api, cmd: SnapshotCommand, json: bool) -> anyhow::Resul
                         "{:<24} {:<24} {:<8} {}",
                         s.name,
                         s.vm_name,
-                        if s.has_memory() { "yes" } else { "no" },
+                        if s.memory { "yes" } else { "no" },
                         s.created_at
                     );
                 }
@@ -813,7 +813,7 @@ fn default_public_key(home: &std::path::Path) -> anyhow::Result<PathBuf> {
         })
 }
 
-fn print_metrics(m: &vmkit_core::VmMetrics) {
+fn print_metrics(m: &MetricsView) {
     println!("{}: {}", m.name, m.state);
     println!("  vmm:   {} vCPUs, {} MiB", m.vmm.vcpus, m.vmm.memory_mib);
     match &m.guest {
@@ -1082,7 +1082,7 @@ fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_vm(vm: &VmRecord) {
+fn print_vm(vm: &VmView) {
     println!("name:    {}", vm.name);
     println!("id:      {}", vm.id);
     println!("state:   {}", vm.state);
@@ -1096,16 +1096,13 @@ fn print_vm(vm: &VmRecord) {
     println!("vcpus:   {}", vm.spec.vcpus);
     println!("memory:  {} MiB", vm.spec.memory_mib);
     println!("disk:    {} GiB", vm.spec.disk_gib);
-    if let Some(root) = &vm.resources.root {
-        println!(
-            "root:    {:.1} GiB",
-            root.size_bytes as f64 / f64::from(1u32 << 30)
-        );
+    if let Some(root) = vm.root_bytes {
+        println!("root:    {:.1} GiB", root as f64 / f64::from(1u32 << 30));
     }
-    if let Some(ip) = vm.ip() {
+    if let Some(ip) = vm.ip {
         println!("ip:      {ip}");
     }
-    if let Some(vmm) = &vm.resources.vmm {
+    if let Some(vmm) = vm.resources.as_ref().and_then(|r| r.vmm.as_ref()) {
         println!("vmm:     {} pid {}", vmm.backend, vmm.pid);
     } else if let Some(hypervisor) = &vm.hypervisor {
         println!("vmm:     {hypervisor} (none running)");
@@ -1117,7 +1114,7 @@ fn print_vm(vm: &VmRecord) {
     }
 }
 
-fn print_table(vms: &[VmRecord]) {
+fn print_table(vms: &[VmView]) {
     if vms.is_empty() {
         println!("no VMs; create one with `vmkit vm create`");
         return;
@@ -1146,7 +1143,7 @@ fn print_table(vms: &[VmRecord]) {
             vm.spec.vcpus,
             vm.spec.memory_mib,
             vm.spec.disk_gib,
-            vm.ip().map(|i| i.to_string()).unwrap_or_else(|| "-".into())
+            vm.ip.map(|i| i.to_string()).unwrap_or_else(|| "-".into())
         );
     }
     if vms.iter().any(|vm| vm.quarantined.is_some()) {

@@ -91,8 +91,7 @@ impl Manager {
         let _guard = self.lock(name).await;
         let b = &self.inner.backends;
         let mut vm = self.get(name).await?;
-        const RESIZABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
-        self.require(&vm, "resize", RESIZABLE)?;
+        self.require(&vm, "resize", crate::access::SETTLED)?;
 
         let mut spec = vm.spec.clone();
         spec.vcpus = request.vcpus.unwrap_or(spec.vcpus);

@@ -28,7 +28,7 @@ use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
 
-const SNAPSHOTTABLE: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
+use crate::access::SETTLED as SNAPSHOTTABLE;
 
 impl Manager {
     /// The directory holding the saved VMM state of snapshot `id`.
@@ -182,13 +182,20 @@ impl Manager {
     }
 
     /// A snapshot by name.
+    /// Within an operation of the command surface, the name answers only for the
+    /// snapshot whose access was checked (as [`Manager::get`] does for VMs).
     pub async fn get_snapshot(&self, name: &VmName) -> Result<Snapshot, ManagerError> {
-        self.inner
+        let snapshot = self
+            .inner
             .backends
             .store
             .get_snapshot(name)
             .await?
-            .ok_or_else(|| ManagerError::SnapshotNotFound(name.clone()))
+            .ok_or_else(|| ManagerError::SnapshotNotFound(name.clone()))?;
+        if !super::commands::pinned_snapshot(name, snapshot.id) {
+            return Err(ManagerError::SnapshotNotFound(name.clone()));
+        }
+        Ok(snapshot)
     }
 
     /// Snapshots, by name; only `owner`'s when given.
@@ -481,6 +488,22 @@ impl Manager {
         self.save_within_quota(vm, quota).await
     }
 
+    /// Records on `vm` (just restored) the idempotency key of its restore.
+    pub(super) async fn mark_restored(
+        &self,
+        vm: &VmRecord,
+        mark: crate::vm::Idempotency,
+    ) -> Result<VmRecord, ManagerError> {
+        let _guard = self.lock(&vm.name).await;
+        let mut current = self.get(&vm.name).await?;
+        if current.id != vm.id {
+            return Err(ManagerError::NotFound(vm.name.clone()));
+        }
+        current.restored_with = Some(mark);
+        self.inner.backends.store.update_vm(&current).await?;
+        Ok(current)
+    }
+
     /// Creates VM `name` (generated when `None`) for `owner` from the disks of
     /// `source`, with the source's spec and a fresh identity: its own name, id, MAC,
     /// address and host name, which the agent applies at boot.
@@ -490,6 +513,17 @@ impl Manager {
         name: Option<VmName>,
         owner: UserId,
     ) -> Result<VmRecord, ManagerError> {
+        self.clone_keyed(source, name, owner, None).await
+    }
+
+    /// [`Manager::clone_vm`] with an idempotency key (see [`Manager::create`]).
+    pub async fn clone_keyed(
+        &self,
+        source: CloneSource,
+        name: Option<VmName>,
+        owner: UserId,
+        idempotency_key: Option<String>,
+    ) -> Result<VmRecord, ManagerError> {
         let spec = match &source {
             CloneSource::Vm(vm) => self.get(vm).await?.spec,
             CloneSource::Snapshot(snapshot) => self.get_snapshot(snapshot).await?.spec,
@@ -497,6 +531,7 @@ impl Manager {
         let mut request = CreateRequest::new(owner, spec);
         request.name = name;
         request.from = Some(source);
+        request.idempotency_key = idempotency_key;
         self.create(request).await
     }
 }

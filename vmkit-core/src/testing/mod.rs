@@ -17,10 +17,10 @@
 
 mod assets;
 mod faults;
-mod gateway;
 mod hypervisor;
 mod images;
 mod network;
+pub mod policy;
 mod storage;
 mod store;
 pub mod suites;
@@ -29,7 +29,6 @@ use std::sync::Arc;
 
 pub use assets::{test_data_dir, test_image, test_images_dir};
 pub use faults::{Breakage, Faults, InjectedFault};
-pub use gateway::FakeGateway;
 pub use hypervisor::{AgentBehavior, FakeHypervisor, GuestState};
 pub use images::FakeImages;
 pub use network::FakeNetwork;

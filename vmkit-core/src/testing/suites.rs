@@ -11,7 +11,7 @@ use vmkit_guest::{Client, ClientConfig, ExecRequest};
 
 use crate::confine::UidRange;
 use crate::event::{EventKind, EventRetention, NewEvent};
-use crate::gateway::{Gateway, Principal};
+use crate::gateway::Gateway;
 use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmHandle, VmmState};
 use crate::image::Image;
 use crate::name::VmName;
@@ -1254,58 +1254,237 @@ pub async fn store_snapshots(store: &dyn StateStore) {
 
 // ---------------------------------------------------------------- gateway
 
-/// What the gateway suite needs: a way to make a VM known to the gateway.
+/// What the gateway suite needs: a way to make users, keys, VMs and shares known
+/// to the gateway under test.
 #[async_trait]
 pub trait GatewayFixture: Send + Sync {
-    /// Makes `vm` routable and returns the host name that routes to it.
-    async fn add_vm(&self, vm: &VmRecord) -> String;
-    /// Grants `principal` `access` to `vm`.
-    async fn share(&self, vm: &VmRecord, principal: Principal, access: Access);
+    /// The domain the gateway serves (`NAME.domain`).
+    fn domain(&self) -> &str;
+    /// Makes `user` known, with `key` when given.
+    async fn add_user(&self, user: &User, key: Option<&SshPublicKey>);
+    /// Makes `key` an API key the gateway identifies.
+    async fn add_api_key(&self, key: &ApiKey);
+    /// Makes `vm` routable.
+    async fn add_vm(&self, vm: &VmRecord);
+    /// Shares `vm` with `target`, granting `access`.
+    async fn share(&self, vm: &VmRecord, target: ShareTarget, access: Access);
 }
 
-/// Routing by host name and access decisions.
+/// Two real ed25519 keys made by ssh-keygen.
+const ALICE_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILCkWGIcqzUfwK2Ls1cyvWoL0Yu96sujsXIbpy6qXyQg alice@example";
+const CAROL_KEY: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDEarYz70Byb4F3tObLPQOH7OcIbLkodxbuDcfZAAi+t carol@example";
+
+/// Identity, routing and access decisions of a [`Gateway`].
 pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
-    let vm = record("web", UserId(1), VmSpec::new("tiny"));
-    let host = fx.add_vm(&vm).await;
-    let route = gateway
-        .route(&host)
+    use crate::access::{Action, Caller, Denied, Door};
+    use crate::gateway::{Credential, RouteTarget};
+    use crate::token::TokenHash;
+    use crate::user::{Role, UserStatus};
+
+    let domain = fx.domain().to_owned();
+    let mut alice = User::new(UserId(1), "alice");
+    alice.role = Role::User;
+    let alice_key = SshPublicKey::parse(ALICE_KEY).expect("key");
+    fx.add_user(&alice, Some(&alice_key)).await;
+    let mut bob = User::new(UserId(2), "bob");
+    bob.status = UserStatus::Suspended;
+    fx.add_user(&bob, None).await;
+    let (api_key, api_secret) = ApiKey::generate(alice.id);
+    fx.add_api_key(&api_key).await;
+
+    // Identity.
+    let by_key = gateway
+        .identify(Credential::SshKey(&alice_key), Door::Ssh)
+        .await
+        .expect("identify")
+        .expect("alice's key identifies her");
+    assert_eq!(by_key, Caller::user(&alice, Door::Ssh));
+    let unknown = SshPublicKey::parse(CAROL_KEY).expect("key");
+    assert_eq!(
+        gateway
+            .identify(Credential::SshKey(&unknown), Door::Ssh)
+            .await
+            .expect("identify"),
+        None,
+        "a key nobody registered is first contact"
+    );
+    let by_api = gateway
+        .identify(Credential::ApiKey(&api_secret), Door::Https)
+        .await
+        .expect("identify");
+    assert_eq!(by_api, Some(Caller::user(&alice, Door::Https)));
+    let mut forged = api_secret.clone();
+    forged.pop();
+    forged.push(if api_secret.ends_with('A') { 'B' } else { 'A' });
+    for wrong in [forged.as_str(), "vmk_", "vmk_nope_x", "not-a-key", ""] {
+        assert_eq!(
+            gateway
+                .identify(Credential::ApiKey(wrong), Door::Https)
+                .await
+                .expect("identify"),
+            None,
+            "{wrong:?} identifies nobody"
+        );
+    }
+
+    // Routing.
+    let web = record("web", alice.id, VmSpec::new("tiny"));
+    fx.add_vm(&web).await;
+    let by_user = gateway
+        .route(RouteTarget::SshUser("WEB"))
         .await
         .expect("route")
-        .expect("the VM's host routes");
-    assert_eq!((route.vm, &route.name), (vm.id, &vm.name));
+        .expect("the VM's name routes");
+    assert_eq!(
+        (
+            by_user.upstream.vm,
+            &by_user.upstream.name,
+            by_user.upstream.port
+        ),
+        (web.id, &web.name, crate::gateway::GUEST_SSH_PORT)
+    );
+    assert_eq!(by_user.vm.id, web.id, "the record comes with the route");
+    let as_root = gateway
+        .route(RouteTarget::SshUser("web+root"))
+        .await
+        .expect("route")
+        .expect("routes");
+    assert_eq!(as_root.upstream.guest_user.as_deref(), Some("root"));
+    for lobby in ["alice", "Not_A_Name", ""] {
+        assert!(
+            gateway
+                .route(RouteTarget::SshUser(lobby))
+                .await
+                .expect("route")
+                .is_none(),
+            "{lobby:?} names no VM: the lobby's"
+        );
+    }
+    let host = format!("web.{domain}");
+    let http = gateway
+        .route(RouteTarget::Http {
+            host: &host,
+            port: None,
+        })
+        .await
+        .expect("route")
+        .expect("NAME.domain routes");
+    assert_eq!(http.upstream.port, crate::gateway::DEFAULT_HTTP_PORT);
+    let upper = format!("WEB.{}.", domain.to_ascii_uppercase());
+    let port = gateway
+        .route(RouteTarget::Http {
+            host: &upper,
+            port: Some(8080),
+        })
+        .await
+        .expect("route")
+        .expect("routes whatever the case, with a final dot");
+    assert_eq!((port.upstream.vm, port.upstream.port), (web.id, 8080));
+    let jump = gateway
+        .route(RouteTarget::SshJump {
+            host: &host,
+            port: 22,
+        })
+        .await
+        .expect("route")
+        .expect("a jump to NAME.domain routes");
+    assert_eq!(jump.upstream.vm, web.id);
+    let ghost = format!("ghost.{domain}");
+    assert!(
+        gateway
+            .route(RouteTarget::Http {
+                host: &ghost,
+                port: None
+            })
+            .await
+            .expect("route")
+            .is_none()
+    );
+    for outside in ["web.elsewhere.test".to_owned(), format!("a.web.{domain}")] {
+        assert!(
+            gateway
+                .route(RouteTarget::Http {
+                    host: &outside,
+                    port: None
+                })
+                .await
+                .is_err(),
+            "{outside} is not served"
+        );
+    }
 
-    let owner = Principal::User(UserId(1));
-    let stranger = Principal::User(UserId(2));
-    assert!(
-        gateway
-            .authorize(&owner, &vm, Access::Ssh)
-            .await
-            .expect("authz")
+    // Policy, decided on what the route read.
+    let carol = User::new(UserId(3), "carol");
+    fx.add_user(&carol, None).await;
+    let carol_caller = Caller::user(&carol, Door::Https);
+    let anonymous = Caller::anonymous(Door::Https);
+    assert_eq!(gateway.authorize(&by_key, Action::UseSsh, &by_user), Ok(()));
+    assert_eq!(
+        gateway.authorize(&carol_caller, Action::UseHttp, &http),
+        Err(Denied::NotFound),
+        "a VM one may not see is not found"
+    );
+    assert_eq!(
+        gateway.authorize(&anonymous, Action::UseHttp, &http),
+        Err(Denied::NotFound)
+    );
+    let suspended = Caller::user(&bob, Door::Ssh);
+    assert_eq!(
+        gateway.authorize(&suspended, Action::UseSsh, &by_user),
+        Err(Denied::Suspended)
+    );
+    fx.share(&web, ShareTarget::User(carol.id), Access::Http)
+        .await;
+    let link = "vms_the-link-secret";
+    fx.share(&web, ShareTarget::Link(TokenHash::of(link)), Access::Ssh)
+        .await;
+    let http = gateway
+        .route(RouteTarget::Http {
+            host: &host,
+            port: None,
+        })
+        .await
+        .expect("route")
+        .expect("routes");
+    assert_eq!(
+        gateway.authorize(&carol_caller, Action::UseHttp, &http),
+        Ok(())
     );
     assert!(
-        !gateway
-            .authorize(&stranger, &vm, Access::Http)
-            .await
-            .expect("authz")
-    );
-    assert!(
-        !gateway
-            .authorize(&Principal::Anonymous, &vm, Access::Http)
-            .await
-            .expect("authz")
-    );
-    fx.share(&vm, stranger.clone(), Access::Http).await;
-    assert!(
-        gateway
-            .authorize(&stranger, &vm, Access::Http)
-            .await
-            .expect("authz")
-    );
-    assert!(
-        !gateway
-            .authorize(&stranger, &vm, Access::Ssh)
-            .await
-            .expect("authz"),
+        matches!(
+            gateway.authorize(&carol_caller, Action::UseSsh, &http),
+            Err(Denied::Forbidden { .. })
+        ),
         "a share grants only what it names"
+    );
+    let holder = gateway
+        .identify(Credential::ShareLink(link), Door::Ssh)
+        .await
+        .expect("identify")
+        .expect("a link identifies its holder");
+    assert_eq!(gateway.authorize(&holder, Action::UseSsh, &http), Ok(()));
+    let guesser = Caller::link("vms_a-guess", Door::Ssh);
+    assert_eq!(
+        gateway.authorize(&guesser, Action::UseSsh, &http),
+        Err(Denied::NotFound)
+    );
+    fx.share(&web, ShareTarget::Public, Access::Http).await;
+    let http = gateway
+        .route(RouteTarget::Http {
+            host: &host,
+            port: None,
+        })
+        .await
+        .expect("route")
+        .expect("routes");
+    assert_eq!(
+        gateway.authorize(&anonymous, Action::UseHttp, &http),
+        Ok(())
+    );
+    let mut admin = User::new(UserId(4), "root-admin");
+    admin.role = Role::Admin;
+    assert_eq!(
+        gateway.authorize(&Caller::user(&admin, Door::Https), Action::UseSsh, &http),
+        Ok(())
     );
 }

@@ -1,0 +1,649 @@
+//! The command surface: every operation a door offers, taken on behalf of a caller
+//! and decided by one access policy.
+//!
+//! [`Manager::commands`] gives the operations for one [`Caller`]; each is an
+//! [`Action`] of the catalogue, checked by the [`AccessPolicy`] before it runs, and
+//! answers with views ([`VmView`], [`SnapshotView`], ...), never internal records. The
+//! engine's own methods on [`Manager`] (`create`, `start`, ...) do no access check:
+//! they are for the embedding program itself; the doors go through here.
+//!
+//! A check and the operation it allows act on the same VM: the VM (or snapshot) the
+//! policy decided on is pinned for the operation, so that a name deleted and taken
+//! by another user in between answers "not found" instead of reaching the other's
+//! VM.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use vmkit_guest::{ExecRequest, ExecStream, LogStream, LogsRequest};
+
+use super::{CloneSource, CreateRequest, DeleteOptions, Deleted, Manager, ResizeRequest};
+use crate::access::{AccessPolicy, Action, Caller, Denied, Principal};
+use crate::error::ManagerError;
+use crate::event::Event;
+use crate::name::VmName;
+use crate::share::{Access, Share, ShareTarget};
+use crate::snapshot::Snapshot;
+use crate::time::Timestamp;
+use crate::token::{TokenHash, new_secret};
+use crate::user::{SshPublicKey, User, UserId};
+use crate::view::{MetricsView, SnapshotView, VmView};
+use crate::vm::{Idempotency, VmId, VmRecord};
+
+tokio::task_local! {
+    /// The VM and snapshot an operation of the command surface was allowed on.
+    static PINNED: Pinned;
+}
+
+#[derive(Clone, Default)]
+struct Pinned {
+    vm: Option<(VmName, VmId)>,
+    snapshot: Option<(VmName, VmId)>,
+}
+
+/// Whether VM `id` may answer for `name` in the running operation: always, but in
+/// an operation of the command surface that was allowed on another VM of that name.
+pub(super) fn pinned_vm(name: &VmName, id: VmId) -> bool {
+    PINNED
+        .try_with(|p| match &p.vm {
+            Some((pinned, pinned_id)) if pinned == name => *pinned_id == id,
+            _ => true,
+        })
+        .unwrap_or(true)
+}
+
+/// [`pinned_vm`] for snapshots.
+pub(super) fn pinned_snapshot(name: &VmName, id: VmId) -> bool {
+    PINNED
+        .try_with(|p| match &p.snapshot {
+            Some((pinned, pinned_id)) if pinned == name => *pinned_id == id,
+            _ => true,
+        })
+        .unwrap_or(true)
+}
+
+/// Who the caller is, as `whoami` answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct Whoami {
+    /// The principal.
+    pub principal: Principal,
+    /// The door they came through.
+    pub door: crate::access::Door,
+    /// Their user record, for a registered user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<User>,
+    /// Whether they may do everything on the host.
+    pub admin: bool,
+}
+
+/// With whom to share a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+#[non_exhaustive]
+pub enum ShareWith {
+    /// A registered user.
+    User(UserId),
+    /// Whoever holds a new link (its secret is answered once).
+    Link,
+    /// Everyone.
+    Public,
+}
+
+/// A share as the VM's owner sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ShareView {
+    /// The VM.
+    pub vm: VmName,
+    /// With whom: a user, everyone, or a link (by a short name of its hash).
+    pub with: ShareWithView,
+    /// What it grants.
+    pub access: Access,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// The link's secret, answered once when the link is made and never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+/// With whom a share is, as [`ShareView`] says it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "value")]
+#[non_exhaustive]
+pub enum ShareWithView {
+    /// A registered user.
+    User(UserId),
+    /// A link, by a short name of its hash (enough to take it back, not to use it).
+    Link(String),
+    /// Everyone.
+    Public,
+}
+
+impl ShareView {
+    fn of(vm: &VmName, share: &Share) -> Self {
+        Self {
+            vm: vm.clone(),
+            with: match &share.target {
+                ShareTarget::User(u) => ShareWithView::User(*u),
+                ShareTarget::Link(hash) => ShareWithView::Link(hash.short().to_owned()),
+                ShareTarget::Public => ShareWithView::Public,
+            },
+            access: share.access,
+            created_at: share.created_at,
+            secret: None,
+        }
+    }
+}
+
+/// The operations of the command surface for one caller. Cheap to clone; a clone
+/// may move into a task of its own (a door runs long operations so, so that a
+/// client hanging up does not cut them short).
+#[derive(Clone)]
+pub struct Commands {
+    manager: Manager,
+    caller: Caller,
+    policy: Arc<dyn AccessPolicy>,
+}
+
+impl std::fmt::Debug for Commands {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commands")
+            .field("caller", &self.caller)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Manager {
+    /// The command surface for `caller`: every operation a door offers, each
+    /// checked by the access policy ([`Backends::with_policy`](super::Backends::with_policy)).
+    pub fn commands(&self, caller: Caller) -> Commands {
+        Commands {
+            manager: self.clone(),
+            policy: self.inner.backends.policy.clone(),
+            caller,
+        }
+    }
+}
+
+fn denied(name: &VmName, denied: Denied) -> ManagerError {
+    match denied {
+        Denied::NotFound => ManagerError::NotFound(name.clone()),
+        other => ManagerError::Denied(other),
+    }
+}
+
+fn snapshot_denied(name: &VmName, denied: Denied) -> ManagerError {
+    match denied {
+        Denied::NotFound => ManagerError::SnapshotNotFound(name.clone()),
+        other => ManagerError::Denied(other),
+    }
+}
+
+impl Commands {
+    /// Who the operations are taken for.
+    pub fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    fn host(&self, action: Action) -> Result<(), ManagerError> {
+        self.policy
+            .host(&self.caller, action)
+            .map_err(ManagerError::Denied)
+    }
+
+    /// The owner of what the caller makes; refused for one who cannot own.
+    fn owner(&self, action: Action) -> Result<UserId, ManagerError> {
+        self.host(action)?;
+        self.caller
+            .owner()
+            .ok_or(ManagerError::Denied(Denied::SignInRequired { action }))
+    }
+
+    /// One lookup of `name` and its shares, and the policy's decision on them.
+    async fn vm(&self, action: Action, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let store = &self.manager.inner.backends.store;
+        let vm = store
+            .get_vm(name)
+            .await?
+            .ok_or_else(|| ManagerError::NotFound(name.clone()))?;
+        let shares = store.shares(vm.id).await?;
+        self.policy
+            .vm(&self.caller, action, &vm, &shares)
+            .map_err(|d| denied(name, d))?;
+        Ok(vm)
+    }
+
+    async fn snapshot_of(&self, action: Action, name: &VmName) -> Result<Snapshot, ManagerError> {
+        let snapshot = self
+            .manager
+            .inner
+            .backends
+            .store
+            .get_snapshot(name)
+            .await?
+            .ok_or_else(|| ManagerError::SnapshotNotFound(name.clone()))?;
+        self.policy
+            .snapshot(&self.caller, action, snapshot.owner)
+            .map_err(|d| snapshot_denied(name, d))?;
+        Ok(snapshot)
+    }
+
+    /// Runs `operation` with `vm` (and `snapshot`) pinned.
+    async fn pinned<T>(
+        &self,
+        vm: Option<&VmRecord>,
+        snapshot: Option<&Snapshot>,
+        operation: impl Future<Output = T>,
+    ) -> T {
+        let pinned = Pinned {
+            vm: vm.map(|v| (v.name.clone(), v.id)),
+            snapshot: snapshot.map(|s| (s.name.clone(), s.id)),
+        };
+        PINNED.scope(pinned, operation).await
+    }
+
+    fn view(&self, vm: &VmRecord) -> VmView {
+        VmView::of(vm, &self.caller)
+    }
+
+    /// Who the caller is.
+    pub async fn whoami(&self) -> Result<Whoami, ManagerError> {
+        self.host(Action::Whoami)?;
+        let user = match &self.caller.principal {
+            Principal::User { id, .. } => self.manager.inner.backends.store.get_user(*id).await?,
+            _ => None,
+        };
+        Ok(Whoami {
+            principal: self.caller.principal.clone(),
+            door: self.caller.door,
+            user,
+            admin: self.caller.is_admin(),
+        })
+    }
+
+    /// The VMs the caller may see in a list: theirs and those shared with them by
+    /// name (every VM, for an admin), by name.
+    pub async fn list(&self) -> Result<Vec<VmView>, ManagerError> {
+        self.host(Action::ListVms)?;
+        let store = &self.manager.inner.backends.store;
+        let mut views = Vec::new();
+        for vm in store.list_vms(None).await? {
+            let listed = if self.caller.is_admin() || self.caller.owner() == Some(vm.owner) {
+                true
+            } else {
+                let shares = store.shares(vm.id).await?;
+                self.policy.lists(&self.caller, &vm, &shares)
+            };
+            if listed {
+                views.push(self.view(&vm));
+            }
+        }
+        Ok(views)
+    }
+
+    /// A VM the caller may see.
+    pub async fn get(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        let vm = self.vm(Action::Get, name).await?;
+        Ok(self.view(&vm))
+    }
+
+    /// Creates a VM owned by the caller (whatever owner `request` names) and returns
+    /// once it is ready. See [`Manager::create`] for the idempotency key.
+    pub async fn create(&self, mut request: CreateRequest) -> Result<VmView, ManagerError> {
+        request.owner = self.owner(Action::Create)?;
+        request.from = None;
+        let vm = self.manager.create(request).await?;
+        Ok(self.view(&vm))
+    }
+
+    /// Deletes a VM. Where a kept data volume went is told to admins only.
+    pub async fn delete(
+        &self,
+        name: &VmName,
+        options: DeleteOptions,
+    ) -> Result<Deleted, ManagerError> {
+        let vm = self.vm(Action::Delete, name).await?;
+        let mut deleted = self
+            .pinned(Some(&vm), None, self.manager.delete(name, options))
+            .await?;
+        if !self.caller.is_admin() {
+            deleted.kept_data = None;
+        }
+        Ok(deleted)
+    }
+
+    async fn lifecycle<'a, F, Fut>(
+        &'a self,
+        action: Action,
+        name: &'a VmName,
+        operation: F,
+    ) -> Result<VmView, ManagerError>
+    where
+        F: FnOnce(&'a Manager, &'a VmName) -> Fut,
+        Fut: Future<Output = Result<VmRecord, ManagerError>>,
+    {
+        let vm = self.vm(action, name).await?;
+        let vm = self
+            .pinned(Some(&vm), None, operation(&self.manager, name))
+            .await?;
+        Ok(self.view(&vm))
+    }
+
+    /// Starts a stopped VM.
+    pub async fn start(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        self.lifecycle(Action::Start, name, Manager::start).await
+    }
+
+    /// Stops a running or paused VM.
+    pub async fn stop(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        self.lifecycle(Action::Stop, name, Manager::stop).await
+    }
+
+    /// Restarts a VM.
+    pub async fn restart(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        self.lifecycle(Action::Restart, name, Manager::restart)
+            .await
+    }
+
+    /// Pauses a running VM.
+    pub async fn pause(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        self.lifecycle(Action::Pause, name, Manager::pause).await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, name: &VmName) -> Result<VmView, ManagerError> {
+        self.lifecycle(Action::Resume, name, Manager::resume).await
+    }
+
+    /// Resizes a VM.
+    pub async fn resize(
+        &self,
+        name: &VmName,
+        request: ResizeRequest,
+    ) -> Result<VmView, ManagerError> {
+        let vm = self.vm(Action::Resize, name).await?;
+        let vm = self
+            .pinned(Some(&vm), None, self.manager.resize(name, request))
+            .await?;
+        Ok(self.view(&vm))
+    }
+
+    /// Runs a command in a running VM.
+    pub async fn exec(
+        &self,
+        name: &VmName,
+        request: ExecRequest,
+    ) -> Result<ExecStream, ManagerError> {
+        let vm = self.vm(Action::Exec, name).await?;
+        self.pinned(Some(&vm), None, self.manager.exec(name, request))
+            .await
+    }
+
+    /// The last `max_bytes` of a VM's console.
+    pub async fn console(&self, name: &VmName, max_bytes: usize) -> Result<String, ManagerError> {
+        let vm = self.vm(Action::Logs, name).await?;
+        self.pinned(Some(&vm), None, self.manager.logs(name, max_bytes))
+            .await
+    }
+
+    /// A unit's journal or a file in a running VM's guest.
+    pub async fn guest_logs(
+        &self,
+        name: &VmName,
+        request: LogsRequest,
+    ) -> Result<Vec<String>, ManagerError> {
+        let vm = self.vm(Action::Logs, name).await?;
+        self.pinned(Some(&vm), None, self.manager.guest_logs(name, request))
+            .await
+    }
+
+    /// A unit's journal or a file in a running VM's guest, followed.
+    pub async fn follow_guest_logs(
+        &self,
+        name: &VmName,
+        request: LogsRequest,
+    ) -> Result<LogStream, ManagerError> {
+        let vm = self.vm(Action::Logs, name).await?;
+        self.pinned(
+            Some(&vm),
+            None,
+            self.manager.follow_guest_logs(name, request),
+        )
+        .await
+    }
+
+    /// What a VM uses.
+    pub async fn metrics(&self, name: &VmName) -> Result<MetricsView, ManagerError> {
+        let vm = self.vm(Action::Metrics, name).await?;
+        let metrics = self
+            .pinned(Some(&vm), None, self.manager.metrics(name))
+            .await?;
+        Ok(MetricsView::of(metrics, &self.caller))
+    }
+
+    /// Snapshots a VM as `snapshot`; the snapshot is the VM owner's.
+    pub async fn snapshot(
+        &self,
+        name: &VmName,
+        snapshot: VmName,
+    ) -> Result<SnapshotView, ManagerError> {
+        let vm = self.vm(Action::Snapshot, name).await?;
+        let taken = self
+            .pinned(Some(&vm), None, self.manager.snapshot(name, snapshot))
+            .await?;
+        Ok(SnapshotView::of(&taken, &self.caller))
+    }
+
+    /// Restores a VM from one of the caller's snapshots (any, for an admin). With an
+    /// idempotency key, the same restore asked again (after a client timeout) returns
+    /// the VM as it is instead of restoring it a second time; the key is recorded
+    /// once the restore is over (a crash in between lets a retry restore again).
+    pub async fn restore(
+        &self,
+        name: &VmName,
+        snapshot: &VmName,
+        idempotency_key: Option<String>,
+    ) -> Result<VmView, ManagerError> {
+        let vm = self.vm(Action::Restore, name).await?;
+        let from = self.snapshot_of(Action::Restore, snapshot).await?;
+        let Some(key) = idempotency_key else {
+            let vm = self
+                .pinned(Some(&vm), Some(&from), self.manager.restore(name, snapshot))
+                .await?;
+            return Ok(self.view(&vm));
+        };
+        let mark = Idempotency {
+            key: key.clone(),
+            request: TokenHash::of(&format!("restore {} from {}", vm.id, from.id)),
+        };
+        let _key = self
+            .manager
+            .inner
+            .idempotency_locks
+            .lock(&(vm.owner, key.clone()))
+            .await;
+        let current = self.pinned(Some(&vm), None, self.manager.get(name)).await?;
+        match &current.restored_with {
+            Some(done) if done.key == key && done.request == mark.request => {
+                return Ok(self.view(&current));
+            }
+            Some(done) if done.key == key => {
+                return Err(ManagerError::IdempotencyKeyReused { key });
+            }
+            _ => {}
+        }
+        let restored = self
+            .pinned(Some(&vm), Some(&from), async {
+                let restored = self.manager.restore(name, snapshot).await?;
+                self.manager.mark_restored(&restored, mark).await
+            })
+            .await?;
+        Ok(self.view(&restored))
+    }
+
+    /// Copies a VM, or makes one from a snapshot, owned by the caller. With an
+    /// idempotency key, asking again returns the first copy (see [`Manager::create`]).
+    pub async fn clone_vm(
+        &self,
+        source: CloneSource,
+        name: Option<VmName>,
+        idempotency_key: Option<String>,
+    ) -> Result<VmView, ManagerError> {
+        let owner = self.owner(Action::Create)?;
+        let (vm, snapshot) = match &source {
+            CloneSource::Vm(from) => (Some(self.vm(Action::Clone, from).await?), None),
+            CloneSource::Snapshot(from) => (
+                None,
+                Some(self.snapshot_of(Action::CloneSnapshot, from).await?),
+            ),
+        };
+        let copy = self
+            .pinned(
+                vm.as_ref(),
+                snapshot.as_ref(),
+                self.manager
+                    .clone_keyed(source, name, owner, idempotency_key),
+            )
+            .await?;
+        Ok(self.view(&copy))
+    }
+
+    /// The snapshots the caller owns (every one, for an admin).
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotView>, ManagerError> {
+        self.host(Action::ListSnapshots)?;
+        let owner = match self.caller.is_admin() {
+            true => None,
+            false => Some(self.owner(Action::ListSnapshots)?),
+        };
+        let snapshots = self.manager.list_snapshots(owner).await?;
+        Ok(snapshots
+            .iter()
+            .map(|s| SnapshotView::of(s, &self.caller))
+            .collect())
+    }
+
+    /// Deletes one of the caller's snapshots.
+    pub async fn delete_snapshot(&self, name: &VmName) -> Result<(), ManagerError> {
+        let snapshot = self.snapshot_of(Action::DeleteSnapshot, name).await?;
+        self.pinned(None, Some(&snapshot), self.manager.delete_snapshot(name))
+            .await
+    }
+
+    /// Shares a VM. A link share answers its secret, once.
+    pub async fn share(
+        &self,
+        name: &VmName,
+        with: ShareWith,
+        access: Access,
+    ) -> Result<ShareView, ManagerError> {
+        let vm = self.vm(Action::Share, name).await?;
+        let store = &self.manager.inner.backends.store;
+        let (target, secret) = match with {
+            ShareWith::User(user) => {
+                if store.get_user(user).await?.is_none() {
+                    return Err(ManagerError::UserNotFound(user.to_string()));
+                }
+                (ShareTarget::User(user), None)
+            }
+            ShareWith::Public => (ShareTarget::Public, None),
+            ShareWith::Link => {
+                let secret = new_secret("vms_");
+                (ShareTarget::Link(TokenHash::of(&secret)), Some(secret))
+            }
+        };
+        let share = Share::new(vm.id, target, access);
+        // Held across the write: a VM deleted meanwhile keeps no share.
+        let _guard = self.manager.lock(name).await;
+        if self
+            .pinned(Some(&vm), None, self.manager.get(name))
+            .await
+            .is_err()
+        {
+            return Err(ManagerError::NotFound(name.clone()));
+        }
+        store.put_share(&share).await?;
+        let mut view = ShareView::of(name, &share);
+        view.secret = secret;
+        Ok(view)
+    }
+
+    /// Takes back the shares of a VM with `with` (a user, everyone, or the link a
+    /// [`ShareWithView::Link`] names) that grant `access` (every access when
+    /// `None`); how many were taken back.
+    pub async fn unshare(
+        &self,
+        name: &VmName,
+        with: &ShareWithView,
+        access: Option<Access>,
+    ) -> Result<usize, ManagerError> {
+        let vm = self.vm(Action::Share, name).await?;
+        let store = &self.manager.inner.backends.store;
+        let mut removed = 0;
+        for share in store.shares(vm.id).await? {
+            let matches = match (&share.target, with) {
+                (ShareTarget::User(u), ShareWithView::User(w)) => u == w,
+                (ShareTarget::Public, ShareWithView::Public) => true,
+                (ShareTarget::Link(hash), ShareWithView::Link(short)) => hash.short() == short,
+                _ => false,
+            };
+            if matches
+                && access.is_none_or(|a| a == share.access)
+                && store.remove_share(&share).await?
+            {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// A VM's shares.
+    pub async fn shares(&self, name: &VmName) -> Result<Vec<ShareView>, ManagerError> {
+        let vm = self.vm(Action::Share, name).await?;
+        let shares = self.manager.inner.backends.store.shares(vm.id).await?;
+        Ok(shares.iter().map(|s| ShareView::of(name, s)).collect())
+    }
+
+    /// The images VMs can be made from.
+    pub async fn images(&self) -> Result<Vec<String>, ManagerError> {
+        self.host(Action::ListImages)?;
+        Ok(self.manager.inner.backends.images.list().await?)
+    }
+
+    /// The caller's SSH keys.
+    pub async fn ssh_keys(&self) -> Result<Vec<SshPublicKey>, ManagerError> {
+        let owner = self.owner(Action::ListKeys)?;
+        self.manager.ssh_keys(owner).await
+    }
+
+    /// Registers an SSH key for the caller.
+    pub async fn add_ssh_key(&self, key: &SshPublicKey) -> Result<(), ManagerError> {
+        let owner = self.owner(Action::AddKey)?;
+        self.manager.add_ssh_key(owner, key).await
+    }
+
+    /// Removes one of the caller's SSH keys.
+    pub async fn remove_ssh_key(&self, fingerprint: &str) -> Result<(), ManagerError> {
+        let owner = self.owner(Action::RemoveKey)?;
+        self.manager.remove_ssh_key(owner, fingerprint).await
+    }
+
+    /// Checks that the caller may read the host's event log; the log itself is read
+    /// with the manager's event methods ([`Manager::events`], [`Manager::follow_events`]).
+    pub fn may_read_events(&self) -> Result<(), ManagerError> {
+        self.host(Action::Events)
+    }
+
+    /// Up to `limit` events after `after` (the newest `limit` when `None`).
+    pub async fn events(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Event>, ManagerError> {
+        self.may_read_events()?;
+        match after {
+            Some(after) => self.manager.events(after, limit).await,
+            None => self.manager.newest_events(limit).await,
+        }
+    }
+}
