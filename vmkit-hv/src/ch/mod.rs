@@ -916,16 +916,14 @@ mod tests {
                 .map(|a| a.into_string().unwrap())
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            args(true),
-            [
-                "--api-socket",
-                "path=/run/vmkit/x/api.sock",
-                "--seccomp",
-                "true"
-            ]
-        );
-        assert_eq!(args(false), ["--api-socket", "path=/run/vmkit/x/api.sock"]);
+        let common = [
+            "--api-socket",
+            "path=/run/vmkit/x/api.sock",
+            "--event-monitor",
+            "path=/run/vmkit/x/events.json",
+        ];
+        assert_eq!(args(true), [&common[..], &["--seccomp", "true"]].concat());
+        assert_eq!(args(false), common);
     }
 
     #[test]
