@@ -28,9 +28,10 @@ pub enum ShareTarget {
 pub enum Access {
     /// The VM's web ports over HTTPS.
     Http,
-    /// SSH into the VM.
+    /// SSH into the VM: a shell, `exec`, its logs.
     Ssh,
-    /// Lifecycle operations (start, stop, delete).
+    /// Its lifecycle: start, stop, restart, pause, resume, resize, snapshot, restore
+    /// (from one's own snapshots) and clone. Deleting and sharing stay the owner's.
     Manage,
 }
 

@@ -616,7 +616,7 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
                 if json {
                     print_json(&serde_json::json!({ "console": text }))?;
                 } else {
-                    print!("{text}");
+                    print!("{}", for_terminal(&text));
                 }
             }
         }
@@ -1060,7 +1060,7 @@ async fn guest_log(
                 return print_json(&item);
             }
             if let Some(line) = item["line"].as_str() {
-                writeln!(stdout, "{line}")?;
+                writeln!(stdout, "{}", for_terminal(line))?;
                 stdout.flush()?;
             } else if let Some(error) = item["error"].as_str() {
                 failed = Some(error.to_owned());
@@ -1073,6 +1073,25 @@ async fn guest_log(
         Some(error) => anyhow::bail!("reading the log failed: {error}"),
         None => Ok(()),
     }
+}
+
+/// `text` from a guest, made safe for the operator's terminal when stdout is one:
+/// control characters (escape sequences a hostile guest could send to retitle the
+/// window, move the cursor or worse) are shown escaped; newlines and tabs stay.
+fn for_terminal(text: &str) -> std::borrow::Cow<'_, str> {
+    use std::io::IsTerminal;
+    let unsafe_char = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !std::io::stdout().is_terminal() || !text.chars().any(unsafe_char) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\r' => String::new(),
+            c if unsafe_char(c) => c.escape_default().to_string(),
+            c => c.to_string(),
+        })
+        .collect::<String>()
+        .into()
 }
 
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
