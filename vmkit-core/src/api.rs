@@ -259,6 +259,7 @@ pub fn status_for(kind: ErrorKind) -> u16 {
         ErrorKind::NotFound => 404,
         ErrorKind::Conflict => 409,
         ErrorKind::QuotaExceeded => 403,
+        ErrorKind::Forbidden => 403,
         ErrorKind::Gone => 410,
         ErrorKind::Unsupported => 501,
         ErrorKind::Unavailable => 503,

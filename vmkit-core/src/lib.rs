@@ -46,6 +46,7 @@ mod event;
 mod gateway;
 mod hypervisor;
 mod image;
+mod invite;
 mod manager;
 mod name;
 mod net;
@@ -58,6 +59,7 @@ mod state;
 mod storage;
 mod store;
 mod time;
+mod token;
 mod user;
 mod vm;
 
@@ -74,9 +76,11 @@ pub use hypervisor::{
     VmmWatchSender,
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
+pub use invite::{INVITE_PREFIX, Invite};
 pub use manager::{
     Backends, CloneSource, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy, Manager,
-    ManagerConfig, ReconcileFailure, ReconcileReport, ResizeRequest, VmMetrics,
+    ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration, RegistrationPolicy,
+    ResizeRequest, VmDisposition, VmMetrics,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
@@ -92,7 +96,11 @@ pub use storage::{
 };
 pub use store::{StateStore, StoreCapabilities, StoreError};
 pub use time::Timestamp;
-pub use user::{ApiKey, SshKeyError, SshPublicKey, User, UserId};
+pub use token::{TokenHash, TokenHashError, new_secret};
+pub use user::{
+    ApiKey, Handle, HandleError, MAX_HANDLE_LEN, RESERVED_HANDLES, Role, SshKeyError, SshPublicKey,
+    User, UserId, UserStatus,
+};
 pub use vm::{Health, VmId, VmIdParseError, VmRecord, VmResources};
 
 /// The attribute the backend traits are declared with, re-exported so that a backend

@@ -45,10 +45,12 @@ mod ops;
 mod reconcile;
 mod snapshots;
 mod supervise;
+mod users;
 
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
+pub use users::{NewUser, Registration, RegistrationPolicy, VmDisposition};
 
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
 #[derive(Clone, Debug)]
@@ -88,6 +90,9 @@ pub struct ManagerConfig {
     /// it runs as root) runs VMMs as the manager's own user, unconfined. A backend
     /// that cannot confine (not root, no cgroups) refuses to start a VMM.
     pub confinement: Option<ConfinementConfig>,
+    /// Who may register themselves ([`Manager::register`]); by default no one
+    /// ([`RegistrationPolicy::Closed`]): the operator adds users.
+    pub registration: RegistrationPolicy,
 }
 
 impl ManagerConfig {
@@ -108,7 +113,14 @@ impl ManagerConfig {
             default_spec: VmSpec::default(),
             event_retention: EventRetention::default(),
             confinement: None,
+            registration: RegistrationPolicy::Closed,
         }
+    }
+
+    /// Sets who may register themselves.
+    pub fn registration(mut self, policy: RegistrationPolicy) -> Self {
+        self.registration = policy;
+        self
     }
 
     /// Confines VMMs as `confinement` says (`None`: unconfined).

@@ -252,7 +252,7 @@ fn fake_backends(_: &Config) -> anyhow::Result<vmkit_core::Backends> {
 
 async fn ensure_local_user(store: &dyn StateStore) -> anyhow::Result<()> {
     if store.get_user(UserId::LOCAL).await?.is_none() {
-        store.put_user(&User::new(UserId::LOCAL, "local")).await?;
+        store.put_user(&User::local()).await?;
     }
     Ok(())
 }
