@@ -1,6 +1,8 @@
 //! The REST API: a thin adapter from HTTP to [`Manager`] commands. Routes and wire
 //! types are documented in `vmkit_core::api`.
 
+mod users;
+
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
@@ -71,6 +73,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/keys", get(list_keys).post(add_key))
         .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
+        .merge(users::router())
         .with_state(state)
 }
 
