@@ -630,8 +630,7 @@ mod tests {
             .unwrap();
         assert_eq!(SshPublicKey::parse(&ed25519_line(&off_curve)), invalid);
         assert!(
-            invalid
-                .unwrap_err()
+            SshKeyError::InvalidKey("ssh-ed25519".into())
                 .to_string()
                 .contains("copy the whole line of the .pub file"),
         );
