@@ -520,12 +520,12 @@ impl StateStore for MemoryStore {
     ) -> Result<Option<Invite>, StoreError> {
         let mut s = self.write("store.consume_invite")?;
         // Every invite is compared, so the time taken does not say which matched.
-        let found = s
-            .invites
-            .values()
-            .filter(|i| i.hash.matches(secret))
-            .map(|i| i.id.clone())
-            .next_back();
+        let mut found = None;
+        for invite in s.invites.values() {
+            if invite.hash.matches(secret) {
+                found = Some(invite.id.clone());
+            }
+        }
         let Some(id) = found else {
             return Ok(None);
         };
