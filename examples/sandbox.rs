@@ -21,8 +21,8 @@ use anyhow::{Context, anyhow, bail, ensure};
 use tokio::sync::Semaphore;
 use vmkit_core::guest::{ExecEvent, ExecRequest, ExitStatus};
 use vmkit_core::{
-    CloneSource, CreateRequest, DeleteOptions, Manager, ManagerError, Quota, User, UserId, VmName,
-    VmSpec,
+    CloneSource, CreateRequest, DeleteOptions, Handle, Manager, ManagerError, Quota, User, UserId,
+    VmName, VmSpec,
 };
 use vmkit_examples::{IMAGE, run_on_default_backends};
 
@@ -67,7 +67,7 @@ async fn run(manager: Manager) -> anyhow::Result<()> {
         .max_disk_gib(0);
     backends
         .store
-        .put_user(&User::new(TENANT, "agent-sandboxes"))
+        .put_user(&User::new(TENANT, Handle::new("agent-sandboxes")?))
         .await?;
     backends.store.set_quota(TENANT, &quota).await?;
     let spec = VmSpec::new(IMAGE).vcpus(1).memory_mib(256);

@@ -234,6 +234,8 @@ pub(crate) const SETTLED: &[VmState] = &[VmState::Running, VmState::Paused, VmSt
 actions! {
     /// Who the caller is.
     Whoami => "whoami", Needs::Anyone, ANY;
+    /// Register an account (as the host's registration policy allows).
+    Register => "register", Needs::Anyone, ANY;
     /// List the VMs the caller may see.
     ListVms => "list VMs", Needs::SignedIn, ANY;
     /// Create a VM owned by the caller.

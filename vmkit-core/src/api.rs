@@ -52,6 +52,14 @@
 //! | GET | `/v1/vms/{name}/shares` | | `[`[`ShareView`](crate::ShareView)`]` (owner) |
 //! | POST | `/v1/vms/{name}/shares` | [`ShareBody`] | 201 [`ShareView`](crate::ShareView); a link's `secret` is in this answer only |
 //! | DELETE | `/v1/vms/{name}/shares?with=public\|user:ID\|link:NAME&access=A` | | `{"removed": N}` |
+//! | GET | `/v1/users` | | `[`[`UserInfo`]`]`: the registered users, by id |
+//! | POST | `/v1/users` | [`AddUser`] | 201 [`UserInfo`]; 400 bad handle, key or email, 409 handle or key taken |
+//! | GET | `/v1/users/{handle}` | | [`UserInfo`]; 404 `user_not_found` |
+//! | DELETE | `/v1/users/{handle}?vms=delete` or `?hand_over=HANDLE` (one of them) | | 204 once the user and their VMs are gone or handed over; 503 `user_removal_incomplete` names what is left |
+//! | POST | `/v1/users/{handle}/suspend`, `/resume` | | [`UserInfo`] |
+//! | GET | `/v1/invites` | | `[`[`InviteInfo`]`]` (expired ones too, until the next invite is made) |
+//! | POST | `/v1/invites` | [`NewInvite`] | 201 [`CreatedInvite`]: the code, shown this once |
+//! | DELETE | `/v1/invites/{id}` | | 204; 404 `invite_not_found` |
 //!
 //! Events are numbered from 1 (`seq`), oldest first in every answer. Without
 //! `after`, `/v1/events` answers the newest `limit` events (default 1000, at most
@@ -60,6 +68,10 @@
 //! end: it holds every stored event after `after` (or, without `after`, the newest
 //! `limit`), however many, then every new event as it is stored, each exactly once and
 //! in order (see [`EventFeed`](crate::EventFeed)), until the daemon shuts down.
+//!
+//! Users and invites are admins' (the operator's, on this socket). The
+//! answers are views: an invite's code is shown once, when it is made, and its hash
+//! never.
 //!
 //! A user's SSH keys go into the guests of their VMs at every create and
 //! start (replacing the keys vmkit put there before), so a key added or removed
@@ -74,8 +86,10 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ErrorKind;
+use crate::invite::Invite;
 use crate::spec::VmSpec;
-use crate::user::SshPublicKey;
+use crate::time::Timestamp;
+use crate::user::{Role, SshPublicKey, User, UserStatus};
 use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
 
 /// The header a client sets on `POST /v1/vms`, `/clone` and `/restore` so that it
@@ -182,6 +196,134 @@ impl From<&SshPublicKey> for SshKeyInfo {
             comment: key.comment().to_owned(),
             key: key.to_openssh(),
         }
+    }
+}
+
+/// A user as `/v1/users` answers it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct UserInfo {
+    /// Their handle.
+    pub handle: String,
+    /// Their contact address, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// What they may do.
+    pub role: Role,
+    /// Whether they may sign in.
+    pub status: UserStatus,
+    /// When they were registered (milliseconds since the Unix epoch).
+    pub created_at: Timestamp,
+    /// Their SSH public keys.
+    pub ssh_keys: Vec<SshKeyInfo>,
+}
+
+impl UserInfo {
+    /// The view of `user` with their `keys`.
+    pub fn new(user: &User, keys: &[SshPublicKey]) -> Self {
+        Self {
+            handle: user.handle.to_string(),
+            email: user.email.clone(),
+            role: user.role,
+            status: user.status,
+            created_at: user.created_at,
+            ssh_keys: keys.iter().map(SshKeyInfo::from).collect(),
+        }
+    }
+}
+
+/// Body of `POST /v1/users`: a user the operator adds.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AddUser {
+    /// Their handle.
+    pub handle: String,
+    /// Their first SSH public key, one OpenSSH line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<String>,
+    /// Their contact address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    /// Their role; `user` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+impl AddUser {
+    /// A body adding `handle`.
+    pub fn new(handle: impl Into<String>) -> Self {
+        Self {
+            handle: handle.into(),
+            ..Self::default()
+        }
+    }
+}
+
+/// An invite as `/v1/invites` answers it: never its code or the code's hash.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct InviteInfo {
+    /// Its id, which `DELETE /v1/invites/{id}` takes.
+    pub id: String,
+    /// The role of the user who registers with it.
+    pub role: Role,
+    /// Who made it (user id; 0 is the local operator).
+    pub created_by: crate::user::UserId,
+    /// When it was made (milliseconds since the Unix epoch).
+    pub created_at: Timestamp,
+    /// When it stops being accepted.
+    pub expires_at: Timestamp,
+    /// Whether it had expired when this answer was made.
+    pub expired: bool,
+}
+
+impl InviteInfo {
+    /// The view of `invite` at `now`.
+    pub fn new(invite: &Invite, now: Timestamp) -> Self {
+        Self {
+            id: invite.id.clone(),
+            role: invite.role,
+            created_by: invite.created_by,
+            created_at: invite.created_at,
+            expires_at: invite.expires_at,
+            expired: invite.is_expired(now),
+        }
+    }
+}
+
+/// Body of `POST /v1/invites`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NewInvite {
+    /// How long the invite counts, in seconds; [`NewInvite::DEFAULT_TTL_SECS`] (7
+    /// days) when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+    /// The role of the user who registers with it; `user` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+impl NewInvite {
+    /// The lifetime of an invite made without `ttl_secs`: 7 days.
+    pub const DEFAULT_TTL_SECS: u64 = 7 * 86_400;
+}
+
+/// Answer of `POST /v1/invites`: the invite and its code, which is not stored and
+/// cannot be shown again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CreatedInvite {
+    /// The invite.
+    pub invite: InviteInfo,
+    /// The code (`vmi_…`) to hand to the person invited.
+    pub code: String,
+}
+
+impl CreatedInvite {
+    /// The answer for `invite` with `code`.
+    pub fn new(invite: InviteInfo, code: String) -> Self {
+        Self { invite, code }
     }
 }
 
@@ -303,11 +445,11 @@ pub fn status_for(kind: ErrorKind) -> u16 {
         ErrorKind::NotFound => 404,
         ErrorKind::Conflict => 409,
         ErrorKind::QuotaExceeded => 403,
+        ErrorKind::Forbidden => 403,
         ErrorKind::Gone => 410,
         ErrorKind::Unsupported => 501,
         ErrorKind::Unavailable => 503,
         ErrorKind::Internal => 500,
-        ErrorKind::Forbidden => 403,
         ErrorKind::Unauthenticated => 401,
     }
 }

@@ -13,7 +13,7 @@ use crate::spec::SpecError;
 use crate::state::VmState;
 use crate::storage::StorageError;
 use crate::store::StoreError;
-use crate::user::SshKeyError;
+use crate::user::{Handle, HandleError, SshKeyError};
 
 /// What kind of failure an error is; transports (REST, SSH, MCP) map this to their
 /// own status codes in one place.
@@ -28,6 +28,9 @@ pub enum ErrorKind {
     Conflict,
     /// The request would exceed a quota.
     QuotaExceeded,
+    /// The request is refused: the host's policy (registration closed, an invite
+    /// that does not count) or the caller's access (see [`Denied`]).
+    Forbidden,
     /// What was asked for existed once and was removed for good (events past the
     /// retention rule).
     Gone,
@@ -37,8 +40,6 @@ pub enum ErrorKind {
     Unavailable,
     /// A bug or corrupt state.
     Internal,
-    /// The caller is known but may not do this.
-    Forbidden,
     /// The caller must sign in first.
     Unauthenticated,
 }
@@ -113,6 +114,55 @@ pub enum ManagerError {
     /// The user has no SSH key with this fingerprint.
     #[error("no SSH key with fingerprint {0}; `vmkit key ls` lists your keys")]
     SshKeyNotFound(String),
+    /// The handle is not valid.
+    #[error(transparent)]
+    InvalidHandle(#[from] HandleError),
+    /// The email address is not one.
+    #[error("{0:?} is not an email address; give one such as you@example.com, or none")]
+    InvalidEmail(String),
+    /// Another user has this handle.
+    #[error("the handle {0} is taken; choose another")]
+    HandleTaken(Handle),
+    /// No user with this handle.
+    #[error("no user {0}; `vmkit user ls` lists them")]
+    UserNotFound(String),
+    /// Registration is closed on this host.
+    #[error(
+        "registration is closed on this host; ask its operator to add you (`vmkit user add`) \
+         or for an invite"
+    )]
+    RegistrationClosed,
+    /// Registration needs an invite and none was given.
+    #[error("registration on this host needs an invite code; ask its operator for one")]
+    InviteRequired,
+    /// The invite code is unknown, used or expired (which one is not said).
+    #[error(
+        "this invite code is not valid: it is mistyped, used or expired; ask the operator for a new one"
+    )]
+    InviteInvalid,
+    /// No invite with this id.
+    #[error("no invite {0}; `vmkit invite ls` lists them")]
+    InviteNotFound(String),
+    /// A user's VMs were to be handed over to that same user.
+    #[error("cannot hand the VMs of {0} over to {0}; name another user")]
+    HandOverToSelf(Handle),
+    /// Removing a user failed part-way: the user is still there (suspended), with
+    /// what could not be deleted or handed over.
+    #[error(
+        "user {handle} was not removed: {} could not be {action} ({error}); the user is left \
+         suspended with them: fix the cause and remove the user again",
+        .left.join(", ")
+    )]
+    UserRemovalIncomplete {
+        /// The user.
+        handle: Handle,
+        /// `deleted` or `handed over`.
+        action: &'static str,
+        /// The VMs and snapshots left (`VM web`, `snapshot s1`).
+        left: Vec<String>,
+        /// The first failure, with its causes.
+        error: String,
+    },
     /// The VM was created with a hypervisor backend this manager does not have.
     #[error(
         "VM {name} was created with {backend}, which this daemon does not drive (it drives {}); \
@@ -182,9 +232,6 @@ pub enum ManagerError {
     /// with [`ManagerError::NotFound`] instead, as if it did not exist).
     #[error(transparent)]
     Denied(Denied),
-    /// No user with this id or handle.
-    #[error("no user {0}; `vmkit user ls` lists them")]
-    UserNotFound(String),
     /// An idempotency key was used again with another request.
     #[error(
         "the Idempotency-Key {key:?} was used before with another request; use a new key for a new request"
@@ -219,6 +266,7 @@ impl From<StoreError> for ManagerError {
             StoreError::SnapshotTaken(n) => ManagerError::SnapshotTaken(n),
             StoreError::QuotaExceeded(q) => ManagerError::QuotaExceeded(q),
             StoreError::KeyTaken(fingerprint) => ManagerError::SshKeyTaken(fingerprint),
+            StoreError::HandleTaken(handle) => ManagerError::HandleTaken(handle),
             other => ManagerError::Store(other),
         }
     }
@@ -238,7 +286,16 @@ impl ManagerError {
         match self {
             ManagerError::InvalidName(_)
             | ManagerError::InvalidSpec(_)
-            | ManagerError::InvalidSshKey(_) => ErrorKind::InvalidInput,
+            | ManagerError::InvalidSshKey(_)
+            | ManagerError::InvalidHandle(_)
+            | ManagerError::InvalidEmail(_)
+            | ManagerError::HandOverToSelf(_) => ErrorKind::InvalidInput,
+            ManagerError::RegistrationClosed
+            | ManagerError::InviteRequired
+            | ManagerError::InviteInvalid => ErrorKind::Forbidden,
+            ManagerError::HandleTaken(_) => ErrorKind::Conflict,
+            ManagerError::UserNotFound(_) | ManagerError::InviteNotFound(_) => ErrorKind::NotFound,
+            ManagerError::UserRemovalIncomplete { .. } => ErrorKind::Unavailable,
             ManagerError::NameTaken(_)
             | ManagerError::SnapshotTaken(_)
             | ManagerError::SshKeyExists(_)
@@ -247,7 +304,6 @@ impl ManagerError {
             | ManagerError::Quarantined { .. } => ErrorKind::Conflict,
             ManagerError::QuotaExceeded(_) => ErrorKind::QuotaExceeded,
             ManagerError::IdempotencyKeyReused { .. } => ErrorKind::Conflict,
-            ManagerError::UserNotFound(_) => ErrorKind::NotFound,
             ManagerError::Denied(Denied::SignInRequired { .. }) => ErrorKind::Unauthenticated,
             ManagerError::Denied(Denied::NotFound) => ErrorKind::NotFound,
             ManagerError::Denied(_) => ErrorKind::Forbidden,
@@ -290,6 +346,16 @@ impl ManagerError {
             ManagerError::SshKeyExists(_) => "ssh_key_exists",
             ManagerError::SshKeyTaken(_) => "ssh_key_taken",
             ManagerError::SshKeyNotFound(_) => "ssh_key_not_found",
+            ManagerError::InvalidHandle(_) => "invalid_handle",
+            ManagerError::InvalidEmail(_) => "invalid_email",
+            ManagerError::HandleTaken(_) => "handle_taken",
+            ManagerError::UserNotFound(_) => "user_not_found",
+            ManagerError::RegistrationClosed => "registration_closed",
+            ManagerError::InviteRequired => "invite_required",
+            ManagerError::InviteInvalid => "invite_invalid",
+            ManagerError::InviteNotFound(_) => "invite_not_found",
+            ManagerError::HandOverToSelf(_) => "invalid_hand_over",
+            ManagerError::UserRemovalIncomplete { .. } => "user_removal_incomplete",
             ManagerError::Image(ImageError::NotFound { .. }) => "image_not_found",
             ManagerError::Image(_) => "invalid_image",
             ManagerError::BootFailed { .. } => "boot_failed",
@@ -305,7 +371,6 @@ impl ManagerError {
             ManagerError::HistoryTrimmed { .. } => "history_trimmed",
             ManagerError::Io { .. } => "io_failed",
             ManagerError::IdempotencyKeyReused { .. } => "idempotency_key_reused",
-            ManagerError::UserNotFound(_) => "user_not_found",
             ManagerError::Denied(Denied::NotFound) => "not_found",
             ManagerError::Denied(Denied::SignInRequired { .. }) => "sign_in_required",
             ManagerError::Denied(Denied::Suspended) => "suspended",

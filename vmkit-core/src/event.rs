@@ -83,6 +83,35 @@ pub enum EventKind {
         /// What was done.
         action: String,
     },
+    /// A user was registered or added.
+    UserAdded {
+        /// Their handle.
+        user: crate::user::Handle,
+        /// Their role.
+        role: crate::user::Role,
+    },
+    /// A user was removed (after their VMs and snapshots were deleted or handed over).
+    UserRemoved {
+        /// Their handle.
+        user: crate::user::Handle,
+    },
+    /// A user was suspended.
+    UserSuspended {
+        /// Their handle.
+        user: crate::user::Handle,
+    },
+    /// A suspended user was let back in.
+    UserResumed {
+        /// Their handle.
+        user: crate::user::Handle,
+    },
+    /// A user's role changed.
+    UserRoleChanged {
+        /// Their handle.
+        user: crate::user::Handle,
+        /// The role they have now.
+        role: crate::user::Role,
+    },
     /// Reconcile could not settle a VM (which it then quarantines) or remove an
     /// orphaned resource (which the next reconcile tries again).
     ReconcileFailed {

@@ -60,6 +60,7 @@ mod event;
 mod gateway;
 mod hypervisor;
 mod image;
+mod invite;
 mod manager;
 mod name;
 mod net;
@@ -94,10 +95,12 @@ pub use hypervisor::{
     VmmWatchSender,
 };
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
+pub use invite::{INVITE_PREFIX, Invite};
 pub use manager::{
     Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy,
-    Manager, ManagerConfig, ReconcileFailure, ReconcileReport, ResizeRequest, ShareView, ShareWith,
-    ShareWithView, VmMetrics, Whoami,
+    Manager, ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration,
+    RegistrationPolicy, ResizeRequest, ShareView, ShareWith, ShareWithView, VmDisposition,
+    VmMetrics, Whoami,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
@@ -113,8 +116,11 @@ pub use storage::{
 };
 pub use store::{StateStore, StoreCapabilities, StoreError};
 pub use time::Timestamp;
-pub use token::TokenHash;
-pub use user::{ApiKey, Role, SshKeyError, SshPublicKey, User, UserId, UserStatus};
+pub use token::{TokenHash, TokenHashError, new_secret};
+pub use user::{
+    ApiKey, Handle, HandleError, MAX_HANDLE_LEN, RESERVED_HANDLES, Role, SshKeyError, SshPublicKey,
+    User, UserId, UserStatus,
+};
 pub use view::{MetricsView, SnapshotView, VmView, VmmView};
 pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};
 

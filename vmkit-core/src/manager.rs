@@ -52,6 +52,7 @@ mod ops;
 mod reconcile;
 mod snapshots;
 mod supervise;
+mod users;
 
 use locks::{KeyGuard, KeyedLocks};
 
@@ -59,6 +60,7 @@ pub use commands::{Commands, ShareView, ShareWith, ShareWithView, Whoami};
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
+pub use users::{NewUser, Registration, RegistrationPolicy, VmDisposition};
 
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
 #[derive(Clone, Debug)]
@@ -98,6 +100,9 @@ pub struct ManagerConfig {
     /// it runs as root) runs VMMs as the manager's own user, unconfined. A backend
     /// that cannot confine (not root, no cgroups) refuses to start a VMM.
     pub confinement: Option<ConfinementConfig>,
+    /// Who may register themselves ([`Manager::register`]); by default no one
+    /// ([`RegistrationPolicy::Closed`]): the operator adds users.
+    pub registration: RegistrationPolicy,
 }
 
 impl ManagerConfig {
@@ -118,7 +123,14 @@ impl ManagerConfig {
             default_spec: VmSpec::default(),
             event_retention: EventRetention::default(),
             confinement: None,
+            registration: RegistrationPolicy::Closed,
         }
+    }
+
+    /// Sets who may register themselves.
+    pub fn registration(mut self, policy: RegistrationPolicy) -> Self {
+        self.registration = policy;
+        self
     }
 
     /// Confines VMMs as `confinement` says (`None`: unconfined).

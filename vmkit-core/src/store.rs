@@ -4,12 +4,14 @@ use async_trait::async_trait;
 
 use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
+use crate::invite::Invite;
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, QuotaExceeded};
 use crate::share::Share;
 use crate::snapshot::Snapshot;
-use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::time::Timestamp;
+use crate::user::{ApiKey, Handle, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
 
 /// What a store guarantees.
@@ -46,6 +48,17 @@ pub enum StoreError {
     /// The SSH key belongs to another user.
     #[error("SSH key {0} is registered to another user")]
     KeyTaken(String),
+    /// Another user has this handle.
+    #[error("the handle {0} is taken; choose another")]
+    HandleTaken(Handle),
+    /// The user still owns VMs or snapshots, so the record cannot go.
+    #[error("user {user} still owns {}; delete them or hand them over first", .holdings.join(", "))]
+    UserHoldsResources {
+        /// The user.
+        user: UserId,
+        /// The names of the VMs and snapshots left.
+        holdings: Vec<String>,
+    },
     /// Every address of the pool is leased.
     #[error("no free address in {0}; delete VMs or widen the subnet")]
     PoolExhausted(String),
@@ -106,12 +119,34 @@ pub trait StateStore: Send + Sync {
 
     // ---- users and keys ----
 
-    /// Inserts or replaces a user.
+    /// Inserts or replaces a user under its own id; [`StoreError::HandleTaken`] if
+    /// another user has its handle. For new users prefer
+    /// [`StateStore::create_user`], which allocates the id.
     async fn put_user(&self, user: &User) -> Result<(), StoreError>;
+    /// Stores `user` under a fresh id (its own `id` is ignored): one above every id
+    /// stored or used before, so an id is never reused, even after a delete. With
+    /// `key`, registers that SSH key for the new user in the same transaction.
+    /// [`StoreError::HandleTaken`] if another user has the handle,
+    /// [`StoreError::KeyTaken`] if another user has the key; then nothing is
+    /// stored. Returns the stored record.
+    async fn create_user(
+        &self,
+        user: &User,
+        key: Option<&SshPublicKey>,
+    ) -> Result<User, StoreError>;
+    /// Replaces an existing user's record (matched by id); [`StoreError::NotFound`]
+    /// if absent, [`StoreError::HandleTaken`] if its new handle is another user's.
+    async fn update_user(&self, user: &User) -> Result<(), StoreError>;
     /// A user by id.
     async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError>;
+    /// A user by handle.
+    async fn user_by_handle(&self, handle: &Handle) -> Result<Option<User>, StoreError>;
     /// All users, by id.
     async fn list_users(&self) -> Result<Vec<User>, StoreError>;
+    /// Deletes a user with their SSH keys, API keys, quota and the shares made to
+    /// them, in one transaction; whether the user existed. Refused with
+    /// [`StoreError::UserHoldsResources`] while they own a VM or a snapshot.
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError>;
     /// Registers `key` for `user`; [`StoreError::KeyTaken`] if another user has it.
     /// Registering the same key twice for the same user is not an error.
     async fn add_ssh_key(&self, user: UserId, key: &SshPublicKey) -> Result<(), StoreError>;
@@ -215,8 +250,30 @@ pub trait StateStore: Send + Sync {
     async fn get_snapshot(&self, name: &VmName) -> Result<Option<Snapshot>, StoreError>;
     /// Snapshots, by name; only `owner`'s when given.
     async fn list_snapshots(&self, owner: Option<UserId>) -> Result<Vec<Snapshot>, StoreError>;
+    /// Replaces an existing snapshot's record (matched by name), e.g. to give it
+    /// another owner; [`StoreError::NotFound`] if absent. No quota is checked.
+    async fn update_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError>;
     /// Deletes a snapshot record; whether it existed.
     async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError>;
+
+    // ---- invites ----
+
+    /// Stores an invite (replacing one with the same id).
+    async fn put_invite(&self, invite: &Invite) -> Result<(), StoreError>;
+    /// Every stored invite, expired ones included, by id.
+    async fn list_invites(&self) -> Result<Vec<Invite>, StoreError>;
+    /// Deletes an invite by id; whether it existed.
+    async fn delete_invite(&self, id: &str) -> Result<bool, StoreError>;
+    /// Takes the invite whose code is `secret`, in one transaction: the invite
+    /// whose hash matches (compared in constant time) is removed and returned if it
+    /// has not expired at `now`. `None` when no invite matches or the one that
+    /// matches has expired (it is removed then too). Of concurrent calls with one
+    /// code, exactly one gets the invite.
+    async fn consume_invite(
+        &self,
+        secret: &str,
+        now: Timestamp,
+    ) -> Result<Option<Invite>, StoreError>;
 
     // ---- events ----
 

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::time::Timestamp;
+use crate::token::TokenHash;
 
 /// A user's stable identifier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -26,36 +27,186 @@ impl fmt::Display for UserId {
     }
 }
 
-/// A user of the host.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// Most characters of a [`Handle`].
+pub const MAX_HANDLE_LEN: usize = 32;
+
+/// Handles no one can take: the lobby's commands (a handle is typed where a command
+/// could be), names that look like the host's own accounts, and `vmkit`. Handles of
+/// the form `u` followed by digits are refused too: they name users whose stored name
+/// was not a valid handle (see [`User`]).
+pub const RESERVED_HANDLES: &[&str] = &[
+    "admin",
+    "administrator",
+    "api",
+    "browser",
+    "daemon",
+    "help",
+    "local",
+    "localhost",
+    "ls",
+    "new",
+    "nobody",
+    "operator",
+    "rm",
+    "root",
+    "share",
+    "ssh-key",
+    "support",
+    "sudo",
+    "system",
+    "vmkit",
+    "whoami",
+];
+
+/// A user's handle: the name they are known by, unique on the host. Like a DNS
+/// label: 1 to [`MAX_HANDLE_LEN`] lowercase letters, digits and hyphens, neither
+/// starting nor ending with a hyphen, and not in [`RESERVED_HANDLES`].
+///
+/// ```
+/// use vmkit_core::Handle;
+///
+/// assert_eq!(Handle::new("ada-l").unwrap().as_str(), "ada-l");
+/// assert!(Handle::new("Ada").is_err());
+/// assert!(Handle::new("root").is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Handle(String);
+
+/// Why a string is not a valid [`Handle`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub struct User {
-    /// Identifier.
-    pub id: UserId,
-    /// Display name or handle.
-    pub name: String,
-    /// Contact address, when known.
-    pub email: Option<String>,
-    /// When the user was first seen.
-    pub created_at: Timestamp,
-    /// What they may do.
-    #[serde(default)]
-    pub role: Role,
-    /// Whether they may sign in.
-    #[serde(default)]
-    pub status: UserStatus,
+pub enum HandleError {
+    /// The handle is empty.
+    #[error("a handle cannot be empty; use 1 to 32 lowercase letters, digits or hyphens")]
+    Empty,
+    /// The handle is too long.
+    #[error("a handle has at most 32 characters, this one has {len}")]
+    TooLong {
+        /// Its length.
+        len: usize,
+    },
+    /// A character outside a-z, 0-9 and '-'.
+    #[error("a handle may hold only lowercase letters, digits and hyphens, not {found:?}")]
+    InvalidChar {
+        /// The first such character.
+        found: char,
+    },
+    /// Starts or ends with a hyphen.
+    #[error("a handle cannot start or end with '-'")]
+    EdgeHyphen,
+    /// The handle is reserved.
+    #[error("{0:?} is a reserved handle; choose another")]
+    Reserved(String),
 }
 
-/// A user's role.
+impl Handle {
+    /// Validates `handle` as a new handle, reserved names included.
+    pub fn new(handle: impl Into<String>) -> Result<Self, HandleError> {
+        let handle = handle.into();
+        check_form(&handle)?;
+        let numbered = handle
+            .strip_prefix('u')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if RESERVED_HANDLES.contains(&handle.as_str()) || numbered {
+            return Err(HandleError::Reserved(handle));
+        }
+        Ok(Self(handle))
+    }
+
+    /// The handle of the local operator's own record ([`UserId::LOCAL`]): reserved,
+    /// so no user can take it.
+    pub fn local() -> Self {
+        Self("local".to_owned())
+    }
+
+    /// The handle a user with a stored name that is not a valid handle gets:
+    /// `u<ID>`, which [`Handle::new`] refuses for anyone else.
+    pub fn numbered(id: UserId) -> Self {
+        Self(format!("u{}", id.0))
+    }
+
+    /// The handle as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// The form of a handle, without the reserved names: stored handles decode even if a
+/// later vmkit reserves them.
+fn check_form(handle: &str) -> Result<(), HandleError> {
+    if handle.is_empty() {
+        return Err(HandleError::Empty);
+    }
+    if handle.len() > MAX_HANDLE_LEN {
+        return Err(HandleError::TooLong { len: handle.len() });
+    }
+    if let Some(found) = handle
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
+        return Err(HandleError::InvalidChar { found });
+    }
+    if handle.starts_with('-') || handle.ends_with('-') {
+        return Err(HandleError::EdgeHyphen);
+    }
+    Ok(())
+}
+
+impl fmt::Display for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for Handle {
+    type Err = HandleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
+impl TryFrom<String> for Handle {
+    type Error = HandleError;
+    /// Decodes a stored handle: its form is checked, not the reserved names.
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        check_form(&s)?;
+        Ok(Self(s))
+    }
+}
+
+impl From<Handle> for String {
+    fn from(h: Handle) -> String {
+        h.0
+    }
+}
+
+/// What a user may do on the host.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum Role {
-    /// May do everything on the host.
-    Admin,
-    /// May use their own VMs and what is shared with them.
+    /// A user: their own VMs and what is shared with them.
     #[default]
     User,
+    /// An administrator: everything, other users included.
+    Admin,
+}
+
+impl Role {
+    /// `user` or `admin`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Whether a user may sign in.
@@ -63,24 +214,129 @@ pub enum Role {
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum UserStatus {
-    /// They may.
+    /// May sign in and use the host.
     #[default]
     Active,
-    /// An admin suspended them: every operation but `whoami` is refused.
+    /// Refused at sign-in; their VMs are kept (and keep running) until an operator
+    /// resumes or removes them.
     Suspended,
 }
 
+impl UserStatus {
+    /// `active` or `suspended`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UserStatus::Active => "active",
+            UserStatus::Suspended => "suspended",
+        }
+    }
+}
+
+impl fmt::Display for UserStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A user of the host.
+///
+/// Records stored by an older vmkit (a free-form `name`, no handle, role or status)
+/// still decode: the name becomes the handle when it is a valid one, else the user is
+/// `u<ID>` ([`Handle::numbered`]; the local operator's record is `local`); they are
+/// active users.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "StoredUser")]
+#[non_exhaustive]
+pub struct User {
+    /// Identifier, allocated by the store and never reused.
+    pub id: UserId,
+    /// Unique handle.
+    pub handle: Handle,
+    /// Contact address, when known.
+    pub email: Option<String>,
+    /// What the user may do.
+    pub role: Role,
+    /// Whether the user may sign in.
+    pub status: UserStatus,
+    /// When the user was registered.
+    pub created_at: Timestamp,
+}
+
+/// A user record as stored, by this vmkit or an older one.
+#[derive(Deserialize)]
+struct StoredUser {
+    id: UserId,
+    #[serde(default)]
+    handle: Option<Handle>,
+    /// Before handles: a free-form display name.
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    role: Role,
+    #[serde(default)]
+    status: UserStatus,
+    #[serde(default)]
+    created_at: Timestamp,
+}
+
+impl TryFrom<StoredUser> for User {
+    type Error = HandleError;
+    fn try_from(s: StoredUser) -> Result<Self, HandleError> {
+        let handle = match (s.handle, s.name) {
+            (Some(handle), _) => handle,
+            (None, _) if s.id == UserId::LOCAL => Handle::local(),
+            (None, Some(name)) => Handle::new(name).unwrap_or_else(|_| Handle::numbered(s.id)),
+            (None, None) => Handle::numbered(s.id),
+        };
+        Ok(User {
+            id: s.id,
+            handle,
+            email: s.email,
+            role: s.role,
+            status: s.status,
+            created_at: s.created_at,
+        })
+    }
+}
+
 impl User {
-    /// A new user record created now.
-    pub fn new(id: UserId, name: impl Into<String>) -> Self {
+    /// A new active user record with role [`Role::User`], created now.
+    pub fn new(id: UserId, handle: Handle) -> Self {
         Self {
             id,
-            name: name.into(),
+            handle,
             email: None,
-            created_at: Timestamp::now(),
             role: Role::User,
             status: UserStatus::Active,
+            created_at: Timestamp::now(),
         }
+    }
+
+    /// The record of the local operator ([`UserId::LOCAL`], handle `local`), owner
+    /// of the VMs made through the daemon's root socket. Not a registered user.
+    pub fn local() -> Self {
+        let mut user = Self::new(UserId::LOCAL, Handle::local());
+        user.role = Role::Admin;
+        user
+    }
+
+    /// Sets the role.
+    pub fn role(mut self, role: Role) -> Self {
+        self.role = role;
+        self
+    }
+
+    /// Sets the contact address.
+    pub fn email(mut self, email: Option<String>) -> Self {
+        self.email = email;
+        self
+    }
+
+    /// Whether the user is suspended.
+    pub fn is_suspended(&self) -> bool {
+        self.status == UserStatus::Suspended
     }
 }
 
@@ -125,13 +381,27 @@ pub enum SshKeyError {
     /// More than one line: several keys, or a key with something after it.
     #[error("expected one OpenSSH public key line, found several; give one key at a time")]
     SeveralLines,
+    /// The key data names the right type but is not a valid key of it (a point off
+    /// its curve, a truncated or padded blob, an RSA modulus under 1024 bits).
+    #[error("the key data is not a valid {0} key; copy the whole line of the .pub file unchanged")]
+    InvalidKey(String),
 }
 
 impl SshPublicKey {
     /// Parses an `authorized_keys`-style line: `TYPE BASE64 [COMMENT]`. Whitespace
     /// around it (the newline ending a `.pub` file) is ignored; a second line is
-    /// refused.
+    /// refused. The key material is checked: an ed25519 or ECDSA point must be on
+    /// its curve, an RSA modulus at least 1024 bits (OpenSSH's floor), and the blob
+    /// must hold the key and nothing else.
     pub fn parse(line: &str) -> Result<Self, SshKeyError> {
+        let key = Self::parse_form(line)?;
+        check_material(&key.algorithm, &key.blob)?;
+        Ok(key)
+    }
+
+    /// [`SshPublicKey::parse`] without the check of the key material: stored keys
+    /// decode with it, so that a key accepted by an older, laxer vmkit still reads.
+    fn parse_form(line: &str) -> Result<Self, SshKeyError> {
         let line = line.trim();
         if line.lines().nth(1).is_some() {
             return Err(SshKeyError::SeveralLines);
@@ -196,9 +466,44 @@ impl FromStr for SshPublicKey {
 
 impl TryFrom<String> for SshPublicKey {
     type Error = SshKeyError;
+    /// Decodes a stored key: its form is checked, not its material (see
+    /// [`SshPublicKey::parse`]).
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::parse(&s)
+        Self::parse_form(&s)
     }
+}
+
+/// Checks that `blob` is one valid public key of type `algorithm`.
+fn check_material(algorithm: &str, blob: &[u8]) -> Result<(), SshKeyError> {
+    use ssh_key::public::{EcdsaPublicKey, KeyData};
+
+    let invalid = || SshKeyError::InvalidKey(algorithm.to_owned());
+    // Decoding checks the structure: lengths, SEC1 point encoding, positive
+    // integers, no bytes left over.
+    let key = ssh_key::PublicKey::from_bytes(blob).map_err(|_| invalid())?;
+    let ecdsa = |point: &EcdsaPublicKey| -> bool {
+        match point {
+            EcdsaPublicKey::NistP256(_) => p256::ecdsa::VerifyingKey::try_from(point).is_ok(),
+            EcdsaPublicKey::NistP384(_) => p384::ecdsa::VerifyingKey::try_from(point).is_ok(),
+            EcdsaPublicKey::NistP521(_) => p521::ecdsa::VerifyingKey::try_from(point).is_ok(),
+        }
+    };
+    let valid = match key.key_data() {
+        KeyData::Ed25519(point) => ed25519_dalek::VerifyingKey::try_from(point).is_ok(),
+        KeyData::SkEd25519(sk) => ed25519_dalek::VerifyingKey::try_from(sk.public_key()).is_ok(),
+        KeyData::Ecdsa(point) => ecdsa(point),
+        KeyData::SkEcdsaSha2NistP256(sk) => ecdsa(&EcdsaPublicKey::NistP256(*sk.ec_point())),
+        KeyData::Rsa(rsa) => {
+            let odd = |m: &ssh_key::Mpint| {
+                m.as_positive_bytes()
+                    .and_then(|b| b.last())
+                    .is_some_and(|b| b & 1 == 1)
+            };
+            rsa.key_size() >= 1024 && odd(rsa.n()) && odd(rsa.e())
+        }
+        _ => false,
+    };
+    if valid { Ok(()) } else { Err(invalid()) }
 }
 
 impl From<SshPublicKey> for String {
@@ -221,8 +526,8 @@ pub struct ApiKey {
     pub id: String,
     /// Owner.
     pub user: UserId,
-    /// Hex SHA-256 of the full key.
-    pub hash: String,
+    /// The hash of the full key (stored as hex SHA-256).
+    pub hash: TokenHash,
     /// Creation time.
     pub created_at: Timestamp,
 }
@@ -233,7 +538,7 @@ impl ApiKey {
         Self {
             id: id.into(),
             user,
-            hash: hex(&Sha256::digest(secret.as_bytes())),
+            hash: TokenHash::of(secret),
             created_at: Timestamp::now(),
         }
     }
@@ -257,21 +562,10 @@ impl ApiKey {
         (!id.is_empty() && !rest.is_empty()).then_some(id)
     }
 
-    /// Whether `secret` is this key.
+    /// Whether `secret` is this key (compared in constant time).
     pub fn verify(&self, secret: &str) -> bool {
-        let candidate = hex(&Sha256::digest(secret.as_bytes()));
-        // Constant-time comparison of equal-length hex strings.
-        candidate.len() == self.hash.len()
-            && candidate
-                .bytes()
-                .zip(self.hash.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+        self.hash.matches(secret)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
@@ -320,11 +614,142 @@ mod tests {
         );
     }
 
+    /// An ed25519 key line whose blob holds `point` as its key data.
+    fn ed25519_line(point: &[u8]) -> String {
+        let mut blob = b"\0\0\0\x0bssh-ed25519".to_vec();
+        blob.extend((point.len() as u32).to_be_bytes());
+        blob.extend(point);
+        format!("ssh-ed25519 {}", STANDARD.encode(blob))
+    }
+
+    // Regression: only the type prefix of the blob used to be checked.
+    #[test]
+    fn a_key_with_the_right_type_but_broken_key_material_is_refused() {
+        let good = SshPublicKey::parse(ED25519).unwrap();
+        let point = &good.blob[good.blob.len() - 32..];
+        let invalid = Err(SshKeyError::InvalidKey("ssh-ed25519".into()));
+
+        assert!(SshPublicKey::parse(&ed25519_line(point)).is_ok());
+        assert_eq!(
+            SshPublicKey::parse(&ed25519_line(&point[..31])),
+            invalid,
+            "a truncated point"
+        );
+        let mut padded = good.blob.clone();
+        padded.push(0);
+        assert_eq!(
+            SshPublicKey::parse(&format!("ssh-ed25519 {}", STANDARD.encode(padded))),
+            invalid,
+            "bytes after the key"
+        );
+        // 32 bytes that are no point of the curve.
+        let off_curve = (0..=255u8)
+            .map(|n| [n; 32])
+            .find(|p| ed25519_dalek::VerifyingKey::from_bytes(p).is_err())
+            .unwrap();
+        assert_eq!(SshPublicKey::parse(&ed25519_line(&off_curve)), invalid);
+        assert!(
+            SshKeyError::InvalidKey("ssh-ed25519".into())
+                .to_string()
+                .contains("copy the whole line of the .pub file"),
+        );
+    }
+
+    #[test]
+    fn a_stored_key_decodes_without_the_material_check() {
+        let off_curve = (0..=255u8)
+            .map(|n| [n; 32])
+            .find(|p| ed25519_dalek::VerifyingKey::from_bytes(p).is_err())
+            .unwrap();
+        let json = serde_json::to_string(&ed25519_line(&off_curve)).unwrap();
+        assert!(serde_json::from_str::<SshPublicKey>(&json).is_ok());
+    }
+
+    #[test]
+    fn ecdsa_and_rsa_keys_are_parsed_and_an_ecdsa_point_off_its_curve_is_refused() {
+        // Generated with ssh-keygen -t ecdsa -b 256, -t rsa -b 2048, -t ecdsa -b 521.
+        const P256: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBMFYjDXD/sSLErahZoFWpsQmSr/rMtyjLO9dslfhqtvmfLcDIPdEbPGvh7ral/w4Z/G0HVb1pbDs11uJzv4Av/k= e@x";
+        const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDQ1EXsISNltnwGxisZTx4Z8v2liWvdwwsveJU64Q2uOmvnzN9JaGaWKgsukPNQXMZ7z1PLaKLlP/s+XzBEVqdF9uVnenrSoxn0UuONc99E6MJQG3hBYbYe18go2k7barNbCWQmDyhBY2gfCWGMomspBZ7ryECTqwqqzWa1P1z5vPG4CrNK2IcA9QVIVSwiGnyskrJhedXGGc75G7NBguBySINkWcAG/xtAiUre9gnDGIjco/9mPQ4ZxGD0i0T+xy49uVNhA9c5K0oku27FEGeqc6VFD3psWWM9hHU8whCqH8u/zpVL10MOOm7WHhs0Kge12Mvhu4DnLOmCvFM3pZiR r@x";
+        const P521: &str = "ecdsa-sha2-nistp521 AAAAE2VjZHNhLXNoYTItbmlzdHA1MjEAAAAIbmlzdHA1MjEAAACFBACzJF3P2N5EuZ+XDjbSewfuV2Yz2QZ4sdzc1WiafAg58HquKtCLl0V1OaN+0e41fkiGPUd8yIzUZ8WF0xc8FuKkFwD3nMc2iutabXzx61AsGz64cfiiY8ytkGAglFhkgo/+/LKZZX/g1xYDg4vUTqJ4C6O4CoPmbp+baVlMNN7EMunMhg== p@x";
+        for (line, algorithm) in [
+            (P256, "ecdsa-sha2-nistp256"),
+            (RSA, "ssh-rsa"),
+            (P521, "ecdsa-sha2-nistp521"),
+        ] {
+            assert_eq!(SshPublicKey::parse(line).unwrap().algorithm(), algorithm);
+        }
+        // The last byte of the P-256 point's y coordinate changed: off the curve.
+        let mut blob = SshPublicKey::parse(P256).unwrap().blob;
+        let last = blob.len() - 1;
+        blob[last] ^= 1;
+        assert_eq!(
+            SshPublicKey::parse(&format!("ecdsa-sha2-nistp256 {}", STANDARD.encode(blob))),
+            Err(SshKeyError::InvalidKey("ecdsa-sha2-nistp256".into()))
+        );
+    }
+
+    #[test]
+    fn handles_follow_the_dns_label_rules_and_refuse_reserved_names() {
+        assert_eq!(Handle::new("ada").unwrap().as_str(), "ada");
+        assert!(Handle::new("a-1").is_ok());
+        assert!(Handle::new("x".repeat(32)).is_ok());
+        assert_eq!(Handle::new(""), Err(HandleError::Empty));
+        assert_eq!(
+            Handle::new("x".repeat(33)),
+            Err(HandleError::TooLong { len: 33 })
+        );
+        assert_eq!(
+            Handle::new("Ada"),
+            Err(HandleError::InvalidChar { found: 'A' })
+        );
+        assert_eq!(
+            Handle::new("a_b"),
+            Err(HandleError::InvalidChar { found: '_' })
+        );
+        assert_eq!(Handle::new("-ada"), Err(HandleError::EdgeHyphen));
+        assert_eq!(Handle::new("ada-"), Err(HandleError::EdgeHyphen));
+        for reserved in [
+            "root", "admin", "vmkit", "new", "ls", "ssh-key", "local", "u12",
+        ] {
+            assert_eq!(
+                Handle::new(reserved),
+                Err(HandleError::Reserved(reserved.into())),
+                "{reserved}"
+            );
+        }
+        assert!(Handle::new("u").is_ok() && Handle::new("u1x").is_ok());
+        // A stored handle decodes even if it is reserved now.
+        assert_eq!(
+            serde_json::from_str::<Handle>("\"root\"").unwrap().as_str(),
+            "root"
+        );
+        assert!(serde_json::from_str::<Handle>("\"Root\"").is_err());
+    }
+
+    #[test]
+    fn a_user_record_of_an_older_vmkit_decodes_with_its_name_as_handle() {
+        let old = |json: &str| serde_json::from_str::<User>(json).unwrap();
+        let ada = old(r#"{"id":2,"name":"ada","email":"a@b","created_at":7}"#);
+        assert_eq!(ada.handle.as_str(), "ada");
+        assert_eq!(ada.email.as_deref(), Some("a@b"));
+        assert_eq!((ada.role, ada.status), (Role::User, UserStatus::Active));
+        assert_eq!(ada.created_at, Timestamp(7));
+        let grace = old(r#"{"id":3,"name":"Grace Hopper","email":null,"created_at":7}"#);
+        assert_eq!(grace.handle.as_str(), "u3");
+        let local = old(r#"{"id":0,"name":"local","email":null,"created_at":7}"#);
+        assert_eq!(local.handle, Handle::local());
+
+        let new = User::new(UserId(5), Handle::new("bea").unwrap()).role(Role::Admin);
+        let json = serde_json::to_string(&new).unwrap();
+        assert!(json.contains(r#""handle":"bea""#) && json.contains(r#""role":"admin""#));
+        assert_eq!(serde_json::from_str::<User>(&json).unwrap(), new);
+    }
+
     #[test]
     fn api_key_verifies_only_its_secret() {
         let key = ApiKey::new("k1", UserId(7), "vmk_secret");
         assert!(key.verify("vmk_secret"));
         assert!(!key.verify("vmk_secreT"));
-        assert_ne!(key.hash, "vmk_secret");
+        assert_ne!(key.hash.to_hex(), "vmk_secret");
     }
 }

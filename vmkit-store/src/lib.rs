@@ -9,16 +9,16 @@
 //! # Example
 //!
 //! ```
-//! use vmkit_core::{Quota, StateStore, Storage, User, UserId};
+//! use vmkit_core::{Handle, Quota, StateStore, Storage, User, UserId};
 //! use vmkit_store::{FileStorage, RedbStore};
 //!
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = tempfile::tempdir()?;
 //! let store = RedbStore::open(dir.path().join("state.redb"))?;
-//! store.put_user(&User::new(UserId(7), "ada")).await?;
-//! store.set_quota(UserId(7), &Quota::default().max_vms(2)).await?;
-//! assert_eq!(store.get_quota(UserId(7)).await?.map(|q| q.max_vms), Some(2));
+//! let ada = store.create_user(&User::new(UserId(0), Handle::new("ada")?), None).await?;
+//! store.set_quota(ada.id, &Quota::default().max_vms(2)).await?;
+//! assert_eq!(store.get_quota(ada.id).await?.map(|q| q.max_vms), Some(2));
 //! // Every write has committed to disk when it returns.
 //! assert!(store.capabilities().durable);
 //!

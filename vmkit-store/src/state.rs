@@ -5,7 +5,9 @@
 //! | table         | key                              | value                       |
 //! |---------------|----------------------------------|-----------------------------|
 //! | `meta`        | `&str` (`"schema_version"`)      | `u64`                       |
+//! | `meta`        | `&str` (`"next_user_id"`)        | `u64`: lowest id not yet handed out |
 //! | `users`       | user id `u64`                    | `User` as JSON              |
+//! | `user_handles`| handle `&str`                    | user id `u64` (index)       |
 //! | `ssh_keys`    | fingerprint `&str` (`SHA256:…`)  | `{user, key}` as JSON       |
 //! | `quotas`      | user id `u64`                    | `Quota` as JSON             |
 //! | `vms`         | VM id `u64`                      | `VmRecord` as JSON          |
@@ -16,9 +18,10 @@
 //! | `uids`        | VMM uid `u32`                    | VM id `u64`                 |
 //! | `uid_by_vm`   | VM id `u64`                      | VMM uid `u32` (index)       |
 //! | `api_keys`    | key id `&str`                    | `ApiKey` as JSON            |
+//! | `invites`     | invite id `&str`                 | `Invite` as JSON (the code's hash, never the code) |
 //! | `events`      | sequence number `u64`            | `Event` as JSON             |
 //!
-//! The three indexes are written in the same transactions as the tables they index.
+//! The indexes are written in the same transactions as the tables they index.
 //!
 //! # Transactions and durability
 //!
@@ -119,7 +122,7 @@ impl Default for RedbConfig {
 ///
 /// ```
 /// use std::sync::Arc;
-/// use vmkit_core::{StateStore, User, UserId};
+/// use vmkit_core::{Handle, StateStore, User, UserId};
 /// use vmkit_store::RedbStore;
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -127,8 +130,9 @@ impl Default for RedbConfig {
 /// # let dir = std::env::temp_dir().join(format!("vmkit-doc2-{}", std::process::id()));
 /// # std::fs::create_dir_all(&dir).ok();
 /// let store: Arc<dyn StateStore> = Arc::new(RedbStore::open(dir.join("state.redb"))?);
-/// store.put_user(&User::new(UserId(1), "alice")).await?;
-/// assert_eq!(store.get_user(UserId(1)).await?.map(|u| u.name), Some("alice".into()));
+/// let alice = Handle::new("alice").expect("a valid handle");
+/// let alice = store.create_user(&User::new(UserId(0), alice), None).await?;
+/// assert_eq!(store.get_user(alice.id).await?.map(|u| u.handle.to_string()), Some("alice".into()));
 /// # drop(store);
 /// # std::fs::remove_dir_all(&dir).ok();
 /// # Ok(())

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 use vmkit_core::{
-    IpLease, IpPool, Quota, StateStore, StoreError, User, UserId, VmId, VmName, VmRecord, VmSpec,
+    Handle, IpLease, IpPool, Quota, Role, StateStore, StoreError, User, UserId, UserStatus, VmId,
+    VmName, VmRecord, VmSpec,
 };
 use vmkit_store::RedbStore;
 
@@ -27,8 +28,8 @@ fn vm(name: &str) -> VmRecord {
 }
 
 #[test]
-fn current_schema_version_is_three() {
-    assert_eq!(RedbStore::SCHEMA_VERSION, 3);
+fn current_schema_version_is_four() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 4);
 }
 
 #[tokio::test]
@@ -84,11 +85,95 @@ async fn a_version_two_file_gains_the_uid_tables_and_keeps_its_vms() {
         txn.commit().unwrap();
     }
     let store = RedbStore::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 3);
+    assert_eq!(store.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
     assert!(store.list_uids().await.unwrap().is_empty());
     let range = vmkit_core::UidRange::new(70_000, 10).unwrap();
     assert_eq!(store.allocate_uid(web.id, &range).await.unwrap(), 70_000);
     assert_eq!(store.list_vms(None).await.unwrap().len(), 1);
+}
+
+/// Writes `records` (JSON) into the users table and stamps the file `version`,
+/// dropping the tables of version 4.
+fn make_version_3(path: &Path, records: &[(u64, &str)]) {
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    const HANDLES: TableDefinition<'static, &str, u64> = TableDefinition::new("user_handles");
+    const INVITES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("invites");
+    assert!(txn.delete_table(HANDLES).unwrap());
+    assert!(txn.delete_table(INVITES).unwrap());
+    {
+        let mut meta = txn.open_table(META).unwrap();
+        meta.insert("schema_version", 3).unwrap();
+        meta.remove("next_user_id").unwrap();
+        let mut users = txn.open_table(USERS).unwrap();
+        for (id, json) in records {
+            users.insert(*id, json.as_bytes()).unwrap();
+        }
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn version_three_users_get_handles_from_their_names_and_keep_their_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    drop(RedbStore::open(&path).unwrap());
+    make_version_3(
+        &path,
+        &[
+            (0, r#"{"id":0,"name":"local","email":null,"created_at":5}"#),
+            (
+                2,
+                r#"{"id":2,"name":"ada","email":"ada@example.com","created_at":6}"#,
+            ),
+            (
+                3,
+                r#"{"id":3,"name":"Grace Hopper","email":null,"created_at":7}"#,
+            ),
+            (4, r#"{"id":4,"name":"ada","email":null,"created_at":8}"#),
+            (9, r#"{"id":9,"name":"root","email":null,"created_at":9}"#),
+        ],
+    );
+
+    let store = RedbStore::open(&path).unwrap();
+
+    assert_eq!(store.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
+    let users = store.list_users().await.unwrap();
+    let handles: Vec<_> = users
+        .iter()
+        .map(|u| (u.id.0, u.handle.to_string()))
+        .collect();
+    assert_eq!(
+        handles,
+        [
+            (0, "local".to_owned()),
+            (2, "ada".to_owned()),
+            (3, "u3".to_owned()),
+            (4, "u4".to_owned()),
+            (9, "u9".to_owned()),
+        ],
+        "a valid name is the handle; an invalid, reserved or second one becomes u<ID>"
+    );
+    let ada = &users[1];
+    assert_eq!(ada.email.as_deref(), Some("ada@example.com"));
+    assert_eq!((ada.role, ada.status), (Role::User, UserStatus::Active));
+    assert_eq!(
+        store.user_by_handle(&ada.handle).await.unwrap().as_ref(),
+        Some(ada),
+        "the handle index was built"
+    );
+    assert!(matches!(
+        store
+            .create_user(&User::new(UserId(0), Handle::new("ada").unwrap()), None)
+            .await,
+        Err(StoreError::HandleTaken(_))
+    ));
+    let new = store
+        .create_user(&User::new(UserId(0), Handle::new("eve").unwrap()), None)
+        .await
+        .unwrap();
+    assert_eq!(new.id, UserId(10), "new ids start above the old ones");
+    assert!(store.list_invites().await.unwrap().is_empty());
 }
 
 #[test]
@@ -111,7 +196,7 @@ async fn a_version_0_file_is_migrated_on_open() {
     let old = vm("old-timer");
     let other = vm("other");
     let lease = IpLease::new(old.id, Ipv4Addr::new(10, 44, 0, 2), &pool);
-    let user = User::new(UserId(1), "ann");
+    let user = User::new(UserId(1), Handle::new("ann").unwrap());
     {
         // Version 0 by hand: primary tables only, no indexes, no meta table.
         let db = Database::create(&path).unwrap();

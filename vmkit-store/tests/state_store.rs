@@ -81,7 +81,7 @@ async fn everything_written_is_read_back_after_reopen() {
     let path = dir.path().join("state.redb");
     let pool = IpPool::new("10.77.0.0/24".parse().unwrap()).unwrap();
 
-    let user = User::new(UserId(3), "carol");
+    let user = User::new(UserId(3), vmkit_core::Handle::new("carol").unwrap());
     let quota = Quota::new(4, 8, 8192, 50);
     let mut vm = VmRecord::new(
         VmName::new("keeper").unwrap(),
@@ -260,7 +260,7 @@ async fn events_are_paged_after_a_sequence_number() {
 async fn a_store_opened_with_integrity_check_on_open_reads_its_data() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
-    let user = User::new(UserId(9), "ivy");
+    let user = User::new(UserId(9), vmkit_core::Handle::new("ivy").unwrap());
     RedbStore::open(&path)
         .unwrap()
         .put_user(&user)

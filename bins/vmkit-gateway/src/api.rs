@@ -4,6 +4,8 @@
 //! access policy decides in vmkit-core; answers are views, and errors carry their
 //! causes to admins only. Routes and wire types are documented in `vmkit_core::api`.
 
+mod users;
+
 use std::convert::Infallible;
 
 use axum::body::{Body, Bytes};
@@ -89,6 +91,7 @@ pub fn routes(state: AppState) -> Router {
             "/v1/vms/{name}/shares",
             get(list_shares).post(add_share).delete(remove_share),
         )
+        .merge(users::router())
         .layer(axum::middleware::from_fn(error_detail_for_admins))
         .with_state(state)
 }

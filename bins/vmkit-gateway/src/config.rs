@@ -59,6 +59,17 @@ pub struct Config {
     pub default_root_gib: u64,
     /// Which events the state file keeps.
     pub events: EventsSection,
+    /// Users and who may register.
+    pub users: UsersSection,
+}
+
+/// Users: who may register themselves.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UsersSection {
+    /// `closed`: only the operator adds users (`vmkit user add`); `invite`: whoever
+    /// has an invite code (`vmkit invite new`); `open`: anyone.
+    pub registration: vmkit_core::RegistrationPolicy,
 }
 
 /// The retention rule of the event log.
@@ -307,6 +318,7 @@ impl Default for Config {
             default_image: vmkit_core::DEFAULT_IMAGE.to_owned(),
             default_root_gib: 10,
             events: EventsSection::default(),
+            users: UsersSection::default(),
         }
     }
 }
@@ -572,6 +584,20 @@ mod tests {
         );
         let typo = load_with(Some("[confinement]\nenabled = \"yes\"\n"), &[]).unwrap();
         assert!(typo.confinement.resolve(0).is_err());
+    }
+
+    #[test]
+    fn registration_is_closed_unless_configured() {
+        use vmkit_core::RegistrationPolicy;
+        assert_eq!(
+            load_with(None, &[]).unwrap().users.registration,
+            RegistrationPolicy::Closed
+        );
+        let c = load_with(Some("[users]\nregistration = \"invite\"\n"), &[]).unwrap();
+        assert_eq!(c.users.registration, RegistrationPolicy::Invite);
+        let c = load_with(None, &[("VMKIT_USERS_REGISTRATION", "open")]).unwrap();
+        assert_eq!(c.users.registration, RegistrationPolicy::Open);
+        assert!(load_with(Some("[users]\nregistration = \"maybe\"\n"), &[]).is_err());
     }
 
     #[test]

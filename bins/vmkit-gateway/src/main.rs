@@ -145,6 +145,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .agent_timeout(Duration::from_secs(t.agent_secs))
         .on_vmm_exit(config.on_vmm_exit)
         .event_retention(config.events.retention())
+        .registration(config.users.registration)
         .confinement(config.confinement.resolve(effective_uid())?)
         .default_spec(VmSpec::new(config.default_image.clone()).root_gib(config.default_root_gib));
     let manager = Manager::new(manager_config, backends)
@@ -252,7 +253,7 @@ fn fake_backends(_: &Config) -> anyhow::Result<vmkit_core::Backends> {
 
 async fn ensure_local_user(store: &dyn StateStore) -> anyhow::Result<()> {
     if store.get_user(UserId::LOCAL).await?.is_none() {
-        store.put_user(&User::new(UserId::LOCAL, "local")).await?;
+        store.put_user(&User::local()).await?;
     }
     Ok(())
 }

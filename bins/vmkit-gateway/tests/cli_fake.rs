@@ -525,3 +525,75 @@ fn logs_show_the_console_or_a_guest_unit_or_file_and_follow_them() {
         stderr(&out)
     );
 }
+
+#[test]
+fn users_and_invites_through_the_cli() {
+    let d = fake_daemon();
+    let pub_file = d.data_dir.join("carol.pub");
+    std::fs::write(&pub_file, format!("{CAROL}\n")).unwrap();
+
+    let out = d.cli(&[
+        "--json",
+        "user",
+        "add",
+        "carol",
+        "--key",
+        pub_file.to_str().unwrap(),
+        "--email",
+        "carol@example.com",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let carol = json(&out);
+    assert_eq!(carol["handle"], "carol");
+    assert_eq!(carol["role"], "user");
+    assert_eq!(carol["ssh_keys"][0]["fingerprint"], CAROL_FP);
+    let out = d.cli(&["user", "add", "dan", "--admin"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["--json", "user", "add", "Dan"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(json(&out)["error"]["code"], "invalid_handle");
+
+    let out = d.cli(&["user", "ls"]);
+    let listing = stdout(&out);
+    assert!(
+        listing.contains("carol") && listing.contains("dan") && listing.contains("admin"),
+        "{listing}"
+    );
+    let out = d.cli(&["--json", "user", "suspend", "carol"]);
+    assert_eq!(json(&out)["status"], "suspended");
+    let out = d.cli(&["--json", "user", "resume", "carol"]);
+    assert_eq!(json(&out)["status"], "active");
+
+    let out = d.cli(&["invite", "new", "--ttl", "2h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let code = stdout(&out)
+        .split_whitespace()
+        .find(|w| w.starts_with("vmi_"))
+        .unwrap()
+        .to_owned();
+    let out = d.cli(&["--json", "invite", "ls"]);
+    let invites = json(&out);
+    assert_eq!(invites.as_array().unwrap().len(), 1);
+    assert!(!stdout(&out).contains(&code), "the code is shown only once");
+    let id = invites[0]["id"].as_str().unwrap().to_owned();
+    assert!(d.cli(&["invite", "rm", &id]).status.success());
+    let out = d.cli(&["--json", "invite", "rm", &id]);
+    assert_eq!(json(&out)["error"]["code"], "invite_not_found");
+
+    let out = d.cli(&["user", "rm", "carol"]);
+    assert_eq!(out.status.code(), Some(2), "say what becomes of the VMs");
+    let out = d.cli(&["user", "rm", "carol", "--hand-over", "dan"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["user", "rm", "dan", "--delete-vms"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&d.cli(&["--json", "user", "ls"])),
+        serde_json::json!([])
+    );
+    let out = d.cli(&["events"]);
+    assert!(
+        stdout(&out).contains("user carol removed"),
+        "{}",
+        stdout(&out)
+    );
+}

@@ -15,9 +15,10 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
 use vmkit_core::api::{
-    CreateVm, ExecBody, ExecLine, NameBody, SshKeyInfo, decode_bytes, encode_bytes,
+    AddUser, CreateVm, CreatedInvite, ExecBody, ExecLine, InviteInfo, NameBody, NewInvite,
+    SshKeyInfo, UserInfo, decode_bytes, encode_bytes,
 };
-use vmkit_core::{Deleted, Event, EventKind, MetricsView, SnapshotView, VmView};
+use vmkit_core::{Deleted, Event, EventKind, MetricsView, Role, SnapshotView, VmView};
 
 use crate::client::{Api, CallError};
 
@@ -53,6 +54,13 @@ enum Command {
     /// are created or started, so a change reaches a running VM at its next start.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Add, list, suspend and remove the host's users (the operator's).
+    #[command(subcommand)]
+    User(UserCommand),
+    /// Make, list and withdraw invite codes: with `[users] registration = "invite"`
+    /// in the daemon's configuration, each lets one person register.
+    #[command(subcommand)]
+    Invite(InviteCommand),
     /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
     /// which hypervisor `auto` picks.
     Doctor {
@@ -227,6 +235,105 @@ enum KeyCommand {
     },
 }
 
+#[derive(Subcommand, Debug)]
+enum UserCommand {
+    /// Add a user, whatever the registration policy.
+    Add {
+        /// Their handle: 1 to 32 lowercase letters, digits or hyphens.
+        handle: String,
+        /// Their first SSH public key: a .pub file, `-` for standard input.
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// Their email address.
+        #[arg(long, value_name = "E")]
+        email: Option<String>,
+        /// Make them an administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List users.
+    Ls,
+    /// Remove a user, their SSH keys, API keys and quota, and delete or hand over
+    /// their VMs and snapshots (one of the two options is required).
+    #[command(group(clap::ArgGroup::new("vms").required(true).args(["delete_vms", "hand_over"])))]
+    Rm {
+        /// The user's handle.
+        handle: String,
+        /// Delete their VMs and snapshots.
+        #[arg(long)]
+        delete_vms: bool,
+        /// Give their VMs and snapshots to this user (even past that user's quota).
+        #[arg(long, value_name = "HANDLE")]
+        hand_over: Option<String>,
+    },
+    /// Suspend a user: they are refused at sign-in; their VMs keep running.
+    Suspend {
+        /// The user's handle.
+        handle: String,
+    },
+    /// Let a suspended user back in.
+    Resume {
+        /// The user's handle.
+        handle: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum InviteCommand {
+    /// Make an invite and print its code, once: only its hash is kept.
+    New {
+        /// How long it counts: a number with s, m, h, d or w (`90m`, `7d`).
+        #[arg(long, default_value = "7d", value_parser = parse_ttl)]
+        ttl: u64,
+        /// The person who registers with it is an administrator.
+        #[arg(long)]
+        admin: bool,
+    },
+    /// List invites (never their codes).
+    Ls,
+    /// Withdraw an invite: its code no longer counts.
+    Rm {
+        /// Its id, as `vmkit invite ls` shows it.
+        id: String,
+    },
+}
+
+/// A lifetime such as `90m` or `7d`, in seconds.
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let unit_at = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(unit_at);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a lifetime such as 90m, 12h or 7d"))?;
+    let scale = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "w" => 7 * 86_400,
+        _ => {
+            return Err(format!(
+                "{s:?}: give the unit, one of s, m, h, d, w (such as 7d)"
+            ));
+        }
+    };
+    match number.checked_mul(scale) {
+        Some(0) => Err("an invite must last at least one second".to_owned()),
+        Some(secs) => Ok(secs),
+        None => Err(format!("{s:?} is too long")),
+    }
+}
+
+/// `secs` as the largest whole unit: `7d`, `12h`, `90m`.
+fn format_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 86_400 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
+}
+
 #[derive(Args, Debug)]
 struct CreateArgs {
     /// Name (DNS label); a readable one is generated when omitted.
@@ -349,6 +456,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
         Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
         Command::Key(cmd) => keys(&api, cmd, json).await,
+        Command::User(cmd) => users(&api, cmd, json).await,
+        Command::Invite(cmd) => invites(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
             if !image::recipes().any(|r| r == name) {
                 anyhow::bail!(
@@ -759,6 +868,171 @@ async fn keys(api: &Api, cmd: KeyCommand, json: bool) -> anyhow::Result<ExitCode
             } else {
                 println!("removed SSH key {fingerprint}");
                 println!("VMs lose it when they are next started");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn users(api: &Api, cmd: UserCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let show = |user: &UserInfo| -> anyhow::Result<()> {
+        if json {
+            print_json(user)
+        } else {
+            println!(
+                "{} ({}, {}){}",
+                user.handle,
+                user.role,
+                user.status,
+                user.email
+                    .as_deref()
+                    .map(|e| format!(" <{e}>"))
+                    .unwrap_or_default()
+            );
+            for key in &user.ssh_keys {
+                println!("  {} {}", key.fingerprint, key.comment);
+            }
+            Ok(())
+        }
+    };
+    match cmd {
+        UserCommand::Add {
+            handle,
+            key,
+            email,
+            admin,
+        } => {
+            let mut body = AddUser::new(handle);
+            body.email = email;
+            body.role = Some(if admin { Role::Admin } else { Role::User });
+            let from = match key {
+                Some(file) => {
+                    let (text, from) = read_public_key(Some(file))?;
+                    body.ssh_key = Some(text);
+                    Some(from)
+                }
+                None => None,
+            };
+            let added: Result<UserInfo, _> = api.json(Method::POST, "/v1/users", Some(&body)).await;
+            let user = match from {
+                Some(from) => {
+                    added.with_context(|| format!("adding the user with the key from {from}"))?
+                }
+                None => added?,
+            };
+            show(&user)?;
+        }
+        UserCommand::Ls => {
+            let users: Vec<UserInfo> = api.json(Method::GET, "/v1/users", None::<&()>).await?;
+            if json {
+                print_json(&users)?;
+            } else if users.is_empty() {
+                println!("no users; add one with `vmkit user add HANDLE --key FILE`");
+            } else {
+                println!(
+                    "{:<33} {:<6} {:<10} {:<5} EMAIL",
+                    "HANDLE", "ROLE", "STATUS", "KEYS"
+                );
+                for u in users {
+                    println!(
+                        "{:<33} {:<6} {:<10} {:<5} {}",
+                        u.handle,
+                        u.role,
+                        u.status,
+                        u.ssh_keys.len(),
+                        u.email.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        UserCommand::Rm {
+            handle,
+            delete_vms,
+            hand_over,
+        } => {
+            let query = match &hand_over {
+                Some(to) => format!("hand_over={}", client::path_segment(to)),
+                None if delete_vms => "vms=delete".to_owned(),
+                None => anyhow::bail!("give --delete-vms or --hand-over HANDLE"),
+            };
+            let path = format!("/v1/users/{}?{query}", client::path_segment(&handle));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "removed": handle, "hand_over": hand_over }))?;
+            } else {
+                match hand_over {
+                    Some(to) => {
+                        println!("removed user {handle}; their VMs and snapshots are {to}'s now")
+                    }
+                    None => println!("removed user {handle} with their VMs and snapshots"),
+                }
+            }
+        }
+        UserCommand::Suspend { handle } => {
+            let path = format!("/v1/users/{}/suspend", client::path_segment(&handle));
+            show(&api.json(Method::POST, &path, None::<&()>).await?)?;
+        }
+        UserCommand::Resume { handle } => {
+            let path = format!("/v1/users/{}/resume", client::path_segment(&handle));
+            show(&api.json(Method::POST, &path, None::<&()>).await?)?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn invites(api: &Api, cmd: InviteCommand, json: bool) -> anyhow::Result<ExitCode> {
+    match cmd {
+        InviteCommand::New { ttl, admin } => {
+            let mut body = NewInvite::default();
+            body.ttl_secs = Some(ttl);
+            body.role = Some(if admin { Role::Admin } else { Role::User });
+            let created: CreatedInvite = api.json(Method::POST, "/v1/invites", Some(&body)).await?;
+            if json {
+                print_json(&created)?;
+            } else {
+                println!(
+                    "invite {} for a new {}, valid for {}:\n\n    {}\n",
+                    created.invite.id,
+                    created.invite.role,
+                    format_duration(ttl),
+                    created.code
+                );
+                println!(
+                    "this code is shown only now; give it to the person you invite. It counts \
+                     once, while the daemon's [users] registration is \"invite\" or \"open\""
+                );
+            }
+        }
+        InviteCommand::Ls => {
+            let invites: Vec<InviteInfo> =
+                api.json(Method::GET, "/v1/invites", None::<&()>).await?;
+            if json {
+                print_json(&invites)?;
+            } else if invites.is_empty() {
+                println!("no invites; make one with `vmkit invite new`");
+            } else {
+                let now = vmkit_core::Timestamp::now();
+                println!("{:<12} {:<6} EXPIRES", "ID", "ROLE");
+                for i in invites {
+                    let expires = if i.expired {
+                        "expired".to_owned()
+                    } else {
+                        format!(
+                            "in {}",
+                            format_duration(i.expires_at.0.saturating_sub(now.0) / 1000)
+                        )
+                    };
+                    println!("{:<12} {:<6} {expires}", i.id, i.role);
+                }
+            }
+        }
+        InviteCommand::Rm { id } => {
+            let path = format!("/v1/invites/{}", client::path_segment(&id));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "removed": id }))?;
+            } else {
+                println!("withdrew invite {id}: its code no longer counts");
             }
         }
     }
@@ -1197,6 +1471,11 @@ fn event_line(e: &Event) -> String {
             "the guest kernel panicked (its console: vmkit vm logs)".to_owned()
         }
         EventKind::VmmExited => "the VMM ended unexpectedly".to_owned(),
+        EventKind::UserAdded { user, role } => format!("user {user} added ({role})"),
+        EventKind::UserRemoved { user } => format!("user {user} removed"),
+        EventKind::UserSuspended { user } => format!("user {user} suspended"),
+        EventKind::UserResumed { user } => format!("user {user} resumed"),
+        EventKind::UserRoleChanged { user, role } => format!("user {user} is now {role}"),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e
@@ -1211,7 +1490,122 @@ fn event_line(e: &Event) -> String {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use super::default_public_key;
+    use clap::Parser as _;
+
+    use super::{Cli, Command, InviteCommand, UserCommand, default_public_key, parse_ttl};
+
+    fn parse(args: &[&str]) -> Result<Command, clap::Error> {
+        Cli::try_parse_from(std::iter::once("vmkit").chain(args.iter().copied())).map(|c| c.command)
+    }
+
+    #[test]
+    fn user_add_takes_a_handle_and_optionally_a_key_file_an_email_and_admin() {
+        match parse(&[
+            "user", "add", "ada", "--key", "-", "--email", "a@b", "--admin",
+        ])
+        .unwrap()
+        {
+            Command::User(UserCommand::Add {
+                handle,
+                key,
+                email,
+                admin,
+            }) => {
+                assert_eq!(handle, "ada");
+                assert_eq!(key.unwrap().to_str(), Some("-"));
+                assert_eq!(email.as_deref(), Some("a@b"));
+                assert!(admin);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse(&["user", "add", "bea"]).unwrap() {
+            Command::User(UserCommand::Add { key, admin, .. }) => {
+                assert!(
+                    key.is_none() && !admin,
+                    "no key and a plain user by default"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["user", "add"]).is_err(), "the handle is required");
+    }
+
+    #[test]
+    fn user_rm_needs_exactly_one_of_delete_vms_and_hand_over() {
+        assert!(matches!(
+            parse(&["user", "rm", "ada", "--delete-vms"]).unwrap(),
+            Command::User(UserCommand::Rm {
+                delete_vms: true,
+                hand_over: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["user", "rm", "ada", "--hand-over", "bea"]).unwrap(),
+            Command::User(UserCommand::Rm { delete_vms: false, hand_over: Some(h), .. }) if h == "bea"
+        ));
+        for args in [
+            &["user", "rm", "ada"][..],
+            &["user", "rm", "ada", "--delete-vms", "--hand-over", "bea"],
+        ] {
+            let e = parse(args).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{args:?} is a usage error");
+        }
+    }
+
+    #[test]
+    fn user_ls_suspend_and_resume_parse() {
+        assert!(matches!(
+            parse(&["user", "ls"]).unwrap(),
+            Command::User(UserCommand::Ls)
+        ));
+        assert!(matches!(
+            parse(&["--json", "user", "suspend", "ada"]).unwrap(),
+            Command::User(UserCommand::Suspend { handle }) if handle == "ada"
+        ));
+        assert!(matches!(
+            parse(&["user", "resume", "ada"]).unwrap(),
+            Command::User(UserCommand::Resume { handle }) if handle == "ada"
+        ));
+    }
+
+    #[test]
+    fn invite_new_lasts_seven_days_unless_told_and_invite_rm_takes_an_id() {
+        assert!(matches!(
+            parse(&["invite", "new"]).unwrap(),
+            Command::Invite(InviteCommand::New {
+                ttl: 604_800,
+                admin: false
+            })
+        ));
+        assert!(matches!(
+            parse(&["invite", "new", "--ttl", "90m", "--admin"]).unwrap(),
+            Command::Invite(InviteCommand::New {
+                ttl: 5400,
+                admin: true
+            })
+        ));
+        assert!(parse(&["invite", "new", "--ttl", "7"]).is_err());
+        assert!(matches!(
+            parse(&["invite", "rm", "abc123"]).unwrap(),
+            Command::Invite(InviteCommand::Rm { id }) if id == "abc123"
+        ));
+        assert!(matches!(
+            parse(&["invite", "ls"]).unwrap(),
+            Command::Invite(InviteCommand::Ls)
+        ));
+    }
+
+    #[test]
+    fn lifetimes_take_a_unit_and_are_never_zero() {
+        assert_eq!(parse_ttl("45s"), Ok(45));
+        assert_eq!(parse_ttl("2h"), Ok(7200));
+        assert_eq!(parse_ttl("1w"), Ok(604_800));
+        assert!(parse_ttl("7").unwrap_err().contains("give the unit"));
+        assert!(parse_ttl("0d").unwrap_err().contains("at least one second"));
+        assert!(parse_ttl("d").is_err());
+        assert!(parse_ttl("99999999999999999999w").is_err());
+    }
 
     #[test]
     fn the_default_key_is_ed25519_else_rsa_else_an_error_saying_what_to_do() {

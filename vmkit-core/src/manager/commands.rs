@@ -21,12 +21,15 @@ use super::{CloneSource, CreateRequest, DeleteOptions, Deleted, Manager, ResizeR
 use crate::access::{AccessPolicy, Action, Caller, Denied, Principal};
 use crate::error::ManagerError;
 use crate::event::Event;
+use crate::invite::Invite;
 use crate::name::VmName;
 use crate::share::{Access, Share, ShareTarget};
 use crate::snapshot::Snapshot;
 use crate::time::Timestamp;
 use crate::token::{TokenHash, new_secret};
-use crate::user::{SshPublicKey, User, UserId};
+use crate::user::{Handle, Role, SshPublicKey, User, UserId};
+
+use super::users::{NewUser, Registration, VmDisposition};
 use crate::view::{MetricsView, SnapshotView, VmView};
 use crate::vm::{Idempotency, VmId, VmRecord};
 
@@ -126,7 +129,7 @@ impl ShareView {
             vm: vm.clone(),
             with: match &share.target {
                 ShareTarget::User(u) => ShareWithView::User(*u),
-                ShareTarget::Link(hash) => ShareWithView::Link(hash.short().to_owned()),
+                ShareTarget::Link(hash) => ShareWithView::Link(hash.short()),
                 ShareTarget::Public => ShareWithView::Public,
             },
             access: share.access,
@@ -584,7 +587,7 @@ impl Commands {
             let matches = match (&share.target, with) {
                 (ShareTarget::User(u), ShareWithView::User(w)) => u == w,
                 (ShareTarget::Public, ShareWithView::Public) => true,
-                (ShareTarget::Link(hash), ShareWithView::Link(short)) => hash.short() == short,
+                (ShareTarget::Link(hash), ShareWithView::Link(short)) => hash.short() == *short,
                 _ => false,
             };
             if matches
@@ -645,5 +648,86 @@ impl Commands {
             Some(after) => self.manager.events(after, limit).await,
             None => self.manager.newest_events(limit).await,
         }
+    }
+
+    // ---- users and invites: admins' ----
+
+    /// Registers the caller (anyone, before they have an account) as the host's
+    /// registration policy allows ([`Manager::register`]).
+    pub async fn register(&self, registration: Registration) -> Result<User, ManagerError> {
+        self.host(Action::Register)?;
+        self.manager.register(registration).await
+    }
+
+    /// Adds a user, under any registration policy.
+    pub async fn add_user(&self, new: NewUser) -> Result<User, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.add_user(new).await
+    }
+
+    /// The registered users.
+    pub async fn users(&self) -> Result<Vec<User>, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.users().await
+    }
+
+    /// A user by handle.
+    pub async fn user(&self, handle: &Handle) -> Result<User, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.user(handle).await
+    }
+
+    /// A user's SSH keys.
+    pub async fn keys_of(&self, user: UserId) -> Result<Vec<SshPublicKey>, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.ssh_keys(user).await
+    }
+
+    /// Suspends a user or lets them back in.
+    pub async fn set_suspended(
+        &self,
+        handle: &Handle,
+        suspended: bool,
+    ) -> Result<User, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.set_suspended(handle, suspended).await
+    }
+
+    /// Changes a user's role.
+    pub async fn set_role(&self, handle: &Handle, role: Role) -> Result<User, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.set_role(handle, role).await
+    }
+
+    /// Removes a user, deleting their VMs and snapshots or handing them over.
+    pub async fn remove_user(
+        &self,
+        handle: &Handle,
+        disposition: VmDisposition,
+    ) -> Result<(), ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.remove_user(handle, disposition).await
+    }
+
+    /// Makes an invite on the caller's behalf; its code is answered this once.
+    pub async fn new_invite(
+        &self,
+        ttl: std::time::Duration,
+        role: Role,
+    ) -> Result<(Invite, String), ManagerError> {
+        let by = self.owner(Action::ManageUsers)?;
+        self.manager.new_invite(by, ttl, role).await
+    }
+
+    /// The invites.
+    pub async fn invites(&self) -> Result<Vec<Invite>, ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.invites().await
+    }
+
+    /// Deletes an invite.
+    pub async fn delete_invite(&self, id: &str) -> Result<(), ManagerError> {
+        self.host(Action::ManageUsers)?;
+        self.manager.delete_invite(id).await
     }
 }

@@ -235,10 +235,10 @@ impl Scene {
             (3, "ssh", Role::User, UserStatus::Active),
             (4, "manage", Role::User, UserStatus::Active),
             (5, "stranger", Role::User, UserStatus::Active),
-            (6, "admin", Role::Admin, UserStatus::Active),
+            (6, "boss", Role::Admin, UserStatus::Active),
             (7, "suspended", Role::User, UserStatus::Suspended),
         ] {
-            let mut user = User::new(UserId(id), name);
+            let mut user = User::new(UserId(id), crate::user::Handle::new(name).expect("handle"));
             user.role = role;
             user.status = status;
             host.store.put_user(&user).await.expect("put user");
@@ -271,7 +271,7 @@ impl Scene {
     }
 
     fn user_caller(id: u64, role: Role, suspended: bool) -> Caller {
-        let mut user = User::new(UserId(id), "x");
+        let mut user = User::new(UserId(id), crate::user::Handle::new("x").expect("handle"));
         user.role = role;
         if suspended {
             user.status = UserStatus::Suspended;

@@ -8,13 +8,15 @@ use async_trait::async_trait;
 use super::faults::{Faults, InjectedFault};
 use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
+use crate::invite::Invite;
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, Usage};
 use crate::share::Share;
 use crate::snapshot::Snapshot;
 use crate::store::{StateStore, StoreCapabilities, StoreError};
-use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::time::Timestamp;
+use crate::user::{ApiKey, Handle, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
 
 /// A complete state store in memory. Not durable; every write can be made to fail
@@ -37,6 +39,9 @@ struct State {
     api_keys: BTreeMap<String, ApiKey>,
     snapshots: BTreeMap<VmName, Snapshot>,
     events: std::collections::VecDeque<Event>,
+    invites: BTreeMap<String, Invite>,
+    /// The lowest id [`StateStore::create_user`] may hand out.
+    next_user_id: u64,
 }
 
 impl State {
@@ -65,6 +70,24 @@ impl State {
             }
         }
         stored
+    }
+
+    /// Refuses `user`'s handle if another user has it.
+    fn check_handle(&self, user: &User) -> Result<(), StoreError> {
+        if self
+            .users
+            .values()
+            .any(|u| u.handle == user.handle && u.id != user.id)
+        {
+            return Err(StoreError::HandleTaken(user.handle.clone()));
+        }
+        Ok(())
+    }
+
+    /// Stores `user`, keeping ids from being handed out again.
+    fn insert_user(&mut self, user: &User) {
+        self.next_user_id = self.next_user_id.max(user.id.0.saturating_add(1));
+        self.users.insert(user.id, user.clone());
     }
 
     fn update_vm(&mut self, vm: &VmRecord) -> Result<(), StoreError> {
@@ -120,14 +143,84 @@ impl StateStore for MemoryStore {
     }
 
     async fn put_user(&self, user: &User) -> Result<(), StoreError> {
-        self.write("store.put_user")?
-            .users
-            .insert(user.id, user.clone());
+        let mut s = self.write("store.put_user")?;
+        s.check_handle(user)?;
+        s.insert_user(user);
+        Ok(())
+    }
+
+    async fn create_user(
+        &self,
+        user: &User,
+        key: Option<&SshPublicKey>,
+    ) -> Result<User, StoreError> {
+        let mut s = self.write("store.create_user")?;
+        let mut user = user.clone();
+        let last = s.users.keys().next_back().map_or(0, |id| id.0);
+        user.id = UserId(s.next_user_id.max(last.saturating_add(1)).max(1));
+        s.check_handle(&user)?;
+        if let Some(key) = key {
+            let fp = key.fingerprint();
+            if s.keys.contains_key(&fp) {
+                return Err(StoreError::KeyTaken(fp));
+            }
+            s.keys.insert(fp, (user.id, key.clone()));
+        }
+        s.insert_user(&user);
+        Ok(user)
+    }
+
+    async fn update_user(&self, user: &User) -> Result<(), StoreError> {
+        let mut s = self.write("store.update_user")?;
+        if !s.users.contains_key(&user.id) {
+            return Err(StoreError::NotFound(format!("user {}", user.id)));
+        }
+        s.check_handle(user)?;
+        s.insert_user(user);
         Ok(())
     }
 
     async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
         Ok(self.read().users.get(&id).cloned())
+    }
+
+    async fn user_by_handle(&self, handle: &Handle) -> Result<Option<User>, StoreError> {
+        Ok(self
+            .read()
+            .users
+            .values()
+            .find(|u| u.handle == *handle)
+            .cloned())
+    }
+
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
+        let mut s = self.write("store.delete_user")?;
+        if !s.users.contains_key(&id) {
+            return Ok(false);
+        }
+        let mut holdings: Vec<String> = s
+            .vms
+            .values()
+            .filter(|v| v.owner == id)
+            .map(|v| format!("VM {}", v.name))
+            .collect();
+        holdings.extend(
+            s.snapshots
+                .values()
+                .filter(|sn| sn.owner == id)
+                .map(|sn| format!("snapshot {}", sn.name)),
+        );
+        if !holdings.is_empty() {
+            holdings.sort();
+            return Err(StoreError::UserHoldsResources { user: id, holdings });
+        }
+        s.users.remove(&id);
+        s.keys.retain(|_, (owner, _)| *owner != id);
+        s.api_keys.retain(|_, k| k.user != id);
+        s.quotas.remove(&id);
+        s.shares
+            .retain(|sh| sh.target != crate::share::ShareTarget::User(id));
+        Ok(true)
     }
 
     async fn list_users(&self) -> Result<Vec<User>, StoreError> {
@@ -385,9 +478,58 @@ impl StateStore for MemoryStore {
             .collect())
     }
 
+    async fn update_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let mut s = self.write("store.update_snapshot")?;
+        match s.snapshots.get_mut(&snapshot.name) {
+            Some(existing) => {
+                *existing = snapshot.clone();
+                Ok(())
+            }
+            None => Err(StoreError::NotFound(format!("snapshot {}", snapshot.name))),
+        }
+    }
+
     async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError> {
         let mut s = self.write("store.delete_snapshot")?;
         Ok(s.snapshots.remove(name).is_some())
+    }
+
+    async fn put_invite(&self, invite: &Invite) -> Result<(), StoreError> {
+        self.write("store.put_invite")?
+            .invites
+            .insert(invite.id.clone(), invite.clone());
+        Ok(())
+    }
+
+    async fn list_invites(&self) -> Result<Vec<Invite>, StoreError> {
+        Ok(self.read().invites.values().cloned().collect())
+    }
+
+    async fn delete_invite(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .write("store.delete_invite")?
+            .invites
+            .remove(id)
+            .is_some())
+    }
+
+    async fn consume_invite(
+        &self,
+        secret: &str,
+        now: Timestamp,
+    ) -> Result<Option<Invite>, StoreError> {
+        let mut s = self.write("store.consume_invite")?;
+        // Every invite is compared, so the time taken does not say which matched.
+        let mut found = None;
+        for invite in s.invites.values() {
+            if invite.hash.matches(secret) {
+                found = Some(invite.id.clone());
+            }
+        }
+        let Some(id) = found else {
+            return Ok(None);
+        };
+        Ok(s.invites.remove(&id).filter(|i| !i.is_expired(now)))
     }
 
     async fn append_event(

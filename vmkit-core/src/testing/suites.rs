@@ -14,6 +14,7 @@ use crate::event::{EventKind, EventRetention, NewEvent};
 use crate::gateway::Gateway;
 use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmHandle, VmmState};
 use crate::image::Image;
+use crate::invite::Invite;
 use crate::name::VmName;
 use crate::net::{IpLease, IpPool};
 use crate::network::{Network, NetworkError};
@@ -22,7 +23,8 @@ use crate::share::{Access, Share, ShareTarget};
 use crate::spec::VmSpec;
 use crate::storage::{DiskFormat, Storage, StorageError, Volume, VolumeKind};
 use crate::store::{StateStore, StoreError};
-use crate::user::{ApiKey, SshPublicKey, User, UserId};
+use crate::time::Timestamp;
+use crate::user::{ApiKey, Handle, Role, SshPublicKey, User, UserId, UserStatus};
 use crate::vm::{VmId, VmRecord};
 
 // ---------------------------------------------------------------- hypervisor
@@ -623,10 +625,16 @@ pub async fn network_suite(network: &dyn Network) {
 
 // ---------------------------------------------------------------- state store
 
-fn key(n: u8) -> SshPublicKey {
+/// A valid ed25519 key, the `n`th of its kind.
+pub fn key(n: u8) -> SshPublicKey {
     use base64::Engine as _;
     let mut blob = b"\0\0\0\x0bssh-ed25519\0\0\0\x20".to_vec();
-    blob.extend([n; 32]);
+    // A real point: the public key of the secret key [n; 32].
+    blob.extend(
+        ed25519_dalek::SigningKey::from_bytes(&[n; 32])
+            .verifying_key()
+            .to_bytes(),
+    );
     let line = format!(
         "ssh-ed25519 {} k{n}",
         base64::engine::general_purpose::STANDARD.encode(blob)
@@ -640,7 +648,7 @@ fn record(name: &str, owner: UserId, spec: VmSpec) -> VmRecord {
 
 /// Users, keys and quotas.
 pub async fn store_users(store: &dyn StateStore) {
-    let alice = User::new(UserId(1), "alice");
+    let alice = User::new(UserId(1), handle("alice"));
     store.put_user(&alice).await.expect("put user");
     assert_eq!(store.get_user(UserId(1)).await.expect("get"), Some(alice));
     store
@@ -1195,6 +1203,300 @@ where
     store_event_retention(&*make().await).await;
     store_quota_holdings(&*make().await).await;
     store_concurrent_resizes(&*make().await).await;
+    store_user_records(&*make().await).await;
+    store_user_delete(&*make().await).await;
+    store_invites(&*make().await).await;
+    store_concurrent_invite_use(make().await).await;
+}
+
+fn handle(h: &str) -> Handle {
+    Handle::new(h).expect("valid handle")
+}
+
+/// User records: fresh ids never reused, unique handles, lookup by handle, updates.
+pub async fn store_user_records(store: &dyn StateStore) {
+    let ada = store
+        .create_user(&User::new(UserId(77), handle("ada")), Some(&key(1)))
+        .await
+        .expect("create ada");
+    assert_ne!(ada.id, UserId(77), "the store allocates the id");
+    assert_ne!(ada.id, UserId::LOCAL, "0 is the local operator's");
+    assert_eq!(
+        store.get_user(ada.id).await.expect("get"),
+        Some(ada.clone())
+    );
+    assert_eq!(
+        store.user_by_key(&key(1).fingerprint()).await.expect("key"),
+        Some(ada.id),
+        "the first key is registered with the user"
+    );
+    assert!(
+        matches!(
+            store
+                .create_user(&User::new(UserId(0), handle("ada")), None)
+                .await,
+            Err(StoreError::HandleTaken(h)) if h == handle("ada")
+        ),
+        "handles are unique"
+    );
+    assert!(
+        matches!(
+            store
+                .create_user(&User::new(UserId(0), handle("bob")), Some(&key(1)))
+                .await,
+            Err(StoreError::KeyTaken(_))
+        ),
+        "a key belongs to one user"
+    );
+    assert_eq!(
+        store.user_by_handle(&handle("bob")).await.expect("lookup"),
+        None,
+        "a refused create stores nothing"
+    );
+    let bob = store
+        .create_user(&User::new(UserId(0), handle("bob")), Some(&key(2)))
+        .await
+        .expect("create bob");
+    assert!(bob.id > ada.id, "ids grow");
+    assert_eq!(
+        store.user_by_handle(&handle("bob")).await.expect("lookup"),
+        Some(bob.clone())
+    );
+
+    // A rename moves the handle; the old one is free again.
+    let mut renamed = bob.clone();
+    renamed.handle = handle("robert");
+    renamed.status = UserStatus::Suspended;
+    renamed.role = Role::Admin;
+    store.update_user(&renamed).await.expect("update");
+    assert_eq!(
+        store
+            .user_by_handle(&handle("robert"))
+            .await
+            .expect("lookup"),
+        Some(renamed.clone())
+    );
+    assert_eq!(
+        store.user_by_handle(&handle("bob")).await.expect("lookup"),
+        None
+    );
+    let mut clash = renamed.clone();
+    clash.handle = handle("ada");
+    assert!(matches!(
+        store.update_user(&clash).await,
+        Err(StoreError::HandleTaken(_))
+    ));
+    assert!(matches!(
+        store.put_user(&User::new(UserId(500), handle("ada"))).await,
+        Err(StoreError::HandleTaken(_))
+    ));
+    assert!(matches!(
+        store
+            .update_user(&User::new(UserId(999), handle("zed")))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Deleting the newest user does not free their id.
+    assert!(store.delete_user(renamed.id).await.expect("delete"));
+    let carol = store
+        .create_user(&User::new(UserId(0), handle("carol")), None)
+        .await
+        .expect("create carol");
+    assert!(carol.id > renamed.id, "an id is never reused");
+    // An id put explicitly is not handed out again either.
+    store
+        .put_user(&User::new(UserId(carol.id.0 + 10), handle("dave")))
+        .await
+        .expect("put dave");
+    let erin = store
+        .create_user(&User::new(UserId(0), handle("erin")), None)
+        .await
+        .expect("create erin");
+    assert!(erin.id.0 > carol.id.0 + 10);
+    let handles: Vec<_> = store
+        .list_users()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|u| u.handle.to_string())
+        .collect();
+    assert_eq!(handles, ["ada", "carol", "dave", "erin"]);
+}
+
+/// Deleting a user takes their keys, API keys, quota and the shares made to them,
+/// and is refused while they own a VM or a snapshot.
+pub async fn store_user_delete(store: &dyn StateStore) {
+    let ada = store
+        .create_user(&User::new(UserId(0), handle("ada")), Some(&key(1)))
+        .await
+        .expect("create");
+    let other = store
+        .create_user(&User::new(UserId(0), handle("bea")), Some(&key(2)))
+        .await
+        .expect("create");
+    store.add_ssh_key(ada.id, &key(3)).await.expect("key");
+    store
+        .put_api_key(&ApiKey::new("k1", ada.id, "vmk_1"))
+        .await
+        .expect("api key");
+    store
+        .put_api_key(&ApiKey::new("k2", other.id, "vmk_2"))
+        .await
+        .expect("api key");
+    store
+        .set_quota(ada.id, &Quota::new(1, 1, 1024, 1))
+        .await
+        .expect("quota");
+    let vm = record("web", ada.id, VmSpec::new("tiny"));
+    store.create_vm(&vm, &Quota::unlimited()).await.expect("vm");
+    let bea_vm = record("bea-vm", other.id, VmSpec::new("tiny"));
+    store
+        .create_vm(&bea_vm, &Quota::unlimited())
+        .await
+        .expect("vm");
+    let to_ada = Share::new(bea_vm.id, ShareTarget::User(ada.id), Access::Ssh);
+    let public = Share::new(bea_vm.id, ShareTarget::Public, Access::Http);
+    store.put_share(&to_ada).await.expect("share");
+    store.put_share(&public).await.expect("share");
+    let snap = store_snapshot("snap", ada.id, 1 << 30, VmSpec::new("tiny"));
+    store
+        .put_snapshot(&snap, &Quota::unlimited())
+        .await
+        .expect("snapshot");
+
+    match store.delete_user(ada.id).await {
+        Err(StoreError::UserHoldsResources { user, holdings }) => {
+            assert_eq!(user, ada.id);
+            assert_eq!(holdings, ["VM web", "snapshot snap"]);
+        }
+        other => panic!("a user with a VM and a snapshot cannot go: {other:?}"),
+    }
+    assert!(
+        store.get_user(ada.id).await.expect("get").is_some(),
+        "a refused delete changes nothing"
+    );
+
+    // Hand the snapshot over, delete the VM: now the user can go.
+    let mut moved = snap.clone();
+    moved.owner = other.id;
+    store
+        .update_snapshot(&moved)
+        .await
+        .expect("update snapshot");
+    assert_eq!(
+        store.get_snapshot(&snap.name).await.expect("get"),
+        Some(moved.clone())
+    );
+    assert_eq!(
+        store.list_snapshots(Some(ada.id)).await.expect("list"),
+        vec![]
+    );
+    let mut missing = moved.clone();
+    missing.name = VmName::new("nope").expect("name");
+    assert!(matches!(
+        store.update_snapshot(&missing).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.delete_vm(vm.id).await.expect("delete vm"));
+    assert!(store.delete_user(ada.id).await.expect("delete user"));
+    assert!(!store.delete_user(ada.id).await.expect("again"), "gone");
+
+    assert_eq!(store.get_user(ada.id).await.expect("get"), None);
+    assert_eq!(
+        store.user_by_handle(&handle("ada")).await.expect("get"),
+        None
+    );
+    assert!(store.ssh_keys(ada.id).await.expect("keys").is_empty());
+    for k in [key(1), key(3)] {
+        assert_eq!(
+            store.user_by_key(&k.fingerprint()).await.expect("key"),
+            None,
+            "their keys are gone"
+        );
+    }
+    assert_eq!(store.get_api_key("k1").await.expect("api key"), None);
+    assert_eq!(store.get_quota(ada.id).await.expect("quota"), None);
+    assert_eq!(
+        store.shares(bea_vm.id).await.expect("shares"),
+        vec![public],
+        "shares made to the user are gone, others stay"
+    );
+    // Nothing of the other user went.
+    assert!(store.get_api_key("k2").await.expect("api key").is_some());
+    assert_eq!(
+        store.user_by_key(&key(2).fingerprint()).await.expect("key"),
+        Some(other.id)
+    );
+    // The handle is free for someone new.
+    store
+        .create_user(&User::new(UserId(0), handle("ada")), None)
+        .await
+        .expect("the handle is free again");
+}
+
+/// Invites: stored by id with the code's hash only, consumed once, refused when
+/// expired.
+pub async fn store_invites(store: &dyn StateStore) {
+    let (a, code_a) = Invite::new(UserId::LOCAL, Duration::from_secs(3600), Role::User);
+    let (b, code_b) = Invite::new(UserId(3), Duration::from_secs(3600), Role::Admin);
+    store.put_invite(&a).await.expect("put");
+    store.put_invite(&b).await.expect("put");
+    let mut listed = store.list_invites().await.expect("list");
+    listed.sort_by(|x, y| x.id.cmp(&y.id));
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort_by(|x, y| x.id.cmp(&y.id));
+    assert_eq!(listed, both);
+
+    let now = Timestamp::now();
+    assert_eq!(
+        store
+            .consume_invite("vmi_wrong", now)
+            .await
+            .expect("consume"),
+        None
+    );
+    assert_eq!(
+        store.consume_invite(&code_b, now).await.expect("consume"),
+        Some(b.clone())
+    );
+    assert_eq!(
+        store.consume_invite(&code_b, now).await.expect("consume"),
+        None,
+        "an invite counts once"
+    );
+    // Past its expiry an invite is refused, and removed.
+    let late = Timestamp(a.expires_at.0 + 1);
+    assert_eq!(
+        store.consume_invite(&code_a, late).await.expect("consume"),
+        None
+    );
+    assert_eq!(store.list_invites().await.expect("list"), vec![]);
+
+    let (c, _) = Invite::new(UserId::LOCAL, Duration::from_secs(60), Role::User);
+    store.put_invite(&c).await.expect("put");
+    assert!(store.delete_invite(&c.id).await.expect("delete"));
+    assert!(!store.delete_invite(&c.id).await.expect("delete"));
+}
+
+/// Twenty concurrent uses of one invite code: exactly one gets it.
+pub async fn store_concurrent_invite_use(store: Arc<dyn StateStore>) {
+    let (invite, code) = Invite::new(UserId::LOCAL, Duration::from_secs(3600), Role::User);
+    store.put_invite(&invite).await.expect("put");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let store = Arc::clone(&store);
+            let code = code.clone();
+            tokio::spawn(async move { store.consume_invite(&code, Timestamp::now()).await })
+        })
+        .collect();
+    let mut got = 0;
+    for task in tasks {
+        if task.await.expect("task").expect("consume").is_some() {
+            got += 1;
+        }
+    }
+    assert_eq!(got, 1, "exactly one of 20 concurrent uses gets the invite");
 }
 
 /// Snapshot records: unique names, lookup, listing by owner, delete.
@@ -1282,11 +1584,14 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
     use crate::user::{Role, UserStatus};
 
     let domain = fx.domain().to_owned();
-    let mut alice = User::new(UserId(1), "alice");
+    let mut alice = User::new(
+        UserId(1),
+        crate::user::Handle::new("alice").expect("handle"),
+    );
     alice.role = Role::User;
     let alice_key = SshPublicKey::parse(ALICE_KEY).expect("key");
     fx.add_user(&alice, Some(&alice_key)).await;
-    let mut bob = User::new(UserId(2), "bob");
+    let mut bob = User::new(UserId(2), crate::user::Handle::new("bob").expect("handle"));
     bob.status = UserStatus::Suspended;
     fx.add_user(&bob, None).await;
     let (api_key, api_secret) = ApiKey::generate(alice.id);
@@ -1414,7 +1719,10 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
     }
 
     // Policy, decided on what the route read.
-    let carol = User::new(UserId(3), "carol");
+    let carol = User::new(
+        UserId(3),
+        crate::user::Handle::new("carol").expect("handle"),
+    );
     fx.add_user(&carol, None).await;
     let carol_caller = Caller::user(&carol, Door::Https);
     let anonymous = Caller::anonymous(Door::Https);
@@ -1481,7 +1789,10 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
         gateway.authorize(&anonymous, Action::UseHttp, &http),
         Ok(())
     );
-    let mut admin = User::new(UserId(4), "root-admin");
+    let mut admin = User::new(
+        UserId(4),
+        crate::user::Handle::new("root-admin").expect("handle"),
+    );
     admin.role = Role::Admin;
     assert_eq!(
         gateway.authorize(&Caller::user(&admin, Door::Https), Action::UseSsh, &http),

@@ -6,16 +6,111 @@ use std::ops::Bound;
 use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use vmkit_core::{
-    ApiKey, Event, EventRetention, IpLease, IpPool, NewEvent, Quota, Share, Snapshot, SshPublicKey,
-    StateStore, StoreCapabilities, StoreError, UidRange, Usage, User, UserId, VmId, VmName,
-    VmRecord,
+    ApiKey, Event, EventRetention, Handle, Invite, IpLease, IpPool, NewEvent, Quota, Share,
+    ShareTarget, Snapshot, SshPublicKey, StateStore, StoreCapabilities, StoreError, Timestamp,
+    UidRange, Usage, User, UserId, VmId, VmName, VmRecord,
 };
 
 use super::RedbStore;
 use super::tables::{
-    API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, QUOTAS, SHARES, SNAPSHOTS, SSH_KEYS, StoredKey,
-    UID_BY_VM, UIDS, USERS, VM_NAMES, VMS, decode, encode, share_key,
+    API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
+    SHARES, SNAPSHOTS, SSH_KEYS, StoredKey, UID_BY_VM, UIDS, USER_HANDLES, USERS, VM_NAMES, VMS,
+    decode, encode, share_key,
 };
+
+/// The user with id `id`, read through any table handle of [`USERS`].
+fn user_at(
+    users: &impl ReadableTable<u64, &'static [u8]>,
+    id: u64,
+) -> Result<Option<User>, StoreError> {
+    let Some(bytes) = users.get(id).context("cannot read table users")? else {
+        return Ok(None);
+    };
+    decode(bytes.value(), format_args!("user {}", UserId(id))).map(Some)
+}
+
+/// The lowest user id not yet handed out.
+fn next_user_id(txn: &WriteTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(META).context("cannot open table meta")?;
+    let stored = meta
+        .get(NEXT_USER_ID_KEY)
+        .context("cannot read the next user id")?
+        .map_or(1, |v| v.value());
+    let users = txn.open_table(USERS).context("cannot open table users")?;
+    let last = users
+        .last()
+        .context("cannot read table users")?
+        .map_or(0, |(id, _)| id.value());
+    Ok(stored.max(last.saturating_add(1)).max(1))
+}
+
+/// Stores `user` under its id in `txn`, moving its handle index entry and keeping
+/// its id from being handed out again; [`StoreError::HandleTaken`] if another user
+/// has the handle.
+fn put_user_in(txn: &WriteTransaction, user: &User) -> Result<(), StoreError> {
+    let id = user.id.0;
+    let bytes = encode(user, "a user")?;
+    let mut users = txn.open_table(USERS).context("cannot open table users")?;
+    let mut handles = txn
+        .open_table(USER_HANDLES)
+        .context("cannot open table user_handles")?;
+    if let Some(holder) = handles
+        .get(user.handle.as_str())
+        .context("cannot read table user_handles")?
+        && holder.value() != id
+    {
+        return Err(StoreError::HandleTaken(user.handle.clone()));
+    }
+    if let Some(old) = user_at(&users, id)?
+        && old.handle != user.handle
+    {
+        handles
+            .remove(old.handle.as_str())
+            .context("cannot write table user_handles")?;
+    }
+    handles
+        .insert(user.handle.as_str(), id)
+        .context("cannot write table user_handles")?;
+    users
+        .insert(id, bytes.as_slice())
+        .context("cannot write table users")?;
+    drop((users, handles));
+    keep_user_id_used(txn, user.id)
+}
+
+/// Keeps `id` from being handed out by [`next_user_id`] again.
+fn keep_user_id_used(txn: &WriteTransaction, id: UserId) -> Result<(), StoreError> {
+    let next = next_user_id(txn)?.max(id.0.saturating_add(1));
+    let mut meta = txn.open_table(META).context("cannot open table meta")?;
+    meta.insert(NEXT_USER_ID_KEY, next)
+        .context("cannot write the next user id")?;
+    Ok(())
+}
+
+/// The names of the VMs and snapshots `owner` holds in `txn`, sorted.
+fn holdings_in(txn: &WriteTransaction, owner: UserId) -> Result<Vec<String>, StoreError> {
+    let mut out = Vec::new();
+    let vms = txn.open_table(VMS).context("cannot open table vms")?;
+    for entry in vms.iter().context("cannot read table vms")? {
+        let (id, bytes) = entry.context("cannot read table vms")?;
+        let vm: VmRecord = decode(bytes.value(), format_args!("VM {:016x}", id.value()))?;
+        if vm.owner == owner {
+            out.push(format!("VM {}", vm.name));
+        }
+    }
+    let snapshots = txn
+        .open_table(SNAPSHOTS)
+        .context("cannot open table snapshots")?;
+    for entry in snapshots.iter().context("cannot read table snapshots")? {
+        let (name, bytes) = entry.context("cannot read table snapshots")?;
+        let snapshot: Snapshot = decode(bytes.value(), format_args!("snapshot {}", name.value()))?;
+        if snapshot.owner == owner {
+            out.push(format!("snapshot {}", snapshot.name));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
 
 /// The record of VM `id`, read through any table handle of [`VMS`].
 fn vm_at(
@@ -296,14 +391,51 @@ impl StateStore for RedbStore {
     // ---- users and keys ----
 
     async fn put_user(&self, user: &User) -> Result<(), StoreError> {
-        let id = user.id.0;
-        let bytes = encode(user, "a user")?;
-        self.write("put_user", move |txn| {
-            let mut users = txn.open_table(USERS).context("cannot open table users")?;
-            users
-                .insert(id, bytes.as_slice())
-                .context("cannot write table users")?;
-            Ok(())
+        let user = user.clone();
+        self.write("put_user", move |txn| put_user_in(txn, &user))
+            .await
+    }
+
+    async fn create_user(
+        &self,
+        user: &User,
+        key: Option<&SshPublicKey>,
+    ) -> Result<User, StoreError> {
+        let mut user = user.clone();
+        let key = key.map(|k| (k.fingerprint(), k.clone()));
+        self.write("create_user", move |txn| {
+            user.id = UserId(next_user_id(txn)?);
+            put_user_in(txn, &user)?;
+            if let Some((fingerprint, key)) = key {
+                let mut keys = txn
+                    .open_table(SSH_KEYS)
+                    .context("cannot open table ssh_keys")?;
+                if keys
+                    .get(fingerprint.as_str())
+                    .context("cannot read table ssh_keys")?
+                    .is_some()
+                {
+                    return Err(StoreError::KeyTaken(fingerprint));
+                }
+                let bytes = encode(&StoredKey { user: user.id, key }, "an SSH key")?;
+                keys.insert(fingerprint.as_str(), bytes.as_slice())
+                    .context("cannot write table ssh_keys")?;
+            }
+            Ok(user)
+        })
+        .await
+    }
+
+    async fn update_user(&self, user: &User) -> Result<(), StoreError> {
+        let user = user.clone();
+        self.write("update_user", move |txn| {
+            {
+                let users = txn.open_table(USERS).context("cannot open table users")?;
+                if user_at(&users, user.id.0)?.is_none() {
+                    return Err(StoreError::NotFound(format!("user {}", user.id)));
+                }
+            }
+            put_user_in(txn, &user)
         })
         .await
     }
@@ -311,10 +443,115 @@ impl StateStore for RedbStore {
     async fn get_user(&self, id: UserId) -> Result<Option<User>, StoreError> {
         self.read("get_user", move |txn| {
             let users = txn.open_table(USERS).context("cannot open table users")?;
-            let Some(bytes) = users.get(id.0).context("cannot read table users")? else {
+            user_at(&users, id.0)
+        })
+        .await
+    }
+
+    async fn user_by_handle(&self, handle: &Handle) -> Result<Option<User>, StoreError> {
+        let handle = handle.clone();
+        self.read("user_by_handle", move |txn| {
+            let handles = txn
+                .open_table(USER_HANDLES)
+                .context("cannot open table user_handles")?;
+            let Some(id) = handles
+                .get(handle.as_str())
+                .context("cannot read table user_handles")?
+            else {
                 return Ok(None);
             };
-            decode(bytes.value(), format_args!("user {id}")).map(Some)
+            let id = id.value();
+            let users = txn.open_table(USERS).context("cannot open table users")?;
+            user_at(&users, id)?.map(Some).ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "the handle {handle} points to user {}, who does not exist",
+                    UserId(id)
+                ))
+            })
+        })
+        .await
+    }
+
+    async fn delete_user(&self, id: UserId) -> Result<bool, StoreError> {
+        self.write("delete_user", move |txn| {
+            let mut users = txn.open_table(USERS).context("cannot open table users")?;
+            let Some(user) = user_at(&users, id.0)? else {
+                return Ok(false);
+            };
+            let holdings = holdings_in(txn, id)?;
+            if !holdings.is_empty() {
+                return Err(StoreError::UserHoldsResources { user: id, holdings });
+            }
+            users.remove(id.0).context("cannot write table users")?;
+            drop(users);
+            txn.open_table(USER_HANDLES)
+                .context("cannot open table user_handles")?
+                .remove(user.handle.as_str())
+                .context("cannot write table user_handles")?;
+            // Ids are never reused: the next one stays above this one.
+            keep_user_id_used(txn, id)?;
+
+            let mut keys = txn
+                .open_table(SSH_KEYS)
+                .context("cannot open table ssh_keys")?;
+            let mut gone = Vec::new();
+            for entry in keys.iter().context("cannot read table ssh_keys")? {
+                let (fingerprint, bytes) = entry.context("cannot read table ssh_keys")?;
+                let stored: StoredKey = decode(
+                    bytes.value(),
+                    format_args!("SSH key {}", fingerprint.value()),
+                )?;
+                if stored.user == id {
+                    gone.push(fingerprint.value().to_owned());
+                }
+            }
+            for fingerprint in gone {
+                keys.remove(fingerprint.as_str())
+                    .context("cannot write table ssh_keys")?;
+            }
+
+            let mut api_keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            let mut gone = Vec::new();
+            for entry in api_keys.iter().context("cannot read table api_keys")? {
+                let (key_id, bytes) = entry.context("cannot read table api_keys")?;
+                let key: ApiKey =
+                    decode(bytes.value(), format_args!("API key {}", key_id.value()))?;
+                if key.user == id {
+                    gone.push(key_id.value().to_owned());
+                }
+            }
+            for key_id in gone {
+                api_keys
+                    .remove(key_id.as_str())
+                    .context("cannot write table api_keys")?;
+            }
+
+            txn.open_table(QUOTAS)
+                .context("cannot open table quotas")?
+                .remove(id.0)
+                .context("cannot write table quotas")?;
+
+            let mut shares = txn.open_table(SHARES).context("cannot open table shares")?;
+            let mut gone = Vec::new();
+            for entry in shares.iter().context("cannot read table shares")? {
+                let (key, bytes) = entry.context("cannot read table shares")?;
+                let (vm, target) = key.value();
+                let share: Share = decode(
+                    bytes.value(),
+                    format_args!("the share {target} of VM {vm:016x}"),
+                )?;
+                if share.target == ShareTarget::User(id) {
+                    gone.push((vm, target.to_owned()));
+                }
+            }
+            for (vm, target) in gone {
+                shares
+                    .remove((vm, target.as_str()))
+                    .context("cannot write table shares")?;
+            }
+            Ok(true)
         })
         .await
     }
@@ -832,6 +1069,28 @@ impl StateStore for RedbStore {
         .await
     }
 
+    async fn update_snapshot(&self, snapshot: &Snapshot) -> Result<(), StoreError> {
+        let name = snapshot.name.clone();
+        let bytes = encode(snapshot, "a snapshot")?;
+        self.write("update_snapshot", move |txn| {
+            let mut table = txn
+                .open_table(SNAPSHOTS)
+                .context("cannot open table snapshots")?;
+            if table
+                .get(name.as_str())
+                .context("cannot read table snapshots")?
+                .is_none()
+            {
+                return Err(StoreError::NotFound(format!("snapshot {name}")));
+            }
+            table
+                .insert(name.as_str(), bytes.as_slice())
+                .context("cannot write table snapshots")?;
+            Ok(())
+        })
+        .await
+    }
+
     async fn delete_snapshot(&self, name: &VmName) -> Result<bool, StoreError> {
         let name = name.clone();
         self.write("delete_snapshot", move |txn| {
@@ -842,6 +1101,85 @@ impl StateStore for RedbStore {
                 .remove(name.as_str())
                 .context("cannot write table snapshots")?;
             Ok(removed.is_some())
+        })
+        .await
+    }
+
+    // ---- invites ----
+
+    async fn put_invite(&self, invite: &Invite) -> Result<(), StoreError> {
+        let id = invite.id.clone();
+        let bytes = encode(invite, "an invite")?;
+        self.write("put_invite", move |txn| {
+            let mut invites = txn
+                .open_table(INVITES)
+                .context("cannot open table invites")?;
+            invites
+                .insert(id.as_str(), bytes.as_slice())
+                .context("cannot write table invites")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_invites(&self) -> Result<Vec<Invite>, StoreError> {
+        self.read("list_invites", |txn| {
+            let invites = txn
+                .open_table(INVITES)
+                .context("cannot open table invites")?;
+            let mut out = Vec::new();
+            for entry in invites.iter().context("cannot read table invites")? {
+                let (id, bytes) = entry.context("cannot read table invites")?;
+                out.push(decode(
+                    bytes.value(),
+                    format_args!("invite {}", id.value()),
+                )?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_invite(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write("delete_invite", move |txn| {
+            let mut invites = txn
+                .open_table(INVITES)
+                .context("cannot open table invites")?;
+            let removed = invites
+                .remove(id.as_str())
+                .context("cannot write table invites")?;
+            Ok(removed.is_some())
+        })
+        .await
+    }
+
+    async fn consume_invite(
+        &self,
+        secret: &str,
+        now: Timestamp,
+    ) -> Result<Option<Invite>, StoreError> {
+        let secret = secret.to_owned();
+        self.write("consume_invite", move |txn| {
+            let mut invites = txn
+                .open_table(INVITES)
+                .context("cannot open table invites")?;
+            // Every invite is compared, so the time taken does not say which matched.
+            let mut found = None;
+            for entry in invites.iter().context("cannot read table invites")? {
+                let (id, bytes) = entry.context("cannot read table invites")?;
+                let invite: Invite = decode(bytes.value(), format_args!("invite {}", id.value()))?;
+                if invite.hash.matches(&secret) {
+                    found = Some(invite);
+                }
+            }
+            let Some(invite) = found else {
+                return Ok(None);
+            };
+            invites
+                .remove(invite.id.as_str())
+                .context("cannot write table invites")?;
+            Ok((!invite.is_expired(now)).then_some(invite))
         })
         .await
     }

@@ -10,18 +10,19 @@
 //! the `vm_names` and `lease_by_vm` indexes.
 
 use redb::{Database, ReadableTable, WriteTransaction};
-use vmkit_core::{IpLease, StoreError, VmRecord};
+use vmkit_core::{Handle, IpLease, StoreError, User, VmRecord};
 
 use super::tables::{
-    API_KEYS, Context, EVENTS, LEASE_BY_VM, LEASES, META, QUOTAS, SCHEMA_VERSION_KEY, SHARES,
-    SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USERS, VM_NAMES, VMS, decode,
+    API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
+    SCHEMA_VERSION_KEY, SHARES, SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USER_HANDLES, USERS,
+    VM_NAMES, VMS, decode, encode,
 };
 
 /// One migration step: changes the layout of version `n` into that of `n + 1`.
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Every step, in order: entry `n` migrates from version `n`.
-pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3];
+pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4];
 
 /// The layout version this build writes.
 pub(super) const CURRENT: u64 = MIGRATIONS.len() as u64;
@@ -147,6 +148,57 @@ fn v2_to_v3(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(UIDS).context("cannot create table uids")?;
     txn.open_table(UID_BY_VM)
         .context("cannot create table uid_by_vm")?;
+    Ok(())
+}
+
+/// 3 → 4: users get handles, roles and statuses. Adds the invites table, the handle
+/// index and the next user id; rewrites every user record in the new form. A user
+/// whose old name is a valid handle keeps it as their handle, any other gets
+/// `u<ID>` (the local operator's record `local`); of two users with one name, the
+/// older (lower id) keeps it.
+fn v3_to_v4(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(INVITES)
+        .context("cannot create table invites")?;
+    let mut users = txn.open_table(USERS).context("cannot open table users")?;
+    let mut handles = txn
+        .open_table(USER_HANDLES)
+        .context("cannot create table user_handles")?;
+    let mut records = Vec::new();
+    for entry in users.iter().context("cannot read table users")? {
+        let (id, bytes) = entry.context("cannot read table users")?;
+        let user: User = decode(bytes.value(), format_args!("user {}", id.value()))?;
+        records.push(user);
+    }
+    let mut next_id = 1;
+    for mut user in records {
+        let taken = |h: &Handle| -> Result<bool, StoreError> {
+            Ok(handles
+                .get(h.as_str())
+                .context("cannot read table user_handles")?
+                .is_some())
+        };
+        if taken(&user.handle)? {
+            let numbered = Handle::numbered(user.id);
+            let mut candidate = numbered.clone();
+            let mut n = 1;
+            while taken(&candidate)? {
+                n += 1;
+                candidate = Handle::try_from(format!("{numbered}-{n}"))
+                    .map_err(|e| StoreError::Corrupt(format!("user {}: {e}", user.id)))?;
+            }
+            user.handle = candidate;
+        }
+        handles
+            .insert(user.handle.as_str(), user.id.0)
+            .context("cannot write table user_handles")?;
+        users
+            .insert(user.id.0, encode(&user, "a user")?.as_slice())
+            .context("cannot write table users")?;
+        next_id = u64::max(next_id, user.id.0.saturating_add(1));
+    }
+    let mut meta = txn.open_table(META).context("cannot open table meta")?;
+    meta.insert(NEXT_USER_ID_KEY, next_id)
+        .context("cannot write the next user id")?;
     Ok(())
 }
 

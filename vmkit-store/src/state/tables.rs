@@ -17,9 +17,18 @@ use vmkit_core::{SshPublicKey, StoreError, UserId};
 pub(super) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 /// The key of the schema version in [`META`].
 pub(super) const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// The key in [`META`] of the lowest user id not yet handed out (schema version 4):
+/// ids are never reused, even after the newest user is deleted.
+pub(super) const NEXT_USER_ID_KEY: &str = "next_user_id";
 
 /// User id → `User`.
 pub(super) const USERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("users");
+/// User handle → user id: the index that makes handles unique, kept in the
+/// transactions that write [`USERS`] (schema version 4).
+pub(super) const USER_HANDLES: TableDefinition<'static, &str, u64> =
+    TableDefinition::new("user_handles");
+/// Invite id → `Invite` (schema version 4).
+pub(super) const INVITES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("invites");
 /// SSH key fingerprint (`SHA256:...`) → [`StoredKey`].
 pub(super) const SSH_KEYS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("ssh_keys");
 /// User id → `Quota`.
