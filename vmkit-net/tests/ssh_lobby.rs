@@ -97,6 +97,17 @@ impl Lobby {
 
     /// Runs `ssh` with `key` and `args` (options, then the command).
     async fn ssh_with(&self, key: &Path, options: &[&str], command: &[&str]) -> Output {
+        self.ssh_input(key, options, command, None).await
+    }
+
+    /// Runs `ssh` with `input` on its stdin.
+    async fn ssh_input(
+        &self,
+        key: &Path,
+        options: &[&str],
+        command: &[&str],
+        input: Option<&str>,
+    ) -> Output {
         let known = self.dir.path().join("known_hosts");
         let mut ssh = tokio::process::Command::new("ssh");
         ssh.args(["-F", "/dev/null", "-p", &self.port.to_string(), "-i"])
@@ -118,9 +129,27 @@ impl Lobby {
             .args(options)
             .arg("user@127.0.0.1")
             .args(command)
-            .stdin(std::process::Stdio::null())
+            .stdin(match input {
+                Some(_) => std::process::Stdio::piped(),
+                None => std::process::Stdio::null(),
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        tokio::time::timeout(std::time::Duration::from_secs(60), ssh.output())
+        let mut child = ssh.spawn().unwrap();
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(input.as_bytes()).await.unwrap();
+            // With a pty, kept open: the session must end by `exit`, not by the
+            // end of input.
+            if options.contains(&"-tt") {
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    drop(stdin);
+                });
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
             .await
             .expect("ssh finishes")
             .unwrap()
@@ -415,5 +444,38 @@ async fn ssh_keys_are_listed_added_and_a_private_key_refused() {
     assert_eq!(listed.as_array().unwrap().len(), 2);
     assert_ok(&with_second);
     assert!(stdout(&with_second).contains("user: alice"));
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_runs_commands_until_exit() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_input(&alice, &["-tt"], &[], Some("whoami\nexit\n"))
+        .await;
+
+    assert_ok(&output);
+    let text = stdout(&output);
+    assert!(text.contains("vmkit> "), "{text}");
+    assert!(text.contains("user: alice"), "{text}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_key_add_reads_the_key_from_stdin() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let second = lobby.keygen("second");
+    let second_public = std::fs::read_to_string(second.with_extension("pub")).unwrap();
+
+    let added = lobby
+        .ssh_input(&alice, &[], &["ssh-key", "add"], Some(&second_public))
+        .await;
+    let with_second = lobby.ssh(&second, &["whoami"]).await;
+
+    assert_ok(&added);
+    assert_ok(&with_second);
     lobby.stop().await;
 }

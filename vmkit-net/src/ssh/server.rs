@@ -83,22 +83,24 @@ impl Drop for Slot {
 
 /// russh's configuration: public keys only, modern algorithms only.
 fn russh_config(gateway: &SshGateway) -> Config {
-    let mut preferred = Preferred::default();
-    preferred.kex = Cow::Borrowed(&[
-        russh::kex::CURVE25519,
-        russh::kex::CURVE25519_PRE_RFC_8731,
-        russh::kex::EXTENSION_SUPPORT_AS_SERVER,
-        russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
-    ]);
-    preferred.key = Cow::Borrowed(&[Algorithm::Ed25519]);
-    preferred.cipher = Cow::Borrowed(&[
-        russh::cipher::CHACHA20_POLY1305,
-        russh::cipher::AES_256_GCM,
-        russh::cipher::AES_128_GCM,
-    ]);
-    // Only used with a cipher that has no MAC of its own; none offered has.
-    preferred.mac = Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]);
-    preferred.compression = Cow::Borrowed(&[russh::compression::NONE]);
+    let preferred = Preferred {
+        kex: Cow::Borrowed(&[
+            russh::kex::CURVE25519,
+            russh::kex::CURVE25519_PRE_RFC_8731,
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
+        key: Cow::Borrowed(&[Algorithm::Ed25519]),
+        cipher: Cow::Borrowed(&[
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+        ]),
+        // Only used with a cipher that has no MAC of its own; none offered has.
+        mac: Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]),
+        compression: Cow::Borrowed(&[russh::compression::NONE]),
+        ..Preferred::default()
+    };
 
     let mut config = Config::default();
     config.server_id = russh::SshId::Standard(Cow::Borrowed("SSH-2.0-vmkit"));
@@ -453,7 +455,7 @@ async fn read_stdin(channel: &mut Channel<Msg>) -> String {
 async fn exec(shared: Arc<Shared>, caller: Caller, mut pending: Pending, line: String) {
     let commands = shared.manager.commands(caller);
     let output = match lobby::split_words(&line) {
-        Err(e) => Output::failure(format!("{e}"), "invalid_command", false),
+        Err(e) => Output::failure(e, "invalid_command", false),
         Ok(words) => {
             let stdin = match lobby::reads_stdin(&words) {
                 true => read_stdin(&mut pending.channel).await,
@@ -511,7 +513,8 @@ async fn shell(shared: Arc<Shared>, caller: Caller, mut pending: Pending) {
                 }
                 // Backspace and delete.
                 0x08 | 0x7f => {
-                    if line.pop().is_some() && pty {
+                    let erased = line.pop().is_some();
+                    if erased && pty {
                         let _ = channel.data_bytes(&b"\x08 \x08"[..]).await;
                     }
                 }
@@ -524,12 +527,10 @@ async fn shell(shared: Arc<Shared>, caller: Caller, mut pending: Pending) {
                 }
                 // Ctrl-D on an empty line leaves.
                 0x04 if line.is_empty() => break 'session,
-                byte if byte >= 0x20 || byte == b'\t' => {
-                    if line.len() < MAX_INPUT {
-                        line.push(byte);
-                        if pty {
-                            let _ = channel.data_bytes(vec![byte]).await;
-                        }
+                byte if (byte >= 0x20 || byte == b'\t') && line.len() < MAX_INPUT => {
+                    line.push(byte);
+                    if pty {
+                        let _ = channel.data_bytes(vec![byte]).await;
                     }
                 }
                 _ => {}
