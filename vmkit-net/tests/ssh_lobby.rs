@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -28,14 +29,22 @@ struct Lobby {
 
 impl Lobby {
     async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        Self::start_in(FakeHost::new().await, dir).await
+        Self::start_with(|config| config).await
     }
 
-    async fn start_in(host: FakeHost, dir: TempDir) -> Self {
+    async fn start_with(configure: impl FnOnce(SshConfig) -> SshConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(FakeHost::new().await, dir, configure).await
+    }
+
+    async fn start_in(
+        host: FakeHost,
+        dir: TempDir,
+        configure: impl FnOnce(SshConfig) -> SshConfig,
+    ) -> Self {
         let store: Arc<dyn StateStore> = host.store.clone();
         let gateway = Arc::new(StoreGateway::new(store, DOMAIN));
-        let config = SshConfig::new(dir.path().join("host_ed25519"), DOMAIN);
+        let config = configure(SshConfig::new(dir.path().join("host_ed25519"), DOMAIN));
         let lobby = SshGateway::new(host.manager.clone(), gateway, config).unwrap();
         let fingerprint = lobby.host_key_fingerprint();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -331,7 +340,7 @@ async fn the_host_key_is_the_same_after_a_restart() {
     let fingerprint = lobby.fingerprint.clone();
     let (host, dir) = lobby.stop().await;
 
-    let lobby = Lobby::start_in(host, dir).await;
+    let lobby = Lobby::start_in(host, dir, |config| config).await;
     // known_hosts holds the key seen before the restart, under another port:
     // with strict checking, the same key is accepted only if it is unchanged.
     let known = std::fs::read_to_string(lobby.dir.path().join("known_hosts")).unwrap();
@@ -477,5 +486,63 @@ async fn ssh_key_add_reads_the_key_from_stdin() {
 
     assert_ok(&added);
     assert_ok(&with_second);
+    lobby.stop().await;
+}
+
+/// What the server sends on a raw TCP connection within `wait`, until it closes
+/// its side or the time is up; and whether it closed.
+async fn read_raw(stream: &mut tokio::net::TcpStream, wait: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&received).into(), true),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&received).into(), false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_sign_in_in_time_is_disconnected() {
+    let lobby = Lobby::start_with(|config| config.auth_timeout(Duration::from_secs(1))).await;
+
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let (greeting, closed) = read_raw(&mut idle, Duration::from_secs(10)).await;
+
+    assert!(greeting.starts_with("SSH-2.0-vmkit"), "{greeting:?}");
+    assert!(closed, "the connection is still open");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_per_address_are_closed() {
+    let lobby = Lobby::start_with(|config| config.max_connections_per_ip(2)).await;
+    let alice = lobby.user(1, "alice").await;
+
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let (first_greeting, _) = read_raw(&mut first, Duration::from_millis(500)).await;
+    let (second_greeting, _) = read_raw(&mut second, Duration::from_millis(500)).await;
+    let refused = lobby.ssh(&alice, &["whoami"]).await;
+    drop((first, second));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admitted = lobby.ssh(&alice, &["whoami"]).await;
+
+    assert!(first_greeting.starts_with("SSH-2.0-"), "{first_greeting:?}");
+    assert!(
+        second_greeting.starts_with("SSH-2.0-"),
+        "{second_greeting:?}"
+    );
+    assert!(!refused.status.success());
+    assert_ok(&admitted);
     lobby.stop().await;
 }

@@ -21,6 +21,28 @@
 //! Limits: [`SshConfig::max_auth_attempts`] failed sign-ins per connection,
 //! [`SshConfig::auth_timeout`] to sign in, [`SshConfig::max_connections_per_ip`]
 //! connections open at once from one address.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example(manager: vmkit_core::Manager, store: std::sync::Arc<dyn vmkit_core::StateStore>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use vmkit_core::StoreGateway;
+//! use vmkit_net::ssh::{SshConfig, SshGateway};
+//!
+//! let gateway = Arc::new(StoreGateway::new(store, "vm.example.com"));
+//! let config = SshConfig::new("/var/lib/vmkit/ssh_host_ed25519_key", "vm.example.com");
+//! let lobby = SshGateway::new(manager, gateway, config)?;
+//! println!("host key {}", lobby.host_key_fingerprint());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:2222").await?;
+//! lobby
+//!     .serve(listener, async {
+//!         let _ = tokio::signal::ctrl_c().await;
+//!     })
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod host_key;
 pub mod lobby;
