@@ -205,6 +205,11 @@ async fn whoami_names_the_user_of_the_key() {
         "{}",
         stdout(&output)
     );
+    assert!(
+        stdout(&output).contains("(this session)"),
+        "{}",
+        stdout(&output)
+    );
     lobby.stop().await;
 }
 
@@ -544,5 +549,24 @@ async fn connections_beyond_the_limit_per_address_are_closed() {
     );
     assert!(!refused.status.success());
     assert_ok(&admitted);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_goes_on_past_a_failure_and_fails() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let output = lobby.ssh(&alice, &["rm", "nothing", "web"]).await;
+
+    assert!(!output.status.success());
+    assert!(
+        stdout(&output).contains("deleted web"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(stderr(&output).contains("nothing"), "{}", stderr(&output));
+    assert!(lobby.host.manager.get(&name("web")).await.is_err());
     lobby.stop().await;
 }

@@ -68,6 +68,8 @@ pub struct LobbyContext {
     /// The SSH port the lobby listens on, as clients dial it (22 is left out of
     /// the printed commands).
     pub port: u16,
+    /// The fingerprint of the key the session signed in with (`whoami` marks it).
+    pub current_key: Option<String>,
 }
 
 impl LobbyContext {
@@ -307,15 +309,20 @@ pub async fn run(
 }
 
 fn error_output(commands: &Commands, e: &ManagerError, json: bool) -> Output {
-    let message = if e.kind() == ErrorKind::Internal {
+    Output::failure(error_message(commands, e), e.code(), json)
+}
+
+/// What the caller reads of `e`: the whole chain for an admin, the public message
+/// for others, nothing of an internal error (it is logged).
+fn error_message(commands: &Commands, e: &ManagerError) -> String {
+    if e.kind() == ErrorKind::Internal {
         tracing::error!(error = ?e, "internal error in the SSH lobby");
         "internal error; the host's log has the details".to_owned()
     } else if commands.caller().is_admin() {
         ErrorChain(e).to_string()
     } else {
         e.public_message()
-    };
-    Output::failure(message, e.code(), json)
+    }
 }
 
 fn json_line<T: Serialize + ?Sized>(value: &T) -> String {
@@ -409,6 +416,7 @@ async fn execute(
                     "ssh_keys": keys.iter().map(|k| serde_json::json!({
                         "fingerprint": k.fingerprint(),
                         "key": k.to_openssh(),
+                        "current": context.current_key.as_deref() == Some(k.fingerprint().as_str()),
                     })).collect::<Vec<_>>(),
                 })),
                 false => {
@@ -420,7 +428,12 @@ async fn execute(
                         text.push_str("role: admin\n");
                     }
                     for key in &keys {
-                        text.push_str(&format!("key: {} {}\n", key.fingerprint(), key.comment()));
+                        let fingerprint = key.fingerprint();
+                        let current = match context.current_key.as_deref() {
+                            Some(current) if current == fingerprint => " (this session)",
+                            _ => "",
+                        };
+                        text.push_str(&format!("key: {fingerprint} {}{current}\n", key.comment()));
                     }
                     text
                 }
@@ -464,17 +477,43 @@ async fn execute(
             .pipe(Output::ok)
         }
         LobbyCommand::Rm { names, json } => {
+            // One failure does not stop the others; the status tells if any failed.
             let mut deleted = Vec::new();
+            let mut failed = Vec::new();
             for raw in &names {
-                let name = context.vm_name(raw)?;
-                commands.delete(&name, DeleteOptions::default()).await?;
-                deleted.push(name);
+                let result = match context.vm_name(raw) {
+                    Ok(name) => commands
+                        .delete(&name, DeleteOptions::default())
+                        .await
+                        .map(|_| name),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(name) => deleted.push(name),
+                    Err(e) => failed.push((raw.clone(), error_message(commands, &e), e.code())),
+                }
             }
-            match json {
-                true => json_line(&serde_json::json!({ "deleted": deleted })),
-                false => deleted.iter().map(|n| format!("deleted {n}\n")).collect(),
-            }
-            .pipe(Output::ok)
+            let mut output = match json {
+                true => Output::ok(json_line(&serde_json::json!({
+                    "deleted": deleted,
+                    "failed": failed
+                        .iter()
+                        .map(|(name, error, code)| serde_json::json!({
+                            "name": name, "error": error, "code": code,
+                        }))
+                        .collect::<Vec<_>>(),
+                }))),
+                false => Output {
+                    stdout: deleted.iter().map(|n| format!("deleted {n}\n")).collect(),
+                    stderr: failed
+                        .iter()
+                        .map(|(name, error, _)| format!("error: {name}: {error}\n"))
+                        .collect(),
+                    ..Output::default()
+                },
+            };
+            output.status = u32::from(!failed.is_empty());
+            output
         }
         LobbyCommand::Start { name, json } => {
             lifecycle(commands, context, "start", &name, json).await?
@@ -581,6 +620,7 @@ mod tests {
         let context = LobbyContext {
             domain: "vm.example.com".into(),
             port: 22,
+            current_key: None,
         };
         assert_eq!(context.vm_name("web").unwrap().as_str(), "web");
         assert_eq!(

@@ -128,6 +128,7 @@ pub(super) async fn serve(
         lobby: LobbyContext {
             domain: gateway.config.domain.clone(),
             port: gateway.config.public_port.unwrap_or(local.port()),
+            current_key: None,
         },
         russh: Arc::new(russh_config(&gateway)),
         auth_timeout: gateway.config.auth_timeout,
@@ -177,6 +178,7 @@ async fn connection(
         shared: shared.clone(),
         peer,
         caller: None,
+        lobby: shared.lobby.clone(),
         authenticated: authenticated.clone(),
         channels: HashMap::new(),
     };
@@ -248,6 +250,8 @@ struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
     caller: Option<Caller>,
+    /// The lobby's context for this session (the key it signed in with).
+    lobby: LobbyContext,
     authenticated: Arc<AtomicBool>,
     channels: HashMap<ChannelId, Pending>,
 }
@@ -330,6 +334,11 @@ impl Handler for Connection {
         };
         info!(peer = %self.peer, user, principal = ?caller.principal, "signed in over SSH");
         self.caller = Some(caller);
+        self.lobby.current_key = Some(
+            key.public_key
+                .fingerprint(russh::keys::HashAlg::Sha256)
+                .to_string(),
+        );
         self.authenticated.store(true, Ordering::SeqCst);
         Ok(Auth::Accept)
     }
@@ -383,7 +392,13 @@ impl Handler for Connection {
     ) -> Result<(), Self::Error> {
         if let Some((pending, caller)) = self.start(channel, session)? {
             let line = String::from_utf8_lossy(data).into_owned();
-            tokio::spawn(exec(self.shared.clone(), caller, pending, line));
+            tokio::spawn(exec(
+                self.shared.clone(),
+                self.lobby.clone(),
+                caller,
+                pending,
+                line,
+            ));
         }
         Ok(())
     }
@@ -394,7 +409,12 @@ impl Handler for Connection {
         session: &mut Session,
     ) -> Result<(), Self::Error> {
         if let Some((pending, caller)) = self.start(channel, session)? {
-            tokio::spawn(shell(self.shared.clone(), caller, pending));
+            tokio::spawn(shell(
+                self.shared.clone(),
+                self.lobby.clone(),
+                caller,
+                pending,
+            ));
         }
         Ok(())
     }
@@ -452,7 +472,13 @@ async fn read_stdin(channel: &mut Channel<Msg>) -> String {
 }
 
 /// `ssh HOST CMD`: one command, then the exit status.
-async fn exec(shared: Arc<Shared>, caller: Caller, mut pending: Pending, line: String) {
+async fn exec(
+    shared: Arc<Shared>,
+    context: LobbyContext,
+    caller: Caller,
+    mut pending: Pending,
+    line: String,
+) {
     let commands = shared.manager.commands(caller);
     let output = match lobby::split_words(&line) {
         Err(e) => Output::failure(e, "invalid_command", false),
@@ -461,7 +487,7 @@ async fn exec(shared: Arc<Shared>, caller: Caller, mut pending: Pending, line: S
                 true => read_stdin(&mut pending.channel).await,
                 false => String::new(),
             };
-            lobby::run(&commands, &shared.lobby, &words, &stdin).await
+            lobby::run(&commands, &context, &words, &stdin).await
         }
     };
     write_output(&pending.channel, &output, pending.pty).await;
@@ -471,7 +497,7 @@ async fn exec(shared: Arc<Shared>, caller: Caller, mut pending: Pending, line: S
 const PROMPT: &str = "vmkit> ";
 
 /// `ssh HOST` (`-t`): a prompt, one command per line, until `exit` or end of input.
-async fn shell(shared: Arc<Shared>, caller: Caller, mut pending: Pending) {
+async fn shell(shared: Arc<Shared>, context: LobbyContext, caller: Caller, mut pending: Pending) {
     let commands = shared.manager.commands(caller);
     let pty = pending.pty;
     let channel = &mut pending.channel;
@@ -500,7 +526,7 @@ async fn shell(shared: Arc<Shared>, caller: Caller, mut pending: Pending) {
                     let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
                     let output = match lobby::split_words(&text) {
                         Ok(words) if words.is_empty() => Output::default(),
-                        Ok(words) => lobby::run(&commands, &shared.lobby, &words, "").await,
+                        Ok(words) => lobby::run(&commands, &context, &words, "").await,
                         Err(e) => Output::failure(e, "invalid_command", false),
                     };
                     write_output(channel, &output, pty).await;
