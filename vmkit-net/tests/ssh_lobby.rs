@@ -570,3 +570,25 @@ async fn rm_goes_on_past_a_failure_and_fails() {
     assert!(lobby.host.manager.get(&name("web")).await.is_err());
     lobby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_client_negotiates_strict_kex_and_an_aead_cipher() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby.ssh_with(&alice, &["-vvv"], &["whoami"]).await;
+
+    assert_ok(&output);
+    let log = stderr(&output);
+    assert!(log.contains("will use strict KEX ordering"), "{log}");
+    assert!(log.contains("kex: algorithm: curve25519-sha256"), "{log}");
+    assert!(
+        log.contains("kex: host key algorithm: ssh-ed25519"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kex: server->client cipher: chacha20-poly1305@openssh.com"),
+        "{log}"
+    );
+    lobby.stop().await;
+}

@@ -55,8 +55,6 @@ use std::time::Duration;
 
 use vmkit_core::{Gateway, Manager};
 
-pub use russh;
-
 /// Errors of the SSH gateway.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
