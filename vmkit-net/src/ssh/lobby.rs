@@ -470,9 +470,10 @@ async fn execute(
             request.name = name.map(|n| context.vm_name(&n)).transpose()?;
             let vm = commands.create(request).await?;
             let ssh = context.ssh_command(&vm.name);
+            let url = format!("https://{}.{}/", vm.name, context.domain);
             match json {
-                true => json_line(&serde_json::json!({ "vm": vm, "ssh": ssh })),
-                false => format!("made {}\nconnect with: {ssh}\n", vm.name),
+                true => json_line(&serde_json::json!({ "vm": vm, "ssh": ssh, "url": url })),
+                false => format!("made {}\nssh:   {ssh}\nhttps: {url}\n", vm.name),
             }
             .pipe(Output::ok)
         }
