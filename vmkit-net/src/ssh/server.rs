@@ -182,8 +182,10 @@ async fn connection(
         authenticated: authenticated.clone(),
         channels: HashMap::new(),
     };
-    let started = tokio::time::timeout(
-        shared.auth_timeout,
+    // One deadline from the accept to the sign-in, the greeting included.
+    let sign_in_by = tokio::time::Instant::now() + shared.auth_timeout;
+    let started = tokio::time::timeout_at(
+        sign_in_by,
         russh::server::run_stream(shared.russh.clone(), stream, handler),
     )
     .await;
@@ -201,9 +203,8 @@ async fn connection(
     let handle = session.handle();
     let deadline = tokio::spawn({
         let handle = handle.clone();
-        let timeout = shared.auth_timeout;
         async move {
-            tokio::time::sleep(timeout).await;
+            tokio::time::sleep_until(sign_in_by).await;
             if !authenticated.load(Ordering::SeqCst) {
                 debug!(%peer, "no sign-in in time; closing");
                 let _ = handle
