@@ -44,6 +44,11 @@
 //! single-queue, with `IFF_VNET_HDR`, owned by [`BridgeConfig::tap_owner`], so the
 //! hypervisor opens it by name without privileges.
 //!
+//! # The SSH lobby
+//!
+//! With the `ssh` feature, [`ssh::SshGateway`] serves the SSH lobby (`ssh HOST ls`)
+//! over the command surface of a [`Manager`](vmkit_core::Manager).
+//!
 //! # Example
 //!
 //! Building the backend changes nothing; `setup_host` and `attach` need root
@@ -73,6 +78,10 @@ mod rules;
 mod sysctl;
 mod tap;
 mod worker;
+
+#[cfg(feature = "ssh")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ssh")))]
+pub mod ssh;
 
 pub use backend::BridgeNetwork;
 pub use config::{

@@ -1,0 +1,637 @@
+//! The lobby's commands: one command line in, its output and exit status out.
+//!
+//! Every command goes through the caller's [`Commands`], so the lobby decides nothing
+//! itself: the access policy in the core does. Parsing is clap's; its errors (an
+//! unknown command, a missing argument) are answered as the lobby's own errors.
+
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use vmkit_core::{
+    Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, ManagerError, SshPublicKey,
+    VmName, VmSpec, VmView,
+};
+
+/// What a command answered: what goes to stdout and stderr, and the exit status.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Written to the channel's stdout.
+    pub stdout: String,
+    /// Written to the channel's stderr.
+    pub stderr: String,
+    /// The exit status (0: success).
+    pub status: u32,
+    /// Whether the session should end (`exit`).
+    pub exit: bool,
+}
+
+impl Output {
+    fn ok(stdout: String) -> Self {
+        Self {
+            stdout,
+            ..Self::default()
+        }
+    }
+
+    /// A failure: `message` on stderr (or `{"error", "code"}` on stdout with
+    /// `json`), exit status 1.
+    pub fn failure(message: impl Into<String>, code: &str, json: bool) -> Self {
+        let message = message.into();
+        match json {
+            true => Self {
+                stdout: json_line(&ErrorBody {
+                    error: &message,
+                    code,
+                }),
+                status: 1,
+                ..Self::default()
+            },
+            false => Self {
+                stderr: format!("error: {message}\n"),
+                status: 1,
+                ..Self::default()
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    code: &'a str,
+}
+
+/// What the lobby needs to know about the host it runs on.
+#[derive(Clone, Debug)]
+pub struct LobbyContext {
+    /// The domain VMs are reached under (`NAME.domain`).
+    pub domain: String,
+    /// The SSH port the lobby listens on, as clients dial it (22 is left out of
+    /// the printed commands).
+    pub port: u16,
+    /// The fingerprint of the key the session signed in with (`whoami` marks it).
+    pub current_key: Option<String>,
+}
+
+impl LobbyContext {
+    fn ssh_command(&self, name: &VmName) -> String {
+        match self.port {
+            22 => format!("ssh {name}@{}", self.domain),
+            port => format!("ssh -p {port} {name}@{}", self.domain),
+        }
+    }
+
+    /// `NAME` of `NAME` or `NAME.domain`.
+    fn vm_name(&self, raw: &str) -> Result<VmName, ManagerError> {
+        let raw = raw.trim_end_matches('.');
+        let label = raw
+            .strip_suffix(self.domain.as_str())
+            .and_then(|rest| rest.strip_suffix('.'))
+            .unwrap_or(raw);
+        Ok(VmName::new(label)?)
+    }
+}
+
+const HELP: &str = "\
+vmkit lobby: manage your VMs over SSH.
+
+Commands:
+  help                         this text
+  whoami [--json]              who you are signed in as, and your keys
+  ls [-l] [--json]             your VMs
+  new [--name N] [--image I] [--cpus N] [--memory MIB] [--disk GIB] [--json]
+                               make a VM
+  rm NAME...                   delete VMs
+  start NAME | stop NAME | restart NAME
+  ssh-key ls|add|rm            your SSH keys (add reads the key line from an
+                               argument or from stdin)
+  exit                         leave the lobby
+
+NAME is a VM name or NAME.domain. Every command takes --json.
+
+Examples:
+  ssh HOST new --name web
+  ssh HOST ls -l
+  ssh HOST ssh-key add < ~/.ssh/id_ed25519.pub
+  ssh HOST rm web
+";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmkit",
+    no_binary_name = true,
+    disable_help_subcommand = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct LobbyArgs {
+    #[command(subcommand)]
+    command: LobbyCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum LobbyCommand {
+    /// Prints the commands and examples.
+    Help,
+    /// Who you are.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists your VMs.
+    Ls {
+        #[arg(short = 'l')]
+        long: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Makes a VM.
+    New {
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        image: Option<String>,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        disk: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes VMs.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Starts a VM.
+    Start {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stops a VM.
+    Stop {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restarts a VM.
+    Restart {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Your SSH keys.
+    #[command(name = "ssh-key", subcommand)]
+    SshKey(SshKeyCommand),
+    /// Leaves the lobby.
+    Exit,
+}
+
+#[derive(Subcommand, Debug)]
+enum SshKeyCommand {
+    /// Lists your keys.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adds a key: the public key line as arguments, or on stdin.
+    Add {
+        #[arg(allow_hyphen_values = true)]
+        key: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Removes a key by fingerprint (`SHA256:...`).
+    Rm {
+        fingerprint: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Splits a command line into words: whitespace separates, single and double
+/// quotes group, a backslash escapes the next character.
+pub fn split_words(line: &str) -> Result<Vec<String>, String> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some('"') | None, '\\') => {
+                let next = chars.next().ok_or("a backslash ends the line")?;
+                word.push(next);
+                in_word = true;
+            }
+            (Some(_), c) => word.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                in_word = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if in_word {
+                    words.push(std::mem::take(&mut word));
+                    in_word = false;
+                }
+            }
+            (None, c) => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    if quote.is_some() {
+        return Err("a quote is not closed".into());
+    }
+    if in_word {
+        words.push(word);
+    }
+    Ok(words)
+}
+
+/// Whether `line` (a command line as the client sent it) asks for JSON output.
+fn wants_json(words: &[String]) -> bool {
+    words.iter().any(|w| w == "--json")
+}
+
+/// Whether the command reads its input from stdin (`ssh-key add` without a key).
+pub fn reads_stdin(words: &[String]) -> bool {
+    let plain: Vec<&str> = words
+        .iter()
+        .map(String::as_str)
+        .filter(|w| !w.starts_with("--"))
+        .collect();
+    plain == ["ssh-key", "add"]
+}
+
+/// Runs one command line for the caller of `commands`; `stdin` is what the client
+/// sent on the channel (read for `ssh-key add` without a key argument).
+pub async fn run(
+    commands: &Commands,
+    context: &LobbyContext,
+    words: &[String],
+    stdin: &str,
+) -> Output {
+    let json = wants_json(words);
+    if words.is_empty() {
+        return Output::ok(HELP.to_owned());
+    }
+    // Before parsing, so that no error message ever repeats a private key.
+    if words.iter().any(|w| w.contains("PRIVATE KEY")) {
+        return Output::failure(PRIVATE_KEY_REFUSED, "private_key_refused", json);
+    }
+    let args = match LobbyArgs::try_parse_from(words) {
+        Ok(args) => args,
+        Err(e) => {
+            let message = e.to_string();
+            let message = message
+                .trim()
+                .trim_start_matches("error: ")
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("Usage:") && !l.contains("--help"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let message = format!("{}; `help` lists the commands", message.trim());
+            return Output::failure(message, "invalid_command", json);
+        }
+    };
+    match execute(commands, context, args.command, stdin).await {
+        Ok(output) => output,
+        Err(LobbyError::Manager(e)) => error_output(commands, &e, json),
+        Err(LobbyError::Lobby { message, code }) => Output::failure(message, code, json),
+    }
+}
+
+fn error_output(commands: &Commands, e: &ManagerError, json: bool) -> Output {
+    Output::failure(error_message(commands, e), e.code(), json)
+}
+
+/// What the caller reads of `e`: the whole chain for an admin, the public message
+/// for others, nothing of an internal error (it is logged).
+fn error_message(commands: &Commands, e: &ManagerError) -> String {
+    if e.kind() == ErrorKind::Internal {
+        tracing::error!(error = ?e, "internal error in the SSH lobby");
+        "internal error; the host's log has the details".to_owned()
+    } else if commands.caller().is_admin() {
+        ErrorChain(e).to_string()
+    } else {
+        e.public_message()
+    }
+}
+
+fn json_line<T: Serialize + ?Sized>(value: &T) -> String {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => text + "\n",
+        Err(e) => format!("{{\"error\": \"could not encode the answer: {e}\"}}\n"),
+    }
+}
+
+fn vm_line(vm: &VmView, long: bool) -> String {
+    match long {
+        false => format!("{}\t{}\n", vm.name, vm.state.as_str()),
+        true => format!(
+            "{}\t{}\t{} vCPU\t{} MiB\t{}\t{}\n",
+            vm.name,
+            vm.state.as_str(),
+            vm.spec.vcpus,
+            vm.spec.memory_mib,
+            vm.spec.image,
+            vm.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
+        ),
+    }
+}
+
+async fn lifecycle(
+    commands: &Commands,
+    context: &LobbyContext,
+    verb: &str,
+    name: &str,
+    json: bool,
+) -> Result<Output, ManagerError> {
+    let name = context.vm_name(name)?;
+    let vm = match verb {
+        "start" => commands.start(&name).await?,
+        "stop" => commands.stop(&name).await?,
+        _ => commands.restart(&name).await?,
+    };
+    Ok(Output::ok(match json {
+        true => json_line(&vm),
+        false => format!("{} is {}\n", vm.name, vm.state.as_str()),
+    }))
+}
+
+/// Why a command failed: the command surface refused, or the lobby itself did.
+#[derive(Debug)]
+enum LobbyError {
+    Manager(ManagerError),
+    Lobby { message: String, code: &'static str },
+}
+
+impl From<ManagerError> for LobbyError {
+    fn from(e: ManagerError) -> Self {
+        Self::Manager(e)
+    }
+}
+
+const PRIVATE_KEY_REFUSED: &str = "that is a PRIVATE key: it never leaves your machine, and \
+     whoever saw it can sign in as you (make a new one). Give the public key instead: the \
+     one line of the .pub file, e.g. `ssh HOST ssh-key add < ~/.ssh/id_ed25519.pub`";
+
+/// Refuses a private key pasted where a public one belongs.
+fn public_key(line: &str) -> Result<SshPublicKey, LobbyError> {
+    if line.contains("PRIVATE KEY") {
+        return Err(LobbyError::Lobby {
+            message: PRIVATE_KEY_REFUSED.into(),
+            code: "private_key_refused",
+        });
+    }
+    SshPublicKey::parse(line).map_err(|e| LobbyError::Manager(e.into()))
+}
+
+async fn execute(
+    commands: &Commands,
+    context: &LobbyContext,
+    command: LobbyCommand,
+    stdin: &str,
+) -> Result<Output, LobbyError> {
+    Ok(match command {
+        LobbyCommand::Help => Output::ok(HELP.to_owned()),
+        LobbyCommand::Exit => Output {
+            stdout: "bye\n".into(),
+            exit: true,
+            ..Output::default()
+        },
+        LobbyCommand::Whoami { json } => {
+            let whoami = commands.whoami().await?;
+            let keys = commands.ssh_keys().await.unwrap_or_default();
+            match json {
+                true => json_line(&serde_json::json!({
+                    "whoami": whoami,
+                    "ssh_keys": keys.iter().map(|k| serde_json::json!({
+                        "fingerprint": k.fingerprint(),
+                        "key": k.to_openssh(),
+                        "current": context.current_key.as_deref() == Some(k.fingerprint().as_str()),
+                    })).collect::<Vec<_>>(),
+                })),
+                false => {
+                    let mut text = match &whoami.user {
+                        Some(user) => format!("user: {} (id {})\n", user.handle, user.id.0),
+                        None => format!("principal: {:?}\n", whoami.principal),
+                    };
+                    if whoami.admin {
+                        text.push_str("role: admin\n");
+                    }
+                    for key in &keys {
+                        let fingerprint = key.fingerprint();
+                        let current = match context.current_key.as_deref() {
+                            Some(current) if current == fingerprint => " (this session)",
+                            _ => "",
+                        };
+                        text.push_str(&format!("key: {fingerprint} {}{current}\n", key.comment()));
+                    }
+                    text
+                }
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Ls { long, json } => {
+            let vms = commands.list().await?;
+            match json {
+                true => json_line(&vms),
+                false if vms.is_empty() => "no VMs yet; make one with `new`\n".to_owned(),
+                false => vms.iter().map(|vm| vm_line(vm, long)).collect(),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::New {
+            name,
+            image,
+            cpus,
+            memory,
+            disk,
+            json,
+        } => {
+            let defaults = VmSpec::default();
+            let spec = VmSpec::new(image.unwrap_or(defaults.image.clone()))
+                .vcpus(cpus.unwrap_or(defaults.vcpus))
+                .memory_mib(memory.unwrap_or(defaults.memory_mib))
+                .disk_gib(disk.unwrap_or(defaults.disk_gib));
+            let owner = commands
+                .caller()
+                .owner()
+                .unwrap_or(vmkit_core::UserId::LOCAL);
+            let mut request = CreateRequest::new(owner, spec);
+            request.name = name.map(|n| context.vm_name(&n)).transpose()?;
+            let vm = commands.create(request).await?;
+            let ssh = context.ssh_command(&vm.name);
+            let url = format!("https://{}.{}/", vm.name, context.domain);
+            match json {
+                true => json_line(&serde_json::json!({ "vm": vm, "ssh": ssh, "url": url })),
+                false => format!("made {}\nssh:   {ssh}\nhttps: {url}\n", vm.name),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Rm { names, json } => {
+            // One failure does not stop the others; the status tells if any failed.
+            let mut deleted = Vec::new();
+            let mut failed = Vec::new();
+            for raw in &names {
+                let result = match context.vm_name(raw) {
+                    Ok(name) => commands
+                        .delete(&name, DeleteOptions::default())
+                        .await
+                        .map(|_| name),
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(name) => deleted.push(name),
+                    Err(e) => failed.push((raw.clone(), error_message(commands, &e), e.code())),
+                }
+            }
+            let mut output = match json {
+                true => Output::ok(json_line(&serde_json::json!({
+                    "deleted": deleted,
+                    "failed": failed
+                        .iter()
+                        .map(|(name, error, code)| serde_json::json!({
+                            "name": name, "error": error, "code": code,
+                        }))
+                        .collect::<Vec<_>>(),
+                }))),
+                false => Output {
+                    stdout: deleted.iter().map(|n| format!("deleted {n}\n")).collect(),
+                    stderr: failed
+                        .iter()
+                        .map(|(name, error, _)| format!("error: {name}: {error}\n"))
+                        .collect(),
+                    ..Output::default()
+                },
+            };
+            output.status = u32::from(!failed.is_empty());
+            output
+        }
+        LobbyCommand::Start { name, json } => {
+            lifecycle(commands, context, "start", &name, json).await?
+        }
+        LobbyCommand::Stop { name, json } => {
+            lifecycle(commands, context, "stop", &name, json).await?
+        }
+        LobbyCommand::Restart { name, json } => {
+            lifecycle(commands, context, "restart", &name, json).await?
+        }
+        LobbyCommand::SshKey(SshKeyCommand::Ls { json }) => {
+            let keys = commands.ssh_keys().await?;
+            match json {
+                true => json_line(
+                    &keys
+                        .iter()
+                        .map(|k| {
+                            serde_json::json!({
+                                "fingerprint": k.fingerprint(),
+                                "key": k.to_openssh(),
+                            })
+                        })
+                        .collect::<Vec<_>>(),
+                ),
+                false => keys
+                    .iter()
+                    .map(|k| format!("{} {}\n", k.fingerprint(), k.to_openssh()))
+                    .collect(),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::SshKey(SshKeyCommand::Add { key, json }) => {
+            let line = match key.is_empty() {
+                true => stdin.to_owned(),
+                false => key.join(" "),
+            };
+            let key = public_key(&line)?;
+            commands.add_ssh_key(&key).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "added": key.fingerprint() })),
+                false => format!("added {}\n", key.fingerprint()),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::SshKey(SshKeyCommand::Rm { fingerprint, json }) => {
+            commands.remove_ssh_key(&fingerprint).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "removed": fingerprint })),
+                false => format!("removed {fingerprint}\n"),
+            }
+            .pipe(Output::ok)
+        }
+    })
+}
+
+trait Pipe: Sized {
+    fn pipe<T>(self, f: impl FnOnce(Self) -> T) -> T {
+        f(self)
+    }
+}
+
+impl Pipe for String {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn words_are_split_with_quotes_and_escapes() {
+        assert_eq!(
+            split_words(r#"new --name web  'a b' "c \"d\"" e\ f"#).unwrap(),
+            vec!["new", "--name", "web", "a b", "c \"d\"", "e f"]
+        );
+        assert!(split_words("new 'open").is_err());
+        assert_eq!(split_words("   ").unwrap(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn ssh_key_add_without_a_key_reads_stdin() {
+        let words = |s: &str| split_words(s).unwrap();
+        assert!(reads_stdin(&words("ssh-key add")));
+        assert!(reads_stdin(&words("ssh-key add --json")));
+        assert!(!reads_stdin(&words("ssh-key add ssh-ed25519 AAAA")));
+        assert!(!reads_stdin(&words("ls")));
+    }
+
+    #[test]
+    fn a_pasted_private_key_is_refused() {
+        let err = public_key("-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n").unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                LobbyError::Lobby {
+                    code: "private_key_refused",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn names_accept_the_domain_suffix() {
+        let context = LobbyContext {
+            domain: "vm.example.com".into(),
+            port: 22,
+            current_key: None,
+        };
+        assert_eq!(context.vm_name("web").unwrap().as_str(), "web");
+        assert_eq!(
+            context.vm_name("web.vm.example.com").unwrap().as_str(),
+            "web"
+        );
+        assert!(context.vm_name("web.other.com").is_err());
+        assert_eq!(
+            context.ssh_command(&VmName::new("web").unwrap()),
+            "ssh web@vm.example.com"
+        );
+    }
+}

@@ -1,0 +1,568 @@
+//! The russh side: the listener loop, limits, sign-in and the session channels.
+//!
+//! Callbacks only record what the client asked for and reply; every command runs in
+//! a task of its own, which owns the channel and answers on it (russh #149).
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use russh::keys::Algorithm;
+use russh::server::{
+    Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
+};
+use russh::{Channel, ChannelId, ChannelMsg, Disconnect, MethodKind, MethodSet, Preferred};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn};
+use vmkit_core::{Caller, Credential, Door, Gateway, Manager, SshPublicKey};
+
+use super::lobby::{self, LobbyContext, Output};
+use super::{SshError, SshGateway};
+
+/// What a client reads before it signs in. Sent to every client (SSH sends the
+/// banner before the client names a key), so it says what to do if the key is not
+/// registered without claiming that it is not.
+const BANNER: &str = "vmkit: sign in with a registered SSH key. If yours is refused, ask the \
+host's operator to register it: vmkit user add HANDLE --key FILE (FILE: your .pub file).\r\n";
+
+/// The longest line the interactive prompt keeps, and the most stdin a command
+/// reads (`ssh-key add`).
+const MAX_INPUT: usize = 16 * 1024;
+
+/// What every connection shares.
+struct Shared {
+    manager: Manager,
+    gateway: Arc<dyn Gateway>,
+    lobby: LobbyContext,
+    russh: Arc<Config>,
+    auth_timeout: Duration,
+    max_connections_per_ip: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl Shared {
+    /// A slot for one more connection from `ip`, or `None` when it has as many
+    /// open as allowed.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Slot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= self.max_connections_per_ip {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            shared: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// One open connection from an address; given back when dropped.
+struct Slot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut open = self.shared.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// russh's configuration: public keys only, modern algorithms only.
+fn russh_config(gateway: &SshGateway) -> Config {
+    let preferred = Preferred {
+        kex: Cow::Borrowed(&[
+            russh::kex::CURVE25519,
+            russh::kex::CURVE25519_PRE_RFC_8731,
+            russh::kex::EXTENSION_SUPPORT_AS_SERVER,
+            russh::kex::EXTENSION_OPENSSH_STRICT_KEX_AS_SERVER,
+        ]),
+        key: Cow::Borrowed(&[Algorithm::Ed25519]),
+        cipher: Cow::Borrowed(&[
+            russh::cipher::CHACHA20_POLY1305,
+            russh::cipher::AES_256_GCM,
+            russh::cipher::AES_128_GCM,
+        ]),
+        // Only used with a cipher that has no MAC of its own; none offered has.
+        mac: Cow::Borrowed(&[russh::mac::HMAC_SHA512_ETM, russh::mac::HMAC_SHA256_ETM]),
+        compression: Cow::Borrowed(&[russh::compression::NONE]),
+        ..Preferred::default()
+    };
+
+    let mut config = Config::default();
+    config.server_id = russh::SshId::Standard(Cow::Borrowed("SSH-2.0-vmkit"));
+    config.methods = MethodSet::from(&[MethodKind::PublicKey][..]);
+    config.keys = vec![gateway.host_key.clone()];
+    config.preferred = preferred;
+    config.max_auth_attempts = gateway.config.max_auth_attempts;
+    // OpenSSH asks with "none" first to learn the methods: no need to make it wait.
+    config.auth_rejection_time_initial = Some(Duration::ZERO);
+    config.inactivity_timeout = Some(gateway.config.inactivity_timeout);
+    config.nodelay = true;
+    config
+}
+
+pub(super) async fn serve(
+    gateway: SshGateway,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SshError> {
+    let local = listener.local_addr().map_err(|source| SshError::Io {
+        what: "reading the listener's address".into(),
+        source,
+    })?;
+    let shared = Arc::new(Shared {
+        lobby: LobbyContext {
+            domain: gateway.config.domain.clone(),
+            port: gateway.config.public_port.unwrap_or(local.port()),
+            current_key: None,
+        },
+        russh: Arc::new(russh_config(&gateway)),
+        auth_timeout: gateway.config.auth_timeout,
+        max_connections_per_ip: gateway.config.max_connections_per_ip,
+        open: Mutex::new(HashMap::new()),
+        manager: gateway.manager,
+        gateway: gateway.gateway,
+    });
+    info!(address = %local, "SSH gateway listening");
+    let (closing_tx, closing) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Some(slot) = shared.admit(peer.ip()) else {
+                        debug!(%peer, "too many SSH connections from this address; closed");
+                        continue;
+                    };
+                    connections.spawn(connection(shared.clone(), stream, peer, slot, closing.clone()));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    warn!(error = %e, "accepting an SSH connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    let _ = closing_tx.send(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    mut closing: watch::Receiver<bool>,
+) {
+    let authenticated = Arc::new(AtomicBool::new(false));
+    let handler = Connection {
+        shared: shared.clone(),
+        peer,
+        caller: None,
+        lobby: shared.lobby.clone(),
+        authenticated: authenticated.clone(),
+        channels: HashMap::new(),
+    };
+    // One deadline from the accept to the sign-in, the greeting included.
+    let sign_in_by = tokio::time::Instant::now() + shared.auth_timeout;
+    let started = tokio::time::timeout_at(
+        sign_in_by,
+        russh::server::run_stream(shared.russh.clone(), stream, handler),
+    )
+    .await;
+    let mut session = match started {
+        Ok(Ok(session)) => session,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "SSH handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%peer, "no SSH greeting in time; closed");
+            return;
+        }
+    };
+    let handle = session.handle();
+    let deadline = tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            tokio::time::sleep_until(sign_in_by).await;
+            if !authenticated.load(Ordering::SeqCst) {
+                debug!(%peer, "no sign-in in time; closing");
+                let _ = handle
+                    .disconnect(
+                        Disconnect::ByApplication,
+                        "sign-in took too long".into(),
+                        String::new(),
+                    )
+                    .await;
+            }
+        }
+    });
+    let result = tokio::select! {
+        result = &mut session => result,
+        _ = closing.changed() => {
+            let _ = handle
+                .disconnect(
+                    Disconnect::ByApplication,
+                    "the gateway is shutting down".into(),
+                    String::new(),
+                )
+                .await;
+            match tokio::time::timeout(Duration::from_secs(5), &mut session).await {
+                Ok(result) => result,
+                Err(_) => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "SSH session ended with an error");
+    }
+    deadline.abort();
+    drop(slot);
+}
+
+/// A channel the client opened and has not yet said what to run in.
+struct Pending {
+    channel: Channel<Msg>,
+    pty: bool,
+}
+
+/// One connection's handler.
+struct Connection {
+    shared: Arc<Shared>,
+    peer: SocketAddr,
+    caller: Option<Caller>,
+    /// The lobby's context for this session (the key it signed in with).
+    lobby: LobbyContext,
+    authenticated: Arc<AtomicBool>,
+    channels: HashMap<ChannelId, Pending>,
+}
+
+impl Connection {
+    /// The caller `key` identifies, if anyone.
+    async fn identify(&self, key: &russh::keys::PublicKey) -> Result<Option<Caller>, russh::Error> {
+        let Ok(line) = key.to_openssh() else {
+            return Ok(None);
+        };
+        let Ok(key) = SshPublicKey::parse(&line) else {
+            // A key type vmkit does not register (DSA, a security key...).
+            return Ok(None);
+        };
+        match self
+            .shared
+            .gateway
+            .identify(Credential::SshKey(&key), Door::Ssh)
+            .await
+        {
+            Ok(caller) => Ok(caller),
+            Err(e) => {
+                warn!(peer = %self.peer, error = %vmkit_core::ErrorChain(&e), "identifying an SSH key failed");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Takes the pending channel `id` for a task to run in, and tells the client
+    /// the request succeeded.
+    fn start(
+        &mut self,
+        id: ChannelId,
+        session: &mut Session,
+    ) -> Result<Option<(Pending, Caller)>, russh::Error> {
+        match (self.channels.remove(&id), self.caller.clone()) {
+            (Some(pending), Some(caller)) => {
+                session.channel_success(id)?;
+                Ok(Some((pending, caller)))
+            }
+            _ => {
+                session.channel_failure(id)?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+impl Handler for Connection {
+    type Error = russh::Error;
+
+    async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
+        Ok(Some(BANNER.to_owned()))
+    }
+
+    async fn auth_publickey_offered(
+        &mut self,
+        _user: &str,
+        offer: PublicKeyOffer<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // Refusing here makes the client offer its next key: every key is tried.
+        Ok(match self.identify(offer.public_key).await? {
+            Some(_) => Auth::Accept,
+            None => {
+                debug!(peer = %self.peer, "an SSH key nobody registered was offered");
+                Auth::reject()
+            }
+        })
+    }
+
+    async fn auth_publickey(
+        &mut self,
+        user: &str,
+        key: VerifiedPublicKey<'_>,
+    ) -> Result<Auth, Self::Error> {
+        // The client proved it holds the key; identify it again (the record may
+        // have changed since the offer).
+        let Some(caller) = self.identify(key.public_key).await? else {
+            return Ok(Auth::reject());
+        };
+        info!(peer = %self.peer, user, principal = ?caller.principal, "signed in over SSH");
+        self.caller = Some(caller);
+        self.lobby.current_key = Some(
+            key.public_key
+                .fingerprint(russh::keys::HashAlg::Sha256)
+                .to_string(),
+        );
+        self.authenticated.store(true, Ordering::SeqCst);
+        Ok(Auth::Accept)
+    }
+
+    async fn channel_open_session(
+        &mut self,
+        channel: Channel<Msg>,
+        reply: ChannelOpenHandle,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if self.caller.is_none() {
+            // Dropping the reply refuses the channel.
+            return Ok(());
+        }
+        self.channels.insert(
+            channel.id(),
+            Pending {
+                channel,
+                pty: false,
+            },
+        );
+        reply.accept().await;
+        Ok(())
+    }
+
+    async fn pty_request(
+        &mut self,
+        channel: ChannelId,
+        _term: &str,
+        _col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _modes: &[(russh::Pty, u32)],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        match self.channels.get_mut(&channel) {
+            Some(pending) => {
+                pending.pty = true;
+                session.channel_success(channel)
+            }
+            None => session.channel_failure(channel),
+        }
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        data: &[u8],
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some((pending, caller)) = self.start(channel, session)? {
+            let line = String::from_utf8_lossy(data).into_owned();
+            tokio::spawn(exec(
+                self.shared.clone(),
+                self.lobby.clone(),
+                caller,
+                pending,
+                line,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some((pending, caller)) = self.start(channel, session)? {
+            tokio::spawn(shell(
+                self.shared.clone(),
+                self.lobby.clone(),
+                caller,
+                pending,
+            ));
+        }
+        Ok(())
+    }
+
+    async fn subsystem_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+}
+
+/// Writes `output` on the channel; with a pty, stderr goes with stdout (a terminal
+/// shows both) and lines end in CR LF.
+async fn write_output(channel: &Channel<Msg>, output: &Output, pty: bool) {
+    if pty {
+        let text = format!("{}{}", output.stdout, output.stderr).replace('\n', "\r\n");
+        let _ = channel.data_bytes(text.into_bytes()).await;
+        return;
+    }
+    if !output.stdout.is_empty() {
+        let _ = channel.data_bytes(output.stdout.clone().into_bytes()).await;
+    }
+    if !output.stderr.is_empty() {
+        let _ = channel
+            .extended_data_bytes(1, output.stderr.clone().into_bytes())
+            .await;
+    }
+}
+
+async fn finish(channel: &Channel<Msg>, status: u32) {
+    let _ = channel.exit_status(status).await;
+    let _ = channel.eof().await;
+    let _ = channel.close().await;
+}
+
+/// What the client sends on the channel until it closes its side (bounded).
+async fn read_stdin(channel: &mut Channel<Msg>) -> String {
+    let mut input = Vec::new();
+    while let Some(message) = channel.wait().await {
+        match message {
+            ChannelMsg::Data { data } => {
+                input.extend_from_slice(&data);
+                if input.len() > MAX_INPUT {
+                    break;
+                }
+            }
+            ChannelMsg::Eof | ChannelMsg::Close => break,
+            _ => {}
+        }
+    }
+    String::from_utf8_lossy(&input).into_owned()
+}
+
+/// `ssh HOST CMD`: one command, then the exit status.
+async fn exec(
+    shared: Arc<Shared>,
+    context: LobbyContext,
+    caller: Caller,
+    mut pending: Pending,
+    line: String,
+) {
+    let commands = shared.manager.commands(caller);
+    let output = match lobby::split_words(&line) {
+        Err(e) => Output::failure(e, "invalid_command", false),
+        Ok(words) => {
+            let stdin = match lobby::reads_stdin(&words) {
+                true => read_stdin(&mut pending.channel).await,
+                false => String::new(),
+            };
+            lobby::run(&commands, &context, &words, &stdin).await
+        }
+    };
+    write_output(&pending.channel, &output, pending.pty).await;
+    finish(&pending.channel, output.status).await;
+}
+
+const PROMPT: &str = "vmkit> ";
+
+/// `ssh HOST` (`-t`): a prompt, one command per line, until `exit` or end of input.
+async fn shell(shared: Arc<Shared>, context: LobbyContext, caller: Caller, mut pending: Pending) {
+    let commands = shared.manager.commands(caller);
+    let pty = pending.pty;
+    let channel = &mut pending.channel;
+    let greeting = "Welcome to the vmkit lobby: `help` lists the commands, `exit` leaves.\n";
+    let say = |text: &str| match pty {
+        true => text.replace('\n', "\r\n"),
+        false => text.to_owned(),
+    };
+    let _ = channel
+        .data_bytes(format!("{}{PROMPT}", say(greeting)).into_bytes())
+        .await;
+    let mut line: Vec<u8> = Vec::new();
+    let mut status = 0;
+    'session: while let Some(message) = channel.wait().await {
+        let data = match message {
+            ChannelMsg::Data { data } => data,
+            ChannelMsg::Eof | ChannelMsg::Close => break,
+            _ => continue,
+        };
+        for byte in data.iter().copied() {
+            match byte {
+                b'\r' | b'\n' => {
+                    if pty {
+                        let _ = channel.data_bytes(&b"\r\n"[..]).await;
+                    }
+                    let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
+                    let output = match lobby::split_words(&text) {
+                        Ok(words) if words.is_empty() => Output::default(),
+                        Ok(words) => lobby::run(&commands, &context, &words, "").await,
+                        Err(e) => Output::failure(e, "invalid_command", false),
+                    };
+                    write_output(channel, &output, pty).await;
+                    status = output.status;
+                    if output.exit {
+                        status = 0;
+                        break 'session;
+                    }
+                    let _ = channel.data_bytes(PROMPT.as_bytes().to_vec()).await;
+                }
+                // Backspace and delete.
+                0x08 | 0x7f => {
+                    let erased = line.pop().is_some();
+                    if erased && pty {
+                        let _ = channel.data_bytes(&b"\x08 \x08"[..]).await;
+                    }
+                }
+                // Ctrl-C drops the line.
+                0x03 => {
+                    line.clear();
+                    let _ = channel
+                        .data_bytes(format!("^C{}{PROMPT}", say("\n")).into_bytes())
+                        .await;
+                }
+                // Ctrl-D on an empty line leaves.
+                0x04 if line.is_empty() => break 'session,
+                byte if (byte >= 0x20 || byte == b'\t') && line.len() < MAX_INPUT => {
+                    line.push(byte);
+                    if pty {
+                        let _ = channel.data_bytes(vec![byte]).await;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    finish(channel, status).await;
+}

@@ -1,0 +1,608 @@
+//! The SSH lobby end to end: the real OpenSSH client (`ssh`, `ssh-keygen`) against
+//! [`SshGateway`] over a fake host's manager.
+#![cfg(feature = "ssh")]
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use vmkit_core::testing::FakeHost;
+use vmkit_core::{SshPublicKey, StateStore, StoreGateway, User, UserId, VmName};
+use vmkit_net::ssh::{SshConfig, SshGateway};
+
+const DOMAIN: &str = "vm.test";
+
+/// A lobby on 127.0.0.1 over a fake host, with its directory (host key, client
+/// keys, known_hosts).
+struct Lobby {
+    host: FakeHost,
+    dir: TempDir,
+    port: u16,
+    fingerprint: String,
+    stop: Option<oneshot::Sender<()>>,
+    served: tokio::task::JoinHandle<()>,
+}
+
+impl Lobby {
+    async fn start() -> Self {
+        Self::start_with(|config| config).await
+    }
+
+    async fn start_with(configure: impl FnOnce(SshConfig) -> SshConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(FakeHost::new().await, dir, configure).await
+    }
+
+    async fn start_in(
+        host: FakeHost,
+        dir: TempDir,
+        configure: impl FnOnce(SshConfig) -> SshConfig,
+    ) -> Self {
+        let store: Arc<dyn StateStore> = host.store.clone();
+        let gateway = Arc::new(StoreGateway::new(store, DOMAIN));
+        let config = configure(SshConfig::new(dir.path().join("host_ed25519"), DOMAIN));
+        let lobby = SshGateway::new(host.manager.clone(), gateway, config).unwrap();
+        let fingerprint = lobby.host_key_fingerprint();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let served = tokio::spawn(async move {
+            lobby
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            host,
+            dir,
+            port,
+            fingerprint,
+            stop: Some(stop),
+            served,
+        }
+    }
+
+    /// Stops the server and gives back the host and the directory.
+    async fn stop(mut self) -> (FakeHost, TempDir) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.served).await.unwrap();
+        (self.host, self.dir)
+    }
+
+    /// A new key pair made by `ssh-keygen`; the private key's path.
+    fn keygen(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let status = std::process::Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        path
+    }
+
+    /// A user `name` with one new key; the key's path.
+    async fn user(&self, id: u64, name: &str) -> PathBuf {
+        let key = self.keygen(name);
+        let user = User::new(UserId(id), vmkit_core::Handle::new(name).unwrap());
+        self.host.store.put_user(&user).await.unwrap();
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        let public = SshPublicKey::parse(&public).unwrap();
+        self.host
+            .store
+            .add_ssh_key(UserId(id), &public)
+            .await
+            .unwrap();
+        key
+    }
+
+    /// Runs `ssh` with `key` and `args` (options, then the command).
+    async fn ssh_with(&self, key: &Path, options: &[&str], command: &[&str]) -> Output {
+        self.ssh_input(key, options, command, None).await
+    }
+
+    /// Runs `ssh` with `input` on its stdin.
+    async fn ssh_input(
+        &self,
+        key: &Path,
+        options: &[&str],
+        command: &[&str],
+        input: Option<&str>,
+    ) -> Output {
+        let known = self.dir.path().join("known_hosts");
+        let mut ssh = tokio::process::Command::new("ssh");
+        ssh.args(["-F", "/dev/null", "-p", &self.port.to_string(), "-i"])
+            .arg(key)
+            .args([
+                "-o",
+                "IdentitiesOnly=yes",
+                "-o",
+                "IdentityAgent=none",
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "ConnectTimeout=20",
+                "-o",
+            ])
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args(options)
+            .arg("user@127.0.0.1")
+            .args(command)
+            .stdin(match input {
+                Some(_) => std::process::Stdio::piped(),
+                None => std::process::Stdio::null(),
+            })
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = ssh.spawn().unwrap();
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            use tokio::io::AsyncWriteExt;
+            stdin.write_all(input.as_bytes()).await.unwrap();
+            // With a pty, kept open: the session must end by `exit`, not by the
+            // end of input.
+            if options.contains(&"-tt") {
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    drop(stdin);
+                });
+            }
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(60), child.wait_with_output())
+            .await
+            .expect("ssh finishes")
+            .unwrap()
+    }
+
+    async fn ssh(&self, key: &Path, command: &[&str]) -> Output {
+        self.ssh_with(key, &[], command).await
+    }
+
+    /// Runs `ssh` until it succeeds (for up to 5 s); the last output.
+    async fn ssh_until_ok(&self, key: &Path, command: &[&str]) -> Output {
+        let mut output = self.ssh(key, command).await;
+        for _ in 0..50 {
+            if output.status.success() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            output = self.ssh(key, command).await;
+        }
+        output
+    }
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        output.status,
+        stdout(output),
+        stderr(output)
+    );
+}
+
+fn name(raw: &str) -> VmName {
+    VmName::new(raw).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whoami_names_the_user_of_the_key() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby.ssh(&alice, &["whoami"]).await;
+
+    assert_ok(&output);
+    assert!(
+        stdout(&output).contains("user: alice"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(
+        stdout(&output).contains("(this session)"),
+        "{}",
+        stdout(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vm_is_made_listed_stopped_started_and_removed() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let made = lobby.ssh(&alice, &["new", "--name", "web", "--json"]).await;
+    assert_ok(&made);
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    assert_eq!(made["vm"]["name"], "web");
+    assert_eq!(made["url"], "https://web.vm.test/");
+    assert!(
+        made["ssh"].as_str().unwrap().contains("web@vm.test"),
+        "{made}"
+    );
+    let vm = lobby.host.manager.get(&name("web")).await.unwrap();
+    assert_eq!(vm.owner, UserId(1));
+
+    let listed = lobby.ssh(&alice, &["ls", "--json"]).await;
+    assert_ok(&listed);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+    assert_eq!(listed[0]["name"], "web");
+
+    let text = lobby.ssh(&alice, &["ls"]).await;
+    assert_ok(&text);
+    assert!(stdout(&text).contains("web"), "{}", stdout(&text));
+
+    let stopped = lobby.ssh(&alice, &["stop", "web.vm.test"]).await;
+    assert_ok(&stopped);
+    assert!(stdout(&stopped).contains("stopped"), "{}", stdout(&stopped));
+
+    let started = lobby.ssh(&alice, &["start", "web"]).await;
+    assert_ok(&started);
+    assert!(stdout(&started).contains("running"), "{}", stdout(&started));
+
+    let removed = lobby.ssh(&alice, &["rm", "web"]).await;
+    assert_ok(&removed);
+    assert!(lobby.host.manager.get(&name("web")).await.is_err());
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_command_fails_with_a_message() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby.ssh(&alice, &["frobnicate"]).await;
+    let json = lobby.ssh(&alice, &["frobnicate", "--json"]).await;
+
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("frobnicate"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("help"), "{}", stderr(&output));
+    assert!(!json.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json["code"], "invalid_command");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_vm_is_answered_as_a_missing_one() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let bob = lobby.user(2, "bob").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let theirs = lobby.ssh(&bob, &["stop", "web", "--json"]).await;
+    let missing = lobby.ssh(&bob, &["stop", "nothing", "--json"]).await;
+
+    assert!(!theirs.status.success());
+    assert!(!missing.status.success());
+    let theirs: serde_json::Value = serde_json::from_slice(&theirs.stdout).unwrap();
+    let missing: serde_json::Value = serde_json::from_slice(&missing.stdout).unwrap();
+    assert_eq!(theirs["code"], missing["code"]);
+    assert_eq!(
+        theirs["error"].as_str().unwrap().replace("web", "NAME"),
+        missing["error"]
+            .as_str()
+            .unwrap()
+            .replace("nothing", "NAME")
+    );
+    let listed = lobby.ssh(&bob, &["ls", "--json"]).await;
+    assert_eq!(stdout(&listed).trim(), "[]");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_key_is_refused_with_how_to_get_access() {
+    let lobby = Lobby::start().await;
+    let stranger = lobby.keygen("stranger");
+
+    let output = lobby.ssh(&stranger, &["whoami"]).await;
+
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("vmkit user add"),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_offered_key_is_tried() {
+    let lobby = Lobby::start().await;
+    let stranger = lobby.keygen("stranger");
+    let alice = lobby.user(1, "alice").await;
+
+    // The unregistered key first, then alice's.
+    let output = lobby
+        .ssh_with(&stranger, &["-i", alice.to_str().unwrap()], &["whoami"])
+        .await;
+
+    assert_ok(&output);
+    assert!(
+        stdout(&output).contains("user: alice"),
+        "{}",
+        stdout(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_key_is_the_same_after_a_restart() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["whoami"]).await);
+    let fingerprint = lobby.fingerprint.clone();
+    let (host, dir) = lobby.stop().await;
+
+    let lobby = Lobby::start_in(host, dir, |config| config).await;
+    // known_hosts holds the key seen before the restart, under another port:
+    // with strict checking, the same key is accepted only if it is unchanged.
+    let known = std::fs::read_to_string(lobby.dir.path().join("known_hosts")).unwrap();
+    let old_port_entry = known.lines().next().unwrap().to_owned();
+    let entry = old_port_entry.replacen(
+        &old_port_entry[..old_port_entry.find(' ').unwrap()],
+        &format!("[127.0.0.1]:{}", lobby.port),
+        1,
+    );
+    std::fs::write(lobby.dir.path().join("known_hosts"), entry + "\n").unwrap();
+    let output = lobby
+        .ssh_with(&alice, &["-o", "StrictHostKeyChecking=yes"], &["whoami"])
+        .await;
+
+    assert_eq!(lobby.fingerprint, fingerprint);
+    assert_ok(&output);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_password_is_asked_for() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_with(
+            &alice,
+            &[
+                "-o",
+                "PreferredAuthentications=password,keyboard-interactive",
+            ],
+            &["whoami"],
+        )
+        .await;
+
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("Permission denied (publickey)"),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sha1_key_exchange_is_refused() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_with(
+            &alice,
+            &["-o", "KexAlgorithms=diffie-hellman-group14-sha1"],
+            &["whoami"],
+        )
+        .await;
+
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("no matching key exchange method"),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cbc_cipher_is_refused() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_with(&alice, &["-o", "Ciphers=aes128-cbc"], &["whoami"])
+        .await;
+
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("no matching cipher"),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_keys_are_listed_added_and_a_private_key_refused() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let second = lobby.keygen("second");
+    let second_public = std::fs::read_to_string(second.with_extension("pub")).unwrap();
+    let mut args = vec!["ssh-key", "add"];
+    args.extend(second_public.split_whitespace());
+
+    let added = lobby.ssh(&alice, &args).await;
+    let private = std::fs::read_to_string(&second).unwrap();
+    let quoted = format!("'{}'", private.trim());
+    let refused = lobby.ssh(&alice, &["ssh-key", "add", &quoted]).await;
+    let listed = lobby.ssh(&alice, &["ssh-key", "ls", "--json"]).await;
+    let with_second = lobby.ssh(&second, &["whoami"]).await;
+
+    assert_ok(&added);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("PRIVATE key"),
+        "{}",
+        stderr(&refused)
+    );
+    assert_ok(&listed);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert_ok(&with_second);
+    assert!(stdout(&with_second).contains("user: alice"));
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_runs_commands_until_exit() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_input(&alice, &["-tt"], &[], Some("whoami\nexit\n"))
+        .await;
+
+    assert_ok(&output);
+    let text = stdout(&output);
+    assert!(text.contains("vmkit> "), "{text}");
+    assert!(text.contains("user: alice"), "{text}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_key_add_reads_the_key_from_stdin() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let second = lobby.keygen("second");
+    let second_public = std::fs::read_to_string(second.with_extension("pub")).unwrap();
+
+    let added = lobby
+        .ssh_input(&alice, &[], &["ssh-key", "add"], Some(&second_public))
+        .await;
+    let with_second = lobby.ssh(&second, &["whoami"]).await;
+
+    assert_ok(&added);
+    assert_ok(&with_second);
+    lobby.stop().await;
+}
+
+/// What the server sends on a raw TCP connection within `wait`, until it closes
+/// its side or the time is up; and whether it closed.
+async fn read_raw(stream: &mut tokio::net::TcpStream, wait: Duration) -> (String, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&received).into(), true),
+            Ok(Ok(n)) => received.extend_from_slice(&buffer[..n]),
+            Err(_) => return (String::from_utf8_lossy(&received).into(), false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_sign_in_in_time_is_disconnected() {
+    let lobby = Lobby::start_with(|config| config.auth_timeout(Duration::from_secs(1))).await;
+
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let (greeting, closed) = read_raw(&mut idle, Duration::from_secs(10)).await;
+
+    assert!(greeting.starts_with("SSH-2.0-vmkit"), "{greeting:?}");
+    assert!(closed, "the connection is still open");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_per_address_are_closed() {
+    let lobby = Lobby::start_with(|config| config.max_connections_per_ip(2)).await;
+    let alice = lobby.user(1, "alice").await;
+
+    let mut first = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let mut second = tokio::net::TcpStream::connect(("127.0.0.1", lobby.port))
+        .await
+        .unwrap();
+    let (first_greeting, _) = read_raw(&mut first, Duration::from_millis(500)).await;
+    let (second_greeting, _) = read_raw(&mut second, Duration::from_millis(500)).await;
+    let refused = lobby.ssh(&alice, &["whoami"]).await;
+    drop((first, second));
+    // The server frees the slots once it sees the connections closed.
+    let admitted = lobby.ssh_until_ok(&alice, &["whoami"]).await;
+
+    assert!(first_greeting.starts_with("SSH-2.0-"), "{first_greeting:?}");
+    assert!(
+        second_greeting.starts_with("SSH-2.0-"),
+        "{second_greeting:?}"
+    );
+    assert!(!refused.status.success());
+    assert_ok(&admitted);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_goes_on_past_a_failure_and_fails() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let output = lobby.ssh(&alice, &["rm", "nothing", "web"]).await;
+
+    assert!(!output.status.success());
+    assert!(
+        stdout(&output).contains("deleted web"),
+        "{}",
+        stdout(&output)
+    );
+    assert!(stderr(&output).contains("nothing"), "{}", stderr(&output));
+    assert!(lobby.host.manager.get(&name("web")).await.is_err());
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_client_negotiates_strict_kex_and_an_aead_cipher() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby.ssh_with(&alice, &["-vvv"], &["whoami"]).await;
+
+    assert_ok(&output);
+    let log = stderr(&output);
+    assert!(log.contains("will use strict KEX ordering"), "{log}");
+    assert!(log.contains("kex: algorithm: curve25519-sha256"), "{log}");
+    assert!(
+        log.contains("kex: host key algorithm: ssh-ed25519"),
+        "{log}"
+    );
+    assert!(
+        log.contains("kex: server->client cipher: chacha20-poly1305@openssh.com"),
+        "{log}"
+    );
+    lobby.stop().await;
+}
