@@ -41,7 +41,7 @@ struct StaticNetwork {
 impl StaticNetwork {
     fn new(pool: IpPool) -> Self {
         let addresses = pool.guest_addresses().collect();
-        tracing::info!(?addresses, gateway = %pool.gateway(), "static network");
+        tracing::info!(?addresses, gateway = %pool.host_address(), "static network");
         Self {
             pool,
             addresses,

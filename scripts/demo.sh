@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: installs what vmkit needs, builds the guest agent
-# and the tiny image, starts the daemon (if it is not running), creates a VM, runs
-# `uname -a` in it, and says what to try next.
+# and the tiny image, starts the daemon (if it is not running) with its SSH lobby on
+# port 2222, creates a VM and runs `uname -a` in it; then registers a user with an
+# SSH key and makes a VM as that user through the lobby (`ssh -p 2222 localhost new`),
+# and says what to try next.
 #
 # Run with: scripts/demo.sh (as root)
 # State goes to $VMKIT_DATA_DIR (default /var/lib/vmkit).
@@ -34,7 +36,8 @@ if "$vmkit" vm ls >/dev/null 2>&1; then
 else
     say "starting vmkit-gateway (log: $VMKIT_DATA_DIR/gateway.log)"
     mkdir -p "$VMKIT_DATA_DIR"
-    nohup "$bin/vmkit-gateway" >>"$VMKIT_DATA_DIR/gateway.log" 2>&1 &
+    VMKIT_SSH_LISTEN="${VMKIT_SSH_LISTEN:-0.0.0.0:2222}" \
+        nohup "$bin/vmkit-gateway" >>"$VMKIT_DATA_DIR/gateway.log" 2>&1 &
     echo $! >"$VMKIT_DATA_DIR/gateway.pid"
     for _ in $(seq 100); do
         "$vmkit" vm ls >/dev/null 2>&1 && break
@@ -48,6 +51,29 @@ time "$vmkit" vm create "$name" --image tiny
 say "running uname -a inside $name"
 "$vmkit" vm exec "$name" -- uname -a
 
+lobby_port=2222
+if ! (exec 3<>"/dev/tcp/127.0.0.1/$lobby_port") 2>/dev/null; then
+    say "the running daemon has no SSH lobby on port $lobby_port (set [ssh] listen, restart it)"
+else
+    key="$VMKIT_DATA_DIR/demo_ed25519"
+    [ -f "$key" ] || ssh-keygen -q -t ed25519 -N "" -C "vmkit demo" -f "$key"
+    users=$("$vmkit" user ls --json)
+    if ! grep -q '"handle":"demo"' <<<"$users"; then
+        say "registering user demo with the key $key.pub"
+        "$vmkit" user add demo --key "$key.pub"
+    fi
+    lobby=(ssh -p "$lobby_port" -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes
+        -o StrictHostKeyChecking=accept-new -o "UserKnownHostsFile=$VMKIT_DATA_DIR/demo_known_hosts"
+        -o LogLevel=error demo@localhost)
+    ssh_name="ssh-$(date +%s)"
+    say "as user demo, over SSH: ${lobby[*]} new --name $ssh_name --image tiny"
+    time "${lobby[@]}" new --name "$ssh_name" --image tiny
+    say "as user demo, over SSH: ls"
+    "${lobby[@]}" ls
+    say "running uname -a inside $ssh_name"
+    "$vmkit" vm exec "$ssh_name" -- uname -a
+fi
+
 cat <<MSG
 
 It works. Try next:
@@ -57,6 +83,7 @@ It works. Try next:
   $vmkit vm stop $name; $vmkit vm start $name
   $vmkit events                             what happened, in order
   $vmkit vm rm $name                        remove it and everything it held
+  ssh -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 demo@localhost help   the SSH lobby, as user demo
 The daemon keeps running (pid $(cat "$VMKIT_DATA_DIR/gateway.pid" 2>/dev/null || echo '?')); stop it with
   kill \$(cat $VMKIT_DATA_DIR/gateway.pid)    VMs keep running and are re-attached at its next start
 MSG

@@ -10,6 +10,7 @@
 #   nftables, iproute2            the bridge network backend
 #   mmdebstrap                    the Debian base image
 #   file                          telling what a binary is
+#   openssh-client                ssh and ssh-keygen: the SSH lobby's tests and demo
 #
 # qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
 # suite (a newer one from backports, say) makes apt remove it when it installs
@@ -29,6 +30,7 @@ PACKAGES=(
 	iproute2
 	mmdebstrap
 	file
+	openssh-client
 )
 
 # Each program vmkit runs: its package, then the command that makes it print a version.
@@ -44,6 +46,7 @@ PROGRAMS=(
 	"cpio cpio --version"
 	"busybox-static busybox --help"
 	"file file --version"
+	"openssh-client ssh -V"
 )
 
 sudo=()

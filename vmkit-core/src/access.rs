@@ -18,10 +18,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::share::{Access, Share, ShareTarget};
-use crate::state::VmState;
 use crate::token::TokenHash;
 use crate::user::{Role, User, UserId, UserStatus};
 use crate::vm::VmRecord;
+use crate::vm_state::VmState;
 
 /// The door a request came through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -203,6 +203,8 @@ impl From<&SshPublicKey> for SshKeyInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct UserInfo {
+    /// Their id (what a VM's `owner` says).
+    pub id: crate::UserId,
     /// Their handle.
     pub handle: String,
     /// Their contact address, if known.
@@ -222,6 +224,7 @@ impl UserInfo {
     /// The view of `user` with their `keys`.
     pub fn new(user: &User, keys: &[SshPublicKey]) -> Self {
         Self {
+            id: user.id,
             handle: user.handle.to_string(),
             email: user.email.clone(),
             role: user.role,

@@ -10,10 +10,10 @@ use crate::name::{NameError, VmName};
 use crate::network::NetworkError;
 use crate::quota::QuotaExceeded;
 use crate::spec::SpecError;
-use crate::state::VmState;
+use crate::state_store::StoreError;
 use crate::storage::StorageError;
-use crate::store::StoreError;
 use crate::user::{Handle, HandleError, SshKeyError};
+use crate::vm_state::VmState;
 
 /// What kind of failure an error is; transports (REST, SSH, MCP) map this to their
 /// own status codes in one place.

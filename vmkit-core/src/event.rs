@@ -3,9 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::name::VmName;
-use crate::state::VmState;
 use crate::time::Timestamp;
 use crate::vm::VmId;
+use crate::vm_state::VmState;
 
 /// What happened.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

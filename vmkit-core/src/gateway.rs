@@ -25,10 +25,10 @@ use serde::{Deserialize, Serialize};
 use crate::access::{AccessPolicy, Action, Caller, Denied, Door, Policy};
 use crate::name::VmName;
 use crate::share::Share;
-use crate::state::VmState;
-use crate::store::{StateStore, StoreError};
+use crate::state_store::{StateStore, StoreError};
 use crate::user::SshPublicKey;
 use crate::vm::{VmId, VmRecord};
+use crate::vm_state::VmState;
 
 /// A credential a client presented.
 #[derive(Clone, Copy, Debug)]

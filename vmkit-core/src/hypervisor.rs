@@ -7,9 +7,9 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::address::MacAddr;
 use crate::confine::Confinement;
 use crate::name::VmName;
-use crate::net::MacAddr;
 use crate::storage::DiskFormat;
 use crate::vm::VmId;
 

@@ -53,6 +53,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod access;
+mod address;
 pub mod api;
 mod confine;
 mod error;
@@ -63,25 +64,25 @@ mod image;
 mod invite;
 mod manager;
 mod name;
-mod net;
 mod network;
 mod quota;
 mod share;
 mod snapshot;
 mod spec;
-mod state;
+mod state_store;
 mod storage;
-mod store;
 mod time;
 mod token;
 mod user;
 mod view;
 mod vm;
+mod vm_state;
 
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use access::{AccessPolicy, Action, Caller, Denied, Door, Grant, Needs, Policy, Principal};
+pub use address::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, EventRetention, NewEvent};
@@ -103,18 +104,16 @@ pub use manager::{
     VmMetrics, Whoami,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
-pub use net::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
 pub use quota::{Quota, QuotaExceeded, QuotaResource, Usage};
 pub use share::{Access, Share, ShareTarget};
 pub use snapshot::Snapshot;
 pub use spec::{DEFAULT_IMAGE, SpecError, SpecLimits, VmSpec};
-pub use state::VmState;
+pub use state_store::{StateStore, StoreCapabilities, StoreError};
 pub use storage::{
     BaseImage, CloneMethod, DiskFormat, Storage, StorageCapabilities, StorageError, Volume,
     VolumeKind,
 };
-pub use store::{StateStore, StoreCapabilities, StoreError};
 pub use time::Timestamp;
 pub use token::{TokenHash, TokenHashError, new_secret};
 pub use user::{
@@ -123,6 +122,7 @@ pub use user::{
 };
 pub use view::{MetricsView, SnapshotView, VmView, VmmView};
 pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};
+pub use vm_state::VmState;
 
 /// The attribute the backend traits are declared with, re-exported so that a backend
 /// implements them with the same version.

@@ -31,13 +31,13 @@ use crate::name::VmName;
 use crate::network::Network;
 use crate::quota::Quota;
 use crate::spec::{SpecLimits, VmSpec};
-use crate::state::VmState;
+use crate::state_store::StateStore;
 use crate::storage::{Storage, Volume};
-use crate::store::StateStore;
 use crate::time::Timestamp;
 use crate::token::TokenHash;
 use crate::user::UserId;
 use crate::vm::{Health, Idempotency, VmId, VmRecord};
+use crate::vm_state::VmState;
 
 mod agents;
 mod commands;
@@ -559,7 +559,7 @@ impl Manager {
 
     fn vmm_of(&self, vm: &VmRecord) -> Result<VmmHandle, ManagerError> {
         vm.resources.vmm.clone().ok_or_else(|| {
-            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+            ManagerError::Store(crate::state_store::StoreError::Corrupt(format!(
                 "VM {} is {} but has no VMM",
                 vm.name, vm.state
             )))
@@ -572,7 +572,7 @@ impl Manager {
         image: &crate::image::Image,
     ) -> Result<MachineConfig, ManagerError> {
         let root = vm.resources.root.as_ref().ok_or_else(|| {
-            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+            ManagerError::Store(crate::state_store::StoreError::Corrupt(format!(
                 "VM {} has no root volume",
                 vm.name
             )))

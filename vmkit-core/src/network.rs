@@ -5,7 +5,7 @@ use std::net::Ipv4Addr;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::net::{IpLease, IpPool, MacAddr};
+use crate::address::{IpLease, IpPool, MacAddr};
 use crate::vm::VmId;
 
 /// A VM's place on the network: its TAP and what the guest must be told.

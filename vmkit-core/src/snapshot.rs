@@ -5,8 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::address::MacAddr;
 use crate::name::VmName;
-use crate::net::MacAddr;
 use crate::spec::VmSpec;
 use crate::storage::Volume;
 use crate::time::Timestamp;

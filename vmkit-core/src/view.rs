@@ -11,17 +11,17 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 
 use crate::access::Caller;
+use crate::address::MacAddr;
 use crate::hypervisor::VmmState;
 use crate::manager::VmMetrics;
 use crate::name::VmName;
-use crate::net::MacAddr;
 use crate::snapshot::Snapshot;
 use crate::spec::VmSpec;
-use crate::state::VmState;
 use crate::storage::Volume;
 use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord, VmResources};
+use crate::vm_state::VmState;
 
 /// A VM as a caller sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,16 +6,16 @@ use std::str::FromStr;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+use crate::address::IpLease;
 use crate::hypervisor::VmmHandle;
 use crate::name::VmName;
-use crate::net::IpLease;
 use crate::network::NetAttachment;
 use crate::spec::VmSpec;
-use crate::state::VmState;
 use crate::storage::Volume;
 use crate::time::Timestamp;
 use crate::token::TokenHash;
 use crate::user::UserId;
+use crate::vm_state::VmState;
 
 /// A VM's stable identity: random, never reused, independent of its name.
 ///

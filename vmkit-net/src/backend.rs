@@ -80,8 +80,8 @@ impl BridgeNetwork {
         let usable = subnet.contains(lease.ip)
             && lease.ip != subnet.network()
             && lease.ip != subnet.broadcast()
-            && lease.ip != pool.gateway()
-            && lease.gateway == pool.gateway()
+            && lease.ip != pool.host_address()
+            && lease.gateway == pool.host_address()
             && lease.prefix == subnet.prefix();
         if !usable {
             return Err(NetworkError::ForeignLease(lease.ip));
@@ -128,7 +128,7 @@ impl Network for BridgeNetwork {
             .worker
             .run(move |ctx| async move { attach(&ctx.netlink, &cfg, owner, vm, &l).await })
             .await?;
-        core_types::attachment(vm, tap, lease, vec![self.pool.gateway()])
+        core_types::attachment(vm, tap, lease, vec![self.pool.host_address()])
     }
 
     async fn detach(&self, vm: VmId) -> Result<(), NetworkError> {
@@ -244,7 +244,7 @@ fn vmkit_taps<'a>(
 // ------------------------------------------------------------------ jobs
 
 async fn setup(h: &Handle, cfg: &BridgeConfig, pool: IpPool) -> Result<(), NetworkError> {
-    let gateway = pool.gateway();
+    let gateway = pool.host_address();
     let all = links::links(h).await?;
     let existing = all.iter().find(|l| l.name == cfg.bridge);
     if let Some(l) = existing

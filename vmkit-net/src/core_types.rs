@@ -42,7 +42,7 @@ mod tests {
         let pool = IpPool::new("10.88.0.0/16".parse().unwrap()).unwrap();
         let vm = VmId::generate();
         let lease = IpLease::new(vm, Ipv4Addr::new(10, 88, 0, 2), &pool);
-        let a = attachment(vm, "tap".into(), &lease, vec![pool.gateway()]).unwrap();
+        let a = attachment(vm, "tap".into(), &lease, vec![pool.host_address()]).unwrap();
         assert_eq!(
             (a.vm, a.ip, a.mac, a.gateway),
             (vm, lease.ip, lease.mac, lease.gateway)

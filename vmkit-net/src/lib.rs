@@ -60,7 +60,7 @@
 //!
 //! # fn main() -> Result<(), vmkit_core::NetworkError> {
 //! let network = BridgeNetwork::new(BridgeConfig::new().dns(DnsForwarding::Local))?;
-//! assert_eq!(network.pool().gateway().to_string(), "10.88.0.1");
+//! assert_eq!(network.pool().host_address().to_string(), "10.88.0.1");
 //! assert!(network.capabilities().anti_spoof);
 //! // As root: network.setup_host().await?; network.attach(vm, &lease).await?;
 //! # Ok(())

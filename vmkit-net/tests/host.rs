@@ -221,7 +221,7 @@ async fn attach_refuses_a_lease_of_another_vm_and_links_that_are_not_taps() {
 
     let wrong_owner = net.attach(a, &lease_of_b).await;
     let not_a_tap = net.attach(a, &lease_of_a).await;
-    let gateway = IpLease::new(a, pool.gateway(), &pool);
+    let gateway = IpLease::new(a, pool.host_address(), &pool);
     let on_gateway = net.attach(a, &gateway).await;
 
     assert!(

@@ -61,6 +61,53 @@ pub struct Config {
     pub events: EventsSection,
     /// Users and who may register.
     pub users: UsersSection,
+    /// The SSH lobby.
+    pub ssh: SshSection,
+}
+
+/// The SSH lobby (`ssh HOST CMD`): off until `listen` is set.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SshSection {
+    /// Address and port to serve SSH on, such as `0.0.0.0:2222` (2222 leaves the
+    /// host's own sshd its port 22); empty: no SSH lobby.
+    pub listen: String,
+    /// The domain VMs are named under (`NAME.domain`), for the addresses the lobby
+    /// prints.
+    pub domain: String,
+    /// The port clients dial, when it is not the one in `listen` (behind a port
+    /// forward, say); 0: the one in `listen`.
+    pub public_port: u16,
+    /// The host key (ed25519; made at the first start); relative paths are under
+    /// the data directory.
+    pub host_key: PathBuf,
+}
+
+impl Default for SshSection {
+    fn default() -> Self {
+        Self {
+            listen: String::new(),
+            domain: "localhost".into(),
+            public_port: 0,
+            host_key: PathBuf::from("ssh_host_ed25519_key"),
+        }
+    }
+}
+
+impl SshSection {
+    /// The address to serve on; `None` when the lobby is off.
+    pub fn listen(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        if self.listen.trim().is_empty() {
+            return Ok(None);
+        }
+        self.listen.trim().parse().map(Some).map_err(|_| {
+            anyhow::anyhow!(
+                "[ssh] listen = {:?} is not an address and port; write it as 0.0.0.0:2222 \
+                 (or leave it empty to turn the SSH lobby off)",
+                self.listen
+            )
+        })
+    }
 }
 
 /// Users: who may register themselves.
@@ -319,6 +366,7 @@ impl Default for Config {
             default_root_gib: 10,
             events: EventsSection::default(),
             users: UsersSection::default(),
+            ssh: SshSection::default(),
         }
     }
 }

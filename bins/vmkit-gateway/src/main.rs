@@ -11,6 +11,7 @@ mod notify;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -216,6 +217,10 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     // is handled.
     notify::ready();
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let lobby = match config.ssh.listen()? {
+        Some(addr) => Some(serve_ssh(&config, &manager, addr, stopping.clone()).await?),
+        None => None,
+    };
     let app = api::router(api::AppState {
         manager,
         shutdown: stopping,
@@ -230,6 +235,12 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         })
         .await;
     monitor.abort();
+    if let Some(lobby) = lobby {
+        // It saw the same stop: its sessions are closing.
+        if let Err(e) = lobby.await {
+            warn!(error = %e, "the SSH lobby's task failed");
+        }
+    }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(error = %e, "cannot remove the API socket");
     }
@@ -249,6 +260,47 @@ fn fake_backends(_: &Config) -> anyhow::Result<vmkit_core::Backends> {
         "this vmkit-gateway was built without the fake-backends feature; run it without \
          --fake-backends, or build it with `cargo build -p vmkit-gateway --features fake-backends`"
     )
+}
+
+/// Starts the SSH lobby on `addr`; it stops when `stopping` turns true.
+async fn serve_ssh(
+    config: &Config,
+    manager: &Manager,
+    addr: std::net::SocketAddr,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use vmkit_net::ssh::{SshConfig, SshGateway};
+    let ssh = &config.ssh;
+    let host_key = config.data_dir.join(&ssh.host_key);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the SSH lobby to {addr} ([ssh] listen)"))?;
+    let bound = listener
+        .local_addr()
+        .context("reading the SSH lobby's address")?;
+    let public_port = match ssh.public_port {
+        0 => bound.port(),
+        port => port,
+    };
+    let gateway = Arc::new(vmkit_core::StoreGateway::new(
+        manager.backends().store.clone(),
+        ssh.domain.clone(),
+    ));
+    let lobby = SshGateway::new(
+        manager.clone(),
+        gateway,
+        SshConfig::new(&host_key, ssh.domain.clone()).public_port(public_port),
+    )
+    .with_context(|| format!("loading the SSH host key {}", host_key.display()))?;
+    info!(address = %bound, host_key = %lobby.host_key_fingerprint(), "serving the SSH lobby");
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = lobby.serve(listener, stop).await {
+            error!(error = %e, "the SSH lobby stopped");
+        }
+    }))
 }
 
 async fn ensure_local_user(store: &dyn StateStore) -> anyhow::Result<()> {

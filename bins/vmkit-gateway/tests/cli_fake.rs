@@ -4,6 +4,7 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
+use std::process::Output;
 use std::time::Duration;
 
 use support::{Daemon, json, stderr, stdout};
@@ -596,4 +597,85 @@ fn users_and_invites_through_the_cli() {
         "{}",
         stdout(&out)
     );
+}
+
+/// The real OpenSSH client against the daemon's SSH lobby.
+fn ssh(dir: &std::path::Path, port: u16, key: &std::path::Path, command: &[&str]) -> Output {
+    std::process::Command::new("ssh")
+        .args(["-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "LogLevel=error",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            dir.join("known_hosts").display()
+        ))
+        .arg("carol@127.0.0.1")
+        .args(command)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_user_the_operator_added_makes_a_vm_through_the_ssh_lobby_and_it_is_theirs() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_SSH_LISTEN", &listen),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+        ],
+    );
+    let key = d.data_dir.join("carol_id");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "carol", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let public = key.with_extension("pub");
+
+    let refused = ssh(&d.data_dir, port, &key, &["whoami"]);
+    assert!(!refused.status.success(), "an unknown key gets nothing");
+
+    let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = ssh(&d.data_dir, port, &key, &["new", "--name", "web", "--json"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let made = json(&out);
+    assert_eq!(made["vm"]["name"], "web", "{made}");
+    assert_eq!(made["ssh"], format!("ssh -p {port} web@vm.test"), "{made}");
+    let out = ssh(&d.data_dir, port, &key, &["ls", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = json(&out);
+    assert_eq!(listed[0]["name"], "web", "{listed}");
+    assert!(
+        listed[0].get("resources").is_none(),
+        "a user's view: {listed}"
+    );
+
+    // The operator sees the VM, owned by carol, with its host side.
+    let carol = json(&d.cli(&["--json", "user", "ls"]))[0]["id"].clone();
+    let shown = json(&d.cli(&["--json", "vm", "show", "web"]));
+    assert_eq!(shown["owner"], carol, "{shown}");
+    assert!(shown["resources"]["vmm"]["pid"].is_u64(), "{shown}");
+
+    let out = ssh(&d.data_dir, port, &key, &["rm", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = d.cli(&["--json", "vm", "ls"]);
+    assert_eq!(json(&out), serde_json::json!([]));
 }

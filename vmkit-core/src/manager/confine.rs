@@ -47,7 +47,7 @@ impl Manager {
             return Ok(None);
         };
         let uid = vm.resources.uid.ok_or_else(|| {
-            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+            ManagerError::Store(crate::state_store::StoreError::Corrupt(format!(
                 "VM {} has no VMM uid although VMMs are confined; restart the daemon to give it one",
                 vm.name
             )))

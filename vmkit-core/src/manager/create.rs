@@ -316,8 +316,8 @@ impl Manager {
             }
         }
         // 34 * 34 * 9000 names: sixteen collisions in a row means the store is lying.
-        Err(ManagerError::Store(crate::store::StoreError::Corrupt(
-            "no free generated name after 16 tries".into(),
-        )))
+        Err(ManagerError::Store(
+            crate::state_store::StoreError::Corrupt("no free generated name after 16 tries".into()),
+        ))
     }
 }

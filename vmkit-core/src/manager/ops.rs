@@ -11,8 +11,8 @@ use crate::error::ManagerError;
 use crate::event::EventKind;
 use crate::hypervisor::{Resize, VmmInfo};
 use crate::name::VmName;
-use crate::state::VmState;
 use crate::vm::VmRecord;
+use crate::vm_state::VmState;
 
 /// A resize request; `None` leaves a dimension as it is.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -41,9 +41,9 @@ use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::{HypervisorError, VmmHandle, VmmState};
 use crate::name::VmName;
 use crate::snapshot::Snapshot;
-use crate::state::VmState;
 use crate::storage::{Volume, VolumeKind};
 use crate::vm::{Health, VmId, VmRecord};
+use crate::vm_state::VmState;
 
 /// What reconcile does with a VM whose VMM died while no daemon watched it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

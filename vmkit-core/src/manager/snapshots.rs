@@ -22,11 +22,11 @@ use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::VmmHandle;
 use crate::name::VmName;
 use crate::snapshot::Snapshot;
-use crate::state::VmState;
 use crate::storage::Volume;
 use crate::time::Timestamp;
 use crate::user::UserId;
 use crate::vm::{Health, VmId, VmRecord};
+use crate::vm_state::VmState;
 
 use crate::access::SETTLED as SNAPSHOTTABLE;
 
@@ -111,7 +111,7 @@ impl Manager {
         };
         let mut volumes = copies.into_iter();
         let root = volumes.next().ok_or_else(|| {
-            ManagerError::Store(crate::store::StoreError::Corrupt(format!(
+            ManagerError::Store(crate::state_store::StoreError::Corrupt(format!(
                 "VM {} has no root volume",
                 record.name
             )))

@@ -32,8 +32,8 @@ use crate::error::{ErrorChain, ManagerError};
 use crate::event::{EventKind, NewEvent};
 use crate::hypervisor::{HypervisorError, VmmExit, VmmHandle};
 use crate::name::VmName;
-use crate::state::VmState;
 use crate::vm::{Health, VmId};
+use crate::vm_state::VmState;
 
 /// How often [`Manager::supervise`] looks for VMMs it does not follow yet even when
 /// no event told it of one.

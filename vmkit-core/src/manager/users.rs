@@ -20,7 +20,7 @@ use super::{DeleteOptions, Manager};
 use crate::error::{ErrorChain, ManagerError};
 use crate::event::{EventKind, NewEvent};
 use crate::invite::Invite;
-use crate::store::StoreError;
+use crate::state_store::StoreError;
 use crate::time::Timestamp;
 use crate::user::{Handle, Role, SshPublicKey, User, UserId, UserStatus};
 

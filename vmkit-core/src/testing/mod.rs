@@ -35,11 +35,11 @@ pub use network::FakeNetwork;
 pub use storage::{FakeStorage, Hold};
 pub use store::MemoryStore;
 
+use crate::address::IpPool;
 use crate::manager::{Backends, Manager, ManagerConfig};
-use crate::net::IpPool;
 use crate::network::Network;
+use crate::state_store::StateStore;
 use crate::storage::Storage;
-use crate::store::StateStore;
 
 /// A manager on fakes that share one [`Faults`], with handles to every fake so
 /// tests can inspect what exists.

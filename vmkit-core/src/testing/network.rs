@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 
 use super::faults::Faults;
-use crate::net::{IpLease, IpPool};
+use crate::address::{IpLease, IpPool};
 use crate::network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
 use crate::vm::VmId;
 
@@ -82,7 +82,7 @@ impl Network for FakeNetwork {
         if !s.set_up {
             return Err(NetworkError::NotSetUp);
         }
-        if !self.pool.subnet.contains(lease.ip) || lease.ip == self.pool.gateway() {
+        if !self.pool.subnet.contains(lease.ip) || lease.ip == self.pool.host_address() {
             return Err(NetworkError::ForeignLease(lease.ip));
         }
         let attachment = NetAttachment {

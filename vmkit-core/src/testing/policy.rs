@@ -8,7 +8,7 @@ use crate::name::VmName;
 use crate::quota::Quota;
 use crate::share::Access;
 use crate::spec::VmSpec;
-use crate::store::StateStore;
+use crate::state_store::StateStore;
 use crate::user::{Role, User, UserId, UserStatus};
 
 use super::FakeHost;

@@ -6,15 +6,15 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::faults::{Faults, InjectedFault};
+use crate::address::{IpLease, IpPool};
 use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
 use crate::invite::Invite;
 use crate::name::VmName;
-use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, Usage};
 use crate::share::Share;
 use crate::snapshot::Snapshot;
-use crate::store::{StateStore, StoreCapabilities, StoreError};
+use crate::state_store::{StateStore, StoreCapabilities, StoreError};
 use crate::time::Timestamp;
 use crate::user::{ApiKey, Handle, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use vmkit_guest::{Client, ClientConfig, ExecRequest};
 
+use crate::address::{IpLease, IpPool};
 use crate::confine::UidRange;
 use crate::event::{EventKind, EventRetention, NewEvent};
 use crate::gateway::Gateway;
@@ -16,13 +17,12 @@ use crate::hypervisor::{Hypervisor, HypervisorError, MachineConfig, Resize, VmmH
 use crate::image::Image;
 use crate::invite::Invite;
 use crate::name::VmName;
-use crate::net::{IpLease, IpPool};
 use crate::network::{Network, NetworkError};
 use crate::quota::Quota;
 use crate::share::{Access, Share, ShareTarget};
 use crate::spec::VmSpec;
+use crate::state_store::{StateStore, StoreError};
 use crate::storage::{DiskFormat, Storage, StorageError, Volume, VolumeKind};
-use crate::store::{StateStore, StoreError};
 use crate::time::Timestamp;
 use crate::user::{ApiKey, Handle, Role, SshPublicKey, User, UserId, UserStatus};
 use crate::vm::{VmId, VmRecord};
@@ -599,7 +599,7 @@ pub async fn network_suite(network: &dyn Network) {
     let lease = IpLease::new(vm, ip, &pool);
     let att = network.attach(vm, &lease).await.expect("attach");
     assert_eq!((att.ip, att.mac, att.vm), (lease.ip, lease.mac, vm));
-    assert_eq!(att.gateway, pool.gateway());
+    assert_eq!(att.gateway, pool.host_address());
     assert!(att.tap.len() <= 15, "TAP names fit IFNAMSIZ");
     let again = network
         .attach(vm, &lease)
@@ -727,7 +727,7 @@ pub async fn store_vms(store: &dyn StateStore) {
         .await
         .expect("quotas are per user");
 
-    a.state = crate::state::VmState::Running;
+    a.state = crate::vm_state::VmState::Running;
     store.update_vm(&a).await.expect("update");
     assert_eq!(store.get_vm(&a.name).await.expect("get"), Some(a.clone()));
     assert_eq!(
@@ -913,13 +913,13 @@ pub async fn store_state_with_event(store: &dyn StateStore) {
             vm.id,
             &vm.name,
             EventKind::StateChanged {
-                from: crate::state::VmState::Creating,
-                to: crate::state::VmState::Running,
+                from: crate::vm_state::VmState::Creating,
+                to: crate::vm_state::VmState::Running,
             },
         )
     };
 
-    a.state = crate::state::VmState::Running;
+    a.state = crate::vm_state::VmState::Running;
     let event = store
         .update_vm_with_event(&a, changed(&a), &keep)
         .await
@@ -933,7 +933,7 @@ pub async fn store_state_with_event(store: &dyn StateStore) {
 
     let mut clash = a.clone();
     clash.name = b.name.clone();
-    clash.state = crate::state::VmState::Stopping;
+    clash.state = crate::vm_state::VmState::Stopping;
     assert!(matches!(
         store
             .update_vm_with_event(&clash, changed(&clash), &keep)

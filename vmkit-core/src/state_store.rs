@@ -2,11 +2,11 @@
 
 use async_trait::async_trait;
 
+use crate::address::{IpLease, IpPool};
 use crate::confine::UidRange;
 use crate::event::{Event, EventRetention, NewEvent};
 use crate::invite::Invite;
 use crate::name::VmName;
-use crate::net::{IpLease, IpPool};
 use crate::quota::{Quota, QuotaExceeded};
 use crate::share::Share;
 use crate::snapshot::Snapshot;

@@ -166,8 +166,9 @@ impl From<Ipv4Net> for String {
 
 /// The addresses guests are leased from.
 ///
-/// The gateway is the first host address of the subnet (the bridge's own address);
-/// guests get addresses from the second one up to the last before broadcast.
+/// The host's own address on it ([`IpPool::host_address`], the bridge's, which is
+/// the guests' default gateway) is the first of the subnet; guests get addresses from
+/// the second one up to the last before broadcast.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct IpPool {
@@ -176,7 +177,7 @@ pub struct IpPool {
 }
 
 impl IpPool {
-    /// A pool over `subnet`, which must leave room for a gateway and one guest.
+    /// A pool over `subnet`, which must leave room for the host and one guest.
     pub fn new(subnet: Ipv4Net) -> Result<Self, NetParseError> {
         if subnet.prefix() > 30 {
             return Err(NetParseError(format!(
@@ -186,8 +187,9 @@ impl IpPool {
         Ok(Self { subnet })
     }
 
-    /// The gateway address (the host side of the bridge).
-    pub fn gateway(&self) -> Ipv4Addr {
+    /// The host's address on the VM network: the bridge's own, and the guests'
+    /// default gateway.
+    pub fn host_address(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.subnet.network()) + 1)
     }
 
@@ -230,7 +232,7 @@ impl IpLease {
             ip,
             mac: MacAddr::for_ip(ip),
             prefix: pool.subnet.prefix(),
-            gateway: pool.gateway(),
+            gateway: pool.host_address(),
             leased_at: Timestamp::now(),
         }
     }
@@ -252,7 +254,7 @@ mod tests {
     #[test]
     fn pool_skips_network_gateway_and_broadcast() {
         let pool = IpPool::new("10.88.0.0/29".parse().unwrap()).unwrap();
-        assert_eq!(pool.gateway(), Ipv4Addr::new(10, 88, 0, 1));
+        assert_eq!(pool.host_address(), Ipv4Addr::new(10, 88, 0, 1));
         let addrs: Vec<_> = pool.guest_addresses().collect();
         assert_eq!(addrs.first(), Some(&Ipv4Addr::new(10, 88, 0, 2)));
         assert_eq!(addrs.last(), Some(&Ipv4Addr::new(10, 88, 0, 6)));
