@@ -235,11 +235,6 @@ async fn a_vm_is_made_listed_stopped_started_and_removed() {
     assert_ok(&made);
     let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
     assert_eq!(made["vm"]["name"], "web");
-    assert_eq!(made["url"], "https://web.vm.test/");
-    assert!(
-        made["ssh"].as_str().unwrap().contains("web@vm.test"),
-        "{made}"
-    );
     let vm = lobby.host.manager.get(&name("web")).await.unwrap();
     assert_eq!(vm.owner, UserId(1));
 

@@ -189,6 +189,12 @@ impl Commands {
         &self.caller
     }
 
+    /// What a create leaves unsaid takes from this
+    /// ([`ManagerConfig::default_spec`](super::ManagerConfig::default_spec)).
+    pub fn default_spec(&self) -> crate::spec::VmSpec {
+        self.manager.inner.config.default_spec.clone()
+    }
+
     fn host(&self, action: Action) -> Result<(), ManagerError> {
         self.policy
             .host(&self.caller, action)
