@@ -259,3 +259,29 @@ async fn a_link_share_answers_its_secret_once_and_lists_only_a_short_name() {
         .unwrap_err();
     assert_eq!(gone.code(), "not_found");
 }
+
+#[tokio::test]
+async fn a_user_suspended_mid_session_is_refused_at_their_next_operation() {
+    use vmkit_core::StateStore;
+    let scene = Scene::new().await;
+    // Identified while active, as an open SSH session or API client would be.
+    let owner = scene.host.manager.commands(scene.caller(Who::Owner));
+    owner.get(&name("web")).await.unwrap();
+    let mut record = scene.host.store.get_user(UserId(1)).await.unwrap().unwrap();
+    record.status = vmkit_core::UserStatus::Suspended;
+    scene.host.store.put_user(&record).await.unwrap();
+    let refused = owner.get(&name("web")).await.unwrap_err();
+    assert_eq!(refused.code(), "suspended");
+    assert!(owner.list().await.is_err());
+    let me = owner.whoami().await.unwrap();
+    assert!(
+        matches!(
+            me.principal,
+            vmkit_core::Principal::User {
+                suspended: true,
+                ..
+            }
+        ),
+        "{me:?}"
+    );
+}

@@ -635,7 +635,7 @@ async fn events(
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<Response> {
     // The host's whole log: an admin's. The reads below go to the manager itself.
-    c.may_read_events()?;
+    c.may_read_events().await?;
     if q.limit > MAX_EVENTS {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

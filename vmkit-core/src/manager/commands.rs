@@ -195,22 +195,41 @@ impl Commands {
         self.manager.inner.config.default_spec.clone()
     }
 
-    fn host(&self, action: Action) -> Result<(), ManagerError> {
+    /// The caller as their record stands now: a user suspended, made admin or
+    /// removed since they were identified (in a session that is still open, say) is
+    /// decided on as they are now; a removed user is nobody.
+    async fn caller_now(&self) -> Result<Caller, ManagerError> {
+        let Principal::User { id, .. } = &self.caller.principal else {
+            return Ok(self.caller.clone());
+        };
+        Ok(
+            match self.manager.inner.backends.store.get_user(*id).await? {
+                Some(user) => Caller::user(&user, self.caller.door),
+                None => Caller::anonymous(self.caller.door),
+            },
+        )
+    }
+
+    async fn host(&self, action: Action) -> Result<(), ManagerError> {
         self.policy
-            .host(&self.caller, action)
+            .host(&self.caller_now().await?, action)
             .map_err(ManagerError::Denied)
     }
 
     /// The owner of what the caller makes; refused for one who cannot own.
-    fn owner(&self, action: Action) -> Result<UserId, ManagerError> {
-        self.host(action)?;
-        self.caller
+    async fn owner(&self, action: Action) -> Result<UserId, ManagerError> {
+        let caller = self.caller_now().await?;
+        self.policy
+            .host(&caller, action)
+            .map_err(ManagerError::Denied)?;
+        caller
             .owner()
             .ok_or(ManagerError::Denied(Denied::SignInRequired { action }))
     }
 
     /// One lookup of `name` and its shares, and the policy's decision on them.
     async fn vm(&self, action: Action, name: &VmName) -> Result<VmRecord, ManagerError> {
+        let caller = self.caller_now().await?;
         let store = &self.manager.inner.backends.store;
         let vm = store
             .get_vm(name)
@@ -218,7 +237,7 @@ impl Commands {
             .ok_or_else(|| ManagerError::NotFound(name.clone()))?;
         let shares = store.shares(vm.id).await?;
         self.policy
-            .vm(&self.caller, action, &vm, &shares)
+            .vm(&caller, action, &vm, &shares)
             .map_err(|d| denied(name, d))?;
         Ok(vm)
     }
@@ -233,7 +252,7 @@ impl Commands {
             .await?
             .ok_or_else(|| ManagerError::SnapshotNotFound(name.clone()))?;
         self.policy
-            .snapshot(&self.caller, action, snapshot.owner)
+            .snapshot(&self.caller_now().await?, action, snapshot.owner)
             .map_err(|d| snapshot_denied(name, d))?;
         Ok(snapshot)
     }
@@ -258,31 +277,33 @@ impl Commands {
 
     /// Who the caller is.
     pub async fn whoami(&self) -> Result<Whoami, ManagerError> {
-        self.host(Action::Whoami)?;
-        let user = match &self.caller.principal {
+        self.host(Action::Whoami).await?;
+        let caller = self.caller_now().await?;
+        let user = match &caller.principal {
             Principal::User { id, .. } => self.manager.inner.backends.store.get_user(*id).await?,
             _ => None,
         };
         Ok(Whoami {
-            principal: self.caller.principal.clone(),
-            door: self.caller.door,
+            admin: caller.is_admin(),
+            principal: caller.principal,
+            door: caller.door,
             user,
-            admin: self.caller.is_admin(),
         })
     }
 
     /// The VMs the caller may see in a list: theirs and those shared with them by
     /// name (every VM, for an admin), by name.
     pub async fn list(&self) -> Result<Vec<VmView>, ManagerError> {
-        self.host(Action::ListVms)?;
+        self.host(Action::ListVms).await?;
+        let caller = self.caller_now().await?;
         let store = &self.manager.inner.backends.store;
         let mut views = Vec::new();
         for vm in store.list_vms(None).await? {
-            let listed = if self.caller.is_admin() || self.caller.owner() == Some(vm.owner) {
+            let listed = if caller.is_admin() || caller.owner() == Some(vm.owner) {
                 true
             } else {
                 let shares = store.shares(vm.id).await?;
-                self.policy.lists(&self.caller, &vm, &shares)
+                self.policy.lists(&caller, &vm, &shares)
             };
             if listed {
                 views.push(self.view(&vm));
@@ -300,7 +321,7 @@ impl Commands {
     /// Creates a VM owned by the caller (whatever owner `request` names) and returns
     /// once it is ready. See [`Manager::create`] for the idempotency key.
     pub async fn create(&self, mut request: CreateRequest) -> Result<VmView, ManagerError> {
-        request.owner = self.owner(Action::Create)?;
+        request.owner = self.owner(Action::Create).await?;
         request.from = None;
         let vm = self.manager.create(request).await?;
         Ok(self.view(&vm))
@@ -499,7 +520,7 @@ impl Commands {
         name: Option<VmName>,
         idempotency_key: Option<String>,
     ) -> Result<VmView, ManagerError> {
-        let owner = self.owner(Action::Create)?;
+        let owner = self.owner(Action::Create).await?;
         let (vm, snapshot) = match &source {
             CloneSource::Vm(from) => (Some(self.vm(Action::Clone, from).await?), None),
             CloneSource::Snapshot(from) => (
@@ -520,10 +541,10 @@ impl Commands {
 
     /// The snapshots the caller owns (every one, for an admin).
     pub async fn snapshots(&self) -> Result<Vec<SnapshotView>, ManagerError> {
-        self.host(Action::ListSnapshots)?;
-        let owner = match self.caller.is_admin() {
+        self.host(Action::ListSnapshots).await?;
+        let owner = match self.caller_now().await?.is_admin() {
             true => None,
-            false => Some(self.owner(Action::ListSnapshots)?),
+            false => Some(self.owner(Action::ListSnapshots).await?),
         };
         let snapshots = self.manager.list_snapshots(owner).await?;
         Ok(snapshots
@@ -615,32 +636,32 @@ impl Commands {
 
     /// The images VMs can be made from.
     pub async fn images(&self) -> Result<Vec<String>, ManagerError> {
-        self.host(Action::ListImages)?;
+        self.host(Action::ListImages).await?;
         Ok(self.manager.inner.backends.images.list().await?)
     }
 
     /// The caller's SSH keys.
     pub async fn ssh_keys(&self) -> Result<Vec<SshPublicKey>, ManagerError> {
-        let owner = self.owner(Action::ListKeys)?;
+        let owner = self.owner(Action::ListKeys).await?;
         self.manager.ssh_keys(owner).await
     }
 
     /// Registers an SSH key for the caller.
     pub async fn add_ssh_key(&self, key: &SshPublicKey) -> Result<(), ManagerError> {
-        let owner = self.owner(Action::AddKey)?;
+        let owner = self.owner(Action::AddKey).await?;
         self.manager.add_ssh_key(owner, key).await
     }
 
     /// Removes one of the caller's SSH keys.
     pub async fn remove_ssh_key(&self, fingerprint: &str) -> Result<(), ManagerError> {
-        let owner = self.owner(Action::RemoveKey)?;
+        let owner = self.owner(Action::RemoveKey).await?;
         self.manager.remove_ssh_key(owner, fingerprint).await
     }
 
     /// Checks that the caller may read the host's event log; the log itself is read
     /// with the manager's event methods ([`Manager::events`], [`Manager::follow_events`]).
-    pub fn may_read_events(&self) -> Result<(), ManagerError> {
-        self.host(Action::Events)
+    pub async fn may_read_events(&self) -> Result<(), ManagerError> {
+        self.host(Action::Events).await
     }
 
     /// Up to `limit` events after `after` (the newest `limit` when `None`).
@@ -649,7 +670,7 @@ impl Commands {
         after: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Event>, ManagerError> {
-        self.may_read_events()?;
+        self.may_read_events().await?;
         match after {
             Some(after) => self.manager.events(after, limit).await,
             None => self.manager.newest_events(limit).await,
@@ -661,31 +682,31 @@ impl Commands {
     /// Registers the caller (anyone, before they have an account) as the host's
     /// registration policy allows ([`Manager::register`]).
     pub async fn register(&self, registration: Registration) -> Result<User, ManagerError> {
-        self.host(Action::Register)?;
+        self.host(Action::Register).await?;
         self.manager.register(registration).await
     }
 
     /// Adds a user, under any registration policy.
     pub async fn add_user(&self, new: NewUser) -> Result<User, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.add_user(new).await
     }
 
     /// The registered users.
     pub async fn users(&self) -> Result<Vec<User>, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.users().await
     }
 
     /// A user by handle.
     pub async fn user(&self, handle: &Handle) -> Result<User, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.user(handle).await
     }
 
     /// A user's SSH keys.
     pub async fn keys_of(&self, user: UserId) -> Result<Vec<SshPublicKey>, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.ssh_keys(user).await
     }
 
@@ -695,13 +716,13 @@ impl Commands {
         handle: &Handle,
         suspended: bool,
     ) -> Result<User, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.set_suspended(handle, suspended).await
     }
 
     /// Changes a user's role.
     pub async fn set_role(&self, handle: &Handle, role: Role) -> Result<User, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.set_role(handle, role).await
     }
 
@@ -711,7 +732,7 @@ impl Commands {
         handle: &Handle,
         disposition: VmDisposition,
     ) -> Result<(), ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.remove_user(handle, disposition).await
     }
 
@@ -721,19 +742,19 @@ impl Commands {
         ttl: std::time::Duration,
         role: Role,
     ) -> Result<(Invite, String), ManagerError> {
-        let by = self.owner(Action::ManageUsers)?;
+        let by = self.owner(Action::ManageUsers).await?;
         self.manager.new_invite(by, ttl, role).await
     }
 
     /// The invites.
     pub async fn invites(&self) -> Result<Vec<Invite>, ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.invites().await
     }
 
     /// Deletes an invite.
     pub async fn delete_invite(&self, id: &str) -> Result<(), ManagerError> {
-        self.host(Action::ManageUsers)?;
+        self.host(Action::ManageUsers).await?;
         self.manager.delete_invite(id).await
     }
 }
