@@ -11,7 +11,10 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use vmkit_core::testing::FakeHost;
-use vmkit_core::{SshPublicKey, StateStore, StoreGateway, User, UserId, VmName};
+use vmkit_core::{
+    ManagerConfig, RegistrationPolicy, Role, SshPublicKey, StateStore, StoreGateway, User, UserId,
+    VmName,
+};
 use vmkit_net::ssh::{SshConfig, SshGateway};
 
 const DOMAIN: &str = "vm.test";
@@ -30,6 +33,15 @@ struct Lobby {
 impl Lobby {
     async fn start() -> Self {
         Self::start_with(|config| config).await
+    }
+
+    /// A lobby over a fake host whose manager registers as `policy` says.
+    async fn with_policy(policy: RegistrationPolicy) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let host =
+            FakeHost::with_config(ManagerConfig::new("/nonexistent/vmkit").registration(policy))
+                .await;
+        Self::start_in(host, dir, |config| config).await
     }
 
     async fn start_with(configure: impl FnOnce(SshConfig) -> SshConfig) -> Self {
@@ -117,6 +129,23 @@ impl Lobby {
         command: &[&str],
         input: Option<&str>,
     ) -> Output {
+        self.ssh_login(key, "user", options, command, input).await
+    }
+
+    /// Runs `ssh` as `login@127.0.0.1` (the SSH user name: an invite code).
+    async fn ssh_as(&self, key: &Path, login: &str, command: &[&str]) -> Output {
+        self.ssh_login(key, login, &[], command, None).await
+    }
+
+    /// Runs `ssh` as `login@127.0.0.1` with `input` on its stdin.
+    async fn ssh_login(
+        &self,
+        key: &Path,
+        login: &str,
+        options: &[&str],
+        command: &[&str],
+        input: Option<&str>,
+    ) -> Output {
         let known = self.dir.path().join("known_hosts");
         let mut ssh = tokio::process::Command::new("ssh");
         ssh.args(["-F", "/dev/null", "-p", &self.port.to_string(), "-i"])
@@ -136,7 +165,7 @@ impl Lobby {
             ])
             .arg(format!("UserKnownHostsFile={}", known.display()))
             .args(options)
-            .arg("user@127.0.0.1")
+            .arg(format!("{login}@127.0.0.1"))
             .args(command)
             .stdin(match input {
                 Some(_) => std::process::Stdio::piped(),
@@ -599,5 +628,231 @@ async fn a_default_client_negotiates_strict_kex_and_an_aead_cipher() {
         log.contains("kex: server->client cipher: chacha20-poly1305@openssh.com"),
         "{log}"
     );
+    lobby.stop().await;
+}
+
+/// An invite code for a user, valid for `ttl`.
+async fn invite(lobby: &Lobby, ttl: Duration) -> String {
+    let (_, code) = lobby
+        .host
+        .manager
+        .new_invite(UserId::LOCAL, ttl, Role::User)
+        .await
+        .unwrap();
+    code
+}
+
+fn json(output: &Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_registration_refuses_an_unknown_key() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Closed).await;
+    let stranger = lobby.keygen("stranger");
+
+    let output = lobby.ssh(&stranger, &["register", "alice"]).await;
+
+    assert_eq!(output.status.code(), Some(255), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("vmkit user add"),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_registration_registers_the_key_and_the_next_connection_is_in_the_lobby() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let key = lobby.keygen("newcomer");
+
+    let registered = lobby.ssh(&key, &["register", "alice"]).await;
+    let listed = lobby.ssh(&key, &["ls", "--json"]).await;
+    let whoami = lobby.ssh(&key, &["whoami"]).await;
+
+    assert_ok(&registered);
+    assert_eq!(
+        stdout(&registered),
+        "registered alice; connect again to use the lobby\n"
+    );
+    assert_ok(&listed);
+    assert_eq!(stdout(&listed).trim(), "[]");
+    assert!(
+        stdout(&whoami).contains("user: alice"),
+        "{}",
+        stdout(&whoami)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_answers_the_user_in_json() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let key = lobby.keygen("newcomer");
+
+    let registered = lobby
+        .ssh(
+            &key,
+            &["register", "alice", "--email", "a@example.com", "--json"],
+        )
+        .await;
+
+    assert_ok(&registered);
+    let body = json(&registered);
+    assert_eq!(body["user"]["handle"], "alice", "{body}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_session_runs_only_register_help_and_whoami() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let key = lobby.keygen("newcomer");
+
+    let new = lobby.ssh(&key, &["new", "--name", "web"]).await;
+    let ls = lobby.ssh(&key, &["ls", "--json"]).await;
+    let help = lobby.ssh(&key, &["help"]).await;
+    let whoami = lobby.ssh(&key, &["whoami"]).await;
+
+    assert_eq!(new.status.code(), Some(1));
+    let hint = format!(
+        "this key is not registered: run `ssh -p {} HOST register HANDLE`",
+        lobby.port
+    );
+    assert!(stderr(&new).contains(&hint), "{}", stderr(&new));
+    assert_eq!(ls.status.code(), Some(1));
+    assert_eq!(json(&ls)["code"], "not_registered");
+    assert_ok(&help);
+    assert!(
+        stdout(&help).contains("register HANDLE"),
+        "{}",
+        stdout(&help)
+    );
+    assert_ok(&whoami);
+    assert!(
+        stdout(&whoami).contains("not registered"),
+        "{}",
+        stdout(&whoami)
+    );
+    assert!(lobby.host.manager.list(None).await.unwrap().is_empty());
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_key_offered_after_an_unknown_one_signs_in_as_its_user() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let stranger = lobby.keygen("stranger");
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_with(&stranger, &["-i", alice.to_str().unwrap()], &["whoami"])
+        .await;
+
+    assert_ok(&output);
+    assert!(
+        stdout(&output).contains("user: alice"),
+        "{}",
+        stdout(&output)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invite_registration_without_a_code_is_refused_with_how_to_give_one() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Invite).await;
+    let key = lobby.keygen("newcomer");
+
+    let output = lobby.ssh(&key, &["register", "alice", "--json"]).await;
+
+    assert_eq!(output.status.code(), Some(1));
+    let body = json(&output);
+    assert_eq!(body["code"], "invite_required", "{body}");
+    let message = body["error"].as_str().unwrap();
+    assert!(
+        message.contains(&format!(
+            "ssh -p {} vmi_CODE@HOST register HANDLE",
+            lobby.port
+        )),
+        "{message}"
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_code_registers_once() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Invite).await;
+    let code = invite(&lobby, Duration::from_secs(600)).await;
+    let alice = lobby.keygen("alice");
+    let bob = lobby.keygen("bob");
+
+    let registered = lobby.ssh_as(&alice, &code, &["register", "alice"]).await;
+    let again = lobby
+        .ssh_as(&bob, &code, &["register", "bob", "--json"])
+        .await;
+    let listed = lobby.ssh(&alice, &["ls", "--json"]).await;
+
+    assert_ok(&registered);
+    assert_eq!(again.status.code(), Some(1));
+    assert_eq!(json(&again)["code"], "invite_invalid");
+    assert_ok(&listed);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_invite_code_is_refused() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Invite).await;
+    let code = invite(&lobby, Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let key = lobby.keygen("newcomer");
+
+    let output = lobby
+        .ssh_as(&key, &code, &["register", "alice", "--json"])
+        .await;
+
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(json(&output)["code"], "invite_invalid");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_handle_is_refused_without_using_the_invite() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Invite).await;
+    lobby.user(1, "alice").await;
+    let code = invite(&lobby, Duration::from_secs(600)).await;
+    let key = lobby.keygen("newcomer");
+
+    let taken = lobby
+        .ssh_as(&key, &code, &["register", "alice", "--json"])
+        .await;
+    let other = lobby.ssh_as(&key, &code, &["register", "carol"]).await;
+
+    assert_eq!(taken.status.code(), Some(1));
+    assert_eq!(json(&taken)["code"], "handle_taken");
+    assert_ok(&other);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspended_users_key_signs_in_but_only_whoami_works() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let alice = lobby.user(1, "alice").await;
+    lobby
+        .host
+        .manager
+        .set_suspended(&vmkit_core::Handle::new("alice").unwrap(), true)
+        .await
+        .unwrap();
+
+    let whoami = lobby.ssh(&alice, &["whoami"]).await;
+    let ls = lobby.ssh(&alice, &["ls", "--json"]).await;
+
+    assert_ok(&whoami);
+    assert!(
+        stdout(&whoami).contains("user: alice"),
+        "{}",
+        stdout(&whoami)
+    );
+    assert_eq!(ls.status.code(), Some(1));
+    assert_eq!(json(&ls)["code"], "suspended");
     lobby.stop().await;
 }

@@ -7,8 +7,8 @@
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use vmkit_core::{
-    Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, ManagerError, SshPublicKey,
-    VmName, VmSpec, VmView,
+    Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Handle, ManagerError,
+    Registration, RegistrationPolicy, SshPublicKey, VmName, VmSpec, VmView,
 };
 
 /// What a command answered: what goes to stdout and stderr, and the exit status.
@@ -70,6 +70,34 @@ pub struct LobbyContext {
     pub port: u16,
     /// The fingerprint of the key the session signed in with (`whoami` marks it).
     pub current_key: Option<String>,
+}
+
+/// A session signed in with a key nobody registered, under a registration policy
+/// that lets it register ([`run_unregistered`]).
+#[derive(Clone, Debug)]
+pub struct Unregistered {
+    /// The key the session signed in with: the one `register` registers.
+    pub key: SshPublicKey,
+    /// The invite code given as the SSH user name (`ssh vmi_CODE@HOST`), if any.
+    pub invite: Option<String>,
+    /// The host's registration policy.
+    pub policy: RegistrationPolicy,
+}
+
+/// What to run to register, as the policy allows: `ssh [-p PORT] HOST register
+/// HANDLE`, and under `invite` the form with the code as the user name.
+pub fn register_hint(port: u16, policy: RegistrationPolicy) -> String {
+    let port = match port {
+        22 => String::new(),
+        port => format!("-p {port} "),
+    };
+    match policy {
+        RegistrationPolicy::Invite => format!(
+            "`ssh {port}HOST register HANDLE`, with the invite code you were given as the user \
+             name: `ssh {port}vmi_CODE@HOST register HANDLE`"
+        ),
+        _ => format!("`ssh {port}HOST register HANDLE`"),
+    }
 }
 
 impl LobbyContext {
@@ -561,6 +589,145 @@ async fn execute(
             .pipe(Output::ok)
         }
     })
+}
+
+const UNREGISTERED_HELP: &str = "\
+vmkit lobby: this SSH key is not registered yet.
+
+Commands:
+  help                               this text
+  whoami [--json]                    the key this session signed in with
+  register HANDLE [--email E] [--json]
+                                     register with this key as HANDLE; then
+                                     connect again to use the lobby
+";
+
+/// The commands of a session signed in with an unregistered key.
+#[derive(Parser, Debug)]
+#[command(
+    name = "vmkit",
+    no_binary_name = true,
+    disable_help_subcommand = true,
+    disable_help_flag = true,
+    disable_version_flag = true
+)]
+struct UnregisteredArgs {
+    #[command(subcommand)]
+    command: UnregisteredCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum UnregisteredCommand {
+    /// Prints the commands.
+    Help,
+    /// The key of this session.
+    Whoami {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Registers the session's key.
+    Register {
+        handle: String,
+        #[arg(long)]
+        email: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Leaves the lobby.
+    Exit,
+}
+
+/// Runs one command line in a session signed in with a key nobody registered:
+/// only `help`, `whoami`, `register` (and `exit` at the prompt) work; anything
+/// else answers how to register, with a non-zero status.
+pub async fn run_unregistered(
+    commands: &Commands,
+    context: &LobbyContext,
+    unregistered: &Unregistered,
+    words: &[String],
+) -> Output {
+    let json = wants_json(words);
+    let hint = register_hint(context.port, unregistered.policy);
+    let not_registered = || {
+        Output::failure(
+            format!("this key is not registered: run {hint}"),
+            "not_registered",
+            json,
+        )
+    };
+    let known = ["help", "whoami", "register", "exit"];
+    match words.first() {
+        None => return Output::ok(UNREGISTERED_HELP.to_owned()),
+        Some(first) if !known.contains(&first.as_str()) => return not_registered(),
+        Some(_) => {}
+    }
+    let args = match UnregisteredArgs::try_parse_from(words) {
+        Ok(args) => args,
+        Err(e) => {
+            let message = e.to_string();
+            let message = message
+                .trim()
+                .trim_start_matches("error: ")
+                .lines()
+                .filter(|l| !l.trim_start().starts_with("Usage:") && !l.contains("--help"))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let message = format!("{}; `help` lists the commands", message.trim());
+            return Output::failure(message, "invalid_command", json);
+        }
+    };
+    let fingerprint = unregistered.key.fingerprint();
+    match args.command {
+        UnregisteredCommand::Help => Output::ok(UNREGISTERED_HELP.to_owned()),
+        UnregisteredCommand::Exit => Output {
+            stdout: "bye\n".into(),
+            exit: true,
+            ..Output::default()
+        },
+        UnregisteredCommand::Whoami { json: true } => Output::ok(json_line(&serde_json::json!({
+            "registered": false,
+            "ssh_key": {
+                "fingerprint": fingerprint,
+                "key": unregistered.key.to_openssh(),
+                "current": true,
+            },
+        }))),
+        UnregisteredCommand::Whoami { json: false } => Output::ok(format!(
+            "not registered: key {fingerprint} (this session)\nregister it: {hint}\n"
+        )),
+        UnregisteredCommand::Register {
+            handle,
+            email,
+            json,
+        } => {
+            let handle = match Handle::new(handle) {
+                Ok(handle) => handle,
+                Err(e) => return error_output(commands, &e.into(), json),
+            };
+            let mut registration = Registration::new(handle, unregistered.key.clone());
+            if let Some(email) = email {
+                registration = registration.email(email);
+            }
+            if let Some(code) = &unregistered.invite {
+                registration = registration.invite(code.clone());
+            }
+            match commands.register(registration).await {
+                Ok(user) => Output::ok(match json {
+                    true => json_line(&serde_json::json!({ "user": user })),
+                    false => format!(
+                        "registered {}; connect again to use the lobby\n",
+                        user.handle
+                    ),
+                }),
+                Err(e @ ManagerError::InviteRequired) => Output::failure(
+                    format!("{}: run {hint}", error_message(commands, &e)),
+                    e.code(),
+                    json,
+                ),
+                Err(e) => error_output(commands, &e, json),
+            }
+        }
+    }
 }
 
 trait Pipe: Sized {

@@ -20,16 +20,36 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
-use vmkit_core::{Caller, Credential, Door, Gateway, Manager, SshPublicKey};
+use vmkit_core::{Caller, Credential, Door, Gateway, Manager, RegistrationPolicy, SshPublicKey};
 
-use super::lobby::{self, LobbyContext, Output};
+use super::lobby::{self, LobbyContext, Output, Unregistered};
 use super::{SshError, SshGateway};
 
-/// What a client reads before it signs in. Sent to every client (SSH sends the
-/// banner before the client names a key), so it says what to do if the key is not
-/// registered without claiming that it is not.
-const BANNER: &str = "vmkit: sign in with a registered SSH key. If yours is refused, ask the \
-host's operator to register it: vmkit user add HANDLE --key FILE (FILE: your .pub file).\r\n";
+/// What a client reads before it signs in under the `closed` policy. Sent to every
+/// client (SSH sends the banner before the client names a key), so it says what to
+/// do if the key is not registered without claiming that it is not.
+const CLOSED_BANNER: &str = "vmkit: sign in with a registered SSH key. If yours is refused, ask \
+the host's operator to register it: vmkit user add HANDLE --key FILE (FILE: your .pub file).\r\n";
+
+/// The banner under `policy`: under `open` and `invite` an unknown key signs in to a
+/// session that can only register it, so the banner says how.
+fn banner(policy: RegistrationPolicy, port: u16) -> String {
+    match policy {
+        RegistrationPolicy::Open | RegistrationPolicy::Invite => format!(
+            "vmkit: sign in with your SSH key. New here? Register your key with {}.\r\n",
+            lobby::register_hint(port, policy)
+        ),
+        _ => CLOSED_BANNER.to_owned(),
+    }
+}
+
+/// Whether `policy` lets an unknown key sign in to register itself.
+fn registers(policy: RegistrationPolicy) -> bool {
+    matches!(
+        policy,
+        RegistrationPolicy::Open | RegistrationPolicy::Invite
+    )
+}
 
 /// The longest line the interactive prompt keeps, and the most stdin a command
 /// reads (`ssh-key add`).
@@ -40,6 +60,8 @@ struct Shared {
     manager: Manager,
     gateway: Arc<dyn Gateway>,
     lobby: LobbyContext,
+    /// The manager's registration policy.
+    policy: RegistrationPolicy,
     russh: Arc<Config>,
     auth_timeout: Duration,
     max_connections_per_ip: usize,
@@ -130,6 +152,7 @@ pub(super) async fn serve(
             port: gateway.config.public_port.unwrap_or(local.port()),
             current_key: None,
         },
+        policy: gateway.manager.config().registration,
         russh: Arc::new(russh_config(&gateway)),
         auth_timeout: gateway.config.auth_timeout,
         max_connections_per_ip: gateway.config.max_connections_per_ip,
@@ -179,6 +202,8 @@ async fn connection(
         peer,
         caller: None,
         lobby: shared.lobby.clone(),
+        unregistered: None,
+        candidate: None,
         authenticated: authenticated.clone(),
         channels: HashMap::new(),
     };
@@ -247,24 +272,45 @@ struct Pending {
 }
 
 /// One connection's handler.
+///
+/// # Unknown keys under `open` and `invite`
+///
+/// An unknown key may sign in to a registration-only session, but a key the client
+/// offers later that IS registered must still win, and SSH never says how many keys
+/// the client has left. So the first unknown key is accepted on offer (the client
+/// then signs with it), and once russh verified that signature it becomes the
+/// *candidate* and the attempt is refused with "partial success". OpenSSH answers a
+/// partial success by offering its keys again from the one after the candidate
+/// (its list rotates, each tried key going to the end), so it offers every other
+/// key before the candidate comes round again: any registered one signs in as its
+/// user (other unknown ones are refused), and the candidate offered a second time
+/// means the client has no other key, so it signs in to register. A partial
+/// success does not count as a failed attempt.
 struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
     caller: Option<Caller>,
     /// The lobby's context for this session (the key it signed in with).
     lobby: LobbyContext,
+    /// Set when the session signed in with a key nobody registered.
+    unregistered: Option<Unregistered>,
+    /// The fingerprint of the first unknown key whose signature was verified.
+    candidate: Option<String>,
     authenticated: Arc<AtomicBool>,
     channels: HashMap<ChannelId, Pending>,
+}
+
+/// `key` as vmkit keeps keys; `None` for a type it does not register (DSA, a
+/// security key...).
+fn vmkit_key(key: &russh::keys::PublicKey) -> Option<SshPublicKey> {
+    let line = key.to_openssh().ok()?;
+    SshPublicKey::parse(&line).ok()
 }
 
 impl Connection {
     /// The caller `key` identifies, if anyone.
     async fn identify(&self, key: &russh::keys::PublicKey) -> Result<Option<Caller>, russh::Error> {
-        let Ok(line) = key.to_openssh() else {
-            return Ok(None);
-        };
-        let Ok(key) = SshPublicKey::parse(&line) else {
-            // A key type vmkit does not register (DSA, a security key...).
+        let Some(key) = vmkit_key(key) else {
             return Ok(None);
         };
         match self
@@ -287,11 +333,17 @@ impl Connection {
         &mut self,
         id: ChannelId,
         session: &mut Session,
-    ) -> Result<Option<(Pending, Caller)>, russh::Error> {
+    ) -> Result<Option<(Pending, Signed)>, russh::Error> {
         match (self.channels.remove(&id), self.caller.clone()) {
             (Some(pending), Some(caller)) => {
                 session.channel_success(id)?;
-                Ok(Some((pending, caller)))
+                let signed = Signed {
+                    shared: self.shared.clone(),
+                    context: self.lobby.clone(),
+                    caller,
+                    unregistered: self.unregistered.clone(),
+                };
+                Ok(Some((pending, signed)))
             }
             _ => {
                 session.channel_failure(id)?;
@@ -305,7 +357,7 @@ impl Handler for Connection {
     type Error = russh::Error;
 
     async fn authentication_banner(&mut self) -> Result<Option<String>, Self::Error> {
-        Ok(Some(BANNER.to_owned()))
+        Ok(Some(banner(self.shared.policy, self.shared.lobby.port)))
     }
 
     async fn auth_publickey_offered(
@@ -314,12 +366,20 @@ impl Handler for Connection {
         offer: PublicKeyOffer<'_>,
     ) -> Result<Auth, Self::Error> {
         // Refusing here makes the client offer its next key: every key is tried.
-        Ok(match self.identify(offer.public_key).await? {
-            Some(_) => Auth::Accept,
-            None => {
-                debug!(peer = %self.peer, "an SSH key nobody registered was offered");
-                Auth::reject()
-            }
+        if self.identify(offer.public_key).await?.is_some() {
+            return Ok(Auth::Accept);
+        }
+        debug!(peer = %self.peer, "an SSH key nobody registered was offered");
+        if !registers(self.shared.policy) || vmkit_key(offer.public_key).is_none() {
+            return Ok(Auth::reject());
+        }
+        // The first unknown key, to have it signed; then only that one again (the
+        // client came round to it: it has no other key). See [`Connection`].
+        let fingerprint = fingerprint(offer.public_key);
+        Ok(match &self.candidate {
+            None => Auth::Accept,
+            Some(candidate) if *candidate == fingerprint => Auth::Accept,
+            Some(_) => Auth::reject(),
         })
     }
 
@@ -330,16 +390,42 @@ impl Handler for Connection {
     ) -> Result<Auth, Self::Error> {
         // The client proved it holds the key; identify it again (the record may
         // have changed since the offer).
-        let Some(caller) = self.identify(key.public_key).await? else {
-            return Ok(Auth::reject());
+        let fingerprint = fingerprint(key.public_key);
+        let caller = match self.identify(key.public_key).await? {
+            Some(caller) => caller,
+            None => {
+                let Some(vmkit_key) = vmkit_key(key.public_key) else {
+                    return Ok(Auth::reject());
+                };
+                if !registers(self.shared.policy) {
+                    return Ok(Auth::reject());
+                }
+                match &self.candidate {
+                    None => {
+                        // Ask the client for its other keys first: a partial success.
+                        self.candidate = Some(fingerprint);
+                        return Ok(Auth::Reject {
+                            proceed_with_methods: None,
+                            partial_success: true,
+                        });
+                    }
+                    Some(candidate) if *candidate == fingerprint => {}
+                    Some(_) => return Ok(Auth::reject()),
+                }
+                info!(peer = %self.peer, key = %fingerprint, "an unregistered SSH key signed in to register");
+                self.unregistered = Some(Unregistered {
+                    key: vmkit_key,
+                    invite: user.starts_with("vmi_").then(|| user.to_owned()),
+                    policy: self.shared.policy,
+                });
+                Caller::anonymous(Door::Ssh)
+            }
         };
-        info!(peer = %self.peer, user, principal = ?caller.principal, "signed in over SSH");
+        if self.unregistered.is_none() {
+            info!(peer = %self.peer, user, principal = ?caller.principal, "signed in over SSH");
+        }
         self.caller = Some(caller);
-        self.lobby.current_key = Some(
-            key.public_key
-                .fingerprint(russh::keys::HashAlg::Sha256)
-                .to_string(),
-        );
+        self.lobby.current_key = Some(fingerprint);
         self.authenticated.store(true, Ordering::SeqCst);
         Ok(Auth::Accept)
     }
@@ -391,15 +477,9 @@ impl Handler for Connection {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some((pending, caller)) = self.start(channel, session)? {
+        if let Some((pending, signed)) = self.start(channel, session)? {
             let line = String::from_utf8_lossy(data).into_owned();
-            tokio::spawn(exec(
-                self.shared.clone(),
-                self.lobby.clone(),
-                caller,
-                pending,
-                line,
-            ));
+            tokio::spawn(exec(signed, pending, line));
         }
         Ok(())
     }
@@ -409,13 +489,8 @@ impl Handler for Connection {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        if let Some((pending, caller)) = self.start(channel, session)? {
-            tokio::spawn(shell(
-                self.shared.clone(),
-                self.lobby.clone(),
-                caller,
-                pending,
-            ));
+        if let Some((pending, signed)) = self.start(channel, session)? {
+            tokio::spawn(shell(signed, pending));
         }
         Ok(())
     }
@@ -472,23 +547,43 @@ async fn read_stdin(channel: &mut Channel<Msg>) -> String {
     String::from_utf8_lossy(&input).into_owned()
 }
 
-/// `ssh HOST CMD`: one command, then the exit status.
-async fn exec(
+/// A signed-in session, as a command task needs it.
+struct Signed {
     shared: Arc<Shared>,
     context: LobbyContext,
     caller: Caller,
-    mut pending: Pending,
-    line: String,
-) {
-    let commands = shared.manager.commands(caller);
+    /// Set when the session signed in with a key nobody registered.
+    unregistered: Option<Unregistered>,
+}
+
+impl Signed {
+    /// Runs one command line: the lobby's, or the registration-only session's.
+    async fn run(&self, words: &[String], stdin: &str) -> Output {
+        let commands = self.shared.manager.commands(self.caller.clone());
+        match &self.unregistered {
+            Some(unregistered) => {
+                lobby::run_unregistered(&commands, &self.context, unregistered, words).await
+            }
+            None => lobby::run(&commands, &self.context, words, stdin).await,
+        }
+    }
+}
+
+/// A sha256 fingerprint of `key` (`SHA256:...`).
+fn fingerprint(key: &russh::keys::PublicKey) -> String {
+    key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
+}
+
+/// `ssh HOST CMD`: one command, then the exit status.
+async fn exec(signed: Signed, mut pending: Pending, line: String) {
     let output = match lobby::split_words(&line) {
         Err(e) => Output::failure(e, "invalid_command", false),
         Ok(words) => {
-            let stdin = match lobby::reads_stdin(&words) {
+            let stdin = match signed.unregistered.is_none() && lobby::reads_stdin(&words) {
                 true => read_stdin(&mut pending.channel).await,
                 false => String::new(),
             };
-            lobby::run(&commands, &context, &words, &stdin).await
+            signed.run(&words, &stdin).await
         }
     };
     write_output(&pending.channel, &output, pending.pty).await;
@@ -498,11 +593,16 @@ async fn exec(
 const PROMPT: &str = "vmkit> ";
 
 /// `ssh HOST` (`-t`): a prompt, one command per line, until `exit` or end of input.
-async fn shell(shared: Arc<Shared>, context: LobbyContext, caller: Caller, mut pending: Pending) {
-    let commands = shared.manager.commands(caller);
+async fn shell(signed: Signed, mut pending: Pending) {
     let pty = pending.pty;
     let channel = &mut pending.channel;
-    let greeting = "Welcome to the vmkit lobby: `help` lists the commands, `exit` leaves.\n";
+    let greeting = match signed.unregistered {
+        None => "Welcome to the vmkit lobby: `help` lists the commands, `exit` leaves.\n",
+        Some(_) => {
+            "Welcome to vmkit: this key is not registered yet; `register HANDLE` \
+                    registers it, `exit` leaves.\n"
+        }
+    };
     let say = |text: &str| match pty {
         true => text.replace('\n', "\r\n"),
         false => text.to_owned(),
@@ -527,7 +627,7 @@ async fn shell(shared: Arc<Shared>, context: LobbyContext, caller: Caller, mut p
                     let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
                     let output = match lobby::split_words(&text) {
                         Ok(words) if words.is_empty() => Output::default(),
-                        Ok(words) => lobby::run(&commands, &context, &words, "").await,
+                        Ok(words) => signed.run(&words, "").await,
                         Err(e) => Output::failure(e, "invalid_command", false),
                     };
                     write_output(channel, &output, pty).await;
