@@ -856,3 +856,51 @@ async fn a_suspended_users_key_signs_in_but_only_whoami_works() {
     assert_eq!(json(&ls)["code"], "suspended");
     lobby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_unknown_keys_the_first_registers() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let first = lobby.keygen("first");
+    let second = lobby.keygen("second");
+
+    let registered = lobby
+        .ssh_with(
+            &first,
+            &["-i", second.to_str().unwrap()],
+            &["register", "alice"],
+        )
+        .await;
+    let with_first = lobby.ssh(&first, &["whoami"]).await;
+    let with_second = lobby.ssh(&second, &["whoami"]).await;
+
+    assert_ok(&registered);
+    assert!(
+        stdout(&with_first).contains("user: alice"),
+        "{}",
+        stdout(&with_first)
+    );
+    assert!(
+        stdout(&with_second).contains("not registered"),
+        "{}",
+        stdout(&with_second)
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banner_says_how_to_register_under_open() {
+    let lobby = Lobby::with_policy(RegistrationPolicy::Open).await;
+    let key = lobby.keygen("newcomer");
+
+    let output = lobby
+        .ssh_with(&key, &["-o", "LogLevel=INFO"], &["help"])
+        .await;
+
+    assert_ok(&output);
+    assert!(
+        stderr(&output).contains(&format!("ssh -p {} HOST register HANDLE", lobby.port)),
+        "{}",
+        stderr(&output)
+    );
+    lobby.stop().await;
+}

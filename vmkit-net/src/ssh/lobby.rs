@@ -777,6 +777,51 @@ mod tests {
     }
 
     #[test]
+    fn the_register_hint_names_the_port_and_under_invite_the_code() {
+        assert_eq!(
+            register_hint(22, RegistrationPolicy::Open),
+            "`ssh HOST register HANDLE`"
+        );
+        assert!(
+            register_hint(2222, RegistrationPolicy::Invite)
+                .contains("`ssh -p 2222 vmi_CODE@HOST register HANDLE`")
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unregistered_session_answers_other_commands_with_how_to_register() {
+        let host = vmkit_core::testing::FakeHost::new().await;
+        let commands = host
+            .manager
+            .commands(vmkit_core::Caller::anonymous(vmkit_core::Door::Ssh));
+        let key = SshPublicKey::parse(
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGFBuHpZWFVVHKfVgVzKIWNVlPsXU+J5hJbUgg9MVFq5 k",
+        )
+        .unwrap();
+        let unregistered = Unregistered {
+            key,
+            invite: None,
+            policy: RegistrationPolicy::Open,
+        };
+        let context = LobbyContext {
+            domain: "vm.test".into(),
+            port: 2222,
+            current_key: None,
+        };
+        let words = |s: &str| split_words(s).unwrap();
+
+        let ls = run_unregistered(&commands, &context, &unregistered, &words("ls -l")).await;
+        let help = run_unregistered(&commands, &context, &unregistered, &words("help")).await;
+
+        assert_eq!(ls.status, 1);
+        assert_eq!(
+            ls.stderr,
+            "error: this key is not registered: run `ssh -p 2222 HOST register HANDLE`\n"
+        );
+        assert_eq!(help.status, 0);
+    }
+
+    #[test]
     fn names_accept_the_domain_suffix() {
         let context = LobbyContext {
             domain: "vm.example.com".into(),

@@ -4,9 +4,16 @@
 //! public key only (no password, no keyboard-interactive): every key it offers is
 //! asked about, and the first one the [`Gateway`] identifies
 //! ([`Credential::SshKey`](vmkit_core::Credential::SshKey) through [`Door::Ssh`](vmkit_core::Door::Ssh))
-//! signs it in, once the client proved it holds the key. A key nobody registered is
-//! refused; the pre-authentication banner says how to get access (the operator adds
-//! the key: `vmkit user add HANDLE --key FILE`).
+//! signs it in, once the client proved it holds the key. What happens to a key
+//! nobody registered follows the manager's registration policy
+//! ([`ManagerConfig::registration`](vmkit_core::ManagerConfig::registration)):
+//! - `closed`: it is refused; the pre-authentication banner says how to get access
+//!   (the operator adds the key: `vmkit user add HANDLE --key FILE`).
+//! - `open` and `invite`: once every other key the client holds was tried (a
+//!   registered one wins), it signs in to a session where only `register HANDLE
+//!   [--email E]`, `help` and `whoami` work, and `register` registers that key.
+//!   Under `invite` the code is the SSH user name: `ssh vmi_CODE@HOST register
+//!   HANDLE`.
 //!
 //! Once in, `ssh HOST CMD ARGS` runs one lobby command through
 //! [`Manager::commands`] for the caller and exits with its status; `ssh -t HOST` gets
