@@ -285,7 +285,10 @@ struct Pending {
 /// key before the candidate comes round again: any registered one signs in as its
 /// user (other unknown ones are refused), and the candidate offered a second time
 /// means the client has no other key, so it signs in to register. A partial
-/// success does not count as a failed attempt.
+/// success does not count as a failed attempt. A client that starts its list over
+/// from the first key after a partial success would come back to the candidate at
+/// once and register it even with a registered key further down its list; one that
+/// gives up on a partial success cannot register (its registered keys still work).
 struct Connection {
     shared: Arc<Shared>,
     peer: SocketAddr,
