@@ -4,11 +4,12 @@
 //! itself: the access policy in the core does. Parsing is clap's; its errors (an
 //! unknown command, a missing argument) are answered as the lobby's own errors.
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use vmkit_core::{
-    Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Handle, ManagerError,
-    Registration, RegistrationPolicy, SshPublicKey, VmName, VmSpec, VmView,
+    Access, CloneSource, Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Handle,
+    Manager, ManagerError, Registration, RegistrationPolicy, ResizeRequest, ShareView, ShareWith,
+    ShareWithView, SnapshotView, SshPublicKey, UserId, VmName, VmSpec, VmView,
 };
 
 /// What a command answered: what goes to stdout and stderr, and the exit status.
@@ -123,17 +124,46 @@ Commands:
                                make a VM
   rm NAME...                   delete VMs
   start NAME | stop NAME | restart NAME
+  cp SRC [NEW] [--from-snapshot]
+                               copy a VM (or make one from a snapshot)
+  resize NAME [--cpus N] [--memory MIB] [--disk GIB]
+                               change a VM's size (disks only grow)
+  snapshot NAME SNAP           snapshot a VM as SNAP
+  restore NAME SNAP            restore a VM from the snapshot SNAP
+  snapshots [--json]           your snapshots
+  rm-snapshot SNAP             delete a snapshot
+  logs NAME [--bytes N]        the tail of a VM's console (control characters
+                               are shown escaped, e.g. \\x1b)
+  share NAME                   a VM's shares
+  share NAME public [--access A]    share with everyone
+  share NAME private           take back the shares with everyone
+  share NAME add HANDLE [--access A]
+                               share with the user HANDLE
+  share NAME rm HANDLE         take back the shares with the user HANDLE
+  share NAME link [--access A] make a link; its secret is printed once
   ssh-key ls|add|rm            your SSH keys (add reads the key line from an
                                argument or from stdin)
   exit                         leave the lobby
 
-NAME is a VM name or NAME.domain. Every command takes --json.
+NAME is a VM name or NAME.domain. Every command takes --json. A share's
+access A is http (the default: its web ports), ssh or manage (its lifecycle).
 
 Examples:
   ssh HOST new --name web
   ssh HOST ls -l
   ssh HOST ssh-key add < ~/.ssh/id_ed25519.pub
   ssh HOST rm web
+  ssh HOST cp web web2
+  ssh HOST cp before-upgrade web3 --from-snapshot
+  ssh HOST resize web --cpus 4 --memory 4096 --disk 20
+  ssh HOST snapshot web before-upgrade
+  ssh HOST restore web before-upgrade
+  ssh HOST snapshots
+  ssh HOST rm-snapshot before-upgrade
+  ssh HOST logs web --bytes 4096
+  ssh HOST share web public
+  ssh HOST share web add bob --access ssh
+  ssh HOST share web link
 ";
 
 #[derive(Parser, Debug)]
@@ -205,6 +235,69 @@ enum LobbyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copies a VM, or makes one from a snapshot.
+    Cp {
+        source: String,
+        new: Option<String>,
+        #[arg(long)]
+        from_snapshot: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Resizes a VM.
+    Resize {
+        name: String,
+        #[arg(long)]
+        cpus: Option<u32>,
+        #[arg(long)]
+        memory: Option<u64>,
+        #[arg(long)]
+        disk: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshots a VM.
+    Snapshot {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restores a VM from a snapshot.
+    Restore {
+        name: String,
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists your snapshots.
+    Snapshots {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes a snapshot.
+    #[command(name = "rm-snapshot")]
+    RmSnapshot {
+        snapshot: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tail of a VM's console.
+    Logs {
+        name: String,
+        #[arg(long, default_value_t = DEFAULT_LOG_BYTES)]
+        bytes: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A VM's shares: shows them, or changes them.
+    Share {
+        name: String,
+        #[command(subcommand)]
+        action: Option<ShareCommand>,
+        #[arg(long, global = true)]
+        json: bool,
+    },
     /// Your SSH keys.
     #[command(name = "ssh-key", subcommand)]
     SshKey(SshKeyCommand),
@@ -232,6 +325,87 @@ enum SshKeyCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What a share grants, as `--access` names it.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+enum AccessArg {
+    /// The VM's web ports over HTTPS.
+    #[default]
+    Http,
+    /// SSH into the VM.
+    Ssh,
+    /// Its lifecycle.
+    Manage,
+}
+
+impl From<AccessArg> for Access {
+    fn from(access: AccessArg) -> Self {
+        match access {
+            AccessArg::Http => Access::Http,
+            AccessArg::Ssh => Access::Ssh,
+            AccessArg::Manage => Access::Manage,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum ShareCommand {
+    /// Shares the VM with everyone.
+    Public {
+        #[arg(long, value_enum, default_value_t)]
+        access: AccessArg,
+    },
+    /// Takes back the shares with everyone.
+    Private,
+    /// Shares the VM with a user.
+    Add {
+        handle: String,
+        #[arg(long, value_enum, default_value_t)]
+        access: AccessArg,
+    },
+    /// Takes back the shares with a user.
+    Rm { handle: String },
+    /// Makes a link; its secret is printed once.
+    Link {
+        #[arg(long, value_enum, default_value_t)]
+        access: AccessArg,
+    },
+}
+
+/// How much of the console `logs` prints unless `--bytes` says otherwise.
+const DEFAULT_LOG_BYTES: usize = 16 * 1024;
+
+/// The most of the console `logs` prints.
+const MAX_LOG_BYTES: usize = 1024 * 1024;
+
+/// `text` made safe for a terminal: control characters other than newline and tab
+/// are written as escapes (`\x1b`, `\u{9b}`), so that nothing a guest wrote to its
+/// console can move the cursor, retitle the window or talk to the terminal. A
+/// carriage return before a newline (a serial console's line end) is dropped.
+pub fn escape_control(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\r' if chars.peek() == Some(&'\n') => {}
+            '\n' | '\t' => escaped.push(c),
+            c if c.is_control() && (c as u32) < 0x80 => {
+                escaped.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() || is_format_control(c) => {
+                escaped.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => escaped.push(c),
+        }
+    }
+    escaped
+}
+
+/// Invisible characters that reorder or hide text (bidirectional overrides and
+/// isolates, zero-width characters).
+fn is_format_control(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
 }
 
 /// Splits a command line into words: whitespace separates, single and double
@@ -293,8 +467,13 @@ pub fn reads_stdin(words: &[String]) -> bool {
 
 /// Runs one command line for the caller of `commands`; `stdin` is what the client
 /// sent on the channel (read for `ssh-key add` without a key argument).
+///
+/// `users` looks users up by handle for `share NAME add|rm HANDLE` (the command
+/// surface takes a user id) and names them in `share NAME`; it is asked only after
+/// the command surface has let the caller see the VM's shares.
 pub async fn run(
     commands: &Commands,
+    users: &Manager,
     context: &LobbyContext,
     words: &[String],
     stdin: &str,
@@ -322,7 +501,7 @@ pub async fn run(
             return Output::failure(message, "invalid_command", json);
         }
     };
-    match execute(commands, context, args.command, stdin).await {
+    match execute(commands, users, context, args.command, stdin).await {
         Ok(output) => output,
         Err(LobbyError::Manager(e)) => error_output(commands, &e, json),
         Err(LobbyError::Lobby { message, code }) => Output::failure(message, code, json),
@@ -417,6 +596,7 @@ fn public_key(line: &str) -> Result<SshPublicKey, LobbyError> {
 
 async fn execute(
     commands: &Commands,
+    users: &Manager,
     context: &LobbyContext,
     command: LobbyCommand,
     stdin: &str,
@@ -546,6 +726,122 @@ async fn execute(
         LobbyCommand::Restart { name, json } => {
             lifecycle(commands, context, "restart", &name, json).await?
         }
+        LobbyCommand::Cp {
+            source,
+            new,
+            from_snapshot,
+            json,
+        } => {
+            let source_name = context.vm_name(&source)?;
+            let source = match from_snapshot {
+                true => CloneSource::Snapshot(source_name.clone()),
+                false => CloneSource::Vm(source_name.clone()),
+            };
+            let new = new.map(|n| context.vm_name(&n)).transpose()?;
+            let vm = commands.clone_vm(source, new, None).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": vm })),
+                false => format!("copied {source_name} to {} ({})\n", vm.name, vm.state),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Resize {
+            name,
+            cpus,
+            memory,
+            disk,
+            json,
+        } => {
+            if cpus.is_none() && memory.is_none() && disk.is_none() {
+                return Err(LobbyError::Lobby {
+                    message: "resize: say what to change: --cpus, --memory or --disk; \
+                              `help` lists the commands"
+                        .into(),
+                    code: "invalid_command",
+                });
+            }
+            let name = context.vm_name(&name)?;
+            let mut request = ResizeRequest::new();
+            request.vcpus = cpus;
+            request.memory_mib = memory;
+            request.disk_gib = disk;
+            let vm = commands.resize(&name, request).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": vm })),
+                false => format!(
+                    "{}: {} vCPU, {} MiB, {} GiB disk ({})\n",
+                    vm.name, vm.spec.vcpus, vm.spec.memory_mib, vm.spec.disk_gib, vm.state
+                ),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Snapshot {
+            name,
+            snapshot,
+            json,
+        } => {
+            let name = context.vm_name(&name)?;
+            let snapshot = VmName::new(snapshot).map_err(ManagerError::from)?;
+            let taken = commands.snapshot(&name, snapshot).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "snapshot": taken })),
+                false => format!("snapshot {} of {} taken\n", taken.name, taken.vm_name),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Restore {
+            name,
+            snapshot,
+            json,
+        } => {
+            let name = context.vm_name(&name)?;
+            let snapshot = VmName::new(snapshot).map_err(ManagerError::from)?;
+            let vm = commands.restore(&name, &snapshot, None).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": vm })),
+                false => format!("restored {} from {snapshot} ({})\n", vm.name, vm.state),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Snapshots { json } => {
+            let snapshots = commands.snapshots().await?;
+            match json {
+                true => json_line(&snapshots),
+                false if snapshots.is_empty() => {
+                    "no snapshots yet; take one with `snapshot NAME SNAP`\n".to_owned()
+                }
+                false => snapshots.iter().map(snapshot_line).collect(),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::RmSnapshot { snapshot, json } => {
+            let snapshot = VmName::new(snapshot).map_err(ManagerError::from)?;
+            commands.delete_snapshot(&snapshot).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "deleted": snapshot })),
+                false => format!("deleted snapshot {snapshot}\n"),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Logs { name, bytes, json } => {
+            let name = context.vm_name(&name)?;
+            let console = commands.console(&name, bytes.min(MAX_LOG_BYTES)).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": name, "console": console })),
+                false => {
+                    let mut text = escape_control(&console);
+                    if !text.is_empty() && !text.ends_with('\n') {
+                        text.push('\n');
+                    }
+                    text
+                }
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::Share { name, action, json } => {
+            let name = context.vm_name(&name)?;
+            share(commands, users, &name, action, json).await?
+        }
         LobbyCommand::SshKey(SshKeyCommand::Ls { json }) => {
             let keys = commands.ssh_keys().await?;
             match json {
@@ -589,6 +885,133 @@ async fn execute(
             .pipe(Output::ok)
         }
     })
+}
+
+fn snapshot_line(snapshot: &SnapshotView) -> String {
+    format!(
+        "{}\tof {}\t{} vCPU\t{} MiB\t{}\t{}\n",
+        snapshot.name,
+        snapshot.vm_name,
+        snapshot.spec.vcpus,
+        snapshot.spec.memory_mib,
+        match snapshot.memory {
+            true => "memory and disks",
+            false => "disks",
+        },
+        snapshot.created_at,
+    )
+}
+
+fn access_name(access: Access) -> &'static str {
+    match access {
+        Access::Http => "http",
+        Access::Ssh => "ssh",
+        Access::Manage => "manage",
+        _ => "other",
+    }
+}
+
+/// The user with `handle`, as the share commands name them.
+async fn user_id(users: &Manager, handle: &str) -> Result<UserId, ManagerError> {
+    let handle = Handle::new(handle)?;
+    Ok(users.user(&handle).await?.id)
+}
+
+/// `share NAME [ACTION]`.
+async fn share(
+    commands: &Commands,
+    users: &Manager,
+    name: &VmName,
+    action: Option<ShareCommand>,
+    json: bool,
+) -> Result<Output, LobbyError> {
+    // First the command surface decides whether the caller may share the VM at all,
+    // so that a stranger learns nothing of users (nor of the VM) through `share`.
+    let current = commands.shares(name).await?;
+    let output = match action {
+        None => {
+            let handles = match current
+                .iter()
+                .any(|s| matches!(s.with, ShareWithView::User(_)))
+            {
+                true => users.users().await?,
+                false => Vec::new(),
+            };
+            let who = |share: &ShareView| match &share.with {
+                ShareWithView::User(id) => match handles.iter().find(|u| u.id == *id) {
+                    Some(user) => format!("user {}", user.handle),
+                    None => format!("user id {}", id.0),
+                },
+                ShareWithView::Link(short) => format!("link {short}"),
+                ShareWithView::Public => "public".to_owned(),
+                _ => "other".to_owned(),
+            };
+            match json {
+                true => json_line(&current),
+                false if current.is_empty() => {
+                    format!("{name} is not shared; `share {name} public` shares it\n")
+                }
+                false => current
+                    .iter()
+                    .map(|s| format!("{}\t{}\n", who(s), access_name(s.access)))
+                    .collect(),
+            }
+        }
+        Some(ShareCommand::Public { access }) => {
+            let view = commands
+                .share(name, ShareWith::Public, access.into())
+                .await?;
+            match json {
+                true => json_line(&view),
+                false => format!(
+                    "{name} is shared with everyone ({})\n",
+                    access_name(view.access)
+                ),
+            }
+        }
+        Some(ShareCommand::Private) => {
+            let removed = commands.unshare(name, &ShareWithView::Public, None).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": name, "removed": removed })),
+                false => format!("{name} is not shared with everyone ({removed} taken back)\n"),
+            }
+        }
+        Some(ShareCommand::Add { handle, access }) => {
+            let user = user_id(users, &handle).await?;
+            let view = commands
+                .share(name, ShareWith::User(user), access.into())
+                .await?;
+            match json {
+                true => json_line(&view),
+                false => format!(
+                    "{name} is shared with {handle} ({})\n",
+                    access_name(view.access)
+                ),
+            }
+        }
+        Some(ShareCommand::Rm { handle }) => {
+            let user = user_id(users, &handle).await?;
+            let removed = commands
+                .unshare(name, &ShareWithView::User(user), None)
+                .await?;
+            match json {
+                true => json_line(&serde_json::json!({ "vm": name, "removed": removed })),
+                false => format!("{name}: {removed} shares with {handle} taken back\n"),
+            }
+        }
+        Some(ShareCommand::Link { access }) => {
+            let view = commands.share(name, ShareWith::Link, access.into()).await?;
+            let secret = view.secret.clone().unwrap_or_default();
+            match json {
+                true => json_line(&view),
+                false => format!(
+                    "link secret for {name} ({}), shown only now: {secret}\n",
+                    access_name(view.access)
+                ),
+            }
+        }
+    };
+    Ok(Output::ok(output))
 }
 
 const UNREGISTERED_HELP: &str = "\

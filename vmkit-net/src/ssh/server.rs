@@ -567,7 +567,7 @@ impl Signed {
             Some(unregistered) => {
                 lobby::run_unregistered(&commands, &self.context, unregistered, words).await
             }
-            None => lobby::run(&commands, &self.context, words, stdin).await,
+            None => lobby::run(&commands, &self.shared.manager, &self.context, words, stdin).await,
         }
     }
 }
