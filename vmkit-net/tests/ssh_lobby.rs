@@ -904,3 +904,289 @@ async fn the_banner_says_how_to_register_under_open() {
     );
     lobby.stop().await;
 }
+
+/// The stdout of `output`, which must have succeeded, as JSON.
+#[track_caller]
+fn ok_json(output: &Output) -> serde_json::Value {
+    assert_ok(output);
+    json(output)
+}
+
+/// The stdout of `output`, which must have succeeded.
+#[track_caller]
+fn ok_text(output: &Output) -> String {
+    assert_ok(output);
+    stdout(output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cp_copies_a_vm_and_a_snapshot() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let text = ok_text(&lobby.ssh(&alice, &["cp", "web.vm.test", "web2"]).await);
+    let copied = ok_json(&lobby.ssh(&alice, &["cp", "web", "web3", "--json"]).await);
+    assert_ok(&lobby.ssh(&alice, &["snapshot", "web", "snap"]).await);
+    let from_snapshot = ok_json(
+        &lobby
+            .ssh(&alice, &["cp", "snap", "web4", "--from-snapshot", "--json"])
+            .await,
+    );
+
+    assert!(text.contains("copied web to web2"), "{text}");
+    assert_eq!(copied["vm"]["name"], "web3");
+    assert_eq!(from_snapshot["vm"]["name"], "web4");
+    for copy in ["web2", "web3", "web4"] {
+        let vm = lobby.host.manager.get(&name(copy)).await.unwrap();
+        assert_eq!(vm.owner, UserId(1), "{copy}");
+    }
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resize_changes_the_spec_and_needs_something_to_change() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    assert_ok(&lobby.ssh(&alice, &["stop", "web"]).await);
+
+    let text = ok_text(
+        &lobby
+            .ssh(
+                &alice,
+                &["resize", "web", "--cpus", "2", "--memory", "1024"],
+            )
+            .await,
+    );
+    let resized = ok_json(
+        &lobby
+            .ssh(&alice, &["resize", "web", "--cpus", "3", "--json"])
+            .await,
+    );
+    let nothing = lobby.ssh(&alice, &["resize", "web", "--json"]).await;
+
+    assert!(text.contains("2 vCPU, 1024 MiB"), "{text}");
+    assert_eq!(resized["vm"]["spec"]["vcpus"], 3);
+    assert_eq!(resized["vm"]["spec"]["memory_mib"], 1024);
+    let vm = lobby.host.manager.get(&name("web")).await.unwrap();
+    assert_eq!(vm.spec.vcpus, 3);
+    assert!(!nothing.status.success());
+    assert_eq!(json(&nothing)["code"], "invalid_command");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_are_taken_listed_restored_and_removed() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let none = ok_text(&lobby.ssh(&alice, &["snapshots"]).await);
+    let taken = ok_text(&lobby.ssh(&alice, &["snapshot", "web", "one"]).await);
+    let taken_json = ok_json(
+        &lobby
+            .ssh(&alice, &["snapshot", "web", "two", "--json"])
+            .await,
+    );
+    let listed = ok_text(&lobby.ssh(&alice, &["snapshots"]).await);
+    let listed_json = ok_json(&lobby.ssh(&alice, &["snapshots", "--json"]).await);
+    let restored = ok_text(&lobby.ssh(&alice, &["restore", "web", "one"]).await);
+    let restored_json = ok_json(
+        &lobby
+            .ssh(&alice, &["restore", "web.vm.test", "two", "--json"])
+            .await,
+    );
+    let removed = ok_text(&lobby.ssh(&alice, &["rm-snapshot", "one"]).await);
+    let removed_json = ok_json(&lobby.ssh(&alice, &["rm-snapshot", "two", "--json"]).await);
+    let missing = lobby.ssh(&alice, &["rm-snapshot", "two"]).await;
+
+    assert!(none.contains("no snapshots"), "{none}");
+    assert!(taken.contains("snapshot one of web"), "{taken}");
+    assert_eq!(taken_json["snapshot"]["name"], "two");
+    assert_eq!(taken_json["snapshot"]["vm_name"], "web");
+    assert!(listed.contains("one\tof web"), "{listed}");
+    assert!(listed.contains("two\tof web"), "{listed}");
+    assert_eq!(listed_json.as_array().unwrap().len(), 2);
+    assert!(restored.contains("restored web from one"), "{restored}");
+    assert_eq!(restored_json["vm"]["name"], "web");
+    assert!(removed.contains("deleted snapshot one"), "{removed}");
+    assert_eq!(removed_json["deleted"], "two");
+    assert!(!missing.status.success());
+    let left = ok_json(&lobby.ssh(&alice, &["snapshots", "--json"]).await);
+    assert_eq!(left, serde_json::json!([]));
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_print_the_console_tail() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let text = ok_text(&lobby.ssh(&alice, &["logs", "web"]).await);
+    let tail = ok_json(
+        &lobby
+            .ssh(&alice, &["logs", "web", "--bytes", "4", "--json"])
+            .await,
+    );
+
+    assert!(text.contains("fake boot of"), "{text}");
+    assert_eq!(tail["vm"], "web");
+    assert_eq!(tail["console"].as_str().unwrap().len(), 4);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_escape_the_control_characters_a_guest_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let host = FakeHost::with_config(ManagerConfig::new(&data)).await;
+    let lobby = Lobby::start_in(host, dir, |config| config).await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    assert_ok(&lobby.ssh(&alice, &["stop", "web"]).await);
+    // A stopped VM's console is the tail kept on disk: put a hostile one there.
+    let vm = lobby.host.manager.get(&name("web")).await.unwrap();
+    let consoles = data.join("consoles");
+    std::fs::create_dir_all(&consoles).unwrap();
+    let hostile = "login:\x1b]0;pwned\x07\x1b[2J\tok\r\nbye\u{9b}\n";
+    std::fs::write(consoles.join(format!("{}.log", vm.id)), hostile).unwrap();
+
+    let text = ok_text(&lobby.ssh(&alice, &["logs", "web"]).await);
+    let raw = ok_json(&lobby.ssh(&alice, &["logs", "web", "--json"]).await);
+
+    assert_eq!(
+        text, "login:\\x1b]0;pwned\\x07\\x1b[2J\tok\nbye\\u{9b}\n",
+        "{text:?}"
+    );
+    assert!(!text.contains('\x1b'));
+    assert_eq!(raw["console"], hostile);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shares_are_shown_made_and_taken_back() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let _bob = lobby.user(2, "bob").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let none = ok_text(&lobby.ssh(&alice, &["share", "web"]).await);
+    let public = ok_text(&lobby.ssh(&alice, &["share", "web", "public"]).await);
+    let public_json = ok_json(
+        &lobby
+            .ssh(
+                &alice,
+                &["share", "web", "public", "--access", "ssh", "--json"],
+            )
+            .await,
+    );
+    let added = ok_text(
+        &lobby
+            .ssh(
+                &alice,
+                &["share", "web", "add", "bob", "--access", "manage"],
+            )
+            .await,
+    );
+    let added_json = ok_json(
+        &lobby
+            .ssh(&alice, &["share", "web.vm.test", "add", "bob", "--json"])
+            .await,
+    );
+    let link = ok_text(&lobby.ssh(&alice, &["share", "web", "link"]).await);
+    let link_json = ok_json(&lobby.ssh(&alice, &["share", "web", "link", "--json"]).await);
+    let shown = ok_text(&lobby.ssh(&alice, &["share", "web"]).await);
+    let shown_json = ok_json(&lobby.ssh(&alice, &["share", "web", "--json"]).await);
+    let nobody = lobby
+        .ssh(&alice, &["share", "web", "add", "carol", "--json"])
+        .await;
+
+    assert!(none.contains("not shared"), "{none}");
+    assert!(public.contains("shared with everyone (http)"), "{public}");
+    assert_eq!(public_json["access"], "ssh");
+    assert_eq!(public_json["with"]["kind"], "public");
+    assert!(added.contains("shared with bob (manage)"), "{added}");
+    assert_eq!(added_json["with"]["value"], 2);
+    assert_eq!(added_json["access"], "http");
+    assert!(link.contains("vms_"), "{link}");
+    assert!(link_json["secret"].as_str().unwrap().starts_with("vms_"));
+    assert!(shown.contains("public\thttp"), "{shown}");
+    assert!(shown.contains("public\tssh"), "{shown}");
+    assert!(shown.contains("user bob\tmanage"), "{shown}");
+    assert!(shown.contains("link "), "{shown}");
+    assert!(!shown.contains("vms_"), "the secret is shown once: {shown}");
+    assert_eq!(shown_json.as_array().unwrap().len(), 6);
+    assert!(!nobody.status.success());
+    assert_eq!(json(&nobody)["code"], "user_not_found");
+
+    let private = ok_text(&lobby.ssh(&alice, &["share", "web", "private"]).await);
+    let removed = ok_json(
+        &lobby
+            .ssh(&alice, &["share", "web", "rm", "bob", "--json"])
+            .await,
+    );
+    let left = ok_json(&lobby.ssh(&alice, &["share", "web", "--json"]).await);
+
+    assert!(private.contains("2 taken back"), "{private}");
+    assert_eq!(removed["removed"], 2);
+    let left = left.as_array().unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|s| s["with"]["kind"] == "link"), "{left:?}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_cannot_copy_snapshot_share_or_read_another_users_vm() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let bob = lobby.user(2, "bob").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    assert_ok(&lobby.ssh(&alice, &["snapshot", "web", "snap"]).await);
+
+    let tries: [(&[&str], &[&str]); 7] = [
+        (&["cp", "web", "mine"], &["cp", "nothing", "mine"]),
+        (&["snapshot", "web", "s2"], &["snapshot", "nothing", "s2"]),
+        (&["share", "web", "public"], &["share", "nothing", "public"]),
+        (
+            &["share", "web", "add", "bob"],
+            &["share", "nothing", "add", "bob"],
+        ),
+        (&["share", "web"], &["share", "nothing"]),
+        (&["logs", "web"], &["logs", "nothing"]),
+        (
+            &["resize", "web", "--cpus", "4"],
+            &["resize", "nothing", "--cpus", "4"],
+        ),
+    ];
+    for (theirs, missing) in tries {
+        let theirs_output = lobby.ssh(&bob, &[theirs, &["--json"]].concat()).await;
+        let missing_output = lobby.ssh(&bob, &[missing, &["--json"]].concat()).await;
+        assert!(!theirs_output.status.success(), "{theirs:?}");
+        let theirs_json = json(&theirs_output);
+        let missing_json = json(&missing_output);
+        assert_eq!(theirs_json["code"], missing_json["code"], "{theirs:?}");
+        assert_eq!(
+            theirs_json["error"]
+                .as_str()
+                .unwrap()
+                .replace("web", "NAME"),
+            missing_json["error"]
+                .as_str()
+                .unwrap()
+                .replace("nothing", "NAME"),
+            "{theirs:?}"
+        );
+    }
+    let snapshot = lobby
+        .ssh(&bob, &["cp", "snap", "mine", "--from-snapshot"])
+        .await;
+    assert!(!snapshot.status.success());
+    let restore = lobby.ssh(&bob, &["rm-snapshot", "snap"]).await;
+    assert!(!restore.status.success());
+    let shares = lobby.host.manager.commands(vmkit_core::Caller::operator());
+    assert!(shares.shares(&name("web")).await.unwrap().is_empty());
+    assert!(lobby.host.manager.get(&name("mine")).await.is_err());
+    lobby.stop().await;
+}

@@ -1245,6 +1245,102 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_are_escaped_but_newlines_and_tabs_kept() {
+        assert_eq!(
+            escape_control("a\x1b[2Jb\tc\r\nd\re\u{9b}f\u{202e}g\x07\n"),
+            "a\\x1b[2Jb\tc\nd\\x0de\\u{9b}f\\u{202e}g\\x07\n"
+        );
+        assert_eq!(
+            escape_control("plain text, ünïcode\n"),
+            "plain text, ünïcode\n"
+        );
+    }
+
+    #[test]
+    fn the_new_commands_parse_in_their_documented_forms() {
+        let parse = |s: &str| LobbyArgs::try_parse_from(split_words(s).unwrap()).map(|a| a.command);
+        assert!(matches!(
+            parse("share web").unwrap(),
+            LobbyCommand::Share {
+                action: None,
+                json: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse("share web --json").unwrap(),
+            LobbyCommand::Share {
+                action: None,
+                json: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse("share web public --access ssh --json").unwrap(),
+            LobbyCommand::Share {
+                action: Some(ShareCommand::Public {
+                    access: AccessArg::Ssh
+                }),
+                json: true,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse("share web add bob").unwrap(),
+            LobbyCommand::Share {
+                action: Some(ShareCommand::Add {
+                    access: AccessArg::Http,
+                    ..
+                }),
+                ..
+            }
+        ));
+        assert!(parse("share web public --access root").is_err());
+        assert!(matches!(
+            parse("cp snap copy --from-snapshot").unwrap(),
+            LobbyCommand::Cp {
+                from_snapshot: true,
+                new: Some(_),
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse("cp web").unwrap(),
+            LobbyCommand::Cp { new: None, .. }
+        ));
+        assert!(matches!(
+            parse("logs web").unwrap(),
+            LobbyCommand::Logs {
+                bytes: DEFAULT_LOG_BYTES,
+                ..
+            }
+        ));
+        assert!(parse("snapshot web").is_err());
+        assert!(parse("rm-snapshot snap --json").is_ok());
+    }
+
+    #[test]
+    fn every_command_is_in_the_help() {
+        for command in [
+            "cp SRC",
+            "resize NAME",
+            "snapshot NAME SNAP",
+            "restore NAME SNAP",
+            "snapshots",
+            "rm-snapshot SNAP",
+            "logs NAME",
+            "share NAME public",
+            "share NAME private",
+            "share NAME add HANDLE",
+            "share NAME rm HANDLE",
+            "share NAME link",
+        ] {
+            assert!(HELP.contains(&format!("  {command}")), "{command}");
+        }
+        assert!(!HELP.contains('\x1b'));
+    }
+
+    #[test]
     fn names_accept_the_domain_suffix() {
         let context = LobbyContext {
             domain: "vm.example.com".into(),
