@@ -1062,6 +1062,11 @@ async fn logs_escape_the_control_characters_a_guest_wrote() {
     );
     assert!(!text.contains('\x1b'));
     assert_eq!(raw["console"], hostile);
+    let raw_text = ok_text(&lobby.ssh(&alice, &["logs", "web", "--json"]).await);
+    assert!(
+        !raw_text.contains(['\x1b', '\x07', '\u{9b}']),
+        "{raw_text:?}"
+    );
     lobby.stop().await;
 }
 

@@ -525,9 +525,24 @@ fn error_message(commands: &Commands, e: &ManagerError) -> String {
     }
 }
 
+/// `value` as pretty JSON and a newline. The JSON encoder escapes only the control
+/// characters below 0x20; the others (DEL, the C1 controls some terminals obey)
+/// and the invisible reordering ones are written as `\uXXXX` escapes too, so that
+/// `--json` shown in a terminal is as safe as the text (a JSON reader decodes them
+/// back to the same string).
 fn json_line<T: Serialize + ?Sized>(value: &T) -> String {
     match serde_json::to_string_pretty(value) {
-        Ok(text) => text + "\n",
+        Ok(text) => {
+            let mut safe = String::with_capacity(text.len() + 1);
+            for c in text.chars() {
+                match (c as u32) >= 0x20 && (c.is_control() || is_format_control(c)) {
+                    true => safe.push_str(&format!("\\u{:04x}", c as u32)),
+                    false => safe.push(c),
+                }
+            }
+            safe.push('\n');
+            safe
+        }
         Err(e) => format!("{{\"error\": \"could not encode the answer: {e}\"}}\n"),
     }
 }
@@ -1254,6 +1269,18 @@ mod tests {
             escape_control("plain text, ünïcode\n"),
             "plain text, ünïcode\n"
         );
+    }
+
+    #[test]
+    fn json_escapes_the_control_characters_the_encoder_leaves() {
+        let text = "a\x1b\u{9b}\u{7f}\u{202e}\"\nb";
+        let line = json_line(&serde_json::json!({ "console": text }));
+        assert!(
+            !line.contains(['\x1b', '\u{9b}', '\u{7f}', '\u{202e}']),
+            "{line:?}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["console"], text);
     }
 
     #[test]
