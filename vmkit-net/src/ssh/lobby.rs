@@ -135,7 +135,8 @@ Commands:
   logs NAME [--bytes N]        the tail of a VM's console (control characters
                                are shown escaped, e.g. \\x1b)
   share NAME                   a VM's shares
-  share NAME public [--access A]    share with everyone
+  share NAME public [--access A]
+                               share with everyone
   share NAME private           take back the shares with everyone
   share NAME add HANDLE [--access A]
                                share with the user HANDLE
