@@ -59,12 +59,14 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run(manager: Manager) -> anyhow::Result<()> {
     let backends = manager.backends();
-    // The tenant and its quota: two small VMs at a time.
+    // The tenant and its quota: two small VMs at a time. Disk counts every root disk
+    // at its volume's size (the tiny image's, 1 GiB rounded up) and the snapshot's
+    // copy: the template and its snapshot, then two sandboxes beside the snapshot.
     let quota = Quota::default()
         .max_vms(2)
         .max_vcpus(2)
         .max_memory_mib(512)
-        .max_disk_gib(0);
+        .max_disk_gib(4);
     backends
         .store
         .put_user(&User::new(TENANT, Handle::new("agent-sandboxes")?))
