@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmkit_guest::{Client, ClientConfig, ExecRequest, LogsRequest, WriteFileRequest};
+use vmkit_guest::{
+    Client, ClientConfig, ExecRequest, LogsRequest, SessionRequest, WriteFileRequest,
+};
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
@@ -70,6 +72,29 @@ fuzz_target!(|data: &[u8]| {
                     while let Some(line) = logs.next().await {
                         line?;
                     }
+                    Ok(())
+                }
+            }),
+            tokio::spawn({
+                let c = client.clone();
+                async move { c.ssh_info().await.map(drop) }
+            }),
+            tokio::spawn({
+                let c = client.clone();
+                async move {
+                    let session = c.session(SessionRequest::new(["sh"])).await?;
+                    let (writer, mut events) = session.split();
+                    // Input waits for acknowledgements the fuzzer may or may not send.
+                    let input = tokio::spawn(async move {
+                        let _ = writer.send(&[b'x'; 4096]).await;
+                        let _ = writer.resize(80, 24).await;
+                        let _ = writer.close_stdin().await;
+                    });
+                    while let Some(event) = events.next().await {
+                        event?;
+                    }
+                    drop(events);
+                    let _ = input.await;
                     Ok(())
                 }
             }),

@@ -9,7 +9,7 @@ use libfuzzer_sys::fuzz_target;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmkit_guest::{
     ExecRequest, ExitStatus, Handler, HelloInfo, InputStream, LogsRequest, Metrics, OutputSink,
-    ServerConfig, WriteFileRequest, serve,
+    ServerConfig, SessionInput, SessionRequest, SshInfo, WriteFileRequest, serve,
 };
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -62,6 +62,34 @@ impl Handler for Echo {
             .map(|i| i.to_string())
             .collect();
         out.lines(&lines).await.map_err(|e| e.to_string())
+    }
+
+    async fn ssh_info(&self) -> Result<SshInfo, String> {
+        Ok(SshInfo::default())
+    }
+
+    /// Echoes standard input until it ends or the host hangs up, taking controls as
+    /// they come.
+    async fn session(
+        &self,
+        _req: SessionRequest,
+        input: SessionInput,
+        out: OutputSink,
+    ) -> Result<ExitStatus, String> {
+        let (mut stdin, mut controls) = input.split();
+        loop {
+            tokio::select! {
+                data = stdin.next() => match data {
+                    Some(data) => out.stdout(&data).await.map_err(|e| e.to_string())?,
+                    None => return Ok(ExitStatus::exited(0)),
+                },
+                control = controls.next() => {
+                    if control.is_none() {
+                        return Ok(ExitStatus::killed(1));
+                    }
+                }
+            }
+        }
     }
 }
 

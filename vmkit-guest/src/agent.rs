@@ -6,6 +6,8 @@ mod hotplug;
 mod logs;
 mod metrics;
 mod network;
+mod session;
+mod ssh;
 mod system;
 mod upgrade;
 
@@ -23,10 +25,10 @@ use tokio::sync::watch;
 
 use crate::message::{ExecRequest, ExitStatus, HelloInfo};
 use crate::ops::{
-    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
-    UpgradeRequest, WriteFileRequest,
+    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, SessionRequest,
+    SshInfo, UpgradeReport, UpgradeRequest, WriteFileRequest,
 };
-use crate::server::{Handler, InputStream, OutputSink};
+use crate::server::{Handler, InputStream, OutputSink, SessionInput};
 
 pub use hotplug::online_hotplugged;
 
@@ -69,6 +71,20 @@ const SHUTDOWN_DELAY: Duration = Duration::from_millis(250);
 ///   sshd.
 /// - `grow_filesystems` grows the ext4 filesystems mounted at `/` and `/data` to their
 ///   block devices, online, with the kernel's `EXT4_IOC_RESIZE_FS` (no tool needed).
+/// - `ssh_info` reports whether `/usr/sbin/sshd` exists, the public keys in
+///   `/etc/ssh/ssh_host_*_key.pub` and the user in `/etc/vmkit/default-user`. When sshd
+///   is installed without host keys it makes them first: with
+///   `systemctl start vmkit-ssh-keygen.service` when systemd runs the system and has that
+///   unit (the base image's first-boot unit, so that the two never write the same keys
+///   at once), else with `ssh-keygen -A`.
+/// - `session` starts `argv` (or the user's login shell, as `-sh`, `-bash`, ...) in a new
+///   session (`setsid`) as the user (root by default: uid, gid, groups, `HOME`, `USER`,
+///   `LOGNAME`, `SHELL`, the home directory as working directory, an environment of its
+///   own), with a pty as its controlling terminal or with pipes. It writes the host's
+///   input to it, resizes the pty, sends signals to its process group, and on a hang-up
+///   sends `SIGHUP` and, two seconds later, `SIGKILL`. It ends when the process has
+///   exited and its output is drained; the group is killed if the session's future is
+///   dropped (the host went away).
 /// - `upgrade` takes the new binary from the channel, checks its
 ///   SHA-256 and that it runs (`--version`), renames it over the running binary, and exits
 ///   shortly after answering so that systemd (`Restart=always`) or init (`respawn`)
@@ -241,6 +257,19 @@ impl Handler for SystemHandler {
         input: InputStream,
     ) -> Result<UpgradeReport, String> {
         upgrade::upgrade(self, req, input).await
+    }
+
+    async fn ssh_info(&self) -> Result<SshInfo, String> {
+        ssh::info(self).await
+    }
+
+    async fn session(
+        &self,
+        req: SessionRequest,
+        input: SessionInput,
+        out: OutputSink,
+    ) -> Result<ExitStatus, String> {
+        session::run(self, req, input, &out).await
     }
 
     async fn grow_filesystems(&self) -> Result<GrowReport, String> {

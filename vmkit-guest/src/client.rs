@@ -16,8 +16,11 @@ use crate::message::{
 };
 
 mod ops;
+mod session;
 
 pub use ops::LogStream;
+use session::SessionRoute;
+pub use session::{GuestSession, SessionEvents, SessionWriter};
 
 /// Frames waiting for the writer task.
 const WRITE_QUEUE: usize = 64;
@@ -98,6 +101,10 @@ pub enum ClientError {
     /// contents), or writing what it sent to where the caller asked.
     #[error("local I/O for a call to the agent failed")]
     Source(#[source] Arc<std::io::Error>),
+    /// The session has ended (its process exited, it failed or was hung up): it takes
+    /// no more input.
+    #[error("the session has ended")]
+    SessionEnded,
 }
 
 /// Text a guest sent, shown safely: control characters (newlines, escape sequences)
@@ -134,6 +141,9 @@ impl std::fmt::Display for GuestText<'_> {
 enum Route {
     Call(oneshot::Sender<Result<Reply, ClientError>>),
     Stream(mpsc::Sender<Result<Reply, ClientError>>),
+    /// A session's replies, and the credit for its standard input that its `stdin_ack`s
+    /// give back.
+    Session(SessionRoute),
 }
 
 struct State {
@@ -170,7 +180,10 @@ impl Shared {
     }
 
     fn unregister(&self, id: u64) {
-        self.lock().routes.remove(&id);
+        let route = self.lock().routes.remove(&id);
+        if let Some(Route::Session(session)) = route {
+            session.end();
+        }
     }
 
     fn is_closed(&self) -> bool {
@@ -202,6 +215,10 @@ impl Shared {
                     // A full stream learns the reason from `end_reason` instead.
                     let _ = tx.try_send(Err(reason.clone()));
                 }
+                Route::Session(session) => {
+                    session.end();
+                    let _ = session.tx.try_send(Err(reason.clone()));
+                }
             }
         }
     }
@@ -220,6 +237,19 @@ impl Shared {
                 }
                 // A request that was abandoned (timed out, stream dropped): discard.
                 None => return Ok(()),
+                Some(Route::Session(session)) => {
+                    if let Reply::StdinAck { bytes } = reply {
+                        session.ack(bytes);
+                        state.routes.insert(id, Route::Session(session));
+                        return Ok(());
+                    }
+                    if reply.is_final() {
+                        session.end();
+                    } else {
+                        state.routes.insert(id, Route::Session(session.clone()));
+                    }
+                    Route::Stream(session.tx)
+                }
                 Some(Route::Stream(tx)) if !reply.is_final() => {
                     state.routes.insert(id, Route::Stream(tx.clone()));
                     Route::Stream(tx)
@@ -237,6 +267,8 @@ impl Shared {
                 // dropped its channel ends and it reports `end_reason`.
                 Ok(Err(_)) | Err(_) => self.unregister(id),
             },
+            // Never a target: sessions are delivered as streams.
+            Route::Session(_) => {}
         }
         Ok(())
     }

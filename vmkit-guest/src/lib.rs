@@ -19,7 +19,10 @@
 //! [`Client::read_file`] and [`Client::write_file`] (streamed in chunks, size-capped),
 //! [`Client::metrics`], [`Client::logs`] and [`Client::follow_logs`], [`Client::reboot`],
 //! [`Client::harden`], [`Client::upgrade`] and [`Client::grow_filesystems`] (the guest
-//! grows its filesystems to disks the host grew). Each [`Handler`] method behind them has a
+//! grows its filesystems to disks the host grew), [`Client::ssh_info`] (the guest sshd's
+//! host keys and the image's default user) and [`Client::session`] (an interactive
+//! process, with a pty or pipes, whose standard input the host streams, for `ssh VM`
+//! into images without sshd). Each [`Handler`] method behind them has a
 //! default that answers "unsupported by this agent", so handlers written against an older
 //! version keep compiling.
 //!
@@ -86,18 +89,22 @@ pub use agent::{SystemHandler, online_hotplugged};
 pub use async_trait::async_trait;
 /// The byte buffer in [`ExecEvent`], re-exported so that callers use the same version.
 pub use bytes::Bytes;
-pub use client::{Client, ClientConfig, ClientError, ExecStream, GuestText, LogStream};
+pub use client::{
+    Client, ClientConfig, ClientError, ExecStream, GuestSession, GuestText, LogStream,
+    SessionEvents, SessionWriter,
+};
 pub use frame::{DEFAULT_MAX_FRAME, FrameError};
 pub use message::{
     ExecEvent, ExecOutput, ExecRequest, ExitStatus, HelloInfo, PROTOCOL_VERSION, Request,
-    VIRTIO_PORT_NAME, VSOCK_PORT,
+    SESSION_WINDOW, VIRTIO_PORT_NAME, VSOCK_PORT,
 };
 pub use ops::{
     ContainerHealth, DEFAULT_DEPLOY_USER, DEFAULT_LOG_LINES, DEFAULT_METRICS_INTERVAL_MS,
     FilesystemGrowth, GrowReport, HardenReport, HardenRequest, LogSource, LogsRequest,
-    MAX_LOG_LINE, MAX_LOG_LINES, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport,
-    UpgradeRequest, UpgradeSource, WriteFileRequest,
+    MAX_LOG_LINE, MAX_LOG_LINES, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, PtySize,
+    SessionRequest, SshInfo, UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 pub use server::{
-    Handler, InputError, InputStream, OutputClosed, OutputSink, ServeError, ServerConfig, serve,
+    Handler, InputError, InputStream, OutputClosed, OutputSink, ServeError, ServerConfig,
+    SessionControl, SessionControls, SessionInput, SessionStdin, serve,
 };

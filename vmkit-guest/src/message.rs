@@ -4,8 +4,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::ops::{
-    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, UpgradeReport,
-    UpgradeRequest, WriteFileRequest,
+    GrowReport, HardenReport, HardenRequest, LogsRequest, Metrics, NetworkConfig, SessionRequest,
+    SshInfo, UpgradeReport, UpgradeRequest, WriteFileRequest,
 };
 
 /// The protocol version this crate speaks, reported in [`HelloInfo::protocol`].
@@ -24,9 +24,10 @@ pub const VSOCK_PORT: u32 = 1024;
 /// (`"hello"`, `"ping"`, `"exec"`, `"shutdown"`, `"read_file"`, ...); the variant's fields
 /// sit beside it.
 ///
-/// Two kinds are not requests of their own but refer to the request whose id their
-/// envelope carries: [`Request::Chunk`] (the next piece of its body) and
-/// [`Request::Cancel`]. Neither is answered.
+/// Some kinds are not requests of their own but refer to the request whose id their
+/// envelope carries: [`Request::Chunk`] (the next piece of its body or a session's
+/// standard input), [`Request::Cancel`], and a session's [`Request::Resize`],
+/// [`Request::CloseStdin`] and [`Request::Signal`]. None of them is answered.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -87,17 +88,59 @@ pub enum Request {
     /// Grow the ext4 filesystems mounted at `/` and `/data` to their block devices,
     /// online (the host grows only the disks); answered with `grown`.
     GrowFilesystems,
+    /// Report the guest's SSH server: its host keys, whether it is installed, the
+    /// image's default user; answered with `ssh_info`.
+    SshInfo,
+    /// Start a process whose standard input the host streams (an interactive shell, with
+    /// a pty or pipes); answered like `exec` with `stdout` and `stderr` chunks and one
+    /// `exit`, and with `stdin_ack`s as the process takes its input (see
+    /// [`SESSION_WINDOW`]).
+    Session(SessionRequest),
     /// The next piece of the body of the request with this envelope's id (`write_file`,
-    /// `upgrade`). Not answered.
+    /// `upgrade`), or bytes for the standard input of the session with that id. An empty
+    /// chunk carries nothing (it is not an end of input: see [`Request::CloseStdin`]).
+    /// Not answered.
     Chunk {
         /// The bytes, base64 on the wire.
         #[serde(with = "base64_bytes")]
         data: Bytes,
     },
-    /// Stop the request with this envelope's id (a followed log). Not answered; the
-    /// cancelled request gets no further reply.
+    /// Stop the request with this envelope's id (a followed log), or hang up the session
+    /// with that id (`SIGHUP` to its process group, `SIGKILL` shortly after). Not
+    /// answered; the cancelled request gets no further reply.
     Cancel,
+    /// Set the window size of the pty of the session with this envelope's id
+    /// (`TIOCSWINSZ`, which sends `SIGWINCH` to its foreground process group); ignored
+    /// for a session without a pty. Not answered.
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
+    /// End of the standard input of the session with this envelope's id: its pipe is
+    /// closed once the input sent before has been written. Ignored for a session with a
+    /// pty, whose client sends the terminal's end-of-file character (^D) instead. Not
+    /// answered.
+    CloseStdin,
+    /// Send a signal to the process group of the session with this envelope's id. Not
+    /// answered; an unknown name is ignored, as SSH servers do.
+    Signal {
+        /// The signal's SSH name, without `SIG`: `INT`, `TERM`, `HUP`, `KILL`, `QUIT`,
+        /// `USR1`, `USR2`, ... (RFC 4254, section 6.10).
+        signal: String,
+    },
 }
+
+/// How many bytes of a session's standard input may be on their way to the process
+/// before the agent acknowledges them (`stdin_ack` replies, sent as the process takes
+/// its input).
+///
+/// The [`Client`](crate::Client) never has more than this unacknowledged, so a process
+/// that does not read its input slows down only its own sender, never the connection
+/// that every other call shares. An agent that receives more than this ahead of the
+/// process ends the session with an error: the host broke the protocol.
+pub const SESSION_WINDOW: usize = 1 << 20;
 
 /// What the agent says about itself in answer to [`Request::Hello`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +345,11 @@ pub(crate) enum Reply {
     Upgraded(UpgradeReport),
     /// Answer to `grow_filesystems`.
     Grown(GrowReport),
+    /// Answer to `ssh_info`.
+    SshInfo(SshInfo),
+    /// The process of a session took this many more bytes of its standard input: the
+    /// host may send as many more (see [`SESSION_WINDOW`]).
+    StdinAck { bytes: u64 },
     /// A request was carried out (shutdown, network, hostname, keys, logs).
     Ok,
     /// A request failed in the agent; the last reply for its id.
@@ -325,6 +373,8 @@ impl Reply {
             Reply::Hardened(_) => "hardened",
             Reply::Upgraded(_) => "upgraded",
             Reply::Grown(_) => "grown",
+            Reply::SshInfo(_) => "ssh_info",
+            Reply::StdinAck { .. } => "stdin_ack",
             Reply::Ok => "ok",
             Reply::Error { .. } => "error",
         }
@@ -334,7 +384,11 @@ impl Reply {
     pub(crate) fn is_final(&self) -> bool {
         !matches!(
             self,
-            Reply::Stdout { .. } | Reply::Stderr { .. } | Reply::Data { .. } | Reply::Lines { .. }
+            Reply::Stdout { .. }
+                | Reply::Stderr { .. }
+                | Reply::Data { .. }
+                | Reply::Lines { .. }
+                | Reply::StdinAck { .. }
         )
     }
 }
@@ -424,6 +478,41 @@ mod tests {
                 "stdin": "aGk=", "timeout_ms": null
             })
         );
+    }
+
+    #[test]
+    fn a_session_request_needs_only_its_type() {
+        let req: Request = serde_json::from_str(r#"{"type":"session"}"#).unwrap();
+        assert_eq!(req, Request::Session(SessionRequest::shell()));
+    }
+
+    #[test]
+    fn session_controls_are_tagged_and_flat() {
+        let controls = [
+            (
+                Request::Resize { cols: 80, rows: 24 },
+                r#"{"type":"resize","cols":80,"rows":24}"#,
+            ),
+            (Request::CloseStdin, r#"{"type":"close_stdin"}"#),
+            (
+                Request::Signal {
+                    signal: "INT".to_owned(),
+                },
+                r#"{"type":"signal","signal":"INT"}"#,
+            ),
+            (Request::SshInfo, r#"{"type":"ssh_info"}"#),
+        ];
+        for (request, json) in controls {
+            assert_eq!(serde_json::to_string(&request).unwrap(), json);
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), request);
+        }
+    }
+
+    #[test]
+    fn stdin_acks_are_not_final() {
+        let reply: Reply = serde_json::from_str(r#"{"type":"stdin_ack","bytes":64}"#).unwrap();
+        assert_eq!(reply, Reply::StdinAck { bytes: 64 });
+        assert!(!reply.is_final());
     }
 
     #[test]

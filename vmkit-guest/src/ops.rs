@@ -354,3 +354,119 @@ pub struct GrowReport {
     #[serde(default)]
     pub failures: Vec<String>,
 }
+
+/// What the guest says about its SSH server, in answer to
+/// [`Request::SshInfo`](crate::Request::SshInfo): what an SSH gateway needs to reach
+/// the guest's sshd and to pin its host keys.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SshInfo {
+    /// The guest sshd's public host keys as OpenSSH lines (`ssh-ed25519 AAAA... comment`),
+    /// from `/etc/ssh/ssh_host_*_key.pub`. Made first (`ssh-keygen -A`) when sshd is
+    /// installed and has none yet; empty without sshd.
+    #[serde(default)]
+    pub host_keys: Vec<String>,
+    /// The image's default user (`/etc/vmkit/default-user`); `None` when the image has
+    /// none (only root).
+    #[serde(default)]
+    pub default_user: Option<String>,
+    /// Whether an OpenSSH server is installed (`/usr/sbin/sshd`).
+    #[serde(default)]
+    pub sshd: bool,
+}
+
+impl SshInfo {
+    /// An answer with these facts.
+    pub fn new(host_keys: Vec<String>, default_user: Option<String>, sshd: bool) -> Self {
+        SshInfo {
+            host_keys,
+            default_user,
+            sshd,
+        }
+    }
+}
+
+/// The terminal of a [`SessionRequest`] with a pty.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct PtySize {
+    /// The terminal type, set as `TERM` (`xterm-256color`).
+    pub term: String,
+    /// Columns.
+    pub cols: u16,
+    /// Rows.
+    pub rows: u16,
+}
+
+impl PtySize {
+    /// A terminal of type `term` and `cols` × `rows` characters.
+    pub fn new(term: impl Into<String>, cols: u16, rows: u16) -> Self {
+        PtySize {
+            term: term.into(),
+            cols,
+            rows,
+        }
+    }
+}
+
+/// A process whose standard input the host streams: `ssh VM` (a login shell on a pty)
+/// or `ssh VM cmd` (pipes). See [`Client::session`](crate::Client::session).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SessionRequest {
+    /// The program and its arguments, `argv[0]` looked up in `PATH`. Empty: the user's
+    /// login shell from `/etc/passwd`, started as a login shell (`argv[0]` `-sh`,
+    /// `-bash`, ...).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// Who runs it (name or uid); root when `None`. The process gets the user's uid,
+    /// gid and groups, `HOME`, `USER`, `LOGNAME` and `SHELL`, and starts in the home
+    /// directory. An unknown user is refused.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Variables added to the session's environment (after `PATH`, `HOME`, `USER`,
+    /// `LOGNAME`, `SHELL` and `TERM`, which they may replace).
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    /// A pty as the process's standard input, output, error and controlling terminal;
+    /// pipes when `None` (standard error then comes apart from standard output).
+    #[serde(default)]
+    pub pty: Option<PtySize>,
+}
+
+impl SessionRequest {
+    /// A session running `argv` as root through pipes.
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        SessionRequest {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..SessionRequest::default()
+        }
+    }
+
+    /// A login shell: the user's shell from `/etc/passwd`.
+    pub fn shell() -> Self {
+        Self::default()
+    }
+
+    /// Runs it as `user` (a name or a uid).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    /// Adds one environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Gives it a pty of type `term` and `cols` × `rows` characters.
+    pub fn pty(mut self, term: impl Into<String>, cols: u16, rows: u16) -> Self {
+        self.pty = Some(PtySize::new(term, cols, rows));
+        self
+    }
+}

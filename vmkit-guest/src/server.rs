@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,12 +15,12 @@ use tokio::task::{AbortHandle, JoinError, JoinSet};
 use crate::frame::{DEFAULT_MAX_FRAME, FrameError, decode, encode_frame, read_frame};
 use crate::message::{
     ExecRequest, ExitStatus, HelloInfo, IdOnly, Reply, ReplyFrame, Request, RequestFrame,
-    base64_bytes,
+    SESSION_WINDOW, base64_bytes,
 };
 use crate::ops::{
     DEFAULT_METRICS_INTERVAL_MS, GrowReport, HardenReport, HardenRequest, LogsRequest,
-    MAX_LOG_LINE, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, UpgradeReport, UpgradeRequest,
-    UpgradeSource, WriteFileRequest,
+    MAX_LOG_LINE, MAX_METRICS_INTERVAL_MS, Metrics, NetworkConfig, SessionRequest, SshInfo,
+    UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 
 /// Frames waiting for the writer task.
@@ -32,6 +33,14 @@ const MAX_ERROR_MESSAGE: usize = 16 << 10;
 const INPUT_QUEUE: usize = 8;
 /// Once this many requests are tracked for cancellation, finished ones are forgotten.
 const PRUNE_RUNNING: usize = 256;
+/// What each chunk of a session's standard input counts against [`SESSION_WINDOW`]
+/// besides its bytes, so that a flood of tiny chunks is bounded too.
+pub(crate) const STDIN_CHUNK_COST: usize = 64;
+/// Resizes and signals queued for a session before the host is deemed to flood it.
+const CONTROL_QUEUE: usize = 64;
+/// How long a hung-up session's handler may take to end its process before its task is
+/// aborted.
+const HANGUP_LIMIT: Duration = Duration::from_secs(10);
 
 /// Settings of [`serve`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +60,9 @@ pub struct ServerConfig {
     /// How long a handler waits for the next chunk of a body, and the reader for a handler
     /// to take one, before the upload is abandoned (default 30 s).
     pub input_timeout: Duration,
+    /// How many sessions may run at once (default 16); more are refused with an error.
+    /// Each also takes one of [`ServerConfig::max_in_flight`].
+    pub max_sessions: usize,
 }
 
 impl Default for ServerConfig {
@@ -61,6 +73,7 @@ impl Default for ServerConfig {
             chunk_size: 64 << 10,
             max_uploads: 4,
             input_timeout: Duration::from_secs(30),
+            max_sessions: 16,
         }
     }
 }
@@ -98,6 +111,12 @@ impl ServerConfig {
     /// Sets [`ServerConfig::input_timeout`].
     pub fn input_timeout(mut self, input_timeout: Duration) -> Self {
         self.input_timeout = input_timeout;
+        self
+    }
+
+    /// Sets [`ServerConfig::max_sessions`].
+    pub fn max_sessions(mut self, max_sessions: usize) -> Self {
+        self.max_sessions = max_sessions;
         self
     }
 
@@ -220,6 +239,29 @@ pub trait Handler: Send + Sync + 'static {
     async fn grow_filesystems(&self) -> Result<GrowReport, String> {
         Err(unsupported("grow_filesystems"))
     }
+
+    /// Reports the guest's SSH server: its public host keys (made first when sshd is
+    /// installed without them), whether sshd is installed, the image's default user.
+    async fn ssh_info(&self) -> Result<SshInfo, String> {
+        Err(unsupported("ssh_info"))
+    }
+
+    /// Runs a session: starts the process `req` describes, writes what
+    /// [`SessionInput`] brings to its standard input, applies its resizes and signals,
+    /// sends its output through `out` as it comes and returns how it ended.
+    ///
+    /// When the host hangs up ([`SessionControls::next`] ends), end the process
+    /// promptly; nothing more reaches the host. The future may also be dropped (the
+    /// connection closed): the process must not outlive it.
+    async fn session(
+        &self,
+        req: SessionRequest,
+        input: SessionInput,
+        out: OutputSink,
+    ) -> Result<ExitStatus, String> {
+        let _ = (req, input, out);
+        Err(unsupported("session"))
+    }
 }
 
 /// The host is gone: output can no longer be delivered.
@@ -239,6 +281,8 @@ pub struct OutputSink {
     frames: mpsc::Sender<Vec<u8>>,
     max_frame: usize,
     chunk: usize,
+    /// Set when the host hung up a session: nothing more is sent for it.
+    muted: Option<Arc<AtomicBool>>,
 }
 
 /// The serialize-only form of a streamed reply, borrowing its contents.
@@ -259,6 +303,9 @@ enum Chunk<'a> {
     },
     Lines {
         lines: &'a [&'a str],
+    },
+    StdinAck {
+        bytes: u64,
     },
 }
 
@@ -311,6 +358,9 @@ impl OutputSink {
     }
 
     async fn send(&self, chunk: &Chunk<'_>) -> Result<(), OutputClosed> {
+        if self.is_muted() {
+            return Err(OutputClosed);
+        }
         let frame = ReplyFrame {
             id: self.id,
             reply: chunk,
@@ -324,6 +374,125 @@ impl OutputSink {
             }
         }
     }
+}
+
+impl OutputSink {
+    fn is_muted(&self) -> bool {
+        self.muted
+            .as_ref()
+            .is_some_and(|muted| muted.load(Ordering::Acquire))
+    }
+}
+
+/// One item of a session's standard input, as the reader queues it.
+#[derive(Debug)]
+enum StdinItem {
+    Data(Bytes),
+    Eof,
+}
+
+/// A resize or a signal the host sent to a running session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SessionControl {
+    /// The terminal is now `cols` × `rows` (ignored without a pty).
+    Resize {
+        /// Columns.
+        cols: u16,
+        /// Rows.
+        rows: u16,
+    },
+    /// Send this signal to the process group; its SSH name (`INT`, `TERM`, ...).
+    Signal(String),
+}
+
+/// What the host sends to a session while it runs: its standard input, and resizes and
+/// signals. [`SessionInput::split`] gives the two to separate futures, so that a process
+/// that does not read its input still gets its signals.
+#[derive(Debug)]
+pub struct SessionInput {
+    stdin: SessionStdin,
+    controls: SessionControls,
+}
+
+impl SessionInput {
+    /// Input that has ended and a host that has hung up: for a session that is refused.
+    pub fn closed() -> Self {
+        let (_, stdin) = mpsc::channel(1);
+        let (_, controls) = mpsc::channel(1);
+        SessionInput {
+            stdin: SessionStdin {
+                rx: stdin,
+                queued: Arc::default(),
+                acks: None,
+            },
+            controls: SessionControls { rx: controls },
+        }
+    }
+
+    /// The standard input and the controls, apart.
+    pub fn split(self) -> (SessionStdin, SessionControls) {
+        (self.stdin, self.controls)
+    }
+}
+
+/// A session's standard input, from the host's `chunk` requests.
+///
+/// Taking a chunk acknowledges it to the host, which may then send as much again
+/// (see [`SESSION_WINDOW`](crate::SESSION_WINDOW)): take the next one only when the
+/// process has taken the last, so that a process that does not read slows its sender.
+#[derive(Debug)]
+pub struct SessionStdin {
+    rx: mpsc::Receiver<StdinItem>,
+    queued: Arc<AtomicUsize>,
+    acks: Option<OutputSink>,
+}
+
+impl SessionStdin {
+    /// The next bytes for the process; `None` once the input has ended (the host sent
+    /// `close_stdin`) or the host hung up. Cancel safe.
+    pub async fn next(&mut self) -> Option<Bytes> {
+        match self.rx.recv().await? {
+            StdinItem::Eof => {
+                self.rx.close();
+                None
+            }
+            StdinItem::Data(data) => {
+                let cost = data.len() + STDIN_CHUNK_COST;
+                self.queued.fetch_sub(cost, Ordering::AcqRel);
+                if let Some(acks) = &self.acks {
+                    // A host that is gone needs no acknowledgement.
+                    let _ = acks.send(&Chunk::StdinAck { bytes: cost as u64 }).await;
+                }
+                Some(data)
+            }
+        }
+    }
+}
+
+/// A session's resizes and signals.
+#[derive(Debug)]
+pub struct SessionControls {
+    rx: mpsc::Receiver<SessionControl>,
+}
+
+impl SessionControls {
+    /// The next resize or signal; `None` when the host has hung up (it cancelled the
+    /// session, broke its input window, or the connection closed): end the process.
+    /// Cancel safe.
+    pub async fn next(&mut self) -> Option<SessionControl> {
+        self.rx.recv().await
+    }
+}
+
+/// A session the reader routes input to.
+struct Session {
+    stdin: mpsc::Sender<StdinItem>,
+    controls: mpsc::Sender<SessionControl>,
+    /// Stdin bytes (and chunk costs) queued and not yet taken by the handler.
+    queued: Arc<AtomicUsize>,
+    muted: Arc<AtomicBool>,
+    stdin_closed: bool,
 }
 
 /// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
@@ -415,10 +584,17 @@ impl Context {
             frames: self.frames.clone(),
             max_frame: self.max_frame,
             chunk: self.chunk,
+            muted: None,
         }
     }
 
-    async fn handle(self, id: u64, request: Request, input: InputStream) {
+    async fn handle(
+        self,
+        id: u64,
+        request: Request,
+        input: InputStream,
+        session: Option<(SessionInput, Arc<AtomicBool>)>,
+    ) {
         let handler = &self.handler;
         let reply = match request {
             Request::Hello => Reply::Hello(handler.hello().await),
@@ -465,8 +641,32 @@ impl Context {
                 Ok(report) => Reply::Upgraded(report),
                 Err(message) => error_reply(message),
             },
+            Request::SshInfo => match handler.ssh_info().await {
+                Ok(info) => Reply::SshInfo(info),
+                Err(message) => error_reply(message),
+            },
+            Request::Session(req) => {
+                let (input, muted) = session.unwrap_or_else(|| {
+                    // The reader always opens the session's input; this is a bug.
+                    (SessionInput::closed(), Arc::new(AtomicBool::new(false)))
+                });
+                let mut sink = self.sink(id);
+                sink.muted = Some(Arc::clone(&muted));
+                let reply = match handler.session(req, input, sink).await {
+                    Ok(status) => Reply::Exit(status),
+                    Err(message) => error_reply(message),
+                };
+                if muted.load(Ordering::Acquire) {
+                    return;
+                }
+                reply
+            }
             // Handled by the reader; never spawned.
-            Request::Chunk { .. } | Request::Cancel => return,
+            Request::Chunk { .. }
+            | Request::Cancel
+            | Request::Resize { .. }
+            | Request::CloseStdin
+            | Request::Signal { .. } => return,
         };
         self.reply(id, &reply).await;
     }
@@ -558,6 +758,104 @@ async fn route_chunk(uploads: &mut HashMap<u64, Upload>, id: u64, data: Bytes, w
     }
 }
 
+/// Why the reader gave up on a session's input.
+enum Overflow {
+    Window,
+    Controls,
+}
+
+/// Routes one `chunk` request to its session. Returns `Err` when the host broke the
+/// session's input window.
+fn route_session_chunk(session: &mut Session, data: Bytes) -> Result<(), Overflow> {
+    if data.is_empty() || session.stdin_closed {
+        return Ok(());
+    }
+    let cost = data.len() + STDIN_CHUNK_COST;
+    let queued = session.queued.fetch_add(cost, Ordering::AcqRel) + cost;
+    if queued > SESSION_WINDOW {
+        return Err(Overflow::Window);
+    }
+    match session.stdin.try_send(StdinItem::Data(data)) {
+        // The byte count bounds the queue, whose capacity it cannot pass.
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => Err(Overflow::Window),
+    }
+}
+
+/// Routes a resize or a signal to its session.
+fn route_control(session: &Session, control: SessionControl) -> Result<(), Overflow> {
+    match session.controls.try_send(control) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(_)) => Err(Overflow::Controls),
+    }
+}
+
+/// Hangs up a session: its handler sees its controls end, and nothing more is sent for
+/// it. Its task is aborted if it has not ended after [`HANGUP_LIMIT`].
+fn hang_up(session: Session, task: Option<&AbortHandle>) {
+    session.muted.store(true, Ordering::Release);
+    drop(session);
+    if let Some(task) = task.cloned() {
+        tokio::spawn(async move {
+            tokio::time::sleep(HANGUP_LIMIT).await;
+            task.abort();
+        });
+    }
+}
+
+/// Ends a session whose host broke its input limits, with an error as its last reply.
+async fn overflowed(
+    context: &Context,
+    sessions: &mut HashMap<u64, Session>,
+    running: &HashMap<u64, AbortHandle>,
+    id: u64,
+    overflow: Overflow,
+) {
+    let Some(session) = sessions.remove(&id) else {
+        return;
+    };
+    let why = match overflow {
+        Overflow::Window => format!(
+            "the host sent more than {SESSION_WINDOW} bytes of input ahead of the process; \
+             session hung up"
+        ),
+        Overflow::Controls => "the host sent resizes and signals faster than the session \
+                               takes them; session hung up"
+            .to_owned(),
+    };
+    tracing::warn!(id, "{why}");
+    hang_up(session, running.get(&id));
+    context.reply(id, &error_reply(why)).await;
+}
+
+/// The reader's and the handler's ends of a new session's input.
+fn open_session(context: &Context, id: u64) -> (Session, SessionInput) {
+    // Every queued chunk costs at least STDIN_CHUNK_COST of the window, and one more
+    // slot is for the end of input.
+    let (stdin_tx, stdin_rx) = mpsc::channel(SESSION_WINDOW / STDIN_CHUNK_COST + 1);
+    let (controls_tx, controls_rx) = mpsc::channel(CONTROL_QUEUE);
+    let queued = Arc::new(AtomicUsize::new(0));
+    let muted = Arc::new(AtomicBool::new(false));
+    let mut acks = context.sink(id);
+    acks.muted = Some(Arc::clone(&muted));
+    let session = Session {
+        stdin: stdin_tx,
+        controls: controls_tx,
+        queued: Arc::clone(&queued),
+        muted,
+        stdin_closed: false,
+    };
+    let input = SessionInput {
+        stdin: SessionStdin {
+            rx: stdin_rx,
+            queued,
+            acks: Some(acks),
+        },
+        controls: SessionControls { rx: controls_rx },
+    };
+    (session, input)
+}
+
 /// Serves one host connection with `handler` until the host closes it.
 ///
 /// Requests are handled concurrently, each in its own task (up to
@@ -571,6 +869,13 @@ async fn route_chunk(uploads: &mut HashMap<u64, Upload>, id: u64, data: Bytes, w
 /// is routed to its handler through a small queue; while that queue is full the reader
 /// waits, which slows the host down. A `cancel` request drops the running request with its
 /// id.
+///
+/// A session's standard input (`chunk` requests after a `session`) is queued for its
+/// handler without ever making the reader wait: the client keeps at most
+/// [`SESSION_WINDOW`](crate::SESSION_WINDOW) unacknowledged, and a host that sends more
+/// (or floods resizes and signals) has its session ended with an error. `cancel` hangs a
+/// session up; `resize`, `signal` and `close_stdin` go to the session with their id, and
+/// are dropped for any other id.
 pub async fn serve<S>(
     stream: S,
     handler: Arc<dyn Handler>,
@@ -592,6 +897,7 @@ where
     let mut tasks = JoinSet::new();
     let mut uploads: HashMap<u64, Upload> = HashMap::new();
     let mut running: HashMap<u64, AbortHandle> = HashMap::new();
+    let mut sessions: HashMap<u64, Session> = HashMap::new();
 
     let result = loop {
         while tasks.try_join_next().is_some() {}
@@ -617,20 +923,67 @@ where
             },
         };
         drop(body);
-        let request = match request {
+        let (request, session) = match request {
             Request::Chunk { data } => {
-                route_chunk(&mut uploads, id, data, config.input_timeout).await;
+                match sessions.get_mut(&id) {
+                    Some(session) => {
+                        if let Err(overflow) = route_session_chunk(session, data) {
+                            overflowed(&context, &mut sessions, &running, id, overflow).await;
+                        }
+                    }
+                    None => route_chunk(&mut uploads, id, data, config.input_timeout).await,
+                }
+                continue;
+            }
+            Request::Resize { cols, rows } => {
+                let control = SessionControl::Resize { cols, rows };
+                if let Some(Err(overflow)) = sessions.get(&id).map(|s| route_control(s, control)) {
+                    overflowed(&context, &mut sessions, &running, id, overflow).await;
+                }
+                continue;
+            }
+            Request::Signal { signal } => {
+                let control = SessionControl::Signal(signal);
+                if let Some(Err(overflow)) = sessions.get(&id).map(|s| route_control(s, control)) {
+                    overflowed(&context, &mut sessions, &running, id, overflow).await;
+                }
+                continue;
+            }
+            Request::CloseStdin => {
+                if let Some(session) = sessions.get_mut(&id).filter(|s| !s.stdin_closed) {
+                    session.stdin_closed = true;
+                    // Never full: the queue's capacity leaves room for it.
+                    let _ = session.stdin.try_send(StdinItem::Eof);
+                }
                 continue;
             }
             Request::Cancel => {
                 uploads.remove(&id);
-                if let Some(task) = running.remove(&id) {
+                if let Some(session) = sessions.remove(&id) {
+                    tracing::debug!(id, "session hung up by the host");
+                    hang_up(session, running.get(&id));
+                } else if let Some(task) = running.remove(&id) {
                     tracing::debug!(id, "request cancelled by the host");
                     task.abort();
                 }
                 continue;
             }
-            request => request,
+            Request::Session(req) => {
+                sessions.retain(|_, s| !s.controls.is_closed());
+                if sessions.len() >= config.max_sessions.max(1) {
+                    let reply = error_reply(format!(
+                        "too many sessions (at most {})",
+                        config.max_sessions.max(1)
+                    ));
+                    context.reply(id, &reply).await;
+                    continue;
+                }
+                let (session, input) = open_session(&context, id);
+                let muted = Arc::clone(&session.muted);
+                sessions.insert(id, session);
+                (Request::Session(req), Some((input, muted)))
+            }
+            request => (request, None),
         };
 
         let size = body_size(&request);
@@ -670,7 +1023,7 @@ where
         }
         let context = context.clone();
         let task = tasks.spawn(async move {
-            context.handle(id, request, input).await;
+            context.handle(id, request, input, session).await;
             drop(permit);
         });
         running.insert(id, task);

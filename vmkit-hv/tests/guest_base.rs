@@ -11,7 +11,8 @@
 use std::time::{Duration, Instant};
 
 use vmkit_core::guest::{
-    Client, ClientConfig, ClientError, ExecRequest, HardenRequest, LogsRequest, WriteFileRequest,
+    Client, ClientConfig, ClientError, ExecEvent, ExecRequest, HardenRequest, LogsRequest,
+    SessionRequest, WriteFileRequest,
 };
 use vmkit_core::testing::suites::wait_for_agent;
 use vmkit_core::testing::test_image;
@@ -188,6 +189,31 @@ async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
             .await,
         "made\n"
     );
+
+    // SSH facts for a gateway: sshd, the host key made at this boot, the default user.
+    let info = client.ssh_info().await.unwrap();
+    let ed25519 = guest.sh("cat /etc/ssh/ssh_host_ed25519_key.pub").await;
+    assert!(info.sshd);
+    assert!(
+        info.host_keys.contains(&ed25519.trim().to_owned()),
+        "{info:?} lacks {ed25519}"
+    );
+    assert_eq!(info.default_user.as_deref(), Some("vmkit"));
+
+    // A session as the default user, through pipes.
+    let req = SessionRequest::new(["sh", "-c", "echo \"$(id -un) $HOME $(pwd)\""]).user("vmkit");
+    let mut session = client.session(req).await.unwrap();
+    let mut stdout = Vec::new();
+    let status = loop {
+        match session.next().await {
+            Some(Ok(ExecEvent::Stdout(data))) => stdout.extend_from_slice(&data),
+            Some(Ok(ExecEvent::Exit(status))) => break status,
+            other => panic!("{other:?} in a session"),
+        }
+    };
+    assert!(status.success(), "{status:?}");
+    assert_eq!(stdout, b"vmkit /home/vmkit /home/vmkit\n");
+
     assert_eq!(guest.sh("findmnt -n -o SOURCE /data").await, "/dev/vdb\n");
     assert_eq!(
         guest.sh("findmnt -n -o OPTIONS / | cut -d, -f1").await,

@@ -11,7 +11,8 @@
 use std::time::{Duration, Instant};
 
 use vmkit_core::guest::{
-    Client, ClientConfig, ClientError, ExecRequest, LogsRequest, WriteFileRequest,
+    Client, ClientConfig, ClientError, ExecEvent, ExecRequest, LogsRequest, SessionRequest,
+    WriteFileRequest,
 };
 use vmkit_core::testing::suites::wait_for_agent;
 use vmkit_core::testing::test_image;
@@ -204,6 +205,39 @@ async fn a_tiny_guest_round_trips_files_and_reports_metrics_hostname_and_logs() 
         .await
         .unwrap();
     assert_eq!(lines, ["line 4", "line 5"]);
+    guest.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_guest_runs_a_pty_session_and_reports_no_sshd() {
+    let guest = Guest::boot("gt-session").await;
+
+    let req =
+        SessionRequest::new(["sh", "-c", "tty; echo \"term=$TERM\""]).pty("xterm-256color", 80, 24);
+    let mut session = guest.client.session(req).await.unwrap();
+    let mut output = String::new();
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match session.next().await {
+                Some(Ok(ExecEvent::Stdout(data))) => {
+                    output.push_str(&String::from_utf8_lossy(&data))
+                }
+                Some(Ok(ExecEvent::Exit(status))) => return status,
+                other => panic!("{other:?} in a session, after {output:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let info = guest.client.ssh_info().await.unwrap();
+
+    assert!(status.success(), "{status:?}: {output:?}");
+    assert!(output.contains("/dev/pts/"), "{output:?}");
+    assert!(output.contains("term=xterm-256color\r\n"), "{output:?}");
+    // The tiny image: busybox, root only, no sshd.
+    assert!(!info.sshd);
+    assert!(info.host_keys.is_empty());
+    assert_eq!(info.default_user, None);
     guest.stop().await;
 }
 

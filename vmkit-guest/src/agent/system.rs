@@ -46,6 +46,8 @@ pub(super) struct User {
     pub(super) uid: u32,
     pub(super) gid: u32,
     pub(super) home: String,
+    /// The login shell; `/bin/sh` when the entry names none.
+    pub(super) shell: String,
 }
 
 /// A line of the group file.
@@ -74,11 +76,13 @@ pub(super) fn lookup_user(root: &Path, name: &str) -> Result<Option<User>, Strin
         if *user != name && *uid != name {
             return None;
         }
+        let shell = fields.get(6).copied().filter(|shell| !shell.is_empty());
         Some(User {
             name: (*user).to_owned(),
             uid: uid.parse().ok()?,
             gid: gid.parse().ok()?,
             home: (*home).to_owned(),
+            shell: shell.unwrap_or("/bin/sh").to_owned(),
         })
     }))
 }
@@ -105,13 +109,36 @@ pub(super) fn lookup_group(root: &Path, name: &str) -> Result<Option<Group>, Str
     }))
 }
 
-/// The image's default user: the first line of `/etc/vmkit/default-user`, else `root`.
-fn default_user(handler: &SystemHandler) -> String {
+/// The gids of the groups that list `user` as a member in `root`'s group file.
+pub(super) fn groups_of(root: &Path, user: &str) -> Result<Vec<u32>, String> {
+    let groups = read_optional(&root.join("etc/group"))?.unwrap_or_default();
+    Ok(groups
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').collect();
+            let [_, _, gid, members, ..] = fields.as_slice() else {
+                return None;
+            };
+            members
+                .split(',')
+                .any(|member| member == user)
+                .then(|| gid.parse().ok())
+                .flatten()
+        })
+        .collect())
+}
+
+/// The user the image names in `/etc/vmkit/default-user` (its first line), if any.
+pub(super) fn image_default_user(handler: &SystemHandler) -> Option<String> {
     fs::read_to_string(handler.path(DEFAULT_USER_FILE))
         .ok()
         .and_then(|text| text.lines().next().map(|l| l.trim().to_owned()))
         .filter(|name| !name.is_empty())
-        .unwrap_or_else(|| "root".to_owned())
+}
+
+/// The image's default user: the one in `/etc/vmkit/default-user`, else `root`.
+fn default_user(handler: &SystemHandler) -> String {
+    image_default_user(handler).unwrap_or_else(|| "root".to_owned())
 }
 
 /// Checks a host name: dot-separated labels of letters, digits and inner hyphens, at most

@@ -17,7 +17,7 @@ use crate::frame::encode_frame;
 use crate::message::{Reply, Request, RequestFrame, base64_bytes};
 use crate::ops::{
     GrowReport, HardenReport, HardenRequest, LogsRequest, MAX_LOG_LINE, Metrics, NetworkConfig,
-    UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest,
+    SshInfo, UpgradeReport, UpgradeRequest, UpgradeSource, WriteFileRequest,
 };
 
 /// The largest body chunk sent in one frame, before base64.
@@ -258,6 +258,22 @@ impl Client {
         }
     }
 
+    /// The guest's SSH facts: whether sshd is installed, its public host keys (the agent
+    /// makes them first when sshd has none yet) and the image's default user. Checked:
+    /// at most 16 keys, each an OpenSSH public key line of at most 16 KiB, and a user
+    /// name of at most 256 bytes. Generating keys can take a while under emulation, so
+    /// this waits twice the call timeout.
+    pub async fn ssh_info(&self) -> Result<SshInfo, ClientError> {
+        let deadline = Instant::now() + 2 * self.inner.config.call_timeout;
+        match self.call_until(&Request::SshInfo, deadline).await? {
+            Reply::SshInfo(info) => {
+                check_ssh_info(&info).map_err(ClientError::Protocol)?;
+                Ok(info)
+            }
+            other => Err(unexpected("ssh_info", other)),
+        }
+    }
+
     /// Sends a new agent binary over the channel. The agent checks it against `sha256`
     /// (64 hex digits), installs it atomically over itself and restarts shortly after
     /// answering; on a mismatch it keeps the installed binary and says so
@@ -437,6 +453,36 @@ fn check_grow_report(report: &GrowReport) -> Result<(), String> {
             .any(|f| f.mount.len() > MAX_TEXT || f.device.len() > MAX_TEXT)
     {
         return Err("the agent sent an oversized grow report".to_owned());
+    }
+    Ok(())
+}
+
+/// The most host keys an `ssh_info` may list (OpenSSH makes at most four types).
+const MAX_HOST_KEYS: usize = 16;
+/// The longest host key line accepted.
+const MAX_HOST_KEY: usize = 16 << 10;
+/// The longest user name accepted.
+const MAX_USER: usize = 256;
+
+fn check_ssh_info(info: &SshInfo) -> Result<(), String> {
+    if info.host_keys.len() > MAX_HOST_KEYS {
+        return Err(format!(
+            "the agent sent {} host keys, over the limit of {MAX_HOST_KEYS}",
+            info.host_keys.len()
+        ));
+    }
+    let well_formed = |key: &String| {
+        key.len() <= MAX_HOST_KEY
+            && !key.chars().any(char::is_control)
+            && key.split_whitespace().count() >= 2
+    };
+    if !info.host_keys.iter().all(well_formed) {
+        return Err("the agent sent a host key that is not an OpenSSH public key line".to_owned());
+    }
+    if let Some(user) = &info.default_user
+        && (user.is_empty() || user.len() > MAX_USER || user.chars().any(char::is_control))
+    {
+        return Err("the agent sent an invalid default user name".to_owned());
     }
     Ok(())
 }
