@@ -401,3 +401,25 @@ async fn ssh_info_makes_missing_host_keys_first() {
     assert!(written.starts_with("ssh-ed25519 "));
     assert!(root.path().join("etc/ssh/ssh_host_ed25519_key").exists());
 }
+
+#[tokio::test]
+async fn sessions_past_the_limit_are_refused() {
+    let (client, _server) = connected(
+        SystemHandler::new(),
+        ClientConfig::default(),
+        ServerConfig::default().max_sessions(1),
+    );
+    let first = client
+        .session(SessionRequest::new(["sleep", "100"]))
+        .await
+        .unwrap();
+
+    let mut second = client.session(SessionRequest::new(["true"])).await.unwrap();
+    let refused = second.next().await;
+    first.writer().hang_up().await.unwrap();
+
+    assert!(
+        matches!(&refused, Some(Err(ClientError::Remote(m))) if m.contains("too many sessions")),
+        "{refused:?}"
+    );
+}
