@@ -10,7 +10,9 @@
 #   nftables, iproute2            the bridge network backend
 #   mmdebstrap                    the Debian base image
 #   file                          telling what a binary is
-#   openssh-client                ssh and ssh-keygen: the SSH lobby's tests and demo
+#   openssh-client                ssh, scp, sftp and ssh-keygen: the SSH gateway's tests
+#                                 and demo
+#   tmux                          driving interactive SSH sessions in the tests
 #
 # qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
 # suite (a newer one from backports, say) makes apt remove it when it installs
@@ -31,6 +33,7 @@ PACKAGES=(
 	mmdebstrap
 	file
 	openssh-client
+	tmux
 )
 
 # Each program vmkit runs: its package, then the command that makes it print a version.
@@ -47,6 +50,7 @@ PROGRAMS=(
 	"busybox-static busybox --help"
 	"file file --version"
 	"openssh-client ssh -V"
+	"tmux tmux -V"
 )
 
 sudo=()

@@ -76,6 +76,7 @@ mod token;
 mod user;
 mod view;
 mod vm;
+mod vm_keys;
 mod vm_state;
 
 #[cfg(feature = "testing")]
@@ -100,8 +101,8 @@ pub use invite::{INVITE_PREFIX, Invite};
 pub use manager::{
     Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy,
     Manager, ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration,
-    RegistrationPolicy, ResizeRequest, ShareView, ShareWith, ShareWithView, VmDisposition,
-    VmMetrics, Whoami,
+    RegistrationPolicy, ResizeRequest, ShareView, ShareWith, ShareWithView, SshTarget,
+    VmDisposition, VmMetrics, Whoami,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
@@ -122,6 +123,7 @@ pub use user::{
 };
 pub use view::{MetricsView, SnapshotView, VmView, VmmView};
 pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};
+pub use vm_keys::{VM_KEYS_FILE, VmKey, VmKeys};
 pub use vm_state::VmState;
 
 /// The attribute the backend traits are declared with, re-exported so that a backend

@@ -51,6 +51,7 @@ mod monitor;
 mod ops;
 mod reconcile;
 mod snapshots;
+mod ssh;
 mod supervise;
 mod users;
 
@@ -60,6 +61,7 @@ pub use commands::{Commands, ShareView, ShareWith, ShareWithView, Whoami};
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
+pub use ssh::SshTarget;
 pub use users::{NewUser, Registration, RegistrationPolicy, VmDisposition};
 
 /// How the manager behaves. Build with [`ManagerConfig::new`] and the setters.
@@ -78,6 +80,11 @@ pub struct ManagerConfig {
     pub shutdown_grace: Duration,
     /// Timeout of a single agent call.
     pub agent_timeout: Duration,
+    /// How long a create or start waits, after the agent's hello, for the guest's
+    /// SSH server to answer (images with one, VMs with a network): a VM is ready
+    /// when SSH into it works. One that does not answer in time is left running and
+    /// reported as ready all the same, with a warning.
+    pub ssh_ready_timeout: Duration,
     /// How long [`Manager::check_vmms`] waits for one VMM to report its state
     /// before it gives up on that VM (for this round).
     pub vmm_check_timeout: Duration,
@@ -116,6 +123,7 @@ impl ManagerConfig {
             boot_timeout: Duration::from_secs(90),
             shutdown_grace: Duration::from_secs(15),
             agent_timeout: Duration::from_secs(10),
+            ssh_ready_timeout: Duration::from_secs(120),
             vmm_check_timeout: Duration::from_secs(15),
             console_limit: 1 << 20,
             dns: Vec::new(),
@@ -163,7 +171,13 @@ impl ManagerConfig {
         self
     }
 
-    /// Sets the agent call timeout.
+    /// Sets how long a create or start waits for the guest's SSH server.
+    pub fn ssh_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ssh_ready_timeout = timeout;
+        self
+    }
+
+    /// Sets the timeout of a single agent call.
     pub fn agent_timeout(mut self, timeout: Duration) -> Self {
         self.agent_timeout = timeout;
         self
@@ -419,6 +433,8 @@ struct Inner {
     /// Serialises changes of SSH keys, so that of two adds of one key one is told
     /// it exists.
     keys: Mutex<()>,
+    /// The secret the gateway's per-VM SSH client keys derive from.
+    vm_keys: crate::vm_keys::VmKeys,
 }
 
 impl std::fmt::Debug for Manager {
@@ -438,6 +454,8 @@ struct Boot {
     /// The guest resets its VMM had reported by then ([`crate::VmmEvents::resets`]),
     /// when it reports them: the resets up to this boot need no reaction.
     resets: Option<u64>,
+    /// What the agent said of the guest's SSH server in this boot, once asked.
+    ssh: Option<vmkit_guest::SshInfo>,
 }
 
 /// Undo actions for the steps of a create, run in reverse on failure.
@@ -459,6 +477,20 @@ impl Manager {
             network.setup_host().await?;
         }
         let (events, _) = broadcast::channel(1024);
+        // Kept with the data when there is a data directory, so that the keys
+        // installed in running VMs still open them after a restart.
+        let vm_keys = match config.data_dir.is_dir() {
+            true => {
+                let path = config.data_dir.join(crate::vm_keys::VM_KEYS_FILE);
+                crate::vm_keys::VmKeys::load_or_create(&path).map_err(|source| {
+                    ManagerError::Io {
+                        context: format!("loading the VMs' SSH access secret {}", path.display()),
+                        source,
+                    }
+                })?
+            }
+            false => crate::vm_keys::VmKeys::ephemeral(),
+        };
         let manager = Self {
             inner: Arc::new(Inner {
                 config,
@@ -473,6 +505,7 @@ impl Manager {
                 events,
                 unreachable: StdMutex::new(HashMap::new()),
                 keys: Mutex::new(()),
+                vm_keys,
             }),
         };
         manager.secure_data_dir()?;

@@ -101,6 +101,83 @@ async fn every_caller_gets_the_answer_the_policy_matrix_gives_for_every_operatio
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
+/// The gateway's ways into a VM (its SSH server's address and keys, a session
+/// through its agent) answer every caller as `exec` does: they take SSH access.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ways_into_a_vm_take_ssh_access_as_exec_does() {
+    let web = name("web");
+    let mut wrong = Vec::new();
+    for who in Who::ALL {
+        let scene = Scene::new().await;
+        let c = scene.host.manager.commands(scene.caller(who));
+        let want = Ok(expected(who, Op::Exec));
+        let target = outcome(c.ssh_target(&web).await.map(|t| {
+            // The fake guest has no SSH server; the target says so, with the
+            // gateway's key for this VM and no host keys.
+            assert!(!t.sshd && t.host_keys.is_empty() && t.vm.name == web);
+            Outcome::Done
+        }));
+        if target != want {
+            wrong.push(format!("{who:?} ssh_target: got {target:?}, want {want:?}"));
+        }
+        let session = c
+            .session(&web, vmkit_core::guest::SessionRequest::new(["echo", "hi"]))
+            .await;
+        let session = outcome(match session {
+            Ok(mut session) => {
+                let mut output = Vec::new();
+                while let Some(event) = session.next().await {
+                    match event.unwrap() {
+                        vmkit_core::guest::ExecEvent::Stdout(data) => {
+                            output.extend_from_slice(&data)
+                        }
+                        vmkit_core::guest::ExecEvent::Exit(status) => assert!(status.success()),
+                        _ => {}
+                    }
+                }
+                assert_eq!(output, b"hi\n");
+                Ok(Outcome::Done)
+            }
+            Err(e) => Err(e),
+        });
+        if session != want {
+            wrong.push(format!("{who:?} session: got {session:?}, want {want:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+#[tokio::test]
+async fn a_session_through_the_agent_streams_input_and_ends_by_signal() {
+    let scene = Scene::new().await;
+    let c = scene.host.manager.commands(scene.caller(Who::Owner));
+    let session = c
+        .session(
+            &name("web"),
+            vmkit_core::guest::SessionRequest::new(["cat"]),
+        )
+        .await
+        .unwrap();
+    let (input, mut events) = session.split();
+    input.send(b"one ").await.unwrap();
+    input.send(b"two").await.unwrap();
+    let mut output = Vec::new();
+    while output.len() < 7 {
+        match events.next().await.unwrap().unwrap() {
+            vmkit_core::guest::ExecEvent::Stdout(data) => output.extend_from_slice(&data),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(output, b"one two");
+    input.signal("INT").await.unwrap();
+    match events.next().await.unwrap().unwrap() {
+        vmkit_core::guest::ExecEvent::Exit(status) => {
+            assert_eq!(status.signal, Some(libc::SIGINT));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_vm_one_may_not_see_answers_exactly_as_one_that_does_not_exist() {
     let scene = Scene::new().await;

@@ -512,7 +512,9 @@ async fn a_new_guest_is_told_its_address_hostname_and_owners_keys() {
         (lease.ip, lease.gateway, lease.prefix)
     );
     assert_eq!(net.mac, lease.mac.to_string());
-    assert_eq!(guest.ssh_keys, vec![key.to_openssh()]);
+    // The owner's keys, and the gateway's key for this VM.
+    let gateway_key = host.manager.vm_key(vm.id).public_key().to_openssh();
+    assert_eq!(guest.ssh_keys, vec![key.to_openssh(), gateway_key]);
 
     // A restart configures the new guest again.
     let vm = host.manager.restart(&name("web")).await.unwrap();
@@ -696,11 +698,16 @@ async fn a_removed_key_leaves_the_guest_at_its_next_start() {
             .guest(vm.resources.vmm.as_ref().unwrap().pid)
             .unwrap()
     };
-    assert_eq!(guest(&vm).ssh_keys, vec![key.to_openssh()]);
+    let gateway_key = host.manager.vm_key(vm.id).public_key().to_openssh();
+    assert_eq!(
+        guest(&vm).ssh_keys,
+        vec![key.to_openssh(), gateway_key.clone()]
+    );
     host.manager
         .remove_ssh_key(UserId::LOCAL, CAROL_FP)
         .await
         .unwrap();
     let vm = host.manager.restart(&name("web")).await.unwrap();
-    assert!(guest(&vm).ssh_keys.is_empty(), "{:?}", guest(&vm));
+    // Only the gateway's key is left.
+    assert_eq!(guest(&vm).ssh_keys, vec![gateway_key], "{:?}", guest(&vm));
 }

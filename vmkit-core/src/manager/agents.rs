@@ -36,12 +36,7 @@ impl Manager {
             .set_hostname(vm.name.as_str())
             .await
             .map_err(agent_error)?;
-        // Also with no keys: that removes the ones the owner has removed since.
-        let keys = self.inner.backends.store.ssh_keys(vm.owner).await?;
-        client
-            .install_ssh_keys(None, keys.iter().map(|k| k.to_openssh()))
-            .await
-            .map_err(agent_error)?;
+        self.configure_ssh(vm, &client).await?;
         // The host grows only disks; the guest grows its filesystems to them.
         // Best effort: an agent too old for it, or a filesystem that cannot grow,
         // leaves a working VM.
@@ -159,6 +154,7 @@ impl Manager {
             Boot {
                 id: hello.boot_id.clone(),
                 resets,
+                ssh: None,
             },
         );
     }

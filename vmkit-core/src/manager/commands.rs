@@ -410,6 +410,30 @@ impl Commands {
             .await
     }
 
+    /// How a gateway reaches the caller's way into a running VM's own SSH server
+    /// (needs SSH access to it). See [`SshTarget`](super::SshTarget).
+    pub async fn ssh_target(&self, name: &VmName) -> Result<super::SshTarget, ManagerError> {
+        let vm = self.vm(Action::UseSsh, name).await?;
+        let mut target = self
+            .pinned(Some(&vm), None, self.manager.ssh_target(name))
+            .await?;
+        target.vm = self.view(&vm);
+        Ok(target)
+    }
+
+    /// Starts an interactive session in a running VM through its agent (needs SSH
+    /// access to it): a shell with a terminal, or a command with its input
+    /// streamed.
+    pub async fn session(
+        &self,
+        name: &VmName,
+        request: vmkit_guest::SessionRequest,
+    ) -> Result<vmkit_guest::GuestSession, ManagerError> {
+        let vm = self.vm(Action::Exec, name).await?;
+        self.pinned(Some(&vm), None, self.manager.session(name, request))
+            .await
+    }
+
     /// The last `max_bytes` of a VM's console.
     pub async fn console(&self, name: &VmName, max_bytes: usize) -> Result<String, ManagerError> {
         let vm = self.vm(Action::Logs, name).await?;

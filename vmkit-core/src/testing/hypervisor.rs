@@ -765,6 +765,63 @@ impl Handler for FakeAgent {
         self.configure("agent.install_ssh_keys", |g| g.ssh_keys = keys)
     }
 
+    /// The fake guest has no SSH server, and only root.
+    async fn ssh_info(&self) -> Result<vmkit_guest::SshInfo, String> {
+        Ok(vmkit_guest::SshInfo::new(Vec::new(), None, false))
+    }
+
+    /// A session runs `cat` (its input to its output until the input ends; INT
+    /// ends it by that signal, a hang-up by HUP), `echo ARGS` and `hostname`;
+    /// anything else is not found (127), as a shell says.
+    async fn session(
+        &self,
+        req: vmkit_guest::SessionRequest,
+        input: vmkit_guest::SessionInput,
+        out: OutputSink,
+    ) -> Result<ExitStatus, String> {
+        let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
+        let write = |e: vmkit_guest::OutputClosed| e.to_string();
+        match args.as_slice() {
+            ["cat"] => {
+                let (mut stdin, mut controls) = input.split();
+                loop {
+                    tokio::select! {
+                        data = stdin.next() => match data {
+                            Some(data) => out.stdout(&data).await.map_err(write)?,
+                            None => return Ok(ExitStatus::exited(0)),
+                        },
+                        control = controls.next() => match control {
+                            Some(vmkit_guest::SessionControl::Signal(name)) if name == "INT" => {
+                                return Ok(ExitStatus::killed(libc::SIGINT));
+                            }
+                            Some(_) => {}
+                            None => return Ok(ExitStatus::killed(libc::SIGHUP)),
+                        },
+                    }
+                }
+            }
+            ["echo", rest @ ..] => {
+                out.stdout(format!("{}\n", rest.join(" ")).as_bytes())
+                    .await
+                    .map_err(write)?;
+                Ok(ExitStatus::exited(0))
+            }
+            ["hostname"] => {
+                out.stdout(format!("{}\n", self.hostname).as_bytes())
+                    .await
+                    .map_err(write)?;
+                Ok(ExitStatus::exited(0))
+            }
+            _ => {
+                let program = args.first().copied().unwrap_or("sh");
+                out.stderr(format!("{program}: not found\n").as_bytes())
+                    .await
+                    .map_err(write)?;
+                Ok(ExitStatus::exited(127))
+            }
+        }
+    }
+
     /// Counts the request; the fake guest's filesystems always fill their disks.
     /// Not a fault step: the manager asks best effort, and a failure changes nothing.
     async fn grow_filesystems(&self) -> Result<vmkit_guest::GrowReport, String> {
