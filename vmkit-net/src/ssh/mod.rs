@@ -53,6 +53,7 @@
 
 mod host_key;
 pub mod lobby;
+mod relay;
 mod server;
 
 use std::future::Future;

@@ -4,7 +4,7 @@
 //! a task of its own, which owns the channel and answers on it (russh #149).
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,9 +20,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
-use vmkit_core::{Caller, Credential, Door, Gateway, Manager, RegistrationPolicy, SshPublicKey};
+use vmkit_core::{
+    Action, Caller, Credential, Door, Gateway, Manager, RegistrationPolicy, RouteTarget,
+    SshPublicKey,
+};
 
 use super::lobby::{self, LobbyContext, Output, Unregistered};
+use super::relay::{self, VmLink, VmTarget};
 use super::{SshError, SshGateway};
 
 /// What a client reads before it signs in under the `closed` policy. Sent to every
@@ -56,9 +60,9 @@ fn registers(policy: RegistrationPolicy) -> bool {
 const MAX_INPUT: usize = 16 * 1024;
 
 /// What every connection shares.
-struct Shared {
-    manager: Manager,
-    gateway: Arc<dyn Gateway>,
+pub(super) struct Shared {
+    pub(super) manager: Manager,
+    pub(super) gateway: Arc<dyn Gateway>,
     lobby: LobbyContext,
     /// The manager's registration policy.
     policy: RegistrationPolicy,
@@ -206,6 +210,9 @@ async fn connection(
         candidate: None,
         authenticated: authenticated.clone(),
         channels: HashMap::new(),
+        vm: None,
+        link: None,
+        relayed: HashSet::new(),
     };
     // One deadline from the accept to the sign-in, the greeting included.
     let sign_in_by = tokio::time::Instant::now() + shared.auth_timeout;
@@ -301,6 +308,14 @@ struct Connection {
     candidate: Option<String>,
     authenticated: Arc<AtomicBool>,
     channels: HashMap<ChannelId, Pending>,
+    /// The VM the SSH user name named (`NAME@host`): every session of the
+    /// connection is relayed to it instead of the lobby.
+    vm: Option<VmTarget>,
+    /// The way into that VM, made at the first channel.
+    link: Option<Arc<VmLink>>,
+    /// The channels relayed to the VM, whose requests are answered at once (the
+    /// relay tells the client if the VM then refuses one).
+    relayed: HashSet<ChannelId>,
 }
 
 /// `key` as vmkit keeps keys; `None` for a type it does not register (DSA, a
@@ -328,6 +343,66 @@ impl Connection {
                 Ok(None)
             }
         }
+    }
+
+    /// The VM `user` (the SSH user name) names, if `caller` may see it:
+    /// `NAME`, `NAME+USER` or `USER+NAME` (the user to land as in the guest). A
+    /// name that is no VM the caller may see is for the lobby.
+    async fn route_vm(&self, caller: &Caller, user: &str) -> Option<VmTarget> {
+        let mut names = vec![user.to_owned()];
+        if let Some((first, second)) = user.split_once('+') {
+            names.push(format!("{second}+{first}"));
+        }
+        for name in names {
+            let routed = match self.shared.gateway.route(RouteTarget::SshUser(&name)).await {
+                Ok(Some(routed)) => routed,
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!(peer = %self.peer, error = %vmkit_core::ErrorChain(&e), "routing an SSH user name failed");
+                    return None;
+                }
+            };
+            if self
+                .shared
+                .gateway
+                .authorize(caller, Action::Get, &routed)
+                .is_ok()
+            {
+                return Some(VmTarget {
+                    name: routed.upstream.name.clone(),
+                    guest_user: routed.upstream.guest_user.clone(),
+                });
+            }
+        }
+        None
+    }
+
+    /// The way into the VM this connection is for, made on first use.
+    fn link(&mut self, session: &Session) -> Option<Arc<VmLink>> {
+        if self.link.is_none() {
+            let (Some(target), Some(caller)) = (self.vm.clone(), self.caller.clone()) else {
+                return None;
+            };
+            self.link = Some(VmLink::new(
+                self.shared.clone(),
+                caller,
+                target,
+                session.handle(),
+            ));
+        }
+        self.link.clone()
+    }
+
+    /// Answers a request on a relayed channel: yes (the relay tells the client if
+    /// the VM refuses it). `None` when the channel is not relayed.
+    fn answer_relayed(
+        &self,
+        channel: ChannelId,
+        session: &mut Session,
+    ) -> Option<Result<(), russh::Error>> {
+        self.relayed
+            .contains(&channel)
+            .then(|| session.channel_success(channel))
     }
 
     /// Takes the pending channel `id` for a task to run in, and tells the client
@@ -425,7 +500,8 @@ impl Handler for Connection {
             }
         };
         if self.unregistered.is_none() {
-            info!(peer = %self.peer, user, principal = ?caller.principal, "signed in over SSH");
+            self.vm = self.route_vm(&caller, user).await;
+            info!(peer = %self.peer, user, principal = ?caller.principal, vm = ?self.vm.as_ref().map(|v| v.name.to_string()), "signed in over SSH");
         }
         self.caller = Some(caller);
         self.lobby.current_key = Some(fingerprint);
@@ -437,10 +513,16 @@ impl Handler for Connection {
         &mut self,
         channel: Channel<Msg>,
         reply: ChannelOpenHandle,
-        _session: &mut Session,
+        session: &mut Session,
     ) -> Result<(), Self::Error> {
         if self.caller.is_none() {
             // Dropping the reply refuses the channel.
+            return Ok(());
+        }
+        if let Some(link) = self.link(session) {
+            self.relayed.insert(channel.id());
+            reply.accept().await;
+            tokio::spawn(link.session(channel));
             return Ok(());
         }
         self.channels.insert(
@@ -465,6 +547,9 @@ impl Handler for Connection {
         _modes: &[(russh::Pty, u32)],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(answered) = self.answer_relayed(channel, session) {
+            return answered;
+        }
         match self.channels.get_mut(&channel) {
             Some(pending) => {
                 pending.pty = true;
@@ -480,6 +565,9 @@ impl Handler for Connection {
         data: &[u8],
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(answered) = self.answer_relayed(channel, session) {
+            return answered;
+        }
         if let Some((pending, signed)) = self.start(channel, session)? {
             let line = String::from_utf8_lossy(data).into_owned();
             tokio::spawn(exec(signed, pending, line));
@@ -492,6 +580,9 @@ impl Handler for Connection {
         channel: ChannelId,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(answered) = self.answer_relayed(channel, session) {
+            return answered;
+        }
         if let Some((pending, signed)) = self.start(channel, session)? {
             tokio::spawn(shell(signed, pending));
         }
@@ -504,7 +595,116 @@ impl Handler for Connection {
         _name: &str,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
+        if let Some(answered) = self.answer_relayed(channel, session) {
+            return answered;
+        }
         session.channel_failure(channel)
+    }
+
+    async fn env_request(
+        &mut self,
+        channel: ChannelId,
+        _name: &str,
+        _value: &str,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // The lobby takes no environment; a VM's sshd decides what it accepts.
+        match self.answer_relayed(channel, session) {
+            Some(answered) => answered,
+            None => session.channel_failure(channel),
+        }
+    }
+
+    async fn agent_request(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(self.relayed.contains(&channel))
+    }
+
+    async fn x11_request(
+        &mut self,
+        channel: ChannelId,
+        _single_connection: bool,
+        _x11_auth_protocol: &str,
+        _x11_auth_cookie: &str,
+        _x11_screen_number: u32,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        session.channel_failure(channel)
+    }
+
+    async fn channel_open_direct_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        host_to_connect: &str,
+        port_to_connect: u32,
+        originator_address: &str,
+        originator_port: u32,
+        reply: ChannelOpenHandle,
+        session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        let Some(caller) = self.caller.clone().filter(|_| self.unregistered.is_none()) else {
+            return Ok(());
+        };
+        if let Some(link) = self.link(session) {
+            // `ssh -L` in `ssh NAME@host`: from the VM's side.
+            reply.accept().await;
+            tokio::spawn(link.forward_local(
+                channel,
+                host_to_connect.to_owned(),
+                port_to_connect,
+                (originator_address.to_owned(), originator_port),
+            ));
+            return Ok(());
+        }
+        // `ssh -J host NAME.domain`.
+        tokio::spawn(relay::jump(
+            self.shared.clone(),
+            caller,
+            host_to_connect.to_owned(),
+            port_to_connect,
+            reply,
+            channel,
+        ));
+        Ok(())
+    }
+
+    async fn tcpip_forward(
+        &mut self,
+        address: &str,
+        port: &mut u32,
+        session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        if self.unregistered.is_some() {
+            return Ok(false);
+        }
+        let Some(link) = self.link(session) else {
+            return Ok(false);
+        };
+        // One round trip to the VM's sshd (bounded); the client waits for it anyway.
+        Ok(match link.forward_remote(address, *port).await {
+            Some(bound) => {
+                if *port == 0 {
+                    *port = bound;
+                }
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn cancel_tcpip_forward(
+        &mut self,
+        address: &str,
+        port: u32,
+        _session: &mut Session,
+    ) -> Result<bool, Self::Error> {
+        Ok(match &self.link {
+            Some(link) => link.cancel_forward_remote(address, port).await,
+            None => false,
+        })
     }
 }
 
