@@ -289,7 +289,11 @@ async fn serve_ssh(
     let lobby = SshGateway::new(
         manager.clone(),
         gateway,
-        SshConfig::new(&host_key, ssh.domain.clone()).public_port(public_port),
+        match ssh.public_host.trim() {
+            "" => SshConfig::new(&host_key, ssh.domain.clone()),
+            host => SshConfig::new(&host_key, ssh.domain.clone()).public_host(host),
+        }
+        .public_port(public_port),
     )
     .with_context(|| format!("loading the SSH host key {}", host_key.display()))?;
     info!(address = %bound, host_key = %lobby.host_key_fingerprint(), "serving the SSH lobby");

@@ -466,6 +466,7 @@ fn second_daemon_on_the_same_socket_is_refused() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"))
         .args(["--fake-backends", "--data-dir"])
         .arg(&d.data_dir)
+        .env("VMKIT_SSH_LISTEN", "")
         .output()
         .unwrap();
     assert!(!out.status.success());

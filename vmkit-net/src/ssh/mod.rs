@@ -52,6 +52,7 @@
 //! ```
 
 mod host_key;
+mod line;
 pub mod lobby;
 mod server;
 
@@ -96,6 +97,12 @@ pub struct SshConfig {
     /// The port clients dial, for the commands the lobby prints; the listener's
     /// port when `None`.
     pub public_port: Option<u16>,
+    /// The gateway's host name as clients dial it, for the commands the lobby
+    /// prints (`ssh NAME@HOST`, the `ProxyJump` of `ssh-config`); the domain
+    /// unless set.
+    pub public_host: String,
+    /// Channels a connection may have open at once (64); more are refused.
+    pub max_channels: usize,
     /// Failed sign-in attempts allowed per connection (6).
     pub max_auth_attempts: usize,
     /// Time a client has to sign in (30 s).
@@ -109,10 +116,13 @@ pub struct SshConfig {
 impl SshConfig {
     /// The defaults, with the host key at `host_key_path` and VMs under `domain`.
     pub fn new(host_key_path: impl Into<PathBuf>, domain: impl Into<String>) -> Self {
+        let domain = domain.into().trim_matches('.').to_ascii_lowercase();
         Self {
             host_key_path: host_key_path.into(),
-            domain: domain.into().trim_matches('.').to_ascii_lowercase(),
+            public_host: domain.clone(),
+            domain,
             public_port: None,
+            max_channels: 64,
             max_auth_attempts: 6,
             auth_timeout: Duration::from_secs(30),
             max_connections_per_ip: 32,
@@ -123,6 +133,18 @@ impl SshConfig {
     /// Sets the port clients dial.
     pub fn public_port(mut self, port: u16) -> Self {
         self.public_port = Some(port);
+        self
+    }
+
+    /// Sets the gateway's host name as clients dial it.
+    pub fn public_host(mut self, host: impl Into<String>) -> Self {
+        self.public_host = host.into();
+        self
+    }
+
+    /// Sets the channels a connection may have open at once.
+    pub fn max_channels(mut self, channels: usize) -> Self {
+        self.max_channels = channels;
         self
     }
 

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,8 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 use vmkit_core::{Caller, Credential, Door, Gateway, Manager, RegistrationPolicy, SshPublicKey};
 
-use super::lobby::{self, LobbyContext, Output, Unregistered};
+use super::line::{Key, LineEditor};
+use super::lobby::{self, Completion, LobbyContext, Output, Unregistered};
 use super::{SshError, SshGateway};
 
 /// What a client reads before it signs in under the `closed` policy. Sent to every
@@ -51,8 +52,7 @@ fn registers(policy: RegistrationPolicy) -> bool {
     )
 }
 
-/// The longest line the interactive prompt keeps, and the most stdin a command
-/// reads (`ssh-key add`).
+/// The most stdin a command reads (`ssh-key add`).
 const MAX_INPUT: usize = 16 * 1024;
 
 /// What every connection shares.
@@ -65,6 +65,7 @@ struct Shared {
     russh: Arc<Config>,
     auth_timeout: Duration,
     max_connections_per_ip: usize,
+    max_channels: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -150,12 +151,14 @@ pub(super) async fn serve(
         lobby: LobbyContext {
             domain: gateway.config.domain.clone(),
             port: gateway.config.public_port.unwrap_or(local.port()),
+            public_host: gateway.config.public_host.clone(),
             current_key: None,
         },
         policy: gateway.manager.config().registration,
         russh: Arc::new(russh_config(&gateway)),
         auth_timeout: gateway.config.auth_timeout,
         max_connections_per_ip: gateway.config.max_connections_per_ip,
+        max_channels: gateway.config.max_channels,
         open: Mutex::new(HashMap::new()),
         manager: gateway.manager,
         gateway: gateway.gateway,
@@ -206,6 +209,8 @@ async fn connection(
         candidate: None,
         authenticated: authenticated.clone(),
         channels: HashMap::new(),
+        open_channels: Arc::new(()),
+        widths: HashMap::new(),
     };
     // One deadline from the accept to the sign-in, the greeting included.
     let sign_in_by = tokio::time::Instant::now() + shared.auth_timeout;
@@ -269,6 +274,10 @@ async fn connection(
 struct Pending {
     channel: Channel<Msg>,
     pty: bool,
+    /// The terminal's width in columns, as the pty request and window changes say.
+    width: Arc<AtomicU32>,
+    /// Counts the channel as open ([`Connection::open_channels`]) until dropped.
+    _open: Arc<()>,
 }
 
 /// One connection's handler.
@@ -301,6 +310,12 @@ struct Connection {
     candidate: Option<String>,
     authenticated: Arc<AtomicBool>,
     channels: HashMap<ChannelId, Pending>,
+    /// One clone per open session channel (pending, or held by its task): the
+    /// count of open channels, capped at [`SshConfig::max_channels`](super::SshConfig).
+    open_channels: Arc<()>,
+    /// The terminal widths of channels with a pty, for window changes; an entry
+    /// whose channel ended is dropped at the next pty request.
+    widths: HashMap<ChannelId, Arc<AtomicU32>>,
 }
 
 /// `key` as vmkit keeps keys; `None` for a type it does not register (DSA, a
@@ -443,14 +458,56 @@ impl Handler for Connection {
             // Dropping the reply refuses the channel.
             return Ok(());
         }
+        let open = Arc::strong_count(&self.open_channels) - 1;
+        if open >= self.shared.max_channels {
+            debug!(peer = %self.peer, open, "too many channels on one connection; refused");
+            reply
+                .reject(russh::ChannelOpenFailure::Other {
+                    // SSH_OPEN_RESOURCE_SHORTAGE
+                    code: 4,
+                    reason: format!(
+                        "too many channels open on this connection (at most {}); close some",
+                        self.shared.max_channels
+                    ),
+                })
+                .await;
+            return Ok(());
+        }
         self.channels.insert(
             channel.id(),
             Pending {
                 channel,
                 pty: false,
+                width: Arc::new(AtomicU32::new(0)),
+                _open: self.open_channels.clone(),
             },
         );
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A channel closed before it ran anything no longer counts as open.
+        self.channels.remove(&channel);
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(width) = self.widths.get(&channel) {
+            width.store(col_width, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -458,7 +515,7 @@ impl Handler for Connection {
         &mut self,
         channel: ChannelId,
         _term: &str,
-        _col_width: u32,
+        col_width: u32,
         _row_height: u32,
         _pix_width: u32,
         _pix_height: u32,
@@ -468,6 +525,9 @@ impl Handler for Connection {
         match self.channels.get_mut(&channel) {
             Some(pending) => {
                 pending.pty = true;
+                pending.width.store(col_width, Ordering::Relaxed);
+                self.widths.retain(|_, width| Arc::strong_count(width) > 1);
+                self.widths.insert(channel, pending.width.clone());
                 session.channel_success(channel)
             }
             None => session.channel_failure(channel),
@@ -586,6 +646,13 @@ async fn exec(signed: Signed, mut pending: Pending, line: String) {
                 true => read_stdin(&mut pending.channel).await,
                 false => String::new(),
             };
+            if let Some(note) = lobby::progress(&words).filter(|_| signed.unregistered.is_none()) {
+                let progress = Output {
+                    stderr: note,
+                    ..Output::default()
+                };
+                write_output(&pending.channel, &progress, pending.pty).await;
+            }
             signed.run(&words, &stdin).await
         }
     };
@@ -595,25 +662,21 @@ async fn exec(signed: Signed, mut pending: Pending, line: String) {
 
 const PROMPT: &str = "vmkit> ";
 
-/// `ssh HOST` (`-t`): a prompt, one command per line, until `exit` or end of input.
+/// `ssh HOST` (`-t`): a prompt with line editing, one command per line, until
+/// `exit`, `^D` or the end of input. Without a pty, plain lines and no echo.
 async fn shell(signed: Signed, mut pending: Pending) {
     let pty = pending.pty;
+    let width = pending.width.clone();
     let channel = &mut pending.channel;
-    let greeting = match signed.unregistered {
-        None => "Welcome to the vmkit lobby: `help` lists the commands, `exit` leaves.\n",
-        Some(_) => {
-            "Welcome to vmkit: this key is not registered yet; `register HANDLE` \
-                    registers it, `exit` leaves.\n"
-        }
-    };
+    let mut editor = LineEditor::new(PROMPT, pty);
     let say = |text: &str| match pty {
         true => text.replace('\n', "\r\n"),
         false => text.to_owned(),
     };
-    let _ = channel
-        .data_bytes(format!("{}{PROMPT}", say(greeting)).into_bytes())
-        .await;
-    let mut line: Vec<u8> = Vec::new();
+    let greeting = welcome(&signed).await;
+    let mut out = say(&greeting).into_bytes();
+    editor.start(&mut out);
+    let _ = channel.data_bytes(out).await;
     let mut status = 0;
     'session: while let Some(message) = channel.wait().await {
         let data = match message {
@@ -621,16 +684,32 @@ async fn shell(signed: Signed, mut pending: Pending) {
             ChannelMsg::Eof | ChannelMsg::Close => break,
             _ => continue,
         };
-        for byte in data.iter().copied() {
-            match byte {
-                b'\r' | b'\n' => {
-                    if pty {
-                        let _ = channel.data_bytes(&b"\r\n"[..]).await;
+        editor.set_width(width.load(Ordering::Relaxed));
+        let mut rest: &[u8] = &data;
+        loop {
+            let mut out = Vec::new();
+            let Some((key, used)) = editor.feed(rest, &mut out) else {
+                if !out.is_empty() {
+                    let _ = channel.data_bytes(out).await;
+                }
+                break;
+            };
+            rest = &rest[used..];
+            match key {
+                Key::Line(text) => {
+                    if !out.is_empty() {
+                        let _ = channel.data_bytes(out).await;
                     }
-                    let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
                     let output = match lobby::split_words(&text) {
                         Ok(words) if words.is_empty() => Output::default(),
-                        Ok(words) => signed.run(&words, "").await,
+                        Ok(words) => {
+                            if let Some(note) =
+                                lobby::progress(&words).filter(|_| signed.unregistered.is_none())
+                            {
+                                let _ = channel.data_bytes(say(&note).into_bytes()).await;
+                            }
+                            signed.run(&words, "").await
+                        }
                         Err(e) => Output::failure(e, "invalid_command", false),
                     };
                     write_output(channel, &output, pty).await;
@@ -639,33 +718,62 @@ async fn shell(signed: Signed, mut pending: Pending) {
                         status = 0;
                         break 'session;
                     }
-                    let _ = channel.data_bytes(PROMPT.as_bytes().to_vec()).await;
+                    let mut out = Vec::new();
+                    editor.start(&mut out);
+                    let _ = channel.data_bytes(out).await;
                 }
-                // Backspace and delete.
-                0x08 | 0x7f => {
-                    let erased = line.pop().is_some();
-                    if erased && pty {
-                        let _ = channel.data_bytes(&b"\x08 \x08"[..]).await;
-                    }
+                Key::Complete => {
+                    let candidates = complete(&signed, &editor.completing()).await;
+                    editor.complete(&candidates, &mut out);
+                    let _ = channel.data_bytes(out).await;
                 }
-                // Ctrl-C drops the line.
-                0x03 => {
-                    line.clear();
-                    let _ = channel
-                        .data_bytes(format!("^C{}{PROMPT}", say("\n")).into_bytes())
-                        .await;
-                }
-                // Ctrl-D on an empty line leaves.
-                0x04 if line.is_empty() => break 'session,
-                byte if (byte >= 0x20 || byte == b'\t') && line.len() < MAX_INPUT => {
-                    line.push(byte);
+                Key::Eof => {
                     if pty {
-                        let _ = channel.data_bytes(vec![byte]).await;
+                        let _ = channel.data_bytes(&b"\r\n"[..]).await;
                     }
+                    break 'session;
                 }
-                _ => {}
             }
         }
     }
     finish(channel, status).await;
+}
+
+/// The greeting at the prompt: for a user with no VM yet, how to make one.
+async fn welcome(signed: &Signed) -> String {
+    if signed.unregistered.is_some() {
+        return "Welcome to vmkit: this key is not registered yet; `register HANDLE` \
+                registers it, `exit` leaves.\n"
+            .to_owned();
+    }
+    let commands = signed.shared.manager.commands(signed.caller.clone());
+    let mut text =
+        "Welcome to the vmkit lobby: `help` lists the commands, tab completes, `exit` leaves.\n"
+            .to_owned();
+    if let Ok(vms) = commands.list().await
+        && vms.is_empty()
+    {
+        text.push_str(&format!(
+            "You have no VMs yet: `new` makes one (`new --name NAME` to name it); \
+             then `{}` gets you in.\n",
+            signed.context.ssh_command("NAME")
+        ));
+    }
+    text
+}
+
+/// The words the word being typed may become (`words`: those before the cursor).
+async fn complete(signed: &Signed, words: &[String]) -> Vec<String> {
+    match lobby::completion(words, signed.unregistered.is_none()) {
+        Completion::Words(words) => words,
+        Completion::VmName => {
+            let commands = signed.shared.manager.commands(signed.caller.clone());
+            commands
+                .list()
+                .await
+                .map(|vms| vms.into_iter().map(|vm| vm.name.to_string()).collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
 }
