@@ -1472,3 +1472,78 @@ async fn without_a_terminal_the_prompt_reads_plain_lines_without_echo() {
     assert!(!text.contains("whoami\n"), "no echo: {text}");
     lobby.stop().await;
 }
+
+/// A russh client that takes any host key (the test's own server).
+struct RusshClient;
+
+impl russh::client::Handler for RusshClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Reads the channel until what it sent since the call contains `wanted`.
+async fn read_until(channel: &mut russh::Channel<russh::client::Msg>, wanted: &str) -> String {
+    let mut got = Vec::new();
+    let read = async {
+        while let Some(message) = channel.wait().await {
+            if let russh::ChannelMsg::Data { data } = message {
+                got.extend_from_slice(&data);
+                if String::from_utf8_lossy(&got).contains(wanted) {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_redraws_with_the_width_of_the_last_window_change() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let config = Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", lobby.port), RusshClient)
+        .await
+        .unwrap();
+    let key = russh::keys::load_secret_key(&alice, None).unwrap();
+    let signed = session
+        .authenticate_publickey(
+            "alice",
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .unwrap();
+    assert!(signed.success());
+    let mut channel = session.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 20, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.request_shell(true).await.unwrap();
+    read_until(&mut channel, "vmkit> ").await;
+
+    // "vmkit> " and 25 characters: 32 columns, two rows at width 20.
+    channel
+        .data_bytes(&b"0123456789012345678901234\x01"[..])
+        .await
+        .unwrap();
+    let narrow = read_until(&mut channel, "\r\x1b[7C").await;
+    channel.window_change(100, 24, 0, 0).await.unwrap();
+    channel.data_bytes(&b"\x05"[..]).await.unwrap();
+    let wide = read_until(&mut channel, "\x1b[32C").await;
+
+    // Home at width 20: up from the second row to redraw, then back up to the first.
+    assert!(narrow.contains("\x1b[1A\r\x1b[J"), "{narrow:?}");
+    // End at width 100: one row, column 32 (at width 20 it would be column 12).
+    assert!(wide.ends_with("\r\x1b[32C"), "{wide:?}");
+    channel.data_bytes(&b"\x15exit\r"[..]).await.unwrap();
+    read_until(&mut channel, "bye").await;
+    lobby.stop().await;
+}

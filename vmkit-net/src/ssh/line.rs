@@ -110,7 +110,8 @@ impl LineEditor {
     }
 
     /// The history, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &str> {
+    #[cfg(test)]
+    fn history(&self) -> impl Iterator<Item = &str> {
         self.history.iter().map(String::as_str)
     }
 

@@ -17,9 +17,11 @@
 //!
 //! Once in, `ssh HOST CMD ARGS` runs one lobby command through
 //! [`Manager::commands`] for the caller and exits with its status; `ssh -t HOST` gets
-//! a minimal prompt (`vmkit> `). Commands run in tasks of their own, never inside a
-//! russh callback, so a long one (a create) neither stalls the connection nor is cut
-//! short when the client hangs up.
+//! a prompt (`vmkit> `) with line editing, history and tab completion of commands
+//! and VM names (the `line` module; without a pty the prompt reads plain lines and
+//! echoes nothing). Commands run in tasks of their own, never inside a russh
+//! callback, so a long one (a create) neither stalls the connection nor is cut short
+//! when the client hangs up.
 //!
 //! Only modern algorithms are offered: `curve25519-sha256` key exchange (with
 //! OpenSSH's strict-kex extension), an `ssh-ed25519` host key, `chacha20-poly1305`
@@ -27,7 +29,11 @@
 //!
 //! Limits: [`SshConfig::max_auth_attempts`] failed sign-ins per connection,
 //! [`SshConfig::auth_timeout`] to sign in, [`SshConfig::max_connections_per_ip`]
-//! connections open at once from one address.
+//! connections open at once from one address, [`SshConfig::max_channels`] channels
+//! open at once on one connection. Nothing a client sends grows without bound: the
+//! banner line and packets are bounded by russh, a prompt's line and history by the
+//! line editor, a command's stdin by 16 KiB, and a channel's unread data by a queue
+//! of 16 packets (a client that sends faster than its command reads waits).
 //!
 //! # Example
 //!

@@ -55,6 +55,9 @@ fn registers(policy: RegistrationPolicy) -> bool {
 /// The most stdin a command reads (`ssh-key add`).
 const MAX_INPUT: usize = 16 * 1024;
 
+/// Messages a channel holds unread before its client waits.
+const CHANNEL_BUFFER: usize = 16;
+
 /// What every connection shares.
 struct Shared {
     manager: Manager,
@@ -134,6 +137,11 @@ fn russh_config(gateway: &SshGateway) -> Config {
     // OpenSSH asks with "none" first to learn the methods: no need to make it wait.
     config.auth_rejection_time_initial = Some(Duration::ZERO);
     config.inactivity_timeout = Some(gateway.config.inactivity_timeout);
+    // What a channel's task has not read yet is held in a queue of this many
+    // messages; a client that sends more waits (its connection's loop does). Small,
+    // as lobby commands read little: at most 64 channels x 16 packets per
+    // connection.
+    config.channel_buffer_size = CHANNEL_BUFFER;
     config.nodelay = true;
     config
 }
