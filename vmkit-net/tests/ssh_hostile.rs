@@ -232,8 +232,10 @@ impl russh::client::Handler for Client {
 /// A russh client connection signed in as alice, with `window` as its channels'
 /// initial window.
 async fn signed_in(lobby: &Lobby, key: &Path, window: u32) -> russh::client::Handle<Client> {
-    let mut config = russh::client::Config::default();
-    config.window_size = window;
+    let config = russh::client::Config {
+        window_size: window,
+        ..Default::default()
+    };
     let mut session = russh::client::connect(Arc::new(config), lobby.address(), Client)
         .await
         .unwrap();

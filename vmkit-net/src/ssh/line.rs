@@ -252,7 +252,7 @@ impl LineEditor {
         if self.echo {
             let end = self.prompt_len() + self.line.len();
             // A line that ended at the margin left the cursor on a fresh row.
-            out.extend_from_slice(match end % self.width == 0 && end > 0 {
+            out.extend_from_slice(match end.is_multiple_of(self.width) && end > 0 {
                 true => b"\r",
                 false => b"\r\n",
             });
@@ -303,7 +303,7 @@ impl LineEditor {
             return;
         }
         let end = self.prompt_len() + self.line.len();
-        if at_end && end % self.width != 0 {
+        if at_end && !end.is_multiple_of(self.width) {
             // Typing at the end: only the new text, no redraw.
             out.extend(chars.iter().collect::<String>().bytes());
             self.row = end / self.width;
@@ -410,7 +410,7 @@ impl LineEditor {
         text.push_str(&self.prompt);
         text.extend(self.line.iter());
         let end = self.prompt_len() + self.line.len();
-        if end > 0 && end % width == 0 {
+        if end > 0 && end.is_multiple_of(width) {
             // The terminal waits at the margin; move to the next row's start.
             text.push_str("\r\n");
         }
@@ -478,7 +478,7 @@ impl LineEditor {
                     out.extend(self.line.iter().collect::<String>().bytes());
                     let end = self.prompt_len() + self.line.len();
                     self.row = end / self.width;
-                    if end % self.width == 0 && end > 0 {
+                    if end.is_multiple_of(self.width) && end > 0 {
                         out.extend_from_slice(b"\r\n");
                     }
                     self.move_to(cursor, out);
