@@ -730,6 +730,69 @@ mod tests {
         assert_eq!(out, "\x1b[1B\r\n");
     }
 
+    /// A small deterministic generator (xorshift64), so that a failure repeats.
+    struct Bytes(u64);
+
+    impl Bytes {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        /// A byte a terminal, or a hostile client, might send: control keys, escape
+        /// sequence pieces, UTF-8 pieces, text.
+        fn byte(&mut self) -> u8 {
+            const PIECES: &[u8] = b"\x1b[O~;1235ABCDFHbf\r\n\t\x01\x02\x03\x04\x05\x06\x08\x0b\x0c\x0e\x10\x15\x17\x7f\xc3\xa9\xe2\x82\xac\xff";
+            match self.next() % 3 {
+                0 => PIECES[(self.next() % PIECES.len() as u64) as usize],
+                1 => b'a' + (self.next() % 26) as u8,
+                _ => self.next() as u8,
+            }
+        }
+    }
+
+    #[test]
+    fn arbitrary_bytes_keep_the_editor_bounded_and_the_line_printable() {
+        let mut bytes = Bytes(0x9e37_79b9_7f4a_7c15);
+        for round in 0..200 {
+            let echo = round % 5 != 0;
+            let mut e = LineEditor::new("vmkit> ", echo);
+            e.set_width((bytes.next() % 120) as u32);
+            e.start(&mut Vec::new());
+            for _ in 0..1000 {
+                let input: Vec<u8> = (0..1 + bytes.next() % 16).map(|_| bytes.byte()).collect();
+                let mut out = Vec::new();
+                let mut rest = &input[..];
+                while let Some((key, used)) = e.feed(rest, &mut out) {
+                    rest = &rest[used..];
+                    match key {
+                        Key::Line(line) => {
+                            assert!(!line.chars().any(char::is_control), "{line:?}");
+                            e.start(&mut out);
+                        }
+                        Key::Complete => e.complete(&["alpha".into(), "alps".into()], &mut out),
+                        Key::Eof => e.start(&mut out),
+                    }
+                }
+                if bytes.next().is_multiple_of(50) {
+                    e.set_width((bytes.next() % 200) as u32);
+                }
+                assert!(e.cursor <= e.line.len());
+                assert!(e.line.len() <= MAX_LINE);
+                assert!(e.history.len() <= HISTORY);
+                assert!(e.escape.as_ref().is_none_or(|x| x.bytes.len() < MAX_ESCAPE));
+                assert!(e.utf8.len() < 4);
+                assert!(!e.line.iter().any(|c| c.is_control()), "{:?}", e.line());
+                assert!(
+                    echo || out.is_empty(),
+                    "nothing is echoed without a terminal"
+                );
+            }
+        }
+    }
+
     #[test]
     fn ctrl_l_clears_the_screen_and_redraws() {
         let mut e = editor(80);
