@@ -272,9 +272,12 @@ async fn serve_ssh(
     use vmkit_net::ssh::{SshConfig, SshGateway};
     let ssh = &config.ssh;
     let host_key = config.data_dir.join(&ssh.host_key);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the SSH lobby to {addr} ([ssh] listen)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the SSH lobby to {addr} ([ssh] listen; another port there, or \
+                 listen = \"\" to turn the lobby off)"
+        )
+    })?;
     let bound = listener
         .local_addr()
         .context("reading the SSH lobby's address")?;
