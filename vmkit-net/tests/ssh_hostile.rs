@@ -21,7 +21,7 @@ const DOMAIN: &str = "vm.test";
 
 /// A lobby on 127.0.0.1 over a fake host, with user `alice` and her key.
 struct Lobby {
-    _host: FakeHost,
+    host: FakeHost,
     dir: TempDir,
     port: u16,
     key: PathBuf,
@@ -69,7 +69,7 @@ impl Lobby {
                 .unwrap();
         });
         Self {
-            _host: host,
+            host,
             dir,
             port,
             key,
@@ -325,5 +325,89 @@ async fn a_huge_window_changes_nothing() {
     assert_eq!(status, Some(0));
     assert!(String::from_utf8_lossy(&answer).contains("Commands:"));
     lobby.assert_whoami_works("after a huge window").await;
+    lobby.stop().await;
+}
+
+/// Everything a channel sends until it closes: stdout and the exit status.
+async fn answer(channel: &mut russh::Channel<russh::client::Msg>) -> (String, Option<u32>) {
+    let mut out = Vec::new();
+    let mut status = None;
+    let read = async {
+        while let Some(message) = channel.wait().await {
+            match message {
+                russh::ChannelMsg::Data { data } => out.extend_from_slice(&data),
+                russh::ChannelMsg::ExitStatus { exit_status } => status = Some(exit_status),
+                _ => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("the channel ends");
+    (String::from_utf8_lossy(&out).into_owned(), status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_a_command_does_not_read_stalls_no_other_channel() {
+    let lobby = Lobby::start(|config| config).await;
+    let session = signed_in(&lobby, &lobby.key, 2 * 1024 * 1024).await;
+    let flood = vec![b'x'; 8 * 1024 * 1024];
+
+    // A create held at its data disk reads no input; 8 MiB of it arrive meanwhile.
+    // Unread, they would fill the channel's queue and stall the whole connection
+    // until the command ends: another channel on it must still be served.
+    let hold = lobby.host.storage.hold("storage.create_data");
+    let mut exec = session.channel_open_session().await.unwrap();
+    exec.exec(true, "new --disk 1").await.unwrap();
+    let sender = exec.make_writer();
+    let sent = tokio::spawn({
+        let flood = flood.clone();
+        async move {
+            let mut sender = sender;
+            let _ = sender.write_all(&flood).await;
+        }
+    });
+    hold.arrived().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let other = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut other = session.channel_open_session().await.unwrap();
+        other.exec(true, "whoami").await.unwrap();
+        answer(&mut other).await
+    })
+    .await;
+    hold.release();
+    let (out, status) = answer(&mut exec).await;
+    sent.abort();
+
+    let (other, _) = other.expect("another channel of the connection is served meanwhile");
+    assert!(other.contains("user: alice"), "{other}");
+    assert!(out.contains("made "), "{out}");
+    assert_eq!(status, Some(0));
+    lobby.assert_whoami_works("after an exec flood").await;
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_at_the_prompt_is_bounded_and_the_prompt_goes_on() {
+    let lobby = Lobby::start(|config| config).await;
+    let session = signed_in(&lobby, &lobby.key, 2 * 1024 * 1024).await;
+
+    // No pty: plain lines. 8 MiB without a line end (the prompt keeps what it can,
+    // drops the rest), then, once it caught up, a line end, `whoami` and `exit`.
+    let mut shell = session.channel_open_session().await.unwrap();
+    shell.request_shell(true).await.unwrap();
+    let mut writer = shell.make_writer();
+    writer
+        .write_all(&vec![b'x'; 8 * 1024 * 1024])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writer.write_all(b"\nwhoami\nexit\n").await.unwrap();
+    let (out, status) = answer(&mut shell).await;
+
+    assert!(out.contains("user: alice"), "{out}");
+    assert!(out.contains("bye"), "{out}");
+    assert_eq!(status, Some(0));
+    lobby.assert_whoami_works("after a prompt flood").await;
     lobby.stop().await;
 }

@@ -32,8 +32,10 @@
 //! connections open at once from one address, [`SshConfig::max_channels`] channels
 //! open at once on one connection. Nothing a client sends grows without bound: the
 //! banner line and packets are bounded by russh, a prompt's line and history by the
-//! line editor, a command's stdin by 16 KiB, and a channel's unread data by a queue
-//! of 16 packets (a client that sends faster than its command reads waits).
+//! line editor, a command's stdin by 16 KiB. What a command does not read is
+//! dropped as it comes, and so is what is typed at the prompt beyond 64 KiB not yet
+//! taken (while a command runs, say), so that a client sending faster than the
+//! gateway reads never stalls its own connection.
 //!
 //! # Example
 //!

@@ -15,7 +15,10 @@ use russh::keys::Algorithm;
 use russh::server::{
     Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
-use russh::{Channel, ChannelId, ChannelMsg, Disconnect, MethodKind, MethodSet, Preferred};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind,
+    MethodSet, Preferred,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -54,6 +57,10 @@ fn registers(policy: RegistrationPolicy) -> bool {
 
 /// The most stdin a command reads (`ssh-key add`).
 const MAX_INPUT: usize = 16 * 1024;
+
+/// The most the prompt keeps of what the client typed while a command ran; more
+/// is dropped.
+const MAX_TYPEAHEAD: usize = 64 * 1024;
 
 /// Messages a channel holds unread before its client waits.
 const CHANNEL_BUFFER: usize = 16;
@@ -578,7 +585,7 @@ impl Handler for Connection {
 
 /// Writes `output` on the channel; with a pty, stderr goes with stdout (a terminal
 /// shows both) and lines end in CR LF.
-async fn write_output(channel: &Channel<Msg>, output: &Output, pty: bool) {
+async fn write_output(channel: &ChannelWriteHalf<Msg>, output: &Output, pty: bool) {
     if pty {
         let text = format!("{}{}", output.stdout, output.stderr).replace('\n', "\r\n");
         let _ = channel.data_bytes(text.into_bytes()).await;
@@ -594,7 +601,7 @@ async fn write_output(channel: &Channel<Msg>, output: &Output, pty: bool) {
     }
 }
 
-async fn finish(channel: &Channel<Msg>, status: u32) {
+async fn finish(channel: &ChannelWriteHalf<Msg>, status: u32) {
     let _ = channel.exit_status(status).await;
     let _ = channel.eof().await;
     let _ = channel.close().await;
@@ -646,36 +653,109 @@ fn fingerprint(key: &russh::keys::PublicKey) -> String {
 }
 
 /// `ssh HOST CMD`: one command, then the exit status.
-async fn exec(signed: Signed, mut pending: Pending, line: String) {
-    let output = match lobby::split_words(&line) {
+async fn exec(signed: Signed, pending: Pending, line: String) {
+    let Pending {
+        mut channel,
+        pty,
+        _open,
+        ..
+    } = pending;
+    let words = lobby::split_words(&line);
+    let stdin = match &words {
+        Ok(words) if signed.unregistered.is_none() && lobby::reads_stdin(words) => {
+            read_stdin(&mut channel).await
+        }
+        _ => String::new(),
+    };
+    // From here on nothing reads what the client sends: drop it as it comes, so that
+    // a client writing more than the command reads cannot stall its connection
+    // (russh's loop waits while a channel's queue is full).
+    let (read, write) = channel.split();
+    let drain = tokio::spawn(discard(read));
+    let output = match words {
         Err(e) => Output::failure(e, "invalid_command", false),
         Ok(words) => {
-            let stdin = match signed.unregistered.is_none() && lobby::reads_stdin(&words) {
-                true => read_stdin(&mut pending.channel).await,
-                false => String::new(),
-            };
             if let Some(note) = lobby::progress(&words).filter(|_| signed.unregistered.is_none()) {
                 let progress = Output {
                     stderr: note,
                     ..Output::default()
                 };
-                write_output(&pending.channel, &progress, pending.pty).await;
+                write_output(&write, &progress, pty).await;
             }
             signed.run(&words, &stdin).await
         }
     };
-    write_output(&pending.channel, &output, pending.pty).await;
-    finish(&pending.channel, output.status).await;
+    write_output(&write, &output, pty).await;
+    finish(&write, output.status).await;
+    drain.abort();
+}
+
+/// Reads the channel to its end, dropping what comes.
+async fn discard(mut read: ChannelReadHalf) {
+    while read.wait().await.is_some() {}
+}
+
+/// What the client typed and the prompt has not taken yet: read as it comes, also
+/// while a command runs, and kept up to [`MAX_TYPEAHEAD`] bytes.
+#[derive(Default)]
+struct Typed {
+    bytes: Mutex<Vec<u8>>,
+    /// The client closed its side (EOF or close).
+    ended: AtomicBool,
+    more: tokio::sync::Notify,
+}
+
+impl Typed {
+    /// Reads the channel into `self` until its end.
+    async fn read(self: Arc<Self>, mut read: ChannelReadHalf) {
+        while let Some(message) = read.wait().await {
+            match message {
+                ChannelMsg::Data { data } => {
+                    let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+                    let room = MAX_TYPEAHEAD.saturating_sub(bytes.len());
+                    bytes.extend_from_slice(&data[..data.len().min(room)]);
+                    drop(bytes);
+                    self.more.notify_one();
+                }
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        self.ended.store(true, Ordering::SeqCst);
+        self.more.notify_one();
+    }
+
+    /// What was typed since the last call, waiting for some; `None` once the
+    /// client ended and everything was taken.
+    async fn take(&self) -> Option<Vec<u8>> {
+        loop {
+            let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()));
+            if !bytes.is_empty() {
+                return Some(bytes);
+            }
+            if self.ended.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.more.notified().await;
+        }
+    }
 }
 
 const PROMPT: &str = "vmkit> ";
 
 /// `ssh HOST` (`-t`): a prompt with line editing, one command per line, until
 /// `exit`, `^D` or the end of input. Without a pty, plain lines and no echo.
-async fn shell(signed: Signed, mut pending: Pending) {
-    let pty = pending.pty;
-    let width = pending.width.clone();
-    let channel = &mut pending.channel;
+async fn shell(signed: Signed, pending: Pending) {
+    let Pending {
+        channel,
+        pty,
+        width,
+        _open,
+    } = pending;
+    let (read, write) = channel.split();
+    let channel = &write;
+    let typed = Arc::new(Typed::default());
+    let reader = tokio::spawn(typed.clone().read(read));
     let mut editor = LineEditor::new(PROMPT, pty);
     let say = |text: &str| match pty {
         true => text.replace('\n', "\r\n"),
@@ -686,12 +766,7 @@ async fn shell(signed: Signed, mut pending: Pending) {
     editor.start(&mut out);
     let _ = channel.data_bytes(out).await;
     let mut status = 0;
-    'session: while let Some(message) = channel.wait().await {
-        let data = match message {
-            ChannelMsg::Data { data } => data,
-            ChannelMsg::Eof | ChannelMsg::Close => break,
-            _ => continue,
-        };
+    'session: while let Some(data) = typed.take().await {
         editor.set_width(width.load(Ordering::Relaxed));
         let mut rest: &[u8] = &data;
         loop {
@@ -745,6 +820,7 @@ async fn shell(signed: Signed, mut pending: Pending) {
         }
     }
     finish(channel, status).await;
+    reader.abort();
 }
 
 /// The greeting at the prompt: for a user with no VM yet, how to make one.
