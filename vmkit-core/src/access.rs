@@ -228,7 +228,8 @@ pub(crate) const RUNNING_OR_PAUSED: &[VmState] = &[VmState::Running, VmState::Pa
 pub(crate) const RUNNING: &[VmState] = &[VmState::Running];
 /// States a VM may be resumed from.
 pub(crate) const PAUSED: &[VmState] = &[VmState::Paused];
-/// States a VM may be restarted, resized, snapshotted, restored or cloned from.
+/// States a VM may be restarted, resized, renamed, snapshotted, restored or cloned
+/// from.
 pub(crate) const SETTLED: &[VmState] = &[VmState::Running, VmState::Paused, VmState::Stopped];
 
 actions! {
@@ -286,6 +287,8 @@ actions! {
     Clone => "clone", Needs::Vm(Grant::Manage), Some(SETTLED);
     /// Delete a VM.
     Delete => "delete", Needs::Vm(Grant::Own), ANY;
+    /// Rename a VM (its URL and `ssh NAME@host` change with it).
+    Rename => "rename", Needs::Vm(Grant::Own), Some(SETTLED);
     /// Share a VM, or take a share back, or list its shares.
     Share => "share", Needs::Vm(Grant::Own), ANY;
     /// Delete a snapshot.

@@ -73,6 +73,11 @@ pub enum EventKind {
         /// Its name.
         snapshot: VmName,
     },
+    /// The VM was renamed; the event carries its new name.
+    Renamed {
+        /// The name it had.
+        from: VmName,
+    },
     /// The VM was restored to a snapshot.
     Restored {
         /// The snapshot.

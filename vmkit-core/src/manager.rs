@@ -50,6 +50,7 @@ mod locks;
 mod monitor;
 mod ops;
 mod reconcile;
+mod rename;
 mod snapshots;
 mod ssh;
 mod supervise;

@@ -50,6 +50,7 @@ async fn run(c: &Commands, op: Op) -> Result<Outcome, ManagerError> {
             .await
             .map(done),
         Op::Delete => c.delete(&web, DeleteOptions::default()).await.map(done),
+        Op::Rename => c.rename(&web, name("web2")).await.map(done),
         Op::Share => c
             .share(&web, ShareWith::Public, Access::Http)
             .await

@@ -1195,3 +1195,355 @@ async fn a_stranger_cannot_copy_snapshot_share_or_read_another_users_vm() {
     assert!(lobby.host.manager.get(&name("mine")).await.is_err());
     lobby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_prints_progress_then_the_ssh_line_and_the_https_url() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let text = lobby.ssh(&alice, &["new", "--name", "web"]).await;
+    let json = ok_json(&lobby.ssh(&alice, &["new", "--name", "db", "--json"]).await);
+
+    assert_ok(&text);
+    assert!(stderr(&text).contains("making a VM"), "{}", stderr(&text));
+    let ssh_line = format!("ssh -p {} web@vm.test", lobby.port);
+    assert!(stdout(&text).contains(&ssh_line), "{}", stdout(&text));
+    assert!(
+        stdout(&text).contains("https://web.vm.test/"),
+        "{}",
+        stdout(&text)
+    );
+    assert_eq!(json["vm"]["name"], "db");
+    assert_eq!(json["ssh"], format!("ssh -p {} db@vm.test", lobby.port));
+    assert_eq!(json["https"], "https://db.vm.test/");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_printed_commands_name_the_public_host_and_leave_out_port_22() {
+    let lobby =
+        Lobby::start_with(|config| config.public_host("gw.example.org").public_port(22)).await;
+    let alice = lobby.user(1, "alice").await;
+
+    let json = ok_json(&lobby.ssh(&alice, &["new", "--name", "web", "--json"]).await);
+    let config = ok_text(&lobby.ssh(&alice, &["ssh-config"]).await);
+
+    assert_eq!(json["ssh"], "ssh web@gw.example.org");
+    assert!(config.contains("ProxyJump gw.example.org\n"), "{config}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_moves_a_vm_to_its_new_name() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "db"]).await);
+
+    let renamed = ok_text(&lobby.ssh(&alice, &["rename", "web.vm.test", "blog"]).await);
+    let json = ok_json(
+        &lobby
+            .ssh(&alice, &["rename", "blog", "site", "--json"])
+            .await,
+    );
+    let taken = lobby.ssh(&alice, &["rename", "site", "db", "--json"]).await;
+    let invalid = lobby.ssh(&alice, &["rename", "site", "Not_Valid"]).await;
+
+    assert!(renamed.contains("renamed web to blog"), "{renamed}");
+    assert!(renamed.contains("https://blog.vm.test/"), "{renamed}");
+    assert_eq!(json["vm"]["name"], "site");
+    assert_eq!(json["https"], "https://site.vm.test/");
+    assert!(!taken.status.success());
+    assert_eq!(self::json(&taken)["code"], "name_taken");
+    assert!(!invalid.status.success());
+    assert!(
+        stderr(&invalid).contains("error: VM name"),
+        "{}",
+        stderr(&invalid)
+    );
+    assert!(lobby.host.manager.get(&name("site")).await.is_ok());
+    assert!(lobby.host.manager.get(&name("web")).await.is_err());
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_vm_cannot_be_renamed_and_is_answered_as_a_missing_one() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let bob = lobby.user(2, "bob").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let theirs = json(&lobby.ssh(&bob, &["rename", "web", "mine", "--json"]).await);
+    let missing = json(
+        &lobby
+            .ssh(&bob, &["rename", "nothing", "mine", "--json"])
+            .await,
+    );
+
+    assert_eq!(theirs["code"], missing["code"]);
+    assert!(lobby.host.manager.get(&name("web")).await.is_ok());
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_config_prints_a_jump_through_the_gateway_for_the_domain() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let text = ok_text(&lobby.ssh(&alice, &["ssh-config"]).await);
+    let json = ok_json(&lobby.ssh(&alice, &["ssh-config", "--json"]).await);
+
+    assert!(text.contains("Host *.vm.test\n"), "{text}");
+    assert!(
+        text.contains(&format!("    ProxyJump vm.test:{}\n", lobby.port)),
+        "{text}"
+    );
+    assert!(text.contains("    User vmkit\n"), "{text}");
+    assert_eq!(json["ssh_config"], text);
+    assert_eq!(json["port"], lobby.port);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_is_short_and_ls_l_has_a_header_and_the_details() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(
+        &lobby
+            .ssh(
+                &alice,
+                &["new", "--name", "web", "--cpus", "2", "--memory", "1024"],
+            )
+            .await,
+    );
+
+    let short = ok_text(&lobby.ssh(&alice, &["ls"]).await);
+    let long = ok_text(&lobby.ssh(&alice, &["ls", "-l"]).await);
+
+    assert_eq!(short, "web\trunning\n");
+    let lines: Vec<&str> = long.lines().collect();
+    assert_eq!(lines.len(), 2, "{long}");
+    for column in [
+        "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED",
+    ] {
+        assert!(lines[0].contains(column), "{long}");
+    }
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        &row[..6],
+        ["web", "running", "base", "2", "1024", "MiB"],
+        "{long}"
+    );
+    assert!(row[row.len() - 1].ends_with('Z'), "created, in UTC: {long}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_command_answers_json_and_its_errors_as_json() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    let succeed: [&[&str]; 12] = [
+        &["help"],
+        &["whoami"],
+        &["ls"],
+        &["ls", "-l"],
+        &["snapshot", "web", "snap"],
+        &["snapshots"],
+        &["share", "web"],
+        &["logs", "web"],
+        &["ssh-key", "ls"],
+        &["ssh-config"],
+        &["restart", "web"],
+        &["exit"],
+    ];
+    let fail: [&[&str]; 16] = [
+        &["start", "ghost"],
+        &["stop", "ghost"],
+        &["restart", "ghost"],
+        &["rm", "ghost"],
+        &["cp", "ghost"],
+        &["rename", "ghost", "spirit"],
+        &["resize", "ghost", "--cpus", "2"],
+        &["snapshot", "ghost", "s"],
+        &["restore", "ghost", "s"],
+        &["rm-snapshot", "ghost"],
+        &["logs", "ghost"],
+        &["share", "ghost"],
+        &["ssh-key", "rm", "SHA256:nothing"],
+        &["ssh-key", "add", "not a key"],
+        &["new", "--image", "no-such-image"],
+        &["frobnicate"],
+    ];
+    for command in succeed {
+        let output = lobby.ssh(&alice, &[command, &["--json"]].concat()).await;
+        assert_ok(&output);
+        let value: Result<serde_json::Value, _> = serde_json::from_slice(&output.stdout);
+        assert!(value.is_ok(), "{command:?}: {}", stdout(&output));
+    }
+    for command in fail {
+        let output = lobby.ssh(&alice, &[command, &["--json"]].concat()).await;
+        assert!(!output.status.success(), "{command:?}");
+        let value: serde_json::Value = serde_json::from_slice(&output.stdout)
+            .unwrap_or_else(|e| panic!("{command:?}: {e}: {}", stdout(&output)));
+        let error = value["error"].as_str().or_else(|| {
+            // `rm` answers per name.
+            value["failed"][0]["error"].as_str()
+        });
+        assert!(error.is_some(), "{command:?}: {value}");
+    }
+    lobby.stop().await;
+}
+
+/// Runs `ssh -tt` with `input` typed at the prompt; what the terminal got.
+async fn at_the_prompt(lobby: &Lobby, key: &Path, input: &str) -> String {
+    let output = lobby.ssh_input(key, &["-tt"], &[], Some(input)).await;
+    assert_ok(&output);
+    stdout(&output)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_user_is_welcomed_with_how_to_make_a_vm() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let first = at_the_prompt(&lobby, &alice, "exit\r").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    let later = at_the_prompt(&lobby, &alice, "exit\r").await;
+
+    assert!(first.contains("`new` makes one"), "{first}");
+    assert!(!later.contains("`new` makes one"), "{later}");
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tab_completes_commands_and_vm_names_at_the_prompt() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "webserver"]).await);
+
+    // "whoa<tab>" becomes "whoami "; "stop w<tab>" becomes "stop webserver ".
+    let text = at_the_prompt(&lobby, &alice, "whoa\t\rstop w\t\rexit\r").await;
+
+    assert!(text.contains("user: alice"), "{text}");
+    assert!(text.contains("webserver is stopped"), "{text}");
+    let vm = lobby.host.manager.get(&name("webserver")).await.unwrap();
+    assert_eq!(vm.state, vmkit_core::VmState::Stopped);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_edits_recalls_and_drops_lines() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    assert_ok(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+
+    // "stxp web": left 5 times, backspace, "o" → "stop web". Then ^C drops "rm web";
+    // up arrow recalls "stop web" and ^A / ^K / "start web" turn it into
+    // "start web". ^D on the empty line leaves.
+    let input =
+        "stxp web\x1b[D\x1b[D\x1b[D\x1b[D\x1b[D\x7fo\rrm web\x03\x1b[A\x01\x0bstart web\r\x04";
+    let text = at_the_prompt(&lobby, &alice, input).await;
+
+    assert!(text.contains("web is stopped"), "{text}");
+    assert!(text.contains("^C"), "{text}");
+    assert!(text.contains("web is running"), "{text}");
+    assert!(
+        lobby.host.manager.get(&name("web")).await.is_ok(),
+        "rm was dropped"
+    );
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_terminal_the_prompt_reads_plain_lines_without_echo() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+
+    let output = lobby
+        .ssh_input(&alice, &["-T"], &[], Some("whoami\nls --json\n"))
+        .await;
+
+    assert_ok(&output);
+    let text = stdout(&output);
+    assert!(text.contains("user: alice"), "{text}");
+    assert!(text.contains("[]"), "{text}");
+    assert!(!text.contains("whoami\n"), "no echo: {text}");
+    lobby.stop().await;
+}
+
+/// A russh client that takes any host key (the test's own server).
+struct RusshClient;
+
+impl russh::client::Handler for RusshClient {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        _key: &russh::keys::PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        Ok(true)
+    }
+}
+
+/// Reads the channel until what it sent since the call contains `wanted`.
+async fn read_until(channel: &mut russh::Channel<russh::client::Msg>, wanted: &str) -> String {
+    let mut got = Vec::new();
+    let read = async {
+        while let Some(message) = channel.wait().await {
+            if let russh::ChannelMsg::Data { data } = message {
+                got.extend_from_slice(&data);
+                if String::from_utf8_lossy(&got).contains(wanted) {
+                    return;
+                }
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prompt_redraws_with_the_width_of_the_last_window_change() {
+    let lobby = Lobby::start().await;
+    let alice = lobby.user(1, "alice").await;
+    let config = Arc::new(russh::client::Config::default());
+    let mut session = russh::client::connect(config, ("127.0.0.1", lobby.port), RusshClient)
+        .await
+        .unwrap();
+    let key = russh::keys::load_secret_key(&alice, None).unwrap();
+    let signed = session
+        .authenticate_publickey(
+            "alice",
+            russh::keys::PrivateKeyWithHashAlg::new(Arc::new(key), None),
+        )
+        .await
+        .unwrap();
+    assert!(signed.success());
+    let mut channel = session.channel_open_session().await.unwrap();
+    channel
+        .request_pty(true, "xterm", 20, 24, 0, 0, &[])
+        .await
+        .unwrap();
+    channel.request_shell(true).await.unwrap();
+    read_until(&mut channel, "vmkit> ").await;
+
+    // "vmkit> " and 25 characters: 32 columns, two rows at width 20.
+    channel
+        .data_bytes(&b"0123456789012345678901234\x01"[..])
+        .await
+        .unwrap();
+    let narrow = read_until(&mut channel, "\r\x1b[7C").await;
+    channel.window_change(100, 24, 0, 0).await.unwrap();
+    channel.data_bytes(&b"\x05"[..]).await.unwrap();
+    let wide = read_until(&mut channel, "\x1b[32C").await;
+
+    // Home at width 20: up from the second row to redraw, then back up to the first.
+    assert!(narrow.contains("\x1b[1A\r\x1b[J"), "{narrow:?}");
+    // End at width 100: one row, column 32 (at width 20 it would be column 12).
+    assert!(wide.ends_with("\r\x1b[32C"), "{wide:?}");
+    channel.data_bytes(&b"\x15exit\r"[..]).await.unwrap();
+    read_until(&mut channel, "bye").await;
+    lobby.stop().await;
+}

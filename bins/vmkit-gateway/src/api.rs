@@ -71,6 +71,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/exec", post(exec_vm))
         .route("/v1/vms/{name}/resize", post(resize_vm))
+        .route("/v1/vms/{name}/rename", post(rename_vm))
         .route("/v1/vms/{name}/logs", get(logs_vm))
         .route("/v1/vms/{name}/metrics", get(metrics_vm))
         .route("/v1/vms/{name}/snapshots", post(snapshot_vm))
@@ -339,6 +340,19 @@ async fn resize_vm(
 ) -> ApiResult<Response> {
     let (name, request) = (vm_name(&name)?, body(request)?);
     Ok(Json(detached(async move { c.resize(&name, request).await }).await?).into_response())
+}
+
+/// `POST /v1/vms/{name}/rename` with `{"name": NEW}`: the VM under its new name.
+async fn rename_vm(
+    Asking(c): Asking,
+    Path(name): Path<String>,
+    request: JsonBody<NameBody>,
+) -> ApiResult<Response> {
+    let (vm, new) = (
+        vm_name(&name)?,
+        required_name(body(request)?, "VM's new name")?,
+    );
+    Ok(Json(detached(async move { c.rename(&vm, new).await }).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -1301,6 +1315,7 @@ mod tests {
             Op::Restore => ("POST", vm("/restore"), r#"{"name":"snap"}"#),
             Op::Clone => ("POST", vm("/clone"), r#"{"name":"copy"}"#),
             Op::Delete => ("DELETE", vm(""), ""),
+            Op::Rename => ("POST", vm("/rename"), r#"{"name":"web2"}"#),
             Op::Share => (
                 "POST",
                 vm("/shares"),

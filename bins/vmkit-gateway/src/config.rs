@@ -65,12 +65,13 @@ pub struct Config {
     pub ssh: SshSection,
 }
 
-/// The SSH lobby (`ssh HOST CMD`): off until `listen` is set.
+/// The SSH lobby (`ssh HOST CMD`): on `0.0.0.0:2222` unless `listen` says
+/// otherwise; an empty `listen` turns it off.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SshSection {
-    /// Address and port to serve SSH on, such as `0.0.0.0:2222` (2222 leaves the
-    /// host's own sshd its port 22); empty: no SSH lobby.
+    /// Address and port to serve SSH on: `0.0.0.0:2222` by default (2222 leaves
+    /// the host's own sshd its port 22); empty: no SSH lobby.
     pub listen: String,
     /// The domain VMs are named under (`NAME.domain`), for the addresses the lobby
     /// prints.
@@ -78,6 +79,9 @@ pub struct SshSection {
     /// The port clients dial, when it is not the one in `listen` (behind a port
     /// forward, say); 0: the one in `listen`.
     pub public_port: u16,
+    /// The gateway's host name as clients dial it, for the commands the lobby
+    /// prints (`ssh NAME@HOST`, `ssh-config`); empty: the domain.
+    pub public_host: String,
     /// The host key (ed25519; made at the first start); relative paths are under
     /// the data directory.
     pub host_key: PathBuf,
@@ -86,9 +90,10 @@ pub struct SshSection {
 impl Default for SshSection {
     fn default() -> Self {
         Self {
-            listen: String::new(),
+            listen: "0.0.0.0:2222".into(),
             domain: "localhost".into(),
             public_port: 0,
+            public_host: String::new(),
             host_key: PathBuf::from("ssh_host_ed25519_key"),
         }
     }
@@ -646,6 +651,26 @@ mod tests {
         let c = load_with(None, &[("VMKIT_USERS_REGISTRATION", "open")]).unwrap();
         assert_eq!(c.users.registration, RegistrationPolicy::Open);
         assert!(load_with(Some("[users]\nregistration = \"maybe\"\n"), &[]).is_err());
+    }
+
+    #[test]
+    fn the_ssh_lobby_is_on_at_2222_unless_turned_off() {
+        let default = load_with(None, &[]).unwrap();
+        assert_eq!(
+            default.ssh.listen().unwrap(),
+            Some("0.0.0.0:2222".parse().unwrap())
+        );
+        let off = load_with(None, &[("VMKIT_SSH_LISTEN", "")]).unwrap();
+        assert_eq!(off.ssh.listen().unwrap(), None);
+        let off = load_with(Some("[ssh]\nlisten = \"\"\n"), &[]).unwrap();
+        assert_eq!(off.ssh.listen().unwrap(), None);
+        let any = load_with(None, &[("VMKIT_SSH_LISTEN", "127.0.0.1:0")]).unwrap();
+        assert_eq!(
+            any.ssh.listen().unwrap(),
+            Some("127.0.0.1:0".parse().unwrap())
+        );
+        let host = load_with(None, &[("VMKIT_SSH_PUBLIC_HOST", "gw.example.org")]).unwrap();
+        assert_eq!(host.ssh.public_host, "gw.example.org");
     }
 
     #[test]

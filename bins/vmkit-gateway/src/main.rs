@@ -272,9 +272,12 @@ async fn serve_ssh(
     use vmkit_net::ssh::{SshConfig, SshGateway};
     let ssh = &config.ssh;
     let host_key = config.data_dir.join(&ssh.host_key);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding the SSH lobby to {addr} ([ssh] listen)"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the SSH lobby to {addr} ([ssh] listen; another port there, or \
+                 listen = \"\" to turn the lobby off)"
+        )
+    })?;
     let bound = listener
         .local_addr()
         .context("reading the SSH lobby's address")?;
@@ -289,7 +292,11 @@ async fn serve_ssh(
     let lobby = SshGateway::new(
         manager.clone(),
         gateway,
-        SshConfig::new(&host_key, ssh.domain.clone()).public_port(public_port),
+        match ssh.public_host.trim() {
+            "" => SshConfig::new(&host_key, ssh.domain.clone()),
+            host => SshConfig::new(&host_key, ssh.domain.clone()).public_host(host),
+        }
+        .public_port(public_port),
     )
     .with_context(|| format!("loading the SSH host key {}", host_key.display()))?;
     info!(address = %bound, host_key = %lobby.host_key_fingerprint(), "serving the SSH lobby");

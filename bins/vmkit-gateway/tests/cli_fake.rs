@@ -89,6 +89,30 @@ fn duplicate_name_gets_a_specific_error() {
 }
 
 #[test]
+fn vm_rename_moves_the_vm_and_refuses_a_taken_or_invalid_name() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "web"]).status.success());
+    assert!(d.cli(&["vm", "create", "db"]).status.success());
+
+    let renamed = d.cli(&["--json", "vm", "rename", "web", "blog"]);
+    let taken = d.cli(&["--json", "vm", "rename", "blog", "db"]);
+    let invalid = d.cli(&["--json", "vm", "rename", "blog", "Bad_Name"]);
+    let listed = d.cli(&["--json", "vm", "ls"]);
+
+    assert!(renamed.status.success(), "{}", stderr(&renamed));
+    assert_eq!(json(&renamed)["name"], "blog");
+    assert_eq!(json(&taken)["error"]["code"], "name_taken");
+    assert_eq!(json(&invalid)["error"]["code"], "invalid_name");
+    let names: Vec<String> = json(&listed)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|vm| vm["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["blog", "db"]);
+}
+
+#[test]
 fn invalid_name_and_oversize_spec_are_refused_with_the_reason() {
     let d = fake_daemon();
     let out = d.cli(&["--json", "vm", "create", "Bad_Name"]);
@@ -466,6 +490,7 @@ fn second_daemon_on_the_same_socket_is_refused() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"))
         .args(["--fake-backends", "--data-dir"])
         .arg(&d.data_dir)
+        .env("VMKIT_SSH_LISTEN", "")
         .output()
         .unwrap();
     assert!(!out.status.success());

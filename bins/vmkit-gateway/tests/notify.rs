@@ -50,6 +50,9 @@ fn ready_is_sent_once_the_api_socket_accepts_and_the_store_is_open() {
         .env("VMKIT_HYPERVISOR", "qemu")
         .env("VMKIT_QEMU_ACCEL", "tcg")
         .env("VMKIT_NETWORK_ENABLED", "false")
+        // The SSH lobby is on by default at 0.0.0.0:2222: off, as other tests run
+        // daemons at the same time.
+        .env("VMKIT_SSH_LISTEN", "")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -154,6 +154,14 @@ enum VmCommand {
         #[arg(long)]
         disk: Option<u64>,
     },
+    /// Rename a VM (settled: running, paused or stopped); a running guest is
+    /// told its new host name.
+    Rename {
+        /// VM name.
+        name: String,
+        /// Its new name.
+        new: String,
+    },
     /// Print the tail of a VM's console.
     Logs {
         /// VM name.
@@ -697,6 +705,16 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             body.disk_gib = disk;
             let vm: VmView = api
                 .json(Method::POST, &format!("/v1/vms/{name}/resize"), Some(&body))
+                .await?;
+            show(&vm)?;
+        }
+        VmCommand::Rename { name, new } => {
+            let vm: VmView = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/vms/{name}/rename"),
+                    Some(&serde_json::json!({ "name": new })),
+                )
                 .await?;
             show(&vm)?;
         }
@@ -1464,6 +1482,7 @@ fn event_line(e: &Event) -> String {
         EventKind::SnapshotTaken { snapshot } => format!("snapshot {snapshot} taken"),
         EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
         EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
+        EventKind::Renamed { from } => format!("renamed (was {from})"),
         EventKind::DataKept { path } => format!("kept the data volume at {}", path.display()),
         EventKind::GuestRebooted => "the guest rebooted".to_owned(),
         EventKind::GuestPoweredOff => "the guest powered off".to_owned(),

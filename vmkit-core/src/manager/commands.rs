@@ -781,4 +781,13 @@ impl Commands {
         self.host(Action::ManageUsers).await?;
         self.manager.delete_invite(id).await
     }
+
+    /// Renames a VM the caller owns, in a settled state ([`Manager::rename`]).
+    pub async fn rename(&self, name: &VmName, new: VmName) -> Result<VmView, ManagerError> {
+        let vm = self.vm(Action::Rename, name).await?;
+        let vm = self
+            .pinned(Some(&vm), None, self.manager.rename(name, new))
+            .await?;
+        Ok(self.view(&vm))
+    }
 }

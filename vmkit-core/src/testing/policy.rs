@@ -90,6 +90,8 @@ pub enum Op {
     Clone,
     /// Delete `web`.
     Delete,
+    /// Rename `web` to `web2`.
+    Rename,
     /// Share `web` publicly.
     Share,
     /// List `web`'s shares.
@@ -110,7 +112,7 @@ pub enum Op {
 
 impl Op {
     /// Every one.
-    pub const ALL: [Op; 25] = [
+    pub const ALL: [Op; 26] = [
         Op::Whoami,
         Op::List,
         Op::Create,
@@ -128,6 +130,7 @@ impl Op {
         Op::Restore,
         Op::Clone,
         Op::Delete,
+        Op::Rename,
         Op::Share,
         Op::Shares,
         Op::ListSnapshots,
@@ -169,7 +172,7 @@ pub fn expected(who: Who, op: Op) -> Outcome {
         op,
         Start | Stop | Restart | Pause | Resume | Resize | Snapshot | Restore | Clone
     );
-    let own = matches!(op, Delete | Share | Shares);
+    let own = matches!(op, Delete | Rename | Share | Shares);
     let snapshot = matches!(op, DeleteSnapshot | CloneSnapshot);
     let host = matches!(op, Create | Keys | Images);
     match who {

@@ -753,6 +753,51 @@ pub async fn store_vms(store: &dyn StateStore) {
     assert_eq!(store.get_vm(&a.name).await.expect("get"), None);
 }
 
+/// A rename through [`StateStore::update_vm`] moves the name: the new name finds
+/// the VM, the old one nothing and is free again; a taken name is refused and
+/// changes nothing.
+pub async fn store_vm_rename(store: &dyn StateStore) {
+    let owner = UserId(5);
+    let quota = Quota::unlimited();
+    let mut a = record("alpha", owner, VmSpec::new("tiny"));
+    store.create_vm(&a, &quota).await.expect("create alpha");
+    let b = record("beta", owner, VmSpec::new("tiny"));
+    store.create_vm(&b, &quota).await.expect("create beta");
+
+    a.name = VmName::new("gamma").expect("name");
+    store.update_vm(&a).await.expect("rename alpha to gamma");
+    assert_eq!(
+        store.get_vm(&a.name).await.expect("get"),
+        Some(a.clone()),
+        "the new name finds the VM"
+    );
+    assert_eq!(
+        store
+            .get_vm(&VmName::new("alpha").expect("name"))
+            .await
+            .expect("get"),
+        None,
+        "the old name finds nothing"
+    );
+
+    let mut clash = a.clone();
+    clash.name = b.name.clone();
+    assert!(matches!(
+        store.update_vm(&clash).await,
+        Err(StoreError::NameTaken(_))
+    ));
+    assert_eq!(store.get_vm(&a.name).await.expect("get"), Some(a.clone()));
+    assert_eq!(
+        store.get_vm(&b.name).await.expect("get").map(|v| v.id),
+        Some(b.id)
+    );
+
+    store
+        .create_vm(&record("alpha", owner, VmSpec::new("tiny")), &quota)
+        .await
+        .expect("the old name is free again");
+}
+
 /// Leases: lowest free first, stable per VM, never twice, released and reused.
 pub async fn store_leases(store: &dyn StateStore) {
     let pool = IpPool::new("10.99.0.0/29".parse().expect("cidr")).expect("pool");
@@ -1195,6 +1240,7 @@ where
 {
     store_users(&*make().await).await;
     store_vms(&*make().await).await;
+    store_vm_rename(&*make().await).await;
     store_leases(&*make().await).await;
     store_uids(&*make().await).await;
     store_shares_keys_events(&*make().await).await;

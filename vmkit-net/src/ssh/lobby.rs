@@ -69,6 +69,9 @@ pub struct LobbyContext {
     /// The SSH port the lobby listens on, as clients dial it (22 is left out of
     /// the printed commands).
     pub port: u16,
+    /// The gateway's host name as clients dial it, for the commands the lobby
+    /// prints (`ssh NAME@HOST`, `ssh-config`).
+    pub public_host: String,
     /// The fingerprint of the key the session signed in with (`whoami` marks it).
     pub current_key: Option<String>,
 }
@@ -102,6 +105,45 @@ pub fn register_hint(port: u16, policy: RegistrationPolicy) -> String {
 }
 
 impl LobbyContext {
+    /// `-p PORT ` for a port other than 22, else nothing.
+    fn port_option(&self) -> String {
+        match self.port {
+            22 => String::new(),
+            port => format!("-p {port} "),
+        }
+    }
+
+    /// The command that reaches VM `name` over SSH through the gateway.
+    pub fn ssh_command(&self, name: &str) -> String {
+        format!("ssh {}{name}@{}", self.port_option(), self.public_host)
+    }
+
+    /// The HTTPS address VM `name` has.
+    pub fn https_url(&self, name: &VmName) -> String {
+        format!("https://{name}.{}/", self.domain)
+    }
+
+    /// The OpenSSH client configuration with which `ssh NAME.domain` reaches VM
+    /// `NAME`'s own sshd, jumping through the gateway.
+    pub fn ssh_config(&self) -> String {
+        let jump = match self.port {
+            22 => self.public_host.clone(),
+            port => format!("{}:{port}", self.public_host),
+        };
+        // A gateway named under the domain must not jump through itself.
+        let except = match self.public_host.ends_with(&format!(".{}", self.domain)) {
+            true => format!(" !{}", self.public_host),
+            false => String::new(),
+        };
+        format!(
+            "# vmkit: `ssh NAME.{domain}` reaches the sshd of your VM NAME end to end,\n\
+             # jumping through this gateway. Add these lines to ~/.ssh/config.\n\
+             # `User` is the base image's default user; another image may have another.\n\
+             Host *.{domain}{except}\n    ProxyJump {jump}\n    User vmkit\n",
+            domain = self.domain,
+        )
+    }
+
     /// `NAME` of `NAME` or `NAME.domain`.
     fn vm_name(&self, raw: &str) -> Result<VmName, ManagerError> {
         let raw = raw.trim_end_matches('.');
@@ -119,11 +161,12 @@ vmkit lobby: manage your VMs over SSH.
 Commands:
   help                         this text
   whoami [--json]              who you are signed in as, and your keys
-  ls [-l] [--json]             your VMs
+  ls [-l] [--json]             your VMs (-l: image, size, address, created)
   new [--name N] [--image I] [--cpus N] [--memory MIB] [--disk GIB] [--json]
-                               make a VM
+                               make a VM; prints how to reach it
   rm NAME...                   delete VMs
   start NAME | stop NAME | restart NAME
+  rename OLD NEW               rename a VM (its SSH name and URL change too)
   cp SRC [NEW] [--from-snapshot]
                                copy a VM (or make one from a snapshot)
   resize NAME [--cpus N] [--memory MIB] [--disk GIB]
@@ -144,16 +187,24 @@ Commands:
   share NAME link [--access A] make a link; its secret is printed once
   ssh-key ls|add|rm            your SSH keys (add reads the key line from an
                                argument or from stdin)
-  exit                         leave the lobby
+  ssh-config                   the ~/.ssh/config lines for `ssh NAME.domain`
+  exit                         leave the lobby (or ^D)
 
-NAME is a VM name or NAME.domain. Every command takes --json. A share's
-access A is http (the default: its web ports), ssh or manage (its lifecycle).
+NAME is a VM name or NAME.domain. Every command takes --json (errors are then
+{\"error\": ..., \"code\": ...}). A share's access A is http (the default: its
+web ports), ssh or manage (its lifecycle).
+
+At the prompt (ssh -t HOST): tab completes commands and VM names; up and down
+(^P, ^N) recall earlier lines; ^A ^E ^B ^F and the arrows move; ^U ^K ^W cut;
+^L clears the screen; ^C drops the line.
 
 Examples:
   ssh HOST new --name web
   ssh HOST ls -l
   ssh HOST ssh-key add < ~/.ssh/id_ed25519.pub
   ssh HOST rm web
+  ssh HOST rename web blog
+  ssh HOST ssh-config >> ~/.ssh/config
   ssh HOST cp web web2
   ssh HOST cp before-upgrade web3 --from-snapshot
   ssh HOST resize web --cpus 4 --memory 4096 --disk 20
@@ -183,7 +234,10 @@ struct LobbyArgs {
 #[derive(Subcommand, Debug)]
 enum LobbyCommand {
     /// Prints the commands and examples.
-    Help,
+    Help {
+        #[arg(long)]
+        json: bool,
+    },
     /// Who you are.
     Whoami {
         #[arg(long)]
@@ -302,8 +356,24 @@ enum LobbyCommand {
     /// Your SSH keys.
     #[command(name = "ssh-key", subcommand)]
     SshKey(SshKeyCommand),
+    /// Renames a VM.
+    Rename {
+        old: String,
+        new: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The OpenSSH client configuration for `ssh NAME.domain`.
+    #[command(name = "ssh-config")]
+    SshConfig {
+        #[arg(long)]
+        json: bool,
+    },
     /// Leaves the lobby.
-    Exit,
+    Exit {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -466,6 +536,93 @@ pub fn reads_stdin(words: &[String]) -> bool {
     plain == ["ssh-key", "add"]
 }
 
+/// What the prompt can complete the last of `words` (the words before the cursor,
+/// the last one being typed) to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Completion {
+    /// One of these words.
+    Words(Vec<String>),
+    /// The name of one of the caller's VMs.
+    VmName,
+    /// Nothing the lobby knows.
+    Nothing,
+}
+
+/// The commands that take a VM's name as their first argument (`rm`: every one).
+const VM_COMMANDS: &[&str] = &[
+    "rm", "start", "stop", "restart", "rename", "cp", "resize", "snapshot", "restore", "logs",
+    "share",
+];
+
+/// What the last of `words` can be completed to: a command, a subcommand, an
+/// option of the command, or a VM's name. `registered`: the session's key is a
+/// user's (else only the registration commands).
+pub fn completion(words: &[String], registered: bool) -> Completion {
+    use clap::CommandFactory;
+    let command = match registered {
+        true => LobbyArgs::command(),
+        false => UnregisteredArgs::command(),
+    };
+    let names = |command: &clap::Command| -> Vec<String> {
+        command
+            .get_subcommands()
+            .map(|c| c.get_name().to_owned())
+            .collect()
+    };
+    let (Some(typed), Some(first)) = (words.last(), words.first()) else {
+        return Completion::Nothing;
+    };
+    if words.len() == 1 {
+        return Completion::Words(names(&command));
+    }
+    let Some(sub) = command.find_subcommand(first) else {
+        return Completion::Nothing;
+    };
+    if typed.starts_with('-') {
+        return Completion::Words(
+            sub.get_arguments()
+                .filter_map(|a| a.get_long())
+                .map(|long| format!("--{long}"))
+                .collect(),
+        );
+    }
+    // The position of the word being typed among the arguments that are not options.
+    let position = words[1..words.len() - 1]
+        .iter()
+        .filter(|w| !w.starts_with('-'))
+        .count();
+    match (first.as_str(), position) {
+        ("ssh-key", 0) => Completion::Words(names(sub)),
+        ("share", 1) => Completion::Words(names(sub)),
+        ("rm", _) if registered => Completion::VmName,
+        (command, 0) if registered && VM_COMMANDS.contains(&command) => Completion::VmName,
+        _ => Completion::Nothing,
+    }
+}
+
+/// A line to show before `words` runs, for a command that takes a while (`new`:
+/// a VM boots); `None` for the others and in `--json` mode.
+pub fn progress(words: &[String]) -> Option<String> {
+    match words.first().map(String::as_str) {
+        Some("new") if !wants_json(words) => {
+            Some("making a VM; it is ready when it has booted...\n".to_owned())
+        }
+        Some("cp") if !wants_json(words) => {
+            Some("copying; the copy is ready when it has booted...\n".to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// The help, its examples naming this host as clients dial it.
+fn help(context: &LobbyContext) -> String {
+    HELP.replace(
+        "ssh HOST ",
+        &format!("ssh {}{} ", context.port_option(), context.public_host),
+    )
+}
+
 /// Runs one command line for the caller of `commands`; `stdin` is what the client
 /// sent on the channel (read for `ssh-key add` without a key argument).
 ///
@@ -481,7 +638,7 @@ pub async fn run(
 ) -> Output {
     let json = wants_json(words);
     if words.is_empty() {
-        return Output::ok(HELP.to_owned());
+        return Output::ok(help(context));
     }
     // Before parsing, so that no error message ever repeats a private key.
     if words.iter().any(|w| w.contains("PRIVATE KEY")) {
@@ -548,19 +705,74 @@ fn json_line<T: Serialize + ?Sized>(value: &T) -> String {
     }
 }
 
-fn vm_line(vm: &VmView, long: bool) -> String {
-    match long {
-        false => format!("{}\t{}\n", vm.name, vm.state.as_str()),
-        true => format!(
-            "{}\t{}\t{} vCPU\t{} MiB\t{}\t{}\n",
-            vm.name,
-            vm.state.as_str(),
-            vm.spec.vcpus,
-            vm.spec.memory_mib,
-            vm.spec.image,
+/// `at` as a UTC date and time to the minute (`2026-12-02T03:58Z`).
+fn utc_minute(at: vmkit_core::Timestamp) -> String {
+    let minutes = at.0 / 60_000;
+    let (days, minute_of_day) = (minutes / 1440, minutes % 1440);
+    // Days since 1970-01-01 to a civil date, counting in 400-year eras of
+    // 146097 days that start on 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_from_march = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
+    let month = match month_from_march < 10 {
+        true => month_from_march + 3,
+        false => month_from_march - 9,
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}Z",
+        minute_of_day / 60,
+        minute_of_day % 60
+    )
+}
+
+/// `ls -l`: a header and one aligned row per VM.
+fn long_listing(vms: &[VmView]) -> String {
+    let mut rows = vec![
+        [
+            "NAME", "STATE", "IMAGE", "CPUS", "MEMORY", "DISK", "IP", "CREATED",
+        ]
+        .map(str::to_owned),
+    ];
+    for vm in vms {
+        rows.push([
+            vm.name.to_string(),
+            vm.state.as_str().to_owned(),
+            vm.spec.image.clone(),
+            vm.spec.vcpus.to_string(),
+            format!("{} MiB", vm.spec.memory_mib),
+            match vm.spec.disk_gib {
+                0 => "-".to_owned(),
+                gib => format!("{gib} GiB"),
+            },
             vm.ip.map(|ip| ip.to_string()).unwrap_or_else(|| "-".into()),
-        ),
+            utc_minute(vm.created_at),
+        ]);
     }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut text = String::new();
+    for row in &rows {
+        let mut line = String::new();
+        for (i, (cell, width)) in row.iter().zip(widths).enumerate() {
+            match i {
+                7 => line.push_str(cell),
+                _ => line.push_str(&format!("{cell:width$}  ")),
+            }
+        }
+        text.push_str(line.trim_end());
+        text.push('\n');
+    }
+    text
 }
 
 async fn lifecycle(
@@ -618,12 +830,51 @@ async fn execute(
     stdin: &str,
 ) -> Result<Output, LobbyError> {
     Ok(match command {
-        LobbyCommand::Help => Output::ok(HELP.to_owned()),
-        LobbyCommand::Exit => Output {
-            stdout: "bye\n".into(),
+        LobbyCommand::Help { json: false } => Output::ok(help(context)),
+        LobbyCommand::Help { json: true } => {
+            Output::ok(json_line(&serde_json::json!({ "help": help(context) })))
+        }
+        LobbyCommand::Exit { json } => Output {
+            stdout: match json {
+                true => json_line(&serde_json::json!({ "exit": true })),
+                false => "bye\n".into(),
+            },
             exit: true,
             ..Output::default()
         },
+        LobbyCommand::Rename { old, new, json } => {
+            let old = context.vm_name(&old)?;
+            let new = context.vm_name(&new)?;
+            let vm = commands.rename(&old, new).await?;
+            match json {
+                true => json_line(&serde_json::json!({
+                    "vm": vm,
+                    "ssh": context.ssh_command(vm.name.as_str()),
+                    "https": context.https_url(&vm.name),
+                })),
+                false => format!(
+                    "renamed {old} to {}\n{}\n{}\n",
+                    vm.name,
+                    context.ssh_command(vm.name.as_str()),
+                    context.https_url(&vm.name)
+                ),
+            }
+            .pipe(Output::ok)
+        }
+        LobbyCommand::SshConfig { json } => {
+            // Only a signed-in user can use it: ask who they are first.
+            commands.whoami().await?;
+            match json {
+                true => json_line(&serde_json::json!({
+                    "ssh_config": context.ssh_config(),
+                    "host": context.public_host,
+                    "port": context.port,
+                    "domain": context.domain,
+                })),
+                false => context.ssh_config(),
+            }
+            .pipe(Output::ok)
+        }
         LobbyCommand::Whoami { json } => {
             let whoami = commands.whoami().await?;
             let keys = commands.ssh_keys().await.unwrap_or_default();
@@ -662,7 +913,11 @@ async fn execute(
             match json {
                 true => json_line(&vms),
                 false if vms.is_empty() => "no VMs yet; make one with `new`\n".to_owned(),
-                false => vms.iter().map(|vm| vm_line(vm, long)).collect(),
+                false if long => long_listing(&vms),
+                false => vms
+                    .iter()
+                    .map(|vm| format!("{}\t{}\n", vm.name, vm.state.as_str()))
+                    .collect(),
             }
             .pipe(Output::ok)
         }
@@ -686,11 +941,16 @@ async fn execute(
             let mut request = CreateRequest::new(owner, spec);
             request.name = name.map(|n| context.vm_name(&n)).transpose()?;
             let vm = commands.create(request).await?;
-            // `ssh NAME@host` into the VM and its HTTPS address come with those doors;
-            // until then the answer names only what works.
+            let (ssh, https) = (
+                context.ssh_command(vm.name.as_str()),
+                context.https_url(&vm.name),
+            );
             match json {
-                true => json_line(&serde_json::json!({ "vm": vm })),
-                false => format!("made {} ({})\n", vm.name, vm.state),
+                true => json_line(&serde_json::json!({ "vm": vm, "ssh": ssh, "https": https })),
+                false => format!(
+                    "made {} ({}, {}, {} vCPU, {} MiB)\n\nreach it with:\n  {ssh}\n  {https}\n",
+                    vm.name, vm.state, vm.spec.image, vm.spec.vcpus, vm.spec.memory_mib
+                ),
             }
             .pipe(Output::ok)
         }
@@ -1058,7 +1318,10 @@ struct UnregisteredArgs {
 #[derive(Subcommand, Debug)]
 enum UnregisteredCommand {
     /// Prints the commands.
-    Help,
+    Help {
+        #[arg(long)]
+        json: bool,
+    },
     /// The key of this session.
     Whoami {
         #[arg(long)]
@@ -1073,7 +1336,10 @@ enum UnregisteredCommand {
         json: bool,
     },
     /// Leaves the lobby.
-    Exit,
+    Exit {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs one command line in a session signed in with a key nobody registered:
@@ -1117,9 +1383,15 @@ pub async fn run_unregistered(
     };
     let fingerprint = unregistered.key.fingerprint();
     match args.command {
-        UnregisteredCommand::Help => Output::ok(UNREGISTERED_HELP.to_owned()),
-        UnregisteredCommand::Exit => Output {
-            stdout: "bye\n".into(),
+        UnregisteredCommand::Help { json: false } => Output::ok(UNREGISTERED_HELP.to_owned()),
+        UnregisteredCommand::Help { json: true } => {
+            Output::ok(json_line(&serde_json::json!({ "help": UNREGISTERED_HELP })))
+        }
+        UnregisteredCommand::Exit { json } => Output {
+            stdout: match json {
+                true => json_line(&serde_json::json!({ "exit": true })),
+                false => "bye\n".into(),
+            },
             exit: true,
             ..Output::default()
         },
@@ -1245,6 +1517,7 @@ mod tests {
         let context = LobbyContext {
             domain: "vm.test".into(),
             port: 2222,
+            public_host: "vm.test".into(),
             current_key: None,
         };
         let words = |s: &str| split_words(s).unwrap();
@@ -1362,6 +1635,8 @@ mod tests {
             "share NAME add HANDLE",
             "share NAME rm HANDLE",
             "share NAME link",
+            "rename OLD NEW",
+            "ssh-config",
         ] {
             assert!(HELP.contains(&format!("  {command}")), "{command}");
         }
@@ -1369,10 +1644,100 @@ mod tests {
     }
 
     #[test]
+    fn timestamps_are_shown_as_utc_dates() {
+        use vmkit_core::Timestamp;
+        assert_eq!(utc_minute(Timestamp(0)), "1970-01-01T00:00Z");
+        // 2000-02-29 12:34 UTC, a leap day.
+        assert_eq!(utc_minute(Timestamp(951_827_640_000)), "2000-02-29T12:34Z");
+        // 2026-12-31 23:59 UTC.
+        assert_eq!(
+            utc_minute(Timestamp(1_798_761_540_000)),
+            "2026-12-31T23:59Z"
+        );
+    }
+
+    #[test]
+    fn completion_offers_commands_subcommands_options_and_vm_names() {
+        let words = |s: &[&str]| s.iter().map(|w| w.to_string()).collect::<Vec<_>>();
+        let Completion::Words(commands) = completion(&words(&["re"]), true) else {
+            panic!("commands")
+        };
+        for command in ["rename", "restart", "resize", "restore", "rm", "ssh-config"] {
+            assert!(commands.iter().any(|c| c == command), "{command}");
+        }
+        assert_eq!(completion(&words(&["stop", "w"]), true), Completion::VmName);
+        assert_eq!(
+            completion(&words(&["rm", "a", "b"]), true),
+            Completion::VmName
+        );
+        assert_eq!(
+            completion(&words(&["rename", "web", ""]), true),
+            Completion::Nothing
+        );
+        let Completion::Words(keys) = completion(&words(&["ssh-key", ""]), true) else {
+            panic!("ssh-key")
+        };
+        assert_eq!(keys, ["ls", "add", "rm"]);
+        let Completion::Words(share) = completion(&words(&["share", "web", "p"]), true) else {
+            panic!("share")
+        };
+        assert!(share.contains(&"public".to_owned()), "{share:?}");
+        let Completion::Words(options) = completion(&words(&["new", "--c"]), true) else {
+            panic!("options")
+        };
+        assert!(options.contains(&"--cpus".to_owned()), "{options:?}");
+        let Completion::Words(unregistered) = completion(&words(&[""]), false) else {
+            panic!("unregistered")
+        };
+        assert!(unregistered.contains(&"register".to_owned()));
+        assert!(!unregistered.contains(&"new".to_owned()));
+        assert_eq!(
+            completion(&words(&["stop", ""]), false),
+            Completion::Nothing
+        );
+    }
+
+    #[test]
+    fn ssh_config_jumps_through_the_public_host() {
+        let mut context = LobbyContext {
+            domain: "vm.example.com".into(),
+            port: 2222,
+            public_host: "vm.example.com".into(),
+            current_key: None,
+        };
+        let config = context.ssh_config();
+        assert!(config.contains("Host *.vm.example.com\n"), "{config}");
+        assert!(
+            config.contains("    ProxyJump vm.example.com:2222\n"),
+            "{config}"
+        );
+        context.public_host = "gw.vm.example.com".into();
+        context.port = 22;
+        let config = context.ssh_config();
+        assert!(
+            config.contains("Host *.vm.example.com !gw.vm.example.com\n"),
+            "a gateway under the domain does not jump through itself: {config}"
+        );
+        assert!(
+            config.contains("    ProxyJump gw.vm.example.com\n"),
+            "{config}"
+        );
+    }
+
+    #[test]
+    fn only_slow_commands_print_progress_and_never_in_json() {
+        let words = |s: &str| split_words(s).unwrap();
+        assert!(progress(&words("new --name web")).is_some());
+        assert!(progress(&words("new --json")).is_none());
+        assert!(progress(&words("ls")).is_none());
+    }
+
+    #[test]
     fn names_accept_the_domain_suffix() {
         let context = LobbyContext {
             domain: "vm.example.com".into(),
             port: 22,
+            public_host: "vm.example.com".into(),
             current_key: None,
         };
         assert_eq!(context.vm_name("web").unwrap().as_str(), "web");

@@ -17,9 +17,11 @@
 //!
 //! Once in, `ssh HOST CMD ARGS` runs one lobby command through
 //! [`Manager::commands`] for the caller and exits with its status; `ssh -t HOST` gets
-//! a minimal prompt (`vmkit> `). Commands run in tasks of their own, never inside a
-//! russh callback, so a long one (a create) neither stalls the connection nor is cut
-//! short when the client hangs up.
+//! a prompt (`vmkit> `) with line editing, history and tab completion of commands
+//! and VM names (the `line` module; without a pty the prompt reads plain lines and
+//! echoes nothing). Commands run in tasks of their own, never inside a russh
+//! callback, so a long one (a create) neither stalls the connection nor is cut short
+//! when the client hangs up.
 //!
 //! Only modern algorithms are offered: `curve25519-sha256` key exchange (with
 //! OpenSSH's strict-kex extension), an `ssh-ed25519` host key, `chacha20-poly1305`
@@ -27,7 +29,13 @@
 //!
 //! Limits: [`SshConfig::max_auth_attempts`] failed sign-ins per connection,
 //! [`SshConfig::auth_timeout`] to sign in, [`SshConfig::max_connections_per_ip`]
-//! connections open at once from one address.
+//! connections open at once from one address, [`SshConfig::max_channels`] channels
+//! open at once on one connection. Nothing a client sends grows without bound: the
+//! banner line and packets are bounded by russh, a prompt's line and history by the
+//! line editor, a command's stdin by 16 KiB. What a command does not read is
+//! dropped as it comes, and so is what is typed at the prompt beyond 64 KiB not yet
+//! taken (while a command runs, say), so that a client sending faster than the
+//! gateway reads never stalls its own connection.
 //!
 //! # Example
 //!
@@ -52,6 +60,7 @@
 //! ```
 
 mod host_key;
+mod line;
 pub mod lobby;
 mod relay;
 mod server;
@@ -97,6 +106,12 @@ pub struct SshConfig {
     /// The port clients dial, for the commands the lobby prints; the listener's
     /// port when `None`.
     pub public_port: Option<u16>,
+    /// The gateway's host name as clients dial it, for the commands the lobby
+    /// prints (`ssh NAME@HOST`, the `ProxyJump` of `ssh-config`); the domain
+    /// unless set.
+    pub public_host: String,
+    /// Channels a connection may have open at once (64); more are refused.
+    pub max_channels: usize,
     /// Failed sign-in attempts allowed per connection (6).
     pub max_auth_attempts: usize,
     /// Time a client has to sign in (30 s).
@@ -110,10 +125,13 @@ pub struct SshConfig {
 impl SshConfig {
     /// The defaults, with the host key at `host_key_path` and VMs under `domain`.
     pub fn new(host_key_path: impl Into<PathBuf>, domain: impl Into<String>) -> Self {
+        let domain = domain.into().trim_matches('.').to_ascii_lowercase();
         Self {
             host_key_path: host_key_path.into(),
-            domain: domain.into().trim_matches('.').to_ascii_lowercase(),
+            public_host: domain.clone(),
+            domain,
             public_port: None,
+            max_channels: 64,
             max_auth_attempts: 6,
             auth_timeout: Duration::from_secs(30),
             max_connections_per_ip: 32,
@@ -124,6 +142,18 @@ impl SshConfig {
     /// Sets the port clients dial.
     pub fn public_port(mut self, port: u16) -> Self {
         self.public_port = Some(port);
+        self
+    }
+
+    /// Sets the gateway's host name as clients dial it.
+    pub fn public_host(mut self, host: impl Into<String>) -> Self {
+        self.public_host = host.into();
+        self
+    }
+
+    /// Sets the channels a connection may have open at once.
+    pub fn max_channels(mut self, channels: usize) -> Self {
+        self.max_channels = channels;
         self
     }
 

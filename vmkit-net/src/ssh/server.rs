@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,10 @@ use russh::keys::Algorithm;
 use russh::server::{
     Auth, ChannelOpenHandle, Config, Handler, Msg, PublicKeyOffer, Session, VerifiedPublicKey,
 };
-use russh::{Channel, ChannelId, ChannelMsg, Disconnect, MethodKind, MethodSet, Preferred};
+use russh::{
+    Channel, ChannelId, ChannelMsg, ChannelReadHalf, ChannelWriteHalf, Disconnect, MethodKind,
+    MethodSet, Preferred,
+};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -25,7 +28,8 @@ use vmkit_core::{
     SshPublicKey,
 };
 
-use super::lobby::{self, LobbyContext, Output, Unregistered};
+use super::line::{Key, LineEditor};
+use super::lobby::{self, Completion, LobbyContext, Output, Unregistered};
 use super::relay::{self, VmLink, VmTarget};
 use super::{SshError, SshGateway};
 
@@ -55,9 +59,15 @@ fn registers(policy: RegistrationPolicy) -> bool {
     )
 }
 
-/// The longest line the interactive prompt keeps, and the most stdin a command
-/// reads (`ssh-key add`).
+/// The most stdin a command reads (`ssh-key add`).
 const MAX_INPUT: usize = 16 * 1024;
+
+/// The most the prompt keeps of what the client typed while a command ran; more
+/// is dropped.
+const MAX_TYPEAHEAD: usize = 64 * 1024;
+
+/// Messages a channel holds unread before its client waits.
+const CHANNEL_BUFFER: usize = 16;
 
 /// What every connection shares.
 pub(super) struct Shared {
@@ -69,6 +79,7 @@ pub(super) struct Shared {
     russh: Arc<Config>,
     auth_timeout: Duration,
     max_connections_per_ip: usize,
+    max_channels: usize,
     open: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -137,6 +148,11 @@ fn russh_config(gateway: &SshGateway) -> Config {
     // OpenSSH asks with "none" first to learn the methods: no need to make it wait.
     config.auth_rejection_time_initial = Some(Duration::ZERO);
     config.inactivity_timeout = Some(gateway.config.inactivity_timeout);
+    // What a channel's task has not read yet is held in a queue of this many
+    // messages; a client that sends more waits (its connection's loop does). Small,
+    // as lobby commands read little: at most 64 channels x 16 packets per
+    // connection.
+    config.channel_buffer_size = CHANNEL_BUFFER;
     config.nodelay = true;
     config
 }
@@ -154,12 +170,14 @@ pub(super) async fn serve(
         lobby: LobbyContext {
             domain: gateway.config.domain.clone(),
             port: gateway.config.public_port.unwrap_or(local.port()),
+            public_host: gateway.config.public_host.clone(),
             current_key: None,
         },
         policy: gateway.manager.config().registration,
         russh: Arc::new(russh_config(&gateway)),
         auth_timeout: gateway.config.auth_timeout,
         max_connections_per_ip: gateway.config.max_connections_per_ip,
+        max_channels: gateway.config.max_channels,
         open: Mutex::new(HashMap::new()),
         manager: gateway.manager,
         gateway: gateway.gateway,
@@ -213,6 +231,8 @@ async fn connection(
         vm: None,
         link: None,
         relayed: HashSet::new(),
+        open_channels: Arc::new(()),
+        widths: HashMap::new(),
     };
     // One deadline from the accept to the sign-in, the greeting included.
     let sign_in_by = tokio::time::Instant::now() + shared.auth_timeout;
@@ -276,6 +296,10 @@ async fn connection(
 struct Pending {
     channel: Channel<Msg>,
     pty: bool,
+    /// The terminal's width in columns, as the pty request and window changes say.
+    width: Arc<AtomicU32>,
+    /// Counts the channel as open ([`Connection::open_channels`]) until dropped.
+    _open: Arc<()>,
 }
 
 /// One connection's handler.
@@ -316,6 +340,12 @@ struct Connection {
     /// The channels relayed to the VM, whose requests are answered at once (the
     /// relay tells the client if the VM then refuses one).
     relayed: HashSet<ChannelId>,
+    /// One clone per open channel (pending, or held by its task): the
+    /// count of open channels, capped at [`SshConfig::max_channels`](super::SshConfig).
+    open_channels: Arc<()>,
+    /// The terminal widths of channels with a pty, for window changes; an entry
+    /// whose channel ended is dropped at the next pty request.
+    widths: HashMap<ChannelId, Arc<AtomicU32>>,
 }
 
 /// `key` as vmkit keeps keys; `None` for a type it does not register (DSA, a
@@ -519,10 +549,29 @@ impl Handler for Connection {
             // Dropping the reply refuses the channel.
             return Ok(());
         }
+        let open = Arc::strong_count(&self.open_channels) - 1;
+        if open >= self.shared.max_channels {
+            debug!(peer = %self.peer, open, "too many channels on one connection; refused");
+            reply
+                .reject(russh::ChannelOpenFailure::Other {
+                    // SSH_OPEN_RESOURCE_SHORTAGE
+                    code: 4,
+                    reason: format!(
+                        "too many channels open on this connection (at most {}); close some",
+                        self.shared.max_channels
+                    ),
+                })
+                .await;
+            return Ok(());
+        }
         if let Some(link) = self.link(session) {
             self.relayed.insert(channel.id());
             reply.accept().await;
-            tokio::spawn(link.session(channel));
+            let open = self.open_channels.clone();
+            tokio::spawn(async move {
+                let _open = open;
+                link.session(channel).await;
+            });
             return Ok(());
         }
         self.channels.insert(
@@ -530,9 +579,37 @@ impl Handler for Connection {
             Pending {
                 channel,
                 pty: false,
+                width: Arc::new(AtomicU32::new(0)),
+                _open: self.open_channels.clone(),
             },
         );
         reply.accept().await;
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: ChannelId,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        // A channel closed before it ran anything no longer counts as open.
+        self.channels.remove(&channel);
+        self.relayed.remove(&channel);
+        Ok(())
+    }
+
+    async fn window_change_request(
+        &mut self,
+        channel: ChannelId,
+        col_width: u32,
+        _row_height: u32,
+        _pix_width: u32,
+        _pix_height: u32,
+        _session: &mut Session,
+    ) -> Result<(), Self::Error> {
+        if let Some(width) = self.widths.get(&channel) {
+            width.store(col_width, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -540,7 +617,7 @@ impl Handler for Connection {
         &mut self,
         channel: ChannelId,
         _term: &str,
-        _col_width: u32,
+        col_width: u32,
         _row_height: u32,
         _pix_width: u32,
         _pix_height: u32,
@@ -553,6 +630,9 @@ impl Handler for Connection {
         match self.channels.get_mut(&channel) {
             Some(pending) => {
                 pending.pty = true;
+                pending.width.store(col_width, Ordering::Relaxed);
+                self.widths.retain(|_, width| Arc::strong_count(width) > 1);
+                self.widths.insert(channel, pending.width.clone());
                 session.channel_success(channel)
             }
             None => session.channel_failure(channel),
@@ -648,26 +728,42 @@ impl Handler for Connection {
         let Some(caller) = self.caller.clone().filter(|_| self.unregistered.is_none()) else {
             return Ok(());
         };
+        if Arc::strong_count(&self.open_channels) > self.shared.max_channels {
+            debug!(peer = %self.peer, "too many channels on one connection; a forward refused");
+            reply
+                .reject(russh::ChannelOpenFailure::ResourceShortage)
+                .await;
+            return Ok(());
+        }
+        let open = self.open_channels.clone();
         if let Some(link) = self.link(session) {
             // `ssh -L` in `ssh NAME@host`: from the VM's side.
             reply.accept().await;
-            tokio::spawn(link.forward_local(
+            let forward = link.forward_local(
                 channel,
                 host_to_connect.to_owned(),
                 port_to_connect,
                 (originator_address.to_owned(), originator_port),
-            ));
+            );
+            tokio::spawn(async move {
+                let _open = open;
+                forward.await;
+            });
             return Ok(());
         }
         // `ssh -J host NAME.domain`.
-        tokio::spawn(relay::jump(
+        let jump = relay::jump(
             self.shared.clone(),
             caller,
             host_to_connect.to_owned(),
             port_to_connect,
             reply,
             channel,
-        ));
+        );
+        tokio::spawn(async move {
+            let _open = open;
+            jump.await;
+        });
         Ok(())
     }
 
@@ -710,7 +806,7 @@ impl Handler for Connection {
 
 /// Writes `output` on the channel; with a pty, stderr goes with stdout (a terminal
 /// shows both) and lines end in CR LF.
-async fn write_output(channel: &Channel<Msg>, output: &Output, pty: bool) {
+async fn write_output(channel: &ChannelWriteHalf<Msg>, output: &Output, pty: bool) {
     if pty {
         let text = format!("{}{}", output.stdout, output.stderr).replace('\n', "\r\n");
         let _ = channel.data_bytes(text.into_bytes()).await;
@@ -726,7 +822,7 @@ async fn write_output(channel: &Channel<Msg>, output: &Output, pty: bool) {
     }
 }
 
-async fn finish(channel: &Channel<Msg>, status: u32) {
+async fn finish(channel: &ChannelWriteHalf<Msg>, status: u32) {
     let _ = channel.exit_status(status).await;
     let _ = channel.eof().await;
     let _ = channel.close().await;
@@ -778,59 +874,146 @@ fn fingerprint(key: &russh::keys::PublicKey) -> String {
 }
 
 /// `ssh HOST CMD`: one command, then the exit status.
-async fn exec(signed: Signed, mut pending: Pending, line: String) {
-    let output = match lobby::split_words(&line) {
+async fn exec(signed: Signed, pending: Pending, line: String) {
+    let Pending {
+        mut channel,
+        pty,
+        _open,
+        ..
+    } = pending;
+    let words = lobby::split_words(&line);
+    let stdin = match &words {
+        Ok(words) if signed.unregistered.is_none() && lobby::reads_stdin(words) => {
+            read_stdin(&mut channel).await
+        }
+        _ => String::new(),
+    };
+    // From here on nothing reads what the client sends: drop it as it comes, so that
+    // a client writing more than the command reads cannot stall its connection
+    // (russh's loop waits while a channel's queue is full).
+    let (read, write) = channel.split();
+    let drain = tokio::spawn(discard(read));
+    let output = match words {
         Err(e) => Output::failure(e, "invalid_command", false),
         Ok(words) => {
-            let stdin = match signed.unregistered.is_none() && lobby::reads_stdin(&words) {
-                true => read_stdin(&mut pending.channel).await,
-                false => String::new(),
-            };
+            if let Some(note) = lobby::progress(&words).filter(|_| signed.unregistered.is_none()) {
+                let progress = Output {
+                    stderr: note,
+                    ..Output::default()
+                };
+                write_output(&write, &progress, pty).await;
+            }
             signed.run(&words, &stdin).await
         }
     };
-    write_output(&pending.channel, &output, pending.pty).await;
-    finish(&pending.channel, output.status).await;
+    write_output(&write, &output, pty).await;
+    finish(&write, output.status).await;
+    drain.abort();
+}
+
+/// Reads the channel to its end, dropping what comes.
+async fn discard(mut read: ChannelReadHalf) {
+    while read.wait().await.is_some() {}
+}
+
+/// What the client typed and the prompt has not taken yet: read as it comes, also
+/// while a command runs, and kept up to [`MAX_TYPEAHEAD`] bytes.
+#[derive(Default)]
+struct Typed {
+    bytes: Mutex<Vec<u8>>,
+    /// The client closed its side (EOF or close).
+    ended: AtomicBool,
+    more: tokio::sync::Notify,
+}
+
+impl Typed {
+    /// Reads the channel into `self` until its end.
+    async fn read(self: Arc<Self>, mut read: ChannelReadHalf) {
+        while let Some(message) = read.wait().await {
+            match message {
+                ChannelMsg::Data { data } => {
+                    let mut bytes = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
+                    let room = MAX_TYPEAHEAD.saturating_sub(bytes.len());
+                    bytes.extend_from_slice(&data[..data.len().min(room)]);
+                    drop(bytes);
+                    self.more.notify_one();
+                }
+                ChannelMsg::Eof | ChannelMsg::Close => break,
+                _ => {}
+            }
+        }
+        self.ended.store(true, Ordering::SeqCst);
+        self.more.notify_one();
+    }
+
+    /// What was typed since the last call, waiting for some; `None` once the
+    /// client ended and everything was taken.
+    async fn take(&self) -> Option<Vec<u8>> {
+        loop {
+            let bytes = std::mem::take(&mut *self.bytes.lock().unwrap_or_else(|e| e.into_inner()));
+            if !bytes.is_empty() {
+                return Some(bytes);
+            }
+            if self.ended.load(Ordering::SeqCst) {
+                return None;
+            }
+            self.more.notified().await;
+        }
+    }
 }
 
 const PROMPT: &str = "vmkit> ";
 
-/// `ssh HOST` (`-t`): a prompt, one command per line, until `exit` or end of input.
-async fn shell(signed: Signed, mut pending: Pending) {
-    let pty = pending.pty;
-    let channel = &mut pending.channel;
-    let greeting = match signed.unregistered {
-        None => "Welcome to the vmkit lobby: `help` lists the commands, `exit` leaves.\n",
-        Some(_) => {
-            "Welcome to vmkit: this key is not registered yet; `register HANDLE` \
-                    registers it, `exit` leaves.\n"
-        }
-    };
+/// `ssh HOST` (`-t`): a prompt with line editing, one command per line, until
+/// `exit`, `^D` or the end of input. Without a pty, plain lines and no echo.
+async fn shell(signed: Signed, pending: Pending) {
+    let Pending {
+        channel,
+        pty,
+        width,
+        _open,
+    } = pending;
+    let (read, write) = channel.split();
+    let channel = &write;
+    let typed = Arc::new(Typed::default());
+    let reader = tokio::spawn(typed.clone().read(read));
+    let mut editor = LineEditor::new(PROMPT, pty);
     let say = |text: &str| match pty {
         true => text.replace('\n', "\r\n"),
         false => text.to_owned(),
     };
-    let _ = channel
-        .data_bytes(format!("{}{PROMPT}", say(greeting)).into_bytes())
-        .await;
-    let mut line: Vec<u8> = Vec::new();
+    let greeting = welcome(&signed).await;
+    let mut out = say(&greeting).into_bytes();
+    editor.start(&mut out);
+    let _ = channel.data_bytes(out).await;
     let mut status = 0;
-    'session: while let Some(message) = channel.wait().await {
-        let data = match message {
-            ChannelMsg::Data { data } => data,
-            ChannelMsg::Eof | ChannelMsg::Close => break,
-            _ => continue,
-        };
-        for byte in data.iter().copied() {
-            match byte {
-                b'\r' | b'\n' => {
-                    if pty {
-                        let _ = channel.data_bytes(&b"\r\n"[..]).await;
+    'session: while let Some(data) = typed.take().await {
+        editor.set_width(width.load(Ordering::Relaxed));
+        let mut rest: &[u8] = &data;
+        loop {
+            let mut out = Vec::new();
+            let Some((key, used)) = editor.feed(rest, &mut out) else {
+                if !out.is_empty() {
+                    let _ = channel.data_bytes(out).await;
+                }
+                break;
+            };
+            rest = &rest[used..];
+            match key {
+                Key::Line(text) => {
+                    if !out.is_empty() {
+                        let _ = channel.data_bytes(out).await;
                     }
-                    let text = String::from_utf8_lossy(&std::mem::take(&mut line)).into_owned();
                     let output = match lobby::split_words(&text) {
                         Ok(words) if words.is_empty() => Output::default(),
-                        Ok(words) => signed.run(&words, "").await,
+                        Ok(words) => {
+                            if let Some(note) =
+                                lobby::progress(&words).filter(|_| signed.unregistered.is_none())
+                            {
+                                let _ = channel.data_bytes(say(&note).into_bytes()).await;
+                            }
+                            signed.run(&words, "").await
+                        }
                         Err(e) => Output::failure(e, "invalid_command", false),
                     };
                     write_output(channel, &output, pty).await;
@@ -839,33 +1022,63 @@ async fn shell(signed: Signed, mut pending: Pending) {
                         status = 0;
                         break 'session;
                     }
-                    let _ = channel.data_bytes(PROMPT.as_bytes().to_vec()).await;
+                    let mut out = Vec::new();
+                    editor.start(&mut out);
+                    let _ = channel.data_bytes(out).await;
                 }
-                // Backspace and delete.
-                0x08 | 0x7f => {
-                    let erased = line.pop().is_some();
-                    if erased && pty {
-                        let _ = channel.data_bytes(&b"\x08 \x08"[..]).await;
-                    }
+                Key::Complete => {
+                    let candidates = complete(&signed, &editor.completing()).await;
+                    editor.complete(&candidates, &mut out);
+                    let _ = channel.data_bytes(out).await;
                 }
-                // Ctrl-C drops the line.
-                0x03 => {
-                    line.clear();
-                    let _ = channel
-                        .data_bytes(format!("^C{}{PROMPT}", say("\n")).into_bytes())
-                        .await;
-                }
-                // Ctrl-D on an empty line leaves.
-                0x04 if line.is_empty() => break 'session,
-                byte if (byte >= 0x20 || byte == b'\t') && line.len() < MAX_INPUT => {
-                    line.push(byte);
+                Key::Eof => {
                     if pty {
-                        let _ = channel.data_bytes(vec![byte]).await;
+                        let _ = channel.data_bytes(&b"\r\n"[..]).await;
                     }
+                    break 'session;
                 }
-                _ => {}
             }
         }
     }
     finish(channel, status).await;
+    reader.abort();
+}
+
+/// The greeting at the prompt: for a user with no VM yet, how to make one.
+async fn welcome(signed: &Signed) -> String {
+    if signed.unregistered.is_some() {
+        return "Welcome to vmkit: this key is not registered yet; `register HANDLE` \
+                registers it, `exit` leaves.\n"
+            .to_owned();
+    }
+    let commands = signed.shared.manager.commands(signed.caller.clone());
+    let mut text =
+        "Welcome to the vmkit lobby: `help` lists the commands, tab completes, `exit` leaves.\n"
+            .to_owned();
+    if let Ok(vms) = commands.list().await
+        && vms.is_empty()
+    {
+        text.push_str(&format!(
+            "You have no VMs yet: `new` makes one (`new --name NAME` to name it); \
+             then `{}` gets you in.\n",
+            signed.context.ssh_command("NAME")
+        ));
+    }
+    text
+}
+
+/// The words the word being typed may become (`words`: those before the cursor).
+async fn complete(signed: &Signed, words: &[String]) -> Vec<String> {
+    match lobby::completion(words, signed.unregistered.is_none()) {
+        Completion::Words(words) => words,
+        Completion::VmName => {
+            let commands = signed.shared.manager.commands(signed.caller.clone());
+            commands
+                .list()
+                .await
+                .map(|vms| vms.into_iter().map(|vm| vm.name.to_string()).collect())
+                .unwrap_or_default()
+        }
+        _ => Vec::new(),
+    }
 }

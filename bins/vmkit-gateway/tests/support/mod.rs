@@ -86,6 +86,10 @@ impl Daemon {
             // VMs boot the tiny image unless a test names another: the base image is
             // for the tests that check it.
             .env("VMKIT_DEFAULT_IMAGE", "tiny")
+            // The SSH lobby is on by default at 0.0.0.0:2222: off here, so that daemons
+            // in parallel tests do not fight for that port; a test that wants it sets
+            // its own address.
+            .env("VMKIT_SSH_LISTEN", "")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
