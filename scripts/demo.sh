@@ -2,8 +2,9 @@
 # The main job on a fresh machine: installs what vmkit needs, builds the guest agent
 # and the tiny image, starts the daemon (if it is not running) with its SSH lobby on
 # port 2222, creates a VM and runs `uname -a` in it; then registers a user with an
-# SSH key and makes a VM as that user through the lobby (`ssh -p 2222 localhost new`),
-# and says what to try next.
+# SSH key, makes a VM as that user through the lobby (`ssh -p 2222 localhost new`),
+# runs `uname -a` in it over SSH (`ssh -p 2222 NAME@localhost`), and says what to try
+# next.
 #
 # Run with: scripts/demo.sh (as root)
 # State goes to $VMKIT_DATA_DIR (default /var/lib/vmkit).
@@ -62,16 +63,16 @@ else
         say "registering user demo with the key $key.pub"
         "$vmkit" user add demo --key "$key.pub"
     fi
-    lobby=(ssh -p "$lobby_port" -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes
+    ssh_opts=(-p "$lobby_port" -i "$key" -o IdentitiesOnly=yes -o BatchMode=yes
         -o StrictHostKeyChecking=accept-new -o "UserKnownHostsFile=$VMKIT_DATA_DIR/demo_known_hosts"
-        -o LogLevel=error demo@localhost)
+        -o LogLevel=error)
     ssh_name="ssh-$(date +%s)"
-    say "as user demo, over SSH: ${lobby[*]} new --name $ssh_name --image tiny"
-    time "${lobby[@]}" new --name "$ssh_name" --image tiny
-    say "as user demo, over SSH: ls"
-    "${lobby[@]}" ls
-    say "running uname -a inside $ssh_name"
-    "$vmkit" vm exec "$ssh_name" -- uname -a
+    say "as user demo, over SSH: ssh -p $lobby_port demo@localhost new --name $ssh_name --image tiny"
+    time ssh "${ssh_opts[@]}" demo@localhost new --name "$ssh_name" --image tiny
+    say "as user demo, over SSH: ssh -p $lobby_port demo@localhost ls"
+    ssh "${ssh_opts[@]}" demo@localhost ls
+    say "into the VM over SSH: ssh -p $lobby_port $ssh_name@localhost uname -a"
+    time ssh "${ssh_opts[@]}" "$ssh_name@localhost" uname -a
 fi
 
 cat <<MSG
@@ -84,6 +85,7 @@ It works. Try next:
   $vmkit events                             what happened, in order
   $vmkit vm rm $name                        remove it and everything it held
   ssh -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 demo@localhost help   the SSH lobby, as user demo
+  ssh -t -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 ${ssh_name:-NAME}@localhost   a shell in that VM
 The daemon keeps running (pid $(cat "$VMKIT_DATA_DIR/gateway.pid" 2>/dev/null || echo '?')); stop it with
   kill \$(cat $VMKIT_DATA_DIR/gateway.pid)    VMs keep running and are re-attached at its next start
 MSG
