@@ -165,6 +165,9 @@ pub struct Timeouts {
     pub shutdown_grace_secs: u64,
     /// Timeout of one agent call.
     pub agent_secs: u64,
+    /// Time a guest's SSH server has, after the agent's hello, to answer before a
+    /// create or start returns anyway (images with sshd, VMs with a network).
+    pub ssh_ready_secs: u64,
     /// How often agents are checked for answering; VMMs are polled for having died
     /// every tenth time (a safety net: their events are followed as they happen).
     pub vmm_check_secs: u64,
@@ -382,6 +385,7 @@ impl Default for Timeouts {
             boot_secs: 120,
             shutdown_grace_secs: 15,
             agent_secs: 10,
+            ssh_ready_secs: 120,
             vmm_check_secs: 2,
         }
     }

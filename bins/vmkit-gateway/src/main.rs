@@ -144,6 +144,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         .boot_timeout(Duration::from_secs(t.boot_secs))
         .shutdown_grace(Duration::from_secs(t.shutdown_grace_secs))
         .agent_timeout(Duration::from_secs(t.agent_secs))
+        .ssh_ready_timeout(Duration::from_secs(t.ssh_ready_secs))
         .on_vmm_exit(config.on_vmm_exit)
         .event_retention(config.events.retention())
         .registration(config.users.registration)
