@@ -34,6 +34,8 @@
 //! | DELETE | `/v1/vms/{name}?keep_data=bool` | | 204; with `keep_data=true`, [`Deleted`](crate::Deleted): where the data volume went (told to admins only) |
 //! | POST | `/v1/vms/{name}/start`, `/stop`, `/restart`, `/pause`, `/resume` | | `VmView` |
 //! | POST | `/v1/vms/{name}/exec` | [`ExecBody`] | NDJSON stream of [`ExecLine`] |
+//! | POST | `/v1/vms/{name}/session` | header [`session::SESSION_HEADER`]: a `SessionRequest`, `Upgrade:` [`session::SESSION_PROTOCOL`] | 101, then frames both ways ([`session`]) |
+//! | POST | `/v1/vms/{name}/rename` | [`NameBody`] | `VmView` |
 //! | POST | `/v1/vms/{name}/resize` | [`ResizeRequest`](crate::ResizeRequest) | `VmView` |
 //! | GET | `/v1/vms/{name}/logs?bytes=N` | | console tail, `text/plain` |
 //! | GET | `/v1/vms/{name}/logs?unit=U\|file=F&lines=N&follow=B` | | a unit's journal or a file in the guest, NDJSON `{"line"}` (`{"error"}` last on failure) |
@@ -78,6 +80,8 @@
 //! reaches a running VM at its next start. A fingerprint is `SHA256:…` as
 //! `ssh-keygen -l` prints it (the `SHA256:` may be left out), percent-encoded in the
 //! path: its base64 may hold `/` and `+`.
+
+pub mod session;
 
 use std::path::PathBuf;
 

@@ -4,6 +4,7 @@
 //! access policy decides in vmkit-core; answers are views, and errors carry their
 //! causes to admins only. Routes and wire types are documented in `vmkit_core::api`.
 
+mod session;
 mod users;
 
 use std::convert::Infallible;
@@ -72,6 +73,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/vms/{name}/exec", post(exec_vm))
         .route("/v1/vms/{name}/resize", post(resize_vm))
         .route("/v1/vms/{name}/rename", post(rename_vm))
+        .route("/v1/vms/{name}/session", post(session::session_vm))
         .route("/v1/vms/{name}/logs", get(logs_vm))
         .route("/v1/vms/{name}/metrics", get(metrics_vm))
         .route("/v1/vms/{name}/snapshots", post(snapshot_vm))
@@ -895,7 +897,12 @@ mod tests {
         assert_eq!(status, StatusCode::CREATED, "{body}");
         let vm: vmkit_core::VmView = serde_json::from_str(&body).unwrap();
         let pid = vm.resources.unwrap().vmm.unwrap().pid;
-        assert_eq!(host.hypervisor.guest(pid).unwrap().ssh_keys, vec![CAROL]);
+        // Carol's key, and the gateway's key for this VM.
+        let gateway_key = host.manager.vm_key(vm.id).public_key().to_openssh();
+        assert_eq!(
+            host.hypervisor.guest(pid).unwrap().ssh_keys,
+            vec![CAROL.to_owned(), gateway_key]
+        );
 
         // The fingerprint's `/` is percent-encoded in the path.
         let path = format!("/v1/keys/{}", CAROL_FP.replace('/', "%2F"));

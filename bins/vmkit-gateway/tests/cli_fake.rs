@@ -77,6 +77,35 @@ fn exec_exits_with_the_commands_status_and_passes_stdin() {
     );
 }
 
+/// `vm shell` runs through the session route: piped input streams to the command
+/// and its end closes the command's input; the exit status is the command's.
+#[test]
+fn vm_shell_streams_input_and_exits_with_the_commands_status() {
+    let d = fake_daemon();
+    assert!(d.cli(&["vm", "create", "box"]).status.success());
+    let out = d.cli(&["vm", "shell", "box", "--", "echo", "hello", "there"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "hello there\n");
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let out = d.cli_with_stdin(&["vm", "shell", "box", "--", "cat"], &big);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(out.stdout, big, "300 kB through the session, in order");
+    let out = d.cli(&["vm", "shell", "box", "--", "nosuchcmd"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(
+        stderr(&out).contains("nosuchcmd: not found"),
+        "{}",
+        stderr(&out)
+    );
+    let out = d.cli(&["vm", "shell", "ghost", "--", "echo"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("ghost"), "{}", stderr(&out));
+    assert!(d.cli(&["vm", "stop", "box"]).status.success());
+    let out = d.cli(&["vm", "shell", "box", "--", "echo"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("stopped"), "{}", stderr(&out));
+}
+
 #[test]
 fn duplicate_name_gets_a_specific_error() {
     let d = fake_daemon();
@@ -430,6 +459,7 @@ fn a_key_added_with_the_cli_reaches_the_guests_and_leaves_them_when_removed() {
     );
 
     assert!(d.cli(&["vm", "create", "web"]).status.success());
+    // The users' keys; the gateway's own key for the VM is installed beside them.
     let authorized_keys = || {
         let out = d.cli(&[
             "vm",
@@ -440,7 +470,16 @@ fn a_key_added_with_the_cli_reaches_the_guests_and_leaves_them_when_removed() {
             "/root/.ssh/authorized_keys",
         ]);
         assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-        stdout(&out)
+        let keys = stdout(&out);
+        let gateway: Vec<&str> = keys
+            .lines()
+            .filter(|k| k.ends_with(" vmkit-gateway"))
+            .collect();
+        assert_eq!(gateway.len(), 1, "{keys}");
+        keys.lines()
+            .filter(|k| !k.ends_with(" vmkit-gateway"))
+            .map(|k| format!("{k}\n"))
+            .collect::<String>()
     };
     assert_eq!(
         authorized_keys(),

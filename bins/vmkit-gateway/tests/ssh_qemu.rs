@@ -393,6 +393,21 @@ fn ssh_into_real_vms_through_the_gateway_shell_scp_sftp_forwarding_and_jump() {
         .unwrap();
     assert!(!out.status.success());
 
+    // The CLI's own way in, through the agent.
+    let out = d.cli(&[
+        "vm",
+        "shell",
+        "small",
+        "--",
+        "sh",
+        "-c",
+        "echo $((6*7)); exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "42\n");
+    let out = d.cli(&["vm", "shell", "small", "-t", "--", "tty"]);
+    assert!(stdout(&out).contains("/dev/pts/"), "{}", stdout(&out));
+
     let out = d.cli(&["--json", "vm", "ls"]);
     assert_eq!(json(&out).as_array().unwrap().len(), 2);
 }

@@ -94,27 +94,59 @@ impl Api {
             .header("content-type", content_type)
             .body(Full::new(bytes))
             .context("building the request")?;
-        let response = self.client.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                CallError::Unreachable {
-                    socket: self.socket.clone(),
-                }
-            } else {
-                CallError::Other(anyhow::Error::new(e).context("talking to the daemon"))
-            }
-        })?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| self.request_error(e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
         }
-        let raw = body_bytes(response, "reading the error").await?;
-        let body = serde_json::from_slice(&raw).unwrap_or_else(|_| {
-            ErrorBody::new(
-                "http_error",
-                format!("{status}: {}", String::from_utf8_lossy(&raw)),
-            )
-        });
-        Err(CallError::Api { status, body })
+        Err(api_error(response).await)
+    }
+
+    /// Asks for `path` to be upgraded to `protocol` (with `headers`) and returns the
+    /// connection once the daemon switched protocols.
+    pub async fn upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+        headers: &[(&str, String)],
+    ) -> Result<hyper::upgrade::Upgraded, CallError> {
+        let mut request = Request::builder()
+            .method(Method::POST)
+            .uri(Uri::new(&self.socket, path))
+            .header("connection", "upgrade")
+            .header("upgrade", protocol);
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request
+            .body(Full::new(Bytes::new()))
+            .context("building the request")?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|e| self.request_error(e))?;
+        let status = response.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return hyper::upgrade::on(response).await.map_err(|e| {
+                CallError::Other(anyhow::Error::new(e).context("switching protocols"))
+            });
+        }
+        Err(api_error(response).await)
+    }
+
+    fn request_error(&self, e: hyper_util::client::legacy::Error) -> CallError {
+        if e.is_connect() {
+            CallError::Unreachable {
+                socket: self.socket.clone(),
+            }
+        } else {
+            CallError::Other(anyhow::Error::new(e).context("talking to the daemon"))
+        }
     }
 
     /// Sends a request and returns its answer as text.
@@ -178,6 +210,22 @@ impl Api {
 }
 
 /// The whole body of `response`; `doing` says what for, should reading fail.
+/// The error an answer that is not a success carries.
+async fn api_error(response: Response<Incoming>) -> CallError {
+    let status = response.status();
+    let raw = match body_bytes(response, "reading the error").await {
+        Ok(raw) => raw,
+        Err(e) => return e,
+    };
+    let body = serde_json::from_slice(&raw).unwrap_or_else(|_| {
+        ErrorBody::new(
+            "http_error",
+            format!("{status}: {}", String::from_utf8_lossy(&raw)),
+        )
+    });
+    CallError::Api { status, body }
+}
+
 async fn body_bytes(response: Response<Incoming>, doing: &'static str) -> Result<Bytes, CallError> {
     Ok(response
         .into_body()

@@ -5,6 +5,7 @@
 
 mod client;
 mod image;
+mod shell;
 
 use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -139,6 +140,30 @@ enum VmCommand {
     },
     /// Run a command in a VM; its output streams and its exit status is returned.
     Exec(ExecArgs),
+    /// A shell in a VM through its agent (any image, with or without sshd): a login
+    /// shell, or COMMAND; with a terminal when this one is.
+    ///
+    /// Example: `vmkit vm shell web`, `vmkit vm shell web --user vmkit -- top`,
+    /// `tar c dir | vmkit vm shell web -- tar x -C /srv`.
+    Shell {
+        /// VM name.
+        name: String,
+        /// The user in the guest (root by default).
+        #[arg(long, short)]
+        user: Option<String>,
+        /// Give the command a terminal even when this is none.
+        #[arg(short = 't', conflicts_with = "no_tty")]
+        tty: bool,
+        /// No terminal, even when this is one: standard input is piped.
+        #[arg(short = 'T')]
+        no_tty: bool,
+        /// Extra environment, KEY=VALUE (repeatable).
+        #[arg(long, short, value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        /// The command and its arguments (the user's login shell when none).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
     /// Change a VM's vCPUs, memory or data disk (a running VM only what its
     /// hypervisor can change live; disks grow while the VM is stopped).
     Resize {
@@ -693,6 +718,28 @@ async fn vm(api: &Api, cmd: VmCommand, json: bool) -> anyhow::Result<ExitCode> {
             show(&vm)?;
         }
         VmCommand::Exec(args) => return exec(api, args, json).await,
+        VmCommand::Shell {
+            name,
+            user,
+            tty,
+            no_tty,
+            env,
+            command,
+        } => {
+            let tty = match (tty, no_tty) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let args = shell::ShellArgs {
+                name,
+                user,
+                tty,
+                env,
+                command,
+            };
+            return shell::shell(api, args).await;
+        }
         VmCommand::Resize {
             name,
             cpus,
