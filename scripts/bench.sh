@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every criterion bench of the project (boot latency on real QEMU with its
-# breakdown and the orchestration overhead against a bare QEMU, volume cloning,
+# breakdown and the orchestration overhead against a bare QEMU, the base image's time
+# from the agent's hello to sshd and to a first command through SSH, volume cloning,
 # control-plane rate, ls latency and daemon memory per VM on the fake backends) and
 # keeps the printed results in target/bench-results.txt.
 #

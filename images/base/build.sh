@@ -7,10 +7,14 @@
 #                  root=, switch_root), here to systemd
 #   rootfs.ext4    Debian from mmdebstrap (variant apt) with the packages below, the
 #                  kernel's modules, /usr/local/bin/vmkit-agent and its unit, the user
-#                  `vmkit` (no password, sudo without one), sshd host keys made at first
-#                  boot, a serial getty on ttyS0, fstab for / and an optional data disk
-#                  (label vmkit-data, at /data; both grown to their disks at boot),
-#                  no swap, no apt lists
+#                  `vmkit` (no password, sudo without one), an ed25519 sshd host key
+#                  made at first boot, a serial getty on ttyS0 (none on the
+#                  virtual terminals), fstab for / and an optional data disk (label
+#                  vmkit-data, at /data, mounted when its device appears; both grown to
+#                  their disks at boot), no swap, no apt lists; the timers, units and
+#                  generators a VM does not use masked, so that sshd takes logins soon
+#                  after the agent's hello (`cargo bench -p vmkit-benches --bench
+#                  base_boot` measures it)
 #   kernel-release the kernel's release string
 #   cmdline        the image's part of the kernel command line (root mounted read-only,
 #                  checked and remounted by systemd)
@@ -142,29 +146,80 @@ EOF
 mkdir -p "$RD/etc/systemd/system/sysinit.target.wants"
 ln -s ../vmkit-agent.service "$RD/etc/systemd/system/sysinit.target.wants/vmkit-agent.service"
 
-# sshd's host keys are made on each VM's first boot, never shipped in the image.
+# sshd's host key is made on each VM's first boot, never shipped in the image: ed25519
+# only. `ssh-keygen -A` would make an RSA-3072 key too, which takes seconds under TCG
+# while ssh.service waits; an ecdsa key, though quick to compute, is one more start of
+# ssh-keygen that kept sshd waiting past basic.target (`cargo bench -p vmkit-benches
+# --bench base_boot`), for clients older than OpenSSH 6.5 only. sshd is told to use
+# just this key. The unit makes the key only when it is missing, so it may be started
+# again at any time (then it does nothing).
 rm -f "$RD"/etc/ssh/ssh_host_*
+cat >"$RD/etc/ssh/sshd_config.d/10-vmkit-host-keys.conf" <<'EOF'
+# Made at first boot by vmkit-ssh-keygen.service (no RSA or ecdsa key: slow to make).
+HostKey /etc/ssh/ssh_host_ed25519_key
+EOF
 cat >"$RD/etc/systemd/system/vmkit-ssh-keygen.service" <<'EOF'
 [Unit]
-Description=Generate missing SSH host keys
-Before=ssh.service
+Description=Generate a missing SSH host key (ed25519)
+DefaultDependencies=no
+After=local-fs.target
+Before=ssh.service ssh.socket shutdown.target
+Conflicts=shutdown.target
+ConditionFileNotEmpty=|!/etc/ssh/ssh_host_ed25519_key
+ConditionFileNotEmpty=|!/etc/ssh/ssh_host_ed25519_key.pub
 
 [Service]
 Type=oneshot
-ExecStart=/usr/bin/ssh-keygen -A
+ExecStart=/bin/rm -f /etc/ssh/ssh_host_ed25519_key /etc/ssh/ssh_host_ed25519_key.pub
+ExecStart=/usr/bin/ssh-keygen -q -t ed25519 -N "" -C "" -f /etc/ssh/ssh_host_ed25519_key
 
 [Install]
-WantedBy=ssh.service
+WantedBy=ssh.service ssh.socket
 EOF
 mkdir -p "$RD/etc/systemd/system/ssh.service.wants"
 ln -s ../vmkit-ssh-keygen.service "$RD/etc/systemd/system/ssh.service.wants/vmkit-ssh-keygen.service"
 
-# A login prompt on the serial console.
+# A login prompt on the serial console, none on the virtual terminals (a VM has no
+# screen).
+rm -f "$RD"/etc/systemd/system/getty.target.wants/getty@*.service
 mkdir -p "$RD/etc/systemd/system/getty.target.wants"
 ln -sf /usr/lib/systemd/system/serial-getty@.service \
 	"$RD/etc/systemd/system/getty.target.wants/serial-getty@ttyS0.service"
 # Nothing may wait for an answer on the console at first boot.
 ln -sf /dev/null "$RD/etc/systemd/system/systemd-firstboot.service"
+
+# Nothing a VM does not use: package lists fetched and upgrades run behind the user's
+# back (they hold apt's lock and a TCG guest's only CPU for minutes), a daily backup of
+# dpkg's state, and e2scrub (it checks LVM snapshots; a VM has no LVM). fstrim.timer
+# stays: the host's disks pass discards through, so a weekly trim returns freed space.
+for unit in apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer \
+	e2scrub_all.timer e2scrub_reap.service; do
+	rm -f "$RD"/etc/systemd/system/*.wants/"$unit"
+	ln -sf /dev/null "$RD/etc/systemd/system/$unit"
+done
+# Nor what sysinit.target would start for hardware or features a VM lacks, each a
+# process or a module load that a TCG guest pays for before any service: pstore (no
+# firmware store), repartitioning (the disks are made by the host; it also loads the
+# loop and device-mapper modules), DRM (no display), hugetlbfs, configfs, and the
+# fuse control mount (fuse itself still loads when /dev/fuse is opened).
+for unit in systemd-pstore.service systemd-repart.service modprobe@drm.service \
+	dev-hugepages.mount sys-kernel-config.mount sys-fs-fuse-connections.mount; do
+	rm -f "$RD"/etc/systemd/system/*.wants/"$unit"
+	ln -sf /dev/null "$RD/etc/systemd/system/$unit"
+done
+# sshd checks its configuration as it starts; the separate `sshd -t` before it is one
+# more start of sshd on the way to the first login (reloads still check first).
+mkdir -p "$RD/etc/systemd/system/ssh.service.d"
+printf '[Service]\nExecStartPre=\n' >"$RD/etc/systemd/system/ssh.service.d/50-vmkit.conf"
+# Generators for what a VM's disks never hold (encrypted, integrity or verity volumes,
+# GPT partitions to mount by type, a hibernation image): each is a program run before
+# any unit at every boot.
+mkdir -p "$RD/etc/systemd/system-generators"
+for generator in systemd-cryptsetup-generator systemd-integritysetup-generator \
+	systemd-veritysetup-generator systemd-gpt-auto-generator \
+	systemd-hibernate-resume-generator; do
+	ln -sf /dev/null "$RD/etc/systemd/system-generators/$generator"
+done
 
 # The journal stays small on small disks.
 mkdir -p "$RD/etc/systemd/journald.conf.d"
@@ -172,12 +227,15 @@ printf '[Journal]\nSystemMaxUse=64M\n' >"$RD/etc/systemd/journald.conf.d/50-vmki
 
 # Root and the optional data disk, each grown to its disk by systemd-growfs when
 # it is mounted (the host grows only the disks; the agent grows them too when the
-# host asks after a start). No swap.
+# host asks after a start). No swap. The data disk is mounted when its device shows
+# up (wanted by the device, not by local-fs.target): a VM made without one would
+# otherwise wait 90 s at every boot for it, the agent and sshd with it, since the
+# growfs unit of a nofail mount is still ordered before local-fs.target.
 mkdir -p "$RD/data"
 cat >"$RD/etc/fstab" <<'EOF'
-# <file system>    <mount point> <type> <options>                                   <dump> <pass>
-LABEL=vmkit-root   /             ext4   defaults,errors=remount-ro,x-systemd.growfs 0      1
-LABEL=vmkit-data   /data         ext4   defaults,nofail,x-systemd.growfs            0      2
+# <file system>  <mount point> <type> <options> <dump> <pass>
+LABEL=vmkit-root /             ext4   defaults,errors=remount-ro,x-systemd.growfs 0 1
+LABEL=vmkit-data /data         ext4   defaults,nofail,x-systemd.growfs,x-systemd.wanted-by=dev-disk-by\x2dlabel-vmkit\x2ddata.device 0 2
 EOF
 
 # The default user: sudo without a password, no password of its own (SSH keys only,

@@ -20,6 +20,9 @@ use vmkit_core::{DiskConfig, DiskFormat, Hypervisor, MachineConfig, VmId, VmName
 use vmkit_hv::{Qemu, QemuConfig};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long after the agent's hello sshd may take to listen (tens of seconds under TCG;
+/// the image's boot is cut so that it is a few).
+const SSHD_TIMEOUT: Duration = Duration::from_secs(120);
 const KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGb2bVr1Jqf3ZkJ8n0b0Q0m5sQ1vKx4zR9pUu7tY2cXw owner@vmkit";
 
@@ -116,6 +119,21 @@ impl Guest {
         }
     }
 
+    /// Waits until something listens on TCP port 22; false if nothing did in time.
+    async fn wait_sshd_listening(&self) -> bool {
+        let deadline = Instant::now() + SSHD_TIMEOUT;
+        loop {
+            let (_, listeners) = self.try_sh("ss -Htln 'sport = :22'").await;
+            if !listeners.trim().is_empty() {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
     /// Kills the VM and removes its run dir.
     async fn stop(self) {
         self.qemu.kill(&self.handle).await.unwrap();
@@ -166,8 +184,14 @@ async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
     let mut guest = Guest::boot("gb-base").await;
     let client = &guest.client;
 
-    // systemd is PID 1 and settles; sshd runs with host keys made at this boot.
+    // systemd is PID 1; sshd soon accepts on port 22, and systemd settles.
     assert_eq!(guest.sh("cat /proc/1/comm").await, "systemd\n");
+    let listening = guest.wait_sshd_listening().await;
+    eprintln!(
+        "gb-base: sshd listening {:?} after start",
+        started.elapsed()
+    );
+    assert!(listening, "sshd does not listen on port 22");
     let state = guest.wait_booted().await;
     eprintln!(
         "gb-base: system {state} {:?} after start",
@@ -188,6 +212,26 @@ async fn the_base_image_runs_systemd_sshd_and_an_agent_that_manages_it() {
             .sh("test -s /etc/ssh/ssh_host_ed25519_key && echo made")
             .await,
         "made\n"
+    );
+    // Only the host key that is quick to make (ed25519), the one sshd uses; the keygen
+    // unit may be started again and leaves an existing key alone.
+    assert_eq!(
+        guest.sh("ls /etc/ssh | grep '^ssh_host_'").await,
+        "ssh_host_ed25519_key\nssh_host_ed25519_key.pub\n"
+    );
+    assert_eq!(
+        guest.sh("sshd -T | grep '^hostkey '").await,
+        "hostkey /etc/ssh/ssh_host_ed25519_key\n"
+    );
+    let fingerprint = guest
+        .sh("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+        .await;
+    guest.sh("systemctl start vmkit-ssh-keygen.service").await;
+    assert_eq!(
+        guest
+            .sh("ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+            .await,
+        fingerprint
     );
 
     // SSH facts for a gateway: sshd, the host key made at this boot, the default user.
