@@ -223,6 +223,22 @@ async fn a_hung_vmm_times_out_instead_of_blocking() {
     let handle = hv.start(&host.machine("hung")).await.expect("start");
 
     signal(&handle, libc::SIGSTOP);
+    // kill() returns before the stop takes effect: wait until the kernel says it is
+    // stopped (state T), or a request may still be answered on a loaded machine.
+    let stat = format!("/proc/{}/stat", handle.pid);
+    let stopped = || {
+        std::fs::read_to_string(&stat)
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    };
+    for _ in 0..500 {
+        if stopped() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stopped(), "the stand-in did not stop");
     let err = hv.info(&handle).await.expect_err("info of a stopped VMM");
     assert!(
         matches!(
