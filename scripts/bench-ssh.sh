@@ -323,6 +323,9 @@ cipher() {
 cipher_gw=$(cipher "$vm@gw")
 cipher_direct=$(cipher "vmkit@$vm_ip")
 cipher_jump=$(cipher "$vm.$domain")
+# cpu_ticks: the daemon's user + system CPU time, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$daemon_pid/stat"; }
+hz=$(getconf CLK_TCK)
 : >"$work/tp"
 for ((i = 0; i < tp_rounds; i++)); do
     for path in gw direct jump; do
@@ -331,18 +334,22 @@ for ((i = 0; i < tp_rounds; i++)); do
         direct) dest="vmkit@$vm_ip" ;;
         jump) dest="$vm.$domain" ;;
         esac
+        c0=$(cpu_ticks)
         t0=$(now)
         got=$(ssh_ns "$dest" cat "$file" | wc -c)
         t1=$(now)
+        c1=$(cpu_ticks)
         [ "$got" = "$file_bytes" ] || die "$path: $got bytes of $file_bytes"
-        echo "$path $(calc "$file_bytes / 1e6 / ($t1 - $t0)")" >>"$work/tp"
-        say "  $path: $(tail -1 "$work/tp" | awk '{ print $2 }') MB/s"
+        echo "$path $(calc "$file_bytes / 1e6 / ($t1 - $t0)") $(calc "($c1 - $c0) / $hz")" >>"$work/tp"
+        say "  $path: $(tail -1 "$work/tp" | awk '{ print $2 " MB/s, daemon CPU " $3 " s" }')"
     done
 done
 tp() { awk -v p="$1" '$1 == p { print $2 }' "$work/tp" | stats | awk '{ print $1 }'; }
 tp_gw=$(tp gw)
 tp_direct=$(tp direct)
 tp_jump=$(tp jump)
+# cpu PATH: the daemon's mean CPU seconds per transfer on PATH.
+cpu() { awk -v p="$1" '$1 == p { s += $3; n++ } END { printf "%.1f", s / n }' "$work/tp"; }
 
 # --- 4. memory per idle connection --------------------------------------------------
 rss() { awk '/^VmRSS:/ { print $2 }' "/proc/$daemon_pid/status"; }
@@ -421,6 +428,7 @@ verdict() { awk -v r="$1" -v g="$3" -v op="$2" 'BEGIN { ok = (op == "<=") ? r <=
         "$per_conn KiB/conn" "-"
     echo
     echo "throughput: $tp_rounds rounds per path, mean of MB/s; negotiated (server->client): NAME@gw $cipher_gw, direct $cipher_direct, -J $cipher_jump (end to end; its hop to the gateway the same); gateway->VM hop: russh default order, chacha20-poly1305 first"
+    echo "daemon CPU per 200 MB transfer: NAME@gw $(cpu gw) s, -J $(cpu jump) s, direct $(cpu direct) s; daemon built with the dev profile (unoptimised, as the tests)"
     echo "idle connections: $idle_signed signed in (daemon log), $idle_sockets established sockets, $alive clients alive"
     echo "time to SSH per run (ssh s, hello s, ratio):"
     sed 's/^/  /' "$work/tts"
