@@ -18,7 +18,7 @@ use tokio::process::{ChildStdin, Command};
 use tokio::sync::watch;
 
 use super::system::{User, groups_of, lookup_user};
-use super::{DEFAULT_PATH, DRAIN_GRACE, Pipe, READ_CHUNK, SystemHandler, pump};
+use super::{DEFAULT_PATH, Pipe, SystemHandler, pump};
 use crate::message::ExitStatus;
 use crate::ops::SessionRequest;
 use crate::server::{OutputSink, SessionControl, SessionInput};
@@ -152,18 +152,6 @@ impl Master {
         Ok(Master(fd))
     }
 
-    /// Reads some output; `Ok(0)` when the last holder of the slave has closed it (EIO).
-    async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.0.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Err(err)) if err.raw_os_error() == Some(nix::libc::EIO) => return Ok(0),
-                Ok(result) => return result,
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
     /// Writes some input. Cancel safe: nothing is written unless it returns.
     async fn write(&self, data: &[u8]) -> io::Result<usize> {
         loop {
@@ -188,6 +176,34 @@ impl Master {
         let rc = unsafe { nix::libc::ioctl(self.0.as_raw_fd(), nix::libc::TIOCSWINSZ, &size) };
         if rc != 0 {
             tracing::debug!(error = %io::Error::last_os_error(), "resizing a pty failed");
+        }
+    }
+}
+
+/// The pty's output, read as a pipe's is (so that [`pump`] streams it): end of file
+/// when the last holder of the slave has closed it (EIO).
+impl tokio::io::AsyncRead for &Master {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        loop {
+            let mut guard = std::task::ready!(self.0.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard
+                .try_io(|fd| nix::unistd::read(fd.get_ref(), unfilled).map_err(io::Error::from))
+            {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(err)) if err.raw_os_error() == Some(nix::libc::EIO) => {
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(err)) => return std::task::Poll::Ready(Err(err)),
+                Err(_would_block) => continue,
+            }
         }
     }
 }
@@ -421,7 +437,7 @@ pub(super) async fn run(
     };
     let output = async {
         match &master {
-            Some(master) => pump_pty(master, out, exited_rx.clone()).await,
+            Some(master) => pump(Some(master), out, Pipe::Stdout, exited_rx.clone()).await,
             None => {
                 tokio::join!(
                     pump(child_stdout, out, Pipe::Stdout, exited_rx.clone()),
@@ -437,35 +453,4 @@ pub(super) async fn run(
         signal: status.signal(),
         timed_out: false,
     })
-}
-
-/// Streams a pty's output to the host until the pty reports that its slave is closed
-/// (EIO), or until it stays quiet for [`DRAIN_GRACE`] after the process exited (a
-/// background process may keep the slave open).
-async fn pump_pty(master: &Master, out: &OutputSink, mut exited: watch::Receiver<bool>) {
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut draining = false;
-    loop {
-        let read = if draining {
-            match tokio::time::timeout(DRAIN_GRACE, master.read(&mut buf)).await {
-                Ok(read) => read,
-                Err(_) => break,
-            }
-        } else {
-            tokio::select! {
-                read = master.read(&mut buf) => read,
-                _ = exited.wait_for(|exited| *exited) => {
-                    draining = true;
-                    continue;
-                }
-            }
-        };
-        let n = match read {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        if out.stdout(&buf[..n]).await.is_err() {
-            break;
-        }
-    }
 }
