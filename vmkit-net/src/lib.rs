@@ -70,9 +70,15 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
+#[cfg(any(feature = "https", feature = "dns"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "https", feature = "dns"))))]
+pub mod challenges;
 mod config;
 mod core_types;
 mod error;
+#[cfg(feature = "https")]
+#[cfg_attr(docsrs, doc(cfg(feature = "https")))]
+pub mod https;
 mod links;
 mod rules;
 mod sysctl;
