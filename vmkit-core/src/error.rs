@@ -84,6 +84,9 @@ pub enum ManagerError {
     /// The image cannot be used.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The request is malformed in a way the message says how to fix.
+    #[error("{0}")]
+    InvalidRequest(String),
     /// The guest did not come up.
     #[error("VM {name} did not become ready: {reason}\n--- last console output ---\n{console}")]
     BootFailed {
@@ -286,6 +289,7 @@ impl ManagerError {
         match self {
             ManagerError::InvalidName(_)
             | ManagerError::InvalidSpec(_)
+            | ManagerError::InvalidRequest(_)
             | ManagerError::InvalidSshKey(_)
             | ManagerError::InvalidHandle(_)
             | ManagerError::InvalidEmail(_)
@@ -336,6 +340,7 @@ impl ManagerError {
         match self {
             ManagerError::InvalidName(_) => "invalid_name",
             ManagerError::InvalidSpec(_) => "invalid_spec",
+            ManagerError::InvalidRequest(_) => "invalid_request",
             ManagerError::NameTaken(_) => "name_taken",
             ManagerError::QuotaExceeded(_) => "quota_exceeded",
             ManagerError::NotFound(_) => "not_found",

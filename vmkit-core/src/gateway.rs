@@ -40,6 +40,15 @@ pub enum Credential<'a> {
     ApiKey(&'a str),
     /// A share link's secret (`vms_...`).
     ShareLink(&'a str),
+    /// A browser session cookie (see [`WebSessions`](crate::WebSessions)): on the
+    /// gateway's own host when `host` is `None`, else on that VM host, where only a
+    /// session made for it counts.
+    WebSession {
+        /// The cookie's value.
+        secret: &'a str,
+        /// The host the cookie came to, for a VM host's session.
+        host: Option<&'a str>,
+    },
 }
 
 /// What a client dialled.
@@ -58,7 +67,8 @@ pub enum RouteTarget<'a> {
         port: u16,
     },
     /// An HTTP request: its `Host` (without port) and the port it came in on as the
-    /// client sees it.
+    /// client sees it. [`StoreGateway`] reaches the VM's default web port at
+    /// `NAME.domain` and port `N` at `NAME--N.domain`, whatever port the URL names.
     Http {
         /// The host name.
         host: &'a str,
@@ -159,8 +169,10 @@ pub const DEFAULT_HTTP_PORT: u16 = 80;
 /// The port SSH reaches in the guest.
 pub const GUEST_SSH_PORT: u16 = 22;
 
-/// vmkit's gateway over the state store: users by SSH key and API key, VMs by name
-/// (`NAME@host`, `NAME.domain`), and the [`Policy`] (or another) to decide.
+/// vmkit's gateway over the state store: users by SSH key, API key and browser
+/// session, VMs by name (`NAME@host`, `NAME.domain`, `NAME--PORT.domain`), and the
+/// [`Policy`] (or another) to decide. An HTTP route carries only the shares that
+/// cover the port it reaches.
 #[derive(Clone)]
 pub struct StoreGateway {
     store: Arc<dyn StateStore>,
@@ -245,6 +257,12 @@ impl Gateway for StoreGateway {
     ) -> Result<Option<Caller>, GatewayError> {
         let user = match credential {
             Credential::ShareLink(secret) => return Ok(Some(Caller::link(secret, door))),
+            Credential::WebSession { secret, host } => {
+                let user = crate::web::WebSessions::new(self.store.clone())
+                    .user(secret, host)
+                    .await?;
+                return Ok(user.map(|user| Caller::user(&user, door)));
+            }
             Credential::SshKey(key) => self.store.user_by_key(&key.fingerprint()).await?,
             Credential::ApiKey(secret) => {
                 let Some(id) = crate::user::ApiKey::id_of(secret) else {
@@ -289,16 +307,23 @@ impl Gateway for StoreGateway {
                     .await?
                     .map(|(vm, shares)| routed(vm, shares, port, None)))
             }
-            RouteTarget::Http { host, port } => {
+            RouteTarget::Http { host, port: _ } => {
                 let host = host.to_ascii_lowercase();
                 let Some(label) = self.vm_label(&host) else {
                     return Err(GatewayError::UnknownHost(host));
                 };
-                let port = port.unwrap_or(DEFAULT_HTTP_PORT);
-                Ok(self
-                    .lookup(label)
-                    .await?
-                    .map(|(vm, shares)| routed(vm, shares, port, None)))
+                let (found, port) = match VmName::with_port(label) {
+                    Some((name, port)) => (self.lookup(name.as_str()).await?, Some(port)),
+                    None => (self.lookup(label).await?, None),
+                };
+                Ok(found.map(|(vm, shares)| {
+                    let port = port.unwrap_or_else(|| vm.default_http_port());
+                    let shares = shares
+                        .into_iter()
+                        .filter(|s| s.access != crate::share::Access::Http || s.covers_port(port))
+                        .collect();
+                    routed(vm, shares, port, None)
+                }))
             }
         }
     }

@@ -78,6 +78,7 @@ mod view;
 mod vm;
 mod vm_keys;
 mod vm_state;
+mod web;
 
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -125,6 +126,7 @@ pub use view::{MetricsView, SnapshotView, VmView, VmmView};
 pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};
 pub use vm_keys::{VM_KEYS_FILE, VmKey, VmKeys};
 pub use vm_state::VmState;
+pub use web::{WebSessions, WebToken, WebTokenKind, WebTtls};
 
 /// The attribute the backend traits are declared with, re-exported so that a backend
 /// implements them with the same version.

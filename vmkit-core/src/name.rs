@@ -62,6 +62,13 @@ pub enum NameError {
     /// The name is reserved.
     #[error("{0:?} is a reserved name; choose another")]
     Reserved(String),
+    /// The name ends in `--` and a number: the HTTPS edge reaches port N of VM
+    /// NAME at `NAME--N.domain`.
+    #[error(
+        "{0:?} ends in '--' and a number, which names a port of a VM \
+         (NAME--8080.domain); choose another"
+    )]
+    PortForm(String),
 }
 
 impl VmName {
@@ -69,7 +76,19 @@ impl VmName {
     pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
         validate(&name)?;
+        if port_form(&name).is_some() {
+            return Err(NameError::PortForm(name));
+        }
         Ok(Self(name))
+    }
+
+    /// The VM and port a host label names in the `NAME--PORT` form (`web--8080`):
+    /// how the HTTPS edge reaches a port other than the VM's default. `None` when
+    /// the label is not of that form.
+    pub fn with_port(label: &str) -> Option<(VmName, u16)> {
+        let (name, port) = port_form(label)?;
+        let name = VmName::new(name).ok()?;
+        Some((name, port))
     }
 
     /// Generates a readable random name such as `quiet-river-4821`.
@@ -85,6 +104,20 @@ impl VmName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// `(NAME, PORT)` of a `NAME--PORT` label: a port from 1 to 65535 written without
+/// leading zeros.
+fn port_form(label: &str) -> Option<(&str, u16)> {
+    let (name, port) = label.rsplit_once("--")?;
+    if name.is_empty() || port.is_empty() || port.starts_with('0') {
+        return None;
+    }
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port: u16 = port.parse().ok()?;
+    Some((name, port))
 }
 
 fn validate(name: &str) -> Result<(), NameError> {
@@ -122,10 +155,13 @@ impl FromStr for VmName {
     }
 }
 
+/// From stored records and the wire: the rules of [`VmName::new`] but the port
+/// form, which came later, so that a VM named that way before still loads.
 impl TryFrom<String> for VmName {
     type Error = NameError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        Self::new(s)
+        validate(&s)?;
+        Ok(Self(s))
     }
 }
 
@@ -163,6 +199,36 @@ mod tests {
     fn valid_names_are_accepted() {
         for n in ["a", "web-1", "x".repeat(63).as_str(), "0abc"] {
             assert_eq!(VmName::new(n).unwrap().as_str(), n);
+        }
+    }
+
+    #[test]
+    fn the_port_form_is_reserved_for_new_names_and_parsed_from_hosts() {
+        assert_eq!(
+            VmName::new("web--8080"),
+            Err(NameError::PortForm("web--8080".into()))
+        );
+        assert!(
+            VmName::try_from("web--8080".to_owned()).is_ok(),
+            "old records load"
+        );
+        for fine in ["web--x", "web--08", "a-b-1", "web-8080"] {
+            VmName::new(fine).unwrap();
+        }
+        let (name, port) = VmName::with_port("web--8080").unwrap();
+        assert_eq!((name.as_str(), port), ("web", 8080));
+        let (name, port) = VmName::with_port("my--app--3000").unwrap();
+        assert_eq!((name.as_str(), port), ("my--app", 3000));
+        for not in [
+            "web",
+            "web--",
+            "--80",
+            "web--080",
+            "web--70000",
+            "web--8o",
+            "admin--80",
+        ] {
+            assert_eq!(VmName::with_port(not), None, "{not}");
         }
     }
 

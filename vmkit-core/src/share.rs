@@ -45,6 +45,9 @@ pub struct Share {
     pub target: ShareTarget,
     /// What is granted.
     pub access: Access,
+    /// The one web port it grants ([`Access::Http`] only); every port when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// When it was granted.
     pub created_at: Timestamp,
 }
@@ -56,7 +59,19 @@ impl Share {
             vm,
             target,
             access,
+            port: None,
             created_at: Timestamp::now(),
         }
+    }
+
+    /// The same share, of web port `port` only.
+    pub fn of_port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// Whether it grants anything on web port `port`: not a share of another port.
+    pub fn covers_port(&self, port: u16) -> bool {
+        self.port.is_none_or(|p| p == port)
     }
 }

@@ -11,8 +11,10 @@ use crate::quota::{Quota, QuotaExceeded};
 use crate::share::Share;
 use crate::snapshot::Snapshot;
 use crate::time::Timestamp;
+use crate::token::TokenHash;
 use crate::user::{ApiKey, Handle, SshPublicKey, User, UserId};
 use crate::vm::{VmId, VmRecord};
+use crate::web::WebToken;
 
 /// What a store guarantees.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -274,6 +276,27 @@ pub trait StateStore: Send + Sync {
         secret: &str,
         now: Timestamp,
     ) -> Result<Option<Invite>, StoreError>;
+
+    // ---- web tokens ----
+
+    /// Stores a web token (sign-in link, session, host ticket), replacing one with
+    /// the same hash.
+    async fn put_web_token(&self, token: &WebToken) -> Result<(), StoreError>;
+    /// The web token with `hash`, expired or not.
+    async fn get_web_token(&self, hash: &TokenHash) -> Result<Option<WebToken>, StoreError>;
+    /// Removes and returns the web token with `hash`, in one transaction: of
+    /// concurrent calls with one hash, exactly one gets it (single-use links and
+    /// tickets).
+    async fn take_web_token(&self, hash: &TokenHash) -> Result<Option<WebToken>, StoreError>;
+    /// Deletes `user`'s web tokens: every one when `parent` is `None`, else those
+    /// handed from the session whose hash is `parent`. How many.
+    async fn delete_web_tokens(
+        &self,
+        user: UserId,
+        parent: Option<&TokenHash>,
+    ) -> Result<usize, StoreError>;
+    /// Deletes every web token expired at `now`; how many.
+    async fn purge_web_tokens(&self, now: Timestamp) -> Result<usize, StoreError>;
 
     // ---- events ----
 

@@ -173,6 +173,10 @@ pub struct VmRecord {
     /// fingerprint: the same restore asked again returns the VM as it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restored_with: Option<Idempotency>,
+    /// The port `https://NAME.domain` reaches in the guest (`share port`); 80 when
+    /// `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_port: Option<u16>,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -208,9 +212,15 @@ impl VmRecord {
             restore_into: None,
             idempotency: None,
             restored_with: None,
+            http_port: None,
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// The port `https://NAME.domain` reaches in the guest.
+    pub fn default_http_port(&self) -> u16 {
+        self.http_port.unwrap_or(crate::gateway::DEFAULT_HTTP_PORT)
     }
 
     /// The guest's address, when it has one.

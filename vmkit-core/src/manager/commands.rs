@@ -103,6 +103,9 @@ pub struct ShareView {
     pub with: ShareWithView,
     /// What it grants.
     pub access: Access,
+    /// The one web port it grants; every port when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
     /// When it was made.
     pub created_at: Timestamp,
     /// The link's secret, answered once when the link is made and never again.
@@ -133,6 +136,7 @@ impl ShareView {
                 ShareTarget::Public => ShareWithView::Public,
             },
             access: share.access,
+            port: share.port,
             created_at: share.created_at,
             secret: None,
         }
@@ -591,6 +595,30 @@ impl Commands {
         with: ShareWith,
         access: Access,
     ) -> Result<ShareView, ManagerError> {
+        self.share_port(name, with, access, None).await
+    }
+
+    /// Shares a VM, web port `port` only when given (for [`Access::Http`]). A link
+    /// share answers its secret, once.
+    pub async fn share_port(
+        &self,
+        name: &VmName,
+        with: ShareWith,
+        access: Access,
+        port: Option<u16>,
+    ) -> Result<ShareView, ManagerError> {
+        if port.is_some() && access != Access::Http {
+            return Err(ManagerError::InvalidRequest(
+                "only web access is shared per port; leave out the port for SSH or manage \
+                 access"
+                    .into(),
+            ));
+        }
+        if port == Some(0) {
+            return Err(ManagerError::InvalidRequest(
+                "port 0 is not a port; give one from 1 to 65535".into(),
+            ));
+        }
         let vm = self.vm(Action::Share, name).await?;
         let store = &self.manager.inner.backends.store;
         let (target, secret) = match with {
@@ -606,7 +634,8 @@ impl Commands {
                 (ShareTarget::Link(TokenHash::of(&secret)), Some(secret))
             }
         };
-        let share = Share::new(vm.id, target, access);
+        let mut share = Share::new(vm.id, target, access);
+        share.port = port;
         // Held across the write: a VM deleted meanwhile keeps no share.
         let _guard = self.manager.lock(name).await;
         if self
@@ -631,6 +660,18 @@ impl Commands {
         with: &ShareWithView,
         access: Option<Access>,
     ) -> Result<usize, ManagerError> {
+        self.unshare_port(name, with, access, None).await
+    }
+
+    /// As [`Commands::unshare`], only the shares of web port `port` when given
+    /// (every share, whatever its port, when `None`).
+    pub async fn unshare_port(
+        &self,
+        name: &VmName,
+        with: &ShareWithView,
+        access: Option<Access>,
+        port: Option<u16>,
+    ) -> Result<usize, ManagerError> {
         let vm = self.vm(Action::Share, name).await?;
         let store = &self.manager.inner.backends.store;
         let mut removed = 0;
@@ -643,12 +684,108 @@ impl Commands {
             };
             if matches
                 && access.is_none_or(|a| a == share.access)
+                && port.is_none_or(|p| share.port == Some(p))
                 && store.remove_share(&share).await?
             {
                 removed += 1;
             }
         }
         Ok(removed)
+    }
+
+    /// Sets the port `https://NAME.domain` reaches in the guest (`None`: 80). The
+    /// VM's owner only, as sharing is.
+    pub async fn set_http_port(
+        &self,
+        name: &VmName,
+        port: Option<u16>,
+    ) -> Result<VmView, ManagerError> {
+        if port == Some(0) {
+            return Err(ManagerError::InvalidRequest(
+                "port 0 is not a port; give one from 1 to 65535".into(),
+            ));
+        }
+        let vm = self.vm(Action::Share, name).await?;
+        let store = &self.manager.inner.backends.store;
+        let _guard = self.manager.lock(name).await;
+        let mut current = store
+            .get_vm(name)
+            .await?
+            .filter(|v| v.id == vm.id)
+            .ok_or_else(|| ManagerError::NotFound(name.clone()))?;
+        current.http_port = port.filter(|p| *p != crate::gateway::DEFAULT_HTTP_PORT);
+        current.updated_at = Timestamp::now();
+        store.update_vm(&current).await?;
+        Ok(VmView::of(&current, &self.caller))
+    }
+
+    /// Turns a share link the caller holds into a lasting share with them: a share
+    /// with the caller of what the link's share of `name` grants (the same access
+    /// and port). The link itself stays. `None` when `secret` is no link of the VM.
+    pub async fn accept_share_link(
+        &self,
+        name: &VmName,
+        secret: &str,
+    ) -> Result<Option<ShareView>, ManagerError> {
+        let Some(user) = self.caller.owner() else {
+            return Err(ManagerError::Denied(Denied::SignInRequired {
+                action: Action::Share,
+            }));
+        };
+        let store = &self.manager.inner.backends.store;
+        let Some(vm) = store.get_vm(name).await? else {
+            return Ok(None);
+        };
+        let hash = TokenHash::of(secret);
+        let Some(link) = store
+            .shares(vm.id)
+            .await?
+            .into_iter()
+            .find(|s| matches!(&s.target, ShareTarget::Link(h) if *h == hash))
+        else {
+            return Ok(None);
+        };
+        if vm.owner == user {
+            return Ok(Some(ShareView::of(name, &link)));
+        }
+        let mut share = Share::new(vm.id, ShareTarget::User(user), link.access);
+        share.port = link.port;
+        let _guard = self.manager.lock(name).await;
+        match store.get_vm(name).await? {
+            Some(v) if v.id == vm.id => {}
+            _ => return Ok(None),
+        }
+        store.put_share(&share).await?;
+        Ok(Some(ShareView::of(name, &share)))
+    }
+
+    /// A one-time link's secret that signs the caller's browser in
+    /// (`ssh HOST browser`); see [`WebSessions`](crate::WebSessions).
+    pub async fn sign_in_link(&self) -> Result<String, ManagerError> {
+        let Some(user) = self.caller_now().await?.owner() else {
+            return Err(ManagerError::Denied(Denied::SignInRequired {
+                action: Action::Share,
+            }));
+        };
+        Ok(
+            crate::web::WebSessions::new(self.manager.inner.backends.store.clone())
+                .sign_in_link(user)
+                .await?,
+        )
+    }
+
+    /// Signs the caller out of every browser session; how many ended.
+    pub async fn sign_out_everywhere(&self) -> Result<usize, ManagerError> {
+        let Some(user) = self.caller_now().await?.owner() else {
+            return Err(ManagerError::Denied(Denied::SignInRequired {
+                action: Action::Share,
+            }));
+        };
+        Ok(
+            crate::web::WebSessions::new(self.manager.inner.backends.store.clone())
+                .sign_out_everywhere(user)
+                .await?,
+        )
     }
 
     /// A VM's shares.

@@ -40,6 +40,7 @@ struct State {
     snapshots: BTreeMap<VmName, Snapshot>,
     events: std::collections::VecDeque<Event>,
     invites: BTreeMap<String, Invite>,
+    web_tokens: std::collections::HashMap<crate::token::TokenHash, crate::web::WebToken>,
     /// The lowest id [`StateStore::create_user`] may hand out.
     next_user_id: u64,
 }
@@ -354,7 +355,10 @@ impl StateStore for MemoryStore {
     async fn put_share(&self, share: &Share) -> Result<(), StoreError> {
         let mut s = self.write("store.put_share")?;
         s.shares.retain(|x| {
-            !(x.vm == share.vm && x.target == share.target && x.access == share.access)
+            !(x.vm == share.vm
+                && x.target == share.target
+                && x.access == share.access
+                && x.port == share.port)
         });
         s.shares.push(share.clone());
         Ok(())
@@ -364,7 +368,10 @@ impl StateStore for MemoryStore {
         let mut s = self.write("store.remove_share")?;
         let before = s.shares.len();
         s.shares.retain(|x| {
-            !(x.vm == share.vm && x.target == share.target && x.access == share.access)
+            !(x.vm == share.vm
+                && x.target == share.target
+                && x.access == share.access
+                && x.port == share.port)
         });
         Ok(s.shares.len() != before)
     }
@@ -530,6 +537,46 @@ impl StateStore for MemoryStore {
             return Ok(None);
         };
         Ok(s.invites.remove(&id).filter(|i| !i.is_expired(now)))
+    }
+
+    async fn put_web_token(&self, token: &crate::web::WebToken) -> Result<(), StoreError> {
+        self.write("store.put_web_token")?
+            .web_tokens
+            .insert(token.hash, token.clone());
+        Ok(())
+    }
+
+    async fn get_web_token(
+        &self,
+        hash: &crate::token::TokenHash,
+    ) -> Result<Option<crate::web::WebToken>, StoreError> {
+        Ok(self.read().web_tokens.get(hash).cloned())
+    }
+
+    async fn take_web_token(
+        &self,
+        hash: &crate::token::TokenHash,
+    ) -> Result<Option<crate::web::WebToken>, StoreError> {
+        Ok(self.write("store.take_web_token")?.web_tokens.remove(hash))
+    }
+
+    async fn delete_web_tokens(
+        &self,
+        user: UserId,
+        parent: Option<&crate::token::TokenHash>,
+    ) -> Result<usize, StoreError> {
+        let mut s = self.write("store.delete_web_tokens")?;
+        let before = s.web_tokens.len();
+        s.web_tokens
+            .retain(|_, t| t.user != user || (parent.is_some() && t.parent.as_ref() != parent));
+        Ok(before - s.web_tokens.len())
+    }
+
+    async fn purge_web_tokens(&self, now: Timestamp) -> Result<usize, StoreError> {
+        let mut s = self.write("store.purge_web_tokens")?;
+        let before = s.web_tokens.len();
+        s.web_tokens.retain(|_, t| !t.is_expired(now));
+        Ok(before - s.web_tokens.len())
     }
 
     async fn append_event(

@@ -1253,6 +1253,7 @@ where
     store_user_delete(&*make().await).await;
     store_invites(&*make().await).await;
     store_concurrent_invite_use(make().await).await;
+    store_web_sessions(make().await).await;
 }
 
 fn handle(h: &str) -> Handle {
@@ -1543,6 +1544,195 @@ pub async fn store_concurrent_invite_use(store: Arc<dyn StateStore>) {
         }
     }
     assert_eq!(got, 1, "exactly one of 20 concurrent uses gets the invite");
+}
+
+/// Browser sign-in over the store: a link signs in once, a ticket is bound to its
+/// host and used once, host sessions end with the session they came from, and a
+/// suspended user's cookies stop working.
+pub async fn store_web_sessions(store: Arc<dyn StateStore>) {
+    use crate::web::{WebSessions, WebTokenKind};
+    let alice = User::new(UserId(1), handle("alice"));
+    store.put_user(&alice).await.expect("put user");
+    let web = WebSessions::new(Arc::clone(&store));
+
+    let link = web.sign_in_link(alice.id).await.expect("link");
+    assert!(link.starts_with(WebTokenKind::SignInLink.prefix()));
+    let (session, user) = web
+        .redeem_sign_in_link(&link)
+        .await
+        .expect("redeem")
+        .expect("a fresh link signs in");
+    assert_eq!(user.id, alice.id);
+    assert!(
+        web.redeem_sign_in_link(&link)
+            .await
+            .expect("redeem")
+            .is_none(),
+        "a link signs in once"
+    );
+    assert_eq!(
+        web.user(&session, None).await.expect("user").map(|u| u.id),
+        Some(alice.id)
+    );
+    // A session is not a host session, and the reverse.
+    assert!(
+        web.user(&session, Some("web.vm.test"))
+            .await
+            .expect("user")
+            .is_none()
+    );
+
+    let ticket = web
+        .host_ticket(&session, "WEB.vm.test.")
+        .await
+        .expect("ticket")
+        .expect("a session gets tickets");
+    assert!(
+        web.redeem_host_ticket(&ticket, "other.vm.test")
+            .await
+            .expect("redeem")
+            .is_none(),
+        "a ticket is bound to its host"
+    );
+    // A try on another host used it up: tickets are single-use whatever happens.
+    assert!(
+        web.redeem_host_ticket(&ticket, "web.vm.test")
+            .await
+            .expect("redeem")
+            .is_none()
+    );
+    let ticket = web
+        .host_ticket(&session, "web.vm.test")
+        .await
+        .expect("ticket")
+        .expect("ticket");
+    let host_session = web
+        .redeem_host_ticket(&ticket, "web.vm.test")
+        .await
+        .expect("redeem")
+        .expect("a ticket on its host makes a host session");
+    assert!(
+        web.redeem_host_ticket(&ticket, "web.vm.test")
+            .await
+            .expect("redeem")
+            .is_none()
+    );
+    assert_eq!(
+        web.user(&host_session, Some("web.vm.test"))
+            .await
+            .expect("user")
+            .map(|u| u.id),
+        Some(alice.id)
+    );
+    assert!(
+        web.user(&host_session, Some("other.vm.test"))
+            .await
+            .expect("user")
+            .is_none()
+    );
+    assert!(web.user(&host_session, None).await.expect("user").is_none());
+    assert!(
+        web.host_ticket(&host_session, "x.vm.test")
+            .await
+            .expect("ticket")
+            .is_none()
+    );
+
+    // Suspended: every cookie stops working; resumed: they work again.
+    let mut suspended = alice.clone();
+    suspended.status = UserStatus::Suspended;
+    store.put_user(&suspended).await.expect("suspend");
+    assert!(web.user(&session, None).await.expect("user").is_none());
+    assert!(
+        web.user(&host_session, Some("web.vm.test"))
+            .await
+            .expect("user")
+            .is_none()
+    );
+    store.put_user(&alice).await.expect("resume");
+
+    // Signing out of the apex session ends the host sessions handed from it.
+    assert!(web.sign_out(&session).await.expect("sign out"));
+    assert!(web.user(&session, None).await.expect("user").is_none());
+    assert!(
+        web.user(&host_session, Some("web.vm.test"))
+            .await
+            .expect("user")
+            .is_none()
+    );
+    assert!(!web.sign_out(&session).await.expect("sign out"));
+
+    // Everywhere: every token of the user, and only theirs.
+    let bob = User::new(UserId(2), handle("bob"));
+    store.put_user(&bob).await.expect("put user");
+    let a1 = web.sign_in_link(alice.id).await.expect("link");
+    let (a1, _) = web
+        .redeem_sign_in_link(&a1)
+        .await
+        .expect("redeem")
+        .expect("session");
+    let b1 = web.sign_in_link(bob.id).await.expect("link");
+    let (b1, _) = web
+        .redeem_sign_in_link(&b1)
+        .await
+        .expect("redeem")
+        .expect("session");
+    assert!(web.sign_out_everywhere(alice.id).await.expect("everywhere") >= 1);
+    assert!(web.user(&a1, None).await.expect("user").is_none());
+    assert!(web.user(&b1, None).await.expect("user").is_some());
+
+    // Expired tokens are refused and purged.
+    let short = WebSessions::new(Arc::clone(&store)).with_ttls(crate::web::WebTtls {
+        sign_in_link: Duration::ZERO,
+        ..Default::default()
+    });
+    let stale = short.sign_in_link(bob.id).await.expect("link");
+    assert!(
+        short
+            .redeem_sign_in_link(&stale)
+            .await
+            .expect("redeem")
+            .is_none()
+    );
+    let stale = short.sign_in_link(bob.id).await.expect("link");
+    assert!(
+        store
+            .purge_web_tokens(Timestamp::now())
+            .await
+            .expect("purge")
+            >= 1
+    );
+    assert!(
+        store
+            .get_web_token(&crate::token::TokenHash::of(&stale))
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        web.user(&b1, None).await.expect("user").is_some(),
+        "live sessions stay"
+    );
+
+    // Twenty concurrent uses of one link: exactly one signs in.
+    let link = web.sign_in_link(bob.id).await.expect("link");
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let web = web.clone();
+            let link = link.clone();
+            tokio::spawn(async move { web.redeem_sign_in_link(&link).await })
+        })
+        .collect();
+    let mut got = 0;
+    for task in tasks {
+        if task.await.expect("task").expect("redeem").is_some() {
+            got += 1;
+        }
+    }
+    assert_eq!(
+        got, 1,
+        "exactly one of 20 concurrent uses of a link signs in"
+    );
 }
 
 /// Snapshot records: unique names, lookup, listing by owner, delete.

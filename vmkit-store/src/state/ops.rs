@@ -8,14 +8,14 @@ use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use vmkit_core::{
     ApiKey, Event, EventRetention, Handle, Invite, IpLease, IpPool, NewEvent, Quota, Share,
     ShareTarget, Snapshot, SshPublicKey, StateStore, StoreCapabilities, StoreError, Timestamp,
-    UidRange, Usage, User, UserId, VmId, VmName, VmRecord,
+    TokenHash, UidRange, Usage, User, UserId, VmId, VmName, VmRecord, WebToken,
 };
 
 use super::RedbStore;
 use super::tables::{
     API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
     SHARES, SNAPSHOTS, SSH_KEYS, StoredKey, UID_BY_VM, UIDS, USER_HANDLES, USERS, VM_NAMES, VMS,
-    decode, encode, share_key,
+    WEB_TOKENS, decode, encode, share_key,
 };
 
 /// The user with id `id`, read through any table handle of [`USERS`].
@@ -380,6 +380,30 @@ fn allocate_uid(txn: &WriteTransaction, vm: VmId, range: &UidRange) -> Result<u3
         .insert(vm.as_u64(), candidate)
         .context("cannot write table uid_by_vm")?;
     Ok(candidate)
+}
+
+/// Deletes the web tokens `keep` says no to; how many.
+fn retain_web_tokens(
+    txn: &redb::WriteTransaction,
+    keep: impl Fn(&WebToken) -> bool,
+) -> Result<usize, StoreError> {
+    let mut tokens = txn
+        .open_table(WEB_TOKENS)
+        .context("cannot open table web_tokens")?;
+    let mut doomed = Vec::new();
+    for entry in tokens.iter().context("cannot read table web_tokens")? {
+        let (key, bytes) = entry.context("cannot read table web_tokens")?;
+        let token: WebToken = decode(bytes.value(), format_args!("web token {}", key.value()))?;
+        if !keep(&token) {
+            doomed.push(key.value().to_owned());
+        }
+    }
+    for key in &doomed {
+        tokens
+            .remove(key.as_str())
+            .context("cannot write table web_tokens")?;
+    }
+    Ok(doomed.len())
 }
 
 #[async_trait]
@@ -1180,6 +1204,84 @@ impl StateStore for RedbStore {
                 .remove(invite.id.as_str())
                 .context("cannot write table invites")?;
             Ok((!invite.is_expired(now)).then_some(invite))
+        })
+        .await
+    }
+
+    // ---- web tokens ----
+
+    async fn put_web_token(&self, token: &WebToken) -> Result<(), StoreError> {
+        let key = token.hash.to_hex();
+        let bytes = encode(token, "a web token")?;
+        self.write("put_web_token", move |txn| {
+            let mut tokens = txn
+                .open_table(WEB_TOKENS)
+                .context("cannot open table web_tokens")?;
+            tokens
+                .insert(key.as_str(), bytes.as_slice())
+                .context("cannot write table web_tokens")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_web_token(&self, hash: &TokenHash) -> Result<Option<WebToken>, StoreError> {
+        let key = hash.to_hex();
+        self.read("get_web_token", move |txn| {
+            let tokens = txn
+                .open_table(WEB_TOKENS)
+                .context("cannot open table web_tokens")?;
+            match tokens
+                .get(key.as_str())
+                .context("cannot read table web_tokens")?
+            {
+                Some(bytes) => Ok(Some(decode(
+                    bytes.value(),
+                    format_args!("web token {key}"),
+                )?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn take_web_token(&self, hash: &TokenHash) -> Result<Option<WebToken>, StoreError> {
+        let key = hash.to_hex();
+        self.write("take_web_token", move |txn| {
+            let mut tokens = txn
+                .open_table(WEB_TOKENS)
+                .context("cannot open table web_tokens")?;
+            let removed = tokens
+                .remove(key.as_str())
+                .context("cannot write table web_tokens")?;
+            match removed {
+                Some(bytes) => Ok(Some(decode(
+                    bytes.value(),
+                    format_args!("web token {key}"),
+                )?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn delete_web_tokens(
+        &self,
+        user: UserId,
+        parent: Option<&TokenHash>,
+    ) -> Result<usize, StoreError> {
+        let parent = parent.copied();
+        self.write("delete_web_tokens", move |txn| {
+            retain_web_tokens(txn, |t| {
+                t.user != user || (parent.is_some() && t.parent != parent)
+            })
+        })
+        .await
+    }
+
+    async fn purge_web_tokens(&self, now: Timestamp) -> Result<usize, StoreError> {
+        self.write("purge_web_tokens", move |txn| {
+            retain_web_tokens(txn, |t| !t.is_expired(now))
         })
         .await
     }

@@ -15,14 +15,14 @@ use vmkit_core::{Handle, IpLease, StoreError, User, VmRecord};
 use super::tables::{
     API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
     SCHEMA_VERSION_KEY, SHARES, SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USER_HANDLES, USERS,
-    VM_NAMES, VMS, decode, encode,
+    VM_NAMES, VMS, WEB_TOKENS, decode, encode,
 };
 
 /// One migration step: changes the layout of version `n` into that of `n + 1`.
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Every step, in order: entry `n` migrates from version `n`.
-pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4];
+pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4, v4_to_v5];
 
 /// The layout version this build writes.
 pub(super) const CURRENT: u64 = MIGRATIONS.len() as u64;
@@ -133,6 +133,13 @@ fn v0_to_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
             )));
         }
     }
+    Ok(())
+}
+
+/// 4 → 5: adds the web tokens table (browser sign-in).
+fn v4_to_v5(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(WEB_TOKENS)
+        .context("cannot create table web_tokens")?;
     Ok(())
 }
 

@@ -56,6 +56,9 @@ pub(super) const API_KEYS: TableDefinition<'static, &str, &[u8]> = TableDefiniti
 /// Snapshot name → `Snapshot` (schema version 2).
 pub(super) const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> =
     TableDefinition::new("snapshots");
+/// Token hash (64 hex digits) → `WebToken` (schema version 5).
+pub(super) const WEB_TOKENS: TableDefinition<'static, &str, &[u8]> =
+    TableDefinition::new("web_tokens");
 /// Sequence number → `Event`.
 pub(super) const EVENTS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("events");
 
@@ -70,8 +73,12 @@ pub(super) struct StoredKey {
 
 /// The second half of a share's key: what makes two shares of a VM the same share.
 pub(super) fn share_key(share: &vmkit_core::Share) -> Result<String, StoreError> {
-    serde_json::to_string(&(&share.target, share.access))
-        .map_err(|e| StoreError::backend("cannot encode the key of a share", e))
+    // Shares of every port keep the key they had before shares had ports.
+    match share.port {
+        None => serde_json::to_string(&(&share.target, share.access)),
+        Some(port) => serde_json::to_string(&(&share.target, share.access, port)),
+    }
+    .map_err(|e| StoreError::backend("cannot encode the key of a share", e))
 }
 
 /// The JSON encoding of `value`, a `what` (for the error message).
