@@ -388,6 +388,18 @@ impl HttpsEdge {
                             encode(&next)
                         ),
                     ),
+                    // Not signed in, and signing in is optional (a share link
+                    // visitor): straight back, without the link in the URL.
+                    Ok(None) if query(req.uri(), "optional").is_some() => {
+                        let back = next
+                            .parse::<Uri>()
+                            .map(|u| without_query(&u, "share"))
+                            .unwrap_or_else(|_| "/".into());
+                        redirect(
+                            StatusCode::SEE_OTHER,
+                            &format!("{}{back}", inner.config.origin(&target)),
+                        )
+                    }
                     Ok(None) => html(StatusCode::OK, self.sign_in_page(Some(&target))),
                     Err(e) => internal(e),
                 }
@@ -526,20 +538,35 @@ impl HttpsEdge {
                     return self.forward(req, host, peer, holder, routed).await;
                 }
                 let target = without_query(req.uri(), "share");
-                let mut r = redirect(StatusCode::SEE_OTHER, &target);
-                match &user {
-                    Some(signed_in) => {
-                        let commands = inner.manager.commands(signed_in.clone());
-                        match commands
-                            .accept_share_link(&routed.upstream.name, &link)
-                            .await
-                        {
-                            Ok(_) => {}
-                            Err(e) => tracing::warn!(error = %e, "accepting a share link failed"),
-                        }
+                if let Some(signed_in) = &user {
+                    let commands = inner.manager.commands(signed_in.clone());
+                    if let Err(e) = commands
+                        .accept_share_link(&routed.upstream.name, &link)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "accepting a share link failed");
                     }
-                    None => add_cookie(&mut r, SHARE_COOKIE, &link, inner.sessions.ttls().session),
+                    return redirect(StatusCode::SEE_OTHER, &target);
                 }
+                // Not signed in on this host: the link works from now on (a
+                // cookie), and a visitor signed in on the apex is signed in here on
+                // the way, so that the link becomes theirs.
+                let config = &inner.config;
+                let next = req
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("/");
+                let mut r = redirect(
+                    StatusCode::SEE_OTHER,
+                    &format!(
+                        "{}/__vmkit/auth?host={}&next={}&optional=1",
+                        config.origin(&config.domain),
+                        encode(host),
+                        encode(next)
+                    ),
+                );
+                add_cookie(&mut r, SHARE_COOKIE, &link, inner.sessions.ttls().session);
                 return r;
             }
         }
