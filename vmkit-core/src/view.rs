@@ -55,6 +55,9 @@ pub struct VmView {
     /// reads what went wrong; others read that it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quarantined: Option<String>,
+    /// The port `https://NAME.domain` reaches in the guest.
+    #[serde(default = "default_http_port")]
+    pub http_port: u16,
     /// Creation time.
     pub created_at: Timestamp,
     /// Last change.
@@ -63,6 +66,10 @@ pub struct VmView {
     /// for admins only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<VmResources>,
+}
+
+fn default_http_port() -> u16 {
+    crate::gateway::DEFAULT_HTTP_PORT
 }
 
 impl VmView {
@@ -89,6 +96,7 @@ impl VmView {
                 true => reason.clone(),
                 false => "the host could not settle it; only a delete is accepted".into(),
             }),
+            http_port: vm.default_http_port(),
             created_at: vm.created_at,
             updated_at: vm.updated_at,
             resources: admin.then(|| vm.resources.clone()),

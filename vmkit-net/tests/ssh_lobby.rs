@@ -1143,6 +1143,78 @@ async fn shares_are_shown_made_and_taken_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ports_are_shared_one_by_one_and_browser_prints_a_sign_in_link() {
+    let lobby = Lobby::start_with(|config| config.https_port(8443)).await;
+    let alice = lobby.user(1, "alice").await;
+    let made = ok_text(&lobby.ssh(&alice, &["new", "--name", "web"]).await);
+    assert!(made.contains("https://web.vm.test:8443/"), "{made}");
+
+    let default = ok_text(&lobby.ssh(&alice, &["share", "web", "port"]).await);
+    assert!(default.contains("reaches port 80 of web"), "{default}");
+    let set = ok_json(
+        &lobby
+            .ssh(&alice, &["share", "web", "port", "3000", "--json"])
+            .await,
+    );
+    assert_eq!(set["port"], 3000);
+    let public = ok_text(
+        &lobby
+            .ssh(&alice, &["share", "web", "public", "--port", "8080"])
+            .await,
+    );
+    assert!(
+        public.contains("port 8080: https://web--8080.vm.test:8443/"),
+        "{public}"
+    );
+    let link = ok_text(
+        &lobby
+            .ssh(&alice, &["share", "web", "link", "--port", "8080"])
+            .await,
+    );
+    assert!(
+        link.contains("https://web--8080.vm.test:8443/?share=vms_"),
+        "{link}"
+    );
+    let shown = ok_text(&lobby.ssh(&alice, &["share", "web"]).await);
+    assert!(shown.contains("public\thttp\tport 8080"), "{shown}");
+    let ssh_port = lobby
+        .ssh(
+            &alice,
+            &[
+                "share", "web", "public", "--access", "ssh", "--port", "22", "--json",
+            ],
+        )
+        .await;
+    assert!(!ssh_port.status.success());
+    assert_eq!(json(&ssh_port)["code"], "invalid_request");
+    let private = ok_text(
+        &lobby
+            .ssh(&alice, &["share", "web", "private", "--port", "8080"])
+            .await,
+    );
+    assert!(private.contains("1 taken back"), "{private}");
+
+    let browser = ok_text(&lobby.ssh(&alice, &["browser"]).await);
+    let url = browser
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap();
+    let token = url
+        .strip_prefix("https://vm.test:8443/__vmkit/login?token=")
+        .unwrap();
+    let web = vmkit_core::WebSessions::new(lobby.host.store.clone());
+    let (_session, user) = web.redeem_sign_in_link(token).await.unwrap().unwrap();
+    assert_eq!(user.handle.as_str(), "alice");
+    let out = ok_json(
+        &lobby
+            .ssh(&alice, &["browser", "--sign-out", "--json"])
+            .await,
+    );
+    assert_eq!(out["signed_out"], 1);
+    lobby.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_cannot_copy_snapshot_share_or_read_another_users_vm() {
     let lobby = Lobby::start().await;
     let alice = lobby.user(1, "alice").await;

@@ -74,6 +74,9 @@ pub struct LobbyContext {
     pub public_host: String,
     /// The fingerprint of the key the session signed in with (`whoami` marks it).
     pub current_key: Option<String>,
+    /// The HTTPS port of the VMs' and the sign-in URLs (443 is left out); `None`
+    /// when no HTTPS edge serves them (`browser` then says so).
+    pub https_port: Option<u16>,
 }
 
 /// A session signed in with a key nobody registered, under a registration policy
@@ -118,9 +121,33 @@ impl LobbyContext {
         format!("ssh {}{name}@{}", self.port_option(), self.public_host)
     }
 
+    /// `https://host[:port]`.
+    fn origin(&self, host: &str) -> String {
+        match self.https_port {
+            Some(443) | None => format!("https://{host}"),
+            Some(port) => format!("https://{host}:{port}"),
+        }
+    }
+
     /// The HTTPS address VM `name` has.
     pub fn https_url(&self, name: &VmName) -> String {
-        format!("https://{name}.{}/", self.domain)
+        format!("{}/", self.origin(&format!("{name}.{}", self.domain)))
+    }
+
+    /// The HTTPS address of port `port` of VM `name` (`NAME--PORT.domain`).
+    pub fn https_port_url(&self, name: &VmName, port: Option<u16>) -> String {
+        match port {
+            Some(port) => format!(
+                "{}/",
+                self.origin(&format!("{name}--{port}.{}", self.domain))
+            ),
+            None => self.https_url(name),
+        }
+    }
+
+    /// The URL that signs a browser in with a sign-in link's secret.
+    pub fn sign_in_url(&self, secret: &str) -> String {
+        format!("{}/__vmkit/login?token={secret}", self.origin(&self.domain))
     }
 
     /// The OpenSSH client configuration with which `ssh NAME.domain` reaches VM
@@ -184,7 +211,12 @@ Commands:
   share NAME add HANDLE [--access A]
                                share with the user HANDLE
   share NAME rm HANDLE         take back the shares with the user HANDLE
-  share NAME link [--access A] make a link; its secret is printed once
+  share NAME link [--access A] make a link; it is printed once
+  share NAME port [PORT]       the port https://NAME.domain reaches (80)
+                               (--port P on public, private, add and link:
+                               port P only, at https://NAME--P.domain)
+  browser [--sign-out]         a one-time link that signs your browser in
+                               (--sign-out: sign every browser out)
   ssh-key ls|add|rm            your SSH keys (add reads the key line from an
                                argument or from stdin)
   ssh-config                   the ~/.ssh/config lines for `ssh NAME.domain`
@@ -216,6 +248,9 @@ Examples:
   ssh HOST share web public
   ssh HOST share web add bob --access ssh
   ssh HOST share web link
+  ssh HOST share web public --port 8080
+  ssh HOST share web port 3000
+  ssh HOST browser
 ";
 
 #[derive(Parser, Debug)]
@@ -363,6 +398,14 @@ enum LobbyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A one-time link that signs your browser in.
+    Browser {
+        /// Signs every browser out instead.
+        #[arg(long)]
+        sign_out: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// The OpenSSH client configuration for `ssh NAME.domain`.
     #[command(name = "ssh-config")]
     SshConfig {
@@ -426,14 +469,24 @@ enum ShareCommand {
     Public {
         #[arg(long, value_enum, default_value_t)]
         access: AccessArg,
+        /// One web port only.
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Takes back the shares with everyone.
-    Private,
+    Private {
+        /// Only those of one web port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
     /// Shares the VM with a user.
     Add {
         handle: String,
         #[arg(long, value_enum, default_value_t)]
         access: AccessArg,
+        /// One web port only.
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Takes back the shares with a user.
     Rm { handle: String },
@@ -441,7 +494,12 @@ enum ShareCommand {
     Link {
         #[arg(long, value_enum, default_value_t)]
         access: AccessArg,
+        /// One web port only.
+        #[arg(long)]
+        port: Option<u16>,
     },
+    /// Shows, or sets, the port `https://NAME.domain` reaches (80 by default).
+    Port { port: Option<u16> },
 }
 
 /// How much of the console `logs` prints unless `--bytes` says otherwise.
@@ -861,6 +919,31 @@ async fn execute(
             }
             .pipe(Output::ok)
         }
+        LobbyCommand::Browser { sign_out, json } => if sign_out {
+            let ended = commands.sign_out_everywhere().await?;
+            match json {
+                true => json_line(&serde_json::json!({ "signed_out": ended })),
+                false => format!("signed out of every browser ({ended} sessions ended)\n"),
+            }
+        } else if context.https_port.is_none() {
+            return Err(LobbyError::Lobby {
+                message: "this host serves no HTTPS; its operator turns it on with \
+                              [https] listen"
+                    .into(),
+                code: "https_off",
+            });
+        } else {
+            let secret = commands.sign_in_link().await?;
+            let url = context.sign_in_url(&secret);
+            match json {
+                true => json_line(&serde_json::json!({ "url": url, "expires_in_secs": 600 })),
+                false => format!(
+                    "Open this link within 10 minutes to sign your browser in (it works \
+                         once):\n{url}\n"
+                ),
+            }
+        }
+        .pipe(Output::ok),
         LobbyCommand::SshConfig { json } => {
             // Only a signed-in user can use it: ask who they are first.
             commands.whoami().await?;
@@ -1116,7 +1199,7 @@ async fn execute(
         }
         LobbyCommand::Share { name, action, json } => {
             let name = context.vm_name(&name)?;
-            share(commands, users, &name, action, json).await?
+            share(commands, context, users, &name, action, json).await?
         }
         LobbyCommand::SshKey(SshKeyCommand::Ls { json }) => {
             let keys = commands.ssh_keys().await?;
@@ -1193,9 +1276,18 @@ async fn user_id(users: &Manager, handle: &str) -> Result<UserId, ManagerError> 
     Ok(users.user(&handle).await?.id)
 }
 
+/// `, port P: URL` for a share of one port.
+fn port_note(context: &LobbyContext, name: &VmName, port: Option<u16>) -> String {
+    match port {
+        Some(p) => format!(", port {p}: {}", context.https_port_url(name, Some(p))),
+        None => String::new(),
+    }
+}
+
 /// `share NAME [ACTION]`.
 async fn share(
     commands: &Commands,
+    context: &LobbyContext,
     users: &Manager,
     name: &VmName,
     action: Option<ShareCommand>,
@@ -1229,39 +1321,52 @@ async fn share(
                 }
                 false => current
                     .iter()
-                    .map(|s| format!("{}\t{}\n", who(s), access_name(s.access)))
+                    .map(|s| match s.port {
+                        Some(port) => {
+                            format!("{}\t{}\tport {port}\n", who(s), access_name(s.access))
+                        }
+                        None => format!("{}\t{}\n", who(s), access_name(s.access)),
+                    })
                     .collect(),
             }
         }
-        Some(ShareCommand::Public { access }) => {
+        Some(ShareCommand::Public { access, port }) => {
             let view = commands
-                .share(name, ShareWith::Public, access.into())
+                .share_port(name, ShareWith::Public, access.into(), port)
                 .await?;
             match json {
                 true => json_line(&view),
                 false => format!(
-                    "{name} is shared with everyone ({})\n",
-                    access_name(view.access)
+                    "{name} is shared with everyone ({}{})\n",
+                    access_name(view.access),
+                    port_note(context, name, port)
                 ),
             }
         }
-        Some(ShareCommand::Private) => {
-            let removed = commands.unshare(name, &ShareWithView::Public, None).await?;
+        Some(ShareCommand::Private { port }) => {
+            let removed = commands
+                .unshare_port(name, &ShareWithView::Public, None, port)
+                .await?;
             match json {
                 true => json_line(&serde_json::json!({ "vm": name, "removed": removed })),
                 false => format!("{name} is not shared with everyone ({removed} taken back)\n"),
             }
         }
-        Some(ShareCommand::Add { handle, access }) => {
+        Some(ShareCommand::Add {
+            handle,
+            access,
+            port,
+        }) => {
             let user = user_id(users, &handle).await?;
             let view = commands
-                .share(name, ShareWith::User(user), access.into())
+                .share_port(name, ShareWith::User(user), access.into(), port)
                 .await?;
             match json {
                 true => json_line(&view),
                 false => format!(
-                    "{name} is shared with {handle} ({})\n",
-                    access_name(view.access)
+                    "{name} is shared with {handle} ({}{})\n",
+                    access_name(view.access),
+                    port_note(context, name, port)
                 ),
             }
         }
@@ -1275,14 +1380,51 @@ async fn share(
                 false => format!("{name}: {removed} shares with {handle} taken back\n"),
             }
         }
-        Some(ShareCommand::Link { access }) => {
-            let view = commands.share(name, ShareWith::Link, access.into()).await?;
+        Some(ShareCommand::Link { access, port }) => {
+            let view = commands
+                .share_port(name, ShareWith::Link, access.into(), port)
+                .await?;
             let secret = view.secret.clone().unwrap_or_default();
-            match json {
-                true => json_line(&view),
-                false => format!(
+            let url = match view.access {
+                Access::Http => Some(format!(
+                    "{}?share={secret}",
+                    context.https_port_url(name, port)
+                )),
+                _ => None,
+            };
+            match (json, url) {
+                (true, url) => {
+                    let mut value = serde_json::to_value(&view).unwrap_or_default();
+                    if let Some(url) = url {
+                        value["url"] = serde_json::Value::String(url);
+                    }
+                    json_line(&value)
+                }
+                (false, Some(url)) => format!(
+                    "link to {name} ({}), shown only now:\n{url}\n",
+                    access_name(view.access)
+                ),
+                (false, None) => format!(
                     "link secret for {name} ({}), shown only now: {secret}\n",
                     access_name(view.access)
+                ),
+            }
+        }
+        Some(ShareCommand::Port { port }) => {
+            let view = match port {
+                Some(port) => commands.set_http_port(name, Some(port)).await?,
+                None => commands.get(name).await?,
+            };
+            let port = view.http_port;
+            match json {
+                true => json_line(&serde_json::json!({
+                    "vm": name,
+                    "port": port,
+                    "url": context.https_url(name),
+                })),
+                false => format!(
+                    "{} reaches port {port} of {name}\n",
+                    context.https_url(name)
                 ),
             }
         }
@@ -1519,6 +1661,7 @@ mod tests {
             port: 2222,
             public_host: "vm.test".into(),
             current_key: None,
+            https_port: Some(443),
         };
         let words = |s: &str| split_words(s).unwrap();
 
@@ -1580,7 +1723,8 @@ mod tests {
             parse("share web public --access ssh --json").unwrap(),
             LobbyCommand::Share {
                 action: Some(ShareCommand::Public {
-                    access: AccessArg::Ssh
+                    access: AccessArg::Ssh,
+                    port: None,
                 }),
                 json: true,
                 ..
@@ -1704,6 +1848,7 @@ mod tests {
             port: 2222,
             public_host: "vm.example.com".into(),
             current_key: None,
+            https_port: Some(443),
         };
         let config = context.ssh_config();
         assert!(config.contains("Host *.vm.example.com\n"), "{config}");
@@ -1739,6 +1884,7 @@ mod tests {
             port: 22,
             public_host: "vm.example.com".into(),
             current_key: None,
+            https_port: Some(443),
         };
         assert_eq!(context.vm_name("web").unwrap().as_str(), "web");
         assert_eq!(

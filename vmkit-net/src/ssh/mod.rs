@@ -120,6 +120,10 @@ pub struct SshConfig {
     pub max_connections_per_ip: usize,
     /// A signed-in connection with no traffic for this long is closed (1 hour).
     pub inactivity_timeout: Duration,
+    /// The port of the HTTPS edge as clients dial it, for the URLs the lobby
+    /// prints (`new`, `share ... link`, `browser`); `None` when no HTTPS edge
+    /// serves the domain (`browser` then says so; URLs are printed for 443).
+    pub https_port: Option<u16>,
 }
 
 impl SshConfig {
@@ -136,7 +140,14 @@ impl SshConfig {
             auth_timeout: Duration::from_secs(30),
             max_connections_per_ip: 32,
             inactivity_timeout: Duration::from_secs(3600),
+            https_port: None,
         }
+    }
+
+    /// Sets the HTTPS edge's port as clients dial it.
+    pub fn https_port(mut self, port: u16) -> Self {
+        self.https_port = Some(port);
+        self
     }
 
     /// Sets the port clients dial.

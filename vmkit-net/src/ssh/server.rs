@@ -172,6 +172,7 @@ pub(super) async fn serve(
             port: gateway.config.public_port.unwrap_or(local.port()),
             public_host: gateway.config.public_host.clone(),
             current_key: None,
+            https_port: gateway.config.https_port,
         },
         policy: gateway.manager.config().registration,
         russh: Arc::new(russh_config(&gateway)),
