@@ -72,7 +72,7 @@ file -L /usr/lib/vmkit/vmkit-agent | grep -q 'statically linked\|static-pie link
 	fail "the installed agent is not statically linked"
 # The shipped daemon has no fakes: --fake-backends is refused, saying why.
 scratch=$(mktemp -d)
-if refused=$(VMKIT_SSH_LISTEN= /usr/bin/vmkit-gateway --config /dev/null --data-dir "$scratch" --fake-backends 2>&1); then
+if refused=$(VMKIT_SSH_LISTEN= VMKIT_HTTPS_LISTEN= /usr/bin/vmkit-gateway --config /dev/null --data-dir "$scratch" --fake-backends 2>&1); then
 	rm -rf "$scratch"
 	fail "the installed vmkit-gateway accepted --fake-backends: it links the testing fakes"
 fi

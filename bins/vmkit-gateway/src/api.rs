@@ -12,7 +12,7 @@ use std::convert::Infallible;
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -42,6 +42,8 @@ pub struct AppState {
     /// failed as a whole. `/readyz` answers 503 with it; every route still serves,
     /// so that the operator can look and act.
     pub not_ready: Option<std::sync::Arc<str>>,
+    /// The local CA's certificate file, when the HTTPS edge serves with it.
+    pub ca_certificate: Option<std::path::PathBuf>,
 }
 
 /// Resolves once `shutdown` turns true; never if its sender is gone without.
@@ -90,6 +92,7 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/keys", get(list_keys).post(add_key))
         .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
         .route("/v1/whoami", get(whoami))
+        .route("/v1/https/ca", get(ca_certificate))
         .route(
             "/v1/vms/{name}/shares",
             get(list_shares).post(add_share).delete(remove_share),
@@ -218,6 +221,26 @@ async fn list_vms(Asking(c): Asking) -> ApiResult<Response> {
 
 async fn get_vm(Asking(c): Asking, Path(name): Path<String>) -> ApiResult<Response> {
     Ok(Json(c.get(&vm_name(&name)?).await?).into_response())
+}
+
+/// The local CA's certificate (PEM), for users to trust.
+async fn ca_certificate(State(state): State<AppState>) -> ApiResult<Response> {
+    let Some(path) = &state.ca_certificate else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "https_off",
+            "this daemon serves no HTTPS with a local CA; turn it on with [https] listen \
+             (and tls = \"self-signed\", the default)",
+        ));
+    };
+    let pem = tokio::fs::read_to_string(path).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
 async fn whoami(Asking(c): Asking) -> ApiResult<Response> {
@@ -750,6 +773,7 @@ mod tests {
             manager: host.manager.clone(),
             shutdown: watch::channel(false).1,
             not_ready: None,
+            ca_certificate: None,
         })
     }
 
@@ -786,6 +810,7 @@ mod tests {
             manager: host.manager.clone(),
             shutdown: watch::channel(false).1,
             not_ready: Some("reconcile failed at start: the store is unreadable".into()),
+            ca_certificate: None,
         });
         let (status, body) = call(app.clone(), "GET", "/readyz", "").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -1297,6 +1322,7 @@ mod tests {
             manager: host.manager.clone(),
             shutdown: watch::channel(false).1,
             not_ready: None,
+            ca_certificate: None,
         })
         .layer(axum::Extension(caller))
     }

@@ -63,6 +63,83 @@ pub struct Config {
     pub users: UsersSection,
     /// The SSH lobby.
     pub ssh: SshSection,
+    /// The HTTPS edge.
+    pub https: HttpsSection,
+}
+
+/// The HTTPS edge (`https://NAME.domain`, the domain of `[ssh]`): on `0.0.0.0:8443`
+/// unless `listen` says otherwise; an empty `listen` turns it off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpsSection {
+    /// Address and port to serve HTTPS on: `0.0.0.0:8443` by default; a public
+    /// host uses `0.0.0.0:443`. Empty: no HTTPS edge.
+    pub listen: String,
+    /// Address and port of plain HTTP, which only redirects to HTTPS (and answers
+    /// ACME HTTP-01 challenges): a public host uses `0.0.0.0:80`. Empty (the
+    /// default): none.
+    pub http_listen: String,
+    /// The HTTPS port clients dial, when it is not the one in `listen` (behind a
+    /// port forward); 0: the one in `listen`.
+    pub public_port: u16,
+    /// `self-signed`: certificates from a local CA made in the data directory
+    /// (`vmkit ca` prints it for users to trust).
+    pub tls: TlsMode,
+    /// Send `Strict-Transport-Security`.
+    pub hsts: bool,
+    /// Addresses of proxies in front whose `X-Forwarded-For` is kept.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+/// Where the HTTPS edge's certificates come from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// A local CA in the data directory.
+    #[default]
+    SelfSigned,
+}
+
+impl Default for HttpsSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8443".into(),
+            http_listen: String::new(),
+            public_port: 0,
+            tls: TlsMode::SelfSigned,
+            hsts: true,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl HttpsSection {
+    /// The HTTPS address; `None` when the edge is off.
+    pub fn listen(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        parse_listen("https", "listen", &self.listen, "0.0.0.0:8443")
+    }
+
+    /// The plain HTTP address; `None` when there is none.
+    pub fn http_listen(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        parse_listen("https", "http_listen", &self.http_listen, "0.0.0.0:80")
+    }
+}
+
+fn parse_listen(
+    section: &str,
+    key: &str,
+    value: &str,
+    example: &str,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    if value.trim().is_empty() {
+        return Ok(None);
+    }
+    value.trim().parse().map(Some).map_err(|_| {
+        anyhow::anyhow!(
+            "[{section}] {key} = {value:?} is not an address and port; write it as {example} \
+             (or leave it empty to turn it off)"
+        )
+    })
 }
 
 /// The SSH lobby (`ssh HOST CMD`): on `0.0.0.0:2222` unless `listen` says
@@ -375,6 +452,7 @@ impl Default for Config {
             events: EventsSection::default(),
             users: UsersSection::default(),
             ssh: SshSection::default(),
+            https: HttpsSection::default(),
         }
     }
 }
@@ -655,6 +733,27 @@ mod tests {
         let c = load_with(None, &[("VMKIT_USERS_REGISTRATION", "open")]).unwrap();
         assert_eq!(c.users.registration, RegistrationPolicy::Open);
         assert!(load_with(Some("[users]\nregistration = \"maybe\"\n"), &[]).is_err());
+    }
+
+    #[test]
+    fn the_https_edge_is_on_at_8443_unless_turned_off() {
+        let default = load_with(None, &[]).unwrap();
+        assert_eq!(
+            default.https.listen().unwrap(),
+            Some("0.0.0.0:8443".parse().unwrap())
+        );
+        assert_eq!(default.https.http_listen().unwrap(), None);
+        let off = load_with(None, &[("VMKIT_HTTPS_LISTEN", "")]).unwrap();
+        assert_eq!(off.https.listen().unwrap(), None);
+        let public = load_with(
+            Some("[https]\nlisten = \"0.0.0.0:443\"\nhttp_listen = \"0.0.0.0:80\"\n"),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(public.https.http_listen().unwrap().unwrap().port(), 80);
+        let bad = load_with(Some("[https]\nlisten = \"443\"\n"), &[]).unwrap();
+        let err = bad.https.listen().unwrap_err().to_string();
+        assert!(err.contains("0.0.0.0:8443"), "{err}");
     }
 
     #[test]

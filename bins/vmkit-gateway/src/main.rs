@@ -218,14 +218,26 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
     // is handled.
     notify::ready();
     let (stop, stopping) = tokio::sync::watch::channel(false);
+    let https = match config.https.listen()? {
+        Some(addr) => Some(bind_https(&config, addr).await?),
+        None => None,
+    };
+    let https_port = https.as_ref().map(|h| h.public_port);
     let lobby = match config.ssh.listen()? {
-        Some(addr) => Some(serve_ssh(&config, &manager, addr, stopping.clone()).await?),
+        Some(addr) => Some(serve_ssh(&config, &manager, addr, https_port, stopping.clone()).await?),
+        None => None,
+    };
+    let edge = match https {
+        Some(bound) => Some(serve_https(&config, &manager, bound, stopping.clone())?),
         None => None,
     };
     let app = api::router(api::AppState {
         manager,
         shutdown: stopping,
         not_ready,
+        ca_certificate: edge
+            .is_some()
+            .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
     });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -241,6 +253,11 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         if let Err(e) = lobby.await {
             warn!(error = %e, "the SSH lobby's task failed");
         }
+    }
+    if let Some(edge) = edge
+        && let Err(e) = edge.await
+    {
+        warn!(error = %e, "the HTTPS edge's task failed");
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(error = %e, "cannot remove the API socket");
@@ -263,11 +280,104 @@ fn fake_backends(_: &Config) -> anyhow::Result<vmkit_core::Backends> {
     )
 }
 
+/// The HTTPS edge's listeners, bound before anything is served so that a port
+/// taken stops the start with a clear error.
+struct HttpsListeners {
+    https: tokio::net::TcpListener,
+    http: Option<tokio::net::TcpListener>,
+    public_port: u16,
+}
+
+async fn bind_https(config: &Config, addr: std::net::SocketAddr) -> anyhow::Result<HttpsListeners> {
+    let https = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "binding the HTTPS edge to {addr} ([https] listen; another port there, or \
+             listen = \"\" to turn it off)"
+        )
+    })?;
+    let bound = https
+        .local_addr()
+        .context("reading the HTTPS edge's address")?;
+    let http = match config.https.http_listen()? {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "binding plain HTTP to {addr} ([https] http_listen; another port there, or \
+                 http_listen = \"\" for none)"
+            )
+        })?),
+        None => None,
+    };
+    let public_port = match config.https.public_port {
+        0 => bound.port(),
+        port => port,
+    };
+    info!(address = %bound, "serving HTTPS");
+    Ok(HttpsListeners {
+        https,
+        http,
+        public_port,
+    })
+}
+
+/// Starts the HTTPS edge on bound listeners; it stops when `stopping` turns true.
+fn serve_https(
+    config: &Config,
+    manager: &Manager,
+    bound: HttpsListeners,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use vmkit_net::https::tls::{CertStore, LocalCa};
+    use vmkit_net::https::{HttpsConfig, HttpsEdge};
+    let domain = config.ssh.domain.clone();
+    let store = manager.backends().store.clone();
+    let certs = match config.https.tls {
+        config::TlsMode::SelfSigned => {
+            let ca = LocalCa::load_or_create(&config.data_dir).context("loading the local CA")?;
+            info!(certificate = %ca.certificate_path().display(), "certificates from the local CA");
+            CertStore::new(&domain, Some(ca)).context("issuing the local certificates")?
+        }
+    };
+    let ssh_host = match config.ssh.public_host.trim() {
+        "" => domain.clone(),
+        host => host.to_owned(),
+    };
+    let ssh_port = match config.ssh.listen()? {
+        Some(addr) => match config.ssh.public_port {
+            0 => addr.port(),
+            port => port,
+        },
+        None => 22,
+    };
+    let https_config = HttpsConfig::new(&domain, &config.data_dir)
+        .public_port(bound.public_port)
+        .ssh(ssh_host, ssh_port)
+        .hsts(config.https.hsts)
+        .trusted_proxies(config.https.trusted_proxies.clone());
+    let edge = HttpsEdge::new(
+        manager.clone(),
+        Arc::new(vmkit_core::StoreGateway::new(store.clone(), domain)),
+        vmkit_core::WebSessions::new(store),
+        certs,
+        Arc::new(vmkit_net::challenges::AcmeChallenges::new()),
+        https_config,
+    )
+    .context("starting the HTTPS edge")?;
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = edge.serve(bound.https, bound.http, stop).await {
+            error!(error = %e, "the HTTPS edge stopped");
+        }
+    }))
+}
+
 /// Starts the SSH lobby on `addr`; it stops when `stopping` turns true.
 async fn serve_ssh(
     config: &Config,
     manager: &Manager,
     addr: std::net::SocketAddr,
+    https_port: Option<u16>,
     mut stopping: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use vmkit_net::ssh::{SshConfig, SshGateway};
@@ -290,16 +400,16 @@ async fn serve_ssh(
         manager.backends().store.clone(),
         ssh.domain.clone(),
     ));
-    let lobby = SshGateway::new(
-        manager.clone(),
-        gateway,
-        match ssh.public_host.trim() {
-            "" => SshConfig::new(&host_key, ssh.domain.clone()),
-            host => SshConfig::new(&host_key, ssh.domain.clone()).public_host(host),
-        }
-        .public_port(public_port),
-    )
-    .with_context(|| format!("loading the SSH host key {}", host_key.display()))?;
+    let mut ssh_config = match ssh.public_host.trim() {
+        "" => SshConfig::new(&host_key, ssh.domain.clone()),
+        host => SshConfig::new(&host_key, ssh.domain.clone()).public_host(host),
+    }
+    .public_port(public_port);
+    if let Some(port) = https_port {
+        ssh_config = ssh_config.https_port(port);
+    }
+    let lobby = SshGateway::new(manager.clone(), gateway, ssh_config)
+        .with_context(|| format!("loading the SSH host key {}", host_key.display()))?;
     info!(address = %bound, host_key = %lobby.host_key_fingerprint(), "serving the SSH lobby");
     Ok(tokio::spawn(async move {
         let stop = async move {

@@ -530,6 +530,7 @@ fn second_daemon_on_the_same_socket_is_refused() {
         .args(["--fake-backends", "--data-dir"])
         .arg(&d.data_dir)
         .env("VMKIT_SSH_LISTEN", "")
+        .env("VMKIT_HTTPS_LISTEN", "")
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -741,4 +742,44 @@ fn a_user_the_operator_added_makes_a_vm_through_the_ssh_lobby_and_it_is_theirs()
     assert!(out.status.success(), "{}", stderr(&out));
     let out = d.cli(&["--json", "vm", "ls"]);
     assert_eq!(json(&out), serde_json::json!([]));
+}
+
+#[test]
+fn vmkit_ca_prints_the_certificate_the_https_edge_is_trusted_with() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_HTTPS_LISTEN", &listen),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+        ],
+    );
+    let out = d.cli(&["ca"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pem = String::from_utf8(out.stdout).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    let ca = d.data_dir.join("trusted-ca.crt");
+    std::fs::write(&ca, &pem).unwrap();
+    // curl trusts the edge with it, and the apex says how to sign in.
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("vm.test:{port}:127.0.0.1"))
+        .arg(format!("https://vm.test:{port}/"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let page = String::from_utf8_lossy(&out.stdout);
+    assert!(page.contains("browser"), "{page}");
+    // A daemon without HTTPS says how to turn it on.
+    let off = fake_daemon();
+    let out = off.cli(&["ca"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("[https] listen"), "{}", stderr(&out));
 }

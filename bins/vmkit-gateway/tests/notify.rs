@@ -53,6 +53,7 @@ fn ready_is_sent_once_the_api_socket_accepts_and_the_store_is_open() {
         // The SSH lobby is on by default at 0.0.0.0:2222: off, as other tests run
         // daemons at the same time.
         .env("VMKIT_SSH_LISTEN", "")
+        .env("VMKIT_HTTPS_LISTEN", "")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

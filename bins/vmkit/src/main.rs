@@ -62,6 +62,10 @@ enum Command {
     /// in the daemon's configuration, each lets one person register.
     #[command(subcommand)]
     Invite(InviteCommand),
+    /// Print the certificate of the HTTPS edge's local CA (PEM), for browsers and
+    /// tools to trust: `vmkit ca > vmkit-ca.crt`, then add it to the system's or
+    /// the browser's trust store, or `curl --cacert vmkit-ca.crt`.
+    Ca,
     /// Check this host: KVM, cloud-hypervisor, QEMU, network permissions, disk; and
     /// which hypervisor `auto` picks.
     Doctor {
@@ -530,6 +534,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for n in names {
                     println!("{n}");
                 }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca => {
+            let pem = api.text(Method::GET, "/v1/https/ca").await?;
+            if json {
+                print_json(&serde_json::json!({ "certificate": pem }))?;
+            } else {
+                print!("{pem}");
             }
             Ok(ExitCode::SUCCESS)
         }

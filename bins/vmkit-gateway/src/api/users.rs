@@ -166,6 +166,7 @@ mod tests {
             manager: host.manager.clone(),
             shutdown: watch::channel(false).1,
             not_ready: None,
+            ca_certificate: None,
         })
     }
 

@@ -90,6 +90,8 @@ impl Daemon {
             // in parallel tests do not fight for that port; a test that wants it sets
             // its own address.
             .env("VMKIT_SSH_LISTEN", "")
+            // So is the HTTPS edge, at 0.0.0.0:8443.
+            .env("VMKIT_HTTPS_LISTEN", "")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
