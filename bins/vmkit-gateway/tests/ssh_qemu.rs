@@ -211,6 +211,7 @@ fn ssh_into_real_vms_through_the_gateway_shell_scp_sftp_forwarding_and_jump() {
         SUBNET,
         &[
             ("VMKIT_SSH_LISTEN", "127.0.0.1:2222"),
+            ("VMKIT_HTTPS_LISTEN", "127.0.0.1:8443"),
             ("VMKIT_SSH_DOMAIN", DOMAIN),
             ("VMKIT_TIMEOUTS_BOOT_SECS", "180"),
         ],
@@ -409,6 +410,120 @@ fn ssh_into_real_vms_through_the_gateway_shell_scp_sftp_forwarding_and_jump() {
     let out = d.cli(&["vm", "shell", "small", "-t", "--", "tty"]);
     assert!(stdout(&out).contains("/dev/pts/"), "{}", stdout(&out));
 
+    https_into_a_real_vm(&d, &alice, &bob, &ns, tmp.path());
+
     let out = d.cli(&["--json", "vm", "ls"]);
     assert_eq!(json(&out).as_array().unwrap().len(), 2);
+}
+
+/// `curl` in the namespace trusting the daemon's local CA, the VM hosts resolved to
+/// the edge, with the cookie jar `jar`; prints the headers, then the body.
+fn curl(ns: &Netns, ca: &Path, jar: &Path, args: &[&str]) -> Output {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{}", ns.name))
+        .args(["curl", "-sS", "-i", "--max-time", "240", "--cacert"])
+        .arg(ca)
+        .arg("-c")
+        .arg(jar)
+        .arg("-b")
+        .arg(jar);
+    for host in [DOMAIN, "small.vm.test", "small--8081.vm.test"] {
+        c.arg("--resolve").arg(format!("{host}:8443:127.0.0.1"));
+    }
+    c.args(args).output().unwrap()
+}
+
+/// The status of the last response curl printed.
+fn status(out: &Output) -> u16 {
+    stdout(out)
+        .lines()
+        .filter(|l| l.starts_with("HTTP/"))
+        .last()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status: {}{}", stdout(out), stderr(out)))
+}
+
+/// The web server of a real VM through the HTTPS edge: private to its owner, who
+/// signs in with `ssh HOST browser`; shared; a helpful 502; woken by its owner.
+fn https_into_a_real_vm(d: &Daemon, alice: &Client, bob: &Client, ns: &Netns, dir: &Path) {
+    let out = d.cli(&["ca"]);
+    ok(&out, "vmkit ca", d);
+    let ca = dir.join("vmkit-ca.crt");
+    std::fs::write(&ca, stdout(&out)).unwrap();
+    let out = alice.ssh(
+        "small@gw",
+        &["mkdir -p /www && echo hello from small > /www/index.html && busybox httpd -p 80 -h /www"],
+    );
+    ok(&out, "httpd in the VM", d);
+    let url = "https://small.vm.test:8443/";
+
+    // Private: a stranger is sent to sign in, a client with a token gets 401.
+    let stranger = dir.join("stranger.jar");
+    let out = curl(ns, &ca, &stranger, &[url]);
+    assert_eq!(status(&out), 303, "{}", stdout(&out));
+    let out = curl(ns, &ca, &stranger, &["-H", "Authorization: Bearer x", url]);
+    assert_eq!(status(&out), 401);
+
+    // Alice signs in with the link the lobby prints, and reaches her VM.
+    let out = alice.ssh("alice@gw", &["browser"]);
+    ok(&out, "browser", d);
+    let link = stdout(&out)
+        .split_whitespace()
+        .find(|w| w.starts_with("https://"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        link.starts_with("https://vm.test:8443/__vmkit/login?token="),
+        "{link}"
+    );
+    let jar = dir.join("alice.jar");
+    let out = curl(ns, &ca, &jar, &[&link]);
+    assert_eq!(status(&out), 303, "{}", stdout(&out));
+    let out = curl(ns, &ca, &jar, &["-L", "-H", "X-Vmkit-User-Id: 99", url]);
+    assert_eq!(status(&out), 200, "{}{}", stdout(&out), d.log());
+    assert!(
+        stdout(&out).ends_with("hello from small\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Nothing on port 8081: alice is told what to do.
+    let out = curl(ns, &ca, &jar, &["-L", "https://small--8081.vm.test:8443/"]);
+    assert_eq!(status(&out), 502, "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("nothing answers on port <b>8081</b>"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Shared with everyone: the stranger gets the page, nothing about anyone.
+    ok(
+        &alice.ssh("alice@gw", &["share", "small", "public", "--port", "80"]),
+        "share",
+        d,
+    );
+    let out = curl(ns, &ca, &stranger, &[url]);
+    assert_eq!(status(&out), 200, "{}", stdout(&out));
+    assert!(stdout(&out).ends_with("hello from small\n"));
+    // Bob's browser too, and port 8081 stays private.
+    let bobs = dir.join("bob.jar");
+    let out = curl(ns, &ca, &bobs, &["https://small--8081.vm.test:8443/"]);
+    assert_eq!(status(&out), 303);
+    let _ = bob;
+
+    // Stopped, the VM is started by its owner's request (its httpd is gone after
+    // the boot: the owner's 502 page then says so).
+    ok(&alice.ssh("alice@gw", &["stop", "small"]), "stop", d);
+    let out = curl(ns, &ca, &stranger, &[url]);
+    assert_eq!(
+        status(&out),
+        503,
+        "a stranger does not wake it: {}",
+        stdout(&out)
+    );
+    let out = curl(ns, &ca, &jar, &["-L", url]);
+    assert_eq!(status(&out), 502, "{}{}", stdout(&out), d.log());
+    let shown = json(&d.cli(&["--json", "vm", "show", "small"]));
+    assert_eq!(shown["state"], "running", "{shown}");
 }
