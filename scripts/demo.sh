@@ -3,8 +3,11 @@
 # and the tiny image, starts the daemon (if it is not running) with its SSH lobby on
 # port 2222, creates a VM and runs `uname -a` in it; then registers a user with an
 # SSH key, makes a VM as that user through the lobby (`ssh -p 2222 localhost new`),
-# runs `uname -a` in it over SSH (`ssh -p 2222 NAME@localhost`), and says what to try
-# next.
+# runs `uname -a` in it over SSH (`ssh -p 2222 NAME@localhost`), starts a web server
+# in it and fetches its page over HTTPS (`https://NAME.localhost:8443`, certificates
+# from the daemon's local CA, `vmkit ca`): private (sign in with the one-time link
+# `ssh -p 2222 localhost browser` prints), then shared with everyone; and says what
+# to try next.
 #
 # Run with: scripts/demo.sh (as root)
 # State goes to $VMKIT_DATA_DIR (default /var/lib/vmkit).
@@ -38,6 +41,7 @@ else
     say "starting vmkit-gateway (log: $VMKIT_DATA_DIR/gateway.log)"
     mkdir -p "$VMKIT_DATA_DIR"
     VMKIT_SSH_LISTEN="${VMKIT_SSH_LISTEN:-0.0.0.0:2222}" \
+        VMKIT_HTTPS_LISTEN="${VMKIT_HTTPS_LISTEN:-0.0.0.0:8443}" \
         nohup "$bin/vmkit-gateway" >>"$VMKIT_DATA_DIR/gateway.log" 2>&1 &
     echo $! >"$VMKIT_DATA_DIR/gateway.pid"
     for _ in $(seq 100); do
@@ -73,6 +77,30 @@ else
     ssh "${ssh_opts[@]}" demo@localhost ls
     say "into the VM over SSH: ssh -p $lobby_port $ssh_name@localhost uname -a"
     time ssh "${ssh_opts[@]}" "$ssh_name@localhost" uname -a
+
+    https_port=8443
+    url="https://$ssh_name.localhost:$https_port/"
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$https_port") 2>/dev/null; then
+        say "the running daemon serves no HTTPS on port $https_port (set [https] listen, restart it)"
+        url=""
+    else
+        say "a web server in the VM: ssh -p $lobby_port $ssh_name@localhost 'busybox httpd -p 80 -h /www'"
+        ssh "${ssh_opts[@]}" "$ssh_name@localhost" \
+            "mkdir -p /www && echo \"hello from $ssh_name, over HTTPS\" > /www/index.html && busybox httpd -p 80 -h /www"
+        ca="$VMKIT_DATA_DIR/demo-ca.crt"
+        "$vmkit" ca >"$ca"
+        say "its page, private: curl --cacert $ca $url"
+        curl -sS -o /dev/null -w '%{http_code} -> %{redirect_url}\n' --cacert "$ca" "$url"
+        say "signed in with the link from ssh -p $lobby_port demo@localhost browser"
+        link=$(ssh "${ssh_opts[@]}" demo@localhost browser | grep -o 'https://[^ ]*/__vmkit/login?token=[^ ]*')
+        jar=$(mktemp)
+        curl -sS -o /dev/null --cacert "$ca" -c "$jar" -b "$jar" "$link"
+        curl -sS -L --cacert "$ca" -c "$jar" -b "$jar" "$url"
+        rm -f "$jar"
+        say "shared with everyone: ssh -p $lobby_port demo@localhost share $ssh_name public"
+        ssh "${ssh_opts[@]}" demo@localhost share "$ssh_name" public
+        curl -sS --cacert "$ca" "$url"
+    fi
 fi
 
 cat <<MSG
@@ -86,6 +114,10 @@ It works. Try next:
   $vmkit vm rm $name                        remove it and everything it held
   ssh -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 demo@localhost help   the SSH lobby, as user demo
   ssh -t -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 ${ssh_name:-NAME}@localhost   a shell in that VM
-The daemon keeps running (pid $(cat "$VMKIT_DATA_DIR/gateway.pid" 2>/dev/null || echo '?')); stop it with
+  ssh -p $lobby_port -i $VMKIT_DATA_DIR/demo_ed25519 demo@localhost browser   a link that signs your browser in
+  $vmkit ca                                 the local CA, for your browser to trust
+${url:+Its web page (trust $VMKIT_DATA_DIR/demo-ca.crt first):
+  $url
+}The daemon keeps running (pid $(cat "$VMKIT_DATA_DIR/gateway.pid" 2>/dev/null || echo '?')); stop it with
   kill \$(cat $VMKIT_DATA_DIR/gateway.pid)    VMs keep running and are re-attached at its next start
 MSG

@@ -21,8 +21,8 @@
 //! | anything over IPv6 | no | IPv6 is disabled on the bridge and TAPs, and IPv6 frames are dropped at each TAP |
 //!
 //! Nothing from outside reaches a guest unless it answers the guest (`guest_in`);
-//! the host itself reaches guests freely. That is where the planned SSH gateway and
-//! HTTPS proxy would reach them from; neither exists yet.
+//! the host itself reaches guests freely. That is where the SSH gateway and the
+//! HTTPS edge reach them from.
 //!
 //! Each TAP has its own `netdev` chain on its ingress hook: a frame leaves the TAP
 //! only if its source MAC is the lease's, and it is either IPv4 from the lease's
@@ -48,6 +48,12 @@
 //!
 //! With the `ssh` feature, [`ssh::SshGateway`] serves the SSH lobby (`ssh HOST ls`)
 //! over the command surface of a [`Manager`](vmkit_core::Manager).
+//!
+//! # The HTTPS edge
+//!
+//! With the `https` feature, [`https::HttpsEdge`] serves `https://NAME.domain` (a
+//! VM's web server), private to its owner until shared, with sign-in on the apex
+//! host and certificates from a [`https::tls::CertStore`].
 //!
 //! # Example
 //!

@@ -43,6 +43,37 @@
 //!
 //! **Certificates** come from a [`tls::CertStore`]: the local CA
 //! (`tls = "self-signed"`, [`tls::LocalCa`]) or ACME, replaced while serving.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn example(manager: vmkit_core::Manager, store: std::sync::Arc<dyn vmkit_core::StateStore>) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use vmkit_core::{StoreGateway, WebSessions};
+//! use vmkit_net::challenges::AcmeChallenges;
+//! use vmkit_net::https::tls::{CertStore, LocalCa};
+//! use vmkit_net::https::{HttpsConfig, HttpsEdge};
+//!
+//! let data = std::path::Path::new("/var/lib/vmkit");
+//! let domain = "vm.example.com";
+//! let certs = CertStore::new(domain, Some(LocalCa::load_or_create(data)?))?;
+//! let edge = HttpsEdge::new(
+//!     manager,
+//!     Arc::new(StoreGateway::new(store.clone(), domain)),
+//!     WebSessions::new(store),
+//!     certs,
+//!     Arc::new(AcmeChallenges::new()),
+//!     HttpsConfig::new(domain, data).ssh(domain, 2222),
+//! )?;
+//! let https = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+//! let http = tokio::net::TcpListener::bind("0.0.0.0:80").await?;
+//! edge.serve(https, Some(http), async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
 
 mod auth;
 mod edge;
