@@ -1,6 +1,7 @@
 //! The HTTPS edge (feature `https`): `https://NAME.domain` reaches the web server in
 //! a VM.
 
+pub mod acme;
 pub mod tls;
 
 /// Errors of the HTTPS edge.
