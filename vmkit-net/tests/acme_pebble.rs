@@ -173,25 +173,30 @@ impl Pebble {
 
     /// The root pebble signs with, from its management interface.
     async fn issuing_root(&self) -> Vec<u8> {
-        let mut roots = rustls::RootCertStore::empty();
         let pem = std::fs::read(&self.tls_root).unwrap();
-        for cert in CertificateDer::pem_slice_iter(&pem) {
-            roots.add(cert.unwrap()).unwrap();
-        }
-        let body = https_get(roots, self.management_port, "/roots/0").await;
+        let body = https_get(&pem, self.management_port, "/roots/0").await;
         assert!(body.contains("BEGIN CERTIFICATE"), "{body}");
         body.into_bytes()
     }
 }
 
-/// GET `path` from 127.0.0.1:`port` over HTTPS trusting `roots`; the body.
-async fn https_get(roots: rustls::RootCertStore, port: u16, path: &str) -> String {
+/// A TLS client that trusts only the certificates in `root_pem`.
+fn connector(root_pem: &[u8]) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(cert.unwrap()).unwrap();
+    }
     let config = rustls::ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// GET `path` from 127.0.0.1:`port` over HTTPS trusting `root_pem`; the body.
+async fn https_get(root_pem: &[u8], port: u16, path: &str) -> String {
+    let connector = connector(root_pem);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let name = ServerName::try_from("127.0.0.1").unwrap();
     let mut tls = connector.connect(name, tcp).await.unwrap();
@@ -235,16 +240,7 @@ async fn start_tls_server(store: Arc<CertStore>) -> u16 {
 /// A TLS handshake with `127.0.0.1:port` for `name`, trusting only `root_pem`;
 /// what the server said, or the handshake's error.
 async fn handshake(port: u16, name: &str, root_pem: &[u8]) -> Result<String, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(root_pem) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = connector(root_pem);
     let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
     let mut tls = connector

@@ -3,7 +3,7 @@
 //! [`AcmeIssuer`] gets:
 //! - the wildcard (`domain` and `*.domain`) by DNS-01: it puts the values in
 //!   [`AcmeChallenges::add_dns01`], which vmkit's DNS server
-//!   ([`crate::dns`]) serves as `_acme-challenge.domain` TXT, and removes them after;
+//!   (`vmkit_net::dns`, feature `dns`) serves as `_acme-challenge.domain` TXT, and removes them after;
 //! - a custom domain's certificate by HTTP-01: it puts the answer in
 //!   [`AcmeChallenges::set_http01`], which the HTTPS edge serves at
 //!   `/.well-known/acme-challenge/TOKEN` on its plain-HTTP listener. Orders for one
@@ -393,8 +393,13 @@ impl AcmeIssuer {
                 let attempt = target.clone();
                 let result = tokio::spawn(async move { this.issue(&attempt).await }).await;
                 let names = self.names(&target);
+                let result = result.unwrap_or_else(|join| {
+                    Err(AcmeError::Ca {
+                        what: format!("the order task failed: {join}"),
+                    })
+                });
                 match result {
-                    Ok(Ok(cert)) => {
+                    Ok(cert) => {
                         backoff.remove(&target);
                         let life = cert
                             .not_after
@@ -407,19 +412,7 @@ impl AcmeIssuer {
                             not_after: cert.not_after,
                         });
                     }
-                    Ok(Err(e)) => {
-                        let wait = self.failed(&mut backoff, &target, &e);
-                        next_look = next_look.min(Instant::now() + wait);
-                        events(AcmeEvent::Failed {
-                            names,
-                            error: e.to_string(),
-                            retry_in: wait,
-                        });
-                    }
-                    Err(join) => {
-                        let e = AcmeError::Ca {
-                            what: format!("the order task failed: {join}"),
-                        };
+                    Err(e) => {
                         let wait = self.failed(&mut backoff, &target, &e);
                         next_look = next_look.min(Instant::now() + wait);
                         events(AcmeEvent::Failed {
