@@ -4,8 +4,10 @@
 #![cfg(feature = "dns")]
 #![allow(clippy::unwrap_used)]
 
+use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 use vmkit_core::testing::MemoryStore;
@@ -25,6 +27,11 @@ struct Served {
 
 impl Served {
     async fn start() -> Self {
+        Self::start_with(|config| config).await
+    }
+
+    /// A server whose configuration `configure` changes.
+    async fn start_with(configure: impl FnOnce(DnsConfig) -> DnsConfig) -> Self {
         let store = Arc::new(MemoryStore::new());
         let user = User::new(UserId(1), Handle::new("alice").unwrap());
         store.put_user(&user).await.unwrap();
@@ -34,7 +41,7 @@ impl Served {
             .address(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)))
             .address(IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7)))
             .caa_issuer("letsencrypt.org");
-        let server = DnsServer::new(config, store.clone(), challenges.clone()).unwrap();
+        let server = DnsServer::new(configure(config), store.clone(), challenges.clone()).unwrap();
         let (udp, tcp) = bind_pair().await;
         let port = udp.local_addr().unwrap().port();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -209,6 +216,55 @@ async fn a_burst_of_queries_is_answered_and_the_server_stays_up() {
     assert_eq!(
         dns.dig(&["web.vm.test", "A", "+short"]).await,
         "192.0.2.7\n"
+    );
+    dns.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_past_the_limit_are_closed_and_udp_still_answers() {
+    let dns = Served::start_with(|config| config.max_tcp_connections(2)).await;
+    let held: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", dns.port)).unwrap())
+        .collect();
+    // Let the server take both before the third comes.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = std::net::TcpStream::connect(("127.0.0.1", dns.port)).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let read = tokio::task::spawn_blocking(move || third.read(&mut [0u8; 1]).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(read, 0, "the third connection stays open");
+    assert_eq!(
+        dns.dig(&["web.vm.test", "A", "+short"]).await,
+        "192.0.2.7\n"
+    );
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        dns.dig(&["web.vm.test", "A", "+short", "+tcp"]).await,
+        "192.0.2.7\n"
+    );
+    dns.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tcp_connection_is_closed() {
+    let dns =
+        Served::start_with(|config| config.tcp_idle_timeout(Duration::from_millis(300))).await;
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", dns.port)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let started = Instant::now();
+    let mut byte = [0u8; 1];
+    let read = tokio::task::spawn_blocking(move || idle.read(&mut byte).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(read, 0);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
     );
     dns.stop().await;
 }

@@ -21,9 +21,10 @@
 //!
 //! At most [`MAX_IN_FLIGHT`] queries are looked up at once; past that a query is
 //! answered SERVFAIL at once (resolvers retry), so a flood of queries does not
-//! queue. A store lookup that takes over two seconds is answered SERVFAIL. A TCP
-//! connection is closed after [`TCP_IDLE_TIMEOUT`] without a query, and answers
-//! its queries one at a time.
+//! queue. A store lookup that takes over two seconds is answered SERVFAIL. At most
+//! [`DnsConfig::max_tcp_connections`] TCP connections are open at once (a new one
+//! past that is closed at once); each answers its queries one at a time and is
+//! closed after [`DnsConfig::tcp_idle_timeout`] without a whole query.
 //!
 //! # Example
 //!
@@ -64,14 +65,17 @@ use vmkit_core::StateStore;
 
 use crate::challenges::AcmeChallenges;
 
+mod tcp;
 mod zone;
 
 use zone::{Answer, Zone};
 
 /// Queries looked up at once; past it, queries are answered SERVFAIL at once.
 pub const MAX_IN_FLIGHT: usize = 256;
-/// How long a TCP connection stays open without a query.
-pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a TCP connection stays open without a query, by default.
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connections open at once, by default.
+pub const DEFAULT_MAX_TCP_CONNECTIONS: usize = 128;
 /// The UDP payload size this server advertises with EDNS.
 const EDNS_PAYLOAD: u16 = 1232;
 
@@ -91,6 +95,11 @@ pub struct DnsConfig {
     pub caa_issuers: Vec<String>,
     /// Names outside the domain answered with the host's addresses.
     pub extra_hosts: Vec<String>,
+    /// TCP connections open at once (default [`DEFAULT_MAX_TCP_CONNECTIONS`]).
+    pub max_tcp_connections: usize,
+    /// How long a TCP connection stays open without a whole query (default
+    /// [`DEFAULT_TCP_IDLE_TIMEOUT`]).
+    pub tcp_idle_timeout: Duration,
 }
 
 impl DnsConfig {
@@ -103,7 +112,21 @@ impl DnsConfig {
             ttl: 60,
             caa_issuers: Vec::new(),
             extra_hosts: Vec::new(),
+            max_tcp_connections: DEFAULT_MAX_TCP_CONNECTIONS,
+            tcp_idle_timeout: DEFAULT_TCP_IDLE_TIMEOUT,
         }
+    }
+
+    /// Keeps at most `max` TCP connections open at once.
+    pub fn max_tcp_connections(mut self, max: usize) -> Self {
+        self.max_tcp_connections = max.max(1);
+        self
+    }
+
+    /// Closes a TCP connection after `timeout` without a whole query.
+    pub fn tcp_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.tcp_idle_timeout = timeout;
+        self
     }
 
     /// Adds one of the host's addresses (A for IPv4, AAAA for IPv6).
@@ -180,6 +203,8 @@ pub enum DnsError {
 /// vmkit's authoritative DNS server for the VM domain.
 pub struct DnsServer {
     handler: Handler,
+    max_tcp_connections: usize,
+    tcp_idle_timeout: Duration,
 }
 
 impl std::fmt::Debug for DnsServer {
@@ -202,6 +227,8 @@ impl DnsServer {
             });
         }
         Ok(Self {
+            max_tcp_connections: config.max_tcp_connections,
+            tcp_idle_timeout: config.tcp_idle_timeout,
             handler: Handler {
                 zone: Arc::new(Zone::new(config, store, challenges)?),
                 in_flight: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
@@ -217,12 +244,18 @@ impl DnsServer {
         tcp: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), DnsError> {
+        let tcp = tcp::serve(
+            tcp,
+            self.handler.clone(),
+            self.max_tcp_connections,
+            self.tcp_idle_timeout,
+        );
         let mut server = Server::new(self.handler);
         server.register_socket(udp);
-        server.register_listener(tcp, TCP_IDLE_TIMEOUT, 16);
         let token = server.shutdown_token().clone();
         tokio::select! {
             () = shutdown => token.cancel(),
+            () = tcp => {}
             result = server.block_until_done() => {
                 return result.map_err(|e| DnsError::Serve { what: e.to_string() });
             }
@@ -237,6 +270,7 @@ impl DnsServer {
 }
 
 /// Answers each request from the zone.
+#[derive(Clone)]
 struct Handler {
     zone: Arc<Zone>,
     in_flight: Arc<Semaphore>,
