@@ -72,6 +72,9 @@ enum Node {
 pub(crate) struct Zone {
     config: DnsConfig,
     apex: Name,
+    ns: Name,
+    hostmaster: Name,
+    caa: Vec<Name>,
     store: Arc<dyn StateStore>,
     challenges: Arc<AcmeChallenges>,
     serial: u32,
@@ -84,7 +87,13 @@ impl Zone {
         challenges: Arc<AcmeChallenges>,
     ) -> Result<Self, super::DnsError> {
         let apex = parse_name(&config.domain)?;
-        parse_name(&config.ns_host_name())?;
+        let ns = parse_name(&config.ns_host_name())?;
+        let hostmaster = parse_name(&format!("hostmaster.{}", config.domain))?;
+        let caa = config
+            .caa_issuers
+            .iter()
+            .map(|issuer| parse_name(issuer))
+            .collect::<Result<Vec<_>, _>>()?;
         for host in &config.extra_hosts {
             parse_name(host)?;
         }
@@ -96,6 +105,9 @@ impl Zone {
         Ok(Self {
             config,
             apex,
+            ns,
+            hostmaster,
+            caa,
             store,
             challenges,
             serial,
@@ -145,13 +157,16 @@ impl Zone {
                 })
                 .collect(),
             (Node::Apex, RecordType::SOA) => vec![RData::SOA(self.soa())],
-            (Node::Apex, RecordType::NS) => vec![RData::NS(NS(self.ns_name()))],
+            (Node::Apex, RecordType::NS) => vec![RData::NS(NS(self.ns.clone()))],
             (Node::Apex, RecordType::CAA) => self
-                .config
-                .caa_issuers
+                .caa
                 .iter()
-                .filter_map(|issuer| Name::from_ascii(issuer).ok())
-                .map(|issuer| RData::CAA(CAA::new_issue(false, Some(issuer), Vec::new())))
+                .map(|issuer| {
+                    // Without the final dot: `0 issue "letsencrypt.org"`.
+                    let mut issuer = issuer.clone();
+                    issuer.set_fqdn(false);
+                    RData::CAA(CAA::new_issue(false, Some(issuer), Vec::new()))
+                })
                 .collect(),
             (Node::Challenge(values), RecordType::TXT) => values
                 .iter()
@@ -232,25 +247,16 @@ impl Zone {
         }
     }
 
-    fn ns_name(&self) -> Name {
-        // Checked in `new`.
-        Name::from_ascii(format!("{}.", self.config.ns_host_name()))
-            .unwrap_or_else(|_| Name::root())
-    }
-
     fn soa(&self) -> SOA {
-        let rname = Name::from_ascii(format!("hostmaster.{}.", self.config.domain))
-            .unwrap_or_else(|_| Name::root());
-        let ttl = i32::try_from(self.config.ttl).unwrap_or(i32::MAX);
         SOA::new(
-            self.ns_name(),
-            rname,
+            self.ns.clone(),
+            self.hostmaster.clone(),
             self.serial,
             3600,
             600,
             86_400,
             // The negative-caching TTL: short, as VMs come and go.
-            u32::try_from(ttl).unwrap_or(60),
+            self.config.ttl,
         )
     }
 }
@@ -426,6 +432,24 @@ mod tests {
         assert_eq!(
             data(&zone.ask("App.Custom.test", RecordType::A).await),
             ["192.0.2.7"]
+        );
+    }
+
+    #[test]
+    fn a_name_that_is_not_a_dns_name_is_a_config_error() {
+        let store = Arc::new(MemoryStore::new());
+        let challenges = Arc::new(AcmeChallenges::new());
+        let bad = DnsConfig::new("vm.test").caa_issuer("lets encrypt..org");
+        let err = Zone::new(bad, store.clone(), challenges.clone())
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("not a DNS name"), "{err}");
+        let empty = super::super::DnsServer::new(DnsConfig::new("."), store, challenges);
+        assert!(
+            empty
+                .unwrap_err()
+                .to_string()
+                .contains("the domain is empty")
         );
     }
 }
