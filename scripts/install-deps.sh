@@ -14,6 +14,10 @@
 #                                 and demo
 #   tmux                          driving interactive SSH sessions in the tests
 #
+# The DNS server and ACME tests (vmkit-net, features `dns` and `https`):
+#   dnsutils                      dig, the client the DNS server's tests ask
+#   pebble                        the ACME test server the ACME tests get certificates from
+#
 # qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
 # suite (a newer one from backports, say) makes apt remove it when it installs
 # qemu-system-x86, so both are asked for at the same version, in one apt call.
@@ -34,6 +38,9 @@ PACKAGES=(
 	file
 	openssh-client
 	tmux
+	# The DNS server and ACME tests.
+	dnsutils
+	pebble
 )
 
 # Each program vmkit runs: its package, then the command that makes it print a version.
@@ -51,6 +58,9 @@ PROGRAMS=(
 	"file file --version"
 	"openssh-client ssh -V"
 	"tmux tmux -V"
+	# The DNS server and ACME tests (pebble has no version flag; -help exits 0).
+	"dnsutils dig -v"
+	"pebble pebble -help"
 )
 
 sudo=()

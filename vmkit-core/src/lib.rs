@@ -66,6 +66,7 @@ mod manager;
 mod name;
 mod network;
 mod quota;
+mod secret_box;
 mod share;
 mod snapshot;
 mod spec;
@@ -108,6 +109,7 @@ pub use manager::{
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
 pub use quota::{Quota, QuotaExceeded, QuotaResource, Usage};
+pub use secret_box::{SecretBox, SecretBoxError};
 pub use share::{Access, Share, ShareTarget};
 pub use snapshot::Snapshot;
 pub use spec::{DEFAULT_IMAGE, SpecError, SpecLimits, VmSpec};

@@ -75,6 +75,7 @@
 //! # }
 //! ```
 
+pub mod acme;
 mod auth;
 mod edge;
 mod pages;
