@@ -88,6 +88,22 @@ pub enum EventKind {
         /// What was done.
         action: String,
     },
+    /// The HTTPS edge got a certificate (or renewed one).
+    CertificateIssued {
+        /// The names it covers.
+        names: Vec<String>,
+        /// When it expires.
+        expires: Timestamp,
+    },
+    /// Getting a certificate failed; it is tried again later.
+    CertificateFailed {
+        /// The names asked for.
+        names: Vec<String>,
+        /// What went wrong.
+        error: String,
+        /// Seconds until the next try.
+        retry_in_secs: u64,
+    },
     /// A user was registered or added.
     UserAdded {
         /// Their handle.

@@ -723,6 +723,12 @@ impl Manager {
         Ok(())
     }
 
+    /// Records an event of the host (not of one VM), such as a front door's: it is
+    /// stored (failing that, logged) and sent to followers.
+    pub async fn record_host_event(&self, kind: EventKind) {
+        self.emit(NewEvent::host(kind)).await;
+    }
+
     async fn emit(&self, event: NewEvent) {
         let retention = &self.inner.config.event_retention;
         match self

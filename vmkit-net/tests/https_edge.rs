@@ -321,25 +321,19 @@ fn text(out: &Output) -> String {
 fn status(out: &Output) -> u16 {
     let s = String::from_utf8_lossy(&out.stdout);
     s.lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status in {}", text(out)))
 }
 
-fn header<'a>(out: &'a Output, name: &str) -> Option<String> {
+fn header(out: &Output, name: &str) -> Option<String> {
     let s = String::from_utf8_lossy(&out.stdout).into_owned();
     let last = s.rsplit("HTTP/").next().unwrap_or("").to_owned();
-    last.lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-        })
-        .map(|v| {
-            let _: &'a Output = out;
-            v
-        })
+    last.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+    })
 }
 
 /// The JSON body of a response from the echo endpoint.

@@ -65,6 +65,60 @@ pub struct Config {
     pub ssh: SshSection,
     /// The HTTPS edge.
     pub https: HttpsSection,
+    /// vmkit's authoritative DNS server for the domain.
+    pub dns: DnsSection,
+}
+
+/// vmkit's authoritative DNS server for `[ssh] domain`: off unless `listen` is set.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DnsSection {
+    /// Address and port to answer DNS on, UDP and TCP (`0.0.0.0:53` on a public
+    /// host); empty (the default): no DNS server.
+    pub listen: String,
+    /// The host's public addresses: what the apex and every `NAME.domain` resolve
+    /// to. Needed when `listen` is set.
+    pub addresses: Vec<std::net::IpAddr>,
+    /// The name server's own name (its NS record); empty: `ns.DOMAIN`.
+    pub ns_host: String,
+    /// CAs allowed to issue for the domain (CAA records), e.g. `letsencrypt.org`;
+    /// none: no CAA record.
+    pub caa_issuers: Vec<String>,
+}
+
+impl DnsSection {
+    /// The DNS address; `None` when the server is off.
+    pub fn listen(&self) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        parse_listen("dns", "listen", &self.listen, "0.0.0.0:53")
+    }
+}
+
+/// Getting certificates from an ACME CA (`[https] tls = "acme"`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AcmeSection {
+    /// The CA's directory URL: Let's Encrypt's by default.
+    pub directory_url: String,
+    /// Contact email for the account (the CA writes before certificates expire).
+    pub contact: String,
+    /// A PEM file with the root CA of the ACME server's own HTTPS, for a private or
+    /// test CA (pebble); empty: the system's roots.
+    pub ca_root: PathBuf,
+    /// The key that seals the ACME account (and later other credentials) at rest:
+    /// a file OUTSIDE the data directory (made, mode 0600, if absent), unless the
+    /// `VMKIT_SECRET_KEY` variable holds the key.
+    pub secret_key_file: PathBuf,
+}
+
+impl Default for AcmeSection {
+    fn default() -> Self {
+        Self {
+            directory_url: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            contact: String::new(),
+            ca_root: PathBuf::new(),
+            secret_key_file: PathBuf::from("/etc/vmkit/secret.key"),
+        }
+    }
 }
 
 /// The HTTPS edge (`https://NAME.domain`, the domain of `[ssh]`): on `0.0.0.0:8443`
@@ -89,6 +143,8 @@ pub struct HttpsSection {
     pub hsts: bool,
     /// Addresses of proxies in front whose `X-Forwarded-For` is kept.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// With `tls = "acme"`: the CA and the account.
+    pub acme: AcmeSection,
 }
 
 /// Where the HTTPS edge's certificates come from.
@@ -98,6 +154,10 @@ pub enum TlsMode {
     /// A local CA in the data directory.
     #[default]
     SelfSigned,
+    /// An ACME CA (Let's Encrypt by default): the wildcard for the domain by DNS-01,
+    /// answered by vmkit's own DNS server (`[dns] listen` must be set, and the
+    /// domain delegated to it).
+    Acme,
 }
 
 impl Default for HttpsSection {
@@ -109,6 +169,7 @@ impl Default for HttpsSection {
             tls: TlsMode::SelfSigned,
             hsts: true,
             trusted_proxies: Vec::new(),
+            acme: AcmeSection::default(),
         }
     }
 }
@@ -453,6 +514,7 @@ impl Default for Config {
             users: UsersSection::default(),
             ssh: SshSection::default(),
             https: HttpsSection::default(),
+            dns: DnsSection::default(),
         }
     }
 }
@@ -557,7 +619,12 @@ fn apply_env(
     let mut known = Vec::new();
     walk(value, prefix, &vars, &mut known)?;
     for name in vars.keys() {
-        let unrelated = ["VMKIT_SOCKET_PATH", "VMKIT_TEST_DATA", "VMKIT_LOG"];
+        let unrelated = [
+            "VMKIT_SOCKET_PATH",
+            "VMKIT_TEST_DATA",
+            "VMKIT_LOG",
+            "VMKIT_SECRET_KEY",
+        ];
         if name.starts_with("VMKIT_")
             && !known.contains(name)
             && !unrelated.contains(&name.as_str())
@@ -597,6 +664,14 @@ fn walk(
                     toml::Value::Boolean(_) => toml::Value::Boolean(
                         raw.parse()
                             .with_context(|| format!("{name}={raw:?} is not true or false"))?,
+                    ),
+                    // A list of strings (addresses, names): comma-separated.
+                    toml::Value::Array(_) => toml::Value::Array(
+                        raw.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(|s| toml::Value::String(s.to_owned()))
+                            .collect(),
                     ),
                     other => bail!("{name} cannot be set from the environment ({other:?})"),
                 };
@@ -668,7 +743,7 @@ mod tests {
                 None => line
                     .strip_prefix('[')
                     .and_then(|l| l.strip_suffix(']'))
-                    .is_some_and(name),
+                    .is_some_and(|section| section.split('.').all(name)),
             }
         };
         let options: Vec<&str> = SAMPLE
@@ -745,6 +820,22 @@ mod tests {
         assert_eq!(default.https.http_listen().unwrap(), None);
         let off = load_with(None, &[("VMKIT_HTTPS_LISTEN", "")]).unwrap();
         assert_eq!(off.https.listen().unwrap(), None);
+        let lists = load_with(
+            None,
+            &[
+                ("VMKIT_DNS_ADDRESSES", "192.0.2.1, 2001:db8::1"),
+                ("VMKIT_HTTPS_TRUSTED_PROXIES", ""),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            lists.dns.addresses,
+            [
+                "192.0.2.1".parse::<std::net::IpAddr>().unwrap(),
+                "2001:db8::1".parse().unwrap()
+            ]
+        );
+        assert!(lists.https.trusted_proxies.is_empty());
         let public = load_with(
             Some("[https]\nlisten = \"0.0.0.0:443\"\nhttp_listen = \"0.0.0.0:80\"\n"),
             &[],

@@ -227,8 +227,30 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         Some(addr) => Some(serve_ssh(&config, &manager, addr, https_port, stopping.clone()).await?),
         None => None,
     };
+    // One set of ACME challenge answers: the edge serves HTTP-01 ones, the DNS
+    // server DNS-01 ones.
+    let challenges = Arc::new(vmkit_net::challenges::AcmeChallenges::new());
+    let dns = match config.dns.listen()? {
+        Some(addr) => Some(
+            serve_dns(
+                &config,
+                &manager,
+                addr,
+                challenges.clone(),
+                stopping.clone(),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let edge = match https {
-        Some(bound) => Some(serve_https(&config, &manager, bound, stopping.clone())?),
+        Some(bound) => Some(serve_https(
+            &config,
+            &manager,
+            bound,
+            challenges,
+            stopping.clone(),
+        )?),
         None => None,
     };
     let app = api::router(api::AppState {
@@ -254,10 +276,12 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
             warn!(error = %e, "the SSH lobby's task failed");
         }
     }
-    if let Some(edge) = edge
-        && let Err(e) = edge.await
-    {
-        warn!(error = %e, "the HTTPS edge's task failed");
+    for (task, what) in [(edge, "HTTPS edge"), (dns, "DNS server")] {
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            warn!(error = %e, "the {what}'s task failed");
+        }
     }
     if let Err(e) = std::fs::remove_file(&config.socket) {
         warn!(error = %e, "cannot remove the API socket");
@@ -319,22 +343,30 @@ async fn bind_https(config: &Config, addr: std::net::SocketAddr) -> anyhow::Resu
     })
 }
 
-/// Starts the HTTPS edge on bound listeners; it stops when `stopping` turns true.
+/// Starts the HTTPS edge on bound listeners (and, with `tls = "acme"`, the task that
+/// keeps its certificates); they stop when `stopping` turns true.
 fn serve_https(
     config: &Config,
     manager: &Manager,
     bound: HttpsListeners,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
+    challenges: Arc<vmkit_net::challenges::AcmeChallenges>,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use vmkit_net::https::tls::{CertStore, LocalCa};
     use vmkit_net::https::{HttpsConfig, HttpsEdge};
     let domain = config.ssh.domain.clone();
     let store = manager.backends().store.clone();
+    let mut acme = None;
     let certs = match config.https.tls {
         config::TlsMode::SelfSigned => {
             let ca = LocalCa::load_or_create(&config.data_dir).context("loading the local CA")?;
             info!(certificate = %ca.certificate_path().display(), "certificates from the local CA");
             CertStore::new(&domain, Some(ca)).context("issuing the local certificates")?
+        }
+        config::TlsMode::Acme => {
+            let certs = CertStore::new(&domain, None).context("making the certificate store")?;
+            acme = Some(acme_issuer(config, &domain, &certs, &challenges)?);
+            certs
         }
     };
     let ssh_host = match config.ssh.public_host.trim() {
@@ -358,16 +390,169 @@ fn serve_https(
         Arc::new(vmkit_core::StoreGateway::new(store.clone(), domain)),
         vmkit_core::WebSessions::new(store),
         certs,
-        Arc::new(vmkit_net::challenges::AcmeChallenges::new()),
+        challenges,
         https_config,
     )
     .context("starting the HTTPS edge")?;
+    if let Some(issuer) = acme {
+        let manager = manager.clone();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let events = move |event| {
+                let manager = manager.clone();
+                tokio::spawn(async move { record_certificate_event(&manager, event).await });
+            };
+            let stop = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            issuer.run(events, stop).await;
+        });
+    }
+    let mut stopping = stopping;
     Ok(tokio::spawn(async move {
         let stop = async move {
             let _ = stopping.wait_for(|stop| *stop).await;
         };
         if let Err(e) = edge.serve(bound.https, bound.http, stop).await {
             error!(error = %e, "the HTTPS edge stopped");
+        }
+    }))
+}
+
+/// The ACME issuer of `[https] tls = "acme"`, with the certificates of earlier runs
+/// installed.
+fn acme_issuer(
+    config: &Config,
+    domain: &str,
+    certs: &Arc<vmkit_net::https::tls::CertStore>,
+    challenges: &Arc<vmkit_net::challenges::AcmeChallenges>,
+) -> anyhow::Result<Arc<vmkit_net::https::acme::AcmeIssuer>> {
+    use vmkit_net::https::acme::{AcmeConfig, AcmeIssuer};
+    let acme = &config.https.acme;
+    if config.dns.listen()?.is_none() {
+        bail!(
+            "[https] tls = \"acme\" gets the wildcard certificate by DNS-01, answered by \
+             vmkit's own DNS server: set [dns] listen (and delegate {domain} to this host)"
+        );
+    }
+    let secrets = match std::env::var_os("VMKIT_SECRET_KEY") {
+        Some(_) => vmkit_core::SecretBox::from_env("VMKIT_SECRET_KEY")
+            .context("reading the secret key from VMKIT_SECRET_KEY")?,
+        None => {
+            if acme.secret_key_file.starts_with(&config.data_dir) {
+                bail!(
+                    "[https.acme] secret_key_file = {} is inside the data directory: keep \
+                     the key that seals secrets apart from them (the default is \
+                     /etc/vmkit/secret.key), or set VMKIT_SECRET_KEY",
+                    acme.secret_key_file.display()
+                );
+            }
+            vmkit_core::SecretBox::from_key_file(&acme.secret_key_file).with_context(|| {
+                format!(
+                    "reading the secret key {} ([https.acme] secret_key_file)",
+                    acme.secret_key_file.display()
+                )
+            })?
+        }
+    };
+    let mut acme_config =
+        AcmeConfig::new(config.data_dir.join("acme")).directory_url(&acme.directory_url);
+    if !acme.contact.trim().is_empty() {
+        acme_config = acme_config.contact(acme.contact.trim());
+    }
+    if !acme.ca_root.as_os_str().is_empty() {
+        acme_config = acme_config.ca_root_pem(&acme.ca_root);
+    }
+    let issuer = AcmeIssuer::new(
+        acme_config,
+        domain,
+        certs.clone(),
+        challenges.clone(),
+        Arc::new(secrets),
+    )
+    .context("starting ACME")?;
+    let loaded = issuer
+        .load_stored()
+        .context("loading the certificates of earlier runs")?;
+    info!(
+        directory = %acme.directory_url,
+        stored = loaded,
+        "certificates from ACME"
+    );
+    Ok(issuer)
+}
+
+/// An ACME outcome, logged and recorded in the event log.
+async fn record_certificate_event(manager: &Manager, event: vmkit_net::https::acme::AcmeEvent) {
+    use vmkit_net::https::acme::AcmeEvent;
+    let kind = match event {
+        AcmeEvent::Issued { names, not_after } => {
+            info!(names = ?names, "certificate issued");
+            let ms = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            vmkit_core::EventKind::CertificateIssued {
+                names,
+                expires: vmkit_core::Timestamp(ms),
+            }
+        }
+        AcmeEvent::Failed {
+            names,
+            error,
+            retry_in,
+        } => {
+            warn!(names = ?names, %error, retry_in_secs = retry_in.as_secs(), "getting a certificate failed");
+            vmkit_core::EventKind::CertificateFailed {
+                names,
+                error,
+                retry_in_secs: retry_in.as_secs(),
+            }
+        }
+        _ => return,
+    };
+    manager.record_host_event(kind).await;
+}
+
+/// Starts vmkit's DNS server on `addr` (UDP and TCP); it stops when `stopping`
+/// turns true.
+async fn serve_dns(
+    config: &Config,
+    manager: &Manager,
+    addr: std::net::SocketAddr,
+    challenges: Arc<vmkit_net::challenges::AcmeChallenges>,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use vmkit_net::dns::{DnsConfig, DnsServer};
+    let dns = &config.dns;
+    if dns.addresses.is_empty() {
+        bail!(
+            "[dns] listen is set but [dns] addresses is empty: list the host's public \
+             addresses, which the domain's names resolve to"
+        );
+    }
+    let mut dns_config = DnsConfig::new(&config.ssh.domain).addresses(dns.addresses.clone());
+    if !dns.ns_host.trim().is_empty() {
+        dns_config = dns_config.ns_host(dns.ns_host.trim());
+    }
+    for issuer in &dns.caa_issuers {
+        dns_config = dns_config.caa_issuer(issuer);
+    }
+    let server = DnsServer::new(dns_config, manager.backends().store.clone(), challenges)
+        .context("configuring the DNS server ([dns])")?;
+    let udp = tokio::net::UdpSocket::bind(addr).await.with_context(|| {
+        format!("binding DNS (UDP) to {addr} ([dns] listen; another port there, or listen = \"\")")
+    })?;
+    let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("binding DNS (TCP) to {addr} ([dns] listen; another port there, or listen = \"\")")
+    })?;
+    info!(address = %addr, "serving DNS for {}", config.ssh.domain);
+    Ok(tokio::spawn(async move {
+        let stop = async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        };
+        if let Err(e) = server.serve(udp, tcp, stop).await {
+            error!(error = %e, "the DNS server stopped");
         }
     }))
 }

@@ -783,3 +783,62 @@ fn vmkit_ca_prints_the_certificate_the_https_edge_is_trusted_with() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("[https] listen"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_dns_server_answers_for_the_vms_as_they_come_and_go() {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_DNS_LISTEN", &listen),
+            ("VMKIT_DNS_ADDRESSES", "192.0.2.7"),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+        ],
+    );
+    let dig = |name: &str| {
+        let out = std::process::Command::new("dig")
+            .args([
+                "+short",
+                "+time=5",
+                "+tries=2",
+                "-p",
+                &port.to_string(),
+                "@127.0.0.1",
+                name,
+                "A",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dig: {}", stderr(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(dig("vm.test"), "192.0.2.7\n");
+    assert_eq!(dig("web.vm.test"), "", "no VM yet");
+    let out = d.cli(&["vm", "create", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dig("web.vm.test"), "192.0.2.7\n");
+    assert_eq!(dig("web--8080.vm.test"), "192.0.2.7\n");
+    let out = d.cli(&["vm", "rm", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(dig("web.vm.test"), "");
+}
+
+#[test]
+fn acme_without_the_dns_server_is_refused_with_what_to_set() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmkit-gateway"))
+        .args(["--fake-backends", "--data-dir"])
+        .arg(tmp.path())
+        .env("VMKIT_SSH_LISTEN", "")
+        .env("VMKIT_HTTPS_LISTEN", "127.0.0.1:0")
+        .env("VMKIT_HTTPS_TLS", "acme")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("[dns] listen"), "{}", stderr(&out));
+}

@@ -1555,6 +1555,19 @@ fn event_line(e: &Event) -> String {
         EventKind::UserSuspended { user } => format!("user {user} suspended"),
         EventKind::UserResumed { user } => format!("user {user} resumed"),
         EventKind::UserRoleChanged { user, role } => format!("user {user} is now {role}"),
+        EventKind::CertificateIssued { names, expires } => format!(
+            "certificate for {} issued, expires {}",
+            names.join(", "),
+            expires
+        ),
+        EventKind::CertificateFailed {
+            names,
+            error,
+            retry_in_secs,
+        } => format!(
+            "certificate for {} failed ({error}); trying again in {retry_in_secs} s",
+            names.join(", ")
+        ),
         other => format!("{other:?}").to_lowercase(),
     };
     let vm = e
