@@ -432,6 +432,13 @@ pub struct SessionRequest {
     /// pipes when `None` (standard error then comes apart from standard output).
     #[serde(default)]
     pub pty: Option<PtySize>,
+    /// Instead of a process: a TCP connection to this port on the guest's loopback
+    /// (`127.0.0.1`), whose bytes are the session's input and output (how the HTTPS
+    /// edge reaches an app bound to the guest's loopback only). The session exits
+    /// with status 0 once both directions are closed; a refused connection is the
+    /// request's error. `argv`, `user`, `env` and `pty` are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<u16>,
 }
 
 impl SessionRequest {
@@ -468,5 +475,13 @@ impl SessionRequest {
     pub fn pty(mut self, term: impl Into<String>, cols: u16, rows: u16) -> Self {
         self.pty = Some(PtySize::new(term, cols, rows));
         self
+    }
+
+    /// A session that is a TCP connection to `port` on the guest's loopback.
+    pub fn connect(port: u16) -> Self {
+        SessionRequest {
+            connect: Some(port),
+            ..SessionRequest::default()
+        }
     }
 }

@@ -423,3 +423,58 @@ async fn sessions_past_the_limit_are_refused() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn a_connect_session_is_a_tcp_connection_to_the_guests_loopback() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // An app that answers each line with its length, and closes after "bye".
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            while let Some(end) = seen.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = seen.drain(..=end).collect();
+                if line == b"bye\n" {
+                    stream.write_all(b"closing\n").await.unwrap();
+                    return;
+                }
+                stream
+                    .write_all(format!("{}\n", line.len() - 1).as_bytes())
+                    .await
+                    .unwrap();
+            }
+        }
+    });
+    let client = client();
+    let mut session = client.session(SessionRequest::connect(port)).await.unwrap();
+    session.writer().send(b"hello\n").await.unwrap();
+    read_until(&mut session, "5\n").await;
+    session.writer().send(b"bye\n").await.unwrap();
+    read_until(&mut session, "closing\n").await;
+    // The app closed its side: the session ends with status 0.
+    assert_eq!(exit_of(&mut session).await.code, Some(0));
+
+    // A port nothing listens on is the request's error, saying so.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut refused = client
+        .session(SessionRequest::connect(closed))
+        .await
+        .unwrap();
+    let outcome = tokio::time::timeout(WAIT, refused.next()).await.unwrap();
+    match outcome {
+        Some(Err(e)) => assert!(e.to_string().contains("nothing answers"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+}

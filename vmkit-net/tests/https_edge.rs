@@ -31,11 +31,12 @@ use vmkit_net::https::{HttpsConfig, HttpsEdge};
 
 const DOMAIN: &str = "vm.test";
 
-/// The store's gateway, with every VM's web server on 127.0.0.1 at the port the
-/// map gives for the guest port.
+/// The store's gateway, with every VM at one loopback address of this test's own
+/// (`127.X.Y.Z`), where the test's web server listens on the guest ports 80 and
+/// 8080.
 struct LocalGateway {
     inner: StoreGateway,
-    ports: HashMap<u16, u16>,
+    ip: Ipv4Addr,
 }
 
 #[async_trait::async_trait]
@@ -53,9 +54,7 @@ impl Gateway for LocalGateway {
     async fn route(&self, target: RouteTarget<'_>) -> Result<Option<Routed>, GatewayError> {
         let mut routed = self.inner.route(target).await?;
         if let Some(r) = &mut routed {
-            r.upstream.ip = Some(Ipv4Addr::LOCALHOST);
-            // An unmapped port stays as it is: nothing listens there.
-            r.upstream.port = *self.ports.get(&r.upstream.port).unwrap_or(&r.upstream.port);
+            r.upstream.ip = Some(self.ip);
         }
         Ok(routed)
     }
@@ -67,11 +66,35 @@ impl Gateway for LocalGateway {
     }
 }
 
-/// The "VM's" web server: echoes request headers, counts uploads, streams
-/// downloads, sets a cookie with `Domain`, and echoes a WebSocket-style upgrade.
-async fn web_server(hits: Arc<AtomicUsize>) -> u16 {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+/// The "VM's" web server on `ip`, ports 80 and 8080: echoes request headers,
+/// counts uploads, streams downloads, sets a cookie with `Domain`, and echoes a
+/// WebSocket-style upgrade. Nothing else listens on `ip` (the guest's other ports).
+async fn web_server(ip: Ipv4Addr, hits: Arc<AtomicUsize>) {
+    for port in [80, 8080] {
+        let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+        serve_on(listener, hits.clone());
+    }
+    for port in [8000, 9999] {
+        assert!(
+            std::net::TcpStream::connect((ip, port)).is_err(),
+            "something on this host listens on every address at port {port}: the test needs \
+             it free"
+        );
+    }
+}
+
+/// A loopback address of this test's own.
+fn own_loopback() -> Ipv4Addr {
+    let n = rand_suffix();
+    Ipv4Addr::new(
+        127,
+        (n >> 8) as u8 | 1,
+        (n >> 16) as u8,
+        (n >> 24) as u8 | 1,
+    )
+}
+
+fn serve_on(listener: tokio::net::TcpListener, hits: Arc<AtomicUsize>) {
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -88,7 +111,6 @@ async fn web_server(hits: Arc<AtomicUsize>) -> u16 {
             });
         }
     });
-    port
 }
 
 type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -179,10 +201,13 @@ impl Edge {
         let host = FakeHost::new().await;
         let store: Arc<dyn StateStore> = host.store.clone();
         let hits = Arc::new(AtomicUsize::new(0));
-        let web = web_server(hits.clone()).await;
+        // Nothing listens on port 8000 of the VM's address: the fake guest's web
+        // server there is on its loopback.
+        let ip = own_loopback();
+        web_server(ip, hits.clone()).await;
         let gateway = Arc::new(LocalGateway {
             inner: StoreGateway::new(store.clone(), DOMAIN),
-            ports: HashMap::from([(80, web), (8080, web)]),
+            ip,
         });
         let ca = LocalCa::load_or_create(dir.path()).unwrap();
         let ca_path = ca.certificate_path().to_owned();
@@ -275,6 +300,7 @@ impl Edge {
             "web.vm.test",
             "web--8080.vm.test",
             "web--9999.vm.test",
+            "web--8000.vm.test",
             "nope.vm.test",
         ] {
             for port in [self.https, self.http] {
@@ -605,6 +631,26 @@ async fn nothing_listening_helps_the_owner_only() {
         .await;
     assert_eq!(status(&out), 502);
     assert!(!text(&out).contains("nothing answers"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_app_on_the_guests_loopback_is_reached_through_the_agent() {
+    let edge = Edge::start().await;
+    let jar = edge.browser(1).await;
+    let out = edge
+        .curl(&jar, &["-L", &edge.url("web--8000.vm.test", "/")])
+        .await;
+    assert_eq!(status(&out), 200, "{}", text(&out));
+    assert!(
+        text(&out).ends_with("loopback app on port 8000"),
+        "{}",
+        text(&out)
+    );
+    // Nothing on either: the owner is told.
+    let out = edge
+        .curl(&jar, &["-L", &edge.url("web--9999.vm.test", "/")])
+        .await;
+    assert_eq!(status(&out), 502, "{}", text(&out));
 }
 
 #[tokio::test(flavor = "multi_thread")]

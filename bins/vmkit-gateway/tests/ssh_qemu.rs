@@ -495,6 +495,16 @@ fn https_into_a_real_vm(d: &Daemon, alice: &Client, bob: &Client, ns: &Netns, di
         "{}",
         stdout(&out)
     );
+    // An app bound to the guest's loopback only is reached through the agent.
+    let out = alice.ssh("small@gw", &["busybox httpd -p 127.0.0.1:8081 -h /www"]);
+    ok(&out, "httpd on the guest's loopback", d);
+    let out = curl(ns, &ca, &jar, &["-L", "https://small--8081.vm.test:8443/"]);
+    assert_eq!(status(&out), 200, "{}{}", stdout(&out), d.log());
+    assert!(
+        stdout(&out).ends_with("hello from small\n"),
+        "{}",
+        stdout(&out)
+    );
 
     // Shared with everyone: the stranger gets the page, nothing about anyone.
     ok(
@@ -505,7 +515,7 @@ fn https_into_a_real_vm(d: &Daemon, alice: &Client, bob: &Client, ns: &Netns, di
     let out = curl(ns, &ca, &stranger, &[url]);
     assert_eq!(status(&out), 200, "{}", stdout(&out));
     assert!(stdout(&out).ends_with("hello from small\n"));
-    // Bob's browser too, and port 8081 stays private.
+    // Port 8081 stays private.
     let bobs = dir.join("bob.jar");
     let out = curl(ns, &ca, &bobs, &["https://small--8081.vm.test:8443/"]);
     assert_eq!(status(&out), 303);

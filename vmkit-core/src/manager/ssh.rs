@@ -194,6 +194,68 @@ impl Manager {
     }
 }
 
+impl Manager {
+    /// A byte stream to `port` on the loopback of running VM `name`, through its
+    /// agent (a [`SessionRequest::connect`] session): how a front door reaches an
+    /// app bound only to the guest's `127.0.0.1`. Dropping the stream ends the
+    /// connection. Deciding whether the caller may is the door's.
+    pub async fn connect_guest_port(
+        &self,
+        name: &VmName,
+        port: u16,
+    ) -> Result<tokio::io::DuplexStream, ManagerError> {
+        use tokio::io::AsyncWriteExt;
+        use vmkit_guest::ExecEvent;
+        let session = self.session(name, SessionRequest::connect(port)).await?;
+        let (writer, mut events) = session.split();
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let (mut from_door, mut to_door) = tokio::io::split(theirs);
+        tokio::spawn(async move {
+            let up = async {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match from_door.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = writer.close_stdin().await;
+                            break;
+                        }
+                        Ok(n) => {
+                            if writer.send(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // The end of the door's input does not end the connection at once:
+                // the app may still answer. It has a minute; then nobody reads.
+                tokio::time::sleep(Duration::from_secs(60)).await
+            };
+            let down = async {
+                while let Some(event) = events.next().await {
+                    match event {
+                        Ok(ExecEvent::Stdout(data)) => {
+                            if to_door.write_all(&data).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(ExecEvent::Exit(_)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+                let _ = to_door.shutdown().await;
+            };
+            // Once the app's side is done, so is the connection: no half-open
+            // session is left behind in the guest.
+            tokio::select! {
+                () = up => {}
+                () = down => {}
+            }
+            let _ = writer.hang_up().await;
+        });
+        Ok(ours)
+    }
+}
+
 /// Whether an SSH server at `address` sends its greeting (`SSH-...`) within a few
 /// seconds.
 async fn ssh_greets(address: SocketAddr) -> bool {

@@ -89,6 +89,10 @@ impl Shared {
     }
 }
 
+/// The port on a fake guest's loopback where a web server answers (see the fake
+/// agent's sessions).
+pub const FAKE_LOOPBACK_HTTP_PORT: u16 = 8000;
+
 /// A complete in-memory [`Hypervisor`]: VMMs are entries in a table with the real
 /// state rules (pause only when running, snapshot only when paused, restore into a
 /// fresh VMM), and each guest runs a fake agent speaking the real protocol over an
@@ -772,7 +776,10 @@ impl Handler for FakeAgent {
 
     /// A session runs `cat` (its input to its output until the input ends; INT
     /// ends it by that signal, a hang-up by HUP), `echo ARGS` and `hostname`;
-    /// anything else is not found (127), as a shell says.
+    /// anything else is not found (127), as a shell says. A connection to the
+    /// guest's loopback ([`SessionRequest::connect`](vmkit_guest::SessionRequest::connect))
+    /// finds a web server on [`FAKE_LOOPBACK_HTTP_PORT`] only, which answers one
+    /// request with `200` and `loopback app on port N`.
     async fn session(
         &self,
         req: vmkit_guest::SessionRequest,
@@ -781,6 +788,26 @@ impl Handler for FakeAgent {
     ) -> Result<ExitStatus, String> {
         let args: Vec<&str> = req.argv.iter().map(String::as_str).collect();
         let write = |e: vmkit_guest::OutputClosed| e.to_string();
+        if let Some(port) = req.connect {
+            if port != FAKE_LOOPBACK_HTTP_PORT {
+                return Err(format!("nothing answers on port {port} in the guest"));
+            }
+            let (mut stdin, _controls) = input.split();
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stdin.next().await {
+                    Some(data) => head.extend_from_slice(&data),
+                    None => return Ok(ExitStatus::exited(0)),
+                }
+            }
+            let body = format!("loopback app on port {port}");
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            out.stdout(response.as_bytes()).await.map_err(write)?;
+            return Ok(ExitStatus::exited(0));
+        }
         match args.as_slice() {
             ["cat"] => {
                 let (mut stdin, mut controls) = input.split();

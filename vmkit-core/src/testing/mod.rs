@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 pub use assets::{test_data_dir, test_image, test_images_dir};
 pub use faults::{Breakage, Faults, InjectedFault};
-pub use hypervisor::{AgentBehavior, FakeHypervisor, GuestState};
+pub use hypervisor::{AgentBehavior, FAKE_LOOPBACK_HTTP_PORT, FakeHypervisor, GuestState};
 pub use images::FakeImages;
 pub use network::FakeNetwork;
 pub use storage::{FakeStorage, Hold};

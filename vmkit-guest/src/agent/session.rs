@@ -237,6 +237,68 @@ enum Ended {
     HungUp,
 }
 
+/// How long a connection to a port on the guest's loopback may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A session that is a TCP connection to `port` on the guest's loopback: the host's
+/// input is written to it, what it sends is the session's output.
+async fn relay_port(
+    port: u16,
+    input: SessionInput,
+    out: &OutputSink,
+) -> Result<ExitStatus, String> {
+    let connect = tokio::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port));
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            return Err(format!(
+                "nothing answers on port {port} in the guest: {err}"
+            ));
+        }
+        Err(_) => return Err(format!("port {port} in the guest does not answer")),
+    };
+    let _ = stream.set_nodelay(true);
+    let (reader, mut writer) = stream.into_split();
+    let (mut stdin, mut controls) = input.split();
+    // Reading stops when the host hangs up (the session's end), not before: an app
+    // may answer after its input ended.
+    let (hung_up_tx, hung_up_rx) = watch::channel(false);
+    let feed = async {
+        let mut open = true;
+        loop {
+            tokio::select! {
+                control = controls.next() => if control.is_none() {
+                    break;
+                },
+                chunk = stdin.next(), if open => match chunk {
+                    Some(chunk) => {
+                        if writer.write_all(&chunk).await.is_err() {
+                            open = false;
+                        }
+                    }
+                    None => {
+                        open = false;
+                        let _ = writer.shutdown().await;
+                    }
+                },
+            }
+        }
+        hung_up_tx.send_replace(true);
+    };
+    let output = pump(Some(reader), out, Pipe::Stdout, hung_up_rx);
+    // The output ends when the app closes its side; the feed when the host hangs up
+    // or its input ends and the output is done.
+    tokio::select! {
+        () = feed => {}
+        () = output => {}
+    }
+    Ok(ExitStatus {
+        code: Some(0),
+        signal: None,
+        timed_out: false,
+    })
+}
+
 /// Runs a session for [`SystemHandler::session`](crate::Handler::session).
 pub(super) async fn run(
     handler: &SystemHandler,
@@ -249,7 +311,11 @@ pub(super) async fn run(
         user,
         env,
         pty,
+        connect,
     } = req;
+    if let Some(port) = connect {
+        return relay_port(port, input, out).await;
+    }
     let Identity { user, groups } = identity(handler, user.as_deref())?;
     let euid = nix::unistd::geteuid();
     let switch = euid.is_root();

@@ -57,6 +57,8 @@ struct Inner {
     client: Client<HttpConnector, Body>,
     config: HttpsConfig,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// VM ports that answered on the VM's address lately.
+    direct: Mutex<HashMap<(vmkit_core::VmId, u16), std::time::Instant>>,
 }
 
 impl std::fmt::Debug for HttpsEdge {
@@ -108,6 +110,7 @@ impl HttpsEdge {
                 client,
                 config,
                 per_ip: Mutex::new(HashMap::new()),
+                direct: Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -766,9 +769,20 @@ impl HttpsEdge {
         parts.version = hyper::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
 
-        let mut response = match inner.client.request(upstream_req).await {
+        let sent = match self.reach(&routed, ip, port).await {
+            Reach::Direct => inner.client.request(upstream_req).await.map_err(|e| {
+                if e.is_connect() {
+                    connect_detail(&format!("{e:?}"))
+                } else {
+                    "the server closed the connection without an answer".to_owned()
+                }
+            }),
+            Reach::Loopback(stream) => send_over(stream, upstream_req).await,
+            Reach::Nowhere(detail) => Err(detail),
+        };
+        let mut response = match sent {
             Ok(response) => response,
-            Err(e) => return self.unreachable(&routed, port, owner, &e),
+            Err(detail) => return self.unreachable(&routed, port, owner, &detail),
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -836,6 +850,42 @@ impl HttpsEdge {
         Ok(again.filter(|r| r.upstream.running))
     }
 
+    /// How to reach `port` of the routed VM: its address when something listens
+    /// there (remembered for a minute, so that pooled connections are used), else
+    /// its loopback through the agent, for apps bound to `127.0.0.1` only.
+    async fn reach(&self, routed: &Routed, ip: std::net::Ipv4Addr, port: u16) -> Reach {
+        let inner = &self.inner;
+        let key = (routed.upstream.vm, port);
+        let fresh = |seen: &std::time::Instant| seen.elapsed() < DIRECT_MEMORY;
+        if lock(&inner.direct).get(&key).is_some_and(fresh) {
+            return Reach::Direct;
+        }
+        let probe = tokio::net::TcpStream::connect((ip, port));
+        let detail = match tokio::time::timeout(inner.config.connect_timeout, probe).await {
+            Ok(Ok(_)) => {
+                let mut direct = lock(&inner.direct);
+                if direct.len() >= 4096 {
+                    direct.retain(|_, seen| fresh(seen));
+                }
+                direct.insert(key, std::time::Instant::now());
+                return Reach::Direct;
+            }
+            Ok(Err(e)) => connect_detail(&format!("{e:?}")),
+            Err(_) => "no answer to the connection".to_owned(),
+        };
+        match inner
+            .manager
+            .connect_guest_port(&routed.upstream.name, port)
+            .await
+        {
+            Ok(stream) => Reach::Loopback(stream),
+            Err(e) => {
+                tracing::debug!(vm = %routed.upstream.name, port, error = %e, "no way to the guest's loopback");
+                Reach::Nowhere(detail)
+            }
+        }
+    }
+
     async fn identity(&self, caller: &Caller) -> Option<Identity> {
         let whoami = self
             .inner
@@ -853,29 +903,11 @@ impl HttpsEdge {
     }
 
     /// The VM did not answer: a page that helps its owner, a plain error for others.
-    fn unreachable(
-        &self,
-        routed: &Routed,
-        port: u16,
-        owner: bool,
-        error: &hyper_util::client::legacy::Error,
-    ) -> Response<Body> {
-        tracing::debug!(vm = %routed.upstream.name, port, error = ?error, "upstream failed");
+    fn unreachable(&self, routed: &Routed, port: u16, owner: bool, detail: &str) -> Response<Body> {
+        tracing::debug!(vm = %routed.upstream.name, port, detail, "upstream failed");
         if !owner {
             return html(StatusCode::BAD_GATEWAY, pages::error(502, "Bad Gateway"));
         }
-        let detail = if error.is_connect() {
-            let chain = format!("{error:?}");
-            if chain.contains("ConnectionRefused") || chain.contains("onnection refused") {
-                "the connection was refused".to_owned()
-            } else if chain.contains("timed out") || chain.contains("TimedOut") {
-                "no answer to the connection".to_owned()
-            } else {
-                "cannot connect".to_owned()
-            }
-        } else {
-            "the server closed the connection without an answer".to_owned()
-        };
         let ssh = self
             .inner
             .config
@@ -887,10 +919,65 @@ impl HttpsEdge {
                 port,
                 &ssh,
                 &self.inner.config.ssh_command(None),
-                &detail,
+                detail,
             ),
         )
     }
+}
+
+/// How long a port that answered on the VM's address is taken to still answer.
+const DIRECT_MEMORY: Duration = Duration::from_secs(60);
+
+/// How a request reaches the VM's port.
+enum Reach {
+    /// At the VM's address, through the pooled client.
+    Direct,
+    /// On the guest's loopback, through the agent.
+    Loopback(tokio::io::DuplexStream),
+    /// Not at all, and why.
+    Nowhere(String),
+}
+
+/// What a failed connection says to the VM's owner.
+fn connect_detail(error: &str) -> String {
+    if error.contains("ConnectionRefused") || error.contains("onnection refused") {
+        "the connection was refused".to_owned()
+    } else if error.contains("timed out") || error.contains("TimedOut") {
+        "no answer to the connection".to_owned()
+    } else {
+        "cannot connect".to_owned()
+    }
+}
+
+/// Sends `request` over a connection of its own on `stream` (the guest's loopback),
+/// upgrades allowed.
+async fn send_over(
+    stream: tokio::io::DuplexStream,
+    mut request: Request<Body>,
+) -> Result<Response<Incoming>, String> {
+    // A connection of its own takes the origin form (`GET /path`), as servers
+    // expect from a client that is not a proxy.
+    let origin_form = request
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
+    *request.uri_mut() = origin_form.parse().map_err(|_| "a bad path".to_owned())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("cannot talk HTTP through the agent: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "a connection to a guest's loopback failed");
+        }
+    });
+    sender.send_request(request).await.map_err(|_| {
+        "nothing answers on the VM's address, nor on its loopback (127.0.0.1)".to_owned()
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One connection's place in the per-address count.
