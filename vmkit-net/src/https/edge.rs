@@ -300,7 +300,7 @@ impl HttpsEdge {
                 pages::error(421, "Not a host this gateway serves"),
             ),
         };
-        if self.inner.config.hsts {
+        if self.inner.config.sends_hsts() {
             response.headers_mut().insert(
                 header::STRICT_TRANSPORT_SECURITY,
                 HeaderValue::from_static("max-age=31536000; includeSubDomains"),
@@ -1045,7 +1045,12 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 
 /// Whether `next` is a path on the same host (never `//elsewhere` or a URL).
 fn local_path(next: &str) -> bool {
-    next.starts_with('/') && !next.starts_with("//") && !next.contains('\\')
+    // Browsers drop tabs and newlines from URLs and read `\` as `/`: `/\t/x` and
+    // `/\\x` would be `//x`, another host.
+    next.starts_with('/')
+        && !next.starts_with("//")
+        && !next.contains('\\')
+        && !next.chars().any(|c| c.is_control() || c == ' ')
 }
 
 fn wants_upgrade(headers: &HeaderMap) -> bool {
@@ -1263,8 +1268,12 @@ mod tests {
             "evil",
             "/\\evil.test",
             "",
+            "/\t/evil.test",
+            "/\n/evil.test",
+            "/\r\n/evil.test",
+            "/ /evil.test",
         ] {
-            assert!(!local_path(bad), "{bad}");
+            assert!(!local_path(bad), "{bad:?}");
         }
     }
 

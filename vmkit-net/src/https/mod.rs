@@ -128,7 +128,9 @@ pub struct HttpsConfig {
     pub ssh_host: String,
     /// The SSH gateway's port, when not 22.
     pub ssh_port: Option<u16>,
-    /// Sends `Strict-Transport-Security` (a year, with subdomains).
+    /// Sends `Strict-Transport-Security` (a year, with subdomains). Never for a
+    /// `localhost` domain: a browser would then upgrade every `http://*.localhost`
+    /// development server of its user.
     pub hsts: bool,
     /// Peers whose `X-Forwarded-For` is kept (a load balancer in front); from anyone
     /// else it is replaced by the peer's address.
@@ -230,6 +232,11 @@ impl HttpsConfig {
         self
     }
 
+    /// Whether responses carry `Strict-Transport-Security`.
+    pub fn sends_hsts(&self) -> bool {
+        self.hsts && self.domain != "localhost" && !self.domain.ends_with(".localhost")
+    }
+
     /// `https://host[:port]`, as clients reach `host`.
     pub fn origin(&self, host: &str) -> String {
         match self.public_port {
@@ -241,5 +248,34 @@ impl HttpsConfig {
     /// The URL of a VM's default web port.
     pub fn vm_url(&self, name: &str) -> String {
         format!("{}/", self.origin(&format!("{name}.{}", self.domain)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hsts_is_never_sent_for_a_localhost_domain() {
+        assert!(HttpsConfig::new("vm.example.com", "/tmp").sends_hsts());
+        assert!(
+            !HttpsConfig::new("vm.example.com", "/tmp")
+                .hsts(false)
+                .sends_hsts()
+        );
+        assert!(!HttpsConfig::new("localhost", "/tmp").sends_hsts());
+        assert!(!HttpsConfig::new("dev.localhost", "/tmp").sends_hsts());
+    }
+
+    #[test]
+    fn urls_leave_out_port_443() {
+        let c = HttpsConfig::new("vm.test", "/tmp").public_port(443);
+        assert_eq!(c.vm_url("web"), "https://web.vm.test/");
+        let c = c.public_port(8443);
+        assert_eq!(c.vm_url("web"), "https://web.vm.test:8443/");
+        assert_eq!(
+            c.ssh("vm.test", 2222).ssh_command(Some("web")),
+            "ssh -p 2222 web@vm.test"
+        );
     }
 }
