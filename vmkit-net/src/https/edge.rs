@@ -293,7 +293,7 @@ impl HttpsEdge {
             );
         };
         let mut response = match self.host_kind(&host) {
-            HostKind::Apex => self.apex(req, &host).await,
+            HostKind::Apex => self.apex(req).await,
             HostKind::Vm => self.vm_host(req, &host, peer).await,
             HostKind::Other => html(
                 StatusCode::MISDIRECTED_REQUEST,
@@ -322,7 +322,7 @@ impl HttpsEdge {
 
     // ---- the apex ----
 
-    async fn apex(&self, req: Request<Incoming>, host: &str) -> Response<Body> {
+    async fn apex(&self, req: Request<Incoming>) -> Response<Body> {
         let inner = &self.inner;
         let path = req.uri().path().to_owned();
         let session = auth::cookie(req.headers(), SESSION_COOKIE).map(str::to_owned);
@@ -446,10 +446,7 @@ impl HttpsEdge {
                     Err(e) => internal(e),
                 }
             }
-            _ => {
-                let _ = host;
-                html(StatusCode::NOT_FOUND, pages::error(404, "Not Found"))
-            }
+            _ => html(StatusCode::NOT_FOUND, pages::error(404, "Not Found")),
         }
     }
 
