@@ -13,7 +13,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,22 +26,18 @@ use vmkit_core::testing::MemoryStore;
 use vmkit_net::challenges::AcmeChallenges;
 use vmkit_net::dns::{DnsConfig, DnsServer};
 use vmkit_net::https::acme::{AcmeConfig, AcmeEvent, AcmeIssuer};
-use vmkit_net::https::tls::{CertStore, LocalCa};
+use vmkit_net::https::tls::CertStore;
+
+#[path = "support/pebble.rs"]
+mod pebble;
+
+use pebble::Pebble;
 
 const DOMAIN: &str = "vm.test";
 const CUSTOM: &str = "app.custom.test";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A port of 127.0.0.1 free now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// vmkit's DNS server on 127.0.0.1 (UDP and TCP on one port); its port.
@@ -107,77 +102,12 @@ async fn start_http01(challenges: Arc<AcmeChallenges>) -> u16 {
     port
 }
 
-/// pebble on 127.0.0.1 with a TLS certificate from a local CA; killed on drop.
-struct Pebble {
-    /// Killed when dropped (`kill_on_drop`).
-    _child: tokio::process::Child,
-    acme_port: u16,
-    management_port: u16,
-    tls_root: std::path::PathBuf,
-}
-
-impl Pebble {
-    async fn start(dir: &Path, dns_port: u16, http_port: u16) -> Self {
-        let ca = LocalCa::load_or_create(dir).unwrap();
-        let tls = ca.issue(&["127.0.0.1".into(), "localhost".into()]).unwrap();
-        std::fs::write(dir.join("pebble.crt"), &tls.chain_pem).unwrap();
-        std::fs::write(dir.join("pebble.key"), &tls.key_pem).unwrap();
-        let (acme_port, management_port) = (free_port(), free_port());
-        let config = serde_json::json!({
-            "pebble": {
-                "listenAddress": format!("127.0.0.1:{acme_port}"),
-                "managementListenAddress": format!("127.0.0.1:{management_port}"),
-                "certificate": dir.join("pebble.crt"),
-                "privateKey": dir.join("pebble.key"),
-                "httpPort": http_port,
-                "tlsPort": free_port(),
-                "ocspResponderURL": "",
-                "externalAccountBindingRequired": false,
-            }
-        });
-        let config_path = dir.join("pebble-config.json");
-        std::fs::write(&config_path, config.to_string()).unwrap();
-        let log = std::fs::File::create(dir.join("pebble.log")).unwrap();
-        let child = tokio::process::Command::new("pebble")
-            .arg("-config")
-            .arg(&config_path)
-            .arg("-dnsserver")
-            .arg(format!("127.0.0.1:{dns_port}"))
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("starting pebble failed ({e}); run scripts/install-deps.sh (package pebble)")
-            });
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", acme_port)).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Self {
-            _child: child,
-            acme_port,
-            management_port,
-            tls_root: ca.certificate_path().to_owned(),
-        }
-    }
-
-    fn directory(&self) -> String {
-        format!("https://127.0.0.1:{}/dir", self.acme_port)
-    }
-
-    /// The root pebble signs with, from its management interface.
-    async fn issuing_root(&self) -> Vec<u8> {
-        let pem = std::fs::read(&self.tls_root).unwrap();
-        let body = https_get(&pem, self.management_port, "/roots/0").await;
-        assert!(body.contains("BEGIN CERTIFICATE"), "{body}");
-        body.into_bytes()
-    }
+/// The root pebble signs with, from its management interface.
+async fn issuing_root(pebble: &Pebble) -> Vec<u8> {
+    let pem = std::fs::read(&pebble.tls_root).unwrap();
+    let body = https_get(&pem, pebble.management_port, "/roots/0").await;
+    assert!(body.contains("BEGIN CERTIFICATE"), "{body}");
+    body.into_bytes()
 }
 
 /// A TLS client that trusts only the certificates in `root_pem`.
@@ -306,7 +236,7 @@ async fn pebble_issues_the_wildcard_by_dns01_and_a_custom_domain_by_http01() {
     assert!(challenges.dns01("_acme-challenge.vm.test").is_empty());
 
     // TLS, validated against pebble's root only.
-    let root = pebble.issuing_root().await;
+    let root = issuing_root(&pebble).await;
     let tls_port = start_tls_server(store.clone()).await;
     for name in ["web.vm.test", "vm.test", "web--8080.vm.test", CUSTOM] {
         assert_eq!(
