@@ -305,10 +305,12 @@ impl WebSessions {
         {
             return Ok(None);
         }
-        if let Some(parent) = &token.parent
-            && self.store.get_web_token(parent).await?.is_none()
-        {
-            return Ok(None);
+        // A host session lives no longer than the session it was handed from.
+        if let Some(parent) = &token.parent {
+            match self.store.get_web_token(parent).await? {
+                Some(p) if !p.is_expired(Timestamp::now()) => {}
+                _ => return Ok(None),
+            }
         }
         Ok(Some(token))
     }

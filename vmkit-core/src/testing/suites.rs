@@ -1911,15 +1911,30 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
         .expect("route")
         .expect("NAME.domain routes");
     assert_eq!(http.upstream.port, crate::gateway::DEFAULT_HTTP_PORT);
+    // The URL's own port is the edge's, not the guest's.
     let upper = format!("WEB.{}.", domain.to_ascii_uppercase());
-    let port = gateway
+    let any_port = gateway
         .route(RouteTarget::Http {
             host: &upper,
-            port: Some(8080),
+            port: Some(8443),
         })
         .await
         .expect("route")
         .expect("routes whatever the case, with a final dot");
+    assert_eq!(
+        (any_port.upstream.vm, any_port.upstream.port),
+        (web.id, crate::gateway::DEFAULT_HTTP_PORT)
+    );
+    // Another guest port: NAME--PORT.domain.
+    let upper = format!("WEB--8080.{}.", domain.to_ascii_uppercase());
+    let port = gateway
+        .route(RouteTarget::Http {
+            host: &upper,
+            port: Some(8443),
+        })
+        .await
+        .expect("route")
+        .expect("NAME--PORT.domain routes");
     assert_eq!((port.upstream.vm, port.upstream.port), (web.id, 8080));
     let jump = gateway
         .route(RouteTarget::SshJump {
