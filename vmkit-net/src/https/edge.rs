@@ -23,6 +23,7 @@ use vmkit_core::{
 };
 
 use super::auth::{self, Identity, SESSION_COOKIE, SHARE_COOKIE, Signer};
+use super::idle::Idle;
 use super::tls::CertStore;
 use super::{HttpsConfig, HttpsError, RESERVED_PREFIX, pages, strict};
 use crate::challenges::AcmeChallenges;
@@ -219,7 +220,10 @@ impl HttpsEdge {
                 let edge = edge.clone();
                 async move { Ok::<_, Infallible>(edge.plain(req).await) }
             });
-            let io = strict::Strict::new(stream, config.max_header_bytes);
+            let io = strict::Strict::new(
+                Idle::new(stream, config.idle_timeout),
+                config.max_header_bytes,
+            );
             let conn = builder.serve_connection(TokioIo::new(io), service);
             let _ = watcher.watch(conn.into_owned()).await;
             return;
@@ -237,6 +241,7 @@ impl HttpsEdge {
                 }
             };
         let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+        let stream = Idle::new(stream, config.idle_timeout);
         let edge = self.clone();
         let service = hyper::service::service_fn(move |req| {
             let edge = edge.clone();

@@ -78,6 +78,7 @@
 pub mod acme;
 mod auth;
 mod edge;
+mod idle;
 mod pages;
 mod strict;
 pub mod tls;
@@ -139,6 +140,10 @@ pub struct HttpsConfig {
     pub header_timeout: Duration,
     /// A request head larger than this is refused (64 KiB).
     pub max_header_bytes: usize,
+    /// A connection on which no byte moved for this long is closed (5 minutes):
+    /// idle HTTP/2 connections and WebSockets (an idle HTTP/1.1 connection is
+    /// closed after [`HttpsConfig::header_timeout`]).
+    pub idle_timeout: Duration,
     /// Time to connect to the VM's port (5 s).
     pub connect_timeout: Duration,
     /// Time a stopped VM has to start when its owner's request wakes it (180 s).
@@ -161,6 +166,7 @@ impl HttpsConfig {
             trusted_proxies: Vec::new(),
             header_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(300),
             connect_timeout: Duration::from_secs(5),
             wake_timeout: Duration::from_secs(180),
             max_connections_per_ip: 256,
@@ -211,6 +217,12 @@ impl HttpsConfig {
     /// Sets the largest request head.
     pub fn max_header_bytes(mut self, bytes: usize) -> Self {
         self.max_header_bytes = bytes;
+        self
+    }
+
+    /// Sets the time after which a connection without traffic is closed.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
         self
     }
 
