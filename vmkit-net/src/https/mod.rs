@@ -35,6 +35,7 @@
 //! **A real proxy.** Bodies stream both ways, never buffered whole; WebSockets and
 //! other HTTP/1.1 upgrades are spliced through; request heads are bounded
 //! ([`HttpsConfig::max_header_bytes`]) and timed ([`HttpsConfig::header_timeout`]);
+//! a connection without traffic is closed ([`HttpsConfig::idle_timeout`]);
 //! HTTP/1.1 requests ambiguous about their length (`Content-Length` with
 //! `Transfer-Encoding`, two `Content-Length`s, a `Transfer-Encoding` other than
 //! `chunked`) are refused with `400` before they reach the VM. The owner of a VM that
