@@ -58,6 +58,7 @@ pub mod api;
 mod confine;
 mod error;
 mod event;
+mod files;
 mod gateway;
 mod hypervisor;
 mod image;
@@ -89,6 +90,7 @@ pub use address::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseErro
 pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, EventRetention, NewEvent};
+pub use files::write_file_atomic;
 pub use gateway::{
     Credential, DEFAULT_HTTP_PORT, GUEST_SSH_PORT, Gateway, GatewayCapabilities, GatewayError,
     RouteTarget, Routed, StoreGateway, Upstream,

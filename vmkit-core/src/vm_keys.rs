@@ -8,8 +8,6 @@
 //! directory, mode 0600) and the VM id give the key again after a restart, and a key
 //! of one VM opens no other.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
@@ -56,16 +54,11 @@ impl VmKeys {
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let keys = Self::ephemeral();
-                let tmp = path.with_extension("tmp");
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                writeln!(file, "{}", hex(&keys.secret))?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, path)?;
+                crate::files::write_file_atomic(
+                    path,
+                    format!("{}\n", hex(&keys.secret)).as_bytes(),
+                    0o600,
+                )?;
                 Ok(keys)
             }
             Err(e) => Err(e),

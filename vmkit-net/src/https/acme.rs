@@ -24,8 +24,6 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -860,20 +858,7 @@ fn check_host(host: &str) -> Result<String, AcmeError> {
 
 /// Writes `bytes` to `path` through a temporary file, with `mode`.
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), AcmeError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let result = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let result = vmkit_core::write_file_atomic(path, bytes, mode);
     result.map_err(|e| AcmeError::Io {
         what: format!("writing {}", path.display()),
         source: e,

@@ -10,8 +10,6 @@
 //! `https://domain/.well-known/jwks.json`, so an app can check who is calling
 //! instead of trusting a header.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -142,21 +140,11 @@ impl Signer {
                     .map_err(|_| HttpsError::Certificate {
                         what: "making the assertion signing key failed".into(),
                     })?;
-                let tmp = path.with_extension("tmp");
-                let write = || -> std::io::Result<()> {
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create(true)
-                        .truncate(true)
-                        .mode(0o600)
-                        .open(&tmp)?;
-                    f.write_all(doc.as_ref())?;
-                    f.sync_all()?;
-                    std::fs::rename(&tmp, &path)
-                };
-                write().map_err(|source| HttpsError::Io {
-                    what: format!("writing {}", path.display()),
-                    source,
+                vmkit_core::write_file_atomic(&path, doc.as_ref(), 0o600).map_err(|source| {
+                    HttpsError::Io {
+                        what: format!("writing {}", path.display()),
+                        source,
+                    }
                 })?;
                 doc.as_ref().to_vec()
             }

@@ -9,8 +9,6 @@
 //! open keep the one they began with, so a renewal drops nothing.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -105,7 +103,7 @@ impl LocalCa {
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = KeyPair::generate().map_err(cert_error("making the local CA key"))?;
-                write_private(&key_path, key.serialize_pem().as_bytes())
+                vmkit_core::write_file_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
                     .map_err(io(format!("writing {}", key_path.display())))?;
                 // A new key makes any old certificate stale.
                 let _ = std::fs::remove_file(&cert_path);
@@ -204,19 +202,6 @@ fn cert_error(what: &'static str) -> impl Fn(rcgen::Error) -> HttpsError {
     move |e| HttpsError::Certificate {
         what: format!("{what}: {e}"),
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// A chain and key as rustls serves them.

@@ -1,7 +1,5 @@
 //! The gateway's host key: ed25519, made on first start, the same ever after.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use russh::keys::ssh_key::LineEnding;
@@ -54,19 +52,8 @@ fn create(path: &Path) -> Result<PrivateKey, SshError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    // Written next to it and renamed, so a crash never leaves half a key; created
-    // 0600 so the secret is never readable by others, not even for a moment.
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io)?;
-    file.write_all(text.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
+    // Whole or not at all, and never readable by others.
+    vmkit_core::write_file_atomic(path, text.as_bytes(), 0o600).map_err(io)?;
     tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(Default::default()), "made the SSH host key");
     Ok(key)
 }
