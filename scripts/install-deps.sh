@@ -14,6 +14,10 @@
 #                                 and demo
 #   tmux                          driving interactive SSH sessions in the tests
 #
+# The HTTPS edge's browser test (vmkit-net/tests/https_browser.rs):
+#   chromium, chromium-driver     headless Chromium and chromedriver (WebDriver)
+#   libnss3-tools                 certutil: the NSS database that trusts the local CA
+#
 # qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
 # suite (a newer one from backports, say) makes apt remove it when it installs
 # qemu-system-x86, so both are asked for at the same version, in one apt call.
@@ -34,9 +38,14 @@ PACKAGES=(
 	file
 	openssh-client
 	tmux
+	# The HTTPS edge's browser test: headless Chromium, its WebDriver, certutil.
+	chromium
+	chromium-driver
+	libnss3-tools
 )
 
-# Each program vmkit runs: its package, then the command that makes it print a version.
+# Each program vmkit runs: its package, then the command that makes it print a version
+# (a command alone, for a program that prints none, is checked to be on the PATH).
 PROGRAMS=(
 	"qemu-system-x86 qemu-system-x86_64 --version"
 	"qemu-utils qemu-img --version"
@@ -51,6 +60,9 @@ PROGRAMS=(
 	"file file --version"
 	"openssh-client ssh -V"
 	"tmux tmux -V"
+	"chromium chromium --version"
+	"chromium-driver chromedriver --version"
+	"libnss3-tools certutil"
 )
 
 sudo=()
@@ -121,6 +133,10 @@ broken_programs() {
 	local entry argv
 	for entry in "${PROGRAMS[@]}"; do
 		read -r -a argv <<<"$entry"
+		if ((${#argv[@]} == 2)); then
+			PATH="$PATH:/usr/sbin:/sbin" command -v "${argv[1]}" >/dev/null || echo "${argv[0]} ${argv[1]}"
+			continue
+		fi
 		if ! PATH="$PATH:/usr/sbin:/sbin" timeout 20 "${argv[@]:1}" >/dev/null 2>&1; then
 			echo "${argv[0]} ${argv[1]}"
 		fi
