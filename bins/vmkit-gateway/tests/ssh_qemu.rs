@@ -437,8 +437,7 @@ fn curl(ns: &Netns, ca: &Path, jar: &Path, args: &[&str]) -> Output {
 fn status(out: &Output) -> u16 {
     stdout(out)
         .lines()
-        .filter(|l| l.starts_with("HTTP/"))
-        .last()
+        .rfind(|l| l.starts_with("HTTP/"))
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status: {}{}", stdout(out), stderr(out)))
