@@ -37,7 +37,10 @@
 # Run with: scripts/bench-https.sh    (as root when nginx, caddy or h2load are missing:
 #           it installs them)
 # Environment: REPS (3), DURATION (10), WARMUP (2), C_H1 (32), C_H2 (8), M_H2 (16),
-#              C_CONN (16), N_CONN (20000), BASE_PORT (18440: it uses BASE_PORT..BASE_PORT+3).
+#              C_CONN (16), N_CONN (20000), BASE_PORT (18440: it uses BASE_PORT..BASE_PORT+3),
+#              PERF=1: also profile vmkit's edge with `perf record -g` during its first
+#              round of each figure; the top of each profile is printed after the table
+#              (and kept in target/bench-https-perf-FIGURE.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,12 +53,14 @@ m_h2=${M_H2:-16}
 c_conn=${C_CONN:-16}
 n_conn=${N_CONN:-20000}
 base=${BASE_PORT:-18440}
+profile=${PERF:-0}
 up_port=$base
 declare -A port=([vmkit]=$((base + 1)) [nginx]=$((base + 2)) [caddy]=$((base + 3)))
 proxies=(vmkit nginx caddy)
 host=web.vm.test
 cipher=TLS_AES_128_GCM_SHA256
 results=target/bench-https-results.txt
+mkdir -p target
 export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 
 say() { echo "==> $*" >&2; }
@@ -95,6 +100,10 @@ h2load --help | grep -q -- --connect-to || die "this h2load has no --connect-to 
 for p in "$up_port" "${port[@]}"; do
     ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || die "port $p is taken: set BASE_PORT"
 done
+
+if [ "$profile" = 1 ]; then
+    perf --version >/dev/null 2>&1 || die "PERF=1 wants perf (apt-get install linux-perf)"
+fi
 
 say "building vmkit's runner (release)"
 cargo build -q --release -p vmkit-benches --bin https-edge
@@ -172,7 +181,8 @@ wait_port "$up_port" "the upstream nginx" "$work/up/error.log"
 
 say "starting vmkit's edge on 127.0.0.1:${port[vmkit]}"
 "$runner" "${port[vmkit]}" "$up_port" "$work/vmkit" </dev/null >"$work/vmkit/out" 2>"$work/vmkit/err" &
-pids+=($!)
+vmkit_pid=$!
+pids+=("$vmkit_pid")
 wait_port "${port[vmkit]}" "vmkit's edge" "$work/vmkit/err"
 cert=$work/vmkit/cert.pem
 key=$work/vmkit/key.pem
@@ -245,8 +255,20 @@ run() {
     # timed mode it stalls): a number of requests instead of a duration.
     conn) args+=(-n "$n_conn" --h1 -c "$c_conn" -H "Connection: close") ;;
     esac
+    local perf_pid=
+    if [[ $profile = 1 && $p = vmkit && $round = 1 ]]; then
+        perf record -q -g -F 499 -o "$work/perf.$scenario.data" -p "$vmkit_pid" \
+            -- sleep "$([ "$scenario" = conn ] && echo 5 || echo "$duration")" >/dev/null 2>&1 &
+        perf_pid=$!
+        pids+=("$perf_pid")
+    fi
     timeout $((duration + warmup + 120)) h2load "${args[@]}" "https://$host:${port[$p]}/" >"$out" 2>&1 ||
         die "h2load against $p ($scenario) failed: $(tail -20 "$out")"
+    if [ -n "$perf_pid" ]; then
+        wait "$perf_pid" || true
+        perf report -i "$work/perf.$scenario.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
+            grep -v '^#' | grep -E '^ +[0-9.]+%' | head -40 >"target/bench-https-perf-$scenario.txt"
+    fi
     local proto rps ok total failed s2 s3 s4 s5 logged p99
     proto=$(sed -n 's/^Application protocol: //p' "$out" | head -1)
     case $scenario in
@@ -318,4 +340,11 @@ declare -A label=(
             printf '  %-5s %-6s %s; %s\n' "$s" "$p" "$(raw "$p" "$s" 3)" "$(raw "$p" "$s" 4)"
         done
     done
+    if [ "$profile" = 1 ]; then
+        for s in h1 h2 conn; do
+            echo
+            echo "vmkit's edge, $s, perf (self time, top 15 of dso and symbol):"
+            head -15 "target/bench-https-perf-$s.txt" 2>/dev/null
+        done
+    fi
 } | tee "$results"
