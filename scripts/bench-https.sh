@@ -267,7 +267,8 @@ run() {
     if [ -n "$perf_pid" ]; then
         wait "$perf_pid" || true
         perf report -i "$work/perf.$scenario.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
-            grep -v '^#' | grep -E '^ +[0-9.]+%' | head -40 >"target/bench-https-perf-$scenario.txt"
+            awk '/^ +[0-9.]+%/ && n++ < 40 { sub(/ +- +- *$/, ""); gsub(/ +/, " "); print }' \
+                >"target/bench-https-perf-$scenario.txt" || true
     fi
     local proto rps ok total failed s2 s3 s4 s5 logged p99
     proto=$(sed -n 's/^Application protocol: //p' "$out" | head -1)
@@ -344,7 +345,7 @@ declare -A label=(
         for s in h1 h2 conn; do
             echo
             echo "vmkit's edge, $s, perf (self time, top 15 of dso and symbol):"
-            head -15 "target/bench-https-perf-$s.txt" 2>/dev/null
+            awk 'NR <= 15' "target/bench-https-perf-$s.txt" 2>/dev/null
         done
     fi
 } | tee "$results"
