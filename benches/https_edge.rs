@@ -6,6 +6,9 @@
 //! it (`cert.pem`, the chain; `key.pem`; `ca.pem`) into DIR for nginx and Caddy to
 //! serve the very same. Prints `ready` when listening; stops on SIGINT or SIGTERM.
 //!
+//! The runtime is tokio's multi-threaded one with a worker per CPU, as the daemon's;
+//! `HTTPS_EDGE_WORKERS=N` sets another number of workers (for profiling).
+//!
 //! Run with: cargo run --release -p vmkit-benches --bin https-edge -- PORT UPSTREAM_PORT DIR
 
 use std::collections::HashMap;
@@ -24,8 +27,19 @@ use vmkit_net::https::{HttpsConfig, HttpsEdge};
 
 const DOMAIN: &str = "vm.test";
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Ok(workers) = std::env::var("HTTPS_EDGE_WORKERS") {
+        runtime.worker_threads(workers.parse().context("HTTPS_EDGE_WORKERS is a number")?);
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("starting the runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let [port, upstream, dir] = args.as_slice() else {
         bail!("usage: https-edge PORT UPSTREAM_PORT DIR");

@@ -31,7 +31,9 @@
 # vmkit/nginx and vmkit/caddy (req/s: higher is better; p99: lower is better). Every
 # figure's raw rounds are printed below the table. The client, the proxies and the
 # upstream share this machine's CPUs: compare within the run, not across machines.
-# Everything listens on 127.0.0.1 only; on exit, even on failure, every process the
+# The load average at the start and at the end is printed with the table: another
+# busy process on the machine skews the figures (the rounds alternate the proxies so
+# that it skews all three alike, roughly). Everything listens on 127.0.0.1 only; on exit, even on failure, every process the
 # script started is stopped (trap).
 #
 # Run with: scripts/bench-https.sh    (as root when nginx, caddy or h2load are missing:
@@ -293,6 +295,7 @@ run() {
     say "  $p $scenario round $round: $rps req/s, p99 $p99 ms ($logged requests logged)"
 }
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 : >"$work/figures"
 for scenario in h1 h2 conn; do
     for ((r = 1; r <= reps; r++)); do
@@ -320,6 +323,7 @@ declare -A label=(
     echo
     echo "vmkit HTTPS edge benchmarks, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1))"
     echo "$nginx_version; Caddy $caddy_version; $h2load_version; TLS 1.3 $cipher, ECDSA P-256 certificate; h1/h2 ${duration}s runs after ${warmup}s warm-up; median of $reps rounds"
+    echo "load average at the start $load_start, at the end $(cut -d' ' -f1-3 /proc/loadavg)"
     echo
     printf '%-38s | %-6s | %12s | %12s | %12s | %11s | %11s\n' figure "" vmkit nginx caddy vmkit/nginx vmkit/caddy
     printf -- '-%.0s' {1..118}
