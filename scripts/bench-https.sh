@@ -45,6 +45,8 @@
 #              (and kept in target/bench-https-perf-FIGURE.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/install-servers.sh
+. scripts/lib/install-servers.sh
 
 reps=${REPS:-3}
 duration=${DURATION:-10}
@@ -82,18 +84,7 @@ command -v h2load >/dev/null || need+=(nghttp2-client)
 if ((${#need[@]})); then
     [ "$(id -u)" = 0 ] || die "missing ${need[*]}: run apt-get install ${need[*]} (as root), or this script as root"
     say "installing ${need[*]}"
-    # Keep the packages from starting host-wide servers: only this script's.
-    made_policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    timeout 600 apt-get install -y -q "${need[@]}" >&2 ||
-        { timeout 600 apt-get update -q >&2 && timeout 600 apt-get install -y -q "${need[@]}" >&2; } ||
-        true
-    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    install_servers "${need[@]}"
 fi
 nginx_version=$(nginx -v 2>&1) || die "nginx does not run: $nginx_version"
 caddy_version=$(caddy version 2>&1) || die "caddy does not run: $caddy_version"
