@@ -3,4 +3,6 @@
 //! storage method) and `control_plane.rs` (create/delete rate, `ls` latency, memory
 //! per VM on the fakes). `base_boot.rs` is a plain bench program (no criterion): the
 //! base image's agent hello against sshd listening and the first command through SSH,
-//! in guest uptime, for one or more builds of the image. This library target is empty.
+//! in guest uptime, for one or more builds of the image. `https_edge.rs` is the binary
+//! `https-edge`, vmkit's HTTPS edge over a fake host as `scripts/bench-https.sh` runs it
+//! against nginx and Caddy. This library target is empty.

@@ -42,6 +42,8 @@
 # BENCH_IDLE (idle connections, default 1000), VMKIT_TEST_DATA (test images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/install-servers.sh
+. scripts/lib/install-servers.sh
 
 runs=${1:-3}
 if ! [[ $runs =~ ^[1-9][0-9]?$ ]]; then
@@ -84,18 +86,7 @@ die() {
 # --- what it needs ---------------------------------------------------------------
 if [ ! -x /usr/sbin/sshd ]; then
     say "installing openssh-server (for the host sshd baseline)"
-    # Keep the package from starting a host-wide sshd: only this script's runs.
-    made_policy=
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        made_policy=1
-    fi
-    export DEBIAN_FRONTEND=noninteractive
-    timeout 600 apt-get install -y -q openssh-server >&2 ||
-        { timeout 600 apt-get update -q >&2 && timeout 600 apt-get install -y -q openssh-server >&2; } ||
-        true
-    [ -n "$made_policy" ] && rm -f /usr/sbin/policy-rc.d
+    install_servers openssh-server
 fi
 sshd_version=$(/usr/sbin/sshd -V 2>&1 | head -1) || true
 case $sshd_version in

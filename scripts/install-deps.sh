@@ -17,6 +17,9 @@
 # The DNS server and ACME tests (vmkit-net, features `dns` and `https`):
 #   dnsutils                      dig, the client the DNS server's tests ask
 #   pebble                        the ACME test server the ACME tests get certificates from
+# The HTTPS edge's browser test (vmkit-net/tests/https_browser.rs):
+#   chromium, chromium-driver     headless Chromium and chromedriver (WebDriver)
+#   libnss3-tools                 certutil: the NSS database that trusts the local CA
 #
 # qemu-utils and qemu-system-x86 come from one QEMU release: a qemu-utils of another
 # suite (a newer one from backports, say) makes apt remove it when it installs
@@ -41,9 +44,14 @@ PACKAGES=(
 	# The DNS server and ACME tests.
 	dnsutils
 	pebble
+	# The HTTPS edge's browser test: headless Chromium, its WebDriver, certutil.
+	chromium
+	chromium-driver
+	libnss3-tools
 )
 
-# Each program vmkit runs: its package, then the command that makes it print a version.
+# Each program vmkit runs: its package, then the command that makes it print a version
+# (a command alone, for a program that prints none, is checked to be on the PATH).
 PROGRAMS=(
 	"qemu-system-x86 qemu-system-x86_64 --version"
 	"qemu-utils qemu-img --version"
@@ -61,6 +69,9 @@ PROGRAMS=(
 	# The DNS server and ACME tests (pebble has no version flag; -help exits 0).
 	"dnsutils dig -v"
 	"pebble pebble -help"
+	"chromium chromium --version"
+	"chromium-driver chromedriver --version"
+	"libnss3-tools certutil"
 )
 
 sudo=()
@@ -131,6 +142,10 @@ broken_programs() {
 	local entry argv
 	for entry in "${PROGRAMS[@]}"; do
 		read -r -a argv <<<"$entry"
+		if ((${#argv[@]} == 2)); then
+			PATH="$PATH:/usr/sbin:/sbin" command -v "${argv[1]}" >/dev/null || echo "${argv[0]} ${argv[1]}"
+			continue
+		fi
 		if ! PATH="$PATH:/usr/sbin:/sbin" timeout 20 "${argv[@]:1}" >/dev/null 2>&1; then
 			echo "${argv[0]} ${argv[1]}"
 		fi

@@ -1,373 +1,19 @@
 //! The HTTPS edge end to end with real clients: `curl` (HTTP/1.1 and HTTP/2, cookie
 //! jars, redirects) and a raw TLS client (WebSocket upgrade, ambiguous lengths),
-//! against [`HttpsEdge`] over a fake host's manager whose VMs' web servers are a
-//! small HTTP server on 127.0.0.1 (the route's address is rewritten to it).
+//! against `HttpsEdge` over a fake host's manager whose VMs' web servers are a
+//! small HTTP server on 127.0.0.1 (the route's address is rewritten to it): the
+//! harness in `common/https.rs`.
 #![cfg(feature = "https")]
 #![allow(clippy::unwrap_used)]
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::Output;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Full, StreamBody};
-use hyper::body::Frame;
-use tempfile::TempDir;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::oneshot;
-use vmkit_core::testing::FakeHost;
-use vmkit_core::{
-    Access, Action, Caller, CreateRequest, Credential, Denied, Door, Gateway, GatewayCapabilities,
-    GatewayError, Handle, RouteTarget, Routed, ShareWith, StateStore, StoreGateway, User, UserId,
-    VmName, VmSpec, WebSessions,
-};
-use vmkit_net::challenges::AcmeChallenges;
-use vmkit_net::https::tls::{CertStore, LocalCa};
-use vmkit_net::https::{HttpsConfig, HttpsEdge};
+use std::sync::atomic::Ordering;
 
-const DOMAIN: &str = "vm.test";
+use tokio::io::AsyncWriteExt;
+use vmkit_core::{Access, ShareWith, UserId, VmName};
 
-/// The store's gateway, with every VM at one loopback address of this test's own
-/// (`127.X.Y.Z`), where the test's web server listens on the guest ports 80 and
-/// 8080.
-struct LocalGateway {
-    inner: StoreGateway,
-    ip: Ipv4Addr,
-}
-
-#[async_trait::async_trait]
-impl Gateway for LocalGateway {
-    fn capabilities(&self) -> GatewayCapabilities {
-        self.inner.capabilities()
-    }
-    async fn identify(
-        &self,
-        credential: Credential<'_>,
-        door: Door,
-    ) -> Result<Option<Caller>, GatewayError> {
-        self.inner.identify(credential, door).await
-    }
-    async fn route(&self, target: RouteTarget<'_>) -> Result<Option<Routed>, GatewayError> {
-        let mut routed = self.inner.route(target).await?;
-        if let Some(r) = &mut routed {
-            r.upstream.ip = Some(self.ip);
-        }
-        Ok(routed)
-    }
-    fn policy(&self) -> Arc<dyn vmkit_core::AccessPolicy> {
-        self.inner.policy()
-    }
-    fn authorize(&self, caller: &Caller, action: Action, routed: &Routed) -> Result<(), Denied> {
-        self.inner.authorize(caller, action, routed)
-    }
-}
-
-/// The "VM's" web server on `ip`, ports 80 and 8080: echoes request headers,
-/// counts uploads, streams downloads, sets a cookie with `Domain`, and echoes a
-/// WebSocket-style upgrade. Nothing else listens on `ip` (the guest's other ports).
-async fn web_server(ip: Ipv4Addr, hits: Arc<AtomicUsize>) {
-    for port in [80, 8080] {
-        let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
-        serve_on(listener, hits.clone());
-    }
-    for port in [8000, 9999] {
-        assert!(
-            std::net::TcpStream::connect((ip, port)).is_err(),
-            "something on this host listens on every address at port {port}: the test needs \
-             it free"
-        );
-    }
-}
-
-/// A loopback address of this test's own.
-fn own_loopback() -> Ipv4Addr {
-    let n = rand_suffix();
-    Ipv4Addr::new(
-        127,
-        (n >> 8) as u8 | 1,
-        (n >> 16) as u8,
-        (n >> 24) as u8 | 1,
-    )
-}
-
-fn serve_on(listener: tokio::net::TcpListener, hits: Arc<AtomicUsize>) {
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let hits = hits.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    serve(req)
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-}
-
-type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
-
-async fn serve(
-    mut req: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<TestBody>, Infallible> {
-    let full = |s: String| Full::new(Bytes::from(s)).boxed();
-    let path = req.uri().path().to_owned();
-    let response = match path.as_str() {
-        "/ws" => {
-            let upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let upgraded = upgrade.await.unwrap();
-                let mut io = hyper_util::rt::TokioIo::new(upgraded);
-                let mut buf = [0u8; 1024];
-                loop {
-                    let n = io.read(&mut buf).await.unwrap_or(0);
-                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            hyper::Response::builder()
-                .status(101)
-                .header("connection", "upgrade")
-                .header("upgrade", "websocket")
-                .body(full(String::new()))
-                .unwrap()
-        }
-        "/count" => {
-            let mut body = req.into_body();
-            let mut total = 0usize;
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.unwrap().into_data() {
-                    total += data.len();
-                }
-            }
-            hyper::Response::new(full(total.to_string()))
-        }
-        "/big" => {
-            let n: usize = req
-                .uri()
-                .query()
-                .and_then(|q| q.strip_prefix("n="))
-                .unwrap()
-                .parse()
-                .unwrap();
-            let chunks = (0..n.div_ceil(65536)).map(move |i| {
-                let len = 65536.min(n - i * 65536);
-                Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; len])))
-            });
-            hyper::Response::new(StreamBody::new(futures::stream::iter(chunks)).boxed())
-        }
-        "/cookie" => hyper::Response::builder()
-            .header("set-cookie", "app=1; Domain=vm.test; Path=/")
-            .header("set-cookie", "__Host-vmkit=forged; Path=/; Secure")
-            .body(full("cookie".into()))
-            .unwrap(),
-        _ => {
-            let headers: HashMap<String, String> = req
-                .headers()
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
-                .collect();
-            hyper::Response::new(full(serde_json::to_string(&headers).unwrap()))
-        }
-    };
-    Ok(response)
-}
-
-struct Edge {
-    host: FakeHost,
-    dir: TempDir,
-    ca: PathBuf,
-    https: u16,
-    http: u16,
-    hits: Arc<AtomicUsize>,
-    challenges: Arc<AcmeChallenges>,
-    alice: User,
-    bob: User,
-    stop: Option<oneshot::Sender<()>>,
-}
-
-impl Edge {
-    async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let host = FakeHost::new().await;
-        let store: Arc<dyn StateStore> = host.store.clone();
-        let hits = Arc::new(AtomicUsize::new(0));
-        // Nothing listens on port 8000 of the VM's address: the fake guest's web
-        // server there is on its loopback.
-        let ip = own_loopback();
-        web_server(ip, hits.clone()).await;
-        let gateway = Arc::new(LocalGateway {
-            inner: StoreGateway::new(store.clone(), DOMAIN),
-            ip,
-        });
-        let ca = LocalCa::load_or_create(dir.path()).unwrap();
-        let ca_path = ca.certificate_path().to_owned();
-        let certs = CertStore::new(DOMAIN, Some(ca)).unwrap();
-        let challenges = Arc::new(AcmeChallenges::new());
-        let https = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let https_port = https.local_addr().unwrap().port();
-        let http_port = http.local_addr().unwrap().port();
-        let config = HttpsConfig::new(DOMAIN, dir.path())
-            .public_port(https_port)
-            .ssh("vm.test", 2222);
-        let edge = HttpsEdge::new(
-            host.manager.clone(),
-            gateway,
-            WebSessions::new(store.clone()),
-            certs,
-            challenges.clone(),
-            config,
-        )
-        .unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            edge.serve(https, Some(http), async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-        });
-        let alice = User::new(UserId(1), Handle::new("alice").unwrap());
-        let mut bob = User::new(UserId(2), Handle::new("bob").unwrap());
-        bob.email = Some("bob@example.test".into());
-        store.put_user(&alice).await.unwrap();
-        store.put_user(&bob).await.unwrap();
-        let edge = Self {
-            host,
-            dir,
-            ca: ca_path,
-            https: https_port,
-            http: http_port,
-            hits,
-            challenges,
-            alice,
-            bob,
-            stop: Some(stop),
-        };
-        edge.as_user(1)
-            .create(
-                CreateRequest::new(UserId(1), VmSpec::default()).name(VmName::new("web").unwrap()),
-            )
-            .await
-            .unwrap();
-        edge
-    }
-
-    fn as_user(&self, id: u64) -> vmkit_core::Commands {
-        let user = if id == 1 { &self.alice } else { &self.bob };
-        self.host.manager.commands(Caller::user(user, Door::Ssh))
-    }
-
-    /// A browser (a cookie jar) signed in as user `id`.
-    async fn browser(&self, id: u64) -> PathBuf {
-        let jar = self.dir.path().join(format!("jar-{id}-{}", rand_suffix()));
-        let link = self.as_user(id).sign_in_link().await.unwrap();
-        let out = self
-            .curl(
-                &jar,
-                &[&format!(
-                    "https://{DOMAIN}:{}/__vmkit/login?token={link}",
-                    self.https
-                )],
-            )
-            .await;
-        assert_eq!(status(&out), 303, "{}", text(&out));
-        jar
-    }
-
-    /// `curl` with the local CA, every host resolved to 127.0.0.1, the cookie jar
-    /// `jar`; prints the status line and headers, then the body.
-    async fn curl(&self, jar: &Path, args: &[&str]) -> Output {
-        let mut cmd = tokio::process::Command::new("curl");
-        cmd.args(["-sS", "-i", "--max-time", "30", "--cacert"])
-            .arg(&self.ca)
-            .arg("-c")
-            .arg(jar)
-            .arg("-b")
-            .arg(jar);
-        for host in [
-            DOMAIN,
-            "web.vm.test",
-            "web--8080.vm.test",
-            "web--9999.vm.test",
-            "web--8000.vm.test",
-            "nope.vm.test",
-        ] {
-            for port in [self.https, self.http] {
-                cmd.arg("--resolve").arg(format!("{host}:{port}:127.0.0.1"));
-            }
-        }
-        cmd.args(args).output().await.unwrap()
-    }
-
-    async fn get(&self, jar: &Path, url: &str) -> Output {
-        self.curl(jar, &[url]).await
-    }
-
-    fn url(&self, host: &str, path: &str) -> String {
-        format!("https://{host}:{}{path}", self.https)
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The status of the last response curl printed.
-fn status(out: &Output) -> u16 {
-    let s = String::from_utf8_lossy(&out.stdout);
-    s.lines()
-        .rfind(|l| l.starts_with("HTTP/"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {}", text(out)))
-}
-
-fn header(out: &Output, name: &str) -> Option<String> {
-    let s = String::from_utf8_lossy(&out.stdout).into_owned();
-    let last = s.rsplit("HTTP/").next().unwrap_or("").to_owned();
-    last.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-    })
-}
-
-/// The JSON body of a response from the echo endpoint.
-fn echoed(out: &Output) -> HashMap<String, String> {
-    let s = String::from_utf8_lossy(&out.stdout);
-    let body = s.rsplit("\r\n\r\n").next().unwrap();
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {}", text(out)))
-}
+use common::https::*;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_private_vm_signs_in_its_owner_with_a_host_only_cookie() {
@@ -636,6 +282,13 @@ async fn nothing_listening_helps_the_owner_only() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_app_on_the_guests_loopback_is_reached_through_the_agent() {
     let edge = Edge::start().await;
+    // Port 8000 is not mapped: nothing answers at the VM's address there, and the
+    // fake guest's web server is on its loopback.
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", vmkit_core::testing::FAKE_LOOPBACK_HTTP_PORT))
+            .is_err(),
+        "something on this host listens on 127.0.0.1:8000: the test needs it free"
+    );
     let jar = edge.browser(1).await;
     let out = edge
         .curl(&jar, &["-L", &edge.url("web--8000.vm.test", "/")])
@@ -744,42 +397,6 @@ async fn bodies_stream_cookies_stay_on_their_host_and_http2_works() {
     assert_eq!(set, ["set-cookie: app=1; Path=/"], "{all}");
 }
 
-/// A TLS connection to the edge for `host`, trusting only the local CA.
-async fn tls(edge: &Edge, host: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls::pki_types::CertificateDer::pem_file_iter(&edge.ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", edge.https))
-        .await
-        .unwrap();
-    connector
-        .connect(host.to_owned().try_into().unwrap(), tcp)
-        .await
-        .unwrap()
-}
-
-async fn read_head(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn websockets_upgrade_through_and_ambiguous_lengths_never_reach_the_vm() {
     let edge = Edge::start().await;
@@ -797,12 +414,27 @@ async fn websockets_upgrade_through_and_ambiguous_lengths_never_reach_the_vm() {
     .unwrap();
     let head = read_head(&mut ws).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"),
+        "{head}"
+    );
     for round in 0..3 {
         let message = format!("hello {round}");
-        ws.write_all(message.as_bytes()).await.unwrap();
-        let mut back = vec![0u8; message.len()];
-        ws.read_exact(&mut back).await.unwrap();
-        assert_eq!(back, message.as_bytes());
+        ws.write_all(&ws_frame(
+            WS_TEXT,
+            message.as_bytes(),
+            Some([1, 2, 3, round]),
+        ))
+        .await
+        .unwrap();
+        let back = read_ws_frame(&mut ws).await.unwrap();
+        assert_eq!(
+            back,
+            WsFrame {
+                head: WS_TEXT,
+                payload: message.into_bytes()
+            }
+        );
     }
     drop(ws);
 

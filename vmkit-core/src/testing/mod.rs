@@ -17,6 +17,7 @@
 
 mod assets;
 mod faults;
+mod gateway;
 mod hypervisor;
 mod images;
 mod network;
@@ -29,6 +30,7 @@ use std::sync::Arc;
 
 pub use assets::{test_data_dir, test_image, test_images_dir};
 pub use faults::{Breakage, Faults, InjectedFault};
+pub use gateway::LoopbackGateway;
 pub use hypervisor::{AgentBehavior, FAKE_LOOPBACK_HTTP_PORT, FakeHypervisor, GuestState};
 pub use images::FakeImages;
 pub use network::FakeNetwork;

@@ -6,7 +6,12 @@
 //! both directions — what QEMU does between a guest's virtio-net and the host TAP.
 //! So the traffic crosses the real TAP, the real bridge port and the real rules;
 //! frames a malicious guest would send are written straight into the host TAP.
+//!
+//! [`https`] (feature `https`) is the HTTPS edge's harness, over a fake host.
 #![allow(clippy::unwrap_used, dead_code)]
+
+#[cfg(feature = "https")]
+pub mod https;
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
