@@ -11,7 +11,7 @@
 //! | `NAME.domain` | the VM's default web port (80, or what `share port` set) |
 //! | `NAME--PORT.domain` | port `PORT` of the VM (one wildcard certificate covers every port) |
 //!
-//! **Access.** Each request is decided by the [`Gateway`]: routed to a VM with the
+//! **Access.** Each request is decided by the [`Gateway`](vmkit_core::Gateway): routed to a VM with the
 //! shares of that port, and authorized for [`Action::UseHttp`](vmkit_core::Action)
 //! for the caller. The caller is the user of the session cookie (`__Host-vmkit`, a
 //! host-only cookie checked against a server-side record:
