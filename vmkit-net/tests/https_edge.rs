@@ -456,3 +456,93 @@ async fn websockets_upgrade_through_and_ambiguous_lengths_never_reach_the_vm() {
         "nothing reached the VM"
     );
 }
+
+/// The leaf certificate a TLS connection got.
+fn leaf(conn: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    conn.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_certificate_serves_new_connections_while_a_download_goes_on() {
+    use tokio::io::AsyncReadExt;
+    let edge = Edge::start().await;
+    edge.as_user(1)
+        .share(
+            &VmName::new("web").unwrap(),
+            ShareWith::Public,
+            Access::Http,
+        )
+        .await
+        .unwrap();
+    let mut download = tls(&edge, "web.vm.test").await;
+    let before = leaf(&download);
+    download
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: web.vm.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut download).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut first = [0u8; 1024];
+    download.read_exact(&mut first).await.unwrap();
+
+    // Renewed mid-download: a new certificate for every name.
+    let names = vec!["vm.test".to_owned(), "*.vm.test".to_owned()];
+    let renewed = edge.certs.local_ca().unwrap().issue(&names).unwrap();
+    edge.certs.set_default(&renewed).unwrap();
+
+    // A new connection gets the new certificate...
+    let fresh = tls(&edge, "web.vm.test").await;
+    assert_ne!(
+        leaf(&fresh),
+        before,
+        "a new connection gets the new certificate"
+    );
+    // ...and the download finishes on its connection, every byte of it.
+    let mut rest = Vec::new();
+    download.read_to_end(&mut rest).await.unwrap();
+    let body = rest.len() + first.len();
+    // Chunked framing adds a few bytes per chunk; the data is 40 × 64 KiB.
+    let data =
+        rest.iter().filter(|b| **b == b's').count() + first.iter().filter(|b| **b == b's').count();
+    assert_eq!(data, 40 * 65536, "{body} bytes read");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_sent_events_arrive_as_they_are_sent() {
+    use tokio::io::AsyncReadExt;
+    let edge = Edge::start().await;
+    edge.as_user(1)
+        .share(
+            &VmName::new("web").unwrap(),
+            ShareWith::Public,
+            Access::Http,
+        )
+        .await
+        .unwrap();
+    let mut conn = tls(&edge, "web.vm.test").await;
+    conn.write_all(b"GET /sse HTTP/1.1\r\nHost: web.vm.test\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut conn).await;
+    assert!(head.contains("text/event-stream"), "{head}");
+    // The first event comes before the upstream sends the second (a second later):
+    // nothing holds it back.
+    let start = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("data: 1") {
+        let n = tokio::time::timeout(std::time::Duration::from_millis(800), conn.read(&mut buf))
+            .await
+            .expect("the first event arrives at once")
+            .unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&seen).contains("data: 2"));
+    while !String::from_utf8_lossy(&seen).contains("data: 2") {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(start.elapsed() >= std::time::Duration::from_millis(900));
+}

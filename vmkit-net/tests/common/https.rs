@@ -103,6 +103,35 @@ pub async fn serve(
             });
             hyper::Response::new(StreamBody::new(futures::stream::iter(chunks)).boxed())
         }
+        // Server-sent events: one now, the next a second later.
+        "/sse" => {
+            let events = futures::stream::unfold(0u32, |n| async move {
+                if n == 2 {
+                    return None;
+                }
+                if n == 1 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                let frame = Frame::data(Bytes::from(format!("data: {}\n\n", n + 1)));
+                Some((Ok::<_, Infallible>(frame), n + 1))
+            });
+            hyper::Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(StreamBody::new(events).boxed())
+                .unwrap()
+        }
+        // A slow download: 40 chunks of 64 KiB, 50 ms apart.
+        "/slow" => {
+            let chunks = futures::stream::unfold(0u32, |n| async move {
+                if n == 40 {
+                    return None;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let frame = Frame::data(Bytes::from(vec![b's'; 65536]));
+                Some((Ok::<_, Infallible>(frame), n + 1))
+            });
+            hyper::Response::new(StreamBody::new(chunks).boxed())
+        }
         "/cookie" => hyper::Response::builder()
             .header("set-cookie", "app=1; Domain=vm.test; Path=/")
             .header("set-cookie", "__Host-vmkit=forged; Path=/; Secure")
@@ -128,6 +157,8 @@ pub struct Edge {
     pub http: u16,
     pub hits: Arc<AtomicUsize>,
     pub challenges: Arc<AcmeChallenges>,
+    /// The certificates the edge serves (replaceable while it runs).
+    pub certs: Arc<CertStore>,
     pub alice: User,
     pub bob: User,
     pub stop: Option<oneshot::Sender<()>>,
@@ -159,7 +190,7 @@ impl Edge {
             host.manager.clone(),
             gateway,
             WebSessions::new(store.clone()),
-            certs,
+            certs.clone(),
             challenges.clone(),
             config,
         )
@@ -185,6 +216,7 @@ impl Edge {
             http: http_port,
             hits,
             challenges,
+            certs,
             alice,
             bob,
             stop: Some(stop),
