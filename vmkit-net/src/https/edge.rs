@@ -345,9 +345,7 @@ impl HttpsEdge {
                 match inner.sessions.redeem_sign_in_link(&token).await {
                     Ok(Some((secret, user))) => {
                         tracing::info!(user = %user.handle, "signed in a browser");
-                        let next = query(req.uri(), "next")
-                            .filter(|n| local_path(n))
-                            .unwrap_or_else(|| "/".into());
+                        let next = next_path(req.uri());
                         let mut r = redirect(StatusCode::SEE_OTHER, &next);
                         add_cookie(
                             &mut r,
@@ -379,9 +377,7 @@ impl HttpsEdge {
                 if self.host_kind(&target) != HostKind::Vm {
                     return html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request"));
                 }
-                let next = query(req.uri(), "next")
-                    .filter(|n| local_path(n))
-                    .unwrap_or_else(|| "/".into());
+                let next = next_path(req.uri());
                 let ticket = match &session {
                     Some(s) => inner.sessions.host_ticket(s, &target).await,
                     None => Ok(None),
@@ -614,9 +610,7 @@ impl HttpsEdge {
                 let Some(ticket) = query(req.uri(), "t") else {
                     return html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request"));
                 };
-                let next = query(req.uri(), "next")
-                    .filter(|n| local_path(n))
-                    .unwrap_or_else(|| "/".into());
+                let next = next_path(req.uri());
                 match inner.sessions.redeem_host_ticket(&ticket, host).await {
                     Ok(Some(secret)) => {
                         let mut r = redirect(StatusCode::SEE_OTHER, &next);
@@ -1043,6 +1037,13 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
     };
     let host = raw.trim_end_matches('.').to_ascii_lowercase();
     (!host.is_empty()).then_some(host)
+}
+
+/// The `next` parameter when it is a path on the same host, else `/`.
+fn next_path(uri: &Uri) -> String {
+    query(uri, "next")
+        .filter(|n| local_path(n))
+        .unwrap_or_else(|| "/".into())
 }
 
 /// Whether `next` is a path on the same host (never `//elsewhere` or a URL).
