@@ -3,11 +3,12 @@
 
 use std::net::Ipv4Addr;
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, TableDefinition};
 use vmkit_core::{
-    Handle, IpLease, IpPool, Quota, Role, StateStore, StoreError, User, UserId, UserStatus, VmId,
-    VmName, VmRecord, VmSpec,
+    Access, Handle, IpLease, IpPool, Quota, Role, Share, ShareTarget, StateStore, StoreError, User,
+    UserId, UserStatus, VmId, VmName, VmRecord, VmSpec, WebSessions,
 };
 use vmkit_store::RedbStore;
 
@@ -15,6 +16,7 @@ const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const VMS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("vms");
 const LEASES: TableDefinition<'static, u32, &[u8]> = TableDefinition::new("leases");
 const USERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("users");
+const WEB_TOKENS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("web_tokens");
 
 fn stored_version(path: &Path) -> Option<u64> {
     let db = Database::open(path).unwrap();
@@ -28,8 +30,8 @@ fn vm(name: &str) -> VmRecord {
 }
 
 #[test]
-fn current_schema_version_is_four() {
-    assert_eq!(RedbStore::SCHEMA_VERSION, 4);
+fn current_schema_version_is_five() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 5);
 }
 
 #[tokio::test]
@@ -92,8 +94,58 @@ async fn a_version_two_file_gains_the_uid_tables_and_keeps_its_vms() {
     assert_eq!(store.list_vms(None).await.unwrap().len(), 1);
 }
 
-/// Writes `records` (JSON) into the users table and stamps the file `version`,
-/// dropping the tables of version 4.
+#[tokio::test]
+async fn a_version_four_file_gains_web_sessions_and_keeps_its_shares() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.redb");
+    let web = vm("web");
+    let public = Share::new(web.id, ShareTarget::Public, Access::Http);
+    {
+        let store = RedbStore::open(&path).unwrap();
+        store.create_vm(&web, &Quota::unlimited()).await.unwrap();
+        // Shares of every port are what version 4 stored: keyed without a port.
+        store.put_share(&public).await.unwrap();
+    }
+    // Make it a version-4 file: no web_tokens table, stamped 4.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.delete_table(WEB_TOKENS).unwrap());
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 4)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    let redb = RedbStore::open(&path).unwrap();
+    assert_eq!(redb.schema_version().unwrap(), RedbStore::SCHEMA_VERSION);
+    let store: Arc<dyn StateStore> = Arc::new(redb);
+    let shares = store.shares(web.id).await.unwrap();
+    assert_eq!(shares.len(), 1);
+    assert!(shares[0].port.is_none() && shares[0].target == ShareTarget::Public);
+    // The old share is still the one a per-port share beside it does not replace.
+    store
+        .put_share(&public.clone().of_port(8080))
+        .await
+        .unwrap();
+    assert_eq!(store.shares(web.id).await.unwrap().len(), 2);
+    assert!(store.remove_share(&public).await.unwrap());
+
+    // Browser sign-in works on the migrated file.
+    let ada = store
+        .create_user(&User::new(UserId(0), Handle::new("ada").unwrap()), None)
+        .await
+        .unwrap();
+    let sessions = WebSessions::new(store.clone());
+    let link = sessions.sign_in_link(ada.id).await.unwrap();
+    let (_session, who) = sessions.redeem_sign_in_link(&link).await.unwrap().unwrap();
+    assert_eq!(who.id, ada.id);
+    assert!(sessions.redeem_sign_in_link(&link).await.unwrap().is_none());
+}
+
+/// Writes `records` (JSON) into the users table and stamps the file 3, dropping the
+/// tables of versions 4 and 5.
 fn make_version_3(path: &Path, records: &[(u64, &str)]) {
     let db = Database::open(path).unwrap();
     let txn = db.begin_write().unwrap();
@@ -101,6 +153,7 @@ fn make_version_3(path: &Path, records: &[(u64, &str)]) {
     const INVITES: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("invites");
     assert!(txn.delete_table(HANDLES).unwrap());
     assert!(txn.delete_table(INVITES).unwrap());
+    assert!(txn.delete_table(WEB_TOKENS).unwrap());
     {
         let mut meta = txn.open_table(META).unwrap();
         meta.insert("schema_version", 3).unwrap();
