@@ -17,6 +17,8 @@
 # The DNS server and ACME tests (vmkit-net, features `dns` and `https`):
 #   dnsutils                      dig, the client the DNS server's tests ask
 #   pebble                        the ACME test server the ACME tests get certificates from
+#   dnsmasq-base                  dnsmasq, the name server that publishes the custom
+#                                 domains' proof records in the tests
 # The HTTPS edge's browser test (vmkit-net/tests/https_browser.rs):
 #   chromium, chromium-driver     headless Chromium and chromedriver (WebDriver)
 #   libnss3-tools                 certutil: the NSS database that trusts the local CA
@@ -44,6 +46,7 @@ PACKAGES=(
 	# The DNS server and ACME tests.
 	dnsutils
 	pebble
+	dnsmasq-base
 	# The HTTPS edge's browser test: headless Chromium, its WebDriver, certutil.
 	chromium
 	chromium-driver
@@ -69,6 +72,7 @@ PROGRAMS=(
 	# The DNS server and ACME tests (pebble has no version flag; -help exits 0).
 	"dnsutils dig -v"
 	"pebble pebble -help"
+	"dnsmasq-base dnsmasq --version"
 	"chromium chromium --version"
 	"chromium-driver chromedriver --version"
 	"libnss3-tools certutil"

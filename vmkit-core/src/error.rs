@@ -207,6 +207,23 @@ pub enum ManagerError {
     /// A backend cannot do what was asked.
     #[error("{0} is not supported by this host's backends")]
     Unsupported(&'static str),
+    /// DNS does not (yet) prove the caller owns a custom domain.
+    #[error("{host} is not proven yours: {}", .0.instructions(), host = .0.host)]
+    DomainUnproven(Box<crate::domain::DomainProof>),
+    /// The custom domain is attached to another user's VM.
+    #[error("{0} is attached to another user's VM; its owner can detach it with `domain rm {0}`")]
+    DomainTaken(String),
+    /// No VM of the caller's has this custom domain.
+    #[error("no VM of yours has the custom domain {0}; `domain ls` lists them")]
+    DomainNotFound(String),
+    /// Reading a custom domain's DNS records failed.
+    #[error("could not read the DNS records of {host} ({message}); try again in a moment")]
+    DomainLookup {
+        /// The custom domain.
+        host: String,
+        /// What failed.
+        message: String,
+    },
     /// The hypervisor backend failed.
     #[error("the hypervisor backend failed")]
     Hypervisor(#[from] HypervisorError),
@@ -297,7 +314,10 @@ impl ManagerError {
             ManagerError::RegistrationClosed
             | ManagerError::InviteRequired
             | ManagerError::InviteInvalid => ErrorKind::Forbidden,
-            ManagerError::HandleTaken(_) => ErrorKind::Conflict,
+            ManagerError::HandleTaken(_) | ManagerError::DomainTaken(_) => ErrorKind::Conflict,
+            ManagerError::DomainUnproven(_) => ErrorKind::Forbidden,
+            ManagerError::DomainNotFound(_) => ErrorKind::NotFound,
+            ManagerError::DomainLookup { .. } => ErrorKind::Unavailable,
             ManagerError::UserNotFound(_) | ManagerError::InviteNotFound(_) => ErrorKind::NotFound,
             ManagerError::UserRemovalIncomplete { .. } => ErrorKind::Unavailable,
             ManagerError::NameTaken(_)
@@ -354,6 +374,10 @@ impl ManagerError {
             ManagerError::InvalidHandle(_) => "invalid_handle",
             ManagerError::InvalidEmail(_) => "invalid_email",
             ManagerError::HandleTaken(_) => "handle_taken",
+            ManagerError::DomainUnproven(_) => "domain_unproven",
+            ManagerError::DomainTaken(_) => "domain_taken",
+            ManagerError::DomainNotFound(_) => "domain_not_found",
+            ManagerError::DomainLookup { .. } => "dns_lookup_failed",
             ManagerError::UserNotFound(_) => "user_not_found",
             ManagerError::RegistrationClosed => "registration_closed",
             ManagerError::InviteRequired => "invite_required",

@@ -88,6 +88,18 @@ pub enum EventKind {
         /// What was done.
         action: String,
     },
+    /// A custom domain was attached to the VM.
+    DomainAdded {
+        /// The host name.
+        host: String,
+        /// How its owner proved it theirs.
+        proven_by: crate::domain::ProvenBy,
+    },
+    /// A custom domain was detached from the VM.
+    DomainRemoved {
+        /// The host name.
+        host: String,
+    },
     /// The HTTPS edge got a certificate (or renewed one).
     CertificateIssued {
         /// The names it covers.

@@ -68,7 +68,8 @@ pub enum RouteTarget<'a> {
     },
     /// An HTTP request: its `Host` (without port) and the port it came in on as the
     /// client sees it. [`StoreGateway`] reaches the VM's default web port at
-    /// `NAME.domain` and port `N` at `NAME--N.domain`, whatever port the URL names.
+    /// `NAME.domain` and at the VM's custom domains, and port `N` at
+    /// `NAME--N.domain`, whatever port the URL names.
     Http {
         /// The host name.
         host: &'a str,
@@ -126,7 +127,7 @@ pub struct GatewayCapabilities {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GatewayError {
-    /// The host name is not under the gateway's domain.
+    /// The host name is neither under the gateway's domain nor a custom domain.
     #[error("{0:?} is not a host this gateway serves")]
     UnknownHost(String),
     /// Looking up state failed.
@@ -170,7 +171,8 @@ pub const DEFAULT_HTTP_PORT: u16 = 80;
 pub const GUEST_SSH_PORT: u16 = 22;
 
 /// vmkit's gateway over the state store: users by SSH key, API key and browser
-/// session, VMs by name (`NAME@host`, `NAME.domain`, `NAME--PORT.domain`), and the
+/// session, VMs by name (`NAME@host`, `NAME.domain`, `NAME--PORT.domain`) and by
+/// custom domain (see [`CustomDomains`](crate::CustomDomains)), and the
 /// [`Policy`] (or another) to decide. An HTTP route carries only the shares that
 /// cover the port it reaches.
 #[derive(Clone)]
@@ -308,13 +310,23 @@ impl Gateway for StoreGateway {
                     .map(|(vm, shares)| routed(vm, shares, port, None)))
             }
             RouteTarget::Http { host, port: _ } => {
-                let host = host.to_ascii_lowercase();
-                let Some(label) = self.vm_label(&host) else {
-                    return Err(GatewayError::UnknownHost(host));
-                };
-                let (found, port) = match VmName::with_port(label) {
-                    Some((name, port)) => (self.lookup(name.as_str()).await?, Some(port)),
-                    None => (self.lookup(label).await?, None),
+                let host = host.trim_end_matches('.').to_ascii_lowercase();
+                let (found, port) = match self.vm_label(&host) {
+                    Some(label) => match VmName::with_port(label) {
+                        Some((name, port)) => (self.lookup(name.as_str()).await?, Some(port)),
+                        None => (self.lookup(label).await?, None),
+                    },
+                    // A custom domain reaches its VM's default web port.
+                    None => match self.store.get_domain(&host).await? {
+                        Some(domain) => match self.store.get_vm_by_id(domain.vm).await? {
+                            Some(vm) => {
+                                let shares = self.store.shares(vm.id).await?;
+                                (Some((vm, shares)), None)
+                            }
+                            None => (None, None),
+                        },
+                        None => return Err(GatewayError::UnknownHost(host)),
+                    },
                 };
                 Ok(found.map(|(vm, shares)| {
                     let port = port.unwrap_or_else(|| vm.default_http_port());

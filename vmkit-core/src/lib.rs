@@ -56,6 +56,7 @@ mod access;
 mod address;
 pub mod api;
 mod confine;
+mod domain;
 mod error;
 mod event;
 mod files;
@@ -88,6 +89,10 @@ pub mod testing;
 pub use access::{AccessPolicy, Action, Caller, Denied, Door, Grant, Needs, Policy, Principal};
 pub use address::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
+pub use domain::{
+    CHALLENGE_LABEL, CHALLENGE_PREFIX, CustomDomain, CustomDomains, DnsLookup, DomainError,
+    DomainProof, LookupError, ProvenBy, check_custom_host,
+};
 pub use error::{ErrorChain, ErrorKind, ManagerError};
 pub use event::{Event, EventKind, EventRetention, NewEvent};
 pub use files::write_file_atomic;
@@ -103,8 +108,8 @@ pub use hypervisor::{
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use invite::{INVITE_PREFIX, Invite};
 pub use manager::{
-    Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, EventFeed, ExitPolicy,
-    Manager, ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration,
+    Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, DomainView, EventFeed,
+    ExitPolicy, Manager, ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration,
     RegistrationPolicy, ResizeRequest, ShareView, ShareWith, ShareWithView, SshTarget,
     VmDisposition, VmMetrics, Whoami,
 };

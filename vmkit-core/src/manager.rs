@@ -58,7 +58,7 @@ mod users;
 
 use locks::{KeyGuard, KeyedLocks};
 
-pub use commands::{Commands, ShareView, ShareWith, ShareWithView, Whoami};
+pub use commands::{Commands, DomainView, ShareView, ShareWith, ShareWithView, Whoami};
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};
@@ -251,6 +251,9 @@ pub struct Backends {
     /// Decides what each caller may do through the command surface
     /// ([`Manager::commands`]): vmkit's [`Policy`](crate::Policy) unless replaced.
     pub policy: Arc<dyn crate::access::AccessPolicy>,
+    /// Custom domains, when the host offers them: the VM domain and how ownership
+    /// proofs are read from DNS.
+    pub domains: Option<crate::domain::CustomDomains>,
 }
 
 impl Backends {
@@ -269,6 +272,7 @@ impl Backends {
             store,
             images,
             policy: Arc::new(crate::access::Policy),
+            domains: None,
         }
     }
 
@@ -301,6 +305,12 @@ impl Backends {
     /// Adds a network backend.
     pub fn with_network(mut self, network: Arc<dyn Network>) -> Self {
         self.network = Some(network);
+        self
+    }
+
+    /// Offers custom domains (`domain add NAME HOST`), proven through `domains`.
+    pub fn with_custom_domains(mut self, domains: crate::domain::CustomDomains) -> Self {
+        self.domains = Some(domains);
         self
     }
 }

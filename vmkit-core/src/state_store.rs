@@ -4,6 +4,7 @@ use async_trait::async_trait;
 
 use crate::address::{IpLease, IpPool};
 use crate::confine::UidRange;
+use crate::domain::CustomDomain;
 use crate::event::{Event, EventRetention, NewEvent};
 use crate::invite::Invite;
 use crate::name::VmName;
@@ -193,7 +194,7 @@ pub trait StateStore: Send + Sync {
     async fn get_vm_by_id(&self, id: VmId) -> Result<Option<VmRecord>, StoreError>;
     /// VMs, by name; only `owner`'s when given.
     async fn list_vms(&self, owner: Option<UserId>) -> Result<Vec<VmRecord>, StoreError>;
-    /// Deletes a VM record with its shares; whether it existed.
+    /// Deletes a VM record with its shares and custom domains; whether it existed.
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError>;
     /// [`StateStore::delete_vm`] and [`StateStore::append_event`] in one
     /// transaction; the event is stored whether or not the record existed.
@@ -212,6 +213,18 @@ pub trait StateStore: Send + Sync {
     async fn remove_share(&self, share: &Share) -> Result<bool, StoreError>;
     /// Shares of a VM.
     async fn shares(&self, vm: VmId) -> Result<Vec<Share>, StoreError>;
+
+    // ---- custom domains ----
+
+    /// Attaches a custom domain, replacing the record of the same host (which may
+    /// name another VM: the host moves).
+    async fn put_domain(&self, domain: &CustomDomain) -> Result<(), StoreError>;
+    /// The custom domain `host` (lowercase, no trailing dot).
+    async fn get_domain(&self, host: &str) -> Result<Option<CustomDomain>, StoreError>;
+    /// Custom domains, by host; only `vm`'s when given.
+    async fn list_domains(&self, vm: Option<VmId>) -> Result<Vec<CustomDomain>, StoreError>;
+    /// Detaches the custom domain `host`; whether it was attached.
+    async fn remove_domain(&self, host: &str) -> Result<bool, StoreError>;
 
     // ---- IP leases ----
 

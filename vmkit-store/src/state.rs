@@ -20,6 +20,7 @@
 //! | `api_keys`    | key id `&str`                    | `ApiKey` as JSON            |
 //! | `invites`     | invite id `&str`                 | `Invite` as JSON (the code's hash, never the code) |
 //! | `web_tokens`  | token hash `&str` (64 hex digits) | `WebToken` as JSON (sign-in links, sessions, host tickets) |
+//! | `domains`     | custom domain host `&str`        | `CustomDomain` as JSON      |
 //! | `events`      | sequence number `u64`            | `Event` as JSON             |
 //!
 //! The indexes are written in the same transactions as the tables they index.

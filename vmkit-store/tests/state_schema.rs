@@ -17,6 +17,7 @@ const VMS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("vms");
 const LEASES: TableDefinition<'static, u32, &[u8]> = TableDefinition::new("leases");
 const USERS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("users");
 const WEB_TOKENS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("web_tokens");
+const DOMAINS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("domains");
 
 fn stored_version(path: &Path) -> Option<u64> {
     let db = Database::open(path).unwrap();
@@ -30,8 +31,8 @@ fn vm(name: &str) -> VmRecord {
 }
 
 #[test]
-fn current_schema_version_is_five() {
-    assert_eq!(RedbStore::SCHEMA_VERSION, 5);
+fn current_schema_version_is_six() {
+    assert_eq!(RedbStore::SCHEMA_VERSION, 6);
 }
 
 #[tokio::test]
@@ -95,7 +96,7 @@ async fn a_version_two_file_gains_the_uid_tables_and_keeps_its_vms() {
 }
 
 #[tokio::test]
-async fn a_version_four_file_gains_web_sessions_and_keeps_its_shares() {
+async fn a_version_four_file_gains_web_sessions_and_domains_and_keeps_its_shares() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.redb");
     let web = vm("web");
@@ -106,11 +107,12 @@ async fn a_version_four_file_gains_web_sessions_and_keeps_its_shares() {
         // Shares of every port are what version 4 stored: keyed without a port.
         store.put_share(&public).await.unwrap();
     }
-    // Make it a version-4 file: no web_tokens table, stamped 4.
+    // Make it a version-4 file: no web_tokens or domains table, stamped 4.
     {
         let db = Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
         assert!(txn.delete_table(WEB_TOKENS).unwrap());
+        assert!(txn.delete_table(DOMAINS).unwrap());
         txn.open_table(META)
             .unwrap()
             .insert("schema_version", 4)
@@ -142,10 +144,18 @@ async fn a_version_four_file_gains_web_sessions_and_keeps_its_shares() {
     let (_session, who) = sessions.redeem_sign_in_link(&link).await.unwrap().unwrap();
     assert_eq!(who.id, ada.id);
     assert!(sessions.redeem_sign_in_link(&link).await.unwrap().is_none());
+
+    // And custom domains.
+    let app = vmkit_core::CustomDomain::new("app.example.com", web.id, web.owner);
+    store.put_domain(&app).await.unwrap();
+    assert_eq!(
+        store.get_domain("app.example.com").await.unwrap(),
+        Some(app)
+    );
 }
 
 /// Writes `records` (JSON) into the users table and stamps the file 3, dropping the
-/// tables of versions 4 and 5.
+/// tables of versions 4 to 6.
 fn make_version_3(path: &Path, records: &[(u64, &str)]) {
     let db = Database::open(path).unwrap();
     let txn = db.begin_write().unwrap();
@@ -154,6 +164,7 @@ fn make_version_3(path: &Path, records: &[(u64, &str)]) {
     assert!(txn.delete_table(HANDLES).unwrap());
     assert!(txn.delete_table(INVITES).unwrap());
     assert!(txn.delete_table(WEB_TOKENS).unwrap());
+    assert!(txn.delete_table(DOMAINS).unwrap());
     {
         let mut meta = txn.open_table(META).unwrap();
         meta.insert("schema_version", 3).unwrap();

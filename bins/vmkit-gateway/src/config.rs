@@ -145,6 +145,11 @@ pub struct HttpsSection {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// With `tls = "acme"`: the CA and the account.
     pub acme: AcmeSection,
+    /// Custom domains (`domain add NAME HOST` in the lobby): offered unless false.
+    pub custom_domains: bool,
+    /// Name servers (`IP:PORT`) that custom domains' proof records are read from;
+    /// empty (the default): the host's resolvers (`/etc/resolv.conf`).
+    pub domain_resolvers: Vec<std::net::SocketAddr>,
 }
 
 /// Where the HTTPS edge's certificates come from.
@@ -170,6 +175,8 @@ impl Default for HttpsSection {
             hsts: true,
             trusted_proxies: Vec::new(),
             acme: AcmeSection::default(),
+            custom_domains: true,
+            domain_resolvers: Vec::new(),
         }
     }
 }

@@ -125,6 +125,10 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         backends::real(&config).await?
     };
     ensure_local_user(&*backends.store).await?;
+    let backends = match custom_domains(&config)? {
+        Some(domains) => backends.with_custom_domains(domains),
+        None => backends,
+    };
 
     let t = &config.timeouts;
     let mut limits = SpecLimits::default();
@@ -343,6 +347,31 @@ async fn bind_https(config: &Config, addr: std::net::SocketAddr) -> anyhow::Resu
     })
 }
 
+/// Custom domains as `[https]` configures them: `None` when the edge is off or
+/// `custom_domains = false`, or when no resolver can be made (logged: the rest of
+/// the daemon runs without them).
+fn custom_domains(config: &Config) -> anyhow::Result<Option<vmkit_core::CustomDomains>> {
+    use vmkit_net::dns::DnsResolver;
+    if config.https.listen()?.is_none() || !config.https.custom_domains {
+        return Ok(None);
+    }
+    let resolvers = &config.https.domain_resolvers;
+    let resolver = match resolvers.is_empty() {
+        true => DnsResolver::system(),
+        false => DnsResolver::with_servers(resolvers),
+    };
+    match resolver {
+        Ok(resolver) => Ok(Some(vmkit_core::CustomDomains::new(
+            &config.ssh.domain,
+            Arc::new(resolver),
+        ))),
+        Err(e) => {
+            warn!(error = %e, "custom domains are off: set [https] domain_resolvers");
+            Ok(None)
+        }
+    }
+}
+
 /// Starts the HTTPS edge on bound listeners (and, with `tls = "acme"`, the task that
 /// keeps its certificates); they stop when `stopping` turns true.
 fn serve_https(
@@ -389,11 +418,23 @@ fn serve_https(
         manager.clone(),
         Arc::new(vmkit_core::StoreGateway::new(store.clone(), domain)),
         vmkit_core::WebSessions::new(store),
-        certs,
+        certs.clone(),
         challenges,
         https_config,
     )
     .context("starting the HTTPS edge")?;
+    // Custom domains' certificates follow `domain add` and `domain rm`.
+    {
+        let domains = vmkit_net::https::domains::DomainCerts::new(certs.clone(), acme.clone());
+        let manager = manager.clone();
+        let mut stopping = stopping.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            };
+            domains.run(manager, stop).await;
+        });
+    }
     if let Some(issuer) = acme {
         let manager = manager.clone();
         let mut stopping = stopping.clone();

@@ -842,3 +842,181 @@ fn acme_without_the_dns_server_is_refused_with_what_to_set() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("[dns] listen"), "{}", stderr(&out));
 }
+
+#[path = "../../../vmkit-net/tests/support/dnsmasq.rs"]
+mod dnsmasq;
+
+/// `curl` of `url` trusting only `ca`, the hosts given resolved to 127.0.0.1 at
+/// `port`, with a cookie jar in `jar`; `extra` arguments after.
+fn curl_https(ca: &std::path::Path, port: u16, hosts: &[&str], extra: &[&str]) -> Output {
+    let mut command = std::process::Command::new("curl");
+    command
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca);
+    for host in hosts {
+        command
+            .arg("--resolve")
+            .arg(format!("{host}:{port}:127.0.0.1"));
+    }
+    command.args(extra).output().unwrap()
+}
+
+#[test]
+fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ssh_port, https_port, dns_port) = (free(), free(), free());
+    // The owner's DNS: app.example.test is a CNAME to the VM's name.
+    let cname = [
+        "--local=/example.test/".to_owned(),
+        "--host-record=web.vm.test,127.0.0.1".to_owned(),
+        "--cname=app.example.test,web.vm.test".to_owned(),
+    ];
+    let dns = dnsmasq::Dnsmasq::start_on(dns_port, &cname);
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_SSH_LISTEN", &format!("127.0.0.1:{ssh_port}")),
+            ("VMKIT_HTTPS_LISTEN", &format!("127.0.0.1:{https_port}")),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+            (
+                "VMKIT_HTTPS_DOMAIN_RESOLVERS",
+                &format!("127.0.0.1:{dns_port}"),
+            ),
+        ],
+    );
+    let key = d.data_dir.join("carol_id");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "carol", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    let public = key.with_extension("pub");
+    let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lobby = |args: &[&str]| ssh(&d.data_dir, ssh_port, &key, args);
+    let out = lobby(&["new", "--name", "web"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    // The fake guest's web server listens on its loopback at 8000.
+    let out = lobby(&["share", "web", "port", "8000"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = lobby(&["domain", "add", "web", "app.example.test"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let url = format!("https://app.example.test:{https_port}/");
+    assert!(stdout(&out).contains(&url), "{}", stdout(&out));
+
+    let ca = d.data_dir.join("trusted-ca.crt");
+    std::fs::write(&ca, d.cli(&["ca"]).stdout).unwrap();
+    // Private: the custom host sends its visitor to sign in on the apex; the TLS
+    // handshake validates the host name against the local CA.
+    let out = curl_https(
+        &ca,
+        https_port,
+        &["app.example.test"],
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+            &url,
+        ],
+    );
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let seen = stdout(&out);
+    assert!(
+        seen.starts_with("303 ")
+            && seen.contains(&format!(
+                "https://vm.test:{https_port}/__vmkit/auth?host=app.example.test"
+            )),
+        "{seen}"
+    );
+
+    // Signed in with the lobby's link, the browser (curl with a cookie jar) goes
+    // through the apex and back with a ticket, and gets the page while it is
+    // private.
+    let out = lobby(&["browser", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let link = json(&out)["url"].as_str().unwrap().to_owned();
+    let jar = d.data_dir.join("cookies.txt");
+    let jar = jar.to_str().unwrap();
+    let hosts = ["vm.test", "app.example.test"];
+    let out = curl_https(
+        &ca,
+        https_port,
+        &hosts,
+        &["-c", jar, "-b", jar, "-o", "/dev/null", &link],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = curl_https(&ca, https_port, &hosts, &["-L", "-c", jar, "-b", jar, &url]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(stdout(&out), "loopback app on port 8000");
+
+    // Shared with everyone: anyone gets it.
+    let out = lobby(&["share", "web", "public"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = curl_https(&ca, https_port, &["app.example.test"], &[&url]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    assert_eq!(stdout(&out), "loopback app on port 8000");
+
+    // A second name without a proof: refused with the TXT record to publish.
+    let out = lobby(&["--json", "domain", "add", "web", "www.example.test"]);
+    assert!(!out.status.success());
+    let error = json(&out);
+    assert_eq!(error["code"], "domain_unproven", "{error}");
+    let message = error["error"].as_str().unwrap().to_owned();
+    let at = message.find("vmkit-verify=").expect("the TXT value");
+    let value = &message[at..at + "vmkit-verify=".len() + 40];
+    assert!(
+        message.contains("_vmkit-challenge.www.example.test"),
+        "{message}"
+    );
+    // Published (the owner's DNS restarted with it), it attaches.
+    drop(dns);
+    let mut records = cname.to_vec();
+    records.push(format!(
+        "--txt-record=_vmkit-challenge.www.example.test,{value}"
+    ));
+    let _dns = dnsmasq::Dnsmasq::start_on(dns_port, &records);
+    let out = lobby(&["--json", "domain", "add", "web", "www.example.test"]);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let out = lobby(&["--json", "domain", "ls"]);
+    let hosts: Vec<String> = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["host"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(hosts, ["app.example.test", "www.example.test"]);
+
+    // Detached: the host is no longer served (no certificate names it now).
+    let out = lobby(&["domain", "rm", "app.example.test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = curl_https(
+        &ca,
+        https_port,
+        &["app.example.test"],
+        &["-o", "/dev/null", "-w", "%{http_code}", &url],
+    );
+    let refused = !out.status.success() || stdout(&out) == "421";
+    assert!(refused, "{} {}", stdout(&out), stderr(&out));
+
+    // Deleting the VM takes its domains with it; the events say what happened.
+    let out = lobby(&["rm", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = lobby(&["--json", "domain", "ls"]);
+    assert_eq!(json(&out), serde_json::json!([]));
+    let events = stdout(&d.cli(&["events", "--limit", "100"]));
+    assert!(
+        events.contains("custom domain app.example.test attached (proven by cname)")
+            && events.contains("custom domain www.example.test attached (proven by txt)")
+            && events.contains("custom domain app.example.test detached"),
+        "{events}"
+    );
+}

@@ -1543,6 +1543,10 @@ fn event_line(e: &Event) -> String {
         EventKind::SnapshotDeleted { snapshot } => format!("snapshot {snapshot} deleted"),
         EventKind::Restored { snapshot } => format!("restored to snapshot {snapshot}"),
         EventKind::Renamed { from } => format!("renamed (was {from})"),
+        EventKind::DomainAdded { host, proven_by } => {
+            format!("custom domain {host} attached (proven by {proven_by:?})").to_lowercase()
+        }
+        EventKind::DomainRemoved { host } => format!("custom domain {host} detached"),
         EventKind::DataKept { path } => format!("kept the data volume at {}", path.display()),
         EventKind::GuestRebooted => "the guest rebooted".to_owned(),
         EventKind::GuestPoweredOff => "the guest powered off".to_owned(),

@@ -33,6 +33,9 @@ use super::users::{NewUser, Registration, VmDisposition};
 use crate::view::{MetricsView, SnapshotView, VmView};
 use crate::vm::{Idempotency, VmId, VmRecord};
 
+mod domains;
+pub use domains::DomainView;
+
 tokio::task_local! {
     /// The VM and snapshot an operation of the command surface was allowed on.
     static PINNED: Pinned;

@@ -16,6 +16,7 @@
 //! ```
 
 mod assets;
+mod dns;
 mod faults;
 mod gateway;
 mod hypervisor;
@@ -29,6 +30,7 @@ pub mod suites;
 use std::sync::Arc;
 
 pub use assets::{test_data_dir, test_image, test_images_dir};
+pub use dns::FakeDns;
 pub use faults::{Breakage, Faults, InjectedFault};
 pub use gateway::LoopbackGateway;
 pub use hypervisor::{AgentBehavior, FAKE_LOOPBACK_HTTP_PORT, FakeHypervisor, GuestState};
@@ -59,6 +61,9 @@ pub struct FakeHost {
     pub network: FakeNetwork,
     /// The state store.
     pub store: Arc<MemoryStore>,
+    /// The DNS that custom domains are proven in ([`FakeHost::DOMAIN`] is the VM
+    /// domain).
+    pub dns: FakeDns,
 }
 
 /// What a [`FakeHost`] holds, for leak checks.
@@ -77,7 +82,11 @@ pub struct Holdings {
 }
 
 impl FakeHost {
-    /// A fake host with the images `tiny` and `base` and a 10.88.0.0/16 pool.
+    /// The VM domain of a fake host's custom domains.
+    pub const DOMAIN: &'static str = "vm.test";
+
+    /// A fake host with the images `tiny` and `base`, a 10.88.0.0/16 pool and
+    /// custom domains proven in [`FakeHost::dns`].
     pub async fn new() -> Self {
         Self::with_config(ManagerConfig::new("/nonexistent/vmkit")).await
     }
@@ -97,6 +106,11 @@ impl FakeHost {
             Arc::new(FakeImages::with(&["tiny", "base"])),
         )
         .with_network(Arc::new(network.clone()));
+        let dns = FakeDns::new();
+        let backends = backends.with_custom_domains(crate::domain::CustomDomains::new(
+            Self::DOMAIN,
+            Arc::new(dns.clone()),
+        ));
         let manager = Manager::new(config, backends)
             .await
             .expect("fake network setup cannot fail");
@@ -107,6 +121,7 @@ impl FakeHost {
             storage,
             network,
             store,
+            dns,
         }
     }
 

@@ -41,6 +41,7 @@ struct State {
     events: std::collections::VecDeque<Event>,
     invites: BTreeMap<String, Invite>,
     web_tokens: std::collections::HashMap<crate::token::TokenHash, crate::web::WebToken>,
+    domains: BTreeMap<String, crate::domain::CustomDomain>,
     /// The lowest id [`StateStore::create_user`] may hand out.
     next_user_id: u64,
 }
@@ -337,6 +338,7 @@ impl StateStore for MemoryStore {
     async fn delete_vm(&self, id: VmId) -> Result<bool, StoreError> {
         let mut s = self.write("store.delete_vm")?;
         s.shares.retain(|sh| sh.vm != id);
+        s.domains.retain(|_, d| d.vm != id);
         Ok(s.vms.remove(&id).is_some())
     }
 
@@ -348,6 +350,7 @@ impl StateStore for MemoryStore {
     ) -> Result<Event, StoreError> {
         let mut s = self.write("store.delete_vm")?;
         s.shares.retain(|sh| sh.vm != id);
+        s.domains.retain(|_, d| d.vm != id);
         s.vms.remove(&id);
         Ok(s.append(event, retention))
     }
@@ -537,6 +540,41 @@ impl StateStore for MemoryStore {
             return Ok(None);
         };
         Ok(s.invites.remove(&id).filter(|i| !i.is_expired(now)))
+    }
+
+    async fn put_domain(&self, domain: &crate::domain::CustomDomain) -> Result<(), StoreError> {
+        self.write("store.put_domain")?
+            .domains
+            .insert(domain.host.clone(), domain.clone());
+        Ok(())
+    }
+
+    async fn get_domain(
+        &self,
+        host: &str,
+    ) -> Result<Option<crate::domain::CustomDomain>, StoreError> {
+        Ok(self.read().domains.get(host).cloned())
+    }
+
+    async fn list_domains(
+        &self,
+        vm: Option<VmId>,
+    ) -> Result<Vec<crate::domain::CustomDomain>, StoreError> {
+        Ok(self
+            .read()
+            .domains
+            .values()
+            .filter(|d| vm.is_none_or(|v| d.vm == v))
+            .cloned()
+            .collect())
+    }
+
+    async fn remove_domain(&self, host: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .write("store.remove_domain")?
+            .domains
+            .remove(host)
+            .is_some())
     }
 
     async fn put_web_token(&self, token: &crate::web::WebToken) -> Result<(), StoreError> {

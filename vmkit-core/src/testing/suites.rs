@@ -1254,6 +1254,65 @@ where
     store_invites(&*make().await).await;
     store_concurrent_invite_use(make().await).await;
     store_web_sessions(make().await).await;
+    store_custom_domains(&*make().await).await;
+}
+
+/// Custom domains: put, get, list by VM, replace (a host moves), remove, and
+/// deleting a VM takes its domains with it.
+pub async fn store_custom_domains(store: &dyn StateStore) {
+    use crate::domain::CustomDomain;
+    let quota = Quota::unlimited();
+    let web = record("web", UserId(1), VmSpec::new("tiny"));
+    let blog = record("blog", UserId(1), VmSpec::new("tiny"));
+    store.create_vm(&web, &quota).await.expect("create web");
+    store.create_vm(&blog, &quota).await.expect("create blog");
+    assert_eq!(
+        store.get_domain("app.example.com").await.expect("get"),
+        None
+    );
+
+    let app = CustomDomain::new("app.example.com", web.id, UserId(1));
+    let www = CustomDomain::new("www.example.com", web.id, UserId(1));
+    let docs = CustomDomain::new("docs.example.org", blog.id, UserId(1));
+    for d in [&app, &www, &docs] {
+        store.put_domain(d).await.expect("put domain");
+    }
+    assert_eq!(
+        store.get_domain("app.example.com").await.expect("get"),
+        Some(app.clone())
+    );
+    let hosts = |v: Vec<CustomDomain>| v.into_iter().map(|d| d.host).collect::<Vec<_>>();
+    assert_eq!(
+        hosts(store.list_domains(None).await.expect("list")),
+        ["app.example.com", "docs.example.org", "www.example.com"],
+        "every domain, by host"
+    );
+    assert_eq!(
+        hosts(store.list_domains(Some(web.id)).await.expect("list")),
+        ["app.example.com", "www.example.com"]
+    );
+
+    // Putting a host again moves it.
+    let moved = CustomDomain::new("www.example.com", blog.id, UserId(1));
+    store.put_domain(&moved).await.expect("move");
+    assert_eq!(
+        hosts(store.list_domains(Some(blog.id)).await.expect("list")),
+        ["docs.example.org", "www.example.com"]
+    );
+
+    assert!(store.remove_domain("docs.example.org").await.expect("rm"));
+    assert!(!store.remove_domain("docs.example.org").await.expect("rm"));
+
+    // A deleted VM keeps no domain; the other VM's stay.
+    assert!(store.delete_vm(blog.id).await.expect("delete"));
+    assert_eq!(
+        store.get_domain("www.example.com").await.expect("get"),
+        None
+    );
+    assert_eq!(
+        hosts(store.list_domains(None).await.expect("list")),
+        ["app.example.com"]
+    );
 }
 
 fn handle(h: &str) -> Handle {

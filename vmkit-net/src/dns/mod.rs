@@ -14,6 +14,10 @@
 //! | an existing name, another type | | NOERROR, no answer, with the SOA (NODATA) |
 //! | a name outside the domain | | REFUSED, except [`DnsConfig::extra_host`] names |
 //!
+//! Custom domains are outside the zone: their owners publish them in their own DNS,
+//! where [`DnsResolver`] (on hickory-resolver) reads the proof records of
+//! `domain add`.
+//!
 //! Names are matched in any case. `NAME--PORT.domain` is where the HTTPS edge
 //! serves port `PORT` of VM `NAME` under the same wildcard certificate.
 //!
@@ -65,8 +69,11 @@ use vmkit_core::StateStore;
 
 use crate::challenges::AcmeChallenges;
 
+mod resolve;
 mod tcp;
 mod zone;
+
+pub use resolve::DnsResolver;
 
 use zone::{Answer, Zone};
 

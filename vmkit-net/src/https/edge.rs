@@ -272,7 +272,7 @@ impl HttpsEdge {
                 "the request names no host\n".into(),
             );
         };
-        if self.host_kind(&host) == HostKind::Other {
+        if self.host_kind(&host) == HostKind::Other && !self.is_custom_host(&host).await {
             return text(
                 StatusCode::NOT_FOUND,
                 "not a host this gateway serves\n".into(),
@@ -300,6 +300,9 @@ impl HttpsEdge {
         let mut response = match self.host_kind(&host) {
             HostKind::Apex => self.apex(req).await,
             HostKind::Vm => self.vm_host(req, &host, peer).await,
+            HostKind::Other if self.is_custom_host(&host).await => {
+                self.vm_host(req, &host, peer).await
+            }
             HostKind::Other => html(
                 StatusCode::MISDIRECTED_REQUEST,
                 pages::error(421, "Not a host this gateway serves"),
@@ -312,6 +315,17 @@ impl HttpsEdge {
             );
         }
         response
+    }
+
+    /// Whether `host`, outside the domain, is a custom domain attached to a VM.
+    async fn is_custom_host(&self, host: &str) -> bool {
+        matches!(
+            self.inner
+                .gateway
+                .route(RouteTarget::Http { host, port: None })
+                .await,
+            Ok(Some(_))
+        )
     }
 
     fn host_kind(&self, host: &str) -> HostKind {
@@ -374,7 +388,10 @@ impl HttpsEdge {
                     return html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request"));
                 };
                 // Only hosts of this gateway: never an open redirect.
-                if self.host_kind(&target) != HostKind::Vm {
+                if self.host_kind(&target) != HostKind::Vm
+                    && !(self.host_kind(&target) == HostKind::Other
+                        && self.is_custom_host(&target).await)
+                {
                     return html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request"));
                 }
                 let next = next_path(req.uri());

@@ -78,6 +78,7 @@
 
 pub mod acme;
 mod auth;
+pub mod domains;
 mod edge;
 mod idle;
 mod pages;

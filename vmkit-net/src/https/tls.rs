@@ -8,7 +8,7 @@
 //! [`CertStore::set_for`]) takes effect at the next handshake; connections already
 //! open keep the one they began with, so a renewal drops nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
@@ -237,6 +237,8 @@ pub struct CertStore {
     default: RwLock<Option<Entry>>,
     custom: RwLock<HashMap<String, Entry>>,
     issued: RwLock<HashMap<String, Entry>>,
+    /// Custom domains the local CA certifies (at their first handshake).
+    local_hosts: RwLock<HashSet<String>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -259,6 +261,7 @@ impl CertStore {
             default: RwLock::new(None),
             custom: RwLock::new(HashMap::new()),
             issued: RwLock::new(HashMap::new()),
+            local_hosts: RwLock::new(HashSet::new()),
         };
         if let Some(ca) = &store.ca {
             let names = vec![store.domain.clone(), format!("*.{}", store.domain)];
@@ -308,6 +311,38 @@ impl CertStore {
             .remove(&host.trim_end_matches('.').to_ascii_lowercase());
     }
 
+    /// Has the local CA (when the store has one) certify the custom domain `host` at
+    /// its first handshake, as it does the VM hosts.
+    pub fn add_local_host(&self, host: &str) {
+        self.local_hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(host.trim_end_matches('.').to_ascii_lowercase());
+    }
+
+    /// Whether the local CA certifies the custom domain `host`.
+    pub fn certifies_locally(&self, host: &str) -> bool {
+        self.ca.is_some()
+            && self
+                .local_hosts
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&host.trim_end_matches('.').to_ascii_lowercase())
+    }
+
+    /// Stops certifying the custom domain `host` from the local CA.
+    pub fn remove_local_host(&self, host: &str) {
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        self.local_hosts
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host);
+        self.issued
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&host);
+    }
+
     /// When the default certificate expires, if there is one.
     pub fn default_expiry(&self) -> Option<SystemTime> {
         self.default
@@ -351,7 +386,10 @@ impl CertStore {
         {
             return Some(entry.key.clone());
         }
-        let names = vec![host.to_owned(), format!("*.{}", self.domain)];
+        let names = match self.is_vm_host(host) {
+            true => vec![host.to_owned(), format!("*.{}", self.domain)],
+            false => vec![host.to_owned()],
+        };
         let cert = match ca.issue(&names) {
             Ok(cert) => cert,
             Err(e) => {
@@ -390,7 +428,12 @@ impl ResolvesServerCert for CertStore {
             // Browsers refuse a wildcard directly under a one-label domain
             // (`*.localhost`): give each VM host a certificate naming it.
             if let Some(ca) = &self.ca
-                && self.is_vm_host(&sni)
+                && (self.is_vm_host(&sni)
+                    || self
+                        .local_hosts
+                        .read()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .contains(&sni))
                 && let Some(key) = self.issued_for(ca, &sni)
             {
                 return Some(key);

@@ -215,6 +215,11 @@ Commands:
   share NAME port [PORT]       the port https://NAME.domain reaches (80)
                                (--port P on public, private, add and link:
                                port P only, at https://NAME--P.domain)
+  domain add NAME HOST         serve the VM at https://HOST/ too, once DNS
+                               proves HOST yours (it says what to publish: a
+                               TXT record, or HOST as a CNAME to NAME.domain)
+  domain ls [NAME] | domain rm HOST
+                               your custom domains; detach one
   browser [--sign-out]         a one-time link that signs your browser in
                                (--sign-out: sign every browser out)
   ssh-key ls|add|rm            your SSH keys (add reads the key line from an
@@ -398,6 +403,9 @@ enum LobbyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Custom domains: `https://HOST/` reaching a VM.
+    #[command(subcommand)]
+    Domain(DomainCommand),
     /// A one-time link that signs your browser in.
     Browser {
         /// Signs every browser out instead.
@@ -436,6 +444,29 @@ enum SshKeyCommand {
     /// Removes a key by fingerprint (`SHA256:...`).
     Rm {
         fingerprint: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DomainCommand {
+    /// Attaches HOST to a VM once DNS proves it yours (else says what to publish).
+    Add {
+        name: String,
+        host: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Your custom domains (one VM's when named).
+    Ls {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detaches HOST from its VM.
+    Rm {
+        host: String,
         #[arg(long)]
         json: bool,
     },
@@ -652,7 +683,10 @@ pub fn completion(words: &[String], registered: bool) -> Completion {
         .count();
     match (first.as_str(), position) {
         ("ssh-key", 0) => Completion::Words(names(sub)),
-        ("share", 1) => Completion::Words(names(sub)),
+        ("share", 1) | ("domain", 0) => Completion::Words(names(sub)),
+        ("domain", 1) if registered && words.get(1).is_some_and(|w| w != "rm") => {
+            Completion::VmName
+        }
         ("rm", _) if registered => Completion::VmName,
         (command, 0) if registered && VM_COMMANDS.contains(&command) => Completion::VmName,
         _ => Completion::Nothing,
@@ -919,6 +953,7 @@ async fn execute(
             }
             .pipe(Output::ok)
         }
+        LobbyCommand::Domain(command) => domain(commands, context, command).await?,
         LobbyCommand::Browser { sign_out, json } => if sign_out {
             let ended = commands.sign_out_everywhere().await?;
             match json {
@@ -1282,6 +1317,64 @@ fn port_note(context: &LobbyContext, name: &VmName, port: Option<u16>) -> String
         Some(p) => format!(", port {p}: {}", context.https_port_url(name, Some(p))),
         None => String::new(),
     }
+}
+
+/// `domain add|ls|rm`.
+async fn domain(
+    commands: &Commands,
+    context: &LobbyContext,
+    command: DomainCommand,
+) -> Result<Output, LobbyError> {
+    let url = |host: &str| format!("{}/", context.origin(host));
+    let output = match command {
+        DomainCommand::Add { name, host, json } => {
+            let name = context.vm_name(&name)?;
+            let added = commands.add_domain(&name, &host).await?;
+            match json {
+                true => json_line(&serde_json::json!({
+                    "domain": added,
+                    "https": url(&added.host),
+                })),
+                false => format!(
+                    "{host} now reaches {vm}: {url}\n(its DNS must point {host} at this host: \
+                     an A record, or a CNAME to {vm}.{domain}; it is private or shared as \
+                     {vm}'s web port is: `share {vm} public` opens it)\n",
+                    host = added.host,
+                    vm = added.vm,
+                    url = url(&added.host),
+                    domain = context.domain,
+                ),
+            }
+        }
+        DomainCommand::Ls { name, json } => {
+            let name = name.map(|n| context.vm_name(&n)).transpose()?;
+            let domains = commands.domains(name.as_ref()).await?;
+            match json {
+                true => json_line(&domains),
+                false => domains
+                    .iter()
+                    .map(|d| {
+                        format!(
+                            "{}	{}	{}
+",
+                            d.host,
+                            d.vm,
+                            url(&d.host)
+                        )
+                    })
+                    .collect(),
+            }
+        }
+        DomainCommand::Rm { host, json } => {
+            commands.remove_domain(&host).await?;
+            let host = host.trim_end_matches('.').to_ascii_lowercase();
+            match json {
+                true => json_line(&serde_json::json!({ "removed": host })),
+                false => format!("detached {host}\n"),
+            }
+        }
+    };
+    Ok(Output::ok(output))
 }
 
 /// `share NAME [ACTION]`.

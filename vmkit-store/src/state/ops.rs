@@ -6,16 +6,16 @@ use std::ops::Bound;
 use async_trait::async_trait;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 use vmkit_core::{
-    ApiKey, Event, EventRetention, Handle, Invite, IpLease, IpPool, NewEvent, Quota, Share,
-    ShareTarget, Snapshot, SshPublicKey, StateStore, StoreCapabilities, StoreError, Timestamp,
-    TokenHash, UidRange, Usage, User, UserId, VmId, VmName, VmRecord, WebToken,
+    ApiKey, CustomDomain, Event, EventRetention, Handle, Invite, IpLease, IpPool, NewEvent, Quota,
+    Share, ShareTarget, Snapshot, SshPublicKey, StateStore, StoreCapabilities, StoreError,
+    Timestamp, TokenHash, UidRange, Usage, User, UserId, VmId, VmName, VmRecord, WebToken,
 };
 
 use super::RedbStore;
 use super::tables::{
-    API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
-    SHARES, SNAPSHOTS, SSH_KEYS, StoredKey, UID_BY_VM, UIDS, USER_HANDLES, USERS, VM_NAMES, VMS,
-    WEB_TOKENS, decode, encode, share_key,
+    API_KEYS, Context, DOMAINS, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY,
+    QUOTAS, SHARES, SNAPSHOTS, SSH_KEYS, StoredKey, UID_BY_VM, UIDS, USER_HANDLES, USERS, VM_NAMES,
+    VMS, WEB_TOKENS, decode, encode, share_key,
 };
 
 /// The user with id `id`, read through any table handle of [`USERS`].
@@ -303,6 +303,25 @@ fn delete_in(txn: &WriteTransaction, id: VmId) -> Result<bool, StoreError> {
         shares
             .remove((id.as_u64(), target.as_str()))
             .context("cannot write table shares")?;
+    }
+    let mut domains = txn
+        .open_table(DOMAINS)
+        .context("cannot open table domains")?;
+    let mut gone = Vec::new();
+    for entry in domains.iter().context("cannot read table domains")? {
+        let (host, bytes) = entry.context("cannot read table domains")?;
+        let domain: CustomDomain = decode(
+            bytes.value(),
+            format_args!("custom domain {}", host.value()),
+        )?;
+        if domain.vm == id {
+            gone.push(domain.host);
+        }
+    }
+    for host in gone {
+        domains
+            .remove(host.as_str())
+            .context("cannot write table domains")?;
     }
     Ok(true)
 }
@@ -893,6 +912,76 @@ impl StateStore for RedbStore {
                 .into_iter()
                 .map(|(_, share)| share)
                 .collect())
+        })
+        .await
+    }
+
+    // ---- custom domains ----
+
+    async fn put_domain(&self, domain: &CustomDomain) -> Result<(), StoreError> {
+        let key = domain.host.clone();
+        let bytes = encode(domain, "a custom domain")?;
+        self.write("put_domain", move |txn| {
+            txn.open_table(DOMAINS)
+                .context("cannot open table domains")?
+                .insert(key.as_str(), bytes.as_slice())
+                .context("cannot write table domains")?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get_domain(&self, host: &str) -> Result<Option<CustomDomain>, StoreError> {
+        let key = host.to_owned();
+        self.read("get_domain", move |txn| {
+            let domains = txn
+                .open_table(DOMAINS)
+                .context("cannot open table domains")?;
+            match domains
+                .get(key.as_str())
+                .context("cannot read table domains")?
+            {
+                Some(bytes) => Ok(Some(decode(
+                    bytes.value(),
+                    format_args!("custom domain {key}"),
+                )?)),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn list_domains(&self, vm: Option<VmId>) -> Result<Vec<CustomDomain>, StoreError> {
+        self.read("list_domains", move |txn| {
+            let domains = txn
+                .open_table(DOMAINS)
+                .context("cannot open table domains")?;
+            let mut out = Vec::new();
+            for entry in domains.iter().context("cannot read table domains")? {
+                let (host, bytes) = entry.context("cannot read table domains")?;
+                let domain: CustomDomain = decode(
+                    bytes.value(),
+                    format_args!("custom domain {}", host.value()),
+                )?;
+                if vm.is_none_or(|v| domain.vm == v) {
+                    out.push(domain);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn remove_domain(&self, host: &str) -> Result<bool, StoreError> {
+        let key = host.to_owned();
+        self.write("remove_domain", move |txn| {
+            let mut domains = txn
+                .open_table(DOMAINS)
+                .context("cannot open table domains")?;
+            let removed = domains
+                .remove(key.as_str())
+                .context("cannot write table domains")?;
+            Ok(removed.is_some())
         })
         .await
     }

@@ -13,8 +13,8 @@ use redb::{Database, ReadableTable, WriteTransaction};
 use vmkit_core::{Handle, IpLease, StoreError, User, VmRecord};
 
 use super::tables::{
-    API_KEYS, Context, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY, QUOTAS,
-    SCHEMA_VERSION_KEY, SHARES, SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USER_HANDLES, USERS,
+    API_KEYS, Context, DOMAINS, EVENTS, INVITES, LEASE_BY_VM, LEASES, META, NEXT_USER_ID_KEY,
+    QUOTAS, SCHEMA_VERSION_KEY, SHARES, SNAPSHOTS, SSH_KEYS, UID_BY_VM, UIDS, USER_HANDLES, USERS,
     VM_NAMES, VMS, WEB_TOKENS, decode, encode,
 };
 
@@ -22,7 +22,8 @@ use super::tables::{
 pub(super) type Migration = fn(&WriteTransaction) -> Result<(), StoreError>;
 
 /// Every step, in order: entry `n` migrates from version `n`.
-pub(super) const MIGRATIONS: &[Migration] = &[v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4, v4_to_v5];
+pub(super) const MIGRATIONS: &[Migration] =
+    &[v0_to_v1, v1_to_v2, v2_to_v3, v3_to_v4, v4_to_v5, v5_to_v6];
 
 /// The layout version this build writes.
 pub(super) const CURRENT: u64 = MIGRATIONS.len() as u64;
@@ -140,6 +141,13 @@ fn v0_to_v1(txn: &WriteTransaction) -> Result<(), StoreError> {
 fn v4_to_v5(txn: &WriteTransaction) -> Result<(), StoreError> {
     txn.open_table(WEB_TOKENS)
         .context("cannot create table web_tokens")?;
+    Ok(())
+}
+
+/// 5 → 6: adds the custom domains table.
+fn v5_to_v6(txn: &WriteTransaction) -> Result<(), StoreError> {
+    txn.open_table(DOMAINS)
+        .context("cannot create table domains")?;
     Ok(())
 }
 

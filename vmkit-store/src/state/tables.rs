@@ -59,6 +59,8 @@ pub(super) const SNAPSHOTS: TableDefinition<'static, &str, &[u8]> =
 /// Token hash (64 hex digits) → `WebToken` (schema version 5).
 pub(super) const WEB_TOKENS: TableDefinition<'static, &str, &[u8]> =
     TableDefinition::new("web_tokens");
+/// Custom domain host → `CustomDomain`.
+pub(super) const DOMAINS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("domains");
 /// Sequence number → `Event`.
 pub(super) const EVENTS: TableDefinition<'static, u64, &[u8]> = TableDefinition::new("events");
 
