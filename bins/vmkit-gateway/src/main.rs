@@ -385,7 +385,7 @@ fn serve_https(
         .ssh(ssh_host, ssh_port)
         .hsts(config.https.hsts)
         .trusted_proxies(config.https.trusted_proxies.clone());
-    let edge = HttpsEdge::new(
+    let edge = HttpsEdge::local(
         manager.clone(),
         Arc::new(vmkit_core::StoreGateway::new(store.clone(), domain)),
         vmkit_core::WebSessions::new(store),
