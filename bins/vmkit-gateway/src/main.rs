@@ -253,14 +253,29 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let app = api::router(api::AppState {
-        manager,
-        shutdown: stopping,
-        not_ready,
-        ca_certificate: edge
-            .is_some()
-            .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
-    });
+    // What a `vmkit-proxy` asks, answered as the daemon's own edge would.
+    let edge_backend = {
+        let store = manager.backends().store.clone();
+        vmkit_net::https::LocalBackend::new(
+            manager.clone(),
+            Arc::new(vmkit_core::StoreGateway::new(
+                store.clone(),
+                config.ssh.domain.clone(),
+            )),
+            vmkit_core::WebSessions::new(store),
+        )
+    };
+    let app = api::socket_router(
+        api::AppState {
+            manager,
+            shutdown: stopping,
+            not_ready,
+            ca_certificate: edge
+                .is_some()
+                .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
+        },
+        edge_backend,
+    );
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
