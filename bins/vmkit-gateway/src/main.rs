@@ -222,7 +222,12 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         Some(addr) => Some(bind_https(&config, addr).await?),
         None => None,
     };
-    let https_port = https.as_ref().map(|h| h.public_port);
+    // The port HTTPS links name: the own edge's, else, with the edge in a process
+    // of its own (`vmkit-proxy`, [https] listen = ""), [https] public_port.
+    let https_port = https
+        .as_ref()
+        .map(|h| h.public_port)
+        .or(Some(config.https.public_port).filter(|p| *p != 0));
     let lobby = match config.ssh.listen()? {
         Some(addr) => Some(serve_ssh(&config, &manager, addr, https_port, stopping.clone()).await?),
         None => None,
