@@ -149,9 +149,8 @@ impl Settings {
             .unwrap_or_else(|| data_dir.join("vmkit.sock"));
         let listen = match args.listen {
             Some(addr) => addr,
-            None => address(file.https.listen.as_deref(), "[https] listen")?.unwrap_or(
-                SocketAddr::from(([0, 0, 0, 0], 8443)),
-            ),
+            None => address(file.https.listen.as_deref(), "[https] listen")?
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 8443))),
         };
         let http_listen = match args.http_listen {
             Some(addr) => Some(addr),
@@ -246,9 +245,8 @@ async fn daemon(socket: &Path, wait: Duration) -> anyhow::Result<DaemonBackend> 
                         socket.display()
                     );
                 }
-                return Err(e).with_context(|| {
-                    format!("asking the vmkit daemon at {}", socket.display())
-                });
+                return Err(e)
+                    .with_context(|| format!("asking the vmkit daemon at {}", socket.display()));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }

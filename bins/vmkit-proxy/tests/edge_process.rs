@@ -185,7 +185,10 @@ fn curl(ca: &Path, jar: &Path, https: u16, args: &[&str]) -> Output {
         .arg("-c")
         .arg(jar)
         .args(["--resolve", &format!("{DOMAIN}:{https}:127.0.0.1")])
-        .args(["--resolve", &format!("web--8000.{DOMAIN}:{https}:127.0.0.1")])
+        .args([
+            "--resolve",
+            &format!("web--8000.{DOMAIN}:{https}:127.0.0.1"),
+        ])
         .args(args)
         .output()
         .unwrap()
@@ -237,7 +240,13 @@ fn the_proxy_serves_vms_as_the_daemon_decides() {
         &ca,
         &stranger,
         https,
-        &["-H", "X-Vmkit-User-Id: 1", "-H", "X-Vmkit-User: alice", &url],
+        &[
+            "-H",
+            "X-Vmkit-User-Id: 1",
+            "-H",
+            "X-Vmkit-User: alice",
+            &url,
+        ],
     );
     assert_eq!(status(&out), 303, "{}", stdout(&out));
     // Nor does a forged session cookie.
@@ -279,11 +288,20 @@ fn the_proxy_serves_vms_as_the_daemon_decides() {
         &ca,
         &stranger,
         https,
-        &["-H", "X-Vmkit-User-Id: 1", "-H", "X-Vmkit-User: alice", &url],
+        &[
+            "-H",
+            "X-Vmkit-User-Id: 1",
+            "-H",
+            "X-Vmkit-User: alice",
+            &url,
+        ],
     );
     assert_eq!(status(&out), 200, "{}{}", stdout(&out), logs());
     let page = stdout(&out);
-    assert!(page.ends_with("\r\n\r\nloopback app on port 8000"), "{page}");
+    assert!(
+        page.ends_with("\r\n\r\nloopback app on port 8000"),
+        "{page}"
+    );
 }
 
 #[test]

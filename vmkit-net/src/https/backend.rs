@@ -277,8 +277,7 @@ pub trait EdgeBackend: Send + Sync {
 
     /// A single-use ticket for VM host `host`, from apex session `session`; `None`
     /// when the session is not valid.
-    async fn host_ticket(&self, session: &str, host: &str)
-    -> Result<Option<String>, BackendError>;
+    async fn host_ticket(&self, session: &str, host: &str) -> Result<Option<String>, BackendError>;
 
     /// Redeems a ticket on `host`: a new session of that host; `None` when the
     /// ticket is unknown, used, expired or for another host.
@@ -501,11 +500,7 @@ impl EdgeBackend for LocalBackend {
         Ok(redeemed.map(|(secret, user)| (secret, identity_of(&user))))
     }
 
-    async fn host_ticket(
-        &self,
-        session: &str,
-        host: &str,
-    ) -> Result<Option<String>, BackendError> {
+    async fn host_ticket(&self, session: &str, host: &str) -> Result<Option<String>, BackendError> {
         self.sessions
             .host_ticket(session, host)
             .await
@@ -619,7 +614,8 @@ impl DaemonBackend {
         question: &Q,
         timeout: Duration,
     ) -> Result<A, BackendError> {
-        let body = serde_json::to_vec(question).map_err(|e| BackendError::Protocol(e.to_string()))?;
+        let body =
+            serde_json::to_vec(question).map_err(|e| BackendError::Protocol(e.to_string()))?;
         let request = Request::builder()
             .method(Method::POST)
             .uri(format!("/v1/edge/{what}"))
@@ -837,11 +833,7 @@ impl EdgeBackend for DaemonBackend {
         Ok(signed_in.map(|s| (s.session, s.user)))
     }
 
-    async fn host_ticket(
-        &self,
-        session: &str,
-        host: &str,
-    ) -> Result<Option<String>, BackendError> {
+    async fn host_ticket(&self, session: &str, host: &str) -> Result<Option<String>, BackendError> {
         self.ask(
             "host-ticket",
             &wire::HostTicket {

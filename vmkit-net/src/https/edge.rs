@@ -89,7 +89,8 @@ impl HttpsEdge {
         challenges: Arc<AcmeChallenges>,
         config: HttpsConfig,
     ) -> Result<Self, HttpsError> {
-        let backend = LocalBackend::new(manager, gateway, sessions).wake_timeout(config.wake_timeout);
+        let backend =
+            LocalBackend::new(manager, gateway, sessions).wake_timeout(config.wake_timeout);
         Self::new(Arc::new(backend), certs, challenges, config)
     }
 
@@ -569,7 +570,12 @@ impl HttpsEdge {
                         encode(next)
                     ),
                 );
-                add_cookie(&mut r, SHARE_COOKIE, &link, inner.backend.session_lifetime());
+                add_cookie(
+                    &mut r,
+                    SHARE_COOKIE,
+                    &link,
+                    inner.backend.session_lifetime(),
+                );
                 return r;
             }
         }
@@ -672,8 +678,7 @@ impl HttpsEdge {
         mut routed: EdgeRoute,
     ) -> Response<Body> {
         let inner = &self.inner;
-        let owner =
-            caller.caller().owner() == Some(routed.owner) || caller.caller().is_admin();
+        let owner = caller.caller().owner() == Some(routed.owner) || caller.caller().is_admin();
         if !routed.upstream.running {
             match self.wake(&caller, &routed).await {
                 Ok(Some(again)) => routed = again,
@@ -862,7 +867,13 @@ impl HttpsEdge {
     }
 
     /// The VM did not answer: a page that helps its owner, a plain error for others.
-    fn unreachable(&self, routed: &EdgeRoute, port: u16, owner: bool, detail: &str) -> Response<Body> {
+    fn unreachable(
+        &self,
+        routed: &EdgeRoute,
+        port: u16,
+        owner: bool,
+        detail: &str,
+    ) -> Response<Body> {
         tracing::debug!(vm = %routed.upstream.name, port, detail, "upstream failed");
         if !owner {
             return html(StatusCode::BAD_GATEWAY, pages::error(502, "Bad Gateway"));

@@ -21,9 +21,9 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 use vmkit_core::{Action, Caller};
 use vmkit_net::https::backend::wire::{
-    AcceptShareLink, Authorize, CONNECT_HEADER, CONNECT_PROTOCOL, Connect, Empty,
-    ErrorAnswer, Hello, HostTicket, Identify, Identity, RedeemHostTicket, Route, RouteRef,
-    RouteView, Session, SignInLink, SignOut, SignedIn, Wake,
+    AcceptShareLink, Authorize, CONNECT_HEADER, CONNECT_PROTOCOL, Connect, Empty, ErrorAnswer,
+    Hello, HostTicket, Identify, Identity, RedeemHostTicket, Route, RouteRef, RouteView, Session,
+    SignInLink, SignOut, SignedIn, Wake,
 };
 use vmkit_net::https::backend::{BackendError, EdgeCaller, EdgeRoute, Presented};
 use vmkit_net::https::{EdgeBackend, LocalBackend};
@@ -139,7 +139,10 @@ async fn accept_share_link(
     Ok(Json(Empty {}))
 }
 
-async fn wake(State(backend): State<Backend>, Json(q): Json<Wake>) -> EdgeResult<Option<RouteView>> {
+async fn wake(
+    State(backend): State<Backend>,
+    Json(q): Json<Wake>,
+) -> EdgeResult<Option<RouteView>> {
     let Some(who) = caller(&backend, &q.presented).await? else {
         return Ok(Json(None));
     };
@@ -279,9 +282,11 @@ mod tests {
             Arc::new(StoreGateway::new(store.clone(), DOMAIN)),
             WebSessions::new(store),
         );
-        let request =
-            vmkit_core::CreateRequest::new(vmkit_core::UserId::LOCAL, vmkit_core::VmSpec::new("tiny"))
-                .name(vmkit_core::VmName::new("web").unwrap());
+        let request = vmkit_core::CreateRequest::new(
+            vmkit_core::UserId::LOCAL,
+            vmkit_core::VmSpec::new("tiny"),
+        )
+        .name(vmkit_core::VmName::new("web").unwrap());
         host.manager.create(request).await.unwrap();
         (host, router(backend))
     }
@@ -322,9 +327,11 @@ mod tests {
     #[tokio::test]
     async fn a_forged_session_identifies_nobody() {
         let (_host, app) = app().await;
-        let (status, body) = ask(&app, "identify", serde_json::json!({"presented": forged()})).await;
+        let (status, body) =
+            ask(&app, "identify", serde_json::json!({"presented": forged()})).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "null"));
-        let (status, body) = ask(&app, "identity", serde_json::json!({"presented": forged()})).await;
+        let (status, body) =
+            ask(&app, "identity", serde_json::json!({"presented": forged()})).await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, "null"));
         let (status, body) = ask(
             &app,
