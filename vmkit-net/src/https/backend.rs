@@ -1074,3 +1074,64 @@ pub mod wire {
         pub everywhere: bool,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_question_round_trips_through_its_header() {
+        let question = wire::Connect {
+            presented: Presented::Session {
+                secret: "vmh_s3cret".into(),
+                host: Some("web.vm.test".into()),
+            },
+            target: wire::RouteRef {
+                host: "web.vm.test".into(),
+                port: Some(8443),
+                vm: "00000000000000ff".into(),
+            },
+            port: 8000,
+        };
+        let header = question.to_header();
+        assert!(HeaderValue::from_str(&header).is_ok(), "{header}");
+        let back = wire::Connect::from_header(&header).expect("a connect question");
+        assert_eq!(back.presented, question.presented);
+        assert_eq!(back.port, 8000);
+        assert_eq!(back.target.vm, "00000000000000ff");
+        assert!(wire::Connect::from_header("not base64!").is_none());
+    }
+
+    #[test]
+    fn credentials_are_never_printed() {
+        let session = Presented::Session {
+            secret: "vmh_s3cret".into(),
+            host: None,
+        };
+        let link = Presented::ShareLink {
+            link: "vms_s3cret".into(),
+        };
+        for presented in [session, link] {
+            let caller = EdgeCaller::new(presented.clone(), Caller::anonymous(Door::Https));
+            assert!(!format!("{caller:?}").contains("s3cret"), "{caller:?}");
+        }
+    }
+
+    #[test]
+    fn only_a_user_is_signed_in() {
+        assert!(!EdgeCaller::anonymous().signed_in());
+        let holder = EdgeCaller::new(
+            Presented::ShareLink {
+                link: "vms_x".into(),
+            },
+            Caller::link("vms_x", Door::Https),
+        );
+        assert!(!holder.signed_in());
+        let user = vmkit_core::User::new(
+            UserId(7),
+            vmkit_core::Handle::new("alice").expect("a valid handle"),
+        );
+        let signed_in = EdgeCaller::new(Presented::Nobody, Caller::user(&user, Door::Https));
+        assert!(signed_in.signed_in());
+    }
+}
