@@ -278,6 +278,7 @@ fn the_proxy_serves_vms_as_the_daemon_decides() {
     assert_eq!(status(&out), 200, "{}{}", stdout(&out), logs());
     let page = stdout(&out);
     assert!(page.contains("x-vmkit-user: alice\n"), "{page}");
+    assert!(page.contains("x-vmkit-user-id: 1\n"), "{page}");
     assert!(!page.contains("x-vmkit-user-id: 99"), "{page}");
     assert!(page.ends_with("loopback app on port 8000"), "{page}");
 
