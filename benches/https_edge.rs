@@ -85,7 +85,7 @@ async fn run() -> anyhow::Result<()> {
         // Every benchmark connection comes from 127.0.0.1.
         .max_connections_per_ip(1_000_000);
     std::fs::create_dir_all(&config.data_dir).context("making the edge's directory")?;
-    let edge = HttpsEdge::new(
+    let edge = HttpsEdge::local(
         host.manager.clone(),
         gateway,
         WebSessions::new(store.clone()),

@@ -4,6 +4,7 @@
 //! access policy decides in vmkit-core; answers are views, and errors carry their
 //! causes to admins only. Routes and wire types are documented in `vmkit_core::api`.
 
+pub mod edge;
 mod session;
 mod users;
 
@@ -56,6 +57,13 @@ async fn shutting_down(mut shutdown: watch::Receiver<bool>) {
 /// The API router of the root-only Unix socket: every request is the operator's.
 pub fn router(state: AppState) -> Router {
     routes(state).layer(axum::Extension(Caller::operator()))
+}
+
+/// The root-only Unix socket's routes: the API ([`router`]) and the questions of
+/// an HTTPS edge in a process of its own (`/v1/edge/...`, [`edge::router`]),
+/// answered by `edge`.
+pub fn socket_router(state: AppState, edge: vmkit_net::https::LocalBackend) -> Router {
+    router(state).merge(edge::router(edge))
 }
 
 /// The API routes for callers a door identifies: each request must carry its

@@ -159,8 +159,10 @@ pub fn fake(data_dir: &std::path::Path) -> Backends {
         data_dir = %data_dir.display(),
         "running on FAKE backends: VMs are simulated in memory and nothing is persisted"
     );
+    // Simulated VMs get addresses on the loopback: what dials one (the HTTPS edge
+    // probing a VM's port) is refused at once and never reaches a real network.
     let pool = vmkit_core::IpPool::new(
-        "10.88.0.0/16"
+        "127.88.0.0/16"
             .parse()
             .expect("the literal is a valid network"),
     )

@@ -134,7 +134,8 @@ pub struct HttpsSection {
     /// default): none.
     pub http_listen: String,
     /// The HTTPS port clients dial, when it is not the one in `listen` (behind a
-    /// port forward); 0: the one in `listen`.
+    /// port forward); 0: the one in `listen`. With the edge in `vmkit-proxy`
+    /// (`listen` empty here), the port the lobby's links name.
     pub public_port: u16,
     /// `self-signed`: certificates from a local CA made in the data directory
     /// (`vmkit ca` prints it for users to trust).

@@ -226,7 +226,12 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         Some(addr) => Some(bind_https(&config, addr).await?),
         None => None,
     };
-    let https_port = https.as_ref().map(|h| h.public_port);
+    // The port HTTPS links name: the own edge's, else, with the edge in a process
+    // of its own (`vmkit-proxy`, [https] listen = ""), [https] public_port.
+    let https_port = https
+        .as_ref()
+        .map(|h| h.public_port)
+        .or(Some(config.https.public_port).filter(|p| *p != 0));
     let lobby = match config.ssh.listen()? {
         Some(addr) => Some(serve_ssh(&config, &manager, addr, https_port, stopping.clone()).await?),
         None => None,
@@ -257,14 +262,29 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         )?),
         None => None,
     };
-    let app = api::router(api::AppState {
-        manager,
-        shutdown: stopping,
-        not_ready,
-        ca_certificate: edge
-            .is_some()
-            .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
-    });
+    // What a `vmkit-proxy` asks, answered as the daemon's own edge would.
+    let edge_backend = {
+        let store = manager.backends().store.clone();
+        vmkit_net::https::LocalBackend::new(
+            manager.clone(),
+            Arc::new(vmkit_core::StoreGateway::new(
+                store.clone(),
+                config.ssh.domain.clone(),
+            )),
+            vmkit_core::WebSessions::new(store),
+        )
+    };
+    let app = api::socket_router(
+        api::AppState {
+            manager,
+            shutdown: stopping,
+            not_ready,
+            ca_certificate: edge
+                .is_some()
+                .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
+        },
+        edge_backend,
+    );
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -414,7 +434,7 @@ fn serve_https(
         .ssh(ssh_host, ssh_port)
         .hsts(config.https.hsts)
         .trusted_proxies(config.https.trusted_proxies.clone());
-    let edge = HttpsEdge::new(
+    let edge = HttpsEdge::local(
         manager.clone(),
         Arc::new(vmkit_core::StoreGateway::new(store.clone(), domain)),
         vmkit_core::WebSessions::new(store),

@@ -956,17 +956,21 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
     assert!(out.status.success(), "{}", stderr(&out));
     let out = curl_https(&ca, https_port, &hosts, &["-L", "-c", jar, "-b", jar, &url]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
-    assert_eq!(stdout(&out), "loopback app on port 8000");
+    // The fake app echoes the identity it was told before its body.
+    assert_eq!(
+        stdout(&out),
+        "x-vmkit-user-id: 1\nx-vmkit-user: carol\nloopback app on port 8000"
+    );
 
     // Shared with everyone: anyone gets it.
     let out = lobby(&["share", "web", "public"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let out = curl_https(&ca, https_port, &["app.example.test"], &[&url]);
     assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
-    assert_eq!(stdout(&out), "loopback app on port 8000");
+    assert_eq!(stdout(&out), "loopback app on port 8000", "no identity");
 
     // A second name without a proof: refused with the TXT record to publish.
-    let out = lobby(&["--json", "domain", "add", "web", "www.example.test"]);
+    let out = lobby(&["domain", "add", "web", "www.example.test", "--json"]);
     assert!(!out.status.success());
     let error = json(&out);
     assert_eq!(error["code"], "domain_unproven", "{error}");
@@ -984,9 +988,9 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
         "--txt-record=_vmkit-challenge.www.example.test,{value}"
     ));
     let _dns = dnsmasq::Dnsmasq::start_on(dns_port, &records);
-    let out = lobby(&["--json", "domain", "add", "web", "www.example.test"]);
+    let out = lobby(&["domain", "add", "web", "www.example.test", "--json"]);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
-    let out = lobby(&["--json", "domain", "ls"]);
+    let out = lobby(&["domain", "ls", "--json"]);
     let hosts: Vec<String> = json(&out)
         .as_array()
         .unwrap()
@@ -1010,7 +1014,7 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
     // Deleting the VM takes its domains with it; the events say what happened.
     let out = lobby(&["rm", "web"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = lobby(&["--json", "domain", "ls"]);
+    let out = lobby(&["domain", "ls", "--json"]);
     assert_eq!(json(&out), serde_json::json!([]));
     let events = stdout(&d.cli(&["events", "--limit", "100"]));
     assert!(

@@ -779,7 +779,8 @@ impl Handler for FakeAgent {
     /// anything else is not found (127), as a shell says. A connection to the
     /// guest's loopback ([`SessionRequest::connect`](vmkit_guest::SessionRequest::connect))
     /// finds a web server on [`FAKE_LOOPBACK_HTTP_PORT`] only, which answers one
-    /// request with `200` and `loopback app on port N`.
+    /// request with `200` and `loopback app on port N`, after the request's
+    /// `X-Vmkit-User` and `X-Vmkit-User-Id` headers (lowercase, one a line).
     async fn session(
         &self,
         req: vmkit_guest::SessionRequest,
@@ -800,7 +801,18 @@ impl Handler for FakeAgent {
                     None => return Ok(ExitStatus::exited(0)),
                 }
             }
-            let body = format!("loopback app on port {port}");
+            // The identity headers the edge added come first, one a line, so that
+            // an end-to-end test sees them.
+            let head = String::from_utf8_lossy(&head);
+            let mut body = String::new();
+            for line in head.lines() {
+                let lower = line.to_ascii_lowercase();
+                if lower.starts_with("x-vmkit-user:") || lower.starts_with("x-vmkit-user-id:") {
+                    body.push_str(&lower);
+                    body.push('\n');
+                }
+            }
+            body.push_str(&format!("loopback app on port {port}"));
             let response = format!(
                 "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                 body.len()

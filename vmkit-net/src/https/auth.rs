@@ -103,7 +103,7 @@ pub fn without_domain(set_cookie: &str) -> String {
 }
 
 /// Who is signed in, as the assertion and headers say it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Identity {
     /// The user's id.
     pub id: u64,

@@ -17,12 +17,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use vmkit_core::{
-    Action, Caller, Credential, Door, Gateway, Manager, ManagerError, RouteTarget, Routed, VmName,
-    WebSessions,
-};
+use vmkit_core::{Action, Gateway, Manager, WebSessions};
 
-use super::auth::{self, Identity, SESSION_COOKIE, SHARE_COOKIE, Signer};
+use super::auth::{self, SESSION_COOKIE, SHARE_COOKIE, Signer};
+use super::backend::{
+    BackendError, EdgeBackend, EdgeCaller, EdgeRoute, GuestStream, LocalBackend, Presented,
+};
 use super::idle::Idle;
 use super::tls::CertStore;
 use super::{HttpsConfig, HttpsError, RESERVED_PREFIX, pages, strict};
@@ -42,16 +42,15 @@ const HOP_BY_HOP: &[HeaderName] = &[
     header::UPGRADE,
 ];
 
-/// The HTTPS edge over a [`Manager`], deciding with a [`Gateway`].
+/// The HTTPS edge, asking an [`EdgeBackend`] who callers are, where hosts go and
+/// what callers may do.
 #[derive(Clone)]
 pub struct HttpsEdge {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    manager: Manager,
-    gateway: Arc<dyn Gateway>,
-    sessions: WebSessions,
+    backend: Arc<dyn EdgeBackend>,
     certs: Arc<CertStore>,
     challenges: Arc<AcmeChallenges>,
     signer: Signer,
@@ -79,13 +78,27 @@ enum HostKind {
 }
 
 impl HttpsEdge {
-    /// An edge serving `manager`'s VMs under `config.domain`, with certificates
-    /// from `certs` and ACME HTTP-01 answers from `challenges`; loads or makes the
-    /// assertion key in `config.data_dir`.
-    pub fn new(
+    /// An edge in the daemon's own process, serving `manager`'s VMs, deciding with
+    /// `gateway`, sessions in `sessions` (a [`LocalBackend`]); otherwise as
+    /// [`HttpsEdge::new`].
+    pub fn local(
         manager: Manager,
         gateway: Arc<dyn Gateway>,
         sessions: WebSessions,
+        certs: Arc<CertStore>,
+        challenges: Arc<AcmeChallenges>,
+        config: HttpsConfig,
+    ) -> Result<Self, HttpsError> {
+        let backend =
+            LocalBackend::new(manager, gateway, sessions).wake_timeout(config.wake_timeout);
+        Self::new(Arc::new(backend), certs, challenges, config)
+    }
+
+    /// An edge serving the VMs `backend` routes to under `config.domain`, with
+    /// certificates from `certs` and ACME HTTP-01 answers from `challenges`; loads
+    /// or makes the assertion key in `config.data_dir`.
+    pub fn new(
+        backend: Arc<dyn EdgeBackend>,
         certs: Arc<CertStore>,
         challenges: Arc<AcmeChallenges>,
         config: HttpsConfig,
@@ -102,9 +115,7 @@ impl HttpsEdge {
             .build(connector);
         Ok(Self {
             inner: Arc::new(Inner {
-                manager,
-                gateway,
-                sessions,
+                backend,
                 certs,
                 challenges,
                 signer,
@@ -143,12 +154,12 @@ impl HttpsEdge {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let purge = {
-            let sessions = self.inner.sessions.clone();
+            let backend = self.inner.backend.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_secs(3600));
                 loop {
                     tick.tick().await;
-                    if let Err(e) = sessions.purge_expired().await {
+                    if let Err(e) = backend.purge_expired().await {
                         tracing::warn!(error = %e, "purging expired web sessions failed");
                     }
                 }
@@ -319,13 +330,7 @@ impl HttpsEdge {
 
     /// Whether `host`, outside the domain, is a custom domain attached to a VM.
     async fn is_custom_host(&self, host: &str) -> bool {
-        matches!(
-            self.inner
-                .gateway
-                .route(RouteTarget::Http { host, port: None })
-                .await,
-            Ok(Some(_))
-        )
+        matches!(self.inner.backend.route(host, None).await, Ok(Some(_)))
     }
 
     fn host_kind(&self, host: &str) -> HostKind {
@@ -356,7 +361,7 @@ impl HttpsEdge {
                 let Some(token) = query(req.uri(), "token") else {
                     return html(StatusCode::BAD_REQUEST, self.sign_in_page(None));
                 };
-                match inner.sessions.redeem_sign_in_link(&token).await {
+                match inner.backend.redeem_sign_in_link(&token).await {
                     Ok(Some((secret, user))) => {
                         tracing::info!(user = %user.handle, "signed in a browser");
                         let next = next_path(req.uri());
@@ -365,7 +370,7 @@ impl HttpsEdge {
                             &mut r,
                             SESSION_COOKIE,
                             &secret,
-                            inner.sessions.ttls().session,
+                            inner.backend.session_lifetime(),
                         );
                         r
                     }
@@ -396,7 +401,7 @@ impl HttpsEdge {
                 }
                 let next = next_path(req.uri());
                 let ticket = match &session {
-                    Some(s) => inner.sessions.host_ticket(s, &target).await,
+                    Some(s) => inner.backend.host_ticket(s, &target).await,
                     None => Ok(None),
                 };
                 match ticket {
@@ -431,23 +436,10 @@ impl HttpsEdge {
             ),
             (Method::POST, "/__vmkit/logout") => {
                 let everywhere = query(req.uri(), "everywhere").is_some();
-                if let Some(s) = &session {
-                    let result = if everywhere {
-                        match inner.sessions.user(s, None).await {
-                            Ok(Some(user)) => inner
-                                .sessions
-                                .sign_out_everywhere(user.id)
-                                .await
-                                .map(|_| ()),
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(e),
-                        }
-                    } else {
-                        inner.sessions.sign_out(s).await.map(|_| ())
-                    };
-                    if let Err(e) = result {
-                        return internal(e);
-                    }
+                if let Some(s) = &session
+                    && let Err(e) = inner.backend.sign_out(s, everywhere).await
+                {
+                    return internal(e);
                 }
                 let mut r = redirect(StatusCode::SEE_OTHER, "/");
                 add_cookie(&mut r, SESSION_COOKIE, "", Duration::ZERO);
@@ -455,7 +447,7 @@ impl HttpsEdge {
             }
             (Method::GET | Method::HEAD, "/") => {
                 let user = match &session {
-                    Some(s) => inner.sessions.user(s, None).await,
+                    Some(s) => inner.backend.session_user(s).await,
                     None => Ok(None),
                 };
                 match user {
@@ -487,54 +479,45 @@ impl HttpsEdge {
         let session = auth::cookie(req.headers(), SESSION_COOKIE).map(str::to_owned);
         let user = match &session {
             Some(secret) => match inner
-                .gateway
-                .identify(
-                    Credential::WebSession {
-                        secret,
-                        host: Some(host),
-                    },
-                    Door::Https,
-                )
+                .backend
+                .identify(&Presented::Session {
+                    secret: secret.clone(),
+                    host: Some(host.to_owned()),
+                })
                 .await
             {
-                Ok(caller) => caller,
+                Ok(caller) => caller.filter(EdgeCaller::signed_in),
                 Err(e) => return internal(e),
             },
             None => None,
         };
-        let routed = match inner
-            .gateway
-            .route(RouteTarget::Http {
-                host,
-                port: inner.config.public_port,
-            })
-            .await
-        {
+        let routed = match inner.backend.route(host, inner.config.public_port).await {
             Ok(routed) => routed,
             Err(e) => return internal(e),
         };
-        let caller = user
-            .clone()
-            .unwrap_or_else(|| Caller::anonymous(Door::Https));
+        let caller = user.clone().unwrap_or_else(EdgeCaller::anonymous);
         let Some(routed) = routed else {
             return self.refused(&req, host, user.is_some());
         };
-        if inner
-            .gateway
+        let allowed = match inner
+            .backend
             .authorize(&caller, Action::UseHttp, &routed)
-            .is_ok()
+            .await
         {
+            Ok(allowed) => allowed,
+            Err(e) => return internal(e),
+        };
+        if allowed {
             // A link used while signed in becomes a lasting share; the token leaves
             // the URL.
             if let Some(link) = query(req.uri(), "share") {
-                if user.is_some() {
-                    let commands = inner.manager.commands(caller.clone());
-                    if let Err(e) = commands
-                        .accept_share_link(&routed.upstream.name, &link)
+                if user.is_some()
+                    && let Err(e) = inner
+                        .backend
+                        .accept_share_link(&caller, &routed, &link)
                         .await
-                    {
-                        tracing::warn!(error = %e, "accepting a share link failed");
-                    }
+                {
+                    tracing::warn!(error = %e, "accepting a share link failed");
                 }
                 return redirect(StatusCode::SEE_OTHER, &without_query(req.uri(), "share"));
             }
@@ -546,20 +529,34 @@ impl HttpsEdge {
             .clone()
             .or_else(|| auth::cookie(req.headers(), SHARE_COOKIE).map(str::to_owned));
         if let Some(link) = link {
-            let holder = Caller::link(&link, Door::Https);
-            if inner
-                .gateway
-                .authorize(&holder, Action::UseHttp, &routed)
-                .is_ok()
+            let holder = match inner
+                .backend
+                .identify(&Presented::ShareLink { link: link.clone() })
+                .await
             {
+                Ok(holder) => holder,
+                Err(e) => return internal(e),
+            };
+            let allowed = match &holder {
+                Some(holder) => match inner
+                    .backend
+                    .authorize(holder, Action::UseHttp, &routed)
+                    .await
+                {
+                    Ok(allowed) => allowed,
+                    Err(e) => return internal(e),
+                },
+                None => false,
+            };
+            if let Some(holder) = holder.filter(|_| allowed) {
                 if from_url.is_none() {
                     return self.forward(req, host, peer, holder, routed).await;
                 }
                 let target = without_query(req.uri(), "share");
                 if let Some(signed_in) = &user {
-                    let commands = inner.manager.commands(signed_in.clone());
-                    if let Err(e) = commands
-                        .accept_share_link(&routed.upstream.name, &link)
+                    if let Err(e) = inner
+                        .backend
+                        .accept_share_link(signed_in, &routed, &link)
                         .await
                     {
                         tracing::warn!(error = %e, "accepting a share link failed");
@@ -584,7 +581,12 @@ impl HttpsEdge {
                         encode(next)
                     ),
                 );
-                add_cookie(&mut r, SHARE_COOKIE, &link, inner.sessions.ttls().session);
+                add_cookie(
+                    &mut r,
+                    SHARE_COOKIE,
+                    &link,
+                    inner.backend.session_lifetime(),
+                );
                 return r;
             }
         }
@@ -628,14 +630,14 @@ impl HttpsEdge {
                     return html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request"));
                 };
                 let next = next_path(req.uri());
-                match inner.sessions.redeem_host_ticket(&ticket, host).await {
+                match inner.backend.redeem_host_ticket(&ticket, host).await {
                     Ok(Some(secret)) => {
                         let mut r = redirect(StatusCode::SEE_OTHER, &next);
                         add_cookie(
                             &mut r,
                             SESSION_COOKIE,
                             &secret,
-                            inner.sessions.ttls().session,
+                            inner.backend.session_lifetime(),
                         );
                         r
                     }
@@ -657,7 +659,7 @@ impl HttpsEdge {
             }
             (Method::POST, "/__vmkit/logout") => {
                 if let Some(s) = auth::cookie(req.headers(), SESSION_COOKIE)
-                    && let Err(e) = inner.sessions.sign_out(s).await
+                    && let Err(e) = inner.backend.sign_out(s, false).await
                 {
                     return internal(e);
                 }
@@ -683,11 +685,11 @@ impl HttpsEdge {
         mut req: Request<Incoming>,
         host: &str,
         peer: SocketAddr,
-        caller: Caller,
-        mut routed: Routed,
+        caller: EdgeCaller,
+        mut routed: EdgeRoute,
     ) -> Response<Body> {
         let inner = &self.inner;
-        let owner = caller.owner() == Some(routed.vm.owner) || caller.is_admin();
+        let owner = caller.caller().owner() == Some(routed.owner) || caller.caller().is_admin();
         if !routed.upstream.running {
             match self.wake(&caller, &routed).await {
                 Ok(Some(again)) => routed = again,
@@ -707,7 +709,7 @@ impl HttpsEdge {
                     let body = if owner {
                         pages::page(
                             "503 The VM did not start",
-                            &format!("<p>{}</p>", pages::escape(&e.to_string())),
+                            &format!("<p>{}</p>", pages::escape(&e.message())),
                         )
                     } else {
                         pages::error(503, "Service Unavailable")
@@ -720,9 +722,12 @@ impl HttpsEdge {
             return html(StatusCode::BAD_GATEWAY, pages::error(502, "Bad Gateway"));
         };
         let port = routed.upstream.port;
-        let identity = match caller.owner() {
-            Some(_) => self.identity(&caller).await,
-            None => None,
+        let identity = match inner.backend.identity(&caller).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::warn!(error = %e, "who is signed in cannot be told");
+                None
+            }
         };
 
         // The request as the VM gets it.
@@ -782,7 +787,7 @@ impl HttpsEdge {
         parts.version = hyper::Version::HTTP_11;
         let upstream_req = Request::from_parts(parts, body.map_err(BoxError::from).boxed());
 
-        let sent = match self.reach(&routed, ip, port).await {
+        let sent = match self.reach(&caller, &routed, ip, port).await {
             Reach::Direct => inner.client.request(upstream_req).await.map_err(|e| {
                 if e.is_connect() {
                     connect_detail(&format!("{e:?}"))
@@ -826,47 +831,24 @@ impl HttpsEdge {
 
     /// Starts a stopped VM for a caller who may, and routes again; `None` when the
     /// caller may not start it or it is in no state to start.
-    async fn wake(&self, caller: &Caller, routed: &Routed) -> Result<Option<Routed>, ManagerError> {
-        let inner = &self.inner;
-        if inner
-            .gateway
-            .authorize(caller, Action::Start, routed)
-            .is_err()
-        {
-            return Ok(None);
-        }
-        let name: VmName = routed.upstream.name.clone();
-        let commands = inner.manager.commands(caller.clone());
-        let view = commands.get(&name).await?;
-        if view.state != vmkit_core::VmState::Stopped {
-            return Ok(None);
-        }
-        tracing::info!(vm = %name, "a request of its owner wakes the VM");
-        match tokio::time::timeout(inner.config.wake_timeout, commands.start(&name)).await {
-            Ok(result) => {
-                result?;
-            }
-            Err(_) => return Ok(None),
-        }
-        let host = format!("{name}.{}", inner.config.domain);
-        let mut again = inner
-            .gateway
-            .route(RouteTarget::Http {
-                host: &host,
-                port: None,
-            })
-            .await
-            .map_err(|e| ManagerError::InvalidRequest(e.to_string()))?;
-        if let Some(r) = &mut again {
-            r.upstream.port = routed.upstream.port;
-        }
-        Ok(again.filter(|r| r.upstream.running))
+    async fn wake(
+        &self,
+        caller: &EdgeCaller,
+        routed: &EdgeRoute,
+    ) -> Result<Option<EdgeRoute>, BackendError> {
+        self.inner.backend.wake(caller, routed).await
     }
 
     /// How to reach `port` of the routed VM: its address when something listens
     /// there (remembered for a minute, so that pooled connections are used), else
     /// its loopback through the agent, for apps bound to `127.0.0.1` only.
-    async fn reach(&self, routed: &Routed, ip: std::net::Ipv4Addr, port: u16) -> Reach {
+    async fn reach(
+        &self,
+        caller: &EdgeCaller,
+        routed: &EdgeRoute,
+        ip: std::net::Ipv4Addr,
+        port: u16,
+    ) -> Reach {
         let inner = &self.inner;
         let key = (routed.upstream.vm, port);
         let fresh = |seen: &std::time::Instant| seen.elapsed() < DIRECT_MEMORY;
@@ -886,11 +868,7 @@ impl HttpsEdge {
             Ok(Err(e)) => connect_detail(&format!("{e:?}")),
             Err(_) => "no answer to the connection".to_owned(),
         };
-        match inner
-            .manager
-            .connect_guest_port(&routed.upstream.name, port)
-            .await
-        {
+        match inner.backend.connect(caller, routed, port).await {
             Ok(stream) => Reach::Loopback(stream),
             Err(e) => {
                 tracing::debug!(vm = %routed.upstream.name, port, error = %e, "no way to the guest's loopback");
@@ -899,24 +877,14 @@ impl HttpsEdge {
         }
     }
 
-    async fn identity(&self, caller: &Caller) -> Option<Identity> {
-        let whoami = self
-            .inner
-            .manager
-            .commands(caller.clone())
-            .whoami()
-            .await
-            .ok()?;
-        let user = whoami.user?;
-        Some(Identity {
-            id: user.id.0,
-            handle: user.handle.as_str().to_owned(),
-            email: user.email,
-        })
-    }
-
     /// The VM did not answer: a page that helps its owner, a plain error for others.
-    fn unreachable(&self, routed: &Routed, port: u16, owner: bool, detail: &str) -> Response<Body> {
+    fn unreachable(
+        &self,
+        routed: &EdgeRoute,
+        port: u16,
+        owner: bool,
+        detail: &str,
+    ) -> Response<Body> {
         tracing::debug!(vm = %routed.upstream.name, port, detail, "upstream failed");
         if !owner {
             return html(StatusCode::BAD_GATEWAY, pages::error(502, "Bad Gateway"));
@@ -946,7 +914,7 @@ enum Reach {
     /// At the VM's address, through the pooled client.
     Direct,
     /// On the guest's loopback, through the agent.
-    Loopback(tokio::io::DuplexStream),
+    Loopback(GuestStream),
     /// Not at all, and why.
     Nowhere(String),
 }
@@ -965,7 +933,7 @@ fn connect_detail(error: &str) -> String {
 /// Sends `request` over a connection of its own on `stream` (the guest's loopback),
 /// upgrades allowed.
 async fn send_over(
-    stream: tokio::io::DuplexStream,
+    stream: GuestStream,
     mut request: Request<Body>,
 ) -> Result<Response<Incoming>, String> {
     // A connection of its own takes the origin form (`GET /path`), as servers

@@ -42,6 +42,10 @@
 //! answers nothing on the port gets a page that says what to do; others a plain
 //! `502`. A stopped VM is started by its owner's request.
 //!
+//! **Where it asks.** The edge asks an [`EdgeBackend`]: in the daemon's process a
+//! [`LocalBackend`] ([`HttpsEdge::local`]); in a process of its own (`vmkit-proxy`)
+//! a [`DaemonBackend`], which asks the daemon over its Unix socket.
+//!
 //! **Certificates** come from a [`tls::CertStore`]: the local CA
 //! (`tls = "self-signed"`, [`tls::LocalCa`]) or ACME, replaced while serving.
 //!
@@ -58,7 +62,7 @@
 //! let data = std::path::Path::new("/var/lib/vmkit");
 //! let domain = "vm.example.com";
 //! let certs = CertStore::new(domain, Some(LocalCa::load_or_create(data)?))?;
-//! let edge = HttpsEdge::new(
+//! let edge = HttpsEdge::local(
 //!     manager,
 //!     Arc::new(StoreGateway::new(store.clone(), domain)),
 //!     WebSessions::new(store),
@@ -78,6 +82,7 @@
 
 pub mod acme;
 mod auth;
+pub mod backend;
 pub mod domains;
 mod edge;
 mod idle;
@@ -89,7 +94,8 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use auth::{ASSERTION_TTL, JWT_KEY_FILE, SESSION_COOKIE, SHARE_COOKIE};
+pub use auth::{ASSERTION_TTL, Identity, JWT_KEY_FILE, SESSION_COOKIE, SHARE_COOKIE};
+pub use backend::{DaemonBackend, EdgeBackend, LocalBackend};
 pub use edge::HttpsEdge;
 
 /// The path prefix on every host that belongs to the edge.

@@ -186,7 +186,7 @@ impl Edge {
         let config = HttpsConfig::new(DOMAIN, dir.path())
             .public_port(https_port)
             .ssh("vm.test", 2222);
-        let edge = HttpsEdge::new(
+        let edge = HttpsEdge::local(
             host.manager.clone(),
             gateway,
             WebSessions::new(store.clone()),

@@ -1,7 +1,8 @@
 //! dnsmasq (Debian `dnsmasq-base`) on 127.0.0.1 for a test: a real name server that
 //! publishes the records a test gives it (`--txt-record`, `--cname`,
 //! `--host-record`) and nothing else. Used by vmkit-net's resolver test and the
-//! daemon's custom-domain tests (included by path).
+//! daemon's custom-domain tests (included by path); each uses part of it.
+#![allow(dead_code)]
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,7 +27,6 @@ impl Dnsmasq {
     }
 
     /// As [`Dnsmasq::start`], on `port` (where an earlier one, now dropped, was).
-    #[allow(dead_code)]
     pub fn start_on(port: u16, records: &[String]) -> Self {
         let child = Command::new("dnsmasq")
             .args([
