@@ -367,12 +367,15 @@ async fn bind_https(config: &Config, addr: std::net::SocketAddr) -> anyhow::Resu
     })
 }
 
-/// Custom domains as `[https]` configures them: `None` when the edge is off or
-/// `custom_domains = false`, or when no resolver can be made (logged: the rest of
+/// Custom domains as `[https]` configures them: `None` when no edge serves HTTPS
+/// or `custom_domains = false`, or when no resolver can be made (logged: the rest of
 /// the daemon runs without them).
 fn custom_domains(config: &Config) -> anyhow::Result<Option<vmkit_core::CustomDomains>> {
     use vmkit_net::dns::DnsResolver;
-    if config.https.listen()?.is_none() || !config.https.custom_domains {
+    // An edge serves HTTPS: the daemon's own, or a `vmkit-proxy` (whose port
+    // `public_port` names then).
+    let edge = config.https.listen()?.is_some() || config.https.public_port != 0;
+    if !edge || !config.https.custom_domains {
         return Ok(None);
     }
     let resolvers = &config.https.domain_resolvers;

@@ -17,8 +17,12 @@ use serde::Deserialize;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 use vmkit_net::challenges::AcmeChallenges;
+use vmkit_net::https::domains::DomainCerts;
 use vmkit_net::https::tls::{CertStore, LocalCa};
-use vmkit_net::https::{DaemonBackend, HttpsConfig, HttpsEdge};
+use vmkit_net::https::{DaemonBackend, EdgeBackend as _, HttpsConfig, HttpsEdge};
+
+/// How often the daemon is asked which custom domains to certify.
+const DOMAIN_POLL: Duration = Duration::from_secs(5);
 
 /// vmkit's HTTPS edge as its own process, asking the vmkit daemon for routes.
 ///
@@ -281,13 +285,25 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         .ssh(ssh_host, settings.ssh_port)
         .hsts(settings.hsts)
         .trusted_proxies(settings.trusted_proxies.clone());
-    let edge = HttpsEdge::new(
-        Arc::new(backend),
-        certs,
-        Arc::new(AcmeChallenges::new()),
-        config,
-    )
-    .context("starting the HTTPS edge")?;
+    let backend = Arc::new(backend);
+    // Custom domains get certificates from the local CA as they are attached;
+    // the daemon is asked for them every few seconds.
+    let domains = DomainCerts::new(certs.clone(), None);
+    {
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(DOMAIN_POLL);
+            loop {
+                every.tick().await;
+                match backend.custom_domains().await {
+                    Ok(hosts) => domains.sync(hosts.into_iter().collect()),
+                    Err(e) => warn!(error = %e, "cannot ask the daemon for custom domains"),
+                }
+            }
+        });
+    }
+    let edge = HttpsEdge::new(backend, certs, Arc::new(AcmeChallenges::new()), config)
+        .context("starting the HTTPS edge")?;
     info!(address = %bound, domain = %settings.domain, "serving HTTPS");
     edge.serve(https, http, shutdown)
         .await

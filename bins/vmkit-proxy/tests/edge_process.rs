@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[path = "../../../vmkit-net/tests/support/dnsmasq.rs"]
+mod dnsmasq;
+
 const DOMAIN: &str = "vm.test";
 
 /// A binary of the workspace, built beside `vmkit-proxy`.
@@ -77,8 +80,9 @@ fn wait_until(what: &str, process: &mut Running, ready: impl Fn() -> bool) {
 }
 
 /// The daemon on fake backends: the SSH lobby on `ssh`, no HTTPS edge of its own,
-/// links for the proxy's port `https`.
-fn daemon(dir: &Path, ssh: u16, https: u16) -> Running {
+/// links for the proxy's port `https`; custom domains' proofs read from the name
+/// server at `dns`.
+fn daemon(dir: &Path, ssh: u16, https: u16, dns: u16) -> Running {
     let mut command = Command::new(sibling("vmkit-gateway"));
     command
         .arg("--fake-backends")
@@ -93,7 +97,8 @@ fn daemon(dir: &Path, ssh: u16, https: u16) -> Running {
         .env("VMKIT_SSH_DOMAIN", DOMAIN)
         .env("VMKIT_USERS_REGISTRATION", "open")
         .env("VMKIT_HTTPS_LISTEN", "")
-        .env("VMKIT_HTTPS_PUBLIC_PORT", https.to_string());
+        .env("VMKIT_HTTPS_PUBLIC_PORT", https.to_string())
+        .env("VMKIT_HTTPS_DOMAIN_RESOLVERS", format!("127.0.0.1:{dns}"));
     let mut d = spawn(command, dir.join("daemon.log"));
     let socket = dir.join("vmkit.sock");
     wait_until("the daemon", &mut d, || {
@@ -211,7 +216,13 @@ fn the_proxy_serves_vms_as_the_daemon_decides() {
         .unwrap();
     let dir = tmp.path();
     let (ssh_port, https) = (free_port(), free_port());
-    let d = daemon(dir, ssh_port, https);
+    // Alice's own DNS makes app.example.test a CNAME to her VM.
+    let dns = dnsmasq::Dnsmasq::start(&[
+        "--local=/example.test/".into(),
+        format!("--host-record=web.{DOMAIN},127.0.0.1"),
+        format!("--cname=app.example.test,web.{DOMAIN}"),
+    ]);
+    let d = daemon(dir, ssh_port, https, dns.port);
     let p = proxy(dir, https, ssh_port);
     let logs = || format!("--- daemon\n{}\n--- proxy\n{}", d.log(), p.log());
     let ca = dir.join(vmkit_net::https::tls::CA_CERT_FILE);
@@ -303,6 +314,42 @@ fn the_proxy_serves_vms_as_the_daemon_decides() {
         page.ends_with("\r\n\r\nloopback app on port 8000"),
         "{page}"
     );
+
+    // A custom domain, proven by the CNAME, reaches the VM's default web port
+    // through the proxy, with a certificate naming it (once the proxy has asked
+    // the daemon: every few seconds).
+    let out = alice.run("alice", &["share", "web", "port", "8000"]);
+    assert!(
+        out.status.success(),
+        "share port: {}{}",
+        output(&out),
+        logs()
+    );
+    let out = alice.run("alice", &["domain", "add", "web", "app.example.test"]);
+    assert!(
+        out.status.success(),
+        "domain add: {}{}",
+        output(&out),
+        logs()
+    );
+    let custom = format!("https://app.example.test:{https}/");
+    let fetch = || {
+        Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args(["--resolve", &format!("app.example.test:{https}:127.0.0.1")])
+            .arg(&custom)
+            .output()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = fetch();
+    while !out.status.success() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        out = fetch();
+    }
+    assert!(out.status.success(), "{}{}", output(&out), logs());
+    assert_eq!(stdout(&out), "loopback app on port 8000");
 }
 
 #[test]

@@ -296,6 +296,9 @@ pub trait EdgeBackend: Send + Sync {
     /// Removes expired sessions, links and tickets; how many.
     async fn purge_expired(&self) -> Result<usize, BackendError>;
 
+    /// The custom domains attached to VMs (`domain add`), which the edge certifies.
+    async fn custom_domains(&self) -> Result<Vec<String>, BackendError>;
+
     /// How long a web session lasts (its cookie's `Max-Age`).
     fn session_lifetime(&self) -> Duration;
 }
@@ -545,6 +548,17 @@ impl EdgeBackend for LocalBackend {
 
     async fn purge_expired(&self) -> Result<usize, BackendError> {
         self.sessions.purge_expired().await.map_err(failed)
+    }
+
+    async fn custom_domains(&self) -> Result<Vec<String>, BackendError> {
+        let domains = self
+            .manager
+            .backends()
+            .store
+            .list_domains(None)
+            .await
+            .map_err(failed)?;
+        Ok(domains.into_iter().map(|d| d.host).collect())
     }
 
     fn session_lifetime(&self) -> Duration {
@@ -884,6 +898,10 @@ impl EdgeBackend for DaemonBackend {
 
     async fn purge_expired(&self) -> Result<usize, BackendError> {
         self.ask("purge-expired", &wire::Empty {}).await
+    }
+
+    async fn custom_domains(&self) -> Result<Vec<String>, BackendError> {
+        self.ask("custom-domains", &wire::Empty {}).await
     }
 
     fn session_lifetime(&self) -> Duration {

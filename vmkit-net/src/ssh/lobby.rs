@@ -1919,6 +1919,18 @@ mod tests {
             panic!("share")
         };
         assert!(share.contains(&"public".to_owned()), "{share:?}");
+        let Completion::Words(domain) = completion(&words(&["domain", ""]), true) else {
+            panic!("domain")
+        };
+        assert_eq!(domain, ["add", "ls", "rm"]);
+        assert_eq!(
+            completion(&words(&["domain", "add", "w"]), true),
+            Completion::VmName
+        );
+        assert_eq!(
+            completion(&words(&["domain", "rm", "a"]), true),
+            Completion::Nothing
+        );
         let Completion::Words(options) = completion(&words(&["new", "--c"]), true) else {
             panic!("options")
         };

@@ -43,7 +43,7 @@ impl Dnsmasq {
             .arg(format!("--port={port}"))
             .args(records)
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::null())
             .spawn()
             .expect("dnsmasq runs (scripts/install-deps.sh installs dnsmasq-base)");
         let mut server = Self { child, port };

@@ -47,6 +47,7 @@ pub fn router(backend: LocalBackend) -> Router {
         .route("/v1/edge/session-user", post(session_user))
         .route("/v1/edge/sign-out", post(sign_out))
         .route("/v1/edge/purge-expired", post(purge_expired))
+        .route("/v1/edge/custom-domains", post(custom_domains))
         .with_state(Arc::new(backend))
 }
 
@@ -254,6 +255,10 @@ async fn sign_out(State(backend): State<Backend>, Json(q): Json<SignOut>) -> Edg
 
 async fn purge_expired(State(backend): State<Backend>) -> EdgeResult<usize> {
     Ok(Json(backend.purge_expired().await?))
+}
+
+async fn custom_domains(State(backend): State<Backend>) -> EdgeResult<Vec<String>> {
+    Ok(Json(backend.custom_domains().await?))
 }
 
 #[cfg(test)]
