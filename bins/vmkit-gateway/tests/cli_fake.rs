@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Output;
 use std::time::Duration;
 
-use support::{Daemon, json, stderr, stdout};
+use support::{Daemon, json, ssh, ssh_key, stderr, stdout};
 
 fn fake_daemon() -> Daemon {
     Daemon::start(&["--fake-backends"], &[])
@@ -664,32 +664,6 @@ fn users_and_invites_through_the_cli() {
     );
 }
 
-/// The real OpenSSH client against the daemon's SSH lobby.
-fn ssh(dir: &std::path::Path, port: u16, key: &std::path::Path, command: &[&str]) -> Output {
-    std::process::Command::new("ssh")
-        .args(["-p", &port.to_string(), "-i"])
-        .arg(key)
-        .args([
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "StrictHostKeyChecking=accept-new",
-            "-o",
-            "LogLevel=error",
-        ])
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            dir.join("known_hosts").display()
-        ))
-        .arg("carol@127.0.0.1")
-        .args(command)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn a_user_the_operator_added_makes_a_vm_through_the_ssh_lobby_and_it_is_theirs() {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -706,13 +680,7 @@ fn a_user_the_operator_added_makes_a_vm_through_the_ssh_lobby_and_it_is_theirs()
         ],
     );
     let key = d.data_dir.join("carol_id");
-    let made = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "carol", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", stderr(&made));
-    let public = key.with_extension("pub");
+    let public = ssh_key(&key, "carol");
 
     let refused = ssh(&d.data_dir, port, &key, &["whoami"]);
     assert!(!refused.status.success(), "an unknown key gets nothing");
@@ -891,13 +859,7 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
         ],
     );
     let key = d.data_dir.join("carol_id");
-    let made = std::process::Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-C", "carol", "-f"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", stderr(&made));
-    let public = key.with_extension("pub");
+    let public = ssh_key(&key, "carol");
     let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let lobby = |args: &[&str]| ssh(&d.data_dir, ssh_port, &key, args);

@@ -4,7 +4,10 @@ use std::net::Ipv4Addr;
 use std::ops::Bound;
 
 use async_trait::async_trait;
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{
+    ReadTransaction, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    WriteTransaction,
+};
 use vmkit_core::{
     ApiKey, CustomDomain, Event, EventRetention, Handle, Invite, IpLease, IpPool, NewEvent, Quota,
     Share, ShareTarget, Snapshot, SshPublicKey, StateStore, StoreCapabilities, StoreError,
@@ -285,7 +288,29 @@ fn update_in(txn: &WriteTransaction, vm: &VmRecord) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Deletes the record of VM `id` and its shares in `txn`; whether it existed.
+/// The JSON record at `key` of the string-keyed `table`, read in `txn`; `what` names
+/// it when it does not decode.
+fn record_at<T: serde::de::DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: TableDefinition<'static, &'static str, &'static [u8]>,
+    key: &str,
+    what: impl std::fmt::Display,
+) -> Result<Option<T>, StoreError> {
+    let name = table.name().to_owned();
+    let table = txn
+        .open_table(table)
+        .context(&format!("cannot open table {name}"))?;
+    match table
+        .get(key)
+        .context(&format!("cannot read table {name}"))?
+    {
+        Some(bytes) => Ok(Some(decode(bytes.value(), what)?)),
+        None => Ok(None),
+    }
+}
+
+/// Deletes the record of VM `id` and its shares and custom domains in `txn`; whether
+/// it existed.
 fn delete_in(txn: &WriteTransaction, id: VmId) -> Result<bool, StoreError> {
     let mut vms = txn.open_table(VMS).context("cannot open table vms")?;
     let Some(old) = vm_at(&vms, id.as_u64())? else {
@@ -934,19 +959,7 @@ impl StateStore for RedbStore {
     async fn get_domain(&self, host: &str) -> Result<Option<CustomDomain>, StoreError> {
         let key = host.to_owned();
         self.read("get_domain", move |txn| {
-            let domains = txn
-                .open_table(DOMAINS)
-                .context("cannot open table domains")?;
-            match domains
-                .get(key.as_str())
-                .context("cannot read table domains")?
-            {
-                Some(bytes) => Ok(Some(decode(
-                    bytes.value(),
-                    format_args!("custom domain {key}"),
-                )?)),
-                None => Ok(None),
-            }
+            record_at(txn, DOMAINS, &key, format_args!("custom domain {key}"))
         })
         .await
     }
@@ -1317,19 +1330,7 @@ impl StateStore for RedbStore {
     async fn get_web_token(&self, hash: &TokenHash) -> Result<Option<WebToken>, StoreError> {
         let key = hash.to_hex();
         self.read("get_web_token", move |txn| {
-            let tokens = txn
-                .open_table(WEB_TOKENS)
-                .context("cannot open table web_tokens")?;
-            match tokens
-                .get(key.as_str())
-                .context("cannot read table web_tokens")?
-            {
-                Some(bytes) => Ok(Some(decode(
-                    bytes.value(),
-                    format_args!("web token {key}"),
-                )?)),
-                None => Ok(None),
-            }
+            record_at(txn, WEB_TOKENS, &key, format_args!("web token {key}"))
         })
         .await
     }

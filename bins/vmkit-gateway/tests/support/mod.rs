@@ -334,3 +334,41 @@ pub fn json(o: &Output) -> serde_json::Value {
         )
     })
 }
+
+/// The real OpenSSH client against the daemon's SSH lobby on `port`, as the user
+/// `carol` signed in with `key`; `dir` keeps its known hosts.
+pub fn ssh(dir: &std::path::Path, port: u16, key: &std::path::Path, command: &[&str]) -> Output {
+    std::process::Command::new("ssh")
+        .args(["-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-o",
+            "StrictHostKeyChecking=accept-new",
+            "-o",
+            "LogLevel=error",
+        ])
+        .arg("-o")
+        .arg(format!(
+            "UserKnownHostsFile={}",
+            dir.join("known_hosts").display()
+        ))
+        .arg("carol@127.0.0.1")
+        .args(command)
+        .output()
+        .unwrap()
+}
+
+/// A new ed25519 key pair at `path` (and `path.pub`) for `comment`: its public file.
+pub fn ssh_key(path: &Path, comment: &str) -> PathBuf {
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", comment, "-f"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", stderr(&made));
+    path.with_extension("pub")
+}
