@@ -19,6 +19,7 @@
 #   pebble                        the ACME test server the ACME tests get certificates from
 #   dnsmasq-base                  dnsmasq, the name server that publishes the custom
 #                                 domains' proof records in the tests
+#   python3-aiosmtpd              the SMTP server the email sign-in test sends to
 # The HTTPS edge's browser test (vmkit-net/tests/https_browser.rs):
 #   chromium, chromium-driver     headless Chromium and chromedriver (WebDriver)
 #   libnss3-tools                 certutil: the NSS database that trusts the local CA
@@ -47,6 +48,7 @@ PACKAGES=(
 	dnsutils
 	pebble
 	dnsmasq-base
+	python3-aiosmtpd
 	# The HTTPS edge's browser test: headless Chromium, its WebDriver, certutil.
 	chromium
 	chromium-driver
@@ -73,6 +75,7 @@ PROGRAMS=(
 	"dnsutils dig -v"
 	"pebble pebble -help"
 	"dnsmasq-base dnsmasq --version"
+	"python3-aiosmtpd /usr/bin/python3 -m aiosmtpd --version"
 	"chromium chromium --version"
 	"chromium-driver chromedriver --version"
 	"libnss3-tools certutil"

@@ -178,6 +178,30 @@ impl WebSessions {
         .await
     }
 
+    /// A one-time sign-in link's secret for the active user whose email is `email`
+    /// (compared without case), with that user; `None` when no active user has it.
+    /// For sign-in by email: send the link to that address, never show it.
+    pub async fn sign_in_link_for_email(
+        &self,
+        email: &str,
+    ) -> Result<Option<(String, User)>, StoreError> {
+        let email = email.trim();
+        if email.is_empty() {
+            return Ok(None);
+        }
+        let found = self.store.list_users().await?.into_iter().find(|u| {
+            u.status == crate::user::UserStatus::Active
+                && u.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(email))
+        });
+        let Some(user) = found else {
+            return Ok(None);
+        };
+        let secret = self.sign_in_link(user.id).await?;
+        Ok(Some((secret, user)))
+    }
+
     /// Redeems a sign-in link (once): a new session's secret and its user, or `None`
     /// when the link is unknown, used or expired.
     pub async fn redeem_sign_in_link(

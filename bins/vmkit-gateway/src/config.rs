@@ -121,6 +121,39 @@ impl Default for AcmeSection {
     }
 }
 
+/// Sign-in links by email (`[https.smtp]`): off while `relay` is empty.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpSection {
+    /// The relay, `host:port` (587 with STARTTLS, 465 with TLS); empty: no email.
+    pub relay: String,
+    /// How the connection is secured: `starttls` (required), `tls`, or `none` (a
+    /// relay on this host or a trusted network only).
+    pub tls: SmtpTlsMode,
+    /// The sender, `vmkit <vmkit@example.com>` or a bare address.
+    pub from: String,
+    /// The relay's user name, when it asks for one.
+    pub username: String,
+    /// A file holding the relay's password (outside the data directory); the
+    /// `VMKIT_SMTP_PASSWORD` variable takes its place when set.
+    pub password_file: PathBuf,
+    /// A PEM file with the CA of the relay's certificate, besides the public roots.
+    pub ca_root: PathBuf,
+}
+
+/// How the connection to the SMTP relay is secured.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SmtpTlsMode {
+    /// STARTTLS, required.
+    #[default]
+    Starttls,
+    /// TLS from the first byte.
+    Tls,
+    /// Plain SMTP.
+    None,
+}
+
 /// The HTTPS edge (`https://NAME.domain`, the domain of `[ssh]`): on `0.0.0.0:8443`
 /// unless `listen` says otherwise; an empty `listen` turns it off.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +184,8 @@ pub struct HttpsSection {
     /// Name servers (`IP:PORT`) that custom domains' proof records are read from;
     /// empty (the default): the host's resolvers (`/etc/resolv.conf`).
     pub domain_resolvers: Vec<std::net::SocketAddr>,
+    /// Sign-in links by email, through an SMTP relay.
+    pub smtp: SmtpSection,
 }
 
 /// Where the HTTPS edge's certificates come from.
@@ -178,6 +213,7 @@ impl Default for HttpsSection {
             acme: AcmeSection::default(),
             custom_domains: true,
             domain_resolvers: Vec::new(),
+            smtp: SmtpSection::default(),
         }
     }
 }

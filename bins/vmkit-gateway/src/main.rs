@@ -446,6 +446,10 @@ fn serve_https(
         https_config,
     )
     .context("starting the HTTPS edge")?;
+    let edge = match mailer(&config.https.smtp)? {
+        Some(mailer) => edge.with_mailer(mailer),
+        None => edge,
+    };
     // Custom domains' certificates follow `domain add` and `domain rm`.
     {
         let domains = vmkit_net::https::domains::DomainCerts::new(certs.clone(), acme.clone());
@@ -481,6 +485,51 @@ fn serve_https(
             error!(error = %e, "the HTTPS edge stopped");
         }
     }))
+}
+
+/// The mailer of `[https.smtp]`, `None` while its relay is empty.
+fn mailer(
+    smtp: &config::SmtpSection,
+) -> anyhow::Result<Option<Arc<dyn vmkit_net::https::mail::Mailer>>> {
+    use vmkit_net::https::mail::{SmtpConfig, SmtpMailer, SmtpTls};
+    let relay = smtp.relay.trim();
+    if relay.is_empty() {
+        return Ok(None);
+    }
+    let (host, port) = relay
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+        .with_context(|| format!("[https.smtp] relay {relay:?}: give HOST:PORT"))?;
+    if smtp.from.trim().is_empty() {
+        anyhow::bail!("[https.smtp] from is empty: give the sender address of sign-in mail");
+    }
+    let mut config = SmtpConfig::new(host, port, smtp.from.trim());
+    config.tls = match smtp.tls {
+        config::SmtpTlsMode::Starttls => SmtpTls::StartTls,
+        config::SmtpTlsMode::Tls => SmtpTls::Tls,
+        config::SmtpTlsMode::None => SmtpTls::None,
+    };
+    if !smtp.username.is_empty() {
+        let password = match std::env::var("VMKIT_SMTP_PASSWORD") {
+            Ok(password) => password,
+            Err(_) => std::fs::read_to_string(&smtp.password_file)
+                .with_context(|| {
+                    format!(
+                        "reading [https.smtp] password_file {} (or set VMKIT_SMTP_PASSWORD)",
+                        smtp.password_file.display()
+                    )
+                })?
+                .trim_end()
+                .to_owned(),
+        };
+        config.credentials = Some((smtp.username.clone(), password));
+    }
+    if !smtp.ca_root.as_os_str().is_empty() {
+        config.ca_root = Some(smtp.ca_root.clone());
+    }
+    let mailer = SmtpMailer::new(&config).context("[https.smtp]")?;
+    info!(relay, "sign-in links by email");
+    Ok(Some(Arc::new(mailer)))
 }
 
 /// The ACME issuer of `[https] tls = "acme"`, with the certificates of earlier runs

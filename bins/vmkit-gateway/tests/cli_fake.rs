@@ -986,3 +986,193 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
         "{events}"
     );
 }
+
+/// aiosmtpd (Debian `python3-aiosmtpd`) on 127.0.0.1: a real SMTP server that keeps
+/// what it gets in a maildir; killed on drop.
+struct SmtpSink {
+    child: std::process::Child,
+    port: u16,
+    maildir: std::path::PathBuf,
+}
+
+impl SmtpSink {
+    fn start(dir: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let maildir = dir.join("maildir");
+        // Debian's python3, where the package installs the module.
+        let child = std::process::Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l"])
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(&maildir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("aiosmtpd runs (scripts/install-deps.sh installs python3-aiosmtpd)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "aiosmtpd did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            maildir,
+        }
+    }
+
+    /// The messages received so far, as text.
+    fn messages(&self) -> Vec<String> {
+        std::fs::read_dir(self.maildir.join("new"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| std::fs::read_to_string(e.path()).unwrap())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_sign_in_link_by_email_reaches_only_a_users_address_and_signs_the_browser_in() {
+    let https_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let smtp_dir = tempfile::tempdir().unwrap();
+    let sink = SmtpSink::start(smtp_dir.path());
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_HTTPS_LISTEN", &format!("127.0.0.1:{https_port}")),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+            (
+                "VMKIT_HTTPS_SMTP_RELAY",
+                &format!("127.0.0.1:{}", sink.port),
+            ),
+            ("VMKIT_HTTPS_SMTP_TLS", "none"),
+            ("VMKIT_HTTPS_SMTP_FROM", "vmkit <vmkit@vm.test>"),
+        ],
+    );
+    let out = d.cli(&["user", "add", "ada", "--email", "ada@example.test"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let ca = d.data_dir.join("trusted-ca.crt");
+    std::fs::write(&ca, d.cli(&["ca"]).stdout).unwrap();
+    let apex = format!("https://vm.test:{https_port}/");
+    let post = |email: &str, origin: Option<&str>| {
+        let mut args = vec![
+            "-X".to_owned(),
+            "POST".to_owned(),
+            "--data-urlencode".to_owned(),
+            format!("email={email}"),
+            "-w".to_owned(),
+            "\n%{http_code}".to_owned(),
+        ];
+        if let Some(origin) = origin {
+            args.push("-H".into());
+            args.push(format!("Origin: {origin}"));
+        }
+        args.push(format!("{apex}__vmkit/email"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = curl_https(&ca, https_port, &["vm.test"], &args);
+        assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+        stdout(&out)
+    };
+
+    // The sign-in page offers the form.
+    let out = curl_https(&ca, https_port, &["vm.test"], &[&apex]);
+    assert!(
+        stdout(&out).contains("action=\"/__vmkit/email\""),
+        "{}",
+        stdout(&out)
+    );
+
+    // The same answer for a user's address and for one nobody has.
+    let known = post(
+        "Ada@Example.test",
+        Some(&format!("https://vm.test:{https_port}")),
+    );
+    let unknown = post("nobody@example.test", None);
+    assert!(
+        known.ends_with("\n200") && unknown.ends_with("\n200"),
+        "{known}\n{unknown}"
+    );
+    assert_eq!(
+        known.replace("Ada@Example.test", "X"),
+        unknown.replace("nobody@example.test", "X")
+    );
+    // Asked again at once: the same answer, and no second message.
+    assert!(post("ada@example.test", None).ends_with("\n200"));
+    // A form posted from another site is refused.
+    assert!(post("ada@example.test", Some("https://evil.test")).ends_with("\n403"));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while sink.messages().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no mail within 30 s:\n{}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Time for any other message to arrive: there must be none.
+    std::thread::sleep(Duration::from_secs(2));
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    let message = &messages[0];
+    assert!(
+        message.contains("To: Ada@Example.test") || message.contains("To: ada@example.test"),
+        "{message}"
+    );
+    // Soft line breaks of quoted-printable undone, then the link.
+    let text = message
+        .replace("=\r\n", "")
+        .replace("=\n", "")
+        .replace("=3D", "=");
+    let at = text.find("https://").expect("a link in the mail");
+    let link: String = text[at..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    assert!(
+        link.starts_with(&format!(
+            "https://vm.test:{https_port}/__vmkit/login?token="
+        )),
+        "{link}"
+    );
+
+    // The link signs the browser in, once.
+    let jar = d.data_dir.join("ada.jar");
+    let jar = jar.to_str().unwrap();
+    let out = curl_https(
+        &ca,
+        https_port,
+        &["vm.test"],
+        &["-c", jar, "-b", jar, "-L", &link],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("ada"), "{}", stdout(&out));
+    let again = curl_https(
+        &ca,
+        https_port,
+        &["vm.test"],
+        &["-o", "/dev/null", "-w", "%{http_code}", &link],
+    );
+    assert_eq!(stdout(&again), "400", "a link works once");
+}

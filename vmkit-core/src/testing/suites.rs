@@ -1792,6 +1792,41 @@ pub async fn store_web_sessions(store: Arc<dyn StateStore>) {
         got, 1,
         "exactly one of 20 concurrent uses of a link signs in"
     );
+
+    // By email: the active user with that address (in any case), nobody else.
+    let carol = User::new(UserId(9), handle("carol")).email(Some("Carol@Example.com".into()));
+    store.put_user(&carol).await.expect("put carol");
+    let (link, who) = web
+        .sign_in_link_for_email(" carol@example.COM ")
+        .await
+        .expect("by email")
+        .expect("carol's address");
+    assert_eq!(who.id, carol.id);
+    let (_, signed_in) = web
+        .redeem_sign_in_link(&link)
+        .await
+        .expect("redeem")
+        .expect("the mailed link signs in");
+    assert_eq!(signed_in.id, carol.id);
+    for nobody in ["", "dave@example.com", "carol"] {
+        assert!(
+            web.sign_in_link_for_email(nobody)
+                .await
+                .expect("by email")
+                .is_none(),
+            "{nobody:?}"
+        );
+    }
+    let mut suspended = carol.clone();
+    suspended.status = crate::user::UserStatus::Suspended;
+    store.put_user(&suspended).await.expect("suspend carol");
+    assert!(
+        web.sign_in_link_for_email("carol@example.com")
+            .await
+            .expect("by email")
+            .is_none(),
+        "a suspended user gets no link"
+    );
 }
 
 /// Snapshot records: unique names, lookup, listing by owner, delete.

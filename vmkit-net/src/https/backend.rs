@@ -296,6 +296,10 @@ pub trait EdgeBackend: Send + Sync {
     /// Removes expired sessions, links and tickets; how many.
     async fn purge_expired(&self) -> Result<usize, BackendError>;
 
+    /// A one-time sign-in link's secret for the active user with email `email`, to
+    /// be mailed to that address; `None` when no active user has it.
+    async fn email_sign_in_link(&self, email: &str) -> Result<Option<String>, BackendError>;
+
     /// The custom domains attached to VMs (`domain add`), which the edge certifies.
     async fn custom_domains(&self) -> Result<Vec<String>, BackendError>;
 
@@ -548,6 +552,15 @@ impl EdgeBackend for LocalBackend {
 
     async fn purge_expired(&self) -> Result<usize, BackendError> {
         self.sessions.purge_expired().await.map_err(failed)
+    }
+
+    async fn email_sign_in_link(&self, email: &str) -> Result<Option<String>, BackendError> {
+        Ok(self
+            .sessions
+            .sign_in_link_for_email(email)
+            .await
+            .map_err(failed)?
+            .map(|(secret, _)| secret))
     }
 
     async fn custom_domains(&self) -> Result<Vec<String>, BackendError> {
@@ -900,6 +913,16 @@ impl EdgeBackend for DaemonBackend {
         self.ask("purge-expired", &wire::Empty {}).await
     }
 
+    async fn email_sign_in_link(&self, email: &str) -> Result<Option<String>, BackendError> {
+        self.ask(
+            "email-sign-in-link",
+            &wire::EmailSignInLink {
+                email: email.to_owned(),
+            },
+        )
+        .await
+    }
+
     async fn custom_domains(&self) -> Result<Vec<String>, BackendError> {
         self.ask("custom-domains", &wire::Empty {}).await
     }
@@ -1047,6 +1070,14 @@ pub mod wire {
     pub struct SignInLink {
         /// The link's token.
         pub token: String,
+    }
+
+    /// `email-sign-in-link`: a sign-in link's token for the user with `email`, to be
+    /// mailed to them, or `null`.
+    #[derive(Clone, Debug, Serialize, Deserialize)]
+    pub struct EmailSignInLink {
+        /// The address asked for.
+        pub email: String,
     }
 
     /// A redeemed sign-in link.

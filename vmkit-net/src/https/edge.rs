@@ -24,12 +24,16 @@ use super::backend::{
     BackendError, EdgeBackend, EdgeCaller, EdgeRoute, GuestStream, LocalBackend, Presented,
 };
 use super::idle::Idle;
+use super::mail::{MailLimits, Mailer};
 use super::tls::CertStore;
 use super::{HttpsConfig, HttpsError, RESERVED_PREFIX, pages, strict};
 use crate::challenges::AcmeChallenges;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
+
+/// The largest form the apex reads (`/__vmkit/email`).
+const MAX_FORM_BYTES: usize = 4096;
 
 /// Headers that describe one hop, never forwarded as they came.
 const HOP_BY_HOP: &[HeaderName] = &[
@@ -59,6 +63,8 @@ struct Inner {
     per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// VM ports that answered on the VM's address lately.
     direct: Mutex<HashMap<(vmkit_core::VmId, u16), std::time::Instant>>,
+    /// Sends sign-in links by email, within limits, when set.
+    mailer: Option<(Arc<dyn Mailer>, MailLimits)>,
 }
 
 impl std::fmt::Debug for HttpsEdge {
@@ -123,8 +129,21 @@ impl HttpsEdge {
                 config,
                 per_ip: Mutex::new(HashMap::new()),
                 direct: Mutex::new(HashMap::new()),
+                mailer: None,
             }),
         })
+    }
+
+    /// Offers sign-in links by email through `mailer` (to the address of an active
+    /// user's account; one per address a minute, ten asks per client address an
+    /// hour). Call it before [`HttpsEdge::serve`], on the edge [`HttpsEdge::new`]
+    /// answered: a clone made earlier keeps the edge without it.
+    pub fn with_mailer(mut self, mailer: Arc<dyn Mailer>) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.mailer = Some((mailer, MailLimits::default())),
+            None => tracing::warn!("with_mailer on a shared edge: email sign-in stays off"),
+        }
+        self
     }
 
     /// The JWKS document apps verify assertions with.
@@ -309,7 +328,7 @@ impl HttpsEdge {
             );
         };
         let mut response = match self.host_kind(&host) {
-            HostKind::Apex => self.apex(req).await,
+            HostKind::Apex => self.apex(req, peer).await,
             HostKind::Vm => self.vm_host(req, &host, peer).await,
             HostKind::Other if self.is_custom_host(&host).await => {
                 self.vm_host(req, &host, peer).await
@@ -346,7 +365,7 @@ impl HttpsEdge {
 
     // ---- the apex ----
 
-    async fn apex(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn apex(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let inner = &self.inner;
         let path = req.uri().path().to_owned();
         let session = auth::cookie(req.headers(), SESSION_COOKIE).map(str::to_owned);
@@ -445,6 +464,7 @@ impl HttpsEdge {
                 add_cookie(&mut r, SESSION_COOKIE, "", Duration::ZERO);
                 r
             }
+            (Method::POST, "/__vmkit/email") => self.email_link(req, peer).await,
             (Method::GET | Method::HEAD, "/") => {
                 let user = match &session {
                     Some(s) => inner.backend.session_user(s).await,
@@ -460,8 +480,94 @@ impl HttpsEdge {
         }
     }
 
+    /// `POST /__vmkit/email` (`email=ADDRESS`): mails a sign-in link to the address
+    /// when it is an active user's, in the background; the answer is the same
+    /// either way, and as fast.
+    async fn email_link(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let inner = &self.inner;
+        let Some((_, limits)) = &inner.mailer else {
+            return html(StatusCode::NOT_FOUND, pages::error(404, "Not Found"));
+        };
+        // A form posted from another site is refused.
+        let origin = inner.config.origin(&inner.config.domain);
+        if let Some(from) = req.headers().get(header::ORIGIN)
+            && from.as_bytes() != origin.as_bytes()
+        {
+            return html(StatusCode::FORBIDDEN, pages::error(403, "Forbidden"));
+        }
+        let body = match http_body_util::Limited::new(req.into_body(), MAX_FORM_BYTES)
+            .collect()
+            .await
+        {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return html(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    pages::error(413, "Payload Too Large"),
+                );
+            }
+        };
+        let form = String::from_utf8_lossy(&body);
+        let Some(address) = param(&form, "email")
+            .map(|a| a.trim().to_owned())
+            .filter(|a| a.len() <= 254 && a.contains('@') && !a.contains(char::is_whitespace))
+        else {
+            return html(
+                StatusCode::BAD_REQUEST,
+                pages::error(400, "Bad Request: give an email address"),
+            );
+        };
+        if limits.allow(peer.ip(), &address) {
+            let this = self.clone();
+            let to = address.clone();
+            tokio::spawn(async move { this.send_link(&to).await });
+        } else {
+            tracing::info!(peer = %peer.ip(), "a sign-in mail refused by the limits");
+        }
+        html(StatusCode::OK, pages::email_sent(&address))
+    }
+
+    async fn send_link(&self, to: &str) {
+        let inner = &self.inner;
+        let Some((mailer, _)) = &inner.mailer else {
+            return;
+        };
+        let secret = match inner.backend.email_sign_in_link(to).await {
+            Ok(Some(secret)) => secret,
+            Ok(None) => {
+                tracing::debug!("a sign-in mail asked for an address no active user has");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "making a sign-in link for email failed");
+                return;
+            }
+        };
+        let domain = &inner.config.domain;
+        let url = format!(
+            "{}/__vmkit/login?token={}",
+            inner.config.origin(domain),
+            encode(&secret)
+        );
+        let body = format!(
+            "Open this link within 10 minutes to sign in to {domain} (it works once):\n\n\
+             {url}\n\nIf you did not ask for it, ignore this message.\n"
+        );
+        match mailer
+            .send(to, &format!("Sign in to {domain}"), &body)
+            .await
+        {
+            Ok(()) => tracing::info!("sent a sign-in link by email"),
+            Err(e) => tracing::warn!(error = %e, "sending a sign-in link failed"),
+        }
+    }
+
     fn sign_in_page(&self, wanted: Option<&str>) -> String {
-        pages::sign_in(&self.inner.config.ssh_command(None), wanted)
+        pages::sign_in(
+            &self.inner.config.ssh_command(None),
+            wanted,
+            self.inner.mailer.is_some(),
+        )
     }
 
     // ---- VM hosts ----
@@ -1179,7 +1285,12 @@ fn internal(e: impl std::fmt::Display) -> Response<Body> {
 
 /// The first value of query parameter `name`, percent-decoded.
 fn query(uri: &Uri, name: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|pair| {
+    param(uri.query()?, name)
+}
+
+/// Parameter `name` of `pairs` (`a=1&b=2`, a query or a form body), decoded.
+fn param(pairs: &str, name: &str) -> Option<String> {
+    pairs.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         (decode(k)? == name).then(|| decode(v)).flatten()
     })

@@ -86,6 +86,7 @@ pub mod backend;
 pub mod domains;
 mod edge;
 mod idle;
+pub mod mail;
 mod pages;
 mod strict;
 pub mod tls;

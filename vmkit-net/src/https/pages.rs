@@ -30,18 +30,41 @@ pub fn page(title: &str, body: &str) -> String {
     )
 }
 
-/// The apex page for someone not signed in.
-pub fn sign_in(lobby: &str, wanted: Option<&str>) -> String {
+/// The apex page for someone not signed in; with `email`, a form that mails a
+/// sign-in link too.
+pub fn sign_in(lobby: &str, wanted: Option<&str>, email: bool) -> String {
     let wanted = wanted
         .map(|h| format!("<p>to reach <code>{}</code></p>", escape(h)))
         .unwrap_or_default();
+    let email = match email {
+        true => {
+            "<p>Or have a sign-in link sent to the email address of your account:</p>\
+                 <form method=\"post\" action=\"/__vmkit/email\">\
+                 <label>Email <input type=\"email\" name=\"email\" required \
+                 autocomplete=\"email\"></label> <button>Send me a link</button></form>"
+        }
+        false => "",
+    };
     page(
         "Sign in",
         &format!(
             "{wanted}<p>Sign in from a terminal with your SSH key:</p>\
              <pre>{lobby} browser</pre>\
-             <p>and open the link it prints. Then come back to this page.</p>",
+             <p>and open the link it prints. Then come back to this page.</p>{email}",
             lobby = escape(lobby)
+        ),
+    )
+}
+
+/// The answer to a sign-in link asked for by email, whether or not the address
+/// is a user's (the page says nothing about that).
+pub fn email_sent(address: &str) -> String {
+    page(
+        "Check your email",
+        &format!(
+            "<p>If <code>{}</code> is the address of an account here, a sign-in link is on \
+             its way. It works once, within 10 minutes.</p>",
+            escape(address)
         ),
     )
 }

@@ -21,9 +21,9 @@ use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 use vmkit_core::{Action, Caller};
 use vmkit_net::https::backend::wire::{
-    AcceptShareLink, Authorize, CONNECT_HEADER, CONNECT_PROTOCOL, Connect, Empty, ErrorAnswer,
-    Hello, HostTicket, Identify, Identity, RedeemHostTicket, Route, RouteRef, RouteView, Session,
-    SignInLink, SignOut, SignedIn, Wake,
+    AcceptShareLink, Authorize, CONNECT_HEADER, CONNECT_PROTOCOL, Connect, EmailSignInLink, Empty,
+    ErrorAnswer, Hello, HostTicket, Identify, Identity, RedeemHostTicket, Route, RouteRef,
+    RouteView, Session, SignInLink, SignOut, SignedIn, Wake,
 };
 use vmkit_net::https::backend::{BackendError, EdgeCaller, EdgeRoute, Presented};
 use vmkit_net::https::{EdgeBackend, LocalBackend};
@@ -48,6 +48,7 @@ pub fn router(backend: LocalBackend) -> Router {
         .route("/v1/edge/sign-out", post(sign_out))
         .route("/v1/edge/purge-expired", post(purge_expired))
         .route("/v1/edge/custom-domains", post(custom_domains))
+        .route("/v1/edge/email-sign-in-link", post(email_sign_in_link))
         .with_state(Arc::new(backend))
 }
 
@@ -255,6 +256,13 @@ async fn sign_out(State(backend): State<Backend>, Json(q): Json<SignOut>) -> Edg
 
 async fn purge_expired(State(backend): State<Backend>) -> EdgeResult<usize> {
     Ok(Json(backend.purge_expired().await?))
+}
+
+async fn email_sign_in_link(
+    State(backend): State<Backend>,
+    Json(q): Json<EmailSignInLink>,
+) -> EdgeResult<Option<String>> {
+    Ok(Json(backend.email_sign_in_link(&q.email).await?))
 }
 
 async fn custom_domains(State(backend): State<Backend>) -> EdgeResult<Vec<String>> {
