@@ -339,6 +339,11 @@ impl AcmeIssuer {
         Ok(())
     }
 
+    /// The custom domains kept certified (added, or loaded from an earlier run).
+    pub fn custom_domains(&self) -> BTreeSet<String> {
+        lock(&self.custom).clone()
+    }
+
     /// Stops keeping `host` certified and serving its certificate.
     pub fn remove_custom_domain(&self, host: &str) {
         let host = host.trim_end_matches('.').to_ascii_lowercase();

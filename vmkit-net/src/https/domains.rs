@@ -31,11 +31,18 @@ impl std::fmt::Debug for DomainCerts {
 impl DomainCerts {
     /// Certifies custom domains in `certs`: from ACME through `acme` when given,
     /// else from `certs`' local CA.
+    /// The domains an earlier run left certified in `acme` count as current, so
+    /// that one detached while the daemon was down stops being renewed at the first
+    /// sync.
     pub fn new(certs: Arc<CertStore>, acme: Option<Arc<AcmeIssuer>>) -> Arc<Self> {
+        let current = acme
+            .as_ref()
+            .map(|a| a.custom_domains())
+            .unwrap_or_default();
         Arc::new(Self {
             certs,
             acme,
-            current: Mutex::new(BTreeSet::new()),
+            current: Mutex::new(current),
         })
     }
 
@@ -126,5 +133,29 @@ mod tests {
         assert!(!certs.certifies_locally("a.example.com"));
         assert!(certs.certifies_locally("b.example.com"));
         assert_eq!(domains.hosts(), ["b.example.com".to_owned()].into());
+    }
+
+    #[test]
+    fn with_acme_a_domain_left_from_an_earlier_run_stops_being_renewed_at_the_first_sync() {
+        use super::super::acme::AcmeConfig;
+        let dir = tempfile::tempdir().unwrap();
+        let certs = CertStore::new("vm.test", None).unwrap();
+        let issuer = AcmeIssuer::new(
+            AcmeConfig::new(dir.path()),
+            "vm.test",
+            certs.clone(),
+            Arc::new(crate::challenges::AcmeChallenges::new()),
+            Arc::new(vmkit_core::SecretBox::from_bytes(&[7; 32])),
+        )
+        .unwrap();
+        // As `load_stored` does for a certificate on disk.
+        issuer.add_custom_domain("old.example.com").unwrap();
+        let domains = DomainCerts::new(certs, Some(issuer.clone()));
+        assert_eq!(domains.hosts(), ["old.example.com".to_owned()].into());
+        domains.sync(["new.example.com".to_owned()].into());
+        assert_eq!(
+            issuer.custom_domains(),
+            ["new.example.com".to_owned()].into()
+        );
     }
 }
