@@ -5,6 +5,7 @@
 //! causes to admins only. Routes and wire types are documented in `vmkit_core::api`.
 
 pub mod edge;
+pub mod https;
 mod session;
 mod users;
 

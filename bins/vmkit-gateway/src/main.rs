@@ -252,12 +252,27 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let app_state = api::AppState {
+        manager: manager.clone(),
+        shutdown: stopping.clone(),
+        not_ready,
+        ca_certificate: https
+            .is_some()
+            .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
+    };
     let edge = match https {
         Some(bound) => Some(serve_https(
             &config,
             &manager,
             bound,
             challenges,
+            api::https::apex_api(
+                app_state.clone(),
+                Arc::new(vmkit_core::StoreGateway::new(
+                    manager.backends().store.clone(),
+                    config.ssh.domain.clone(),
+                )),
+            ),
             stopping.clone(),
         )?),
         None => None,
@@ -274,17 +289,7 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
             vmkit_core::WebSessions::new(store),
         )
     };
-    let app = api::socket_router(
-        api::AppState {
-            manager,
-            shutdown: stopping,
-            not_ready,
-            ca_certificate: edge
-                .is_some()
-                .then(|| config.data_dir.join(vmkit_net::https::tls::CA_CERT_FILE)),
-        },
-        edge_backend,
-    );
+    let app = api::socket_router(app_state, edge_backend);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -402,6 +407,7 @@ fn serve_https(
     manager: &Manager,
     bound: HttpsListeners,
     challenges: Arc<vmkit_net::challenges::AcmeChallenges>,
+    api: vmkit_net::https::ApexApi,
     stopping: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use vmkit_net::https::tls::{CertStore, LocalCa};
@@ -449,7 +455,8 @@ fn serve_https(
     let edge = match mailer(&config.https.smtp)? {
         Some(mailer) => edge.with_mailer(mailer),
         None => edge,
-    };
+    }
+    .with_api(api);
     // Custom domains' certificates follow `domain add` and `domain rm`.
     {
         let domains = vmkit_net::https::domains::DomainCerts::new(certs.clone(), acme.clone());

@@ -32,6 +32,20 @@ use crate::challenges::AcmeChallenges;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
 
+/// What serves `https://DOMAIN/api/...` (the daemon's REST API, for `vmk_` keys):
+/// called with the request, its path without the `/api` prefix, and the peer.
+pub type ApexApi = Arc<
+    dyn Fn(
+            Request<Incoming>,
+            SocketAddr,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Response<ApiBody>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The body of an [`ApexApi`] response.
+pub type ApiBody = BoxBody<Bytes, BoxError>;
+
 /// The largest form the apex reads (`/__vmkit/email`).
 const MAX_FORM_BYTES: usize = 4096;
 
@@ -65,6 +79,8 @@ struct Inner {
     direct: Mutex<HashMap<(vmkit_core::VmId, u16), std::time::Instant>>,
     /// Sends sign-in links by email, within limits, when set.
     mailer: Option<(Arc<dyn Mailer>, MailLimits)>,
+    /// Serves `/api/...` on the apex, when set.
+    api: Option<ApexApi>,
 }
 
 impl std::fmt::Debug for HttpsEdge {
@@ -130,8 +146,20 @@ impl HttpsEdge {
                 per_ip: Mutex::new(HashMap::new()),
                 direct: Mutex::new(HashMap::new()),
                 mailer: None,
+                api: None,
             }),
         })
+    }
+
+    /// Serves `https://DOMAIN/api/...` with `api` (the path handed on without
+    /// `/api`). Call it before [`HttpsEdge::serve`], on the edge
+    /// [`HttpsEdge::new`] answered, as [`HttpsEdge::with_mailer`].
+    pub fn with_api(mut self, api: ApexApi) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.api = Some(api),
+            None => tracing::warn!("with_api on a shared edge: the API stays off"),
+        }
+        self
     }
 
     /// Offers sign-in links by email through `mailer` (to the address of an active
@@ -368,6 +396,31 @@ impl HttpsEdge {
     async fn apex(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let inner = &self.inner;
         let path = req.uri().path().to_owned();
+        if let Some(rest) = path.strip_prefix("/api")
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return match &inner.api {
+                Some(api) => {
+                    let mut req = req;
+                    let rest = match rest {
+                        "" => "/",
+                        rest => rest,
+                    };
+                    let uri = match req.uri().query() {
+                        Some(q) => format!("{rest}?{q}"),
+                        None => rest.to_owned(),
+                    };
+                    match uri.parse::<Uri>() {
+                        Ok(uri) => {
+                            *req.uri_mut() = uri;
+                            api(req, peer).await
+                        }
+                        Err(_) => html(StatusCode::BAD_REQUEST, pages::error(400, "Bad Request")),
+                    }
+                }
+                None => html(StatusCode::NOT_FOUND, pages::error(404, "Not Found")),
+            };
+        }
         let session = auth::cookie(req.headers(), SESSION_COOKIE).map(str::to_owned);
         match (req.method().clone(), path.as_str()) {
             (Method::GET | Method::HEAD, "/.well-known/jwks.json") => {

@@ -97,7 +97,7 @@ use std::time::Duration;
 
 pub use auth::{ASSERTION_TTL, Identity, JWT_KEY_FILE, SESSION_COOKIE, SHARE_COOKIE};
 pub use backend::{DaemonBackend, EdgeBackend, LocalBackend};
-pub use edge::HttpsEdge;
+pub use edge::{ApexApi, ApiBody, HttpsEdge};
 
 /// The path prefix on every host that belongs to the edge.
 pub const RESERVED_PREFIX: &str = "/__vmkit/";
