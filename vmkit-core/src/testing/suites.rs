@@ -1960,7 +1960,21 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
         .identify(Credential::ApiKey(&api_secret), Door::Https)
         .await
         .expect("identify");
-    assert_eq!(by_api, Some(Caller::user(&alice, Door::Https)));
+    assert_eq!(
+        by_api,
+        Some(Caller::user(&alice, Door::Https).with_api_key(&api_key)),
+        "a key's caller carries its limits"
+    );
+    let (expired, expired_secret) = ApiKey::generate(alice.id);
+    fx.add_api_key(&expired.expires_at(Timestamp(1))).await;
+    assert_eq!(
+        gateway
+            .identify(Credential::ApiKey(&expired_secret), Door::Https)
+            .await
+            .expect("identify"),
+        None,
+        "an expired key identifies nobody"
+    );
     let mut forged = api_secret.clone();
     forged.pop();
     forged.push(if api_secret.ends_with('A') { 'B' } else { 'A' });
