@@ -127,7 +127,7 @@ pub use storage::{
     BaseImage, CloneMethod, DiskFormat, Storage, StorageCapabilities, StorageError, Volume,
     VolumeKind,
 };
-pub use time::Timestamp;
+pub use time::{LifetimeError, Timestamp, parse_lifetime};
 pub use token::{TokenHash, TokenHashError, new_secret};
 pub use user::{
     ApiKey, ApiKeyScope, Handle, HandleError, MAX_HANDLE_LEN, RESERVED_HANDLES, Role, SshKeyError,
