@@ -2038,6 +2038,20 @@ mod tests {
             panic!("ssh-key")
         };
         assert_eq!(keys, ["ls", "add", "rm"]);
+        let Completion::Words(api_keys) = completion(&words(&["api-key", ""]), true) else {
+            panic!("api-key")
+        };
+        assert_eq!(api_keys, ["new", "ls", "rm"]);
+        assert_eq!(
+            completion(&words(&["api-key", "new", "--vm", "w"]), true),
+            Completion::VmName
+        );
+        let Completion::Words(options) = completion(&words(&["api-key", "new", "--"]), true) else {
+            panic!("api-key options")
+        };
+        for option in ["--label", "--expires", "--read-only", "--vm", "--json"] {
+            assert!(options.contains(&option.to_owned()), "{options:?}");
+        }
         let Completion::Words(share) = completion(&words(&["share", "web", "p"]), true) else {
             panic!("share")
         };
