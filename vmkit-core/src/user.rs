@@ -38,6 +38,7 @@ pub const RESERVED_HANDLES: &[&str] = &[
     "admin",
     "administrator",
     "api",
+    "api-key",
     "browser",
     "daemon",
     "help",
