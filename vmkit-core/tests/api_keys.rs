@@ -300,6 +300,32 @@ async fn a_key_limited_to_one_vm_sees_and_acts_on_that_vm_only() {
 }
 
 #[tokio::test]
+async fn a_key_limited_to_one_vm_lists_that_vms_custom_domains_only() {
+    let fx = fixture().await;
+    let person = fx.host.manager.commands(fx.person());
+    for (vm, host) in [("web", "web.example.com"), ("db", "db.example.com")] {
+        let proof = person.domain_proof(&name(vm), host).await.unwrap();
+        fx.host.dns.add_txt(&proof.txt_name, &proof.txt_value);
+        person.add_domain(&name(vm), host).await.unwrap();
+    }
+    let secret = fx.new_key(ApiKeyScope::ReadOnly, Some("web")).await;
+    let keyed = fx.host.manager.commands(fx.key_caller(&secret).await);
+
+    let hosts: Vec<String> = keyed
+        .domains(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.host)
+        .collect();
+
+    assert_eq!(hosts, ["web.example.com"]);
+    assert_eq!(keyed.domains(Some(&name("web"))).await.unwrap().len(), 1);
+    not_found(keyed.domains(Some(&name("db"))).await);
+    assert_eq!(person.domains(None).await.unwrap().len(), 2);
+}
+
+#[tokio::test]
 async fn an_admins_key_limited_to_one_vm_does_not_see_the_others_vms() {
     let fx = fixture().await;
     let bob = fx
