@@ -1690,7 +1690,9 @@ mod tests {
 
     use clap::Parser as _;
 
-    use super::{Cli, Command, InviteCommand, UserCommand, default_public_key, parse_ttl};
+    use super::{
+        ApiKeyCommand, Cli, Command, InviteCommand, UserCommand, default_public_key, parse_ttl,
+    };
 
     fn parse(args: &[&str]) -> Result<Command, clap::Error> {
         Cli::try_parse_from(std::iter::once("vmkit").chain(args.iter().copied())).map(|c| c.command)
@@ -1791,6 +1793,30 @@ mod tests {
         assert!(matches!(
             parse(&["invite", "ls"]).unwrap(),
             Command::Invite(InviteCommand::Ls)
+        ));
+    }
+
+    #[test]
+    fn api_key_new_is_full_and_forever_unless_told() {
+        assert!(matches!(
+            parse(&["api-key", "new"]).unwrap(),
+            Command::ApiKey(ApiKeyCommand::New {
+                expires: None,
+                read_only: false,
+                vm: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["api-key", "new", "--label", "ci", "--expires", "30d", "--read-only", "--vm", "web"])
+                .unwrap(),
+            Command::ApiKey(ApiKeyCommand::New { label, expires: Some(d), read_only: true, vm: Some(vm) })
+                if label == "ci" && d.as_secs() == 30 * 86_400 && vm == "web"
+        ));
+        assert!(parse(&["api-key", "new", "--expires", "0d"]).is_err());
+        assert!(matches!(
+            parse(&["api-key", "rm", "abc"]).unwrap(),
+            Command::ApiKey(ApiKeyCommand::Rm { id }) if id == "abc"
         ));
     }
 
