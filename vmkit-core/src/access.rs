@@ -709,6 +709,64 @@ mod tests {
         assert!(!policy.lists(&right, &vm, shares), "a link lists nothing");
     }
 
+    fn keyed(id: UserId, role: Role, scope: ApiKeyScope, vm: Option<VmId>) -> Caller {
+        let mut key = ApiKey::new("k", id, "vmk_k_secret").scope(scope);
+        key.vm = vm;
+        member(id, role, false).with_api_key(&key)
+    }
+
+    #[test]
+    fn a_read_only_key_may_take_only_reading_actions() {
+        let vm = vm();
+        let policy = Policy;
+        let key = keyed(OWNER, Role::Admin, ApiKeyScope::ReadOnly, None);
+        for action in Action::ALL {
+            let decided = match action.needs() {
+                Needs::Vm(_) => policy.vm(&key, *action, &vm, &[]),
+                Needs::Snapshot => policy.snapshot(&key, *action, OWNER),
+                _ => policy.host(&key, *action),
+            };
+            match action.is_read() {
+                true => assert_eq!(decided, Ok(()), "{action:?}"),
+                false => assert!(
+                    matches!(decided, Err(Denied::KeyLimited { .. })),
+                    "{action:?}: {decided:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_limited_to_one_vm_finds_no_other_and_makes_none() {
+        let (mine, other) = (vm(), vm());
+        let policy = Policy;
+        let key = keyed(OWNER, Role::Admin, ApiKeyScope::Full, Some(mine.id));
+        assert_eq!(policy.vm(&key, Action::Delete, &mine, &[]), Ok(()));
+        assert_eq!(
+            policy.vm(&key, Action::Get, &other, &[]),
+            Err(Denied::NotFound)
+        );
+        assert!(policy.lists(&key, &mine, &[]) && !policy.lists(&key, &other, &[]));
+        for action in [
+            Action::Create,
+            Action::ListSnapshots,
+            Action::AddKey,
+            Action::Events,
+        ] {
+            assert!(
+                matches!(policy.host(&key, action), Err(Denied::KeyLimited { .. })),
+                "{action:?}"
+            );
+        }
+        assert_eq!(policy.host(&key, Action::ListVms), Ok(()));
+        assert!(matches!(
+            policy.host(&key, Action::ManageApiKeys),
+            Err(Denied::KeyLimited { .. })
+        ));
+        let person = member(OWNER, Role::User, false);
+        assert_eq!(policy.host(&person, Action::ManageApiKeys), Ok(()));
+    }
+
     #[test]
     fn suspended_users_may_only_ask_who_they_are_and_admins_everything() {
         let vm = vm();

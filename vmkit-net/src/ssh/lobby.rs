@@ -711,6 +711,11 @@ pub fn completion(words: &[String], registered: bool) -> Completion {
         return Completion::Nothing;
     };
     if typed.starts_with('-') {
+        // The options of `api-key new`, not of `api-key`.
+        let sub = match words.get(1).and_then(|w| sub.find_subcommand(w)) {
+            Some(nested) if words.len() > 2 => nested,
+            _ => sub,
+        };
         return Completion::Words(
             sub.get_arguments()
                 .filter_map(|a| a.get_long())
