@@ -13,14 +13,17 @@
 //!   the owner's. Any share lets its holder see the VM (get, metrics);
 //! - a suspended user may do nothing but ask who they are;
 //! - a VM the caller may not see answers [`Denied::NotFound`], exactly as one that does
-//!   not exist; one they see but may not act on answers [`Denied::Forbidden`].
+//!   not exist; one they see but may not act on answers [`Denied::Forbidden`];
+//! - a caller identified by an API key is held to its limits ([`KeyLimits`]): a
+//!   read-only key may only read, a key limited to one VM sees and acts on that VM
+//!   only, and no key makes or revokes keys ([`Denied::KeyLimited`]).
 
 use serde::{Deserialize, Serialize};
 
 use crate::share::{Access, Share, ShareTarget};
 use crate::token::TokenHash;
-use crate::user::{Role, User, UserId, UserStatus};
-use crate::vm::VmRecord;
+use crate::user::{ApiKey, ApiKeyScope, Role, User, UserId, UserStatus};
+use crate::vm::{VmId, VmRecord};
 use crate::vm_state::VmState;
 
 /// The door a request came through.
@@ -66,6 +69,30 @@ pub enum Principal {
     Anonymous,
 }
 
+/// The limits of the API key a caller was identified by.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct KeyLimits {
+    /// The key's id.
+    pub id: String,
+    /// What it may do.
+    pub scope: ApiKeyScope,
+    /// The one VM it may see and act on, if limited to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmId>,
+}
+
+impl KeyLimits {
+    /// The limits of `key`.
+    pub fn of(key: &ApiKey) -> Self {
+        Self {
+            id: key.id.clone(),
+            scope: key.scope,
+            vm: key.vm,
+        }
+    }
+}
+
 /// A principal and the door they came through: what every operation of the command
 /// surface takes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +102,10 @@ pub struct Caller {
     pub principal: Principal,
     /// Through which door.
     pub door: Door,
+    /// The limits of the API key the caller was identified by; `None` for a
+    /// person at a door with their SSH key or a session, or the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<KeyLimits>,
 }
 
 impl Caller {
@@ -83,6 +114,7 @@ impl Caller {
         Self {
             principal: Principal::Operator,
             door: Door::Socket,
+            api_key: None,
         }
     }
 
@@ -95,7 +127,14 @@ impl Caller {
                 suspended: user.status == UserStatus::Suspended,
             },
             door,
+            api_key: None,
         }
+    }
+
+    /// The same principal, identified by the API key `key` and held to its limits.
+    pub fn with_api_key(mut self, key: &ApiKey) -> Self {
+        self.api_key = Some(KeyLimits::of(key));
+        self
     }
 
     /// Someone holding the share link `secret`, coming through `door`.
@@ -103,6 +142,7 @@ impl Caller {
         Self {
             principal: Principal::Link(TokenHash::of(secret)),
             door,
+            api_key: None,
         }
     }
 
@@ -111,6 +151,7 @@ impl Caller {
         Self {
             principal: Principal::Anonymous,
             door,
+            api_key: None,
         }
     }
 
@@ -289,12 +330,42 @@ actions! {
     Delete => "delete", Needs::Vm(Grant::Own), ANY;
     /// Rename a VM (its URL and `ssh NAME@host` change with it).
     Rename => "rename", Needs::Vm(Grant::Own), Some(SETTLED);
-    /// Share a VM, or take a share back, or list its shares.
+    /// Share a VM, or take a share back.
     Share => "share", Needs::Vm(Grant::Own), ANY;
+    /// List a VM's shares.
+    ListShares => "list the shares of", Needs::Vm(Grant::Own), ANY;
+    /// Make, list or revoke one's own API keys (a person's, never a key's).
+    ManageApiKeys => "manage API keys", Needs::SignedIn, ANY;
     /// Delete a snapshot.
     DeleteSnapshot => "delete snapshot", Needs::Snapshot, ANY;
     /// Make a VM from a snapshot.
     CloneSnapshot => "clone snapshot", Needs::Snapshot, ANY;
+}
+
+impl Action {
+    /// Whether the action only reads (lists, details, logs, metrics, shares, who
+    /// am I): all a read-only API key may do.
+    pub fn is_read(self) -> bool {
+        matches!(
+            self,
+            Action::Whoami
+                | Action::ListVms
+                | Action::ListImages
+                | Action::ListKeys
+                | Action::ListSnapshots
+                | Action::Events
+                | Action::Get
+                | Action::Metrics
+                | Action::Logs
+                | Action::ListShares
+        )
+    }
+
+    /// Whether a key limited to one VM may take the action, which names no VM:
+    /// asking who it is, listing (the one VM) and the images.
+    fn open_to_one_vm_keys(self) -> bool {
+        matches!(self, Action::Whoami | Action::ListVms | Action::ListImages)
+    }
 }
 
 impl std::fmt::Display for Action {
@@ -333,6 +404,14 @@ pub enum Denied {
     AdminOnly {
         /// What was refused.
         action: Action,
+    },
+    /// The API key the caller was identified by does not allow the action.
+    #[error("this API key may not {action}: {why}")]
+    KeyLimited {
+        /// What was refused.
+        action: Action,
+        /// Which limit refused it.
+        why: &'static str,
     },
 }
 
@@ -402,6 +481,7 @@ impl Policy {
         if caller.suspended() && action != Action::Whoami {
             return Err(Denied::Suspended);
         }
+        key_limits(caller, action)?;
         match action.needs() {
             Needs::Anyone => Ok(()),
             Needs::SignedIn if caller.owner().is_some() => Ok(()),
@@ -428,10 +508,14 @@ impl Policy {
         if caller.suspended() {
             return Err(Denied::Suspended);
         }
+        if !key_reaches(caller, vm) {
+            return Err(Denied::NotFound);
+        }
         let held = self.grants(caller, vm, shares);
         if held.is_empty() {
             return Err(Denied::NotFound);
         }
+        key_limits(caller, action)?;
         let allowed = held.contains(&Grant::Own) || held.contains(&needed) || needed == Grant::See;
         if allowed {
             return Ok(());
@@ -454,9 +538,8 @@ impl Policy {
             return Err(Denied::Suspended);
         }
         if caller.is_admin() || caller.owner() == Some(owner) {
-            return Ok(());
+            return key_limits(caller, action);
         }
-        let _ = action;
         Err(Denied::NotFound)
     }
 
@@ -468,7 +551,7 @@ impl Policy {
     /// Whether `vm` belongs in `caller`'s lists: theirs, shared with them by name
     /// (not merely public or by link), or everything for an admin.
     pub fn lists(&self, caller: &Caller, vm: &VmRecord, shares: &[Share]) -> bool {
-        if caller.suspended() {
+        if caller.suspended() || !key_reaches(caller, vm) {
             return false;
         }
         if caller.is_admin() || caller.owner() == Some(vm.owner) {
@@ -503,6 +586,36 @@ impl Policy {
     }
 }
 
+/// Whether the caller's API key, if any, reaches `vm`: a key limited to another VM
+/// does not (and the VM is then as one that does not exist).
+fn key_reaches(caller: &Caller, vm: &VmRecord) -> bool {
+    match &caller.api_key {
+        Some(KeyLimits { vm: Some(only), .. }) => *only == vm.id,
+        _ => true,
+    }
+}
+
+/// Whether the caller's API key, if any, allows `action`.
+fn key_limits(caller: &Caller, action: Action) -> Result<(), Denied> {
+    let Some(key) = &caller.api_key else {
+        return Ok(());
+    };
+    let why = if action == Action::ManageApiKeys {
+        "API keys are made and revoked by a person signed in with their SSH key or a \
+         browser session, never with another key"
+    } else if key.scope == ApiKeyScope::ReadOnly && !action.is_read() {
+        "it is read-only"
+    } else if key.vm.is_some()
+        && !matches!(action.needs(), Needs::Vm(_))
+        && !action.open_to_one_vm_keys()
+    {
+        "it is limited to one VM"
+    } else {
+        return Ok(());
+    };
+    Err(Denied::KeyLimited { action, why })
+}
+
 fn share_applies(target: &ShareTarget, caller: &Caller) -> bool {
     match (target, &caller.principal) {
         (ShareTarget::Public, _) => true,
@@ -531,6 +644,7 @@ mod tests {
                 suspended,
             },
             door: Door::Library,
+            api_key: None,
         }
     }
 
@@ -593,6 +707,64 @@ mod tests {
             Err(Denied::NotFound)
         );
         assert!(!policy.lists(&right, &vm, shares), "a link lists nothing");
+    }
+
+    fn keyed(id: UserId, role: Role, scope: ApiKeyScope, vm: Option<VmId>) -> Caller {
+        let mut key = ApiKey::new("k", id, "vmk_k_secret").scope(scope);
+        key.vm = vm;
+        member(id, role, false).with_api_key(&key)
+    }
+
+    #[test]
+    fn a_read_only_key_may_take_only_reading_actions() {
+        let vm = vm();
+        let policy = Policy;
+        let key = keyed(OWNER, Role::Admin, ApiKeyScope::ReadOnly, None);
+        for action in Action::ALL {
+            let decided = match action.needs() {
+                Needs::Vm(_) => policy.vm(&key, *action, &vm, &[]),
+                Needs::Snapshot => policy.snapshot(&key, *action, OWNER),
+                _ => policy.host(&key, *action),
+            };
+            match action.is_read() {
+                true => assert_eq!(decided, Ok(()), "{action:?}"),
+                false => assert!(
+                    matches!(decided, Err(Denied::KeyLimited { .. })),
+                    "{action:?}: {decided:?}"
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_limited_to_one_vm_finds_no_other_and_makes_none() {
+        let (mine, other) = (vm(), vm());
+        let policy = Policy;
+        let key = keyed(OWNER, Role::Admin, ApiKeyScope::Full, Some(mine.id));
+        assert_eq!(policy.vm(&key, Action::Delete, &mine, &[]), Ok(()));
+        assert_eq!(
+            policy.vm(&key, Action::Get, &other, &[]),
+            Err(Denied::NotFound)
+        );
+        assert!(policy.lists(&key, &mine, &[]) && !policy.lists(&key, &other, &[]));
+        for action in [
+            Action::Create,
+            Action::ListSnapshots,
+            Action::AddKey,
+            Action::Events,
+        ] {
+            assert!(
+                matches!(policy.host(&key, action), Err(Denied::KeyLimited { .. })),
+                "{action:?}"
+            );
+        }
+        assert_eq!(policy.host(&key, Action::ListVms), Ok(()));
+        assert!(matches!(
+            policy.host(&key, Action::ManageApiKeys),
+            Err(Denied::KeyLimited { .. })
+        ));
+        let person = member(OWNER, Role::User, false);
+        assert_eq!(policy.host(&person, Action::ManageApiKeys), Ok(()));
     }
 
     #[test]

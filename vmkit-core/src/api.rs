@@ -51,6 +51,9 @@
 //! | GET | `/v1/keys` | | `[`[`SshKeyInfo`]`]`: the caller's SSH public keys |
 //! | POST | `/v1/keys` | one OpenSSH public key line, as text | 201 [`SshKeyInfo`]; 400 not a key, 409 registered already |
 //! | DELETE | `/v1/keys/{fingerprint}` | | 204; 404 no such key |
+//! | GET | `/v1/api-keys` | | `[`[`ApiKeyView`](crate::ApiKeyView)`]`: the caller's API keys, never their secrets |
+//! | POST | `/v1/api-keys` | [`NewApiKey`] | 201 [`ApiKeyView`](crate::ApiKeyView) with its `secret`, in this answer only; 404 no such VM |
+//! | DELETE | `/v1/api-keys/{id}` | | 204; 404 `api_key_not_found` |
 //! | GET | `/v1/vms/{name}/shares` | | `[`[`ShareView`](crate::ShareView)`]` (owner) |
 //! | POST | `/v1/vms/{name}/shares` | [`ShareBody`] | 201 [`ShareView`](crate::ShareView); a link's `secret` is in this answer only |
 //! | DELETE | `/v1/vms/{name}/shares?with=public\|user:ID\|link:NAME&access=A` | | `{"removed": N}` |
@@ -88,6 +91,8 @@ use std::path::PathBuf;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
+
+use crate::name::VmName;
 
 use crate::error::ErrorKind;
 use crate::invite::Invite;
@@ -296,6 +301,24 @@ impl InviteInfo {
             expired: invite.is_expired(now),
         }
     }
+}
+
+/// Body of `POST /v1/api-keys`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct NewApiKey {
+    /// What its owner calls it.
+    #[serde(default)]
+    pub label: String,
+    /// How long it works, in seconds; forever when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    /// Whether it may only read.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The one VM it sees and acts on, if limited to one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<VmName>,
 }
 
 /// Body of `POST /v1/invites`.

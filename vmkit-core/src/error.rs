@@ -117,6 +117,9 @@ pub enum ManagerError {
     /// The user has no SSH key with this fingerprint.
     #[error("no SSH key with fingerprint {0}; `vmkit key ls` lists your keys")]
     SshKeyNotFound(String),
+    /// The caller has no API key with this id.
+    #[error("no API key {0}; `api-key ls` lists your keys")]
+    ApiKeyNotFound(String),
     /// The handle is not valid.
     #[error(transparent)]
     InvalidHandle(#[from] HandleError),
@@ -334,7 +337,8 @@ impl ManagerError {
             ManagerError::HistoryTrimmed { .. } => ErrorKind::Gone,
             ManagerError::NotFound(_)
             | ManagerError::SnapshotNotFound(_)
-            | ManagerError::SshKeyNotFound(_) => ErrorKind::NotFound,
+            | ManagerError::SshKeyNotFound(_)
+            | ManagerError::ApiKeyNotFound(_) => ErrorKind::NotFound,
             ManagerError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
             ManagerError::Image(_) => ErrorKind::InvalidInput,
             ManagerError::Unsupported(_)
@@ -371,6 +375,7 @@ impl ManagerError {
             ManagerError::SshKeyExists(_) => "ssh_key_exists",
             ManagerError::SshKeyTaken(_) => "ssh_key_taken",
             ManagerError::SshKeyNotFound(_) => "ssh_key_not_found",
+            ManagerError::ApiKeyNotFound(_) => "api_key_not_found",
             ManagerError::InvalidHandle(_) => "invalid_handle",
             ManagerError::InvalidEmail(_) => "invalid_email",
             ManagerError::HandleTaken(_) => "handle_taken",

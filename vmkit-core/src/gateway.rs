@@ -26,7 +26,8 @@ use crate::access::{AccessPolicy, Action, Caller, Denied, Door, Policy};
 use crate::name::VmName;
 use crate::share::Share;
 use crate::state_store::{StateStore, StoreError};
-use crate::user::SshPublicKey;
+use crate::time::Timestamp;
+use crate::user::{ApiKey, SshPublicKey};
 use crate::vm::{VmId, VmRecord};
 use crate::vm_state::VmState;
 
@@ -165,6 +166,9 @@ pub trait Gateway: Send + Sync {
     }
 }
 
+/// How often, at most, an API key's last use is written (milliseconds).
+const LAST_USE_EVERY_MS: u64 = 60_000;
+
 /// The port an HTTP request without one reaches in the guest.
 pub const DEFAULT_HTTP_PORT: u16 = 80;
 /// The port SSH reaches in the guest.
@@ -211,6 +215,37 @@ impl StoreGateway {
         let host = host.trim_end_matches('.');
         let label = host.strip_suffix(self.domain.as_str())?.strip_suffix('.')?;
         (!label.contains('.')).then_some(label)
+    }
+
+    /// The user API key `secret` identifies, held to the key's limits: nobody for a
+    /// wrong, revoked or expired key. Records the key's use at most once a
+    /// minute; a failure to record it is logged and does not fail the request.
+    async fn identify_api_key(
+        &self,
+        secret: &str,
+        door: Door,
+    ) -> Result<Option<Caller>, GatewayError> {
+        let Some(id) = ApiKey::id_of(secret) else {
+            return Ok(None);
+        };
+        let Some(key) = self.store.get_api_key(id).await? else {
+            return Ok(None);
+        };
+        let now = Timestamp::now();
+        if !key.verify(secret) || key.expired(now) {
+            return Ok(None);
+        }
+        let stale = key
+            .last_used_at
+            .is_none_or(|last| now.0.saturating_sub(last.0) >= LAST_USE_EVERY_MS);
+        if stale && let Err(e) = self.store.record_api_key_use(&key.id, now).await {
+            tracing::warn!(key = %key.id, error = %e, "cannot record an API key's use");
+        }
+        Ok(self
+            .store
+            .get_user(key.user)
+            .await?
+            .map(|user| Caller::user(&user, door).with_api_key(&key)))
     }
 
     /// The VM named `label` with its shares, if the label is a VM name.
@@ -266,15 +301,7 @@ impl Gateway for StoreGateway {
                 return Ok(user.map(|user| Caller::user(&user, door)));
             }
             Credential::SshKey(key) => self.store.user_by_key(&key.fingerprint()).await?,
-            Credential::ApiKey(secret) => {
-                let Some(id) = crate::user::ApiKey::id_of(secret) else {
-                    return Ok(None);
-                };
-                match self.store.get_api_key(id).await? {
-                    Some(key) if key.verify(secret) => Some(key.user),
-                    _ => None,
-                }
-            }
+            Credential::ApiKey(secret) => return self.identify_api_key(secret, door).await,
         };
         let Some(user) = user else {
             return Ok(None);

@@ -86,7 +86,9 @@ mod web;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use access::{AccessPolicy, Action, Caller, Denied, Door, Grant, Needs, Policy, Principal};
+pub use access::{
+    AccessPolicy, Action, Caller, Denied, Door, Grant, KeyLimits, Needs, Policy, Principal,
+};
 pub use address::{IpLease, IpPool, Ipv4Net, MacAddr, MacParseError, NetParseError};
 pub use confine::{CgroupLimits, Confinement, ConfinementConfig, UidRange};
 pub use domain::{
@@ -108,10 +110,10 @@ pub use hypervisor::{
 pub use image::{DirImageCatalog, Image, ImageCatalog, ImageError, ImageManifest, MANIFEST_FORMAT};
 pub use invite::{INVITE_PREFIX, Invite};
 pub use manager::{
-    Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, DomainView, EventFeed,
-    ExitPolicy, Manager, ManagerConfig, NewUser, ReconcileFailure, ReconcileReport, Registration,
-    RegistrationPolicy, ResizeRequest, ShareView, ShareWith, ShareWithView, SshTarget,
-    VmDisposition, VmMetrics, Whoami,
+    ApiKeyView, Backends, CloneSource, Commands, CreateRequest, DeleteOptions, Deleted, DomainView,
+    EventFeed, ExitPolicy, MAX_API_KEY_LABEL_LEN, Manager, ManagerConfig, NewUser,
+    ReconcileFailure, ReconcileReport, Registration, RegistrationPolicy, ResizeRequest, ShareView,
+    ShareWith, ShareWithView, SshTarget, VmDisposition, VmMetrics, Whoami,
 };
 pub use name::{MAX_NAME_LEN, NameError, RESERVED_NAMES, VmName};
 pub use network::{NetAttachment, Network, NetworkCapabilities, NetworkError};
@@ -125,11 +127,11 @@ pub use storage::{
     BaseImage, CloneMethod, DiskFormat, Storage, StorageCapabilities, StorageError, Volume,
     VolumeKind,
 };
-pub use time::Timestamp;
+pub use time::{LifetimeError, Timestamp, parse_lifetime};
 pub use token::{TokenHash, TokenHashError, new_secret};
 pub use user::{
-    ApiKey, Handle, HandleError, MAX_HANDLE_LEN, RESERVED_HANDLES, Role, SshKeyError, SshPublicKey,
-    User, UserId, UserStatus,
+    ApiKey, ApiKeyScope, Handle, HandleError, MAX_HANDLE_LEN, RESERVED_HANDLES, Role, SshKeyError,
+    SshPublicKey, User, UserId, UserStatus,
 };
 pub use view::{MetricsView, SnapshotView, VmView, VmmView};
 pub use vm::{Health, Idempotency, VmId, VmIdParseError, VmRecord, VmResources};

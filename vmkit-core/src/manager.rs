@@ -58,7 +58,10 @@ mod users;
 
 use locks::{KeyGuard, KeyedLocks};
 
-pub use commands::{Commands, DomainView, ShareView, ShareWith, ShareWithView, Whoami};
+pub use commands::{
+    ApiKeyView, Commands, DomainView, MAX_API_KEY_LABEL_LEN, ShareView, ShareWith, ShareWithView,
+    Whoami,
+};
 pub use events::EventFeed;
 pub use ops::{ResizeRequest, VmMetrics};
 pub use reconcile::{ExitPolicy, ReconcileFailure, ReconcileReport};

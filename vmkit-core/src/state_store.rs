@@ -254,6 +254,11 @@ pub trait StateStore: Send + Sync {
     async fn get_api_key(&self, id: &str) -> Result<Option<ApiKey>, StoreError>;
     /// Deletes an API key; whether it existed.
     async fn delete_api_key(&self, id: &str) -> Result<bool, StoreError>;
+    /// Records that API key `id` identified its user at `at`, if the key still
+    /// exists (a key revoked meanwhile stays revoked); whether it did.
+    async fn record_api_key_use(&self, id: &str, at: Timestamp) -> Result<bool, StoreError>;
+    /// `user`'s API key records, by id.
+    async fn list_api_keys(&self, user: UserId) -> Result<Vec<ApiKey>, StoreError>;
 
     // ---- snapshots ----
 

@@ -64,6 +64,21 @@ impl TokenHash {
         Self(Sha256::digest(secret.as_bytes()).into())
     }
 
+    /// The SHA-256 hash of `salt` followed by `secret`: a stored secret that the
+    /// same secret under another salt does not match.
+    pub fn salted(salt: &[u8], secret: &str) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(salt);
+        hasher.update(secret.as_bytes());
+        Self(hasher.finalize().into())
+    }
+
+    /// Whether `secret` under `salt` hashes to this hash, compared in constant time.
+    pub fn matches_salted(&self, salt: &[u8], secret: &str) -> bool {
+        let candidate = Self::salted(salt, secret);
+        self.0.ct_eq(&candidate.0).into()
+    }
+
     /// Whether `secret` hashes to this hash. The hashes are compared in constant
     /// time, so the time taken says nothing about how much of them agrees.
     pub fn matches(&self, secret: &str) -> bool {

@@ -38,6 +38,7 @@ pub const RESERVED_HANDLES: &[&str] = &[
     "admin",
     "administrator",
     "api",
+    "api-key",
     "browser",
     "daemon",
     "help",
@@ -518,33 +519,97 @@ impl fmt::Display for SshPublicKey {
     }
 }
 
-/// An API key as stored: only its SHA-256 hash is kept; the secret is shown once.
+/// What an API key may do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ApiKeyScope {
+    /// Only what reads: lists, a VM's details, logs, metrics, shares, who am I.
+    ReadOnly,
+    /// Everything its user may do (but make or revoke API keys).
+    #[default]
+    Full,
+}
+
+impl ApiKeyScope {
+    /// The scope as lists say it: `read-only` or `full`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApiKeyScope::ReadOnly => "read-only",
+            ApiKeyScope::Full => "full",
+        }
+    }
+}
+
+impl fmt::Display for ApiKeyScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Bytes of an API key's salt.
+const API_KEY_SALT_BYTES: usize = 16;
+
+/// An API key as stored: the SHA-256 hash of a per-key random salt followed by the
+/// secret; the secret itself is shown once, when the key is made.
+///
+/// A record of an older vmkit has no salt (its hash is of the secret alone), no
+/// label, scope, expiry or VM: it decodes as a full key that never expires and
+/// verifies as before.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct ApiKey {
-    /// Public identifier (the part before the secret).
+    /// Public identifier (the part of the secret after `vmk_`, before the random).
     pub id: String,
     /// Owner.
     pub user: UserId,
-    /// The hash of the full key (stored as hex SHA-256).
+    /// The hash of the salt and the full key (stored as hex SHA-256).
     pub hash: TokenHash,
+    /// The salt, as hex; `None` for a record of an older vmkit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
     /// Creation time.
     pub created_at: Timestamp,
+    /// What its owner calls it.
+    #[serde(default)]
+    pub label: String,
+    /// When it stops identifying anyone; never when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    /// What it may do.
+    #[serde(default)]
+    pub scope: ApiKeyScope,
+    /// The one VM it is limited to, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::vm::VmId>,
+    /// When it last identified its user (recorded at most about once a minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Timestamp>,
 }
 
 impl ApiKey {
-    /// A stored record for the key `secret` (the full `vmk_...` string).
+    /// A stored record for the key `secret` (the full `vmk_...` string), under a
+    /// new random salt: a full key without label or expiry, for any VM.
     pub fn new(id: impl Into<String>, user: UserId, secret: &str) -> Self {
+        let mut salt = [0u8; API_KEY_SALT_BYTES];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut salt);
+        let salt_hex: String = salt.iter().map(|b| format!("{b:02x}")).collect();
         Self {
             id: id.into(),
             user,
-            hash: TokenHash::of(secret),
+            hash: TokenHash::salted(&salt, secret),
+            salt: Some(salt_hex),
             created_at: Timestamp::now(),
+            label: String::new(),
+            expires_at: None,
+            scope: ApiKeyScope::Full,
+            vm: None,
+            last_used_at: None,
         }
     }
 
-    /// A new key for `user`: the record to store and the secret, `vmk_<id>_<random>`,
-    /// to show once.
+    /// A new key for `user`: the record to store and the secret,
+    /// `vmk_<id>_<random>` with 256 random bits, to show once.
     pub fn generate(user: UserId) -> (Self, String) {
         let id = crate::token::new_secret("")
             .chars()
@@ -556,16 +621,62 @@ impl ApiKey {
         (Self::new(id, user, &secret), secret)
     }
 
+    /// With `label`.
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = label.into();
+        self
+    }
+
+    /// Expiring at `at`.
+    pub fn expires_at(mut self, at: Timestamp) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+
+    /// With `scope`.
+    pub fn scope(mut self, scope: ApiKeyScope) -> Self {
+        self.scope = scope;
+        self
+    }
+
+    /// Limited to the VM `vm`.
+    pub fn vm(mut self, vm: crate::vm::VmId) -> Self {
+        self.vm = Some(vm);
+        self
+    }
+
     /// The id in an API key's secret (`vmk_<id>_<random>`), if it has that form.
     pub fn id_of(secret: &str) -> Option<&str> {
         let (id, rest) = secret.strip_prefix("vmk_")?.split_once('_')?;
         (!id.is_empty() && !rest.is_empty()).then_some(id)
     }
 
-    /// Whether `secret` is this key (compared in constant time).
+    /// Whether `secret` is this key (the hashes compared in constant time). A
+    /// record whose salt does not decode verifies nothing.
     pub fn verify(&self, secret: &str) -> bool {
-        self.hash.matches(secret)
+        match &self.salt {
+            None => self.hash.matches(secret),
+            Some(hex) => match decode_hex(hex) {
+                Some(salt) => self.hash.matches_salted(&salt, secret),
+                None => false,
+            },
+        }
     }
+
+    /// Whether the key has expired at `now`.
+    pub fn expired(&self, now: Timestamp) -> bool {
+        self.expires_at.is_some_and(|at| now >= at)
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]
@@ -751,5 +862,40 @@ mod tests {
         assert!(key.verify("vmk_secret"));
         assert!(!key.verify("vmk_secreT"));
         assert_ne!(key.hash.to_hex(), "vmk_secret");
+    }
+
+    #[test]
+    fn api_keys_of_the_same_secret_are_salted_apart() {
+        let a = ApiKey::new("k1", UserId(7), "vmk_k1_secret");
+        let b = ApiKey::new("k1", UserId(7), "vmk_k1_secret");
+        assert_ne!(a.hash, b.hash, "each key has its own salt");
+        assert_ne!(a.hash, TokenHash::of("vmk_k1_secret"));
+        assert!(a.verify("vmk_k1_secret") && b.verify("vmk_k1_secret"));
+    }
+
+    #[test]
+    fn an_api_key_record_of_an_older_vmkit_verifies_as_before_and_is_full() {
+        let hash = TokenHash::of("vmk_old_secret").to_hex();
+        let json = format!(r#"{{"id":"old","user":3,"hash":"{hash}","created_at":7}}"#);
+        let key: ApiKey = serde_json::from_str(&json).unwrap();
+        assert!(key.verify("vmk_old_secret"));
+        assert!(!key.verify("vmk_old_secreT"));
+        assert_eq!(key.scope, ApiKeyScope::Full);
+        assert_eq!(
+            (key.expires_at, key.vm, key.last_used_at),
+            (None, None, None)
+        );
+        assert!(!key.expired(Timestamp(u64::MAX)));
+    }
+
+    #[test]
+    fn a_generated_api_key_has_at_least_128_random_bits_and_expires_when_told() {
+        let (key, secret) = ApiKey::generate(UserId(1));
+        let random = secret.strip_prefix(&format!("vmk_{}_", key.id)).unwrap();
+        assert!(random.len() * 6 >= 128, "{secret}");
+        assert_eq!(ApiKey::id_of(&secret), Some(key.id.as_str()));
+        let key = key.expires_at(Timestamp(100));
+        assert!(!key.expired(Timestamp(99)));
+        assert!(key.expired(Timestamp(100)));
     }
 }

@@ -25,11 +25,11 @@ use tokio::sync::watch;
 use tracing::error;
 use vmkit_core::api::{
     CreateVm, ErrorBody, ExecBody, ExecLine, FIRST_EVENT_HEADER, IDEMPOTENCY_KEY_HEADER, NameBody,
-    ShareBody, SshKeyInfo, status_for,
+    NewApiKey, ShareBody, SshKeyInfo, status_for,
 };
 use vmkit_core::{
-    Access, Caller, CloneSource, Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind,
-    Manager, ManagerError, ResizeRequest, ShareWithView, SshPublicKey, UserId, VmName,
+    Access, ApiKeyScope, Caller, CloneSource, Commands, CreateRequest, DeleteOptions, ErrorChain,
+    ErrorKind, Manager, ManagerError, ResizeRequest, ShareWithView, SshPublicKey, UserId, VmName,
 };
 
 /// Shared state of the handlers.
@@ -100,6 +100,8 @@ pub fn routes(state: AppState) -> Router {
         .route("/v1/images", get(images))
         .route("/v1/keys", get(list_keys).post(add_key))
         .route("/v1/keys/{fingerprint}", axum::routing::delete(remove_key))
+        .route("/v1/api-keys", get(list_api_keys).post(create_api_key))
+        .route("/v1/api-keys/{id}", axum::routing::delete(revoke_api_key))
         .route("/v1/whoami", get(whoami))
         .route("/v1/https/ca", get(ca_certificate))
         .route(
@@ -763,6 +765,28 @@ async fn remove_key(Asking(c): Asking, Path(fingerprint): Path<String>) -> ApiRe
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+async fn list_api_keys(Asking(c): Asking) -> ApiResult<Response> {
+    Ok(Json(c.api_keys().await?).into_response())
+}
+
+async fn create_api_key(Asking(c): Asking, request: JsonBody<NewApiKey>) -> ApiResult<Response> {
+    let body = body(request)?;
+    let scope = match body.read_only {
+        true => ApiKeyScope::ReadOnly,
+        false => ApiKeyScope::Full,
+    };
+    let expires_in = body.expires_in_secs.map(std::time::Duration::from_secs);
+    let key = c
+        .create_api_key(&body.label, expires_in, scope, body.vm.as_ref())
+        .await?;
+    Ok((StatusCode::CREATED, Json(key)).into_response())
+}
+
+async fn revoke_api_key(Asking(c): Asking, Path(id): Path<String>) -> ApiResult<Response> {
+    c.revoke_api_key(&id).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
 #[cfg(test)]
 mod tests {
     use axum::http::Request;
@@ -947,6 +971,41 @@ mod tests {
         assert!(body.contains("ssh_key_not_found"), "{body}");
         let (_, body) = call(app, "GET", "/v1/keys", "").await;
         assert_eq!(body, "[]");
+    }
+
+    #[tokio::test]
+    async fn the_operator_makes_an_api_key_shown_once_lists_it_and_revokes_it() {
+        let host = FakeHost::new().await;
+        let app = app_on(&host);
+        let (status, body) = call(
+            app.clone(),
+            "POST",
+            "/v1/api-keys",
+            r#"{"label":"ci","expires_in_secs":3600,"read_only":true}"#,
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let made: vmkit_core::ApiKeyView = serde_json::from_str(&body).unwrap();
+        assert!(
+            made.secret.as_deref().unwrap().starts_with("vmk_"),
+            "{body}"
+        );
+        assert_eq!(made.scope, ApiKeyScope::ReadOnly);
+
+        let (status, body) = call(app.clone(), "GET", "/v1/api-keys", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(!body.contains("vmk_") && !body.contains("hash"), "{body}");
+        let listed: Vec<vmkit_core::ApiKeyView> = serde_json::from_str(&body).unwrap();
+        assert_eq!(listed.len(), 1);
+
+        let path = format!("/v1/api-keys/{}", made.id);
+        let (status, _) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        let (status, body) = call(app.clone(), "DELETE", &path, "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("api_key_not_found"), "{body}");
+        let (status, body) = call(app, "POST", "/v1/api-keys", r#"{"vm":"nope"}"#).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     }
 
     #[tokio::test]

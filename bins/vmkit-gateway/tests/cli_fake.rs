@@ -1176,3 +1176,107 @@ fn a_sign_in_link_by_email_reaches_only_a_users_address_and_signs_the_browser_in
     );
     assert_eq!(stdout(&again), "400", "a link works once");
 }
+
+#[test]
+fn api_keys_are_made_in_the_ssh_lobby_and_the_cli_shown_once_listed_and_revoked() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_SSH_LISTEN", &listen),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+        ],
+    );
+    let key = d.data_dir.join("carol_id");
+    let public = ssh_key(&key, "carol");
+    let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lobby = |args: &[&str]| ssh(&d.data_dir, port, &key, args);
+    let out = lobby(&["new", "--name", "web"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+
+    // Made in the lobby: the secret is in this answer and no other.
+    let out = lobby(&[
+        "api-key",
+        "new",
+        "--label",
+        "ci",
+        "--expires",
+        "30d",
+        "--read-only",
+        "--vm",
+        "web",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key_made = json(&out);
+    let secret = key_made["secret"].as_str().unwrap().to_owned();
+    let id = key_made["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with(&format!("vmk_{id}_")), "{key_made}");
+    assert_eq!(key_made["scope"], "read_only", "{key_made}");
+    assert_eq!(key_made["vm"], "web", "{key_made}");
+    assert!(key_made["expires_at"].is_u64(), "{key_made}");
+    let out = lobby(&["api-key", "ls"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains(&id) && text.contains("read-only, VM web, expires"),
+        "{text}"
+    );
+    assert!(text.contains("never used"), "{text}");
+    assert!(!text.contains(&secret), "ls never shows the secret: {text}");
+    let listed = json(&lobby(&["api-key", "ls", "--json"]));
+    assert_eq!(listed[0]["id"], id.as_str(), "{listed}");
+    assert!(listed[0].get("secret").is_none(), "{listed}");
+    assert!(listed[0].get("hash").is_none(), "{listed}");
+
+    // A key for a VM carol does not have is refused, as the VM not existing.
+    let out = lobby(&["api-key", "new", "--vm", "nope"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+
+    let out = lobby(&["api-key", "rm", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("revoked {id}")));
+    let out = lobby(&["api-key", "rm", &id, "--json"]);
+    assert!(!out.status.success(), "revoked already");
+    assert!(
+        stdout(&out).contains("api_key_not_found"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(
+        json(&lobby(&["api-key", "ls", "--json"])),
+        serde_json::json!([])
+    );
+
+    // The operator's own keys through the CLI.
+    let out = d.cli(&["api-key", "new", "--label", "backup"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("full, never expires"), "{text}");
+    assert!(text.contains("shown this once"), "{text}");
+    let secret = text.lines().last().unwrap().to_owned();
+    assert!(secret.starts_with("vmk_"), "{text}");
+    let listed = json(&d.cli(&["--json", "api-key", "ls"]));
+    assert_eq!(listed[0]["label"], "backup", "{listed}");
+    let id = listed[0]["id"].as_str().unwrap().to_owned();
+    assert!(
+        !stdout(&d.cli(&["api-key", "ls"])).contains(&secret),
+        "ls never shows the secret"
+    );
+    let out = d.cli(&["api-key", "rm", &id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        json(&d.cli(&["--json", "api-key", "ls"])),
+        serde_json::json!([])
+    );
+    // An expiry that is not a lifetime is refused before anything is made.
+    let out = d.cli(&["api-key", "new", "--expires", "soon"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("lifetime"), "{}", stderr(&out));
+}

@@ -16,10 +16,12 @@ use clap::{Args, Parser, Subcommand};
 use hyper::Method;
 use serde::Serialize;
 use vmkit_core::api::{
-    AddUser, CreateVm, CreatedInvite, ExecBody, ExecLine, InviteInfo, NameBody, NewInvite,
-    SshKeyInfo, UserInfo, decode_bytes, encode_bytes,
+    AddUser, CreateVm, CreatedInvite, ExecBody, ExecLine, InviteInfo, NameBody, NewApiKey,
+    NewInvite, SshKeyInfo, UserInfo, decode_bytes, encode_bytes,
 };
-use vmkit_core::{Deleted, Event, EventKind, MetricsView, Role, SnapshotView, VmView};
+use vmkit_core::{
+    ApiKeyView, Deleted, Event, EventKind, MetricsView, Role, SnapshotView, VmName, VmView,
+};
 
 use crate::client::{Api, CallError};
 
@@ -55,6 +57,10 @@ enum Command {
     /// are created or started, so a change reaches a running VM at its next start.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Make, list and revoke your API keys (`vmk_...`), for programs that call
+    /// vmkit on your behalf.
+    #[command(name = "api-key", subcommand)]
+    ApiKey(ApiKeyCommand),
     /// Add, list, suspend and remove the host's users (the operator's).
     #[command(subcommand)]
     User(UserCommand),
@@ -269,6 +275,33 @@ enum KeyCommand {
     Rm {
         /// Its fingerprint, `SHA256:...` as `vmkit key ls` or `ssh-keygen -l` shows it.
         fingerprint: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Make an API key; its secret is printed this once.
+    New {
+        /// What you call it.
+        #[arg(long, value_name = "L", default_value = "")]
+        label: String,
+        /// It stops working after this long, such as 90m, 12h, 30d or 8w [default:
+        /// never].
+        #[arg(long, value_name = "LIFETIME", value_parser = vmkit_core::parse_lifetime)]
+        expires: Option<std::time::Duration>,
+        /// It may only read: lists, details, logs, metrics, shares.
+        #[arg(long)]
+        read_only: bool,
+        /// It sees and acts on this VM only.
+        #[arg(long, value_name = "NAME")]
+        vm: Option<String>,
+    },
+    /// List your API keys (never their secrets).
+    Ls,
+    /// Revoke an API key: it stops working at once.
+    Rm {
+        /// Its id, as `vmkit api-key ls` shows it.
+        id: String,
     },
 }
 
@@ -493,6 +526,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
         Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
         Command::Key(cmd) => keys(&api, cmd, json).await,
+        Command::ApiKey(cmd) => api_keys(&api, cmd, json).await,
         Command::User(cmd) => users(&api, cmd, json).await,
         Command::Invite(cmd) => invites(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
@@ -946,6 +980,74 @@ async fn keys(api: &Api, cmd: KeyCommand, json: bool) -> anyhow::Result<ExitCode
             } else {
                 println!("removed SSH key {fingerprint}");
                 println!("VMs lose it when they are next started");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn api_keys(api: &Api, cmd: ApiKeyCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let terms = |k: &ApiKeyView| -> String {
+        let now = vmkit_core::Timestamp::now();
+        let mut terms = vec![k.scope.to_string()];
+        if let Some(vm) = &k.vm {
+            terms.push(format!("VM {vm}"));
+        }
+        terms.push(match k.expires_at {
+            Some(_) if k.expired => "expired".to_owned(),
+            Some(at) => format!(
+                "expires in {}",
+                format_duration(at.0.saturating_sub(now.0) / 1000)
+            ),
+            None => "never expires".to_owned(),
+        });
+        terms.join(", ")
+    };
+    match cmd {
+        ApiKeyCommand::New {
+            label,
+            expires,
+            read_only,
+            vm,
+        } => {
+            let vm = vm
+                .map(|v| VmName::new(&v).with_context(|| format!("{v:?} is not a VM name")))
+                .transpose()?;
+            let mut body = NewApiKey::default();
+            body.label = label;
+            body.expires_in_secs = expires.map(|d| d.as_secs());
+            body.read_only = read_only;
+            body.vm = vm;
+            let key: ApiKeyView = api.json(Method::POST, "/v1/api-keys", Some(&body)).await?;
+            if json {
+                print_json(&key)?;
+            } else {
+                println!("made API key {} ({})", key.id, terms(&key));
+                println!("it is shown this once; keep it now:");
+                println!("{}", key.secret.as_deref().unwrap_or_default());
+            }
+        }
+        ApiKeyCommand::Ls => {
+            let keys: Vec<ApiKeyView> = api.json(Method::GET, "/v1/api-keys", None::<&()>).await?;
+            if json {
+                print_json(&keys)?;
+            } else if keys.is_empty() {
+                println!("no API keys; make one with `vmkit api-key new`");
+            } else {
+                println!("{:<12} {:<20} TERMS", "ID", "LABEL");
+                for k in keys {
+                    let label = if k.label.is_empty() { "-" } else { &k.label };
+                    println!("{:<12} {:<20} {}", k.id, label, terms(&k));
+                }
+            }
+        }
+        ApiKeyCommand::Rm { id } => {
+            let path = format!("/v1/api-keys/{}", client::path_segment(&id));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "revoked": id }))?;
+            } else {
+                println!("revoked API key {id}");
             }
         }
     }
@@ -1588,7 +1690,9 @@ mod tests {
 
     use clap::Parser as _;
 
-    use super::{Cli, Command, InviteCommand, UserCommand, default_public_key, parse_ttl};
+    use super::{
+        ApiKeyCommand, Cli, Command, InviteCommand, UserCommand, default_public_key, parse_ttl,
+    };
 
     fn parse(args: &[&str]) -> Result<Command, clap::Error> {
         Cli::try_parse_from(std::iter::once("vmkit").chain(args.iter().copied())).map(|c| c.command)
@@ -1689,6 +1793,30 @@ mod tests {
         assert!(matches!(
             parse(&["invite", "ls"]).unwrap(),
             Command::Invite(InviteCommand::Ls)
+        ));
+    }
+
+    #[test]
+    fn api_key_new_is_full_and_forever_unless_told() {
+        assert!(matches!(
+            parse(&["api-key", "new"]).unwrap(),
+            Command::ApiKey(ApiKeyCommand::New {
+                expires: None,
+                read_only: false,
+                vm: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            parse(&["api-key", "new", "--label", "ci", "--expires", "30d", "--read-only", "--vm", "web"])
+                .unwrap(),
+            Command::ApiKey(ApiKeyCommand::New { label, expires: Some(d), read_only: true, vm: Some(vm) })
+                if label == "ci" && d.as_secs() == 30 * 86_400 && vm == "web"
+        ));
+        assert!(parse(&["api-key", "new", "--expires", "0d"]).is_err());
+        assert!(matches!(
+            parse(&["api-key", "rm", "abc"]).unwrap(),
+            Command::ApiKey(ApiKeyCommand::Rm { id }) if id == "abc"
         ));
     }
 

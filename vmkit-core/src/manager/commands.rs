@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use vmkit_guest::{ExecRequest, ExecStream, LogStream, LogsRequest};
 
 use super::{CloneSource, CreateRequest, DeleteOptions, Deleted, Manager, ResizeRequest};
-use crate::access::{AccessPolicy, Action, Caller, Denied, Principal};
+use crate::access::{AccessPolicy, Action, Caller, Denied, KeyLimits, Principal};
 use crate::error::ManagerError;
 use crate::event::Event;
 use crate::invite::Invite;
@@ -27,7 +27,7 @@ use crate::share::{Access, Share, ShareTarget};
 use crate::snapshot::Snapshot;
 use crate::time::Timestamp;
 use crate::token::{TokenHash, new_secret};
-use crate::user::{Handle, Role, SshPublicKey, User, UserId};
+use crate::user::{ApiKey, ApiKeyScope, Handle, Role, SshPublicKey, User, UserId};
 
 use super::users::{NewUser, Registration, VmDisposition};
 use crate::view::{MetricsView, SnapshotView, VmView};
@@ -81,6 +81,41 @@ pub struct Whoami {
     pub user: Option<User>,
     /// Whether they may do everything on the host.
     pub admin: bool,
+    /// The limits of the API key they were identified by, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<KeyLimits>,
+}
+
+/// Most characters of an API key's label.
+pub const MAX_API_KEY_LABEL_LEN: usize = 64;
+
+/// An API key as its owner sees it: never its hash, and its secret only in the
+/// answer that made it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct ApiKeyView {
+    /// Its id (the part of the secret after `vmk_`), to revoke it by.
+    pub id: String,
+    /// What its owner calls it.
+    pub label: String,
+    /// What it may do.
+    pub scope: ApiKeyScope,
+    /// The VM it is limited to, by name; a VM deleted since is named by its id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    /// When it was made.
+    pub created_at: Timestamp,
+    /// When it stops working; never when `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<Timestamp>,
+    /// Whether it has expired.
+    pub expired: bool,
+    /// When it last identified its owner (to the minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<Timestamp>,
+    /// The secret, `vmk_...`, answered once when the key is made and never again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
 }
 
 /// With whom to share a VM.
@@ -209,12 +244,21 @@ impl Commands {
         let Principal::User { id, .. } = &self.caller.principal else {
             return Ok(self.caller.clone());
         };
-        Ok(
-            match self.manager.inner.backends.store.get_user(*id).await? {
-                Some(user) => Caller::user(&user, self.caller.door),
-                None => Caller::anonymous(self.caller.door),
-            },
-        )
+        let store = &self.manager.inner.backends.store;
+        let door = self.caller.door;
+        let Some(user) = store.get_user(*id).await? else {
+            return Ok(Caller::anonymous(door));
+        };
+        let Some(limits) = &self.caller.api_key else {
+            return Ok(Caller::user(&user, door));
+        };
+        // A key revoked or expired since it identified the caller counts no more.
+        Ok(match store.get_api_key(&limits.id).await? {
+            Some(key) if key.user == user.id && !key.expired(Timestamp::now()) => {
+                Caller::user(&user, door).with_api_key(&key)
+            }
+            _ => Caller::anonymous(door),
+        })
     }
 
     async fn host(&self, action: Action) -> Result<(), ManagerError> {
@@ -295,6 +339,7 @@ impl Commands {
             principal: caller.principal,
             door: caller.door,
             user,
+            api_key: caller.api_key,
         })
     }
 
@@ -306,9 +351,9 @@ impl Commands {
         let store = &self.manager.inner.backends.store;
         let mut views = Vec::new();
         for vm in store.list_vms(None).await? {
-            let listed = if caller.is_admin() || caller.owner() == Some(vm.owner) {
-                true
-            } else {
+            // Most VMs are listed or not without their shares (the caller's own,
+            // every one for an admin); the policy decides both ways.
+            let listed = self.policy.lists(&caller, &vm, &[]) || {
                 let shares = store.shares(vm.id).await?;
                 self.policy.lists(&caller, &vm, &shares)
             };
@@ -765,6 +810,7 @@ impl Commands {
     /// A one-time link's secret that signs the caller's browser in
     /// (`ssh HOST browser`); see [`WebSessions`](crate::WebSessions).
     pub async fn sign_in_link(&self) -> Result<String, ManagerError> {
+        self.no_api_key()?;
         let Some(user) = self.caller_now().await?.owner() else {
             return Err(ManagerError::Denied(Denied::SignInRequired {
                 action: Action::Share,
@@ -779,6 +825,7 @@ impl Commands {
 
     /// Signs the caller out of every browser session; how many ended.
     pub async fn sign_out_everywhere(&self) -> Result<usize, ManagerError> {
+        self.no_api_key()?;
         let Some(user) = self.caller_now().await?.owner() else {
             return Err(ManagerError::Denied(Denied::SignInRequired {
                 action: Action::Share,
@@ -793,7 +840,7 @@ impl Commands {
 
     /// A VM's shares.
     pub async fn shares(&self, name: &VmName) -> Result<Vec<ShareView>, ManagerError> {
-        let vm = self.vm(Action::Share, name).await?;
+        let vm = self.vm(Action::ListShares, name).await?;
         let shares = self.manager.inner.backends.store.shares(vm.id).await?;
         Ok(shares.iter().map(|s| ShareView::of(name, s)).collect())
     }
@@ -920,6 +967,113 @@ impl Commands {
     pub async fn delete_invite(&self, id: &str) -> Result<(), ManagerError> {
         self.host(Action::ManageUsers).await?;
         self.manager.delete_invite(id).await
+    }
+
+    /// Refuses a caller identified by an API key: a browser session is a person's.
+    fn no_api_key(&self) -> Result<(), ManagerError> {
+        match &self.caller.api_key {
+            Some(_) => Err(ManagerError::Denied(Denied::KeyLimited {
+                action: Action::ManageApiKeys,
+                why: "a browser is signed in by a person at a door with their SSH key, \
+                      never with an API key",
+            })),
+            None => Ok(()),
+        }
+    }
+
+    // ---- API keys: a person's own ----
+
+    /// Makes an API key for the caller, labelled `label`, expiring after
+    /// `expires_in` (never when `None`), with `scope`, limited to the VM `vm` (one
+    /// the caller sees) if named. The answer holds the secret, this once. A caller
+    /// identified by an API key is refused: keys are made by a person.
+    pub async fn create_api_key(
+        &self,
+        label: &str,
+        expires_in: Option<std::time::Duration>,
+        scope: ApiKeyScope,
+        vm: Option<&VmName>,
+    ) -> Result<ApiKeyView, ManagerError> {
+        let owner = self.owner(Action::ManageApiKeys).await?;
+        let label = label.trim();
+        if label.chars().count() > MAX_API_KEY_LABEL_LEN || label.chars().any(char::is_control) {
+            return Err(ManagerError::InvalidRequest(format!(
+                "an API key's label is at most {MAX_API_KEY_LABEL_LEN} characters, none of \
+                 them control characters"
+            )));
+        }
+        let vm = match vm {
+            Some(name) => Some(self.vm(Action::Get, name).await?),
+            None => None,
+        };
+        let (mut key, secret) = ApiKey::generate(owner);
+        key = key.label(label).scope(scope);
+        if let Some(ttl) = expires_in {
+            let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+            let at = Timestamp(key.created_at.0.saturating_add(ms));
+            key = key.expires_at(at);
+        }
+        if let Some(vm) = &vm {
+            key = key.vm(vm.id);
+        }
+        self.manager.inner.backends.store.put_api_key(&key).await?;
+        let mut view = self.api_key_view(&key).await?;
+        view.secret = Some(secret);
+        Ok(view)
+    }
+
+    /// The caller's API keys, oldest first (never their hashes or secrets).
+    pub async fn api_keys(&self) -> Result<Vec<ApiKeyView>, ManagerError> {
+        let owner = self.owner(Action::ManageApiKeys).await?;
+        let mut keys = self
+            .manager
+            .inner
+            .backends
+            .store
+            .list_api_keys(owner)
+            .await?;
+        keys.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        let mut views = Vec::with_capacity(keys.len());
+        for key in &keys {
+            views.push(self.api_key_view(key).await?);
+        }
+        Ok(views)
+    }
+
+    /// Revokes one of the caller's API keys: it identifies nobody from now on.
+    pub async fn revoke_api_key(&self, id: &str) -> Result<(), ManagerError> {
+        let owner = self.owner(Action::ManageApiKeys).await?;
+        let store = &self.manager.inner.backends.store;
+        match store.get_api_key(id).await? {
+            Some(key) if key.user == owner => {
+                store.delete_api_key(id).await?;
+                Ok(())
+            }
+            _ => Err(ManagerError::ApiKeyNotFound(id.to_owned())),
+        }
+    }
+
+    async fn api_key_view(&self, key: &ApiKey) -> Result<ApiKeyView, ManagerError> {
+        let vm = match key.vm {
+            Some(id) => Some(
+                match self.manager.inner.backends.store.get_vm_by_id(id).await? {
+                    Some(vm) => vm.name.to_string(),
+                    None => format!("{id} (deleted)"),
+                },
+            ),
+            None => None,
+        };
+        Ok(ApiKeyView {
+            id: key.id.clone(),
+            label: key.label.clone(),
+            scope: key.scope,
+            vm,
+            created_at: key.created_at,
+            expires_at: key.expires_at,
+            expired: key.expired(Timestamp::now()),
+            last_used_at: key.last_used_at,
+            secret: None,
+        })
     }
 
     /// Renames a VM the caller owns, in a settled state ([`Manager::rename`]).

@@ -461,6 +461,27 @@ impl StateStore for MemoryStore {
             .is_some())
     }
 
+    async fn record_api_key_use(&self, id: &str, at: Timestamp) -> Result<bool, StoreError> {
+        let mut s = self.write("store.record_api_key_use")?;
+        Ok(match s.api_keys.get_mut(id) {
+            Some(key) => {
+                key.last_used_at = Some(at);
+                true
+            }
+            None => false,
+        })
+    }
+
+    async fn list_api_keys(&self, user: UserId) -> Result<Vec<ApiKey>, StoreError> {
+        Ok(self
+            .read()
+            .api_keys
+            .values()
+            .filter(|k| k.user == user)
+            .cloned()
+            .collect())
+    }
+
     async fn put_snapshot(&self, snapshot: &Snapshot, quota: &Quota) -> Result<(), StoreError> {
         let mut s = self.write("store.put_snapshot")?;
         if s.snapshots.contains_key(&snapshot.name) {

@@ -904,11 +904,59 @@ pub async fn store_shares_keys_events(store: &dyn StateStore) {
         "deleting a VM drops its shares"
     );
 
-    let k = ApiKey::new("key1", UserId(1), "vmk_s3cret");
+    let k = ApiKey::new("key1", UserId(1), "vmk_s3cret")
+        .label("ci")
+        .scope(crate::user::ApiKeyScope::ReadOnly)
+        .expires_at(Timestamp(1_000))
+        .vm(vm.id);
     store.put_api_key(&k).await.expect("put key");
-    assert_eq!(store.get_api_key("key1").await.expect("get"), Some(k));
+    assert_eq!(
+        store.get_api_key("key1").await.expect("get"),
+        Some(k.clone())
+    );
+    let other = ApiKey::new("key2", UserId(2), "vmk_other");
+    store.put_api_key(&other).await.expect("put key");
+    let mut used = k.clone();
+    used.last_used_at = Some(Timestamp(500));
+    assert!(
+        store
+            .record_api_key_use("key1", Timestamp(500))
+            .await
+            .expect("record use")
+    );
+    assert!(
+        !store
+            .record_api_key_use("nokey", Timestamp(500))
+            .await
+            .expect("record use"),
+        "no key is made by recording its use"
+    );
+    assert_eq!(
+        store.list_api_keys(UserId(1)).await.expect("list keys"),
+        vec![used],
+        "a user's keys, and only theirs, as last written"
+    );
     assert!(store.delete_api_key("key1").await.expect("delete"));
     assert_eq!(store.get_api_key("key1").await.expect("get"), None);
+    assert!(
+        store
+            .list_api_keys(UserId(1))
+            .await
+            .expect("list")
+            .is_empty()
+    );
+    assert!(
+        !store
+            .record_api_key_use("key1", Timestamp(600))
+            .await
+            .expect("use")
+    );
+    assert_eq!(
+        store.get_api_key("key1").await.expect("get"),
+        None,
+        "still revoked"
+    );
+    assert_eq!(store.list_api_keys(UserId(2)).await.expect("list").len(), 1);
 
     assert_eq!(
         store.last_event_seq().await.expect("last event"),
@@ -1947,7 +1995,21 @@ pub async fn gateway_suite(gateway: &dyn Gateway, fx: &dyn GatewayFixture) {
         .identify(Credential::ApiKey(&api_secret), Door::Https)
         .await
         .expect("identify");
-    assert_eq!(by_api, Some(Caller::user(&alice, Door::Https)));
+    assert_eq!(
+        by_api,
+        Some(Caller::user(&alice, Door::Https).with_api_key(&api_key)),
+        "a key's caller carries its limits"
+    );
+    let (expired, expired_secret) = ApiKey::generate(alice.id);
+    fx.add_api_key(&expired.expires_at(Timestamp(1))).await;
+    assert_eq!(
+        gateway
+            .identify(Credential::ApiKey(&expired_secret), Door::Https)
+            .await
+            .expect("identify"),
+        None,
+        "an expired key identifies nobody"
+    );
     let mut forged = api_secret.clone();
     forged.pop();
     forged.push(if api_secret.ends_with('A') { 'B' } else { 'A' });

@@ -7,9 +7,10 @@
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use vmkit_core::{
-    Access, CloneSource, Commands, CreateRequest, DeleteOptions, ErrorChain, ErrorKind, Handle,
-    Manager, ManagerError, Registration, RegistrationPolicy, ResizeRequest, ShareView, ShareWith,
-    ShareWithView, SnapshotView, SshPublicKey, UserId, VmName, VmSpec, VmView,
+    Access, ApiKeyScope, ApiKeyView, CloneSource, Commands, CreateRequest, DeleteOptions,
+    ErrorChain, ErrorKind, Handle, Manager, ManagerError, Registration, RegistrationPolicy,
+    ResizeRequest, ShareView, ShareWith, ShareWithView, SnapshotView, SshPublicKey, UserId, VmName,
+    VmSpec, VmView,
 };
 
 /// What a command answered: what goes to stdout and stderr, and the exit status.
@@ -224,6 +225,11 @@ Commands:
                                (--sign-out: sign every browser out)
   ssh-key ls|add|rm            your SSH keys (add reads the key line from an
                                argument or from stdin)
+  api-key new [--label L] [--expires 30d] [--read-only] [--vm NAME]
+                               make an API key (vmk_...); it is printed once
+                               (--read-only: it may only read; --vm: it sees
+                               and acts on that VM only)
+  api-key ls | api-key rm ID   your API keys; revoke one (at once)
   ssh-config                   the ~/.ssh/config lines for `ssh NAME.domain`
   exit                         leave the lobby (or ^D)
 
@@ -239,6 +245,7 @@ Examples:
   ssh HOST new --name web
   ssh HOST ls -l
   ssh HOST ssh-key add < ~/.ssh/id_ed25519.pub
+  ssh HOST api-key new --label ci --expires 30d --read-only
   ssh HOST rm web
   ssh HOST rename web blog
   ssh HOST ssh-config >> ~/.ssh/config
@@ -396,6 +403,9 @@ enum LobbyCommand {
     /// Your SSH keys.
     #[command(name = "ssh-key", subcommand)]
     SshKey(SshKeyCommand),
+    /// Your API keys.
+    #[command(name = "api-key", subcommand)]
+    ApiKey(ApiKeyCommand),
     /// Renames a VM.
     Rename {
         old: String,
@@ -444,6 +454,38 @@ enum SshKeyCommand {
     /// Removes a key by fingerprint (`SHA256:...`).
     Rm {
         fingerprint: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Makes an API key; its secret is printed once.
+    New {
+        /// What you call it.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// It stops working after this long (90m, 12h, 30d, 8w); never if not given.
+        #[arg(long, value_parser = vmkit_core::parse_lifetime)]
+        expires: Option<std::time::Duration>,
+        /// It may only read (list, details, logs, metrics, shares).
+        #[arg(long)]
+        read_only: bool,
+        /// It sees and acts on this VM only.
+        #[arg(long)]
+        vm: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lists your API keys (never their secrets).
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revokes an API key by id: it stops working at once.
+    Rm {
+        id: String,
         #[arg(long)]
         json: bool,
     },
@@ -669,6 +711,11 @@ pub fn completion(words: &[String], registered: bool) -> Completion {
         return Completion::Nothing;
     };
     if typed.starts_with('-') {
+        // The options of `api-key new`, not of `api-key`.
+        let sub = match words.get(1).and_then(|w| sub.find_subcommand(w)) {
+            Some(nested) if words.len() > 2 => nested,
+            _ => sub,
+        };
         return Completion::Words(
             sub.get_arguments()
                 .filter_map(|a| a.get_long())
@@ -682,7 +729,8 @@ pub fn completion(words: &[String], registered: bool) -> Completion {
         .filter(|w| !w.starts_with('-'))
         .count();
     match (first.as_str(), position) {
-        ("ssh-key", 0) => Completion::Words(names(sub)),
+        ("ssh-key", 0) | ("api-key", 0) => Completion::Words(names(sub)),
+        ("api-key", _) if registered && words[words.len() - 2] == "--vm" => Completion::VmName,
         ("share", 1) | ("domain", 0) => Completion::Words(names(sub)),
         ("domain", 1) if registered && words.get(1).is_some_and(|w| w != "rm") => {
             Completion::VmName
@@ -954,6 +1002,7 @@ async fn execute(
             .pipe(Output::ok)
         }
         LobbyCommand::Domain(command) => domain(commands, context, command).await?,
+        LobbyCommand::ApiKey(command) => api_key(commands, context, command).await?,
         LobbyCommand::Browser { sign_out, json } => if sign_out {
             let ended = commands.sign_out_everywhere().await?;
             match json {
@@ -1317,6 +1366,85 @@ fn port_note(context: &LobbyContext, name: &VmName, port: Option<u16>) -> String
         Some(p) => format!(", port {p}: {}", context.https_port_url(name, Some(p))),
         None => String::new(),
     }
+}
+
+/// `api-key new|ls|rm`.
+async fn api_key(
+    commands: &Commands,
+    context: &LobbyContext,
+    command: ApiKeyCommand,
+) -> Result<Output, LobbyError> {
+    let output = match command {
+        ApiKeyCommand::New {
+            label,
+            expires,
+            read_only,
+            vm,
+            json,
+        } => {
+            let vm = vm.map(|vm| context.vm_name(&vm)).transpose()?;
+            let scope = match read_only {
+                true => ApiKeyScope::ReadOnly,
+                false => ApiKeyScope::Full,
+            };
+            let key = commands
+                .create_api_key(&label, expires, scope, vm.as_ref())
+                .await?;
+            match json {
+                true => json_line(&key),
+                false => format!(
+                    "made API key {} ({}); it is shown this once, keep it now:\n{}\n",
+                    key.id,
+                    api_key_terms(&key),
+                    key.secret.as_deref().unwrap_or_default()
+                ),
+            }
+        }
+        ApiKeyCommand::Ls { json } => {
+            let keys = commands.api_keys().await?;
+            match json {
+                true => json_line(&keys),
+                false if keys.is_empty() => "no API keys; `api-key new` makes one\n".to_owned(),
+                false => keys
+                    .iter()
+                    .map(|k| {
+                        let label = match k.label.is_empty() {
+                            true => "-".to_owned(),
+                            false => escape_control(&k.label),
+                        };
+                        let used = match k.last_used_at {
+                            Some(at) => format!("used {}", utc_minute(at)),
+                            None => "never used".to_owned(),
+                        };
+                        format!("{}\t{label}\t{}\t{used}\n", k.id, api_key_terms(k))
+                    })
+                    .collect(),
+            }
+        }
+        ApiKeyCommand::Rm { id, json } => {
+            commands.revoke_api_key(&id).await?;
+            match json {
+                true => json_line(&serde_json::json!({ "revoked": id })),
+                false => format!("revoked {id}\n"),
+            }
+        }
+    };
+    Ok(Output::ok(output))
+}
+
+/// What an API key may do and until when: `read-only, VM web, expires
+/// 2027-01-01T00:00Z`.
+fn api_key_terms(key: &ApiKeyView) -> String {
+    let mut terms = vec![key.scope.to_string()];
+    if let Some(vm) = &key.vm {
+        terms.push(format!("VM {vm}"));
+    }
+    terms.push(match key.expires_at {
+        Some(at) if key.expired => format!("expired {}", utc_minute(at)),
+        Some(at) => format!("expires {}", utc_minute(at)),
+        None => "never expires".to_owned(),
+    });
+    terms.join(", ")
 }
 
 /// `domain add|ls|rm`.
@@ -1915,6 +2043,20 @@ mod tests {
             panic!("ssh-key")
         };
         assert_eq!(keys, ["ls", "add", "rm"]);
+        let Completion::Words(api_keys) = completion(&words(&["api-key", ""]), true) else {
+            panic!("api-key")
+        };
+        assert_eq!(api_keys, ["new", "ls", "rm"]);
+        assert_eq!(
+            completion(&words(&["api-key", "new", "--vm", "w"]), true),
+            Completion::VmName
+        );
+        let Completion::Words(options) = completion(&words(&["api-key", "new", "--"]), true) else {
+            panic!("api-key options")
+        };
+        for option in ["--label", "--expires", "--read-only", "--vm", "--json"] {
+            assert!(options.contains(&option.to_owned()), "{options:?}");
+        }
         let Completion::Words(share) = completion(&words(&["share", "web", "p"]), true) else {
             panic!("share")
         };

@@ -1129,6 +1129,49 @@ impl StateStore for RedbStore {
         .await
     }
 
+    async fn record_api_key_use(&self, id: &str, at: Timestamp) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.write("record_api_key_use", move |txn| {
+            let mut keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            let Some(mut key) = keys
+                .get(id.as_str())
+                .context("cannot read table api_keys")?
+                .map(|bytes| decode::<ApiKey>(bytes.value(), format_args!("API key {id}")))
+                .transpose()?
+            else {
+                return Ok(false);
+            };
+            key.last_used_at = Some(at);
+            let bytes = encode(&key, "an API key")?;
+            keys.insert(id.as_str(), bytes.as_slice())
+                .context("cannot write table api_keys")?;
+            Ok(true)
+        })
+        .await
+    }
+
+    /// A scan of the table: a user has a few keys and the host a few users' worth,
+    /// so no index by user is kept (and none to migrate).
+    async fn list_api_keys(&self, user: UserId) -> Result<Vec<ApiKey>, StoreError> {
+        self.read("list_api_keys", move |txn| {
+            let keys = txn
+                .open_table(API_KEYS)
+                .context("cannot open table api_keys")?;
+            let mut out = Vec::new();
+            for entry in keys.iter().context("cannot read table api_keys")? {
+                let (id, bytes) = entry.context("cannot read table api_keys")?;
+                let key: ApiKey = decode(bytes.value(), format_args!("API key {}", id.value()))?;
+                if key.user == user {
+                    out.push(key);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     // ---- snapshots ----
 
     async fn put_snapshot(&self, snapshot: &Snapshot, quota: &Quota) -> Result<(), StoreError> {

@@ -1,6 +1,7 @@
 //! Custom domains on the command surface: `domain add NAME HOST`, `domain ls`,
 //! `domain rm HOST`. Attaching and detaching are the VM owner's, as sharing is
-//! ([`Action::Share`]); attaching needs the DNS proof [`CustomDomains`] reads.
+//! ([`Action::Share`]), listing them a read ([`Action::ListShares`]); attaching needs the DNS
+//! proof [`CustomDomains`] reads.
 
 use std::collections::HashMap;
 
@@ -147,7 +148,7 @@ impl Commands {
         self.custom_domains()?;
         let store = &self.manager.inner.backends.store;
         if let Some(name) = name {
-            let vm = self.vm(Action::Share, name).await?;
+            let vm = self.vm(Action::ListShares, name).await?;
             let domains = store.list_domains(Some(vm.id)).await?;
             return Ok(domains
                 .iter()
@@ -163,6 +164,8 @@ impl Commands {
             .list_vms(owner)
             .await?
             .into_iter()
+            // The policy decides (a key limited to one VM lists that VM's only).
+            .filter(|v| self.policy.lists(&caller, v, &[]))
             .map(|v| (v.id, v.name))
             .collect();
         Ok(store
