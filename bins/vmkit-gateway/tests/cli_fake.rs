@@ -1280,3 +1280,139 @@ fn api_keys_are_made_in_the_ssh_lobby_and_the_cli_shown_once_listed_and_revoked(
     assert!(!out.status.success());
     assert!(stderr(&out).contains("lifetime"), "{}", stderr(&out));
 }
+
+#[test]
+fn the_rest_api_over_https_takes_keys_and_keeps_their_limits() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ssh_port, https_port) = (free(), free());
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_SSH_LISTEN", &format!("127.0.0.1:{ssh_port}")),
+            ("VMKIT_HTTPS_LISTEN", &format!("127.0.0.1:{https_port}")),
+            ("VMKIT_SSH_DOMAIN", "vm.test"),
+        ],
+    );
+    let key = d.data_dir.join("carol_id");
+    let public = ssh_key(&key, "carol");
+    let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lobby = |args: &[&str]| ssh(&d.data_dir, ssh_port, &key, args);
+    assert!(lobby(&["new", "--name", "web"]).status.success());
+    let new_key = |args: &[&str]| {
+        let mut all = vec!["api-key", "new"];
+        all.extend_from_slice(args);
+        all.push("--json");
+        let out = lobby(&all);
+        assert!(out.status.success(), "{}", stderr(&out));
+        json(&out)["secret"].as_str().unwrap().to_owned()
+    };
+    let full = new_key(&["--label", "full"]);
+    let read_only = new_key(&["--read-only"]);
+    let ca = d.data_dir.join("trusted-ca.crt");
+    std::fs::write(&ca, d.cli(&["ca"]).stdout).unwrap();
+    let api = format!("https://vm.test:{https_port}/api");
+    // curl with `key` (if any): the status, then the body.
+    let call = |key: Option<&str>, method: &str, path: &str, body: Option<&str>| {
+        let mut args = vec![
+            "-X".to_owned(),
+            method.to_owned(),
+            "-w".to_owned(),
+            "\n%{http_code}".to_owned(),
+        ];
+        if let Some(key) = key {
+            args.push("-H".into());
+            args.push(format!("Authorization: Bearer {key}"));
+        }
+        if let Some(body) = body {
+            args.extend(["-H".into(), "Content-Type: application/json".into()]);
+            args.extend(["--data".into(), body.to_owned()]);
+        }
+        args.push(format!("{api}{path}"));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = curl_https(&ca, https_port, &["vm.test"], &args);
+        assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+        let text = stdout(&out);
+        let (body, code) = text.rsplit_once('\n').unwrap();
+        (code.parse::<u16>().unwrap(), body.to_owned())
+    };
+
+    // carol's key lists carol's VMs, and only hers.
+    let (code, body) = call(Some(&full), "GET", "/v1/vms", None);
+    assert_eq!(code, 200, "{body}");
+    let vms: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
+    assert_eq!(vms[0]["name"], "web");
+    // No key, a wrong one: 401 with the error codes the socket uses.
+    for key in [None, Some("vmk_nobody_secret")] {
+        let (code, body) = call(key, "GET", "/v1/vms", None);
+        assert_eq!(code, 401, "{body}");
+        assert!(body.contains("sign_in_required"), "{body}");
+    }
+    // A read-only key reads but does not write.
+    assert_eq!(call(Some(&read_only), "GET", "/v1/vms/web", None).0, 200);
+    let (code, body) = call(Some(&read_only), "POST", "/v1/vms/web/stop", None);
+    assert_eq!(code, 403, "{body}");
+    // A full key writes: the VM it makes is carol's.
+    let (code, body) = call(
+        Some(&full),
+        "POST",
+        "/v1/vms",
+        Some(r#"{"name":"api-made","spec":{"image":"tiny"}}"#),
+    );
+    assert!(code == 200 || code == 201, "{code} {body}");
+    let shown = json(&d.cli(&["--json", "vm", "show", "api-made"]));
+    let carol = json(&d.cli(&["--json", "user", "ls"]))[0]["id"].clone();
+    assert_eq!(shown["owner"], carol, "{shown}");
+    // Revoked: refused at once.
+    let listed = json(&lobby(&["api-key", "ls", "--json"]));
+    let id = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["label"] == "full")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(lobby(&["api-key", "rm", &id]).status.success());
+    assert_eq!(call(Some(&full), "GET", "/v1/vms", None).0, 401);
+
+    // A key makes a burst of requests, then is told to wait.
+    let burst = new_key(&["--label", "burst"]);
+    let url = format!("{api}/v1/whoami");
+    let mut args = vec![
+        "-H".to_owned(),
+        format!("Authorization: Bearer {burst}"),
+        "-w".to_owned(),
+        "%{http_code}\n".to_owned(),
+    ];
+    // One connection, 130 requests; each body thrown away (`-o` is per URL).
+    for _ in 0..130 {
+        args.extend(["-o".to_owned(), "/dev/null".to_owned(), url.clone()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = curl_https(&ca, https_port, &["vm.test"], &args);
+    let codes: Vec<String> = stdout(&out).lines().map(str::to_owned).collect();
+    assert_eq!(codes.len(), 130, "{}", stderr(&out));
+    assert!(codes[..100].iter().all(|c| c == "200"), "{codes:?}");
+    assert!(codes.iter().any(|c| c == "429"), "{codes:?}");
+    let out = curl_https(
+        &ca,
+        https_port,
+        &["vm.test"],
+        &["-i", "-H", &format!("Authorization: Bearer {burst}"), &url],
+    );
+    let head = stdout(&out).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/2 429") || head.starts_with("http/1.1 429"),
+        "{head}"
+    );
+    assert!(head.contains("retry-after: "), "{head}");
+}
