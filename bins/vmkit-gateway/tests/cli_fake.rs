@@ -1416,3 +1416,86 @@ fn the_rest_api_over_https_takes_keys_and_keeps_their_limits() {
     );
     assert!(head.contains("retry-after: "), "{head}");
 }
+
+#[test]
+fn the_cli_drives_a_remote_gateway_with_an_api_key() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ssh_port, https_port) = (free(), free());
+    // `localhost` resolves without help, so the CLI can dial the apex by name.
+    let d = Daemon::start(
+        &["--fake-backends"],
+        &[
+            ("VMKIT_SSH_LISTEN", &format!("127.0.0.1:{ssh_port}")),
+            ("VMKIT_HTTPS_LISTEN", &format!("127.0.0.1:{https_port}")),
+            ("VMKIT_SSH_DOMAIN", "localhost"),
+        ],
+    );
+    let key = d.data_dir.join("carol_id");
+    let public = ssh_key(&key, "carol");
+    let out = d.cli(&["user", "add", "carol", "--key", public.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let lobby = |args: &[&str]| ssh(&d.data_dir, ssh_port, &key, args);
+    assert!(lobby(&["new", "--name", "web"]).status.success());
+    let out = lobby(&["api-key", "new", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let secret = json(&out)["secret"].as_str().unwrap().to_owned();
+    let key_file = d.data_dir.join("carol.key");
+    std::fs::write(&key_file, format!("{secret}\n")).unwrap();
+    let ca = d.data_dir.join("trusted-ca.crt");
+    std::fs::write(&ca, d.cli(&["ca"]).stdout).unwrap();
+    let url = format!("https://localhost:{https_port}");
+    // The CLI elsewhere: no socket, only the URL, the key and the CA.
+    let remote = |args: &[&str]| {
+        std::process::Command::new(support::cli_bin())
+            .env_remove("VMKIT_SOCKET")
+            .env_remove("VMKIT_API_KEY")
+            .args(["--socket", "/nonexistent/vmkit.sock", "--url", &url])
+            .arg("--key-file")
+            .arg(&key_file)
+            .arg("--ca-file")
+            .arg(&ca)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+
+    let out = remote(&["--json", "vm", "ls"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), d.log());
+    let listed = json(&out);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["name"], "web");
+    let out = remote(&["vm", "stop", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let shown = json(&d.cli(&["--json", "vm", "show", "web"]));
+    assert_eq!(shown["state"], "stopped", "{shown}");
+
+    // Without the CA the gateway is not trusted; with a wrong key it refuses.
+    let out = std::process::Command::new(support::cli_bin())
+        .args(["--url", &url, "vm", "ls"])
+        .env("VMKIT_API_KEY", &secret)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let wrong = d.data_dir.join("wrong.key");
+    std::fs::write(&wrong, "vmk_nobody_secret").unwrap();
+    let out = std::process::Command::new(support::cli_bin())
+        .args(["--url", &url, "--ca-file"])
+        .arg(&ca)
+        .arg("--key-file")
+        .arg(&wrong)
+        .args(["vm", "ls"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown, revoked or expired"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -1,4 +1,5 @@
-//! A small HTTP/1.1 client of the daemon's Unix socket API.
+//! A small HTTP/1.1 client of the daemon's API: on its Unix socket, or over HTTPS at
+//! `https://DOMAIN/api` with an API key (`vmkit --url ... --key-file ...`).
 
 use std::path::{Path, PathBuf};
 
@@ -33,24 +34,140 @@ pub enum CallError {
         /// The error.
         body: ErrorBody,
     },
+    /// The remote gateway is not there.
+    #[error(
+        "cannot reach the vmkit gateway at {url}: check the address (--url / VMKIT_URL) \
+         and that its HTTPS edge is on"
+    )]
+    UnreachableRemote {
+        /// The URL tried.
+        url: String,
+    },
     /// Anything else.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
 
+/// Where the API is.
+enum Transport {
+    /// The daemon's Unix socket: every request is the operator's.
+    Unix {
+        socket: PathBuf,
+        client: Client<UnixConnector, Full<Bytes>>,
+    },
+    /// A gateway's HTTPS API, as the user an API key is.
+    Https {
+        /// `https://DOMAIN[:PORT]/api`.
+        base: String,
+        /// `Bearer vmk_...`.
+        authorization: hyper::header::HeaderValue,
+        client: Client<
+            hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+            Full<Bytes>,
+        >,
+    },
+}
+
 /// The API client.
 pub struct Api {
-    socket: PathBuf,
-    client: Client<UnixConnector, Full<Bytes>>,
+    transport: Transport,
 }
 
 impl Api {
     /// A client of the daemon listening on `socket`.
     pub fn new(socket: &Path) -> Self {
         Self {
-            socket: socket.to_owned(),
-            client: Client::unix(),
+            transport: Transport::Unix {
+                socket: socket.to_owned(),
+                client: Client::unix(),
+            },
         }
+    }
+
+    /// A client of the gateway at `url` (`https://DOMAIN[:PORT]`), signed in with
+    /// the API key `key`, trusting the system's roots and the CA in `ca_file` (a
+    /// gateway with a local CA: `vmkit ca` there prints it).
+    pub fn remote(url: &str, key: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
+        let url = url.trim_end_matches('/');
+        anyhow::ensure!(
+            url.starts_with("https://"),
+            "--url {url:?}: give the gateway's HTTPS address, like https://vm.example.com"
+        );
+        let key = key.trim();
+        anyhow::ensure!(
+            vmkit_core::ApiKey::id_of(key).is_some(),
+            "the API key is not one: it looks like vmk_ID_SECRET (make one with `ssh HOST \
+             api-key new`)"
+        );
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system root rustls cannot use is skipped, as browsers do.
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = ca_file {
+            use rustls::pki_types::pem::PemObject as _;
+            let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            for cert in certs {
+                let cert =
+                    cert.with_context(|| format!("{} holds no certificate", path.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("{}: an unusable certificate", path.display()))?;
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("setting up TLS")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .build();
+        let authorization = hyper::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key holds characters a header cannot")?;
+        Ok(Self {
+            transport: Transport::Https {
+                base: format!("{url}/api"),
+                authorization,
+                client: Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector),
+            },
+        })
+    }
+
+    /// A request for `path` to wherever the API is, with the key when remote.
+    fn request(&self, method: Method, path: &str) -> anyhow::Result<hyper::http::request::Builder> {
+        Ok(match &self.transport {
+            Transport::Unix { socket, .. } => Request::builder()
+                .method(method)
+                .uri(hyper::Uri::from(Uri::new(socket, path))),
+            Transport::Https {
+                base,
+                authorization,
+                ..
+            } => Request::builder()
+                .method(method)
+                .uri(
+                    format!("{base}{path}")
+                        .parse::<hyper::Uri>()
+                        .context("the API path")?,
+                )
+                .header(hyper::header::AUTHORIZATION, authorization.clone()),
+        })
+    }
+
+    async fn dispatch(
+        &self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, CallError> {
+        let sent = match &self.transport {
+            Transport::Unix { client, .. } => client.request(request).await,
+            Transport::Https { client, .. } => client.request(request).await,
+        };
+        sent.map_err(|e| self.request_error(e))
     }
 
     /// Sends a request and returns the raw response once its status is a success.
@@ -88,17 +205,12 @@ impl Api {
         content_type: &str,
         bytes: Bytes,
     ) -> Result<Response<Incoming>, CallError> {
-        let request = Request::builder()
-            .method(method)
-            .uri(Uri::new(&self.socket, path))
+        let request = self
+            .request(method, path)?
             .header("content-type", content_type)
             .body(Full::new(bytes))
             .context("building the request")?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| self.request_error(e))?;
+        let response = self.dispatch(request).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);
@@ -114,9 +226,8 @@ impl Api {
         protocol: &str,
         headers: &[(&str, String)],
     ) -> Result<hyper::upgrade::Upgraded, CallError> {
-        let mut request = Request::builder()
-            .method(Method::POST)
-            .uri(Uri::new(&self.socket, path))
+        let mut request = self
+            .request(Method::POST, path)?
             .header("connection", "upgrade")
             .header("upgrade", protocol);
         for (name, value) in headers {
@@ -125,11 +236,7 @@ impl Api {
         let request = request
             .body(Full::new(Bytes::new()))
             .context("building the request")?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|e| self.request_error(e))?;
+        let response = self.dispatch(request).await?;
         let status = response.status();
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return hyper::upgrade::on(response).await.map_err(|e| {
@@ -140,12 +247,14 @@ impl Api {
     }
 
     fn request_error(&self, e: hyper_util::client::legacy::Error) -> CallError {
-        if e.is_connect() {
-            CallError::Unreachable {
-                socket: self.socket.clone(),
-            }
-        } else {
-            CallError::Other(anyhow::Error::new(e).context("talking to the daemon"))
+        match (&self.transport, e.is_connect()) {
+            (Transport::Unix { socket, .. }, true) => CallError::Unreachable {
+                socket: socket.clone(),
+            },
+            (Transport::Https { base, .. }, true) => CallError::UnreachableRemote {
+                url: base.trim_end_matches("/api").to_owned(),
+            },
+            _ => CallError::Other(anyhow::Error::new(e).context("talking to the daemon")),
         }
     }
 

@@ -35,6 +35,18 @@ struct Cli {
     /// The daemon's API socket [default: DATA_DIR/vmkit.sock].
     #[arg(long, global = true, env = "VMKIT_SOCKET")]
     socket: Option<PathBuf>,
+    /// A remote gateway's HTTPS address (`https://DOMAIN[:PORT]`), to drive it with an
+    /// API key instead of the local socket.
+    #[arg(long, global = true, env = "VMKIT_URL")]
+    url: Option<String>,
+    /// A file holding the API key for --url (the VMKIT_API_KEY variable takes its
+    /// place when set).
+    #[arg(long, global = true, env = "VMKIT_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for --url besides the system's: a gateway
+    /// with a local CA (`vmkit ca` there prints it).
+    #[arg(long, global = true, env = "VMKIT_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -520,7 +532,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .socket
         .clone()
         .unwrap_or_else(|| vmkit_core::api::socket_path(&dir));
-    let api = Api::new(&socket);
+    let api = match &cli.url {
+        Some(url) => {
+            let key = match std::env::var("VMKIT_API_KEY") {
+                Ok(key) => key,
+                Err(_) => {
+                    let file = cli.key_file.as_ref().context(
+                        "--url needs an API key: --key-file FILE or the VMKIT_API_KEY variable",
+                    )?;
+                    std::fs::read_to_string(file)
+                        .with_context(|| format!("reading the API key from {}", file.display()))?
+                }
+            };
+            Api::remote(url, &key, cli.ca_file.as_deref())?
+        }
+        None => Api::new(&socket),
+    };
     let json = cli.json;
     match cli.command {
         Command::Vm(cmd) => vm(&api, cmd, json).await,
