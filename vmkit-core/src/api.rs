@@ -57,6 +57,9 @@
 //! | GET | `/v1/vms/{name}/shares` | | `[`[`ShareView`](crate::ShareView)`]` (owner) |
 //! | POST | `/v1/vms/{name}/shares` | [`ShareBody`] | 201 [`ShareView`](crate::ShareView); a link's `secret` is in this answer only |
 //! | DELETE | `/v1/vms/{name}/shares?with=public\|user:ID\|link:NAME&access=A` | | `{"removed": N}` |
+//! | GET | `/v1/domains?vm=NAME` | | `[`[`DomainView`](crate::DomainView)`]`: the custom domains of the VMs the caller may share (of one VM with `vm`) |
+//! | POST | `/v1/vms/{name}/domains` | [`DomainBody`] | 201 `DomainView` once DNS proves the host the VM owner's; 403 `domain_unproven` (the message says what to publish), 409 `domain_taken` |
+//! | DELETE | `/v1/domains/{host}` | | 204; 404 `domain_not_found` |
 //! | GET | `/v1/users` | | `[`[`UserInfo`]`]`: the registered users, by id |
 //! | POST | `/v1/users` | [`AddUser`] | 201 [`UserInfo`]; 400 bad handle, key or email, 409 handle or key taken |
 //! | GET | `/v1/users/{handle}` | | [`UserInfo`]; 404 `user_not_found` |
@@ -104,6 +107,21 @@ use vmkit_guest::{ExecEvent, ExecRequest, ExitStatus};
 /// The header a client sets on `POST /v1/vms`, `/clone` and `/restore` so that it
 /// can ask again after a timeout without making a second VM (or restoring twice).
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+
+/// Body of `POST /v1/vms/{name}/domains`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DomainBody {
+    /// The custom host name.
+    pub host: String,
+}
+
+impl DomainBody {
+    /// Attaches `host`.
+    pub fn new(host: impl Into<String>) -> Self {
+        Self { host: host.into() }
+    }
+}
 
 /// Body of `POST /v1/vms/{name}/shares`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -108,6 +108,9 @@ pub fn routes(state: AppState) -> Router {
             "/v1/vms/{name}/shares",
             get(list_shares).post(add_share).delete(remove_share),
         )
+        .route("/v1/vms/{name}/domains", post(add_domain))
+        .route("/v1/domains", get(list_domains))
+        .route("/v1/domains/{host}", axum::routing::delete(remove_domain))
         .merge(users::router())
         .layer(axum::middleware::from_fn(error_detail_for_admins))
         .with_state(state)
@@ -556,6 +559,31 @@ async fn add_share(
     let (name, request) = (vm_name(&name)?, body(request)?);
     let share = c.share(&name, request.with, request.access).await?;
     Ok((StatusCode::CREATED, Json(share)).into_response())
+}
+
+async fn add_domain(
+    Asking(c): Asking,
+    Path(name): Path<String>,
+    request: JsonBody<vmkit_core::api::DomainBody>,
+) -> ApiResult<Response> {
+    let (name, request) = (vm_name(&name)?, body(request)?);
+    let added = c.add_domain(&name, &request.host).await?;
+    Ok((StatusCode::CREATED, Json(added)).into_response())
+}
+
+#[derive(Deserialize)]
+struct DomainsQuery {
+    vm: Option<String>,
+}
+
+async fn list_domains(Asking(c): Asking, Query(q): Query<DomainsQuery>) -> ApiResult<Response> {
+    let vm = q.vm.as_deref().map(vm_name).transpose()?;
+    Ok(Json(c.domains(vm.as_ref()).await?).into_response())
+}
+
+async fn remove_domain(Asking(c): Asking, Path(host): Path<String>) -> ApiResult<Response> {
+    c.remove_domain(&host).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Deserialize)]

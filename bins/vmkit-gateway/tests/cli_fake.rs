@@ -960,6 +960,17 @@ fn a_custom_domain_proven_in_real_dns_reaches_its_vm_over_https_until_detached()
         .map(|d| d["host"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(hosts, ["app.example.test", "www.example.test"]);
+    // The operator's CLI sees them, and its `domain add` says what to publish too.
+    let out = d.cli(&["--json", "domain", "ls", "web"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out).as_array().unwrap().len(), 2, "{}", stdout(&out));
+    let out = d.cli(&["domain", "add", "web", "new.example.test"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("_vmkit-challenge.new.example.test"),
+        "{}",
+        stderr(&out)
+    );
 
     // Detached: the host is no longer served (no certificate names it now).
     let out = lobby(&["domain", "rm", "app.example.test"]);

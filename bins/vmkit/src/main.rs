@@ -73,6 +73,10 @@ enum Command {
     /// vmkit on your behalf.
     #[command(name = "api-key", subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Serve a VM at a domain of its owner's too (`https://HOST/`), once DNS proves
+    /// the name theirs; list and detach them.
+    #[command(subcommand)]
+    Domain(DomainCommand),
     /// Add, list, suspend and remove the host's users (the operator's).
     #[command(subcommand)]
     User(UserCommand),
@@ -287,6 +291,28 @@ enum KeyCommand {
     Rm {
         /// Its fingerprint, `SHA256:...` as `vmkit key ls` or `ssh-keygen -l` shows it.
         fingerprint: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DomainCommand {
+    /// Attach HOST to VM NAME; without a proof in DNS, says what to publish (a TXT
+    /// record `_vmkit-challenge.HOST`, or HOST as a CNAME to NAME.DOMAIN).
+    Add {
+        /// The VM.
+        name: String,
+        /// The host name, such as app.example.com.
+        host: String,
+    },
+    /// List custom domains (one VM's when named).
+    Ls {
+        /// The VM.
+        name: Option<String>,
+    },
+    /// Detach HOST from its VM.
+    Rm {
+        /// The host name.
+        host: String,
     },
 }
 
@@ -554,6 +580,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Snapshot(cmd) => snapshots(&api, cmd, json).await,
         Command::Key(cmd) => keys(&api, cmd, json).await,
         Command::ApiKey(cmd) => api_keys(&api, cmd, json).await,
+        Command::Domain(cmd) => domains(&api, cmd, json).await,
         Command::User(cmd) => users(&api, cmd, json).await,
         Command::Invite(cmd) => invites(&api, cmd, json).await,
         Command::Image(ImageCommand::Build { name, agent, force }) => {
@@ -1075,6 +1102,53 @@ async fn api_keys(api: &Api, cmd: ApiKeyCommand, json: bool) -> anyhow::Result<E
                 print_json(&serde_json::json!({ "revoked": id }))?;
             } else {
                 println!("revoked API key {id}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn domains(api: &Api, cmd: DomainCommand, json: bool) -> anyhow::Result<ExitCode> {
+    let name = |n: &str| VmName::new(n).with_context(|| format!("{n:?} is not a VM name"));
+    match cmd {
+        DomainCommand::Add { name: vm, host } => {
+            let vm = name(&vm)?;
+            let path = format!("/v1/vms/{}/domains", client::path_segment(vm.as_str()));
+            let body = vmkit_core::api::DomainBody::new(host);
+            let added: vmkit_core::DomainView = api.json(Method::POST, &path, Some(&body)).await?;
+            if json {
+                print_json(&added)?;
+            } else {
+                println!("{} now reaches {}", added.host, added.vm);
+            }
+        }
+        DomainCommand::Ls { name: vm } => {
+            let path = match vm {
+                Some(vm) => format!(
+                    "/v1/domains?vm={}",
+                    client::path_segment(name(&vm)?.as_str())
+                ),
+                None => "/v1/domains".to_owned(),
+            };
+            let domains: Vec<vmkit_core::DomainView> =
+                api.json(Method::GET, &path, None::<&()>).await?;
+            if json {
+                print_json(&domains)?;
+            } else if domains.is_empty() {
+                println!("no custom domains; attach one with `vmkit domain add NAME HOST`");
+            } else {
+                for d in domains {
+                    println!("{}\t{}", d.host, d.vm);
+                }
+            }
+        }
+        DomainCommand::Rm { host } => {
+            let path = format!("/v1/domains/{}", client::path_segment(&host));
+            api.send(Method::DELETE, &path, None::<&()>).await?;
+            if json {
+                print_json(&serde_json::json!({ "removed": host }))?;
+            } else {
+                println!("detached {host}");
             }
         }
     }
