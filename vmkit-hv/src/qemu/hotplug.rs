@@ -33,8 +33,9 @@ const EJECT_POLL: Duration = Duration::from_millis(100);
 /// the eject, and QEMU does not ask twice by itself.
 const EJECT_RETRY: Duration = Duration::from_secs(2);
 /// How long the guest has to eject the CPUs: time for a loaded host running the
-/// guest under TCG, where taking a CPU offline stops every vCPU.
-const EJECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// guest under TCG, where taking a CPU offline stops every vCPU. 30 s was seen to
+/// fall short for a guest restored a moment earlier while the host compiled.
+const EJECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Under TCG, QEMU 7.2 (the version tested here) crashes when a vCPU is plugged
 /// into a VMM that has had one unplugged ("double free or corruption", or
