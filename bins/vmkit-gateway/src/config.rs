@@ -186,6 +186,10 @@ pub struct HttpsSection {
     pub domain_resolvers: Vec<std::net::SocketAddr>,
     /// Sign-in links by email, through an SMTP relay.
     pub smtp: SmtpSection,
+    /// Requests an API key may make at once on the HTTPS API (`/api/v1/...`).
+    pub api_burst: u32,
+    /// Requests an API key may make each minute after its burst.
+    pub api_requests_per_minute: u32,
 }
 
 /// Where the HTTPS edge's certificates come from.
@@ -214,6 +218,8 @@ impl Default for HttpsSection {
             custom_domains: true,
             domain_resolvers: Vec::new(),
             smtp: SmtpSection::default(),
+            api_burst: 120,
+            api_requests_per_minute: 600,
         }
     }
 }
@@ -668,6 +674,7 @@ fn apply_env(
             "VMKIT_TEST_DATA",
             "VMKIT_LOG",
             "VMKIT_SECRET_KEY",
+            "VMKIT_SMTP_PASSWORD",
         ];
         if name.starts_with("VMKIT_")
             && !known.contains(name)

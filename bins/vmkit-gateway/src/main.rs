@@ -272,6 +272,8 @@ async fn run(config: Config, fake: bool) -> anyhow::Result<()> {
                     manager.backends().store.clone(),
                     config.ssh.domain.clone(),
                 )),
+                config.https.api_burst,
+                config.https.api_requests_per_minute,
             ),
             stopping.clone(),
         )?),

@@ -4,8 +4,8 @@
 //! same access rules and error codes as the socket, the lobby and the CLI.
 //!
 //! Every request needs a key: one without, or with a key that identifies nobody, gets
-//! 401 with `WWW-Authenticate: Bearer`. Each key may make a burst of
-//! [`BURST`] requests, then [`PER_SECOND`] a second; past that, 429 with
+//! 401 with `WWW-Authenticate: Bearer`. Each key may make a burst of requests, then so
+//! many a minute (`[https] api_burst`, `api_requests_per_minute`); past that, 429 with
 //! `Retry-After`. Request bodies are capped at [`MAX_BODY`].
 
 use std::collections::HashMap;
@@ -28,10 +28,6 @@ use vmkit_net::https::{ApexApi, ApiBody};
 
 use super::AppState;
 
-/// Requests a key may make at once.
-pub const BURST: f64 = 120.0;
-/// Requests a key may make each second after its burst.
-pub const PER_SECOND: f64 = 10.0;
 /// The largest request body, in bytes.
 pub const MAX_BODY: usize = 1 << 20;
 /// Keys whose buckets are kept before the full ones are forgotten.
@@ -40,6 +36,10 @@ const MAX_BUCKETS: usize = 10_000;
 /// Who may call, and how often.
 struct Keys {
     gateway: Arc<dyn Gateway>,
+    /// Requests at once.
+    burst: f64,
+    /// Requests a second after the burst.
+    per_second: f64,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
 
@@ -54,24 +54,25 @@ impl Keys {
     fn take(&self, key: &str) -> Result<(), u64> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let (burst, per_second) = (self.burst, self.per_second);
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(key) {
             // Forget the keys that are back to a full burst: they lose nothing.
             buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.at).as_secs_f64() * PER_SECOND < BURST
+                b.tokens + now.duration_since(b.at).as_secs_f64() * per_second < burst
             });
         }
         let bucket = buckets.entry(key.to_owned()).or_insert(Bucket {
-            tokens: BURST,
+            tokens: burst,
             at: now,
         });
-        let refill = now.duration_since(bucket.at).as_secs_f64() * PER_SECOND;
-        bucket.tokens = (bucket.tokens + refill).min(BURST);
+        let refill = now.duration_since(bucket.at).as_secs_f64() * per_second;
+        bucket.tokens = (bucket.tokens + refill).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             Ok(())
         } else {
-            Err(((1.0 - bucket.tokens) / PER_SECOND).ceil().max(1.0) as u64)
+            Err(((1.0 - bucket.tokens) / per_second).ceil().max(1.0) as u64)
         }
     }
 }
@@ -160,10 +161,18 @@ impl hyper::body::Body for SyncBody {
 }
 
 /// The API for the edge's apex: [`super::routes`] behind key authentication, rate
-/// limits and the body cap.
-pub fn apex_api(state: AppState, gateway: Arc<dyn Gateway>) -> ApexApi {
+/// limits (`burst` requests at once per key, then `per_minute` a minute; at least
+/// one each) and the body cap.
+pub fn apex_api(
+    state: AppState,
+    gateway: Arc<dyn Gateway>,
+    burst: u32,
+    per_minute: u32,
+) -> ApexApi {
     let keys = Arc::new(Keys {
         gateway,
+        burst: f64::from(burst.max(1)),
+        per_second: f64::from(per_minute.max(1)) / 60.0,
         buckets: Mutex::new(HashMap::new()),
     });
     let app = super::routes(state)
@@ -193,9 +202,11 @@ mod tests {
                 Arc::new(vmkit_core::testing::MemoryStore::new()),
                 "vm.test",
             )),
+            burst: 120.0,
+            per_second: 10.0,
             buckets: Mutex::new(HashMap::new()),
         };
-        for _ in 0..BURST as usize {
+        for _ in 0..120 {
             assert!(keys.take("a").is_ok());
         }
         assert_eq!(keys.take("a"), Err(1), "the burst is spent");
